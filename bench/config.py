@@ -1,0 +1,195 @@
+"""Run configuration: one dataclass, named presets, and validated command-line overrides."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, get_args, get_origin, get_type_hints
+
+from bench.errors import BenchError
+
+ALL_METHODS = "all"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run. Presets fill it; CLI flags override single fields."""
+
+    name: str = "default"
+    preset: str = "default"
+    methods: tuple[str, ...] = (ALL_METHODS,)
+    dataset: str = "fashion_mnist"
+    far_ood: tuple[str, ...] = ("mnist_ood",)  # extra datasets whose test images are far-OOD sets
+    heldout_classes: tuple[int, ...] = (7, 8, 9)  # held out of training, used as near-OOD queries
+    data_dir: str | None = None
+    n_train: int | None = None  # subsample of the ID training set (None: all)
+    n_test: int | None = None  # subsample of each test split (None: all)
+    seed: int = 0
+    seeds: tuple[int, ...] = ()  # several seeds: the run repeats per seed (empty: just `seed`)
+    # model: an MLP on flattened images
+    hidden: tuple[int, ...] = (16, 16, 16, 16)
+    embed_dim: int = 2
+    # training (shared loop): PML ContrastiveLoss on pairs from a TripletMarginMiner
+    epochs: int = 15
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    pos_margin: float = 0.0
+    neg_margin: float = 1.0
+    miner_margin: float = 0.2
+    miner_type: str = "all"
+    # evaluation
+    ks: tuple[int, ...] = (1, 3, 5, 7)
+    bootstrap_resamples: int = 1000
+    ci_level: float = 0.95
+    # Laplace family
+    hessian: str = "ggn"  # ggn | jtj
+    predictive: str = "glm"  # glm | mc
+    samples: int = 100  # posterior samples for predictive=mc
+    prior_precision: str = "marglik"  # a number, marglik or grid
+    hessian_batch_size: int = 256
+    hessian_dtype: str = "float32"  # accumulation dtype: float32 | float64
+    # baselines
+    dropout: float = 0.1
+    mc_samples: int = 100
+    ensemble_size: int = 5
+    # execution
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    out: str = "runs"
+    quiet: bool = False
+    report: bool = True
+
+    def resolved_seeds(self) -> tuple[int, ...]:
+        """The seeds this run covers."""
+        return self.seeds or (self.seed,)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dict of every field."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    def digest(self, keys: list[str] | None = None) -> str:
+        """Short stable hash of the given fields (all fields but execution ones when None)."""
+        skip = {"name", "out", "quiet", "report", "device", "data_dir"}
+        d = self.to_dict()
+        payload = {k: d[k] for k in (keys or [k for k in d if k not in skip])}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        """A copy with some fields changed (validated)."""
+        cfg = dataclasses.replace(self, **changes)
+        validate(cfg)
+        return cfg
+
+
+def _jsonable(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple) else v
+
+
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "smoke": (
+        "seconds, for tests: a few hundred samples, 1 epoch, tiny net",
+        dict(n_train=400, n_test=150, epochs=1, batch_size=32, hidden=(16, 16), samples=10,
+             mc_samples=10, ensemble_size=2, bootstrap_resamples=200, hessian_batch_size=64),
+    ),
+    "default": (
+        "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
+        dict(epochs=2, batch_size=64, n_test=2000, samples=30, mc_samples=30),
+    ),
+    "paper": (
+        "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
+        dict(epochs=15, batch_size=16, samples=100, mc_samples=100),
+    ),
+}
+
+
+def preset_config(preset: str) -> RunConfig:
+    """The RunConfig of a named preset."""
+    if preset not in PRESETS:
+        raise BenchError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
+    return RunConfig(name=preset, preset=preset, **PRESETS[preset][1])
+
+
+def _field_types() -> dict[str, Any]:
+    return get_type_hints(RunConfig)
+
+
+def parse_value(key: str, text: str) -> Any:
+    """Parse a command-line string into the type of RunConfig field `key`."""
+    types = _field_types()
+    if key not in types:
+        raise BenchError(f"unknown config field {key!r}; fields: {', '.join(types)}")
+    tp = types[key]
+    args = [a for a in get_args(tp) if a is not type(None)]
+    if get_origin(tp) is tuple:
+        inner = get_args(tp)[0]
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        return tuple(_scalar(key, inner, p) for p in parts)
+    if type(None) in get_args(tp):
+        if str(text).lower() in ("none", "null", ""):
+            return None
+        return _scalar(key, args[0], text)
+    return _scalar(key, tp, text)
+
+
+def _scalar(key: str, tp: Any, text: str) -> Any:
+    try:
+        if tp is bool:
+            low = str(text).lower()
+            if low not in ("1", "0", "true", "false", "yes", "no"):
+                raise ValueError
+            return low in ("1", "true", "yes")
+        return tp(text)
+    except (TypeError, ValueError):
+        raise BenchError(f"bad value {text!r} for {key}: expected {getattr(tp, '__name__', tp)}") from None
+
+
+def validate(cfg: RunConfig) -> None:
+    """Reject configurations that cannot run, with one line saying why."""
+    def need(ok: bool, msg: str) -> None:
+        if not ok:
+            raise BenchError(msg)
+
+    need(len(cfg.methods) > 0, "empty method list: give at least one method (see `python -m bench list`)")
+    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    need(cfg.batch_size >= 2, f"batch-size must be >= 2 (pairs need two items), got {cfg.batch_size}")
+    need(len(cfg.ks) > 0 and all(k >= 1 for k in cfg.ks), f"every K must be >= 1, got {list(cfg.ks)}")
+    need(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
+    need(all(h >= 1 for h in cfg.hidden), f"hidden widths must be >= 1, got {list(cfg.hidden)}")
+    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    need(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
+    need(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
+    need(cfg.samples >= 2 and cfg.mc_samples >= 2, "samples and mc_samples must be >= 2")
+    need(cfg.ensemble_size >= 2, f"ensemble_size must be >= 2, got {cfg.ensemble_size}")
+    need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
+    need(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
+    need(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
+    need(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
+    need(cfg.predictive in ("glm", "mc"), f"predictive must be glm or mc, got {cfg.predictive!r}")
+    need(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
+    need(cfg.hessian_batch_size >= 1, "hessian_batch_size must be >= 1")
+    need(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
+    if cfg.prior_precision not in ("marglik", "grid"):
+        try:
+            ok = float(cfg.prior_precision) > 0
+        except ValueError:
+            ok = False
+        need(ok, f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}")
+    dev = cfg.device
+    need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
+    """Apply already-typed overrides and validate the result."""
+    known = {f.name for f in fields(RunConfig)}
+    bad = [k for k in overrides if k not in known]
+    if bad:
+        raise BenchError(f"unknown config field {bad[0]!r}; fields: {', '.join(sorted(known))}")
+    cfg = dataclasses.replace(cfg, **overrides)
+    validate(cfg)
+    return cfg
+
+
+def default_overrides_doc() -> list[tuple[str, str]]:
+    """(preset, description) pairs for `bench list`."""
+    return [(name, desc) for name, (desc, _) in PRESETS.items()]

@@ -1,0 +1,59 @@
+"""Wall-time per (method, stage), CUDA-synchronised so GPU work is charged to the right stage."""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+STAGES = ("train", "hessian", "prior", "predict", "evaluate")
+
+
+def _sync(device: torch.device | str | None) -> None:
+    if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StageTimer:
+    """Records seconds per (method, stage); `with timer.stage(m, "hessian"):` adds to that cell."""
+
+    device: torch.device | str | None = None
+    records: dict[tuple[str, str], float] = field(default_factory=dict)
+    _active: set[tuple[str, str]] = field(default_factory=set, repr=False)
+
+    @contextmanager
+    def stage(self, method: str, stage: str) -> Iterator[None]:
+        """Time a block; the elapsed time is added to (method, stage) even if the block raises.
+
+        Nesting the same (method, stage) is a no-op inside, so a method may time a stage that the
+        runner also times without counting it twice.
+        """
+        key = (method, stage)
+        if key in self._active:
+            yield
+            return
+        self._active.add(key)
+        _sync(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            _sync(self.device)
+            self._active.discard(key)
+            self.add(method, stage, time.perf_counter() - start)
+
+    def add(self, method: str, stage: str, seconds: float) -> None:
+        """Add `seconds` to (method, stage), e.g. when restoring a cached stage's recorded time."""
+        key = (method, stage)
+        self.records[key] = self.records.get(key, 0.0) + float(seconds)
+
+    def for_method(self, method: str) -> dict[str, float]:
+        """Stage -> seconds for one method."""
+        return {s: t for (m, s), t in self.records.items() if m == method}
+
+    def rows(self) -> list[dict]:
+        """Tidy rows (method, stage, seconds) for timings.csv."""
+        return [{"method": m, "stage": s, "seconds": t} for (m, s), t in self.records.items()]

@@ -1,0 +1,126 @@
+"""The shared training loop: PML ContrastiveLoss on pairs mined by a TripletMarginMiner, seeded,
+device-agnostic, and cached on disk by a hash of everything that determines the trained weights."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from pytorch_metric_learning import distances, losses, miners
+from tqdm.auto import tqdm
+
+from bench.config import RunConfig
+from bench.errors import BenchError
+from bench.model import EmbeddingNet
+from bench.store import atomic_torch_save
+from datasets.base import Split
+
+
+def make_loss_and_miner(cfg: RunConfig) -> tuple[losses.ContrastiveLoss, miners.TripletMarginMiner]:
+    """ContrastiveLoss and TripletMarginMiner on plain Euclidean distances (no L2 normalisation,
+    so 2-d embeddings are not squashed onto a circle); the miner's triplets become the loss's pairs."""
+    dist = distances.LpDistance(normalize_embeddings=False, p=2, power=1)
+    loss = losses.ContrastiveLoss(pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin, distance=dist)
+    miner = miners.TripletMarginMiner(margin=cfg.miner_margin, type_of_triplets=cfg.miner_type, distance=dist)
+    return loss, miner
+
+
+def model_key(cfg: RunConfig, in_dim: int, n_train: int, seed: int, dropout: float) -> dict:
+    """Everything that determines the trained weights (the cache key's content)."""
+    keys = ["dataset", "heldout_classes", "n_train", "hidden", "embed_dim", "epochs", "batch_size", "lr",
+            "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type"]
+    d = {k: cfg.to_dict()[k] for k in keys}
+    d.update(in_dim=in_dim, n_train_actual=n_train, seed=seed, dropout=dropout, version=1)
+    return d
+
+
+def key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_model(cfg: RunConfig, in_dim: int, seed: int, dropout: float) -> EmbeddingNet:
+    """A freshly initialised net; initialisation is seeded without touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return EmbeddingNet(in_dim, cfg.hidden, cfg.embed_dim, dropout)
+
+
+def train_embedding(cfg: RunConfig, train: Split, device: torch.device, seed: int, dropout: float = 0.0,
+                    desc: str = "train") -> tuple[EmbeddingNet, dict]:
+    """Train one embedding net with Adam on mined contrastive pairs; returns (model, info).
+
+    info holds per-epoch mean losses and the wall time. A non-finite loss raises BenchError.
+    """
+    model = build_model(cfg, train.x.shape[1], seed, dropout).to(device)
+    loss_fn, miner = make_loss_and_miner(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    x, y = train.x.to(device), train.y.to(device)
+    n = len(train)
+    g = torch.Generator().manual_seed(seed)
+    steps = math.ceil(n / cfg.batch_size)
+    history: list[float] = []
+    start = time.perf_counter()
+    model.train()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed + 1)  # dropout masks
+        bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
+        for epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=g).to(device)
+            total = torch.zeros((), device=device)
+            for s in range(steps):
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                if idx.numel() < 2:
+                    continue
+                emb = model(x[idx])
+                loss = loss_fn(emb, y[idx], miner(emb, y[idx]))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += loss.detach()
+                bar.update(1)
+            mean_loss = float(total) / steps
+            if not math.isfinite(mean_loss):
+                bar.close()
+                raise BenchError(f"non-finite training loss in epoch {epoch + 1} ({desc}); try a smaller --set lr=")
+            history.append(mean_loss)
+        bar.close()
+    model.eval()
+    return model, {"loss_history": history, "seconds": time.perf_counter() - start}
+
+
+class ModelCache:
+    """Trained nets on disk under `root`, keyed by the hash of `model_key`; loads instead of retraining.
+
+    `trained` counts the nets actually trained by this cache object (tests assert reuse with it).
+    """
+
+    def __init__(self, root: Path, cfg: RunConfig, train: Split, device: torch.device) -> None:
+        self.root, self.cfg, self.train, self.device = Path(root), cfg, train, device
+        self.trained = 0
+        self.used: dict[str, dict] = {}
+
+    def get(self, seed: int, dropout: float = 0.0) -> tuple[EmbeddingNet, dict, bool]:
+        """(model, info, from_cache) for the given seed and dropout rate."""
+        key = model_key(self.cfg, self.train.x.shape[1], len(self.train), seed, dropout)
+        h = key_hash(key)
+        path = self.root / f"{h}.pt"
+        if path.exists():
+            try:
+                blob = torch.load(path, map_location=self.device, weights_only=False)
+                model = build_model(self.cfg, self.train.x.shape[1], seed, dropout).to(self.device)
+                model.load_state_dict(blob["state_dict"])
+                model.eval()
+                self.used[h] = blob["info"]
+                return model, blob["info"], True
+            except Exception:  # a corrupt cache entry is retrained, never trusted
+                path.unlink(missing_ok=True)
+        desc = f"train seed={seed}" + (f" dropout={dropout}" if dropout else "")
+        model, info = train_embedding(self.cfg, self.train, self.device, seed, dropout, desc)
+        info = {**info, "key": key}
+        atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
+        self.trained += 1
+        self.used[h] = info
+        return model, info, False

@@ -1,0 +1,1 @@
+"""Dataset plugins: each module registers a loader `fn(cfg) -> Dataset` with @register_dataset."""

@@ -1,0 +1,84 @@
+"""Fashion-MNIST (the seed's data): ID = classes not held out, near-OOD = held-out test classes,
+far-OOD = MNIST digits."""
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import numpy as np
+
+from bench.errors import BenchError
+from bench.registry import register_dataset
+from datasets.base import Dataset, check_heldout, split_id_ood
+from datasets.idx import find_idx_dir, load_idx_dir, network_up, user_cache_dir
+
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# Mean and std of the Fashion-MNIST training pixels in [0, 1]; MNIST far-OOD uses the same scaling
+# so both go through the network exactly as an unseen image would.
+MEAN, STD = 0.2860, 0.3530
+
+HOW_TO_GET = ("install the Debian package (apt-get install -y dataset-fashion-mnist), "
+              "or pass --data-dir DIR holding the four *-idx?-ubyte.gz files, "
+              "or run once with internet access so torchvision can download them")
+
+
+def normalise(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 28, 28] (or [N, 784]) -> float32 [N, 784], standardised with Fashion-MNIST stats."""
+    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
+    return (x - MEAN) / STD
+
+
+def _download(target: Path) -> Path | None:
+    """torchvision download into target, only when the network answers; never hangs."""
+    if not network_up():
+        return None
+    from torchvision.datasets import FashionMNIST
+
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        FashionMNIST(str(target), train=True, download=True)
+        FashionMNIST(str(target), train=False, download=True)
+    except Exception as e:  # network errors come in many types; all mean the same to the user
+        raise BenchError(f"Fashion-MNIST download failed ({e}); {HOW_TO_GET}") from None
+    finally:
+        socket.setdefaulttimeout(old)
+    return find_idx_dir([target])
+
+
+def locate_fashion_mnist(data_dir: str | None) -> Path:
+    """Directory with the Fashion-MNIST IDX files: --data-dir, the Debian package, the cache, or a download."""
+    if data_dir is not None:
+        p = Path(data_dir)
+        if not p.is_dir():
+            raise BenchError(f"data dir {p} does not exist; {HOW_TO_GET}")
+        found = find_idx_dir([p])
+        if found is None:
+            raise BenchError(f"data dir {p} has no Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...); {HOW_TO_GET}")
+        return found
+    cache = user_cache_dir() / "fashion-mnist"
+    found = find_idx_dir([DEBIAN_DIR, cache]) or _download(cache)
+    if found is None:
+        raise BenchError(f"Fashion-MNIST not found and no network; {HOW_TO_GET}")
+    return found
+
+
+@register_dataset("fashion_mnist")
+def load_fashion_mnist(cfg) -> Dataset:
+    """Fashion-MNIST 28x28 clothing images; held-out classes are near-OOD, MNIST digits far-OOD."""
+    arrs = load_idx_dir(locate_fashion_mnist(cfg.data_dir))
+    check_heldout(cfg.heldout_classes, 10, "fashion_mnist")
+    train_id, _ = split_id_ood(normalise(arrs["train_images"]), arrs["train_labels"], cfg.heldout_classes)
+    test_id, test_heldout = split_id_ood(normalise(arrs["test_images"]), arrs["test_labels"], cfg.heldout_classes)
+    ood = {"heldout": test_heldout.subset(cfg.n_test)} if len(test_heldout) else {}
+    if "mnist_ood" in cfg.far_ood:
+        from datasets.mnist import load_mnist_test_images
+
+        x, y = load_mnist_test_images(cfg.data_dir)
+        from datasets.base import Split
+        import torch
+
+        ood["mnist"] = Split(torch.from_numpy(normalise(x)), torch.from_numpy(y.astype(np.int64))).subset(cfg.n_test)
+    return Dataset("fashion_mnist", train_id.subset(cfg.n_train), test_id.subset(cfg.n_test), ood, list(CLASS_NAMES))

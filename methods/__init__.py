@@ -1,0 +1,1 @@
+"""Method plugins: each module registers its classes with @register_method."""

@@ -1,0 +1,1 @@
+"""Tables, plots and report rendering, from a run folder alone."""
