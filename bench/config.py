@@ -151,6 +151,7 @@ def validate(cfg: RunConfig) -> None:
             raise BenchError(msg)
 
     need(len(cfg.methods) > 0, "empty method list: give at least one method (see `python -m bench list`)")
+    need(cfg.seed >= 0 and all(s >= 0 for s in cfg.seeds), f"seeds must be >= 0, got {cfg.seed} / {list(cfg.seeds)}")
     need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     need(cfg.batch_size >= 2, f"batch-size must be >= 2 (pairs need two items), got {cfg.batch_size}")
     need(len(cfg.ks) > 0 and all(k >= 1 for k in cfg.ks), f"every K must be >= 1, got {list(cfg.ks)}")

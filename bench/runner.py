@@ -168,11 +168,11 @@ def run(cfg: RunConfig, log=print) -> Path:
     dataset_loader = get_dataset(cfg.dataset)
     for f in cfg.far_ood:
         get_dataset(f)
+    data = dataset_loader(cfg)  # bad data fails here, before any run folder exists
     run_dir, resumed = make_run_dir(cfg)
     state = RunState(cfg, run_dir, device, methods)
     write_config(state, "running")
     log(f"run folder: {run_dir}" + (" (resuming)" if resumed else ""))
-    data = dataset_loader(cfg)
     cache_root = Path(cfg.out) / "cache" / "models"
     all_rows: list[dict] = []
     all_times: list[dict] = []
@@ -221,6 +221,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     status = "complete" if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),
+                                 "class_names": data.class_names,
                                  "data": {"train_id": len(data.train_id), "test_id": len(data.test_id),
                                           **{f"ood_{k}": len(v) for k, v in data.test_ood.items()}}})
     return run_dir

@@ -1,46 +1,327 @@
-"""Result tables: methods as rows, metrics as columns, `value [ci_low, ci_high]`."""
+"""Result tables built from a run folder's CSVs, and their text / markdown / HTML / LaTeX renderings.
+
+A `Table` is a list of rows of `Cell`s (text plus a `bold` flag), so every output format shows the
+same numbers and marks. Cells print `value [ci_low, ci_high]` with `DIGITS` decimals; NaN is `n/a`.
+
+Direction of each metric (which value is best):
+- higher is better: mAP@K, Recall@K, AUROC, AUPR, var_ratio (OOD/ID variance ratio), MAP@R, precision;
+- lower is better: ECE, AUSE, FPR95;
+- unknown metrics are shown but never marked.
+"""
 from __future__ import annotations
 
+import html
 import math
+import re
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+DIGITS = 3
+HIGHER_BETTER = ("mAP@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision")
+LOWER_BETTER = ("ECE", "AUSE", "FPR95")
+STAGE_ORDER = ("train", "hessian", "prior", "predict", "evaluate")
+BASE = "base"  # pseudo-method: the shared base-model training of post-hoc methods (bench.runner.BASE)
 
-def fmt_ci(value: float, lo: float, hi: float, digits: int = 3) -> str:
+
+@dataclass
+class Cell:
+    """One table cell: its text and whether it is marked (best per column, or CI excluding 0)."""
+
+    text: str
+    bold: bool = False
+
+
+@dataclass
+class Table:
+    """A titled table; `notes` are sentences printed under it."""
+
+    title: str
+    headers: list[str]
+    rows: list[list[Cell]]
+    notes: list[str] = field(default_factory=list)
+
+    def to_text(self, tablefmt: str = "simple") -> str:
+        """Plain text (console); marked cells get a trailing ` *`."""
+        body = [[c.text + (" *" if c.bold else "") for c in r] for r in self.rows]
+        return tabulate(body, headers=self.headers, tablefmt=tablefmt, disable_numparse=True)
+
+    def to_markdown(self) -> str:
+        """GitHub markdown; marked cells are **bold**."""
+        body = [[f"**{c.text}**" if c.bold else c.text for c in r] for r in self.rows]
+        return tabulate(body, headers=self.headers, tablefmt="github", disable_numparse=True)
+
+    def to_html(self) -> str:
+        """An HTML <table>; marked cells are <b>bold</b>."""
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
+        rows = []
+        for r in self.rows:
+            tds = "".join(f"<td>{'<b>' if c.bold else ''}{html.escape(c.text)}{'</b>' if c.bold else ''}</td>" for c in r)
+            rows.append(f"<tr>{tds}</tr>")
+        return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
+
+    def to_latex(self) -> str:
+        """A booktabs tabular (scaled to the text width); marked cells are \\textbf."""
+        cols = "l" + "r" * (len(self.headers) - 1)
+        lines = [r"\begin{table}[ht]", r"\centering", f"\\caption{{{latex_escape(self.title)}}}",
+                 r"\resizebox{\textwidth}{!}{%", f"\\begin{{tabular}}{{{cols}}}", r"\toprule",
+                 " & ".join(latex_escape(h) for h in self.headers) + r" \\", r"\midrule"]
+        for r in self.rows:
+            lines.append(" & ".join(f"\\textbf{{{latex_escape(c.text)}}}" if c.bold else latex_escape(c.text)
+                                    for c in r) + r" \\")
+        lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
+        return "\n".join(lines)
+
+
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
+                  "↑": r"$\uparrow$", "↓": r"$\downarrow$"}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX special characters (and turn the direction arrows into math arrows)."""
+    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+
+
+def _isnan(x) -> bool:
+    return x is None or (isinstance(x, (float, np.floating)) and math.isnan(x))
+
+
+def fmt_ci(value: float, lo: float, hi: float, digits: int = DIGITS, signed: bool = False) -> str:
     """`0.712 [0.701, 0.723]`; NaN values print as n/a, a missing CI is left out."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _isnan(value):
         return "n/a"
-    if lo is None or hi is None or math.isnan(lo) or math.isnan(hi):
-        return f"{value:.{digits}f}"
-    return f"{value:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    if _isnan(lo) or _isnan(hi):
+        return f.format(value)
+    return f"{f.format(value)} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def wide_results(results: pd.DataFrame, seed: int | None = None) -> pd.DataFrame:
-    """Methods x metrics with formatted cells, for one seed (the first when None)."""
-    if results.empty:
-        return pd.DataFrame()
-    seed = results["seed"].iloc[0] if seed is None else seed
-    df = results[results["seed"] == seed].copy()
-    df["cell"] = [fmt_ci(v, lo, hi) for v, lo, hi in zip(df["value"], df["ci_low"], df["ci_high"])]
-    order_m = list(dict.fromkeys(df["method"]))
-    order_c = list(dict.fromkeys(df["metric"]))
-    wide = df.pivot(index="method", columns="metric", values="cell")
-    return wide.reindex(index=order_m, columns=order_c)
+def base_metric(metric: str) -> str:
+    """`AUROC[heldout]` -> `AUROC`."""
+    return metric.split("[", 1)[0]
 
 
-def results_table(results: pd.DataFrame, tablefmt: str = "simple", seed: int | None = None) -> str:
-    """The results table as text (tabulate)."""
-    wide = wide_results(results, seed)
-    if wide.empty:
-        return "(no results)"
-    return tabulate(wide.reset_index().values.tolist(), headers=["method", *wide.columns], tablefmt=tablefmt)
+def ood_set(metric: str) -> str | None:
+    """`AUROC[heldout]` -> `heldout`; None for metrics without a set suffix."""
+    m = re.search(r"\[(.+)\]$", metric)
+    return m.group(1) if m else None
 
 
-def timing_table(timings: pd.DataFrame, tablefmt: str = "simple") -> str:
-    """Seconds per stage per method (summed over seeds), with the total."""
+def direction(metric: str) -> int | None:
+    """+1 when higher is better, -1 when lower is better, None when unknown."""
+    b = base_metric(metric)
+    if any(b.startswith(p) for p in HIGHER_BETTER):
+        return 1
+    if any(b.startswith(p) for p in LOWER_BETTER):
+        return -1
+    return None
+
+
+def header(metric: str) -> str:
+    """Column header with the direction arrow: `mAP@1 ↑`, `ECE ↓`."""
+    d = direction(metric)
+    return metric + ("" if d is None else (" ↑" if d > 0 else " ↓"))
+
+
+def metric_groups(metrics: list[str]) -> list[tuple[str, list[str]]]:
+    """Split metric names into titled groups: retrieval, calibration, one group per OOD set, other."""
+    groups: dict[str, list[str]] = {}
+    for m in metrics:
+        b, s = base_metric(m), ood_set(m)
+        if s is not None:
+            key = f"OOD detection: {s}"
+        elif b.startswith(("mAP@", "Recall@", "MAP@R", "precision")):
+            key = "Retrieval"
+        elif b in ("ECE", "AUSE"):
+            key = "Calibration and sparsification"
+        else:
+            key = "Other metrics"
+        groups.setdefault(key, []).append(m)
+    order = ["Retrieval", "Calibration and sparsification"]
+    keys = [k for k in order if k in groups] + sorted(k for k in groups if k.startswith("OOD"))
+    keys += [k for k in groups if k not in keys]
+    return [(k, groups[k]) for k in keys]
+
+
+def ordered(values, preferred: list[str] | None = None) -> list[str]:
+    """Unique values in first-seen order, those in `preferred` first (in its order)."""
+    seen = list(dict.fromkeys(values))
+    pref = [p for p in (preferred or []) if p in seen]
+    return pref + [v for v in seen if v not in pref]
+
+
+def best_marks(values: dict[str, float], metric: str, digits: int = DIGITS) -> set[str]:
+    """Rows holding the best value of a column (ties at the printed precision all marked); nothing
+    is marked when the direction is unknown or fewer than two rows have a value."""
+    d = direction(metric)
+    finite = {k: v for k, v in values.items() if not _isnan(v)}
+    if d is None or len(finite) < 2:
+        return set()
+    best = max(finite.values()) if d > 0 else min(finite.values())
+    return {k for k, v in finite.items() if round(v, digits) == round(best, digits)}
+
+
+def wide_cells(df: pd.DataFrame, row_key: str, metrics: list[str], rows: list[str], value: str = "value",
+               lo: str = "ci_low", hi: str = "ci_high", mark_best: bool = True, signed: bool = False,
+               mark_nonzero: bool = False) -> list[list[Cell]]:
+    """Rows x metrics cells from a tidy frame with columns row_key, metric, value, lo, hi."""
+    idx = {(r[row_key], r["metric"]): r for r in df.to_dict("records")}
+    out = []
+    marks = {}
+    if mark_best:
+        for m in metrics:
+            marks[m] = best_marks({r: idx[(r, m)][value] for r in rows if (r, m) in idx}, m)
+    for r in rows:
+        cells = [Cell(str(r))]
+        for m in metrics:
+            rec = idx.get((r, m))
+            if rec is None:
+                cells.append(Cell("–"))
+                continue
+            text = fmt_ci(rec[value], rec[lo], rec[hi], signed=signed)
+            bold = r in marks.get(m, set())
+            if mark_nonzero and not (_isnan(rec[lo]) or _isnan(rec[hi])):
+                bold = rec[lo] > 0 or rec[hi] < 0
+            cells.append(Cell(text, bold))
+        out.append(cells)
+    return out
+
+
+def results_tables(results: pd.DataFrame, seed: int, methods: list[str] | None = None) -> list[Table]:
+    """One table per metric group for one seed: methods x metrics, `value [lo, hi]`, best in bold."""
+    df = results[results["seed"] == seed]
+    if df.empty:
+        return []
+    rows = ordered(df["method"], methods)
+    tables = []
+    for title, metrics in metric_groups(ordered(df["metric"])):
+        t = Table(f"{title} (seed {seed})", ["method", *map(header, metrics)], wide_cells(df, "method", metrics, rows))
+        tables.append(t)
+    return tables
+
+
+RESULTS_NOTE = ("Cells are value [lower, upper] of the bootstrap confidence interval over queries "
+                "(stratified ID/OOD resampling for OOD metrics); **bold** marks the best method per column "
+                "(↑ higher is better, ↓ lower is better; ties at the printed precision are all marked). "
+                "n/a: the method has no uncertainty, so the metric does not apply.")
+
+
+def seed_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """(method, metric, mean, t_low, t_high, n_seeds): mean over seeds and the Student-t interval
+    mean ± t_{(1+level)/2, n-1} · s / sqrt(n); NaN interval with one seed. Used when seeds.csv is absent."""
+    from scipy import stats
+
+    rows = []
+    for (m, met), g in results.groupby(["method", "metric"], sort=False):
+        v = g["value"].to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        n = v.size
+        mean = float(v.mean()) if n else float("nan")
+        if n >= 2:
+            half = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+            lo, hi = mean - half, mean + half
+        else:
+            lo = hi = float("nan")
+        rows.append({"method": m, "metric": met, "mean": mean, "t_low": lo, "t_high": hi, "n_seeds": n})
+    return pd.DataFrame(rows, columns=["method", "metric", "mean", "t_low", "t_high", "n_seeds"])
+
+
+def seeds_tables(summary: pd.DataFrame, methods: list[str] | None = None) -> list[Table]:
+    """Across-seed tables (mean [t-interval]) per metric group, best mean in bold."""
+    if summary.empty:
+        return []
+    rows = ordered(summary["method"], methods)
+    out = []
+    for title, metrics in metric_groups(ordered(summary["metric"])):
+        cells = wide_cells(summary, "method", metrics, rows, value="mean", lo="t_low", hi="t_high")
+        out.append(Table(f"{title} (mean over seeds)", ["method", *map(header, metrics)], cells))
+    return out
+
+
+def paired_tables(paired: pd.DataFrame, methods: list[str] | None = None) -> list[Table]:
+    """Differences method − reference per metric group, one row per (method, seed); a bold cell's CI
+    excludes 0."""
+    if paired.empty:
+        return []
+    p = paired.copy()
+    multi_seed = p["seed"].nunique() > 1
+    p["row"] = [f"{m} − {r}" + (f" (seed {s})" if multi_seed else "")
+                for m, r, s in zip(p["method"], p["reference"], p["seed"])]
+    order_m = ordered(p["method"], methods)
+    p["_o"] = p["method"].map({m: i for i, m in enumerate(order_m)})
+    rows = ordered(p.sort_values(["_o", "seed"], kind="stable")["row"])
+    out = []
+    for title, metrics in metric_groups(ordered(p["metric"])):
+        cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True)
+        out.append(Table(f"{title}: paired difference", ["difference", *map(header, metrics)], cells))
+    return out
+
+
+def paired_from_perquery(perquery: dict[tuple[str, int], dict[str, np.ndarray]], reference: str = "plain",
+                         n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """Paired differences from the per-query vectors `pq_<metric>` (used when paired.csv is absent).
+
+    diff = mean_q (a_q − b_q) over the queries q both methods scored (the same test set, same order);
+    CI: percentile bootstrap of that mean, resampling query indices (the same indices for both
+    methods, so the pairing is kept), `n_resamples` draws from numpy Generator(seed).
+    Only per-query metrics (retrieval) can be paired this way; scalar metrics (AUROC, ECE...) are not.
+    """
+    rows = []
+    rng = np.random.default_rng(seed)
+    for (m, s), arrs in perquery.items():
+        ref = perquery.get((reference, s))
+        if m == reference or ref is None:
+            continue
+        idx = None
+        for key, a in arrs.items():
+            if not key.startswith("pq_") or key not in ref or len(ref[key]) != len(a):
+                continue
+            d = np.asarray(a, float) - np.asarray(ref[key], float)
+            ok = np.isfinite(d)
+            d = d[ok]
+            if d.size == 0:
+                continue
+            if idx is None or idx.shape[1] != d.size:
+                idx = rng.integers(0, d.size, size=(n_resamples, d.size))
+            means = d[idx].mean(axis=1) if n_resamples > 0 and d.size > 1 else np.array([np.nan])
+            a_ = (1 - level) / 2
+            rows.append({"method": m, "reference": reference, "seed": s, "metric": key[3:], "diff": float(d.mean()),
+                         "ci_low": float(np.quantile(means, a_)), "ci_high": float(np.quantile(means, 1 - a_))})
+    return pd.DataFrame(rows, columns=["method", "reference", "seed", "metric", "diff", "ci_low", "ci_high"])
+
+
+def stage_frame(timings: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:
+    """Seconds per stage (columns, canonical order) per method (rows, base first), summed over seeds."""
     if timings.empty:
-        return "(no timings)"
+        return pd.DataFrame()
     wide = timings.pivot_table(index="method", columns="stage", values="seconds", aggfunc="sum", fill_value=0.0)
-    wide["total"] = wide.sum(axis=1)
-    return tabulate(wide.reset_index().values.tolist(), headers=["method", *wide.columns], tablefmt=tablefmt, floatfmt=".2f")
+    stages = [s for s in STAGE_ORDER if s in wide.columns] + sorted(s for s in wide.columns if s not in STAGE_ORDER)
+    rows = ordered(([BASE] if BASE in wide.index else []) + list(wide.index), ([BASE] + (methods or [])))
+    return wide.reindex(index=rows, columns=stages)
+
+
+def timing_table(timings: pd.DataFrame, methods: list[str] | None = None) -> Table | None:
+    """Wall time per stage per method (s, summed over seeds), total, share of the run's total, and for
+    methods that trained nothing themselves (post-hoc) the total including the shared base training."""
+    wide = stage_frame(timings, methods)
+    if wide.empty:
+        return None
+    total = wide.sum(axis=1)
+    grand = float(total.sum())
+    base_total = float(total.get(BASE, 0.0))
+    own_train = wide["train"] if "train" in wide.columns else pd.Series(0.0, index=wide.index)
+    rows = []
+    for m in wide.index:
+        cells = [Cell(m)] + [Cell(f"{wide.loc[m, s]:.2f}") for s in wide.columns]
+        cells.append(Cell(f"{total[m]:.2f}"))
+        cells.append(Cell(f"{100 * total[m] / grand:.1f}%" if grand > 0 else "n/a"))
+        shares_base = m != BASE and BASE in wide.index and own_train[m] == 0
+        cells.append(Cell(f"{total[m] + base_total:.2f}" if shares_base else "–"))
+        rows.append(cells)
+    n_seeds = timings["seed"].nunique()
+    notes = [f"Seconds summed over {n_seeds} seed(s). Post-hoc methods share the base training, counted once "
+             f"under \"{BASE}\"; \"with base\" adds it to each method that trained no network of its own."]
+    return Table("Wall time per stage (s)", ["method", *wide.columns, "total", "share", "with base"], rows, notes)

@@ -1,0 +1,90 @@
+"""End-to-end: the CLI on the smoke preset, the run folder it writes, and one-line errors."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.registry import method_names
+
+
+def _run_dir(out):
+    dirs = [d for d in out.iterdir() if d.is_dir() and d.name != "cache"]
+    assert len(dirs) == 1
+    return dirs[0]
+
+
+def test_smoke_run_writes_a_complete_run_folder(cli, tmp_path):
+    out = tmp_path / "runs"
+    code, stdout, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain",
+                            "--out", str(out), "--quiet", "--no-report")
+    assert code == 0, err
+    assert "mAP@1" in stdout and "plain" in stdout
+    d = _run_dir(out)
+    meta = json.loads((d / "config.json").read_text())
+    assert meta["status"] == "complete" and meta["config"]["dataset"] == "synthetic"
+    assert meta["packages"]["torch"] and meta["device"] == "cpu" and "git_commit" in meta
+    res = pd.read_csv(d / "results.csv")
+    assert list(res.columns) == ["method", "seed", "metric", "value", "ci_low", "ci_high"]
+    assert {"mAP@1", "mAP@7", "Recall@5"} <= set(res["metric"])
+    row = res[res.metric == "mAP@1"].iloc[0]
+    assert row.ci_low <= row.value <= row.ci_high
+    tim = pd.read_csv(d / "timings.csv")
+    assert {"train", "predict", "evaluate"} <= set(tim["stage"])
+    npz = np.load(d / "perquery" / "plain-seed0.npz")
+    assert npz["id_mean"].shape[1] == 2 and "pq_mAP@1" in npz.files and "ood_noise_mean" in npz.files
+    assert "id_var" not in npz.files  # plain has no uncertainty
+
+
+def test_second_run_reuses_the_cached_model(cli, tmp_path):
+    out = tmp_path / "runs"
+    args = ("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain", "--out", str(out),
+            "--quiet", "--no-report")
+    assert cli(*args)[0] == 0
+    assert cli(*args, "--name", "again")[0] == 0
+    runs = sorted(d for d in out.iterdir() if d.name != "cache")
+    trained = [json.loads((d / "config.json").read_text())["models_trained"] for d in runs]
+    assert sorted(trained) == [0, 1]
+    a, b = (pd.read_csv(d / "results.csv") for d in runs)
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_unknown_method_is_one_line_and_exit_2():
+    p = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", "nope"], capture_output=True, text=True)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "known methods:" in lines[0] and "plain" in lines[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_bad_flag_is_one_line(cli):
+    code, _, err = cli("run", "--no-such-flag")
+    assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_list_shows_methods_datasets_presets(cli):
+    code, out, _ = cli("list")
+    assert code == 0
+    for word in [*method_names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
+        assert word in out
+
+
+def test_cuda_without_cuda_is_a_clear_error(cli, tmp_path):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("machine has CUDA")
+    code, _, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--device", "cuda",
+                       "--out", str(tmp_path))
+    assert code == 2 and "CUDA is not available" in err
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_every_registered_method_runs_the_smoke_preset(cli, tmp_path, method):
+    out = tmp_path / "runs"
+    code, stdout, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", method,
+                            "--out", str(out), "--quiet", "--no-report")
+    assert code == 0, err
+    meta = json.loads((_run_dir(out) / "config.json").read_text())
+    assert meta["status"] == "complete", meta["failures"]

@@ -1,0 +1,72 @@
+"""Config presets, overrides and validation; the plugin registries."""
+import pytest
+
+from bench.cli import build_parser, config_from_args
+from bench.config import PRESETS, RunConfig, parse_value, preset_config
+from bench.errors import BenchError
+from bench.model import EmbeddingNet, num_params
+from bench.registry import dataset_names, get_dataset, get_method, method_names
+
+
+def test_presets_exist_and_validate():
+    for name in ("smoke", "default", "paper"):
+        cfg = preset_config(name)
+        assert cfg.preset == name
+
+
+def test_paper_preset_is_the_seed_protocol():
+    cfg = preset_config("paper")
+    assert (cfg.batch_size, cfg.epochs, cfg.embed_dim, cfg.samples) == (16, 15, 2, 100)
+    assert cfg.heldout_classes == (7, 8, 9)
+    net = EmbeddingNet(784, cfg.hidden, cfg.embed_dim)
+    linears = [m for m in net.modules() if m.__class__.__name__ == "Linear"]
+    assert len(linears) == 5
+    assert num_params(net) <= 15_000  # full LA over all weights stays feasible on a CPU
+
+
+def test_cli_flags_override_preset():
+    args = build_parser().parse_args(["run", "--preset", "paper", "--epochs", "3", "--batch-size", "8",
+                                      "--methods", "plain,full_la", "--seed", "4", "--device", "cpu",
+                                      "--set", "hidden=8,8", "--set", "prior_precision=2.5"])
+    cfg = config_from_args(args)
+    assert cfg.epochs == 3 and cfg.batch_size == 8 and cfg.seed == 4 and cfg.device == "cpu"
+    assert cfg.methods == ("plain", "full_la") and cfg.hidden == (8, 8)
+    assert cfg.prior_precision == "2.5" and cfg.samples == PRESETS["paper"][1]["samples"]
+
+
+def test_every_field_can_be_set_from_the_command_line():
+    from dataclasses import fields
+    for f in fields(RunConfig):
+        default = getattr(RunConfig(), f.name)
+        text = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
+        if isinstance(default, tuple) and not default:
+            continue
+        assert parse_value(f.name, text) == default, f.name
+
+
+@pytest.mark.parametrize("flags, fragment", [
+    (["--epochs", "-1"], "epochs must be >= 1"),
+    (["--epochs", "abc"], "bad value 'abc' for epochs"),
+    (["--batch-size", "1"], "batch-size must be >= 2"),
+    (["--set", "ks=0,5"], "every K must be >= 1"),
+    (["--set", "nonsense=1"], "unknown config field"),
+    (["--set", "hessian=exact"], "hessian must be ggn or jtj"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["--device", "tpu"], "device must be"),
+])
+def test_bad_flags_raise_one_line(flags, fragment):
+    with pytest.raises(BenchError) as e:
+        config_from_args(build_parser().parse_args(["run", *flags]))
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_registries_list_builtin_plugins():
+    assert "plain" in method_names()
+    assert {"fashion_mnist", "mnist_ood", "synthetic"} <= set(dataset_names())
+
+
+def test_unknown_names_list_the_known_ones():
+    with pytest.raises(BenchError, match="known methods: .*plain"):
+        get_method("nope")
+    with pytest.raises(BenchError, match="known datasets: .*fashion_mnist"):
+        get_dataset("nope")

@@ -1,0 +1,282 @@
+"""Reports: every file rendered, valid non-blank PNGs, table numbers equal results.csv, best-per-column
+marks in the right direction, a self-contained HTML, and rendering without model files."""
+from __future__ import annotations
+
+import base64
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib import image as mpimg
+
+from bench.errors import BenchError
+from reports.render import load_run_data, render_report, reproduce_command
+from reports.tables import best_marks, direction, paired_from_perquery
+from tests.reports_fixture import make_run
+
+ALL = ["md", "html", "latex"]
+EXPECTED_PLOTS = {"embedding_plain", "embedding_diag_la", "embedding_mc_dropout", "uncertainty_diag_la",
+                  "uncertainty_mc_dropout", "reliability", "sparsification", "map_at_k", "timing"}
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory):
+    """One seed, 2-d embeddings, no seeds.csv/paired.csv, rendered in every format."""
+    d = make_run(tmp_path_factory.mktemp("one"))
+    return d, render_report(d, ALL)
+
+
+@pytest.fixture(scope="module")
+def rendered_seeds(tmp_path_factory):
+    """Three seeds, 8-d embeddings (PCA), with paired.csv and no seeds.csv."""
+    d = make_run(tmp_path_factory.mktemp("three"), seeds=(0, 1, 2), embed_dim=8, with_paired_csv=True, command=None)
+    return d, render_report(d, ["md", "html"])
+
+
+def parse_md_tables(md: str) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(bold title line above, headers, rows) of every pipe table in a markdown text."""
+    out, lines, i = [], md.splitlines(), 0
+    while i < len(lines):
+        if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|-: "):
+            title = next((lines[j].strip("*") for j in range(i - 1, max(i - 4, -1), -1) if lines[j].startswith("**")), "")
+            split = lambda s: [c.strip() for c in s.strip().strip("|").split("|")]  # noqa: E731
+            headers, rows, i = split(lines[i]), [], i + 2
+            while i < len(lines) and lines[i].startswith("|"):
+                rows.append(split(lines[i]))
+                i += 1
+            out.append((title, headers, rows))
+        else:
+            i += 1
+    return out
+
+
+CELL = re.compile(r"^(\*\*)?([-+]?\d+\.\d+)(?: \[([-+]?\d+\.\d+), ([-+]?\d+\.\d+)\])?(\*\*)?$")
+
+
+def check_md_matches_csv(run_dir: Path) -> int:
+    """Every per-seed cell equals results.csv at the printed precision, and every csv row is shown."""
+    res = pd.read_csv(run_dir / "results.csv")
+    md = (run_dir / "report.md").read_text()
+    seen = set()
+    for title, headers, rows in parse_md_tables(md):
+        m = re.search(r"\(seed (\d+)\)$", title)
+        if not m:
+            continue
+        seed = int(m.group(1))
+        for row in rows:
+            method = row[0]
+            for h, cell in zip(headers[1:], row[1:]):
+                metric = h.rstrip(" ↑↓")
+                ref = res[(res["method"] == method) & (res["seed"] == seed) & (res["metric"] == metric)]
+                assert len(ref) == 1, (method, seed, metric)
+                ref = ref.iloc[0]
+                if cell == "n/a":
+                    assert math.isnan(ref["value"])
+                else:
+                    g = CELL.match(cell)
+                    assert g, cell
+                    assert float(g.group(2)) == pytest.approx(round(ref["value"], 3), abs=1e-9), (method, metric)
+                    assert float(g.group(3)) == pytest.approx(round(ref["ci_low"], 3), abs=1e-9)
+                    assert float(g.group(4)) == pytest.approx(round(ref["ci_high"], 3), abs=1e-9)
+                seen.add((method, seed, metric))
+    assert seen == set(zip(res["method"], res["seed"], res["metric"]))
+    return len(seen)
+
+
+def test_render_creates_every_file(rendered):
+    d, written = rendered
+    assert written[:3] == [d / "report.md", d / "report.html", d / "report.tex"]
+    assert {p.stem for p in (d / "plots").glob("*.png")} == EXPECTED_PLOTS
+    md = (d / "report.md").read_text()
+    for name in EXPECTED_PLOTS:
+        assert f"(plots/{name}.png)" in md
+    for section in ("## Results", "## Paired differences vs plain", "## Wall time", "### Embeddings",
+                    "### Reliability", "### Sparsification", "### Retrieval against K"):
+        assert section in md
+    assert "`plain`: no uncertainty" in md  # plots needing uncertainty are skipped with a note
+    assert "counted once" in md
+
+
+def test_every_png_is_valid_and_not_blank(rendered):
+    d, _ = rendered
+    for f in (d / "plots").glob("*.png"):
+        img = mpimg.imread(f)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300, f
+        rgb = img[..., :3]
+        assert rgb.std() > 0.05, f"{f.name} looks blank"
+        assert (rgb.mean(axis=2) < 0.5).mean() > 0.002, f"{f.name} has almost no dark pixels"
+
+
+@pytest.mark.parametrize("which", ["rendered", "rendered_seeds"])
+def test_markdown_numbers_equal_results_csv(which, request):
+    d, _ = request.getfixturevalue(which)
+    assert check_md_matches_csv(d) > 0
+
+
+def test_best_is_marked_in_the_right_direction(rendered):
+    d, _ = rendered
+    tables = parse_md_tables((d / "report.md").read_text())
+    bold = {}
+    for title, headers, rows in tables:
+        if "(seed 0)" in title:
+            for row in rows:
+                for h, c in zip(headers[1:], row[1:]):
+                    if c.startswith("**"):
+                        bold.setdefault(h.rstrip(" ↑↓"), []).append(row[0])
+    # fixture: mc_dropout has the higher AUROC/AUPR/var_ratio and the lower FPR95; diag_la the lower ECE/AUSE
+    assert bold["AUROC[heldout]"] == ["mc_dropout"]
+    assert bold["var_ratio[noise]"] == ["mc_dropout"]
+    assert bold["FPR95[heldout]"] == ["mc_dropout"]
+    assert bold["ECE"] == ["diag_la"] and bold["AUSE"] == ["diag_la"]
+    res = pd.read_csv(d / "results.csv").query("seed == 0 and metric == 'mAP@1'")
+    assert bold["mAP@1"] == [res.loc[res["value"].idxmax(), "method"]]
+
+
+def test_best_marks_rules():
+    assert direction("mAP@5") == 1 and direction("ECE") == -1 and direction("FPR95[mnist]") == -1
+    assert direction("var_ratio[heldout]") == 1 and direction("something") is None
+    assert best_marks({"a": 0.1, "b": 0.2}, "ECE") == {"a"}
+    assert best_marks({"a": 0.1, "b": 0.2}, "AUROC[x]") == {"b"}
+    assert best_marks({"a": 0.2001, "b": 0.2004, "c": 0.1}, "mAP@1") == {"a", "b"}  # tie at 3 decimals
+    assert best_marks({"a": 0.5, "b": float("nan")}, "mAP@1") == set()  # one value: nothing to compare
+    assert best_marks({"a": 0.5, "b": 0.7}, "unknown") == set()
+
+
+def test_html_is_self_contained(rendered):
+    d, _ = rendered
+    text = (d / "report.html").read_text()
+    srcs = re.findall(r"""\b(?:src|href)\s*=\s*['"]([^'"]*)""", text)
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs if not s.startswith("data:")]
+    rest = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text).lower()
+    assert "url(" not in rest and "@import" not in rest and "http" not in rest and "<link" not in rest
+    embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
+    on_disk = {f.read_bytes() for f in (d / "plots").glob("*.png")}
+    assert embedded == on_disk
+
+
+def test_several_seeds_pca_and_paired_csv(rendered_seeds):
+    d, _ = rendered_seeds
+    md = (d / "report.md").read_text()
+    assert "PCA projection of the 8-d embeddings" in md
+    assert "### Across seeds" in md and "computed from results.csv" in md
+    assert "**+0.050 [0.010, 0.090]**" in md  # paired.csv: CI excludes 0 -> bold
+    assert "-0.010 [-0.050, 0.030]" in md and "**-0.010" not in md
+    assert "t-interval over 3 seeds" in md
+
+
+def test_reproduce_command_rebuilt_when_not_recorded(rendered_seeds):
+    from bench.cli import build_parser, config_from_args
+
+    d, _ = rendered_seeds
+    meta = load_run_data(d).meta
+    cmd = reproduce_command(meta)
+    assert cmd in (d / "report.md").read_text()
+    assert cmd.startswith("python -m bench run --preset smoke") and "--seeds 0,1,2" in cmd
+    cfg = config_from_args(build_parser().parse_args(cmd.split()[3:]))
+    assert cfg.digest() == meta["config_digest"]
+
+
+def test_paired_differences_from_per_query_vectors(tmp_path):
+    d = make_run(tmp_path, methods={"plain": False, "diag_la": True, "mc_dropout": True})
+    run = load_run_data(d)
+    pq = {(m, 0): run.perquery(m, 0) for m in run.methods}
+    df = paired_from_perquery(pq, "plain", n_resamples=500, seed=0)
+    row = df[(df["method"] == "diag_la") & (df["metric"] == "mAP@1")].iloc[0]
+    true = float(np.mean(pq[("diag_la", 0)]["pq_mAP@1"] - pq[("plain", 0)]["pq_mAP@1"]))
+    assert row["diff"] == pytest.approx(true)
+    assert row["ci_low"] < true < row["ci_high"]
+    assert set(df["method"]) == {"diag_la", "mc_dropout"}
+    render_report(d, ["md"])
+    md = (d / "report.md").read_text()
+    assert "differences computed here from the per-query vectors" in md
+    assert f"{true:+.3f} [" in md
+
+
+def test_plain_only_run_and_missing_reference(tmp_path):
+    d = make_run(tmp_path / "a", methods={"plain": False})
+    render_report(d, ["md"])
+    md = (d / "report.md").read_text()
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing"}
+    assert "No reliability data for plain" in md and "No sparsification data for plain" in md
+    d2 = make_run(tmp_path / "b", methods={"diag_la": True})
+    render_report(d2, ["md"])
+    assert "Not available: `plain` is not in this run." in (d2 / "report.md").read_text()
+
+
+def test_stale_plots_removed_and_failures_listed(tmp_path):
+    d = make_run(tmp_path, methods={"plain": False},
+                 failures=[{"method": "full_la", "seed": 0, "error": "out of memory", "traceback": ""}])
+    (d / "plots").mkdir()
+    (d / "plots" / "embedding_gone.png").write_bytes(b"old")
+    render_report(d, ["md"])
+    assert not (d / "plots" / "embedding_gone.png").exists()
+    assert "`full_la` (seed 0) failed: out of memory" in (d / "report.md").read_text()
+
+
+def test_latex_report(rendered):
+    d, _ = rendered
+    tex = (d / "report.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") >= 4
+    assert r"\textbf{" in tex and r"$\uparrow$" in tex and r"\includegraphics[width=\linewidth]{plots/timing.png}" in tex
+    assert "mAP@1" in tex and "var\\_ratio[heldout]" in tex
+    if shutil.which("pdflatex"):
+        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"], cwd=d,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stdout[-2000:]
+
+
+def test_errors_are_one_line(tmp_path):
+    with pytest.raises(BenchError, match="not a run folder"):
+        render_report(tmp_path, ["md"])
+    d = make_run(tmp_path / "x")
+    with pytest.raises(BenchError, match="unknown report format 'pdf'"):
+        render_report(d, ["pdf"])
+
+
+def test_class_names_from_config_or_dataset_module(tmp_path):
+    import json
+
+    d = make_run(tmp_path)
+    assert load_run_data(d).class_names()[9] == "Ankle boot"  # datasets.fashion_mnist.CLASS_NAMES
+    meta = json.loads((d / "config.json").read_text())
+    meta["data"]["class_names"] = [f"c{i}" for i in range(10)]
+    (d / "config.json").write_text(json.dumps(meta))
+    assert load_run_data(d).class_names()[0] == "c0"
+
+
+def test_real_run_renders_without_model_files(tmp_path, cli):
+    out = tmp_path / "runs"
+    code, _, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain",
+                       "--out", str(out), "--no-report", "--quiet")
+    assert code == 0, err
+    (d,) = [p for p in out.iterdir() if p.name != "cache"]
+    shutil.rmtree(out / "cache" / "models")
+    code, stdout, err = cli("report", str(d), "--format", "md,html,latex")
+    assert code == 0, err
+    assert "report.html" in stdout
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing"}
+    check_md_matches_csv(d)
+    # run in-process, so no command was recorded: the report rebuilds one that gives the same config
+    from bench.cli import build_parser, config_from_args
+
+    meta = load_run_data(d).meta
+    cmd = reproduce_command(meta)
+    assert cmd in (d / "report.md").read_text() and "--dataset synthetic" in cmd and "--methods plain" in cmd
+    assert config_from_args(build_parser().parse_args(cmd.split()[3:])).digest() == meta["config_digest"]
+
+
+def test_run_where_every_method_failed(tmp_path):
+    d = make_run(tmp_path, methods={"plain": False},
+                 failures=[{"method": "plain", "seed": 0, "error": "boom", "traceback": ""}])
+    pd.DataFrame(columns=["method", "seed", "metric", "value", "ci_low", "ci_high"]).to_csv(d / "results.csv", index=False)
+    pd.DataFrame(columns=["method", "seed", "stage", "seconds"]).to_csv(d / "timings.csv", index=False)
+    shutil.rmtree(d / "perquery")
+    written = render_report(d, ALL)
+    assert written == [d / "report.md", d / "report.html", d / "report.tex"]
+    md = (d / "report.md").read_text()
+    assert "No results: every method failed" in md and "`plain` (seed 0) failed: boom" in md
