@@ -1,0 +1,170 @@
+"""Summaries over a run: across-seed means with t-intervals, paired method differences on the same
+queries, and the wall-time breakdown per stage.
+
+* seed_summary: for each (method, metric), the mean of the per-seed values v_1..v_n (NaN values,
+  i.e. n/a, are left out) and the Student-t interval mean +- t_{(1+level)/2, n-1} s / sqrt(n),
+  s the sample standard deviation; NaN interval when fewer than 2 seeds have a value.
+* paired_differences: diff = metric(method) - metric(reference) on the same seed and the same
+  queries, with a percentile bootstrap CI that resamples the *same* query indices for both methods
+  (bench.metrics.bootstrap.grouped_bootstrap_ci), read from the run folder's per-query files:
+  - per-query metrics `pq_<m>` (mAP@K, Recall@K): diff of means, queries resampled;
+  - ECE (both methods with uncertainty): recomputed from extra_confidence and pq_mAP@1 (the
+    confidence maps stay the ones fitted in the run); AUSE: from id_var (score tr Sigma) and pq_mAP@1;
+  - AUROC/AUPR/FPR95/var_ratio[s] (both methods with uncertainty): from id_var and ood_<s>_var,
+    ID and OOD queries resampled separately (stratified), each paired across the two methods.
+  Metrics that either method lacks (e.g. uncertainty metrics against the deterministic `plain`)
+  get no row.
+* stage_breakdown: seconds per stage summed over seeds, the method's total and its share of the
+  run's total.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from bench.metrics.bootstrap import grouped_bootstrap_ci
+from bench.metrics.calibration import DEFAULT_BINS, ece
+from bench.metrics.ood import OOD_METRICS, ood_statistics
+from bench.metrics.sparsification import ause
+from bench.metrics.uncertainty import score_from_var
+
+SEED_COLUMNS = ["method", "metric", "mean", "t_low", "t_high", "n_seeds"]
+PAIRED_COLUMNS = ["method", "reference", "seed", "metric", "diff", "ci_low", "ci_high"]
+STAGES = ("train", "hessian", "prior", "predict", "evaluate")
+CORRECTNESS = "pq_mAP@1"
+
+
+def seed_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """(method, metric, mean, t_low, t_high, n_seeds) from tidy results rows (one value per seed);
+    n_seeds counts the seeds with a finite value."""
+    rows = []
+    for (m, met), g in results.groupby(["method", "metric"], sort=False):
+        v = g["value"].to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        n = int(v.size)
+        mean = float(v.mean()) if n else float("nan")
+        if n >= 2:
+            half = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
+            lo, hi = mean - half, mean + half
+        else:
+            lo = hi = float("nan")
+        rows.append({"method": m, "metric": met, "mean": mean, "t_low": lo, "t_high": hi, "n_seeds": n})
+    return pd.DataFrame(rows, columns=SEED_COLUMNS)
+
+
+def stage_breakdown(timings: pd.DataFrame) -> pd.DataFrame:
+    """One row per method (first-seen order): seconds per stage (train, hessian, prior, predict,
+    evaluate, then any other stage) summed over seeds, `total`, and `share` = total / run total."""
+    if timings.empty:
+        return pd.DataFrame(columns=["method", *STAGES, "total", "share"])
+    methods = list(dict.fromkeys(timings["method"]))
+    extra = [s for s in dict.fromkeys(timings["stage"]) if s not in STAGES]
+    wide = timings.pivot_table(index="method", columns="stage", values="seconds", aggfunc="sum", fill_value=0.0)
+    wide = wide.reindex(index=methods, columns=[*STAGES, *extra], fill_value=0.0).astype(float)
+    wide["total"] = wide.sum(axis=1)
+    grand = float(wide["total"].sum())
+    wide["share"] = wide["total"] / grand if grand > 0 else float("nan")
+    wide.columns.name = None
+    return wide.reset_index().rename(columns={"index": "method"})
+
+
+_NPZ = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)\.npz$")
+
+
+def load_perquery(run_dir: Path | str) -> dict[tuple[str, int], dict[str, np.ndarray]]:
+    """{(method, seed): arrays} from run_dir/perquery/*.npz."""
+    out = {}
+    for f in sorted((Path(run_dir) / "perquery").glob("*.npz")):
+        m = _NPZ.match(f.name)
+        if m:
+            with np.load(f, allow_pickle=False) as z:
+                out[(m["method"], int(m["seed"]))] = {k: z[k] for k in z.files}
+    return out
+
+
+def _mean_diff(a, b, axis=-1):
+    return (np.asarray(a) - np.asarray(b)).mean(axis=axis)[None]
+
+
+def _ece_diff(pa, ca, pb, cb, axis=-1):
+    return (ece(pa, ca, DEFAULT_BINS, axis=axis) - ece(pb, cb, DEFAULT_BINS, axis=axis))[None]
+
+
+def _ause_diff(ua, ma, ub, mb, axis=-1):
+    return (ause(ua, ma, axis=axis) - ause(ub, mb, axis=axis))[None]
+
+
+def _ood_diff(ia, ib, oa, ob, axis=-1):
+    return ood_statistics(ia, oa, axis=axis) - ood_statistics(ib, ob, axis=axis)
+
+
+def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples: int, level: float, seed: int
+           ) -> Iterable[tuple[str, float, float, float]]:
+    """(metric, diff, lo, hi) for every metric both sides can be paired on."""
+    boot = dict(n_resamples=n_resamples, level=level, seed=seed)
+    for key, a in arrs.items():
+        if key.startswith("pq_") and key in ref and len(ref[key]) == len(a):
+            ok = np.isfinite(a) & np.isfinite(ref[key])
+            if ok.sum() >= 1:
+                yield (key[3:], *grouped_bootstrap_ci([(a[ok], ref[key][ok])], _mean_diff, **boot).triple())
+    if "id_var" not in arrs or "id_var" not in ref:
+        return
+    ua, ub = score_from_var(arrs["id_var"]), score_from_var(ref["id_var"])
+    if ua.shape != ub.shape:
+        return
+    have = lambda k: k in arrs and k in ref
+    if have("extra_confidence") and have(CORRECTNESS):
+        g = (arrs["extra_confidence"], arrs[CORRECTNESS], ref["extra_confidence"], ref[CORRECTNESS])
+        yield ("ECE", *grouped_bootstrap_ci([g], _ece_diff, **boot).triple())
+    if have(CORRECTNESS):
+        yield ("AUSE", *grouped_bootstrap_ci([(ua, arrs[CORRECTNESS], ub, ref[CORRECTNESS])], _ause_diff, **boot).triple())
+    for key in arrs:
+        m = re.fullmatch(r"ood_(.+)_var", key)
+        if not m or key not in ref or len(arrs[key]) == 0:
+            continue
+        oa, ob = score_from_var(arrs[key]), score_from_var(ref[key])
+        if oa.shape != ob.shape:
+            continue
+        ci = grouped_bootstrap_ci([(ua, ub), (oa, ob)], _ood_diff, **boot)
+        for i, name in enumerate(OOD_METRICS):
+            yield (f"{name}[{m[1]}]", *ci.triple(i))
+
+
+def paired_differences(run_dir: Path | str, reference: str = "plain", metrics: Iterable[str] | None = None,
+                       n_resamples: int | None = None, level: float | None = None, seed: int | None = None
+                       ) -> pd.DataFrame:
+    """(method, reference, seed, metric, diff, ci_low, ci_high) for every method against `reference`
+    on each seed both ran (see the module docstring). n_resamples, level and the bootstrap seed
+    default to the run's config (bootstrap_resamples, ci_level, seed), else 1000, 0.95, 0.
+    `metrics` restricts the metric names (None: every metric that can be paired)."""
+    run_dir = Path(run_dir)
+    cfg: dict = {}
+    order: list[str] = []
+    cj = run_dir / "config.json"
+    if cj.is_file():
+        meta = json.loads(cj.read_text())
+        cfg, order = meta.get("config", {}), list(meta.get("methods", []))
+    n_resamples = int(cfg.get("bootstrap_resamples", 1000)) if n_resamples is None else n_resamples
+    level = float(cfg.get("ci_level", 0.95)) if level is None else level
+    seed = int(cfg.get("seed", 0)) if seed is None else seed
+    wanted = None if metrics is None else set(metrics)
+    pq = load_perquery(run_dir)
+    rank = {m: i for i, m in enumerate(order)}
+    keys = sorted(pq, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1]))
+    rows = []
+    for m, s in keys:
+        ref = pq.get((reference, s))
+        if m == reference or ref is None:
+            continue
+        for metric, d, lo, hi in _pairs(pq[(m, s)], ref, n_resamples, level, seed):
+            if wanted is None or metric in wanted:
+                rows.append({"method": m, "reference": reference, "seed": s, "metric": metric,
+                             "diff": d, "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)

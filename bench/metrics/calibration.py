@@ -1,0 +1,130 @@
+"""Retrieval calibration: expected calibration error (ECE) of an uncertainty score against
+retrieval correctness, with the data of a reliability diagram.
+
+Correctness of query q: c_q = precision@1 in {0, 1} (its nearest other test item shares its label;
+the per-query `mAP@1` vector). An uncertainty u_q >= 0 is not a probability, so it is first mapped
+to a confidence p_q in [0, 1] that estimates P(c_q = 1):
+
+* "isotonic-cv" (default): a non-increasing isotonic regression g of c on u (so more uncertain never
+  means more confident), **cross-fitted**: the ID test queries are split at random (numpy
+  Generator(seed)) into K = 2 folds and p_q = g_{-k}(u_q) with g_{-k} fitted on the other fold(s),
+  clipped to [0, 1] outside the fitted range. Fitting and scoring on disjoint queries keeps the ECE
+  honest (an in-sample isotonic fit is calibrated by construction). Note: ECE measures calibration,
+  not discrimination: an uninformative score maps to p_q ~ base accuracy and is also well
+  calibrated; AUSE (bench.metrics.sparsification) measures whether u ranks the queries.
+* "rank": p_q = 1 - (rank(u_q) - 1/2) / N (average ranks; the most certain query gets ~1), no
+  fitting. Only calibrated when accuracy falls linearly with the uncertainty quantile, so e.g. a
+  perfect ranking with 80% accuracy scores ECE ~ 0.34: kept as an option, not the default.
+
+Binning: the queries are sorted by confidence and cut into B equal-mass bins (B = 10 by default):
+the query at sorted position i goes to bin floor(s B / N), where s is the first position of its run
+of tied confidences, so tied confidences (frequent: an isotonic map is a step function) always share
+a bin and bins hold N/B queries each unless ties make them larger (and others empty). With n_b
+queries, mean confidence conf_b and mean correctness acc_b in bin b:
+
+    ECE = sum_b (n_b / N) |acc_b - conf_b|.
+
+(conf_b, acc_b, n_b) are the reliability diagram. The bootstrap CI (queries resampled, paired
+(p, c) rows, see bench.metrics.bootstrap) is conditional on the fitted confidence map: it
+re-bins each resample but does not refit g.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+
+from bench.errors import BenchError
+from bench.metrics.bootstrap import bootstrap_ci
+
+DEFAULT_BINS = 10
+DEFAULT_MAPPING = "isotonic-cv"
+MAPPINGS = ("isotonic-cv", "rank")
+CV_FOLDS = 2
+
+
+def confidence_map(u: np.ndarray, correct: np.ndarray, mapping: str = DEFAULT_MAPPING, seed: int = 0,
+                   folds: int = CV_FOLDS) -> np.ndarray:
+    """Confidence p [N] in [0, 1] from uncertainty u [N] (see the module docstring for the maps)."""
+    u = np.asarray(u, np.float64)
+    c = np.asarray(correct, np.float64)
+    n = u.shape[0]
+    if mapping == "rank":
+        return 1.0 - (stats.rankdata(u) - 0.5) / n
+    if mapping != "isotonic-cv":
+        raise BenchError(f"unknown confidence mapping {mapping!r}; known mappings: {', '.join(MAPPINGS)}")
+    from sklearn.isotonic import IsotonicRegression
+
+    if n < 2 * folds:  # too few queries to cross-fit: the base rate is the only honest guess
+        return np.full(n, c.mean() if n else np.nan)
+    fold = np.empty(n, dtype=np.int64)
+    fold[np.random.default_rng(seed).permutation(n)] = np.arange(n) % folds
+    p = np.empty(n)
+    for k in range(folds):
+        test = fold == k
+        iso = IsotonicRegression(increasing=False, y_min=0.0, y_max=1.0, out_of_bounds="clip")
+        iso.fit(u[~test], c[~test])
+        p[test] = iso.predict(u[test])
+    return np.clip(p, 0.0, 1.0)
+
+
+def _binned_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-bin sums of confidence and of correctness, and counts, along the last axis ([..., B]).
+
+    Sorted by confidence, a query at position i of a run of tied confidences starting at position
+    s goes to bin floor(s B / N): equal-mass bins that never split tied confidences.
+    """
+    conf = np.asarray(conf, np.float64)
+    correct = np.broadcast_to(np.asarray(correct, np.float64), conf.shape)
+    n = conf.shape[-1]
+    b = max(1, min(n_bins, n))
+    order = np.argsort(conf, axis=-1)  # the order within a tie run does not matter
+    cs = np.take_along_axis(conf, order, axis=-1)
+    ys = np.take_along_axis(correct, order, axis=-1)
+    first = np.ones(cs.shape, dtype=bool)
+    first[..., 1:] = cs[..., 1:] != cs[..., :-1]
+    start = np.maximum.accumulate(np.where(first, np.arange(n), 0), axis=-1)
+    rows = int(np.prod(cs.shape[:-1], dtype=np.int64))
+    flat = (start * b // n).reshape(rows, n) + (np.arange(rows) * n_bins)[:, None]
+    out_shape = (*cs.shape[:-1], n_bins)
+    sums = lambda w: np.bincount(flat.ravel(), w.reshape(-1), minlength=rows * n_bins).reshape(out_shape)
+    return sums(cs), sums(ys), np.bincount(flat.ravel(), minlength=rows * n_bins).reshape(out_shape).astype(np.float64)
+
+
+def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS, axis: int = -1) -> np.ndarray:
+    """ECE with equal-mass bins along `axis` (vectorised over the other axes)."""
+    conf = np.moveaxis(np.asarray(conf, np.float64), axis, -1)
+    correct = np.moveaxis(np.asarray(correct, np.float64), axis, -1)
+    sc, sy, _ = _binned_sums(conf, correct, n_bins)
+    return np.abs(sy - sc).sum(axis=-1) / conf.shape[-1]
+
+
+def reliability_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean confidence [B], mean correctness [B], count [B]) per equal-mass bin; an empty bin
+    (possible when tied confidences fill more than one bin) has count 0 and NaN means."""
+    sc, sy, cnt = _binned_sums(conf, correct, n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return sc / cnt, sy / cnt, cnt
+
+
+def calibration_metrics(u: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS,
+                        mapping: str = DEFAULT_MAPPING, n_resamples: int = 1000, level: float = 0.95,
+                        seed: int = 0, method: str = "percentile"
+                        ) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
+    """((ECE, ci_low, ci_high), extras) for uncertainties u [N] and correctness [N] in {0, 1}.
+
+    extras: reliability_conf, reliability_acc, reliability_count [B] and confidence [N] (the mapped
+    confidence per query, so the ECE can be recomputed or paired from the run folder alone).
+    """
+    u = np.asarray(u, np.float64)
+    c = np.asarray(correct, np.float64)
+    p = confidence_map(u, c, mapping, seed)
+    conf_b, acc_b, cnt_b = reliability_bins(p, c, n_bins)
+
+    def stat(pp, cc, axis=-1):
+        return ece(pp, cc, n_bins, axis=axis)[None]
+
+    ci = bootstrap_ci((p, c), stat, n_resamples, level, seed, paired=True, method=method)
+    extras = {"reliability_conf": conf_b, "reliability_acc": acc_b, "reliability_count": cnt_b,
+              "confidence": p}
+    return ci.triple(0), extras
