@@ -19,6 +19,7 @@ from bench.config import ALL_METHODS, RunConfig
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError
 from bench.evaluate import evaluate
+from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.registry import get_dataset, get_method, method_names
 from bench.store import atomic_savez, atomic_write_csv, atomic_write_json
@@ -218,6 +219,9 @@ def run(cfg: RunConfig, log=print) -> Path:
     timings = timings.groupby(["method", "seed", "stage"], as_index=False, sort=False)["seconds"].sum()
     atomic_write_csv(run_dir / "results.csv", results)
     atomic_write_csv(run_dir / "timings.csv", timings)
+    atomic_write_csv(run_dir / "seeds.csv", seed_summary(results, cfg.ci_level))
+    if "plain" in methods:
+        atomic_write_csv(run_dir / "paired.csv", paired_differences(run_dir, "plain"))
     status = "complete" if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),

@@ -6,10 +6,11 @@ import socket
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from bench.errors import BenchError
 from bench.registry import register_dataset
-from datasets.base import Dataset, check_heldout, split_id_ood
+from datasets.base import Dataset, Split, check_heldout, split_id_ood
 from datasets.idx import find_idx_dir, load_idx_dir, network_up, user_cache_dir
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -77,8 +78,5 @@ def load_fashion_mnist(cfg) -> Dataset:
         from datasets.mnist import load_mnist_test_images
 
         x, y = load_mnist_test_images(cfg.data_dir)
-        from datasets.base import Split
-        import torch
-
         ood["mnist"] = Split(torch.from_numpy(normalise(x)), torch.from_numpy(y.astype(np.int64))).subset(cfg.n_test)
     return Dataset("fashion_mnist", train_id.subset(cfg.n_train), test_id.subset(cfg.n_test), ood, list(CLASS_NAMES))

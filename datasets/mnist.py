@@ -5,14 +5,14 @@ used instead when present (under --data-dir or the bench data cache).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-import torch
 
 from bench.errors import BenchError
 from bench.registry import register_dataset
-from datasets.base import Dataset, Split, check_heldout, split_id_ood
+from datasets.base import Dataset, check_heldout, split_id_ood
 from datasets.idx import find_idx_dir, load_idx_dir, user_cache_dir
-from pathlib import Path
 
 DIGITS = [str(i) for i in range(10)]
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081

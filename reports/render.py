@@ -22,8 +22,9 @@ from bench import RUN_FORMAT_VERSION
 from bench.errors import BenchError
 from bench.store import atomic_write_bytes, atomic_write_text
 from reports import plots as P
-from reports.tables import (RESULTS_NOTE, Cell, Table, latex_escape, ordered, paired_from_perquery, paired_tables,
-                            results_tables, seed_summary, seeds_tables, stage_frame, timing_table)
+from bench.metrics.aggregate import paired_differences, seed_summary
+from reports.tables import (RESULTS_NOTE, Cell, Table, latex_escape, ordered, paired_tables, results_tables,
+                            seeds_tables, stage_frame, timing_table)
 
 FORMATS = {"md": "report.md", "html": "report.html", "latex": "report.tex"}
 REFERENCE = "plain"
@@ -230,15 +231,12 @@ def paired_blocks(run: RunData) -> list[Block]:
         return out + paired_tables(run.paired_csv, run.methods)
     if REFERENCE not in run.methods:
         return out + [Para(f"Not available: `{REFERENCE}` is not in this run.")]
-    pq = {(m, s): a for m in run.methods for s in run.seeds if (a := run.perquery(m, s)) is not None}
-    df = paired_from_perquery(pq, REFERENCE, int(run.cfg.get("bootstrap_resamples", 1000)),
-                              float(run.cfg.get("ci_level", 0.95)), int(run.cfg.get("seed", 0)))
+    df = paired_differences(run.dir, REFERENCE)
     if df.empty:
         return out + [Para(f"Not available: no paired.csv and no other method with per-query vectors to pair with `{REFERENCE}`.")]
-    out.append(Para("No paired.csv in this run: differences computed here from the per-query vectors (`pq_*`), "
-                    "mean of (method − reference) over the same queries with a percentile bootstrap CI resampling "
-                    "queries; scalar metrics (AUROC, ECE, ...) are not available this way. **bold**: the CI excludes 0.",
-                    note=True))
+    out.append(Para("No paired.csv in this run: differences computed here from the per-query vectors, "
+                    "method − reference over the same queries with a bootstrap CI resampling queries "
+                    "(the same resample for both methods). **bold**: the CI excludes 0.", note=True))
     return out + paired_tables(df, run.methods)
 
 

@@ -209,26 +209,6 @@ RESULTS_NOTE = ("Cells are value [lower, upper] of the bootstrap confidence inte
                 "n/a: the method has no uncertainty, so the metric does not apply.")
 
 
-def seed_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """(method, metric, mean, t_low, t_high, n_seeds): mean over seeds and the Student-t interval
-    mean ± t_{(1+level)/2, n-1} · s / sqrt(n); NaN interval with one seed. Used when seeds.csv is absent."""
-    from scipy import stats
-
-    rows = []
-    for (m, met), g in results.groupby(["method", "metric"], sort=False):
-        v = g["value"].to_numpy(dtype=float)
-        v = v[np.isfinite(v)]
-        n = v.size
-        mean = float(v.mean()) if n else float("nan")
-        if n >= 2:
-            half = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-            lo, hi = mean - half, mean + half
-        else:
-            lo = hi = float("nan")
-        rows.append({"method": m, "metric": met, "mean": mean, "t_low": lo, "t_high": hi, "n_seeds": n})
-    return pd.DataFrame(rows, columns=["method", "metric", "mean", "t_low", "t_high", "n_seeds"])
-
-
 def seeds_tables(summary: pd.DataFrame, methods: list[str] | None = None) -> list[Table]:
     """Across-seed tables (mean [t-interval]) per metric group, best mean in bold."""
     if summary.empty:
@@ -258,39 +238,6 @@ def paired_tables(paired: pd.DataFrame, methods: list[str] | None = None) -> lis
         cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True)
         out.append(Table(f"{title}: paired difference", ["difference", *map(header, metrics)], cells))
     return out
-
-
-def paired_from_perquery(perquery: dict[tuple[str, int], dict[str, np.ndarray]], reference: str = "plain",
-                         n_resamples: int = 1000, level: float = 0.95, seed: int = 0) -> pd.DataFrame:
-    """Paired differences from the per-query vectors `pq_<metric>` (used when paired.csv is absent).
-
-    diff = mean_q (a_q − b_q) over the queries q both methods scored (the same test set, same order);
-    CI: percentile bootstrap of that mean, resampling query indices (the same indices for both
-    methods, so the pairing is kept), `n_resamples` draws from numpy Generator(seed).
-    Only per-query metrics (retrieval) can be paired this way; scalar metrics (AUROC, ECE...) are not.
-    """
-    rows = []
-    rng = np.random.default_rng(seed)
-    for (m, s), arrs in perquery.items():
-        ref = perquery.get((reference, s))
-        if m == reference or ref is None:
-            continue
-        idx = None
-        for key, a in arrs.items():
-            if not key.startswith("pq_") or key not in ref or len(ref[key]) != len(a):
-                continue
-            d = np.asarray(a, float) - np.asarray(ref[key], float)
-            ok = np.isfinite(d)
-            d = d[ok]
-            if d.size == 0:
-                continue
-            if idx is None or idx.shape[1] != d.size:
-                idx = rng.integers(0, d.size, size=(n_resamples, d.size))
-            means = d[idx].mean(axis=1) if n_resamples > 0 and d.size > 1 else np.array([np.nan])
-            a_ = (1 - level) / 2
-            rows.append({"method": m, "reference": reference, "seed": s, "metric": key[3:], "diff": float(d.mean()),
-                         "ci_low": float(np.quantile(means, a_)), "ci_high": float(np.quantile(means, 1 - a_))})
-    return pd.DataFrame(rows, columns=["method", "reference", "seed", "metric", "diff", "ci_low", "ci_high"])
 
 
 def stage_frame(timings: pd.DataFrame, methods: list[str] | None = None) -> pd.DataFrame:

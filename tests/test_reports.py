@@ -16,7 +16,8 @@ from matplotlib import image as mpimg
 
 from bench.errors import BenchError
 from reports.render import load_run_data, render_report, reproduce_command
-from reports.tables import best_marks, direction, paired_from_perquery
+from bench.metrics.aggregate import paired_differences
+from reports.tables import best_marks, direction
 from tests.reports_fixture import make_run
 
 ALL = ["md", "html", "latex"]
@@ -185,7 +186,7 @@ def test_paired_differences_from_per_query_vectors(tmp_path):
     d = make_run(tmp_path, methods={"plain": False, "diag_la": True, "mc_dropout": True})
     run = load_run_data(d)
     pq = {(m, 0): run.perquery(m, 0) for m in run.methods}
-    df = paired_from_perquery(pq, "plain", n_resamples=500, seed=0)
+    df = paired_differences(d, "plain", n_resamples=500, seed=0)
     row = df[(df["method"] == "diag_la") & (df["metric"] == "mAP@1")].iloc[0]
     true = float(np.mean(pq[("diag_la", 0)]["pq_mAP@1"] - pq[("plain", 0)]["pq_mAP@1"]))
     assert row["diff"] == pytest.approx(true)
