@@ -6,7 +6,9 @@ import hashlib
 import json
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from pytorch_metric_learning import distances, losses, miners
@@ -48,6 +50,20 @@ def build_model(cfg: RunConfig, in_dim: int, seed: int, dropout: float) -> Embed
         return EmbeddingNet(in_dim, cfg.hidden, cfg.embed_dim, dropout)
 
 
+@contextmanager
+def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
+    """Run a block with n intra-op CPU threads (no change when n == 0 or on a GPU)."""
+    if n <= 0 or device.type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
 def train_embedding(cfg: RunConfig, train: Split, device: torch.device, seed: int, dropout: float = 0.0,
                     desc: str = "train") -> tuple[EmbeddingNet, dict]:
     """Train one embedding net with Adam on mined contrastive pairs; returns (model, info).
@@ -64,7 +80,7 @@ def train_embedding(cfg: RunConfig, train: Split, device: torch.device, seed: in
     history: list[float] = []
     start = time.perf_counter()
     model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), cpu_threads(cfg.train_threads, device):
         torch.manual_seed(seed + 1)  # dropout masks
         bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
         for epoch in range(cfg.epochs):

@@ -1,0 +1,154 @@
+"""Reliability: resume after a kill, determinism, failure isolation, and fuzzed flag combinations."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from bench.registry import method_names
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ["run", "--preset", "smoke", "--dataset", "synthetic", "--quiet", "--no-report"]
+
+
+def _run_dirs(out: Path) -> list[Path]:
+    return sorted(d for d in out.iterdir() if d.is_dir() and d.name != "cache")
+
+
+def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
+    methods = ",".join(m for m in ("plain", "diag_la", "mc_dropout") if m in method_names())
+    for out in ("a", "b"):  # separate --out: both train from scratch
+        assert cli(*SMOKE, "--methods", methods, "--out", str(tmp_path / out))[0] == 0
+    a, b = (_run_dirs(tmp_path / o)[0] / "results.csv" for o in ("a", "b"))
+    assert a.read_bytes() == b.read_bytes()
+
+
+def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
+    methods = [m for m in ("plain", "mc_dropout", "deep_ensemble") if m in method_names()]
+    if len(methods) < 2:
+        pytest.skip("needs at least two methods")
+    args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "8", "--out", str(tmp_path / "killed")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = None
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "killed").glob(f"*/methods/{methods[0]}-seed0.json"))
+        if found:
+            marker = found[0]
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker is not None, "the first method never finished"
+    run_dir = marker.parent.parent
+    assert not (run_dir / "results.csv").exists(), "a killed run must not leave a results file"
+    first_done = marker.read_text()
+    cached_models = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed" / "cache" / "models").glob("*.pt")}
+    assert cached_models, "the first method's base model must be cached before the kill"
+
+    resumed = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "(resuming)" in resumed.stdout and f"{methods[0]} (seed 0): done earlier, reused" in resumed.stdout
+    assert _run_dirs(tmp_path / "killed") == [run_dir]
+    assert marker.read_text() == first_done  # the finished method was not recomputed
+    for p, mtime in cached_models.items():  # nets trained before the kill were loaded, not retrained
+        assert p.stat().st_mtime_ns == mtime
+    meta = json.loads((run_dir / "config.json").read_text())
+    assert meta["status"] == "complete"
+
+    fresh = subprocess.run([sys.executable, "-m", "bench", *args[:-1], str(tmp_path / "fresh")], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr
+    a = (run_dir / "results.csv").read_bytes()
+    b = (_run_dirs(tmp_path / "fresh")[0] / "results.csv").read_bytes()
+    assert a == b
+
+
+def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
+    from methods.plain import PlainEmbedding
+    from bench.errors import BenchError
+    from bench.registry import register_method
+
+    @register_method("_always_fails")
+    class AlwaysFails(PlainEmbedding):
+        """Test-only method whose fit fails."""
+        def fit(self, ctx):
+            raise BenchError("non-finite Hessian (test)")
+
+    try:
+        code, out, err = cli(*SMOKE, "--methods", "plain,_always_fails", "--out", str(tmp_path))
+        assert code == 0
+        d = _run_dirs(tmp_path)[0]
+        meta = json.loads((d / "config.json").read_text())
+        assert meta["status"] == "complete-with-failures"
+        assert meta["failures"][0]["method"] == "_always_fails"
+        assert "FAILED _always_fails" in out and "non-finite Hessian" in out
+        assert set(pd.read_csv(d / "results.csv")["method"]) == {"plain"}
+    finally:
+        from bench import registry
+        registry._METHODS.pop("_always_fails", None)
+
+
+def test_non_finite_training_loss_fails_the_method_clearly(cli, tmp_path):
+    code, out, _ = cli(*SMOKE, "--methods", "plain", "--set", "lr=1e30", "--epochs", "3", "--out", str(tmp_path))
+    assert code == 0
+    meta = json.loads((_run_dirs(tmp_path)[0] / "config.json").read_text())
+    assert meta["failures"] and "non-finite training loss" in meta["failures"][0]["error"]
+
+
+FLAG_POOL = {
+    "--methods": ["plain", "", "nope", "plain,plain", "all_but_typo"],
+    "--epochs": ["1", "0", "-3", "x"],
+    "--batch-size": ["2", "16", "1", "abc"],
+    "--seed": ["0", "7", "-1", "1.5"],
+    "--set ks": ["ks=1,2", "ks=0", "ks=", "ks=a"],
+    "--set heldout_classes": ["heldout_classes=9", "heldout_classes=10", "heldout_classes=0,1,2,3,4,5,6,7,8",
+                              "heldout_classes=1,1"],
+    "--set hidden": ["hidden=4", "hidden=0", "hidden=8,8"],
+    "--device": ["cpu", "gpu", "cuda:7"],
+    "--dataset": ["synthetic", "imagenet"],
+    "--data-dir": [None, "/nonexistent/dir"],
+}
+
+
+def test_random_flag_combinations_run_or_fail_clearly(cli, tmp_path):
+    rng = np.random.default_rng(2026)
+    for trial in range(14):
+        argv = ["run", "--preset", "smoke", "--quiet", "--no-report", "--out", str(tmp_path / f"t{trial}")]
+        picks = rng.choice(list(FLAG_POOL), size=rng.integers(1, 4), replace=False)
+        if "--dataset" not in picks:
+            argv += ["--dataset", "synthetic"]
+        if "--methods" not in picks:
+            argv += ["--methods", "plain"]
+        for flag in picks:
+            val = FLAG_POOL[flag][rng.integers(len(FLAG_POOL[flag]))]
+            if val is None:
+                continue
+            argv += ["--set", val] if flag.startswith("--set") else [flag, val]
+        code, out, err = cli(*argv)
+        assert code in (0, 2), (argv, err)
+        if code == 2:
+            lines = err.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
+            assert not list((tmp_path / f"t{trial}").glob("*/results.csv")), "no partial results on bad input"
+        else:
+            assert list((tmp_path / f"t{trial}").glob("*/results.csv")), argv
+
+
+def test_report_refuses_an_incompatible_run_folder(cli, tmp_path):
+    assert cli(*SMOKE, "--methods", "plain", "--out", str(tmp_path))[0] == 0
+    d = _run_dirs(tmp_path)[0]
+    meta = json.loads((d / "config.json").read_text())
+    meta["format_version"] = 999
+    (d / "config.json").write_text(json.dumps(meta))
+    code, _, err = cli("report", str(d))
+    assert code == 2 and "incompatible" in err and len(err.strip().splitlines()) == 1
