@@ -280,21 +280,18 @@ def figure_blocks(run: RunData) -> list[Block]:
             out.append(_fig(f"uncertainty_{m}", fig, f"{m}{seed_note}: uncertainty (sum of the embedding variance over "
                             "dimensions) per query for ID and each OOD set; histograms; ROC of OOD detection by uncertainty."))
 
-    out.append(Heading("Reliability", 3))
-    fig = P.reliability_figure(pq, _metric_map(run, "ECE", seed))
-    no_rel = [m for m, a in pq.items() if "extra_reliability_conf" not in a]
-    if fig is not None:
-        out.append(_fig("reliability", fig, f"Reliability diagrams{seed_note}: precision@1 against confidence per equal-mass bin."))
-    if no_rel:
-        out.append(Para(f"No reliability data for {', '.join(no_rel)} (methods without uncertainty have none).", note=True))
-
-    out.append(Heading("Sparsification", 3))
-    fig = P.sparsification_figure(pq, _metric_map(run, "AUSE", seed))
-    no_sp = [m for m, a in pq.items() if "extra_sparsification_curve" not in a]
-    if fig is not None:
-        out.append(_fig("sparsification", fig, f"Sparsification curves{seed_note}: solid by uncertainty, dashed oracle."))
-    if no_sp:
-        out.append(Para(f"No sparsification data for {', '.join(no_sp)} (methods without uncertainty have none).", note=True))
+    panels = [("Reliability", "reliability", P.reliability_figure, "ECE", "extra_reliability_conf",
+               "Reliability diagrams{}: precision@1 against confidence per equal-mass bin."),
+              ("Sparsification", "sparsification", P.sparsification_figure, "AUSE", "extra_sparsification_curve",
+               "Sparsification curves{}: solid by uncertainty, dashed oracle.")]
+    for title, name, draw, metric, key, caption in panels:
+        out.append(Heading(title, 3))
+        fig = draw(pq, _metric_map(run, metric, seed))
+        if fig is not None:
+            out.append(_fig(name, fig, caption.format(seed_note)))
+        missing = [m for m, a in pq.items() if key not in a]
+        if missing:
+            out.append(Para(f"No {name} data for {', '.join(missing)} (methods without uncertainty have none).", note=True))
 
     out.append(Heading("Retrieval against K", 3))
     summ, band = _at_k_summary(run)
