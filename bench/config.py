@@ -53,6 +53,7 @@ class RunConfig:
     samples: int = 100  # posterior samples for predictive=mc
     prior_precision: str = "marglik"  # a number, marglik or grid
     hessian_batch_size: int = 256
+    hessian_samples: int | None = None  # seeded subset of train_id for the curvature (None: all), scaled by N/n
     hessian_dtype: str = "float32"  # accumulation dtype: float32 | float64
     # baselines
     dropout: float = 0.1
@@ -98,7 +99,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "default": (
         "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
-        dict(epochs=2, batch_size=64, n_test=2000, samples=30, mc_samples=30),
+        dict(epochs=2, batch_size=64, n_test=2000, samples=30, mc_samples=30, hessian_samples=4096),
     ),
     "paper": (
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
@@ -174,6 +175,7 @@ def validate(cfg: RunConfig) -> None:
     need(cfg.predictive in ("glm", "mc"), f"predictive must be glm or mc, got {cfg.predictive!r}")
     need(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
     need(cfg.hessian_batch_size >= 1, "hessian_batch_size must be >= 1")
+    need(cfg.hessian_samples is None or cfg.hessian_samples >= 2, f"hessian_samples must be >= 2, got {cfg.hessian_samples}")
     need(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
     if cfg.prior_precision not in ("marglik", "grid"):
         try:

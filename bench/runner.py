@@ -33,8 +33,9 @@ BASE = "base"  # pseudo-method charged with the shared base-model training of po
 def resolve_methods(names: tuple[str, ...]) -> list[str]:
     """Expand 'all' and check every name against the registry (BenchError lists the known ones)."""
     out: list[str] = []
+    registered = sorted(method_names(), key=lambda m: m != "plain")  # the reference first
     for n in names:
-        for m in (method_names() if n == ALL_METHODS else [n]):
+        for m in (registered if n == ALL_METHODS else [n]):
             get_method(m)
             if m not in out:
                 out.append(m)

@@ -33,7 +33,7 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     methods = [m for m in ("plain", "mc_dropout", "deep_ensemble") if m in method_names()]
     if len(methods) < 2:
         pytest.skip("needs at least two methods")
-    args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "8", "--out", str(tmp_path / "killed")]
+    args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "60", "--out", str(tmp_path / "killed")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,0 +1,79 @@
+"""Shared brute-force references for the Laplace tests (float64, tiny nets)."""
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call, jacrev
+
+from bench.config import preset_config
+from bench.model import EmbeddingNet
+from bench.train import make_loss_and_miner
+
+
+def tiny_net(in_dim: int = 5, hidden: tuple[int, ...] = (4, 3), d: int = 2, seed: int = 0,
+             smooth: bool = False) -> EmbeddingNet:
+    """A float64 EmbeddingNet; smooth=True swaps ReLU for Tanh (no kinks: the linearisation error of
+    the GLM predictive is then second order in the posterior spread)."""
+    torch.manual_seed(seed)
+    net = EmbeddingNet(in_dim, hidden, d).double()
+    if smooth:
+        for i, mod in enumerate(net.net):
+            if isinstance(mod, torch.nn.ReLU):
+                net.net[i] = torch.nn.Tanh()
+    return net
+
+
+def tiny_data(n: int = 24, in_dim: int = 5, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, in_dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def full_jacobian(model: torch.nn.Module, x: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
+    """[n*d, D] by jacrev of the whole batch output w.r.t. a flat parameter vector."""
+    params = dict(model.named_parameters())
+    names = names or list(params)
+    flat = torch.cat([params[k].detach().reshape(-1) for k in names])
+
+    def f(theta: torch.Tensor) -> torch.Tensor:
+        p, i = {}, 0
+        for k in names:
+            p[k] = theta[i:i + params[k].numel()].reshape(params[k].shape)
+            i += params[k].numel()
+        return functional_call(model, {**{k: v.detach() for k, v in params.items()}, **p}, (x,))
+
+    J = jacrev(f)(flat)
+    return J.reshape(-1, flat.numel())
+
+
+def autograd_output_hessian(F: torch.Tensor, y: torch.Tensor, part: str = "all", cfg=None) -> torch.Tensor:
+    """Hessian [B*d, B*d] of PML's ContrastiveLoss (AvgNonZeroReducer) w.r.t. the embeddings, the
+    pairs fixed to what the training miner yields; part='pos' keeps only the positive pairs."""
+    cfg = cfg or preset_config("smoke")
+    loss_fn, miner = make_loss_and_miner(cfg)
+    a, p, n = miner(F, y)
+    if part == "pos":
+        e = a[:0]
+        idx = (a, p, e, e)
+    else:
+        idx = (a, p, a, n)
+    B, d = F.shape
+    return torch.autograd.functional.hessian(lambda E: loss_fn(E, y, idx), F).reshape(B * d, B * d)
+
+
+def brute_ggn(model, x, y, m: int, part: str = "all", names=None, cfg=None) -> torch.Tensor:
+    """sum over consecutive mining batches of J_b^T H_b J_b (explicit jacrev and autograd Hessians)."""
+    H = None
+    for s in range(0, len(y) - 1, m):
+        xb, yb = x[s:s + m], y[s:s + m]
+        if len(yb) < 2:
+            continue
+        J = full_jacobian(model, xb, names)
+        with torch.no_grad():
+            F = model(xb)
+        Lb = autograd_output_hessian(F, yb, part, cfg)
+        term = J.T @ Lb @ J
+        H = term if H is None else H + term
+    return H
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))

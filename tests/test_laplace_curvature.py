@@ -1,0 +1,184 @@
+"""The Hessian hot path against brute force: explicit jacrev Jacobians and autograd Hessians of PML's
+ContrastiveLoss, float64 on tiny nets; laplace-torch for the JtJ option."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.config import preset_config
+from bench.errors import BenchError
+from bench.laplace import jacobians as jac
+from bench.laplace.curvature import PairLoss, SymmetricAccumulator, check_full_memory, compute_curvature
+from bench.laplace.pairs import contrastive_pair_curvature, mined_pair_counts, pair_hessians, psd_split
+from bench.train import make_loss_and_miner
+from tests.laplace_helpers import (autograd_output_hessian, brute_ggn, full_jacobian, rel_err, tiny_data,
+                                   tiny_net)
+
+M = 8  # mining batch
+
+
+def _emb(n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, generator=g, dtype=torch.float64) * 0.6, torch.randint(0, 3, (n,), generator=g)
+
+
+@pytest.mark.parametrize("miner_type", ["all", "hard", "semihard", "easy"])
+def test_pair_counts_match_pml_miner(miner_type):
+    F, y = _emb(14, seed=3)
+    cfg = preset_config("smoke").replace(miner_type=miner_type)
+    _, miner = make_loss_and_miner(cfg)
+    a, p, n = miner(F, y)
+    Cp, Cn = mined_pair_counts(F[None], y[None], cfg.miner_margin, miner_type)
+    ref_p = torch.zeros(14, 14, dtype=torch.float64).index_put_((a, p), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    ref_n = torch.zeros(14, 14, dtype=torch.float64).index_put_((a, n), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    assert torch.equal(Cp[0], ref_p) and torch.equal(Cn[0], ref_n)
+
+
+def test_analytic_pair_hessian_matches_autograd():
+    F, _ = _emb(5, seed=1)
+    A, _ = pair_hessians(F[None], +1.0)
+    for i, j in [(0, 1), (2, 4), (3, 0)]:
+        ref = torch.autograd.functional.hessian(lambda u: u.norm(), F[i] - F[j])
+        assert torch.allclose(A[0, i, j], ref, atol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_laplacian_is_the_pml_loss_hessian(seed):
+    """The exact L (psd='none') equals autograd's Hessian of the PML batch loss, reducer included."""
+    F, y = _emb(12, seed)
+    pc = contrastive_pair_curvature(F[None], y[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2)
+    L = psd_split(pc, "none")[0][0]
+    H = autograd_output_hessian(F, y)
+    assert rel_err(L, H) < 1e-12
+    Lp, Ld, st = psd_split(pc, "clamp")
+    assert rel_err(Lp[0], autograd_output_hessian(F, y, "pos")) < 1e-12
+    assert torch.linalg.eigvalsh(Lp[0]).min() > -1e-12  # kept part is PSD
+    assert torch.linalg.eigvalsh(Ld[0]).max() < 1e-12  # dropped part is NSD
+    assert rel_err(Lp[0] + Ld[0], H) < 1e-12
+    assert st["out_dropped"] > 0  # active negative pairs exist in these draws
+
+
+@pytest.mark.parametrize("psd", ["none", "clamp"])
+def test_full_ggn_matches_brute_force(psd):
+    model, (x, y) = tiny_net(), tiny_data(21)
+    curv = compute_curvature(model, x, y, structure="full", hessian="ggn", loss=PairLoss(psd=psd), mining_batch=M)
+    ref = brute_ggn(model, x, y, M, part="all" if psd == "none" else "pos")
+    assert rel_err(curv.H, ref) < 1e-5
+    if psd == "clamp":
+        assert torch.linalg.eigvalsh(curv.H).min() > -1e-10 * curv.H.abs().max()
+        assert 0 < curv.stats["dropped_fraction_param"] < 1 and 0 < curv.stats["dropped_fraction_output"] < 1
+        # parameter-space dropped share: tr(J^T L- J) of the brute-force exact minus kept
+        exact = brute_ggn(model, x, y, M, part="all")
+        dropped = float(ref.trace() - exact.trace())
+        assert abs(curv.stats["param_dropped"] - dropped) < 1e-8 * abs(dropped)
+
+
+def test_chunking_and_dtype_do_not_change_h():
+    model, (x, y) = tiny_net(), tiny_data(40)
+    a = compute_curvature(model, x, y, structure="full", mining_batch=M, chunk=M)
+    b = compute_curvature(model, x, y, structure="full", mining_batch=M, chunk=1000)
+    assert rel_err(a.H, b.H) < 1e-12
+    m32 = tiny_net().float()
+    c = compute_curvature(m32, x.float(), y, structure="full", mining_batch=M, dtype=torch.float64)
+    assert c.H.dtype == torch.float64 and rel_err(c.H, a.H) < 1e-4
+
+
+@pytest.mark.parametrize("hessian", ["ggn", "jtj"])
+def test_diag_and_last_layer_are_blocks_of_full(hessian):
+    model, (x, y) = tiny_net(), tiny_data(24)
+    kw = dict(hessian=hessian, mining_batch=M)
+    full = compute_curvature(model, x, y, structure="full", **kw).H
+    diag = compute_curvature(model, x, y, structure="diag", **kw).H
+    assert rel_err(diag, full.diagonal()) < 1e-12
+    ll = compute_curvature(model, x, y, structure="full", subset="last_layer", **kw)
+    k = ll.D
+    assert rel_err(ll.H, full[-k:, -k:]) < 1e-12  # last layer = the trailing (weight, bias) block
+    lld = compute_curvature(model, x, y, structure="diag", subset="last_layer", **kw)
+    assert rel_err(lld.H, ll.H.diagonal()) < 1e-12
+    if hessian == "ggn":  # translation invariance: the last bias has no curvature
+        assert ll.H[-2:, -2:].abs().max() < 1e-12
+
+
+def test_last_layer_closed_form_jacobian():
+    model, (x, _) = tiny_net(), tiny_data(6)
+    names = jac.subset_names(model, "last_layer")
+    ref = full_jacobian(model, x, names).reshape(6, 2, -1)
+    assert rel_err(jac.last_layer_jacobian(model, x), ref) < 1e-12
+    assert rel_err(jac.embedding_jacobian(model, x, names), ref) < 1e-12
+
+
+def test_jtj_equals_laplace_torch_full_h():
+    from laplace import Laplace
+    model, (x, _) = tiny_net(), tiny_data(30)
+    y = torch.zeros(30, dtype=torch.long)
+    curv = compute_curvature(model, x, y, structure="full", hessian="jtj", mining_batch=M)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(30, 2, dtype=torch.float64)),
+                                         batch_size=7)
+    la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="full")
+    la.fit(loader)
+    assert rel_err(curv.H, la.H.double()) < 1e-6  # laplace-torch accumulates partly in float32
+
+
+def _kron_to_flat(model, factors):
+    """Dense block-diagonal H in the flat (weight, bias) layout from [W|b]-layout Kronecker factors."""
+    blocks = []
+    for layer, f in zip(jac.linear_layers(model), factors):
+        out, inp = layer.out_features, layer.in_features
+        K = torch.kron(f.G, f.A)  # index o*(in+1) + i
+        perm = [o * (inp + 1) + i for o in range(out) for i in range(inp)] + [o * (inp + 1) + inp for o in range(out)]
+        blocks.append(K[perm][:, perm])
+    return torch.block_diag(*blocks)
+
+
+def test_kron_is_exact_for_one_item_jtj():
+    """KFAC of J^T J is exact for a single item (G = B^T B, A = a a^T), block-diagonal over layers."""
+    model, (x, y) = tiny_net(), tiny_data(1)
+    x2, y2 = x.repeat(2, 1), y.repeat(2)  # one item, twice (a mining batch needs two)
+    kr = compute_curvature(model, x2, y2, structure="kron", hessian="jtj", mining_batch=2)
+    J = full_jacobian(model, x2)
+    mask = torch.block_diag(*[torch.ones(b, b, dtype=torch.float64) for b in _blocks(model)])
+    assert rel_err(_kron_to_flat(model, kr.kron), (J.T @ J) * mask) < 1e-10
+
+
+def _blocks(model):
+    return [l.weight.numel() + l.bias.numel() for l in jac.linear_layers(model)]
+
+
+def test_kron_last_layer_exact_for_one_pair_ggn():
+    model = tiny_net()
+    x, _ = tiny_data(3)
+    y = torch.tensor([0, 0, 1])  # one positive pair (both orders), negatives dropped by the clamp
+    loss = PairLoss(miner_margin=100.0)
+    kr = compute_curvature(model, x, y, structure="kron", loss=loss, mining_batch=3)
+    full = compute_curvature(model, x, y, structure="full", loss=loss, mining_batch=3).H
+    dense = _kron_to_flat(model, kr.kron)
+    k = _blocks(model)[-1]
+    assert rel_err(dense[-k:, -k:], full[-k:, -k:]) < 1e-10
+    assert kr.stats["dropped_fraction_output"] > 0
+
+
+def test_symmetric_update_paths_equal_gemm():
+    g = torch.Generator().manual_seed(0)
+    Ms = [torch.randn(k, 37, generator=g, dtype=torch.float64) for k in (5, 11, 3)]
+    ref = sum(m.T @ m for m in Ms)
+    for use_blas in (True, False):
+        acc = SymmetricAccumulator(37, torch.float64, torch.device("cpu"), block=8, use_blas=use_blas)
+        for m in Ms:
+            acc.update(m)
+        assert rel_err(acc.result(), ref) < 1e-13
+
+
+def test_memory_refusal_is_one_clear_line():
+    with pytest.raises(BenchError, match="last_layer_la, diag_la or kfac_la") as e:
+        check_full_memory(200_000, torch.float32, torch.device("cpu"))
+    assert "GiB" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(BenchError):
+        check_full_memory(1000, torch.float64, torch.device("cpu"), available=10_000_000)
+    check_full_memory(1000, torch.float64, torch.device("cpu"), available=10**9)
+
+
+def test_non_finite_hessian_refused():
+    model, (x, y) = tiny_net(), tiny_data(16)
+    x[3, 0] = float("nan")
+    with pytest.raises(BenchError, match="non-finite"):
+        compute_curvature(model, x, y, structure="diag", hessian="jtj", mining_batch=M)

@@ -1,0 +1,120 @@
+"""Posteriors (Cholesky / diag / Kronecker), the GLM predictive against Monte Carlo, prior tuning."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call, vmap
+
+from bench.errors import BenchError
+from bench.laplace.curvature import compute_curvature
+from bench.laplace.posterior import jittered_cholesky, make_posterior
+from bench.laplace.prior import (exact_spectrum, log_marglik, optimize_marglik, slq_spectrum,
+                                 triplet_log_score)
+from tests.laplace_helpers import rel_err, tiny_data, tiny_net
+
+
+def _mc_var(model, post, x, S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = post.sample_params(S, g)
+    base = {k: v.detach() for k, v in model.named_parameters()}
+    f = lambda p: functional_call(model, {**base, **p}, (x,))
+    with torch.no_grad():
+        E = vmap(f)(params)
+    return E.var(0)
+
+
+@pytest.mark.parametrize("structure,subset", [("full", "all"), ("diag", "all"), ("kron", "all"),
+                                              ("full", "last_layer")])
+def test_glm_variance_matches_mc_within_sampling_error(structure, subset):
+    # smooth net and a narrow posterior: the net is linear over the posterior up to O(var^2)
+    # (the last layer is exactly linear in its parameters)
+    model, (x, y) = tiny_net(smooth=True), tiny_data(40)
+    curv = compute_curvature(model, x, y, structure=structure, subset=subset, hessian="ggn", mining_batch=8)
+    post = make_posterior(model, curv, delta=2000.0)
+    xq = x[:6]
+    glm = torch.diagonal(post.glm_cov(model, xq), dim1=-2, dim2=-1)
+    S = 20000
+    mc = _mc_var(model, post, xq, S)
+    # sampling s.e. of a variance is var * sqrt(2/S) (1% here): allow 4 s.e.
+    assert ((mc - glm).abs() <= 4 * math.sqrt(2 / S) * glm).all(), mc / glm
+
+
+def test_full_samples_have_the_posterior_covariance():
+    model, (x, y) = tiny_net(), tiny_data(30)
+    curv = compute_curvature(model, x, y, structure="full", hessian="jtj", mining_batch=8)
+    post = make_posterior(model, curv, delta=3.0)
+    eps = post.sample_flat(40000, torch.Generator().manual_seed(1))
+    Sigma = torch.linalg.inv(curv.H + 3.0 * torch.eye(curv.D, dtype=torch.float64))
+    S = eps.shape[0]
+    emp = eps.T @ eps / S
+    # each variance has sampling s.e. var * sqrt(2/S); a random direction's variance likewise
+    assert ((emp.diagonal() - Sigma.diagonal()).abs() <= 5 * math.sqrt(2 / S) * Sigma.diagonal()).all()
+    v = torch.randn(curv.D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert abs(float(v @ emp @ v - v @ Sigma @ v)) <= 5 * math.sqrt(2 / S) * float(v @ Sigma @ v)
+    assert abs(post.logdet_precision() - torch.logdet(curv.H + 3.0 * torch.eye(curv.D, dtype=torch.float64))) < 1e-8
+    # GLM covariance by triangular solves equals J Sigma J^T with an explicit inverse
+    from bench.laplace import jacobians as jac
+    J = jac.embedding_jacobian(model, x[:4], curv.names)
+    assert rel_err(post.glm_cov(model, x[:4]), J @ Sigma @ J.transpose(1, 2)) < 1e-10
+
+
+def test_kron_logdet_and_glm_match_dense():
+    model, (x, y) = tiny_net(), tiny_data(30)
+    curv = compute_curvature(model, x, y, structure="kron", hessian="ggn", mining_batch=8)
+    post = make_posterior(model, curv, delta=2.0)
+    from tests.test_laplace_curvature import _kron_to_flat
+    from bench.laplace import jacobians as jac
+    Hd = _kron_to_flat(model, curv.kron)
+    P = Hd + 2.0 * torch.eye(Hd.shape[0], dtype=torch.float64)
+    assert abs(post.logdet_precision() - float(torch.logdet(P))) < 1e-8
+    J = jac.embedding_jacobian(model, x[:3], jac.subset_names(model, "all"))
+    assert rel_err(post.glm_cov(model, x[:3]), J @ torch.linalg.inv(P) @ J.transpose(1, 2)) < 1e-10
+
+
+def test_cholesky_refuses_indefinite_precision():
+    with pytest.raises(BenchError, match="not positive definite"):
+        jittered_cholesky(-torch.eye(4, dtype=torch.float64))
+    L, jit = jittered_cholesky(torch.eye(3, dtype=torch.float64))
+    assert jit == 0.0 and torch.allclose(L, torch.eye(3, dtype=torch.float64))
+
+
+def test_marglik_optimum_is_mackay_fixed_point():
+    g = torch.Generator().manual_seed(0)
+    lam = torch.rand(300, generator=g, dtype=torch.float64) ** 4 * 1e3
+    spec = exact_spectrum(lam)
+    theta_sq = 25.0
+    delta, info = optimize_marglik(spec, theta_sq)
+    gamma = spec.effective_params(delta)
+    assert abs(delta - gamma / theta_sq) < 1e-4 * delta
+    assert log_marglik(delta, spec, theta_sq) >= log_marglik(delta * 1.1, spec, theta_sq)
+    assert log_marglik(delta, spec, theta_sq) >= log_marglik(delta / 1.1, spec, theta_sq)
+
+
+def test_slq_logdet_close_to_exact():
+    g = torch.Generator().manual_seed(0)
+    Q, _ = torch.linalg.qr(torch.randn(400, 400, generator=g, dtype=torch.float64))
+    lam = torch.rand(400, generator=g, dtype=torch.float64) ** 6 * 1e4
+    H = (Q * lam) @ Q.T
+    slq = slq_spectrum(H, generator=torch.Generator().manual_seed(1))  # defaults: 40 steps, 16 probes
+    ex = exact_spectrum(lam)
+    for delta in (1.0, 10.0, 100.0):  # (at delta << the small-eigenvalue cluster, 40 steps lose accuracy)
+        assert abs(slq.logdet(delta) - ex.logdet(delta)) < 0.03 * abs(ex.logdet(delta))
+    d1, _ = optimize_marglik(slq, 40.0)
+    d2, _ = optimize_marglik(ex, 40.0)
+    assert abs(math.log(d1 / d2)) < 0.1
+
+
+def test_triplet_score_prefers_calibrated_spread():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(64) % 4
+    centers = torch.randn(4, 2, generator=g, dtype=torch.float64) * 2
+    true = centers[y] + torch.randn(64, 2, generator=g, dtype=torch.float64)
+    noisy = true + torch.randn(64, 2, generator=g, dtype=torch.float64) * 1.0  # observed means are off by ~1
+    eye = torch.eye(2, dtype=torch.float64)
+    score = {s: triplet_log_score(noisy, (s * eye).expand(64, 2, 2), y, torch.Generator().manual_seed(3))
+             for s in (1e-6, 1.0, 1e4)}
+    assert score[1.0] > score[1e-6] and score[1.0] > score[1e4]
+    assert np.isfinite(list(score.values())).all()
