@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Sequence
 
@@ -110,6 +111,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; BenchError becomes one line on stderr and exit code 2."""
+    logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
     try:
         args = build_parser().parse_args(argv)
         if args.command == "run":

@@ -118,3 +118,11 @@ def test_triplet_score_prefers_calibrated_spread():
              for s in (1e-6, 1.0, 1e4)}
     assert score[1.0] > score[1e-6] and score[1.0] > score[1e4]
     assert np.isfinite(list(score.values())).all()
+
+
+def test_cholesky_jitter_on_a_singular_precision_is_logged(caplog):
+    P = torch.diag(torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64))  # PSD, singular
+    with caplog.at_level("WARNING", logger="bench"):
+        L, jit = jittered_cholesky(P.clone())
+    assert jit > 0 and torch.allclose(L @ L.T, P + jit * torch.eye(3, dtype=torch.float64))
+    assert "not positive definite" in caplog.text and "jitter" in caplog.text

@@ -10,12 +10,17 @@ cov = sum_{o,i} (B Q_G)[:, o] (B Q_G)[:, o]^T (a^T Q_A)_i^2 / (lam_o mu_i + delt
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from bench.errors import BenchError
 from bench.laplace import jacobians as jac
 from bench.laplace.curvature import Curvature
+
+
+log = logging.getLogger("bench")
 
 
 def jittered_cholesky(P: torch.Tensor, what: str = "posterior precision") -> tuple[torch.Tensor, float]:
@@ -29,6 +34,8 @@ def jittered_cholesky(P: torch.Tensor, what: str = "posterior precision") -> tup
         finally:
             P.diagonal().sub_(jitter * scale)
         if int(info) == 0 and bool(torch.isfinite(L).all()):
+            if jitter > 0:
+                log.warning("%s was not positive definite; added jitter %.3g to its diagonal", what, jitter * scale)
             return L, jitter * scale
     raise BenchError(f"{what} is not positive definite even with jitter {1e-4 * scale:.3g}; "
                      "try a larger prior precision or hessian_dtype=float64")
