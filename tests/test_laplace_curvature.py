@@ -182,3 +182,15 @@ def test_non_finite_hessian_refused():
     x[3, 0] = float("nan")
     with pytest.raises(BenchError, match="non-finite"):
         compute_curvature(model, x, y, structure="diag", hessian="jtj", mining_batch=M)
+
+
+def test_near_duplicate_pairs_have_bounded_curvature():
+    from bench.laplace.pairs import DIST_FLOOR, pair_hessians
+
+    F = torch.tensor([[[0.0, 0.0], [1e-7, 0.0], [3.0, 4.0]]], dtype=torch.float64)
+    A, dist = pair_hessians(F, +1.0)
+    assert float(A.abs().max()) <= 1.0 / DIST_FLOOR + 1e-9
+    # far pairs keep the exact (I - u u^T / d^2) / d
+    u = F[0, 0] - F[0, 2]
+    exact = (torch.eye(2, dtype=torch.float64) - torch.outer(u, u) / 25.0) / 5.0
+    assert torch.allclose(A[0, 0, 2], exact)

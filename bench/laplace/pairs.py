@@ -41,6 +41,7 @@ import torch
 from bench.errors import BenchError
 
 MINER_TYPES = ("all", "hard", "semihard", "easy")
+DIST_FLOOR = 1e-3  # pair distances below this get the curvature of this distance (see pair_hessians)
 
 
 @dataclass
@@ -105,7 +106,8 @@ def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_typ
 def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Analytic Hessian blocks A_ab = s (I - u u^T / d^2) / d of s * ||u|| with u = f_a - f_b.
 
-    F [nb, m, d] -> (A [nb, m, m, d, d], dist [nb, m, m]); A is 0 where d == 0 (undefined there).
+    F [nb, m, d] -> (A [nb, m, m, d, d], dist [nb, m, m]); A is 0 where d == 0 (undefined there), and
+    1/d is capped at 1/DIST_FLOOR (exact for d >= DIST_FLOOR).
     """
     u = F[:, :, None, :] - F[:, None, :, :]
     d2 = u.pow(2).sum(-1)
@@ -114,7 +116,10 @@ def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Ten
     inv = torch.where(ok, 1.0 / torch.where(ok, dist, torch.ones_like(dist)), torch.zeros_like(dist))
     eye = torch.eye(F.shape[-1], dtype=F.dtype, device=F.device)
     uhat = u * inv[..., None]
-    A = (eye - uhat[..., :, None] * uhat[..., None, :]) * (sign * inv)[..., None, None]
+    # the 1/d curvature of the cone ||u|| is capped at 1/DIST_FLOOR: near-duplicate items (Fashion-MNIST
+    # has exact duplicates) would otherwise give blocks of 1e7 and more, and an ill-conditioned GGN
+    scale = torch.where(ok, 1.0 / dist.clamp_min(DIST_FLOOR), torch.zeros_like(dist))
+    A = (eye - uhat[..., :, None] * uhat[..., None, :]) * (sign * scale)[..., None, None]
     return A, dist
 
 
@@ -177,13 +182,25 @@ def small_eigh(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched eigh of small matrices. On CPU it runs single-threaded: LAPACK's threaded path spends
     ~100x longer synchronising threads than computing on 32 x 32 blocks (measured: 190 ms vs 3 ms)."""
     if L.device.type != "cpu" or torch.get_num_threads() == 1:
-        return torch.linalg.eigh(L)
+        return _eigh64(L)
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return torch.linalg.eigh(L)
+        return _eigh64(L)
     finally:
         torch.set_num_threads(n)
+
+
+def _eigh64(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh in float64 (float32 LAPACK fails to converge on some badly scaled blocks), cast back;
+    non-finite blocks are a BenchError rather than a LAPACK error."""
+    if not bool(torch.isfinite(L).all()):
+        raise BenchError("non-finite pair curvature (an embedding or distance is inf/NaN); check the base model")
+    try:
+        evals, evecs = torch.linalg.eigh(L.double())
+    except RuntimeError as e:  # torch.linalg.LinAlgError
+        raise BenchError(f"eigendecomposition of the pair-curvature blocks failed: {str(e).splitlines()[0]}") from None
+    return evals.to(L.dtype), evecs.to(L.dtype)
 
 
 def laplacian_factor(L: torch.Tensor, rel_tol: float = 1e-7) -> torch.Tensor:
