@@ -432,11 +432,20 @@ def to_latex(blocks: list[Block]) -> str:
 # ----------------------------------------------------------------------------------- public API
 
 def print_summary(run_dir: str | Path) -> None:
-    """Print the results tables (first seed), the wall-time table and any failures."""
+    """Print the results tables (with several seeds: the mean and t-interval across seeds, then
+    each seed's bootstrap CIs), the wall-time table and any failures."""
     run = load_run_data(run_dir)
+    tables = []
     if run.results.empty:
         print("(no results)")
-    for t in results_tables(run.results, run.seeds[0], run.methods) if not run.results.empty else []:
+    else:
+        if len(run.seeds) > 1:
+            summ = run.seeds_csv if run.seeds_csv is not None and not run.seeds_csv.empty \
+                else seed_summary(run.results, float(run.cfg.get("ci_level", 0.95)))
+            tables += seeds_tables(summ, run.methods)
+        for seed in run.seeds:
+            tables += results_tables(run.results, seed, run.methods)
+    for t in tables:
         print(t.title)
         print(t.to_text())
         print()

@@ -88,3 +88,13 @@ def test_every_registered_method_runs_the_smoke_preset(cli, tmp_path, method):
     assert code == 0, err
     meta = json.loads((_run_dir(out) / "config.json").read_text())
     assert meta["status"] == "complete", meta["failures"]
+
+
+def test_several_seeds_print_the_across_seed_mean_and_each_seed(cli, tmp_path):
+    code, out, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain",
+                         "--seeds", "0,1", "--out", str(tmp_path), "--quiet", "--no-report")
+    assert code == 0, err
+    assert "(mean over seeds)" in out and "(seed 0)" in out and "(seed 1)" in out
+    seeds = pd.read_csv(_run_dir(tmp_path) / "seeds.csv")
+    row = seeds[(seeds.method == "plain") & (seeds.metric == "mAP@1")].iloc[0]
+    assert row.n_seeds == 2 and row.t_low <= row["mean"] <= row.t_high
