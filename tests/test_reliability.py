@@ -152,3 +152,20 @@ def test_report_refuses_an_incompatible_run_folder(cli, tmp_path):
     (d / "config.json").write_text(json.dumps(meta))
     code, _, err = cli("report", str(d))
     assert code == 2 and "incompatible" in err and len(err.strip().splitlines()) == 1
+
+
+def test_truncated_data_dir_fails_with_one_line_and_no_run_folder(cli, tmp_path):
+    from tests.conftest import FASHION_DIR
+    from datasets.idx import FILES
+
+    if not (FASHION_DIR / FILES["test_labels"]).is_file():
+        pytest.skip("Debian package dataset-fashion-mnist not installed")
+    data = tmp_path / "data"
+    data.mkdir()
+    for f in FILES.values():
+        (data / f).write_bytes((FASHION_DIR / f).read_bytes())
+    raw = (data / FILES["test_images"]).read_bytes()
+    (data / FILES["test_images"]).write_bytes(raw[: len(raw) // 2])  # a gzip cut in half
+    code, _, err = cli("run", "--preset", "smoke", "--data-dir", str(data), "--out", str(tmp_path / "runs"))
+    assert code == 2 and "corrupt or truncated" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()
