@@ -111,7 +111,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
 
 
 def _predict_all(method: Method, data: Dataset, device: torch.device) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:
-    with torch.no_grad() if not getattr(method, "needs_grad_at_predict", False) else torch.enable_grad():
+    with torch.no_grad():  # torch.func transforms (GLM Jacobians) still work inside
         pid = method.predict(data.test_id.x.to(device)).to("cpu")
         pood = {k: method.predict(s.x.to(device)).to("cpu") for k, s in data.test_ood.items()}
     return pid, pood
@@ -158,11 +158,6 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
     return rows, getattr(method, "diagnostics", {})
 
 
-def _timing_rows(timer: StageTimer, seed: int, names: list[str]) -> list[dict]:
-    return [{"method": r["method"], "seed": seed, "stage": r["stage"], "seconds": r["seconds"]}
-            for r in timer.rows() if r["method"] in names]
-
-
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every method of cfg over every seed; returns the run folder."""
     methods = resolve_methods(cfg.methods)
@@ -207,10 +202,12 @@ def run(cfg: RunConfig, log=print) -> Path:
                 state.failures.append({"method": name, "seed": seed, "error": msg,
                                        "traceback": traceback.format_exc() if not isinstance(e, BenchError) else ""})
                 log(f"  {name} (seed {seed}) FAILED: {msg}")
+                if (BASE, "train") not in before and timer.records.pop((BASE, "train"), None) is not None:
+                    charged_base.discard((seed, 0.0))  # the next method that uses the base model records it
                 continue
-            times = _timing_rows(timer, seed, [name, BASE])
-            new_keys = set(timer.records) - before
-            times = [t for t in times if t["method"] == name or (t["method"], t["stage"]) in new_keys]
+            # this method's stages, plus the shared base training when it was first charged here
+            times = [{"method": m, "seed": seed, "stage": st, "seconds": t}
+                     for (m, st), t in timer.records.items() if (m, st) not in before]
             atomic_write_json(done, {"rows": rows, "timings": times, "diagnostics": diag})
             all_rows += rows
             all_times += times

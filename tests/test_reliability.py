@@ -82,10 +82,11 @@ def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
     class AlwaysFails(PlainEmbedding):
         """Test-only method whose fit fails."""
         def fit(self, ctx):
+            ctx.base_model()  # charges the shared base training, then fails
             raise BenchError("non-finite Hessian (test)")
 
     try:
-        code, out, err = cli(*SMOKE, "--methods", "plain,_always_fails", "--out", str(tmp_path))
+        code, out, err = cli(*SMOKE, "--methods", "_always_fails,plain", "--out", str(tmp_path))
         assert code == 0
         d = _run_dirs(tmp_path)[0]
         meta = json.loads((d / "config.json").read_text())
@@ -93,6 +94,8 @@ def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
         assert meta["failures"][0]["method"] == "_always_fails"
         assert "FAILED _always_fails" in out and "non-finite Hessian" in out
         assert set(pd.read_csv(d / "results.csv")["method"]) == {"plain"}
+        tim = pd.read_csv(d / "timings.csv")
+        assert len(tim[(tim.method == "base") & (tim.stage == "train")]) == 1  # charged once, not lost
     finally:
         from bench import registry
         registry._METHODS.pop("_always_fails", None)
