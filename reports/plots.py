@@ -81,6 +81,9 @@ def project_2d(id_mean: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarra
     return proj(x), [proj(o) for o in others], f"PCA projection of the {d}-d embeddings (PC1, PC2: {100 * explained:.0f}% of ID variance)"
 
 
+HELDOUT = "heldout"  # the OOD set made of the dataset's own held-out classes
+
+
 def embedding_figure(arrs: dict[str, np.ndarray], method: str, class_names: list[str], seed: int) -> tuple[Figure, str]:
     """The seed's Figs 1-2: mean embeddings of the ID test set coloured (and shaped) by class; OOD sets
     as black/grey crosses (the held-out-class set coloured by its true class, drawn with crosses).
@@ -101,7 +104,8 @@ def embedding_figure(arrs: dict[str, np.ndarray], method: str, class_names: list
     for i, (s, pts) in enumerate(zip(sets, ood2)):
         labels = np.asarray(arrs.get(f"ood_{s}_labels", np.full(len(pts), -1))).astype(int)
         colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
-        if (labels >= 0).all() and len(labels):  # held-out classes: colour by their true class
+        if s == HELDOUT and len(labels) and (labels >= 0).all():  # held-out classes: colour by their class
+            # (other OOD sets, e.g. MNIST digits, have labels of another label space: one style each)
             for c in np.unique(labels):
                 sel = labels == c
                 col, _ = class_style(int(c))

@@ -185,7 +185,7 @@ def header_blocks(run: RunData) -> list[Block]:
              ("seeds", ", ".join(map(str, run.seeds))), ("device", m.get("device_description") or m.get("device")),
              ("git commit", m.get("git_commit")), ("bench version", m.get("bench_version")),
              ("status", m.get("status")), ("data sizes", sizes or None),
-             ("wall time", f"{m['wall_seconds']:.1f} s" if isinstance(m.get("wall_seconds"), (int, float)) else None),
+             ("wall time (last invocation)", f"{m['wall_seconds']:.1f} s" if isinstance(m.get("wall_seconds"), (int, float)) else None),
              ("models trained", m.get("models_trained")), ("config digest", m.get("config_digest")),
              ("packages", ", ".join(f"{k} {v}" for k, v in pk.items()) or None)]
     t = Table("Run", ["", ""], [[Cell(k), Cell(str(v))] for k, v in facts if v not in (None, "")])

@@ -281,3 +281,18 @@ def test_run_where_every_method_failed(tmp_path):
     assert written == [d / "report.md", d / "report.html", d / "report.tex"]
     md = (d / "report.md").read_text()
     assert "No results: every method failed" in md and "`plain` (seed 0) failed: boom" in md
+
+
+def test_far_ood_points_are_not_named_after_the_datasets_classes(tmp_path):
+    """MNIST digits labelled 0-9 must not appear as 'OOD mnist: 0: T-shirt/top' in the legend."""
+    from reports.plots import embedding_figure
+
+    rng = np.random.default_rng(0)
+    arrs = {"id_mean": rng.normal(size=(30, 2)), "id_labels": np.arange(30) % 3,
+            "ood_heldout_mean": rng.normal(size=(6, 2)), "ood_heldout_labels": np.full(6, 7),
+            "ood_mnist_mean": rng.normal(size=(9, 2)), "ood_mnist_labels": np.arange(9) % 3}
+    names = [f"c{i}" for i in range(10)]
+    fig, _ = embedding_figure(arrs, "m", names, 0)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "OOD heldout: 7: c7" in labels and "OOD: mnist" in labels
+    assert not any(t.startswith("OOD mnist:") for t in labels)
