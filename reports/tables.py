@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from bench.metrics.aggregate import stage_breakdown
+
 DIGITS = 3
 HIGHER_BETTER = ("mAP@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision")
 LOWER_BETTER = ("ECE", "AUSE", "FPR95")
@@ -244,8 +246,9 @@ def stage_frame(timings: pd.DataFrame, methods: list[str] | None = None) -> pd.D
     """Seconds per stage (columns, canonical order) per method (rows, base first), summed over seeds."""
     if timings.empty:
         return pd.DataFrame()
-    wide = timings.pivot_table(index="method", columns="stage", values="seconds", aggfunc="sum", fill_value=0.0)
-    stages = [s for s in STAGE_ORDER if s in wide.columns] + sorted(s for s in wide.columns if s not in STAGE_ORDER)
+    wide = stage_breakdown(timings).set_index("method")
+    present = set(timings["stage"])
+    stages = [s for s in STAGE_ORDER if s in present] + sorted(s for s in present if s not in STAGE_ORDER)
     rows = ordered(([BASE] if BASE in wide.index else []) + list(wide.index), ([BASE] + (methods or [])))
     return wide.reindex(index=rows, columns=stages)
 
