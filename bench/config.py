@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from bench.errors import BenchError
+from bench.errors import BenchError, require
 
 ALL_METHODS = "all"
 
@@ -20,14 +20,15 @@ class RunConfig:
     preset: str = "default"
     methods: tuple[str, ...] = (ALL_METHODS,)
     dataset: str = "fashion_mnist"
-    far_ood: tuple[str, ...] = ("mnist_ood",)  # extra datasets whose test images are far-OOD sets
+    far_ood: tuple[str, ...] | None = None  # datasets whose test images are far-OOD sets (None: the dataset's default)
     heldout_classes: tuple[int, ...] = (7, 8, 9)  # held out of training, used as near-OOD queries
     data_dir: str | None = None
     n_train: int | None = None  # subsample of the ID training set (None: all)
     n_test: int | None = None  # subsample of each test split (None: all)
     seed: int = 0
     seeds: tuple[int, ...] = ()  # several seeds: the run repeats per seed (empty: just `seed`)
-    # model: an MLP on flattened images
+    # model: a registered backbone (see `bench list`); the MLP takes flattened images
+    backbone: str = "mlp"
     hidden: tuple[int, ...] = (16, 16, 16, 16)
     embed_dim: int = 2
     # training (shared loop): PML ContrastiveLoss on pairs from a TripletMarginMiner
@@ -50,14 +51,14 @@ class RunConfig:
     # Laplace family
     hessian: str = "ggn"  # ggn | jtj
     predictive: str = "glm"  # glm | mc
-    samples: int = 100  # posterior samples for predictive=mc
+    posterior_samples: int = 100  # sampled networks for predictive=mc
     prior_precision: str = "marglik"  # a number, marglik or grid
-    hessian_batch_size: int = 256
-    hessian_samples: int | None = None  # seeded subset of train_id for the curvature (None: all), scaled by N/n
+    jacobian_chunk: int = 256  # items per Jacobian chunk (curvature, GLM predictive, MC predictive)
+    hessian_items: int | None = None  # seeded subset of train_id for the curvature (None: all), scaled by N/n
     hessian_dtype: str = "float32"  # accumulation dtype: float32 | float64
     # baselines
     dropout: float = 0.1
-    mc_samples: int = 100
+    dropout_passes: int = 100  # stochastic forward passes of MC dropout
     ensemble_size: int = 5
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -94,16 +95,16 @@ def _jsonable(v: Any) -> Any:
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "smoke": (
         "seconds, for tests: a few hundred samples, 1 epoch, tiny net",
-        dict(n_train=400, n_test=150, epochs=1, batch_size=32, hidden=(16, 16), samples=10,
-             mc_samples=10, ensemble_size=2, bootstrap_resamples=200, hessian_batch_size=64),
+        dict(n_train=400, n_test=150, epochs=1, batch_size=32, hidden=(16, 16), posterior_samples=10,
+             dropout_passes=10, ensemble_size=2, bootstrap_resamples=200, jacobian_chunk=64),
     ),
     "default": (
         "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
-        dict(epochs=2, batch_size=64, n_test=2000, samples=30, mc_samples=30, hessian_samples=4096),
+        dict(epochs=2, batch_size=64, n_test=2000, posterior_samples=30, dropout_passes=30, hessian_items=4096),
     ),
     "paper": (
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
-        dict(epochs=15, batch_size=16, samples=100, mc_samples=100),
+        dict(epochs=15, batch_size=16, posterior_samples=100, dropout_passes=100),
     ),
 }
 
@@ -125,15 +126,14 @@ def parse_value(key: str, text: str) -> Any:
     if key not in types:
         raise BenchError(f"unknown config field {key!r}; fields: {', '.join(types)}")
     tp = types[key]
-    args = [a for a in get_args(tp) if a is not type(None)]
+    if type(None) in get_args(tp):
+        if str(text).lower() in ("none", "null", ""):
+            return None
+        tp = next(a for a in get_args(tp) if a is not type(None))
     if get_origin(tp) is tuple:
         inner = get_args(tp)[0]
         parts = [p.strip() for p in str(text).split(",") if p.strip()]
         return tuple(_scalar(key, inner, p) for p in parts)
-    if type(None) in get_args(tp):
-        if str(text).lower() in ("none", "null", ""):
-            return None
-        return _scalar(key, args[0], text)
     return _scalar(key, tp, text)
 
 
@@ -150,41 +150,25 @@ def _scalar(key: str, tp: Any, text: str) -> Any:
 
 
 def validate(cfg: RunConfig) -> None:
-    """Reject configurations that cannot run, with one line saying why."""
-    def need(ok: bool, msg: str) -> None:
-        if not ok:
-            raise BenchError(msg)
-
-    need(len(cfg.methods) > 0, "empty method list: give at least one method (see `python -m bench list`)")
-    need(cfg.seed >= 0 and all(s >= 0 for s in cfg.seeds), f"seeds must be >= 0, got {cfg.seed} / {list(cfg.seeds)}")
-    need(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
-    need(cfg.batch_size >= 2, f"batch-size must be >= 2 (pairs need two items), got {cfg.batch_size}")
-    need(len(cfg.ks) > 0 and all(k >= 1 for k in cfg.ks), f"every K must be >= 1, got {list(cfg.ks)}")
-    need(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
-    need(all(h >= 1 for h in cfg.hidden), f"hidden widths must be >= 1, got {list(cfg.hidden)}")
-    need(cfg.train_threads >= 0, f"train_threads must be >= 0, got {cfg.train_threads}")
-    need(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
-    need(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
-    need(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
-    need(cfg.samples >= 2 and cfg.mc_samples >= 2, "samples and mc_samples must be >= 2")
-    need(cfg.ensemble_size >= 2, f"ensemble_size must be >= 2, got {cfg.ensemble_size}")
-    need(0.0 <= cfg.dropout < 1.0, f"dropout must be in [0, 1), got {cfg.dropout}")
-    need(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
-    need(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
-    need(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
-    need(cfg.predictive in ("glm", "mc"), f"predictive must be glm or mc, got {cfg.predictive!r}")
-    need(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
-    need(cfg.hessian_batch_size >= 1, "hessian_batch_size must be >= 1")
-    need(cfg.hessian_samples is None or cfg.hessian_samples >= 2, f"hessian_samples must be >= 2, got {cfg.hessian_samples}")
-    need(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
-    if cfg.prior_precision not in ("marglik", "grid"):
-        try:
-            ok = float(cfg.prior_precision) > 0
-        except ValueError:
-            ok = False
-        need(ok, f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}")
+    """Reject configurations that cannot run, with one line saying why (the generic fields; each
+    method checks its own options in `Method.validate`)."""
+    require(len(cfg.methods) > 0, "empty method list: give at least one method (see `python -m bench list`)")
+    require(cfg.seed >= 0 and all(s >= 0 for s in cfg.seeds), f"seeds must be >= 0, got {cfg.seed} / {list(cfg.seeds)}")
+    require(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
+    require(cfg.batch_size >= 2, f"batch-size must be >= 2 (pairs need two items), got {cfg.batch_size}")
+    require(len(cfg.ks) > 0 and all(k >= 1 for k in cfg.ks), f"every K must be >= 1, got {list(cfg.ks)}")
+    require(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
+    require(all(h >= 1 for h in cfg.hidden), f"hidden widths must be >= 1, got {list(cfg.hidden)}")
+    require(cfg.jacobian_chunk >= 1, f"jacobian_chunk must be >= 1, got {cfg.jacobian_chunk}")
+    require(cfg.train_threads >= 0, f"train_threads must be >= 0, got {cfg.train_threads}")
+    require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
+    require(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
+    require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
+    require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
+    require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
+    require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
     dev = cfg.device
-    need(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
+    require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -196,8 +180,3 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
     cfg = dataclasses.replace(cfg, **overrides)
     validate(cfg)
     return cfg
-
-
-def default_overrides_doc() -> list[tuple[str, str]]:
-    """(preset, description) pairs for `bench list`."""
-    return [(name, desc) for name, (desc, _) in PRESETS.items()]

@@ -8,3 +8,9 @@ class BenchError(Exception):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+def require(ok: bool, message: str) -> None:
+    """Raise BenchError(message) unless ok: one-line validation of user input."""
+    if not ok:
+        raise BenchError(message)

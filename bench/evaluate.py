@@ -26,11 +26,11 @@ from bench.metrics.calibration import DEFAULT_BINS, DEFAULT_MAPPING, calibration
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
 from bench.metrics.retrieval import retrieval_per_query
 from bench.metrics.sparsification import sparsification_metrics
-from bench.metrics.uncertainty import DEFAULT_SCORE, uncertainty_score
-from datasets.base import Dataset
+from bench.metrics.uncertainty import uncertainty_score
+from bench.conventions import CORRECTNESS_METRIC, DEFAULT_SCORE
+from bench.data import Dataset
 
 NAN3 = (float("nan"), float("nan"), float("nan"))
-CORRECTNESS_METRIC = "mAP@1"  # = precision@1 per query, in {0, 1}
 BOOTSTRAP_METHOD = "percentile"  # scalar metrics; "BCa" falls back to percentile where undefined
 
 

@@ -1,17 +1,19 @@
-"""The method plugin interface: Method, the context it fits in, and the prediction it returns."""
+"""The method plugin contract: Method, the context it fits in, and the prediction it returns."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
 if TYPE_CHECKING:
     from bench.config import RunConfig
-    from bench.model import EmbeddingNet
+    from bench.data import Dataset
     from bench.timing import StageTimer
-    from datasets.base import Dataset
+    from torch import nn
+
+SEED_STRIDE = 1_000_003  # generator seeds are seed * SEED_STRIDE + offset: distinct streams per offset
 
 
 @dataclass
@@ -27,16 +29,19 @@ class EmbeddingPrediction:
         if self.var is None and self.cov is not None:
             self.var = torch.diagonal(self.cov, dim1=-2, dim2=-1)
 
-    @property
-    def has_uncertainty(self) -> bool:
-        return self.var is not None
-
-    def uncertainty(self) -> torch.Tensor | None:
-        """Uncertainty score per query [N]: trace of the embedding covariance (sum of variances)."""
-        return None if self.var is None else self.var.sum(dim=-1)
+    @classmethod
+    def from_samples(cls, z: torch.Tensor, with_cov: bool = True) -> "EmbeddingPrediction":
+        """Sample moments of z [S, N, d]: mean, unbiased per-dimension variance and (with_cov) the
+        unbiased covariance (1/(S-1)) sum_s (z_s - mean)(z_s - mean)^T."""
+        mean = z.mean(0)
+        c = z - mean
+        denom = max(z.shape[0] - 1, 1)
+        var = (c ** 2).sum(0) / denom
+        cov = torch.einsum("tni,tnj->nij", c, c) / denom if with_cov else None
+        return cls(mean=mean, var=var, cov=cov)
 
     def to(self, device: torch.device | str) -> "EmbeddingPrediction":
-        mv = lambda t: None if t is None else t.to(device)
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
         return EmbeddingPrediction(mv(self.mean), mv(self.var), mv(self.cov))
 
 
@@ -51,22 +56,26 @@ class FitContext:
     device: torch.device
     timer: "StageTimer"
     method: str
-    train_model: Callable[..., "EmbeddingNet"]
+    train_model: Callable[..., "nn.Module"]
     seed: int
 
-    def base_model(self) -> "EmbeddingNet":
+    def base_model(self) -> "nn.Module":
         """The shared MAP embedding net (trained once per run and cached; charged to the run's base)."""
         return self.train_model(seed=self.seed, dropout=0.0)
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        """Time a stage of this method (train, hessian, prior, predict, evaluate)."""
+        """Time a stage of this method (train, hessian, prior; the runner times predict and evaluate)."""
         with self.timer.stage(self.method, name):
             yield
 
-    def generator(self, offset: int = 0) -> torch.Generator:
-        """A seeded torch.Generator on the run's device, distinct per offset."""
-        return torch.Generator(device=self.device).manual_seed(self.seed * 1000003 + offset)
+    def seed_for(self, offset: int) -> int:
+        """The integer seed of stream `offset` of this run seed (for APIs that take a seed)."""
+        return self.seed * SEED_STRIDE + offset
+
+    def generator(self, offset: int, device: torch.device | str = "cpu") -> torch.Generator:
+        """A torch.Generator seeded for stream `offset` of this run seed (on `device`, CPU by default)."""
+        return torch.Generator(device=device).manual_seed(self.seed_for(offset))
 
 
 class Method:
@@ -74,6 +83,7 @@ class Method:
 
     `post_hoc = True` means the method reuses the shared base model: its train stage is the shared
     base training, counted once per run and reported separately (method "base").
+    After `fit`, `diagnostics` holds JSON-safe facts about the fit (saved in config.json).
     """
 
     name: str = ""
@@ -81,6 +91,12 @@ class Method:
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
+        self.diagnostics: dict[str, Any] = {}
+
+    @classmethod
+    def validate(cls, cfg: "RunConfig") -> None:
+        """Reject config values this method cannot run with (BenchError, one line); called before
+        any data is loaded. The base class accepts everything."""
 
     def fit(self, ctx: FitContext) -> None:
         raise NotImplementedError

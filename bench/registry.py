@@ -1,98 +1,105 @@
-"""Plugin registries for methods and datasets.
+"""Plugin registries: methods, datasets and backbones register themselves by name with a decorator.
 
-A plugin registers itself with a decorator in its own module; the registry imports every module of
-the `methods` and `datasets` packages on first lookup, so adding a plugin never needs an edit here.
+Each registry imports every module of its plugin package on first lookup, so adding a plugin is one
+new file and never an edit here. An unknown name is a BenchError listing the registered names.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Callable, TypeVar
+from typing import Any, Callable, Generic, TypeVar
 
 from bench.errors import BenchError
 
 T = TypeVar("T")
 
-_METHODS: dict[str, type] = {}
-_DATASETS: dict[str, Callable] = {}
-_LOADED: set[str] = set()
+
+class Registry(Generic[T]):
+    """Name -> plugin (a class or a factory function) for one kind of plugin, loaded from `package`."""
+
+    def __init__(self, kind: str, package: str) -> None:
+        self.kind, self.package = kind, package
+        self._items: dict[str, T] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._loaded = False
+
+    def register(self, name: str, **meta: Any) -> Callable[[T], T]:
+        """Decorator: make `obj` available under `name`; `meta` is kept for `meta(name)`."""
+
+        def deco(obj: T) -> T:
+            if name in self._items and self._items[name] is not obj:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._items[name] = obj
+            self._meta[name] = dict(meta)
+            return obj
+
+        return deco
+
+    def _load(self) -> None:
+        if self._loaded:
+            return
+        self._loaded = True
+        pkg = importlib.import_module(self.package)
+        for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{self.package}.{info.name}")
+
+    def remove(self, name: str) -> None:
+        """Forget `name` (tests register throw-away plugins)."""
+        self._items.pop(name, None)
+        self._meta.pop(name, None)
+
+    def names(self) -> list[str]:
+        """Registered names, in the order their modules registered them."""
+        self._load()
+        return list(self._items)
+
+    def get(self, name: str) -> T:
+        """The plugin registered as `name`, or a BenchError listing the known names."""
+        self._load()
+        if name not in self._items:
+            raise BenchError(f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self._items)}")
+        return self._items[name]
+
+    def meta(self, name: str) -> dict[str, Any]:
+        """What the plugin declared when it registered (e.g. a dataset's default far-OOD sets)."""
+        self.get(name)
+        return self._meta[name]
+
+    def descriptions(self) -> dict[str, str]:
+        """Name -> first line of the plugin's docstring."""
+        self._load()
+        return {n: _first_line(obj) for n, obj in self._items.items()}
 
 
-def _describe(obj: object) -> str:
+def _first_line(obj: object) -> str:
     doc = (getattr(obj, "__doc__", None) or "").strip()
     return doc.splitlines()[0] if doc else ""
 
 
-def register_method(name: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: make a `Method` subclass available under `name`."""
+METHODS: Registry[type] = Registry("method", "methods")
+DATASETS: Registry[Callable] = Registry("dataset", "datasets")
+BACKBONES: Registry[Callable] = Registry("backbone", "backbones")
 
-    def deco(cls: type[T]) -> type[T]:
-        if name in _METHODS and _METHODS[name] is not cls:
-            raise ValueError(f"method {name!r} registered twice")
+
+def register_method(name: str) -> Callable[[type], type]:
+    """Class decorator: make a `Method` subclass available under `name` (sets `cls.name`)."""
+
+    def deco(cls: type) -> type:
         cls.name = name  # type: ignore[attr-defined]
-        _METHODS[name] = cls
-        return cls
+        return METHODS.register(name)(cls)
 
     return deco
 
 
-def register_dataset(name: str) -> Callable[[T], T]:
-    """Decorator: make a dataset loader `fn(cfg) -> Dataset` available under `name`."""
+def register_dataset(name: str, **meta: Any) -> Callable[[Callable], Callable]:
+    """Decorator: make a data-source loader `fn(cfg) -> DataSource` available under `name`.
 
-    def deco(fn: T) -> T:
-        if name in _DATASETS and _DATASETS[name] is not fn:
-            raise ValueError(f"dataset {name!r} registered twice")
-        _DATASETS[name] = fn  # type: ignore[assignment]
-        return fn
-
-    return deco
+    meta: `far_ood` (tuple of dataset names used as far-OOD when the config does not name any).
+    """
+    return DATASETS.register(name, **meta)
 
 
-def _load_plugins(package: str) -> None:
-    if package in _LOADED:
-        return
-    pkg = importlib.import_module(package)
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
-    _LOADED.add(package)
-
-
-def method_names() -> list[str]:
-    """Registered method names, in registration order of their modules."""
-    _load_plugins("methods")
-    return list(_METHODS)
-
-
-def dataset_names() -> list[str]:
-    """Registered dataset names."""
-    _load_plugins("datasets")
-    return list(_DATASETS)
-
-
-def get_method(name: str) -> type:
-    """The method class registered as `name`, or a BenchError listing the known names."""
-    _load_plugins("methods")
-    if name not in _METHODS:
-        raise BenchError(f"unknown method {name!r}; known methods: {', '.join(_METHODS)}")
-    return _METHODS[name]
-
-
-def get_dataset(name: str) -> Callable:
-    """The dataset loader registered as `name`, or a BenchError listing the known names."""
-    _load_plugins("datasets")
-    if name not in _DATASETS:
-        raise BenchError(f"unknown dataset {name!r}; known datasets: {', '.join(_DATASETS)}")
-    return _DATASETS[name]
-
-
-def method_descriptions() -> dict[str, str]:
-    """Method name -> first line of its docstring."""
-    _load_plugins("methods")
-    return {n: _describe(c) for n, c in _METHODS.items()}
-
-
-def dataset_descriptions() -> dict[str, str]:
-    """Dataset name -> first line of its loader's docstring."""
-    _load_plugins("datasets")
-    return {n: _describe(f) for n, f in _DATASETS.items()}
+def register_backbone(name: str) -> Callable[[Callable], Callable]:
+    """Decorator: make a backbone builder `fn(cfg, in_shape, dropout) -> nn.Module` available under `name`."""
+    return BACKBONES.register(name)

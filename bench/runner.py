@@ -21,22 +21,22 @@ from bench.errors import BenchError
 from bench.evaluate import evaluate
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.method import EmbeddingPrediction, FitContext, Method
-from bench.registry import get_dataset, get_method, method_names
-from bench.store import atomic_savez, atomic_write_csv, atomic_write_json
+from bench.registry import METHODS
+from bench.atomic import atomic_savez, atomic_write_csv, atomic_write_json
 from bench.timing import StageTimer
+from bench.conventions import BASE_METHOD as BASE, REFERENCE_METHOD
+from bench.data import Dataset, load_benchmark
 from bench.train import ModelCache
-from datasets.base import Dataset
-
-BASE = "base"  # pseudo-method charged with the shared base-model training of post-hoc methods
 
 
-def resolve_methods(names: tuple[str, ...]) -> list[str]:
-    """Expand 'all' and check every name against the registry (BenchError lists the known ones)."""
+def resolve_methods(cfg: RunConfig) -> list[str]:
+    """Expand 'all', check every name against the registry (BenchError lists the known ones) and
+    let each method validate its options."""
     out: list[str] = []
-    registered = sorted(method_names(), key=lambda m: m != "plain")  # the reference first
-    for n in names:
+    registered = sorted(METHODS.names(), key=lambda m: m != REFERENCE_METHOD)  # the reference first
+    for n in cfg.methods:
         for m in (registered if n == ALL_METHODS else [n]):
-            get_method(m)
+            METHODS.get(m).validate(cfg)
             if m not in out:
                 out.append(m)
     if not out:
@@ -128,7 +128,7 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
                charged_base: set) -> tuple[list[dict], dict]:
     """Fit, predict and score one method for one seed; saves its per-query arrays and rows."""
     cfg = state.cfg.replace(seed=seed)
-    method: Method = get_method(name)(cfg)
+    method: Method = METHODS.get(name)(cfg)
 
     def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None):
         model, info, _cached = cache.get(seed, dropout)
@@ -155,17 +155,14 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
     arrays.update({f"pq_{k}": v for k, v in ev.per_query.items()})
     arrays.update({f"extra_{k}": v for k, v in ev.extras.items()})
     atomic_savez(state.run_dir / "perquery" / f"{name}-seed{seed}.npz", **arrays)
-    return rows, getattr(method, "diagnostics", {})
+    return rows, method.diagnostics
 
 
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every method of cfg over every seed; returns the run folder."""
-    methods = resolve_methods(cfg.methods)
+    methods = resolve_methods(cfg)
     device = resolve_device(cfg.device)
-    dataset_loader = get_dataset(cfg.dataset)
-    for f in cfg.far_ood:
-        get_dataset(f)
-    data = dataset_loader(cfg)  # bad data fails here, before any run folder exists
+    data = load_benchmark(cfg)  # bad data fails here, before any run folder exists
     run_dir, resumed = make_run_dir(cfg)
     state = RunState(cfg, run_dir, device, methods)
     write_config(state, "running")
@@ -218,8 +215,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     atomic_write_csv(run_dir / "results.csv", results)
     atomic_write_csv(run_dir / "timings.csv", timings)
     atomic_write_csv(run_dir / "seeds.csv", seed_summary(results, cfg.ci_level))
-    if "plain" in methods:
-        atomic_write_csv(run_dir / "paired.csv", paired_differences(run_dir, "plain"))
+    if REFERENCE_METHOD in methods:
+        atomic_write_csv(run_dir / "paired.csv", paired_differences(run_dir, REFERENCE_METHOD))
     status = "complete" if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),

@@ -8,10 +8,8 @@ from typing import Iterator
 
 import torch
 
-STAGES = ("train", "hessian", "prior", "predict", "evaluate")
-
-
-def _sync(device: torch.device | str | None) -> None:
+def sync(device: torch.device | str | None) -> None:
+    """Wait for queued CUDA work on `device` (no-op elsewhere), so wall times are charged correctly."""
     if device is not None and torch.device(device).type == "cuda" and torch.cuda.is_available():
         torch.cuda.synchronize(device)
 
@@ -36,12 +34,12 @@ class StageTimer:
             yield
             return
         self._active.add(key)
-        _sync(self.device)
+        sync(self.device)
         start = time.perf_counter()
         try:
             yield
         finally:
-            _sync(self.device)
+            sync(self.device)
             self._active.discard(key)
             self.add(method, stage, time.perf_counter() - start)
 
@@ -53,7 +51,3 @@ class StageTimer:
     def for_method(self, method: str) -> dict[str, float]:
         """Stage -> seconds for one method."""
         return {s: t for (m, s), t in self.records.items() if m == method}
-
-    def rows(self) -> list[dict]:
-        """Tidy rows (method, stage, seconds) for timings.csv."""
-        return [{"method": m, "stage": s, "seconds": t} for (m, s), t in self.records.items()]

@@ -11,14 +11,15 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from torch import nn
 from pytorch_metric_learning import distances, losses, miners
 from tqdm.auto import tqdm
 
 from bench.config import RunConfig
 from bench.errors import BenchError
-from bench.model import EmbeddingNet
-from bench.store import atomic_torch_save
-from datasets.base import Split
+from bench.data import Split
+from bench.model import build_model
+from bench.atomic import atomic_torch_save
 
 
 def make_loss_and_miner(cfg: RunConfig) -> tuple[losses.ContrastiveLoss, miners.TripletMarginMiner]:
@@ -30,24 +31,17 @@ def make_loss_and_miner(cfg: RunConfig) -> tuple[losses.ContrastiveLoss, miners.
     return loss, miner
 
 
-def model_key(cfg: RunConfig, in_dim: int, n_train: int, seed: int, dropout: float) -> dict:
+def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int, dropout: float) -> dict:
     """Everything that determines the trained weights (the cache key's content)."""
-    keys = ["dataset", "heldout_classes", "n_train", "hidden", "embed_dim", "epochs", "batch_size", "lr",
-            "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type"]
+    keys = ["dataset", "heldout_classes", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
+            "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type"]
     d = {k: cfg.to_dict()[k] for k in keys}
-    d.update(in_dim=in_dim, n_train_actual=n_train, seed=seed, dropout=dropout, version=1)
+    d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=2)
     return d
 
 
 def key_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def build_model(cfg: RunConfig, in_dim: int, seed: int, dropout: float) -> EmbeddingNet:
-    """A freshly initialised net; initialisation is seeded without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return EmbeddingNet(in_dim, cfg.hidden, cfg.embed_dim, dropout)
 
 
 @contextmanager
@@ -65,12 +59,12 @@ def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
 
 
 def train_embedding(cfg: RunConfig, train: Split, device: torch.device, seed: int, dropout: float = 0.0,
-                    desc: str = "train") -> tuple[EmbeddingNet, dict]:
+                    desc: str = "train") -> tuple[nn.Module, dict]:
     """Train one embedding net with Adam on mined contrastive pairs; returns (model, info).
 
     info holds per-epoch mean losses and the wall time. A non-finite loss raises BenchError.
     """
-    model = build_model(cfg, train.x.shape[1], seed, dropout).to(device)
+    model = build_model(cfg, train.in_shape, seed, dropout).to(device)
     loss_fn, miner = make_loss_and_miner(cfg)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     x, y = train.x.to(device), train.y.to(device)
@@ -118,15 +112,15 @@ class ModelCache:
         self.trained = 0
         self.used: dict[str, dict] = {}
 
-    def get(self, seed: int, dropout: float = 0.0) -> tuple[EmbeddingNet, dict, bool]:
+    def get(self, seed: int, dropout: float = 0.0) -> tuple[nn.Module, dict, bool]:
         """(model, info, from_cache) for the given seed and dropout rate."""
-        key = model_key(self.cfg, self.train.x.shape[1], len(self.train), seed, dropout)
+        key = model_key(self.cfg, self.train.in_shape, len(self.train), seed, dropout)
         h = key_hash(key)
         path = self.root / f"{h}.pt"
         if path.exists():
             try:
                 blob = torch.load(path, map_location=self.device, weights_only=False)
-                model = build_model(self.cfg, self.train.x.shape[1], seed, dropout).to(self.device)
+                model = build_model(self.cfg, self.train.in_shape, seed, dropout).to(self.device)
                 model.load_state_dict(blob["state_dict"])
                 model.eval()
                 self.used[h] = blob["info"]

@@ -1,34 +1,25 @@
-"""Fashion-MNIST (the seed's data): ID = classes not held out, near-OOD = held-out test classes,
-far-OOD = MNIST digits."""
+"""Fashion-MNIST (the seed's data), read offline from the Debian package, --data-dir or the cache;
+far-OOD by default: MNIST digits."""
 from __future__ import annotations
 
 import socket
 from pathlib import Path
 
-import numpy as np
-import torch
-
+from bench.data import DataSource
 from bench.errors import BenchError
 from bench.registry import register_dataset
-from datasets.base import Dataset, Split, check_heldout, split_id_ood
 from datasets.idx import find_idx_dir, load_idx_dir, network_up, user_cache_dir
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-# Mean and std of the Fashion-MNIST training pixels in [0, 1]; MNIST far-OOD uses the same scaling
-# so both go through the network exactly as an unseen image would.
-MEAN, STD = 0.2860, 0.3530
+# Mean and std of the Fashion-MNIST training pixels in [0, 1]; far-OOD images get the same scaling
+# so they go through the network exactly as an unseen image would.
+PIXEL_STATS = (0.2860, 0.3530)
 
 HOW_TO_GET = ("install the Debian package (apt-get install -y dataset-fashion-mnist), "
               "or pass --data-dir DIR holding the four *-idx?-ubyte.gz files, "
               "or run once with internet access so torchvision can download them")
-
-
-def normalise(images: np.ndarray) -> np.ndarray:
-    """uint8 [N, 28, 28] (or [N, 784]) -> float32 [N, 784], standardised with Fashion-MNIST stats."""
-    x = images.reshape(len(images), -1).astype(np.float32) / 255.0
-    return (x - MEAN) / STD
 
 
 def _download(target: Path) -> Path | None:
@@ -66,17 +57,9 @@ def locate_fashion_mnist(data_dir: str | None) -> Path:
     return found
 
 
-@register_dataset("fashion_mnist")
-def load_fashion_mnist(cfg) -> Dataset:
-    """Fashion-MNIST 28x28 clothing images; held-out classes are near-OOD, MNIST digits far-OOD."""
+@register_dataset("fashion_mnist", far_ood=("mnist_ood",))
+def load_fashion_mnist(cfg) -> DataSource:
+    """Fashion-MNIST 28x28 clothing images (10 classes); default far-OOD: MNIST digits."""
     arrs = load_idx_dir(locate_fashion_mnist(cfg.data_dir))
-    check_heldout(cfg.heldout_classes, 10, "fashion_mnist")
-    train_id, _ = split_id_ood(normalise(arrs["train_images"]), arrs["train_labels"], cfg.heldout_classes)
-    test_id, test_heldout = split_id_ood(normalise(arrs["test_images"]), arrs["test_labels"], cfg.heldout_classes)
-    ood = {"heldout": test_heldout.subset(cfg.n_test)} if len(test_heldout) else {}
-    if "mnist_ood" in cfg.far_ood:
-        from datasets.mnist import load_mnist_test_images
-
-        x, y = load_mnist_test_images(cfg.data_dir)
-        ood["mnist"] = Split(torch.from_numpy(normalise(x)), torch.from_numpy(y.astype(np.int64))).subset(cfg.n_test)
-    return Dataset("fashion_mnist", train_id.subset(cfg.n_train), test_id.subset(cfg.n_test), ood, list(CLASS_NAMES))
+    return DataSource("fashion_mnist", arrs["train_images"], arrs["train_labels"], arrs["test_images"],
+                      arrs["test_labels"], list(CLASS_NAMES), PIXEL_STATS)

@@ -36,11 +36,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from torch import nn
+
 from bench.alignment import Alignment, fit_procrustes
+from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method
-from bench.model import EmbeddingNet
 from bench.registry import register_method
-from methods.mc_dropout import COV_MAX_DIM, moments
+from methods.mc_dropout import COV_MAX_DIM
 
 ALIGN_MAX_POINTS = 5000  # training images used to fit each member's alignment
 ALIGN_OFFSET = 0xA11  # generator offset of the alignment subsample
@@ -68,15 +70,19 @@ class DeepEnsemble(Method):
 
     post_hoc = False
 
+    @classmethod
+    def validate(cls, cfg) -> None:
+        require(cfg.ensemble_size >= 2, f"ensemble_size must be >= 2, got {cfg.ensemble_size}")
+
     def fit(self, ctx: FitContext) -> None:
         self.seeds = member_seeds(ctx.seed, self.cfg.ensemble_size)
-        self.members: list[EmbeddingNet] = [ctx.train_model(seed=s, dropout=0.0) for s in self.seeds]
+        self.members: list[nn.Module] = [ctx.train_model(seed=s, dropout=0.0) for s in self.seeds]
         for m in self.members:
             m.eval()
         with ctx.stage("train"), torch.no_grad():
             train_x = ctx.data.train_id.x
             n = len(train_x)
-            g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ALIGN_OFFSET)
+            g = ctx.generator(ALIGN_OFFSET)
             idx = torch.randperm(n, generator=g)[:ALIGN_MAX_POINTS]
             xs = train_x[idx].to(ctx.device)
             ref = self.members[0](xs)
@@ -101,4 +107,4 @@ class DeepEnsemble(Method):
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
         z = self.member_embeddings(x, aligned=True)
-        return moments(z, with_cov=z.shape[-1] <= COV_MAX_DIM)
+        return EmbeddingPrediction.from_samples(z, with_cov=z.shape[-1] <= COV_MAX_DIM)

@@ -26,57 +26,46 @@ method's "train" stage through ctx.train_model.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from torch import nn
 
-from bench.errors import BenchError
+from bench.errors import BenchError, require
 from bench.method import EmbeddingPrediction, FitContext, Method
-from bench.model import EmbeddingNet
 from bench.registry import register_method
 
 COV_MAX_DIM = 16  # full per-query covariance only for small embeddings ([N, d, d] memory)
-MASK_SEED_OFFSET = 0x6D63  # separates the mask stream from other seeded streams of the same run seed
+MASK_SEED_OFFSET = 0x6D63  # generator offset of the dropout-mask stream
 
 
-def mask_seed(seed: int) -> int:
-    """Seed of the dropout-mask generator for run seed `seed` (deterministic, 63-bit)."""
-    return (seed * 1_000_003 + MASK_SEED_OFFSET) % (2 ** 63 - 1)
+@contextmanager
+def seeded_dropout(model: nn.Module, generator: torch.Generator | None, active: bool = True) -> Iterator[None]:
+    """Within the block, every nn.Dropout(p) of `model` (in eval mode) multiplies its input by a mask
+    Bernoulli(1 - p) / (1 - p) drawn from `generator` (inverted dropout, as nn.Dropout in train
+    mode); with active=False dropout stays the identity. Works for any backbone with Dropout modules."""
+
+    def hook(mod: nn.Dropout, inp: tuple, out: torch.Tensor) -> torch.Tensor:
+        h = inp[0]
+        keep = 1.0 - mod.p
+        u = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+        return h * (u < keep).to(h.dtype) / keep
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, nn.Dropout) and active and m.p > 0]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
-def stochastic_forward(model: EmbeddingNet, x: torch.Tensor, generator: torch.Generator | None,
-                       active: bool = True) -> torch.Tensor:
-    """One forward pass of `model` on x [N, in_dim] -> [N, d] with dropout masks from `generator`.
-
-    With `active=True` every nn.Dropout(p) multiplies its input by an independent mask
-    Bernoulli(1 - p) / (1 - p) (inverted dropout, as nn.Dropout in train mode); with `active=False`
-    dropout is the identity (eval mode) and the pass is deterministic.
-    """
-    h = x
-    for layer in model.net:
-        if isinstance(layer, nn.Dropout):
-            if active and layer.p > 0:
-                keep = 1.0 - layer.p
-                u = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype)
-                h = h * (u < keep).to(h.dtype) / keep
-        else:
-            h = layer(h)
-    return h
-
-
-def mc_samples(model: EmbeddingNet, x: torch.Tensor, samples: int, seed: int, active: bool = True) -> torch.Tensor:
-    """T = `samples` stochastic passes [T, N, d], masks from a generator seeded with `seed`."""
-    g = torch.Generator(device=x.device).manual_seed(seed)
-    return torch.stack([stochastic_forward(model, x, g, active) for _ in range(samples)])
-
-
-def moments(z: torch.Tensor, with_cov: bool) -> EmbeddingPrediction:
-    """Mean, unbiased per-dimension variance and (optionally) covariance of samples z [T, N, d]."""
-    mean = z.mean(0)
-    c = z - mean
-    denom = max(z.shape[0] - 1, 1)
-    var = (c ** 2).sum(0) / denom
-    cov = torch.einsum("tni,tnj->nij", c, c) / denom if with_cov else None
-    return EmbeddingPrediction(mean=mean, var=var, cov=cov)
+def mc_samples(model: nn.Module, x: torch.Tensor, samples: int, generator: torch.Generator,
+               active: bool = True) -> torch.Tensor:
+    """T = `samples` stochastic passes [T, N, d] of `model` (eval mode), masks from `generator`."""
+    with seeded_dropout(model, generator, active):
+        return torch.stack([model(x) for _ in range(samples)])
 
 
 @register_method("mc_dropout")
@@ -85,16 +74,20 @@ class MCDropout(Method):
 
     post_hoc = False
 
+    @classmethod
+    def validate(cls, cfg) -> None:
+        require(0.0 < cfg.dropout < 1.0, f"mc_dropout needs dropout in (0, 1), got {cfg.dropout} "
+                "(0 makes every pass identical); e.g. --set dropout=0.1")
+        require(cfg.dropout_passes >= 2, f"dropout_passes must be >= 2, got {cfg.dropout_passes}")
+
     def fit(self, ctx: FitContext) -> None:
-        if self.cfg.dropout <= 0.0:
-            raise BenchError("mc_dropout needs dropout > 0 (got 0: every pass would be identical); "
-                             "use --set dropout=0.1")
         self.model = ctx.train_model(seed=ctx.seed, dropout=self.cfg.dropout)
         self.model.eval()  # dropout is applied explicitly with seeded masks in predict
-        self.seed = mask_seed(ctx.seed)
-        self.diagnostics = {"dropout": self.cfg.dropout, "mc_samples": self.cfg.mc_samples,
-                            "mask_seed": self.seed}
+        self.mask_seed = ctx.seed_for(MASK_SEED_OFFSET)
+        self.diagnostics = {"dropout": self.cfg.dropout, "dropout_passes": self.cfg.dropout_passes,
+                            "mask_seed": self.mask_seed}
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
-        z = mc_samples(self.model, x, self.cfg.mc_samples, self.seed, active=True)
-        return moments(z, with_cov=z.shape[-1] <= COV_MAX_DIM)
+        g = torch.Generator(device=x.device).manual_seed(self.mask_seed)  # same masks for every query set
+        z = mc_samples(self.model, x, self.cfg.dropout_passes, g)
+        return EmbeddingPrediction.from_samples(z, with_cov=z.shape[-1] <= COV_MAX_DIM)

@@ -20,7 +20,7 @@ import pandas as pd
 
 from bench import RUN_FORMAT_VERSION
 from bench.errors import BenchError
-from bench.store import atomic_write_bytes, atomic_write_text
+from bench.atomic import atomic_write_bytes, atomic_write_text
 from reports import plots as P
 from bench.metrics.aggregate import paired_differences, seed_summary
 from reports.tables import (RESULTS_NOTE, Cell, Table, latex_escape, ordered, paired_tables, results_tables,

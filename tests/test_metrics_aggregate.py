@@ -6,7 +6,7 @@ from scipy import stats
 
 from bench.metrics.aggregate import PAIRED_COLUMNS, paired_differences, seed_summary, stage_breakdown
 from bench.metrics.ood import auroc
-from bench.store import atomic_savez
+from bench.atomic import atomic_savez
 
 
 def test_seed_summary_t_interval():

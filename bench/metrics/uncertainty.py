@@ -16,6 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from bench.conventions import DEFAULT_SCORE
 from bench.errors import BenchError
 from bench.method import EmbeddingPrediction
 
@@ -40,7 +41,6 @@ SCORES: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "max_var": _max_var,
     "logdet_diag": _log_det_diag,
 }
-DEFAULT_SCORE = "trace"
 
 
 def score_from_var(var: np.ndarray | torch.Tensor, score: str = DEFAULT_SCORE) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The run folder: atomic writes, naming, and the files a run leaves behind."""
+"""Atomic file writes: readers see the old file or the whole new one, never a part (killed runs stay clean)."""
 from __future__ import annotations
 
 import json

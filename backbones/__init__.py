@@ -1,0 +1,1 @@
+"""Backbone plugins: each module registers a builder with `@register_backbone(name)`."""
