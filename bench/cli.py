@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="md,html", help="comma-separated: md, html, latex")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
-        from bench import hessian_bench
+        from bench.tools import hessian_bench
         hessian_bench.add_arguments(hb)
     except ImportError:
         pass
@@ -77,12 +77,11 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_list() -> int:
     from tabulate import tabulate
-    from bench.registry import dataset_descriptions, method_descriptions
+    from bench.registry import BACKBONES, DATASETS, METHODS
 
-    print(tabulate(method_descriptions().items(), headers=["method", "description"]))
-    print()
-    print(tabulate(dataset_descriptions().items(), headers=["dataset", "description"]))
-    print()
+    for reg in (METHODS, DATASETS, BACKBONES):
+        print(tabulate(reg.descriptions().items(), headers=[reg.kind, "description"]))
+        print()
     print(tabulate([(n, d) for n, (d, _) in PRESETS.items()], headers=["preset", "description"]))
     return 0
 
@@ -121,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             return cmd_report(args)
         if args.command == "hessian-bench":
-            from bench import hessian_bench
+            from bench.tools import hessian_bench
             return hessian_bench.main(args)
         build_parser().print_help()
         return 2

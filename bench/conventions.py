@@ -5,4 +5,4 @@ STAGES = ("train", "hessian", "prior", "predict", "evaluate")  # timed stages, i
 BASE_METHOD = "base"  # pseudo-method charged with the shared base training of post-hoc methods
 REFERENCE_METHOD = "plain"  # paired differences are taken against this method
 CORRECTNESS_METRIC = "mAP@1"  # per-query correctness (precision@1 in {0, 1}) for calibration
-DEFAULT_SCORE = "trace"  # uncertainty score of a query: tr Sigma_q
+NEAR_OOD_SET = "heldout"  # the OOD set made of the ID dataset's own held-out classes

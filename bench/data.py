@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from bench.conventions import NEAR_OOD_SET
 from bench.errors import BenchError
 from bench.registry import DATASETS
 
@@ -128,8 +129,8 @@ def far_ood_names(cfg) -> tuple[str, ...]:
 def load_benchmark(cfg) -> Dataset:
     """The run's data: cfg.dataset split into ID classes (train/test) and held-out classes
     (near-OOD "heldout"), plus the test images of every far-OOD dataset, each test split
-    subsampled to cfg.n_test and the training split to cfg.n_train, all normalised with the ID
-    source's pixel statistics."""
+    subsampled to cfg.n_test and the training split to cfg.n_train, all images normalised with the
+    ID source's pixel statistics (a far-OOD image is shown to the model like any unseen image)."""
     for name in (cfg.dataset, *far_ood_names(cfg)):
         DATASETS.get(name)  # unknown names fail before any file is read
     src: DataSource = DATASETS.get(cfg.dataset)(cfg)
@@ -139,14 +140,14 @@ def load_benchmark(cfg) -> Dataset:
     test_id, heldout = _by_class(src.test_x, src.test_y, cfg.heldout_classes)
     ood: dict[str, Split] = {}
     if len(heldout[1]):
-        ood["heldout"] = _split(heldout, cfg.n_test, stats)
+        ood[NEAR_OOD_SET] = _split(heldout, cfg.n_test, stats)
     data = Dataset(cfg.dataset, _split(train_id, cfg.n_train, stats), _split(test_id, cfg.n_test, stats),
                    ood, list(src.class_names))
     for name in far_ood_names(cfg):
         far: DataSource = DATASETS.get(name)(cfg)
         fx = far.ood_x if far.ood_x is not None else far.test_x
         fy = far.ood_y if far.ood_y is not None else far.test_y
-        split = _split((fx, fy), cfg.n_test, stats if fx.dtype == np.uint8 else None)
+        split = _split((fx, fy), cfg.n_test, stats or far.pixel_stats)
         if split.in_shape != data.test_id.in_shape:
             raise BenchError(f"far-OOD dataset {name!r} has inputs of shape {list(split.in_shape)} but "
                              f"{cfg.dataset!r} has {list(data.test_id.in_shape)}; choose matching --set far_ood=")

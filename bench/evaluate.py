@@ -1,18 +1,5 @@
-"""Scoring one method's predictions: per-query metric vectors and their bootstrap CIs.
-
-Retrieval (bench.metrics.retrieval): per-query mAP@K and Recall@K on leave-one-out retrieval within
-the ID test set (mean embeddings); CIs by resampling queries, gallery fixed.
-
-Uncertainty (methods whose prediction has a variance), from the score u_q = tr(Sigma_q)
-(bench.metrics.uncertainty):
-* ECE: calibration of u against precision@1, cross-fitted isotonic confidence, 10 equal-mass bins
-  (bench.metrics.calibration); extras reliability_{conf,acc,count} and confidence.
-* AUSE: sparsification of mAP@1 by u (bench.metrics.sparsification); extras sparsification_*.
-* per OOD set s (ID test queries vs the queries of s): AUROC[s], AUPR[s], FPR95[s], var_ratio[s]
-  (bench.metrics.ood), stratified bootstrap.
-Deterministic methods get every uncertainty metric as NaN (n/a), never a made-up number.
-All bootstraps use cfg.bootstrap_resamples, cfg.ci_level and numpy Generator(cfg.seed).
-"""
+"""Scoring one method's predictions the same way for every method: per-query retrieval vectors,
+calibration, sparsification and OOD metrics of the uncertainty score, with bootstrap CIs."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,16 +9,15 @@ import numpy as np
 from bench.config import RunConfig
 from bench.method import EmbeddingPrediction
 from bench.metrics.bootstrap import bootstrap_mean_ci
-from bench.metrics.calibration import DEFAULT_BINS, DEFAULT_MAPPING, calibration_metrics
+from bench.metrics.calibration import DEFAULT_BINS, calibration_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
 from bench.metrics.retrieval import retrieval_per_query
 from bench.metrics.sparsification import sparsification_metrics
 from bench.metrics.uncertainty import uncertainty_score
-from bench.conventions import CORRECTNESS_METRIC, DEFAULT_SCORE
+from bench.conventions import CORRECTNESS_METRIC
 from bench.data import Dataset
 
 NAN3 = (float("nan"), float("nan"), float("nan"))
-BOOTSTRAP_METHOD = "percentile"  # scalar metrics; "BCa" falls back to percentile where undefined
 
 
 @dataclass
@@ -62,25 +48,33 @@ def uncertainty_metric_names(ood_sets: list[str]) -> list[str]:
 
 def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], data: Dataset,
              cfg: RunConfig) -> MethodEvaluation:
-    """Retrieval on the ID test set (leave-one-out, mean embeddings) and uncertainty metrics."""
+    """Retrieval on the ID test set (leave-one-out, mean embeddings; CIs resample queries with the
+    gallery fixed) and, from the uncertainty score u = tr(Sigma):
+    * ECE of u against precision@1 (cross-fitted isotonic confidence, equal-mass bins), extras
+      reliability_{conf,acc,count} and confidence;
+    * AUSE: sparsification of the correctness by u, extras sparsification_*;
+    * per OOD set s (ID test queries vs the queries of s): AUROC[s], AUPR[s], FPR95[s],
+      var_ratio[s], stratified bootstrap.
+    A deterministic method gets every uncertainty metric as NaN (n/a), never a made-up number.
+    Every bootstrap uses cfg.bootstrap_resamples, cfg.ci_level and numpy Generator(cfg.seed)."""
     ev = MethodEvaluation()
     labels = data.test_id.y
     ev.per_query.update(retrieval_per_query(pred_id.mean.detach().cpu(), labels, cfg.ks))
     ood_sets = list(pred_ood)
-    u_id = uncertainty_score(pred_id, DEFAULT_SCORE)
+    u_id = uncertainty_score(pred_id)
     if u_id is None:
         ev.scalars.update({name: NAN3 for name in uncertainty_metric_names(ood_sets)})
         return ev
     correct = ev.per_query.get(CORRECTNESS_METRIC)
     if correct is None:
         correct = retrieval_per_query(pred_id.mean.detach().cpu(), labels, (1,))[CORRECTNESS_METRIC]
-    boot = dict(n_resamples=cfg.bootstrap_resamples, level=cfg.ci_level, seed=cfg.seed, method=BOOTSTRAP_METHOD)
-    ev.scalars["ECE"], cal_extras = calibration_metrics(u_id, correct, DEFAULT_BINS, DEFAULT_MAPPING, **boot)
+    boot = dict(n_resamples=cfg.bootstrap_resamples, level=cfg.ci_level, seed=cfg.seed)
+    ev.scalars["ECE"], cal_extras = calibration_metrics(u_id, correct, DEFAULT_BINS, **boot)
     ev.scalars["AUSE"], sp_extras = sparsification_metrics(u_id, correct, **boot)
     ev.extras.update(cal_extras)
     ev.extras.update(sp_extras)
     for s, p in pred_ood.items():
-        u_ood = uncertainty_score(p, DEFAULT_SCORE)
+        u_ood = uncertainty_score(p)
         if u_ood is None or u_ood.size == 0 or u_id.size == 0:
             vals = {m: NAN3 for m in OOD_METRICS}
         else:

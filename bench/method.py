@@ -48,8 +48,10 @@ class EmbeddingPrediction:
 @dataclass
 class FitContext:
     """What a method may use while fitting: the config, the data, the device, the stage timer and
-    the shared training loop (cached). `train_model` trains (or loads) a net; `base_model` is the
-    shared MAP network that all post-hoc methods reuse."""
+    the shared training loop (cached). `train_model(seed, dropout=0.0, recipe=None)` trains (or
+    loads) a net: the shared contrastive embedding net, or with a `bench.train.Recipe` a method's own
+    net and objective, charged to the method's train stage; `base_model` is the shared MAP network
+    that all post-hoc methods reuse."""
 
     cfg: "RunConfig"
     data: "Dataset"

@@ -2,30 +2,28 @@
 way, results saved per method as they complete so a killed run resumes where it stopped."""
 from __future__ import annotations
 
-import json
 import sys
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from bench import RUN_FORMAT_VERSION, __version__
+from bench import __version__
 from bench.config import ALL_METHODS, RunConfig
+from bench.conventions import BASE_METHOD as BASE, REFERENCE_METHOD
+from bench.data import Dataset, load_benchmark
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError
 from bench.evaluate import evaluate
-from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.method import EmbeddingPrediction, FitContext, Method
+from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.registry import METHODS
-from bench.atomic import atomic_savez, atomic_write_csv, atomic_write_json
+from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter
 from bench.timing import StageTimer
-from bench.conventions import BASE_METHOD as BASE, REFERENCE_METHOD
-from bench.data import Dataset, load_benchmark
 from bench.train import ModelCache
 
 
@@ -49,53 +47,17 @@ class RunState:
     """What one run carries from seed to seed: the folder, the timings and the failures."""
 
     cfg: RunConfig
-    run_dir: Path
+    folder: RunWriter
     device: torch.device
     methods: list[str]
     failures: list[dict] = field(default_factory=list)
     caches: list[ModelCache] = field(default_factory=list)
 
 
-def _find_resumable(cfg: RunConfig) -> Path | None:
-    out = Path(cfg.out)
-    if not out.is_dir():
-        return None
-    digest = cfg.digest()
-    for d in sorted(out.iterdir(), reverse=True):
-        cj = d / "config.json"
-        if d.is_dir() and cj.is_file():
-            try:
-                meta = json.loads(cj.read_text())
-            except (OSError, ValueError):
-                continue
-            if meta.get("config_digest") == digest and meta.get("status") != "complete" \
-                    and meta.get("format_version") == RUN_FORMAT_VERSION:
-                return d
-    return None
-
-
-def make_run_dir(cfg: RunConfig) -> tuple[Path, bool]:
-    """(run folder, resumed): an unfinished folder of the same config is resumed, else a new
-    `<out>/<timestamp>-<name>/` is made."""
-    found = _find_resumable(cfg)
-    if found is not None:
-        return found, True
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-    d = Path(cfg.out) / f"{stamp}-{cfg.name}"
-    i = 1
-    while d.exists():
-        d = Path(cfg.out) / f"{stamp}-{cfg.name}-{i}"
-        i += 1
-    d.mkdir(parents=True)
-    return d, False
-
-
 def write_config(state: RunState, status: str, extra: dict | None = None) -> None:
     """config.json: the resolved config, versions, commit, device and the run's status."""
-    meta = {
-        "format_version": RUN_FORMAT_VERSION,
+    state.folder.write_config({
         "bench_version": __version__,
-        "status": status,
         "config": state.cfg.to_dict(),
         "config_digest": state.cfg.digest(),
         "methods": state.methods,
@@ -106,8 +68,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
         "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv[0] else None,
         "failures": state.failures,
         **(extra or {}),
-    }
-    atomic_write_json(state.run_dir / "config.json", meta)
+    }, status)
 
 
 def _predict_all(method: Method, data: Dataset, device: torch.device) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:
@@ -125,14 +86,15 @@ def _prediction_arrays(prefix: str, pred: EmbeddingPrediction, labels: torch.Ten
 
 
 def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: ModelCache, timer: StageTimer,
-               charged_base: set) -> tuple[list[dict], dict]:
-    """Fit, predict and score one method for one seed; saves its per-query arrays and rows."""
+               charged_base: set) -> tuple[list[dict], dict, dict[str, np.ndarray]]:
+    """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays)."""
     cfg = state.cfg.replace(seed=seed)
     method: Method = METHODS.get(name)(cfg)
 
-    def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None):
-        model, info, _cached = cache.get(seed, dropout)
-        who = charge_to or (BASE if (dropout == 0.0 and seed == cfg.seed and method.post_hoc) else name)
+    def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None, recipe=None):
+        model, info, _cached = cache.get(seed, dropout, recipe)
+        shared = recipe is None and dropout == 0.0 and seed == cfg.seed and method.post_hoc
+        who = charge_to or (BASE if shared else name)
         if who != BASE or (seed, dropout) not in charged_base:
             timer.add(who, "train", info["seconds"])  # recorded cost, also when loaded from cache
             if who == BASE:
@@ -154,8 +116,7 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
         arrays.update(_prediction_arrays(f"ood_{k}", p, data.test_ood[k].y))
     arrays.update({f"pq_{k}": v for k, v in ev.per_query.items()})
     arrays.update({f"extra_{k}": v for k, v in ev.extras.items()})
-    atomic_savez(state.run_dir / "perquery" / f"{name}-seed{seed}.npz", **arrays)
-    return rows, method.diagnostics
+    return rows, method.diagnostics, arrays
 
 
 def run(cfg: RunConfig, log=print) -> Path:
@@ -163,14 +124,16 @@ def run(cfg: RunConfig, log=print) -> Path:
     methods = resolve_methods(cfg)
     device = resolve_device(cfg.device)
     data = load_benchmark(cfg)  # bad data fails here, before any run folder exists
-    run_dir, resumed = make_run_dir(cfg)
-    state = RunState(cfg, run_dir, device, methods)
+    folder = RunWriter.open(cfg.out, cfg.name, cfg.digest())
+    state = RunState(cfg, folder, device, methods)
     write_config(state, "running")
-    log(f"run folder: {run_dir}" + (" (resuming)" if resumed else ""))
+    log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
     cache_root = Path(cfg.out) / "cache" / "models"
     all_rows: list[dict] = []
     all_times: list[dict] = []
     diagnostics: dict[str, dict] = {}
+    pairing = REFERENCE_METHOD in methods  # then per-query arrays are kept for the paired differences
+    perquery: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
     for seed in cfg.resolved_seeds():
         cache = ModelCache(cache_root, cfg.replace(seed=seed), data.train_id, device)
@@ -178,9 +141,10 @@ def run(cfg: RunConfig, log=print) -> Path:
         timer = StageTimer(device)
         charged_base: set = set()
         for name in methods:
-            done = run_dir / "methods" / f"{name}-seed{seed}.json"
-            if done.is_file():
-                saved = json.loads(done.read_text())
+            saved = folder.finished(name, seed)
+            if saved is not None:
+                if pairing and (arrays := folder.arrays(name, seed)) is not None:
+                    perquery[(name, seed)] = arrays
                 all_rows += saved["rows"]
                 all_times += saved["timings"]
                 diagnostics[f"{name}-seed{seed}"] = saved.get("diagnostics", {})
@@ -191,7 +155,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             log(f"  {name} (seed {seed}) ...")
             before = set(timer.records)
             try:
-                rows, diag = run_method(state, name, seed, data, cache, timer, charged_base)
+                rows, diag, arrays = run_method(state, name, seed, data, cache, timer, charged_base)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one failing method must not lose the others
@@ -205,22 +169,24 @@ def run(cfg: RunConfig, log=print) -> Path:
             # this method's stages, plus the shared base training when it was first charged here
             times = [{"method": m, "seed": seed, "stage": st, "seconds": t}
                      for (m, st), t in timer.records.items() if (m, st) not in before]
-            atomic_write_json(done, {"rows": rows, "timings": times, "diagnostics": diag})
+            folder.save_method(name, seed, arrays, rows, times, diag)
+            if pairing:
+                perquery[(name, seed)] = arrays
             all_rows += rows
             all_times += times
             diagnostics[f"{name}-seed{seed}"] = diag
-    results = pd.DataFrame(all_rows, columns=["method", "seed", "metric", "value", "ci_low", "ci_high"])
-    timings = pd.DataFrame(all_times, columns=["method", "seed", "stage", "seconds"])
+    results = pd.DataFrame(all_rows, columns=RESULT_COLUMNS)
+    timings = pd.DataFrame(all_times, columns=TIMING_COLUMNS)
     timings = timings.groupby(["method", "seed", "stage"], as_index=False, sort=False)["seconds"].sum()
-    atomic_write_csv(run_dir / "results.csv", results)
-    atomic_write_csv(run_dir / "timings.csv", timings)
-    atomic_write_csv(run_dir / "seeds.csv", seed_summary(results, cfg.ci_level))
-    if REFERENCE_METHOD in methods:
-        atomic_write_csv(run_dir / "paired.csv", paired_differences(run_dir, REFERENCE_METHOD))
-    status = "complete" if not state.failures else "complete-with-failures"
+    paired = None
+    if pairing:
+        ordered = {k: perquery[k] for k in sorted(perquery, key=lambda k: (methods.index(k[0]), k[1]))}
+        paired = paired_differences(ordered, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed)
+    folder.write_tables(results, timings, seed_summary(results, cfg.ci_level), paired)
+    status = COMPLETE if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),
                                  "class_names": data.class_names,
                                  "data": {"train_id": len(data.train_id), "test_id": len(data.test_id),
                                           **{f"ood_{k}": len(v) for k, v in data.test_ood.items()}}})
-    return run_dir
+    return folder.path

@@ -1,12 +1,5 @@
-"""Report figures, drawn from a run folder's arrays with matplotlib's Agg canvas (no pyplot, no
-display, no global state). Every function returns a `Figure`, or None when the run has no data for it.
-
-Palette: Okabe & Ito (2008) colour-blind-safe colours, extended with three of Paul Tol's "muted"
-colours for classes 8-10; classes also differ by marker shape, methods by line style, so no figure
-relies on colour alone.
-
-Uncertainty of a query = trace of its embedding covariance = sum of `var` over the d dimensions.
-"""
+"""Report figures from a run's per-query arrays and tables, drawn on matplotlib's Agg canvas (no
+pyplot, no display, no global state); each returns a `Figure`, or None when there is no data for it."""
 from __future__ import annotations
 
 import io
@@ -17,7 +10,12 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from bench.conventions import NEAR_OOD_SET
+from bench.metrics.uncertainty import score_from_var
+
 DPI = 120
+# Okabe & Ito (2008) colour-blind-safe colours, plus three of Paul Tol's "muted" for classes 8-10;
+# classes also differ by marker shape and methods by line style, so no figure relies on colour alone.
 OKABE_ITO = ["#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7", "#000000"]
 CLASS_COLOURS = OKABE_ITO[:7] + ["#882255", "#44AA99", "#999933"]
 CLASS_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "p", "h"]
@@ -49,12 +47,9 @@ def png_bytes(fig: Figure) -> bytes:
 
 
 def uncertainty(arrs: dict[str, np.ndarray], prefix: str) -> np.ndarray | None:
-    """Per-point uncertainty sum_j var[:, j] of `<prefix>_var`, or None when the method has none."""
+    """Per-point uncertainty score (tr Sigma) of `<prefix>_var`, or None when the method has none."""
     v = arrs.get(f"{prefix}_var")
-    if v is None:
-        return None
-    v = np.asarray(v, dtype=np.float64)
-    return v.reshape(len(v), -1).sum(axis=1)
+    return None if v is None else score_from_var(v)
 
 
 def ood_sets(arrs: dict[str, np.ndarray]) -> list[str]:
@@ -81,7 +76,6 @@ def project_2d(id_mean: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarra
     return proj(x), [proj(o) for o in others], f"PCA projection of the {d}-d embeddings (PC1, PC2: {100 * explained:.0f}% of ID variance)"
 
 
-HELDOUT = "heldout"  # the OOD set made of the dataset's own held-out classes
 
 
 def embedding_figure(arrs: dict[str, np.ndarray], method: str, class_names: list[str], seed: int) -> tuple[Figure, str]:
@@ -104,7 +98,7 @@ def embedding_figure(arrs: dict[str, np.ndarray], method: str, class_names: list
     for i, (s, pts) in enumerate(zip(sets, ood2)):
         labels = np.asarray(arrs.get(f"ood_{s}_labels", np.full(len(pts), -1))).astype(int)
         colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
-        if s == HELDOUT and len(labels) and (labels >= 0).all():  # held-out classes: colour by their class
+        if s == NEAR_OOD_SET and len(labels) and (labels >= 0).all():  # held-out classes: colour by their class
             # (other OOD sets, e.g. MNIST digits, have labels of another label space: one style each)
             for c in np.unique(labels):
                 sel = labels == c

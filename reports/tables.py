@@ -1,90 +1,20 @@
-"""Result tables built from a run folder's CSVs, and their text / markdown / HTML / LaTeX renderings.
-
-A `Table` is a list of rows of `Cell`s (text plus a `bold` flag), so every output format shows the
-same numbers and marks. Cells print `value [ci_low, ci_high]` with `DIGITS` decimals; NaN is `n/a`.
-
-Direction of each metric (which value is best):
-- higher is better: mAP@K, Recall@K, AUROC, AUPR, var_ratio (OOD/ID variance ratio), MAP@R, precision;
-- lower is better: ECE, AUSE, FPR95;
-- unknown metrics are shown but never marked.
-"""
+"""Result, seed, paired and timing tables from a run's frames, as `Table`s of `Cell`s: cells print
+`value [ci_low, ci_high]` (NaN as n/a) and the best value per column is marked by its direction."""
 from __future__ import annotations
 
-import html
 import math
 import re
-from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
-from tabulate import tabulate
 
+from bench.conventions import BASE_METHOD as BASE, STAGES
 from bench.metrics.aggregate import stage_breakdown
+from reports.formats import Cell, Table
 
 DIGITS = 3
 HIGHER_BETTER = ("mAP@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision")
-LOWER_BETTER = ("ECE", "AUSE", "FPR95")
-STAGE_ORDER = ("train", "hessian", "prior", "predict", "evaluate")
-BASE = "base"  # pseudo-method: the shared base-model training of post-hoc methods (bench.runner.BASE)
-
-
-@dataclass
-class Cell:
-    """One table cell: its text and whether it is marked (best per column, or CI excluding 0)."""
-
-    text: str
-    bold: bool = False
-
-
-@dataclass
-class Table:
-    """A titled table; `notes` are sentences printed under it."""
-
-    title: str
-    headers: list[str]
-    rows: list[list[Cell]]
-    notes: list[str] = field(default_factory=list)
-
-    def to_text(self, tablefmt: str = "simple") -> str:
-        """Plain text (console); marked cells get a trailing ` *`."""
-        body = [[c.text + (" *" if c.bold else "") for c in r] for r in self.rows]
-        return tabulate(body, headers=self.headers, tablefmt=tablefmt, disable_numparse=True)
-
-    def to_markdown(self) -> str:
-        """GitHub markdown; marked cells are **bold**."""
-        body = [[f"**{c.text}**" if c.bold else c.text for c in r] for r in self.rows]
-        return tabulate(body, headers=self.headers, tablefmt="github", disable_numparse=True)
-
-    def to_html(self) -> str:
-        """An HTML <table>; marked cells are <b>bold</b>."""
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
-        rows = []
-        for r in self.rows:
-            tds = "".join(f"<td>{'<b>' if c.bold else ''}{html.escape(c.text)}{'</b>' if c.bold else ''}</td>" for c in r)
-            rows.append(f"<tr>{tds}</tr>")
-        return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
-
-    def to_latex(self) -> str:
-        """A booktabs tabular (scaled to the text width); marked cells are \\textbf."""
-        cols = "l" + "r" * (len(self.headers) - 1)
-        lines = [r"\begin{table}[ht]", r"\centering", f"\\caption{{{latex_escape(self.title)}}}",
-                 r"\resizebox{\textwidth}{!}{%", f"\\begin{{tabular}}{{{cols}}}", r"\toprule",
-                 " & ".join(latex_escape(h) for h in self.headers) + r" \\", r"\midrule"]
-        for r in self.rows:
-            lines.append(" & ".join(f"\\textbf{{{latex_escape(c.text)}}}" if c.bold else latex_escape(c.text)
-                                    for c in r) + r" \\")
-        lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
-        return "\n".join(lines)
-
-
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "↑": r"$\uparrow$", "↓": r"$\downarrow$"}
-
-
-def latex_escape(text: str) -> str:
-    """Escape LaTeX special characters (and turn the direction arrows into math arrows)."""
-    return "".join(_LATEX_SPECIAL.get(ch, ch) for ch in str(text))
+LOWER_BETTER = ("ECE", "AUSE", "FPR95")  # other metrics are shown but never marked
 
 
 def _isnan(x) -> bool:
@@ -248,7 +178,7 @@ def stage_frame(timings: pd.DataFrame, methods: list[str] | None = None) -> pd.D
         return pd.DataFrame()
     wide = stage_breakdown(timings).set_index("method")
     present = set(timings["stage"])
-    stages = [s for s in STAGE_ORDER if s in present] + sorted(s for s in present if s not in STAGE_ORDER)
+    stages = [s for s in STAGES if s in present] + sorted(s for s in present if s not in STAGES)
     rows = ordered(([BASE] if BASE in wide.index else []) + list(wide.index), ([BASE] + (methods or [])))
     return wide.reindex(index=rows, columns=stages)
 

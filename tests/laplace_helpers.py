@@ -1,11 +1,13 @@
-"""Shared brute-force references for the Laplace tests (float64, tiny nets)."""
+"""Shared brute-force references and test-only curvature paths for the Laplace tests (float64, tiny nets)."""
 from __future__ import annotations
 
 import torch
 from torch.func import functional_call, jacrev
 
+from backbones.mlp import EmbeddingNet
 from bench.config import preset_config
-from bench.model import EmbeddingNet
+from bench.la.curvature import Chunk, Curvature, DiagGGN, FullGGN
+from bench.la.pairs import clamped_laplacians
 from bench.train import make_loss_and_miner
 
 
@@ -77,3 +79,27 @@ def brute_ggn(model, x, y, m: int, part: str = "all", names=None, cfg=None) -> t
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+class ExactGGN(FullGGN):
+    """Test-only: the exact GGN sum_b J_b^T L_b J_b with the unclamped, indefinite block Laplacian
+    L = L_kept + L_dropped (dense accumulation, no PSD clamp)."""
+
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, dtype)
+        self.H = torch.zeros(self.D, self.D, dtype=self.dtype, device=self.device)
+
+    def add(self, chunk: Chunk) -> None:
+        nbc, m = chunk.valid.shape
+        Jb = chunk.J.reshape(nbc, m * chunk.J.shape[1], self.D)
+        L_kept, L_dropped = clamped_laplacians(chunk.pairs)
+        self.H += torch.einsum("bkp,bkl,blq->pq", Jb, L_kept + L_dropped, Jb)
+
+    def result(self) -> Curvature:
+        return self._curvature(H=self.H)
+
+
+class LastLayerDiagGGN(DiagGGN):
+    """Test-only: the diagonal over the last layer (a structure no method uses)."""
+
+    subset = "last_layer"

@@ -1,30 +1,29 @@
-"""A small synthetic run folder written directly (numpy/pandas), in the run-folder format of
-bench/runner.py, so report tests do not depend on training or on the metrics code."""
+"""A small synthetic run folder written through bench.run_folder.RunWriter from seeded numbers, so
+report tests do not depend on training or on the metrics code."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from bench import RUN_FORMAT_VERSION
 from bench.config import preset_config
+from bench.run_folder import RESULT_COLUMNS, RunWriter
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt"]
+CLASS_NAMES_10 = CLASS_NAMES + ["Sneaker", "Bag", "Ankle boot"]  # recorded in config.json
 OOD_SETS = {"heldout": (7, 8, 9), "noise": None}
 METHODS = {"plain": False, "diag_la": True, "mc_dropout": True}  # name -> has uncertainty
 
 
 def make_run(root: Path, seeds: tuple[int, ...] = (0,), embed_dim: int = 2, n: int = 60, n_bins: int = 10,
              methods: dict[str, bool] | None = None, with_seeds_csv: bool = False, with_paired_csv: bool = False,
-             command: str | None = None, failures: list[dict] | None = None) -> Path:
-    """Write a complete run folder under root and return it. Values come from a seeded Generator."""
+             command: str | None = None, failures: list[dict] | None = None, all_failed: bool = False) -> Path:
+    """Write a complete run folder under root and return it. Values come from a seeded Generator.
+    all_failed: no method has results or per-query arrays (every one failed)."""
     methods = methods or METHODS
     rng = np.random.default_rng(7)
-    d = Path(root) / "20260101-000000-fixture"
-    (d / "perquery").mkdir(parents=True)
-    (d / "methods").mkdir()
+    writer = RunWriter(Path(root) / "20260101-000000-fixture")
     cfg = preset_config("smoke").replace(dataset="fashion_mnist", seed=seeds[0], seeds=tuple(seeds) if len(seeds) > 1 else (),
                                          embed_dim=embed_dim, methods=tuple(methods), out=str(root))
     rows, times = [], []
@@ -66,20 +65,20 @@ def make_run(root: Path, seeds: tuple[int, ...] = (0,), embed_dim: int = 2, n: i
                 frac = np.round(np.arange(0, 0.951, 0.05), 2)
                 arrs |= {"extra_sparsification_frac": frac, "extra_sparsification_curve": 0.4 + 0.3 * frac,
                          "extra_sparsification_oracle": 0.4 + 0.6 * frac, "extra_sparsification_random": np.full(frac.size, 0.4)}
-            np.savez_compressed(d / "perquery" / f"{m}-seed{s}.npz", **arrs)
             own_train = m == "mc_dropout"
             stages = {"predict": 0.1 + mi, "evaluate": 0.2} | ({"train": 4.0} if own_train else {}) | \
                      ({"hessian": 1.5, "prior": 0.5} if m == "diag_la" else {})
             times += [{"method": m, "seed": s, "stage": st, "seconds": sec} for st, sec in stages.items()]
-            (d / "methods" / f"{m}-seed{s}.json").write_text(json.dumps({"rows": [], "timings": [], "diagnostics": {}}))
-    results = pd.DataFrame(rows, columns=["method", "seed", "metric", "value", "ci_low", "ci_high"])
-    results.to_csv(d / "results.csv", index=False, float_format="%.6g")
-    pd.DataFrame(times).to_csv(d / "timings.csv", index=False, float_format="%.6g")
+            if not all_failed:
+                writer.save_method(m, s, arrs, [], [], {})
+    results = pd.DataFrame([] if all_failed else rows, columns=RESULT_COLUMNS)
+    timings = pd.DataFrame([] if all_failed else times, columns=["method", "seed", "stage", "seconds"])
+    sc = pd.DataFrame(columns=["method", "metric", "mean", "t_low", "t_high", "n_seeds"])  # empty: reports compute it
     if with_seeds_csv:
         g = results.groupby(["method", "metric"], sort=False)["value"]
         sc = g.mean().reset_index().rename(columns={"value": "mean"})
         sc["t_low"], sc["t_high"], sc["n_seeds"] = sc["mean"] - 0.02, sc["mean"] + 0.02, len(seeds)
-        sc.to_csv(d / "seeds.csv", index=False, float_format="%.6g")
+    paired = None
     if with_paired_csv:
         pr = []
         for s in seeds:
@@ -87,14 +86,14 @@ def make_run(root: Path, seeds: tuple[int, ...] = (0,), embed_dim: int = 2, n: i
                 if m != "plain":
                     pr += [{"method": m, "reference": "plain", "seed": s, "metric": "mAP@1", "diff": 0.05, "ci_low": 0.01, "ci_high": 0.09},
                            {"method": m, "reference": "plain", "seed": s, "metric": "AUROC[heldout]", "diff": -0.01, "ci_low": -0.05, "ci_high": 0.03}]
-        pd.DataFrame(pr).to_csv(d / "paired.csv", index=False)
-    meta = {"format_version": RUN_FORMAT_VERSION, "bench_version": "0.1.0", "status": "complete" if not failures else "complete-with-failures",
-            "config": cfg.to_dict(), "config_digest": cfg.digest(), "methods": list(methods), "device": "cpu",
+        paired = pd.DataFrame(pr)
+    writer.write_tables(results, timings, sc, paired)
+    meta = {"bench_version": "0.1.0", "config": cfg.to_dict(), "config_digest": cfg.digest(), "methods": list(methods), "device": "cpu",
             "device_description": "cpu (fixture)", "packages": {"numpy": np.__version__, "pandas": pd.__version__},
             "git_commit": "0123456789abcdef", "command": command, "failures": failures or [], "diagnostics": {},
-            "wall_seconds": 12.5, "models_trained": 1,
+            "wall_seconds": 12.5, "models_trained": 1, "class_names": CLASS_NAMES_10,
             "data": {"train_id": 400, "test_id": n, "ood_heldout": n // 2, "ood_noise": n // 2}}
-    (d / "config.json").write_text(json.dumps(meta, indent=2))
+    writer.write_config(meta, "complete" if not failures else "complete-with-failures")
     (Path(root) / "cache" / "models").mkdir(parents=True)
     (Path(root) / "cache" / "models" / "dummy.pt").write_bytes(b"not a model")
-    return d
+    return writer.path

@@ -14,16 +14,16 @@ import torch
 from bench.alignment import Alignment, fit_procrustes
 from bench.config import preset_config
 from bench.errors import BenchError
-from bench.method import FitContext
-from bench.model import EmbeddingNet
-from bench.registry import get_dataset, get_method
+from backbones.mlp import EmbeddingNet
+from bench.data import load_benchmark
+from bench.method import EmbeddingPrediction, FitContext
+from bench.model import build_model
+from bench.registry import METHODS
 from bench.timing import StageTimer
-from bench.train import ModelCache, build_model
+from bench.train import ModelCache
 from methods.deep_ensemble import DeepEnsemble, member_seed, member_seeds
-from methods.mc_dropout import MCDropout, mc_samples, mask_seed, moments, stochastic_forward
-
-CPU = torch.device("cpu")
-
+from methods.mc_dropout import MASK_SEED_OFFSET, MCDropout, mc_samples, seeded_dropout
+from tests.fit_helpers import CPU, fit_method
 
 def random_orthogonal(d: int, seed: int, det: float) -> torch.Tensor:
     """A random orthogonal d x d matrix with determinant `det` (+1 rotation, -1 reflection)."""
@@ -39,7 +39,7 @@ def random_orthogonal(d: int, seed: int, det: float) -> torch.Tensor:
 def smoke():
     """(cfg, data) of the smoke preset on the synthetic dataset."""
     cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True)
-    return cfg, get_dataset("synthetic")(cfg)
+    return cfg, load_benchmark(cfg)
 
 
 @pytest.fixture(scope="module")
@@ -47,49 +47,27 @@ def cache_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
-def make_ctx(cfg, data, cache: ModelCache, timer: StageTimer, name: str, seed: int = 0) -> FitContext:
-    """A FitContext wired like bench/runner.py run_method does for a method that is not post hoc:
-    every net comes from the cache and its recorded training seconds go to (name, "train")."""
-
-    def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None):
-        model, info, _cached = cache.get(seed, dropout)
-        timer.add(charge_to or name, "train", info["seconds"])
-        return model
-
-    return FitContext(cfg=cfg, data=data, device=CPU, timer=timer, method=name, train_model=train_model, seed=seed)
-
-
-def fit_method(name: str, cfg, data, root: Path, seed: int = 0):
-    """(method, cache, timer) after fitting `name` with a fresh ModelCache on `root`."""
-    cfg = cfg.replace(seed=seed)
-    cache = ModelCache(root, cfg, data.train_id, CPU)
-    timer = StageTimer(CPU)
-    method = get_method(name)(cfg)
-    method.fit(make_ctx(cfg, data, cache, timer, name, seed))
-    return method, cache, timer
-
-
 # ---------------------------------------------------------------- MC dropout
 
 def test_stochastic_passes_differ_when_active_and_match_eval_mode_otherwise():
-    net = build_model(preset_config("smoke"), 8, seed=3, dropout=0.2)
+    net = build_model(preset_config("smoke"), (8,), seed=3, dropout=0.2).eval()
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        z_on = mc_samples(net, x, samples=5, seed=11, active=True)
-        z_off = mc_samples(net, x, samples=5, seed=11, active=False)
+        z_on = mc_samples(net, x, 5, torch.Generator().manual_seed(11), active=True)
+        z_off = mc_samples(net, x, 5, torch.Generator().manual_seed(11), active=False)
         net.eval()
         ref_eval = net(x)
         net.train()
         torch.manual_seed(0)
         a, b = net(x), net(x)  # nn.Dropout in train mode: two passes differ
         net.eval()
-    assert z_on.shape == (5, 50, net.embed_dim)
+    assert z_on.shape == (5, 50, preset_config("smoke").embed_dim)
     for t in range(1, 5):
         assert not torch.allclose(z_on[0], z_on[t])  # train-mode passes differ
         assert torch.equal(z_off[0], z_off[t])  # eval-mode passes are identical
     assert torch.allclose(z_off[0], ref_eval)
     assert not torch.allclose(a, b)
-    pred = moments(z_off, with_cov=True)
+    pred = EmbeddingPrediction.from_samples(z_off, with_cov=True)
     assert pred.var.abs().max() < 1e-12 and pred.cov.abs().max() < 1e-12  # zero up to rounding of the mean
 
 
@@ -97,10 +75,9 @@ def test_dropout_masks_drop_about_p_and_rescale():
     """Inverted dropout: about p of the units are zeroed and kept ones are scaled by 1/(1-p)."""
     p = 0.3
     drop = torch.nn.Dropout(p)
-    net = EmbeddingNet(4, (64,), 2, dropout=p)
-    net.net = torch.nn.Sequential(torch.nn.Identity(), drop)  # isolate the dropout layer
     x = torch.ones(2000, 64)
-    out = stochastic_forward(net, x, torch.Generator().manual_seed(5), active=True)
+    with seeded_dropout(drop.eval(), torch.Generator().manual_seed(5)):
+        out = drop(x)
     zero = (out == 0).float().mean().item()
     assert abs(zero - p) < 0.01
     assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
@@ -108,19 +85,17 @@ def test_dropout_masks_drop_about_p_and_rescale():
 
 def test_moments_match_numpy():
     z = torch.randn(7, 20, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    pred = moments(z, with_cov=True)
+    pred = EmbeddingPrediction.from_samples(z, with_cov=True)
     zn = z.numpy()
     np.testing.assert_allclose(pred.mean.numpy(), zn.mean(0))
     np.testing.assert_allclose(pred.var.numpy(), zn.var(0, ddof=1))
     np.testing.assert_allclose(pred.cov[4].numpy(), np.cov(zn[:, 4, :].T, ddof=1))
-    assert torch.allclose(pred.uncertainty(), pred.var.sum(-1))
 
 
 def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     cfg, data = smoke
     m1, cache1, timer1 = fit_method("mc_dropout", cfg, data, cache_root)
-    assert m1.model.dropout == cfg.dropout
-    assert any(isinstance(l, torch.nn.Dropout) for l in m1.model.net)
+    assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [cfg.dropout] * len(cfg.hidden)
     x = data.test_id.x
     with torch.no_grad():
         p1, p1b = m1.predict(x), m1.predict(x)
@@ -135,16 +110,16 @@ def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     assert p1.cov.shape == (len(x), cfg.embed_dim, cfg.embed_dim)
     assert torch.allclose(torch.diagonal(p1.cov, dim1=-2, dim2=-1), p1.var, atol=1e-6)
     # another run seed draws other masks
-    assert m1.seed == mask_seed(0) and len({mask_seed(s) for s in range(100)}) == 100
+    assert m1.mask_seed == 0 * 1_000_003 + MASK_SEED_OFFSET
     with torch.no_grad():
-        other = mc_samples(m1.model, x, cfg.mc_samples, mask_seed(1))
+        other = mc_samples(m1.model, x, cfg.dropout_passes, torch.Generator().manual_seed(1_000_003 + MASK_SEED_OFFSET))
     assert not torch.equal(other.mean(0), p1.mean)
 
 
 def test_mc_dropout_rejects_zero_rate(smoke, tmp_path):
     cfg, data = smoke
-    with pytest.raises(BenchError, match="dropout > 0"):
-        fit_method("mc_dropout", cfg.replace(dropout=0.0), data, tmp_path)
+    with pytest.raises(BenchError, match=r"dropout in \(0, 1\)"):
+        MCDropout.validate(cfg.replace(dropout=0.0))
 
 
 # ---------------------------------------------------------------- alignment
@@ -200,7 +175,7 @@ def test_ensemble_alignment_removes_isometric_disagreement(smoke, cache_root):
         q = random_orthogonal(cfg.embed_dim, seed=k, det=det).float()
         t = torch.full((cfg.embed_dim,), 3.0 * k)
         net = copy.deepcopy(base)
-        last = net.last_linear
+        last = net.net[-1]
         with torch.no_grad():  # z' = z q + t  <=>  W' = q^T W, b' = b q + t
             last.weight.copy_(q.T @ last.weight)
             last.bias.copy_(last.bias @ q + t)
@@ -243,7 +218,7 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
         assert list(other) == list(sd[0])  # same architecture
         assert all(other[k].shape == sd[0][k].shape for k in sd[0])
         assert any(not torch.equal(other[k], sd[0][k]) for k in sd[0])  # different weights
-    assert all(m.dropout == 0.0 for m in e1.members)
+    assert not any(isinstance(l, torch.nn.Dropout) for m in e1.members for l in m.modules())
     # member 0 is the base model: same cache entry as plain's base
     base, _, _ = ModelCache(cache_root, cfg, data.train_id, CPU).get(cfg.seed, 0.0)
     assert all(torch.equal(base.state_dict()[k], sd[0][k]) for k in sd[0])

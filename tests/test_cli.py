@@ -3,11 +3,11 @@ import json
 import subprocess
 import sys
 
-import numpy as np
 import pandas as pd
 import pytest
 
-from bench.registry import method_names
+from bench.registry import METHODS
+from bench.run_folder import RunFolder
 
 
 def _run_dir(out):
@@ -33,9 +33,9 @@ def test_smoke_run_writes_a_complete_run_folder(cli, tmp_path):
     assert row.ci_low <= row.value <= row.ci_high
     tim = pd.read_csv(d / "timings.csv")
     assert {"train", "predict", "evaluate"} <= set(tim["stage"])
-    npz = np.load(d / "perquery" / "plain-seed0.npz")
-    assert npz["id_mean"].shape[1] == 2 and "pq_mAP@1" in npz.files and "ood_noise_mean" in npz.files
-    assert "id_var" not in npz.files  # plain has no uncertainty
+    arrs = RunFolder(d).perquery("plain", 0)
+    assert arrs["id_mean"].shape[1] == 2 and "pq_mAP@1" in arrs and "ood_noise_mean" in arrs
+    assert "id_var" not in arrs  # plain has no uncertainty
 
 
 def test_second_run_reuses_the_cached_model(cli, tmp_path):
@@ -67,7 +67,7 @@ def test_bad_flag_is_one_line(cli):
 def test_list_shows_methods_datasets_presets(cli):
     code, out, _ = cli("list")
     assert code == 0
-    for word in [*method_names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
+    for word in [*METHODS.names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
         assert word in out
 
 
@@ -80,7 +80,7 @@ def test_cuda_without_cuda_is_a_clear_error(cli, tmp_path):
     assert code == 2 and "CUDA is not available" in err
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", METHODS.names())
 def test_every_registered_method_runs_the_smoke_preset(cli, tmp_path, method):
     out = tmp_path / "runs"
     code, stdout, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", method,

@@ -4,8 +4,8 @@ import pytest
 from bench.cli import build_parser, config_from_args
 from bench.config import PRESETS, RunConfig, parse_value, preset_config
 from bench.errors import BenchError
-from bench.model import EmbeddingNet, num_params
-from bench.registry import dataset_names, get_dataset, get_method, method_names
+from bench.model import build_model, num_params
+from bench.registry import BACKBONES, DATASETS, METHODS, Registry
 
 
 def test_presets_exist_and_validate():
@@ -16,9 +16,9 @@ def test_presets_exist_and_validate():
 
 def test_paper_preset_is_the_seed_protocol():
     cfg = preset_config("paper")
-    assert (cfg.batch_size, cfg.epochs, cfg.embed_dim, cfg.samples) == (16, 15, 2, 100)
-    assert cfg.heldout_classes == (7, 8, 9)
-    net = EmbeddingNet(784, cfg.hidden, cfg.embed_dim)
+    assert (cfg.batch_size, cfg.epochs, cfg.embed_dim, cfg.posterior_samples) == (16, 15, 2, 100)
+    assert cfg.heldout_classes == (7, 8, 9) and cfg.backbone == "mlp"
+    net = build_model(cfg, (1, 28, 28), seed=0)
     linears = [m for m in net.modules() if m.__class__.__name__ == "Linear"]
     assert len(linears) == 5
     assert num_params(net) <= 15_000  # full LA over all weights stays feasible on a CPU
@@ -31,7 +31,7 @@ def test_cli_flags_override_preset():
     cfg = config_from_args(args)
     assert cfg.epochs == 3 and cfg.batch_size == 8 and cfg.seed == 4 and cfg.device == "cpu"
     assert cfg.methods == ("plain", "full_la") and cfg.hidden == (8, 8)
-    assert cfg.prior_precision == "2.5" and cfg.samples == PRESETS["paper"][1]["samples"]
+    assert cfg.prior_precision == "2.5" and cfg.posterior_samples == PRESETS["paper"][1]["posterior_samples"]
 
 
 def test_every_field_can_be_set_from_the_command_line():
@@ -50,7 +50,7 @@ def test_every_field_can_be_set_from_the_command_line():
     (["--batch-size", "1"], "batch-size must be >= 2"),
     (["--set", "ks=0,5"], "every K must be >= 1"),
     (["--set", "nonsense=1"], "unknown config field"),
-    (["--set", "hessian=exact"], "hessian must be ggn or jtj"),
+    (["--set", "far_ood=mnist_ood,synthetic_noise", "--set", "hidden=0"], "hidden widths must be >= 1"),
     (["--preset", "huge"], "unknown preset 'huge'"),
     (["--device", "tpu"], "device must be"),
 ])
@@ -60,13 +60,31 @@ def test_bad_flags_raise_one_line(flags, fragment):
     assert fragment in str(e.value) and "\n" not in str(e.value)
 
 
+def test_optional_tuple_fields_parse():
+    assert parse_value("far_ood", "mnist_ood,synthetic_noise") == ("mnist_ood", "synthetic_noise")
+    assert parse_value("far_ood", "none") is None
+    assert parse_value("hessian_items", "4096") == 4096
+
+
 def test_registries_list_builtin_plugins():
-    assert "plain" in method_names()
-    assert {"fashion_mnist", "mnist_ood", "synthetic"} <= set(dataset_names())
+    assert "plain" in METHODS.names()
+    assert {"fashion_mnist", "mnist_ood", "synthetic", "synthetic_noise"} <= set(DATASETS.names())
+    assert "mlp" in BACKBONES.names()
+    assert DATASETS.meta("fashion_mnist")["far_ood"] == ("mnist_ood",)
 
 
 def test_unknown_names_list_the_known_ones():
     with pytest.raises(BenchError, match="known methods: .*plain"):
-        get_method("nope")
+        METHODS.get("nope")
     with pytest.raises(BenchError, match="known datasets: .*fashion_mnist"):
-        get_dataset("nope")
+        DATASETS.get("nope")
+    with pytest.raises(BenchError, match="known backbones: mlp"):
+        BACKBONES.get("nope")
+
+
+def test_registry_rejects_a_second_plugin_under_one_name():
+    reg: Registry = Registry("thing", "methods")
+    reg.register("a")(int)
+    reg.register("a")(int)  # the same object again (a module imported twice) is fine
+    with pytest.raises(ValueError, match="thing 'a' registered twice"):
+        reg.register("a")(float)

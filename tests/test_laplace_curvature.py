@@ -7,12 +7,13 @@ import torch
 
 from bench.config import preset_config
 from bench.errors import BenchError
-from bench.laplace import jacobians as jac
-from bench.laplace.curvature import PairLoss, SymmetricAccumulator, check_full_memory, compute_curvature
-from bench.laplace.pairs import contrastive_pair_curvature, mined_pair_counts, pair_hessians, psd_split
+from bench.la import jacobians as jac
+from bench.la.curvature import PairLoss, SymmetricAccumulator, accumulate, check_full_memory
+from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature, mined_pair_counts, pair_hessians
+from bench.la.structures import compute_curvature
 from bench.train import make_loss_and_miner
-from tests.laplace_helpers import (autograd_output_hessian, brute_ggn, full_jacobian, rel_err, tiny_data,
-                                   tiny_net)
+from tests.laplace_helpers import (ExactGGN, LastLayerDiagGGN, autograd_output_hessian, brute_ggn, full_jacobian,
+                                   rel_err, tiny_data, tiny_net)
 
 M = 8  # mining batch
 
@@ -44,24 +45,29 @@ def test_analytic_pair_hessian_matches_autograd():
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_block_laplacian_is_the_pml_loss_hessian(seed):
-    """The exact L (psd='none') equals autograd's Hessian of the PML batch loss, reducer included."""
+    """The exact L = kept + dropped equals autograd's Hessian of the PML batch loss, reducer included."""
     F, y = _emb(12, seed)
     pc = contrastive_pair_curvature(F[None], y[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2)
-    L = psd_split(pc, "none")[0][0]
     H = autograd_output_hessian(F, y)
-    assert rel_err(L, H) < 1e-12
-    Lp, Ld, st = psd_split(pc, "clamp")
+    Lp, Ld = clamped_laplacians(pc)
     assert rel_err(Lp[0], autograd_output_hessian(F, y, "pos")) < 1e-12
     assert torch.linalg.eigvalsh(Lp[0]).min() > -1e-12  # kept part is PSD
     assert torch.linalg.eigvalsh(Ld[0]).max() < 1e-12  # dropped part is NSD
     assert rel_err(Lp[0] + Ld[0], H) < 1e-12
-    assert st["out_dropped"] > 0  # active negative pairs exist in these draws
+    kept, dropped = pc.output_traces()
+    assert abs(kept - float(Lp[0].trace()) / 2) < 1e-12 * kept  # tr L = 2 sum w tr A (both ends of a pair)
+    assert dropped > 0 and abs(dropped + float(Ld[0].trace()) / 2) < 1e-12 * dropped
 
 
 @pytest.mark.parametrize("psd", ["none", "clamp"])
 def test_full_ggn_matches_brute_force(psd):
+    """The driver's chunks and Jacobians against brute force: the exact (indefinite) GGN through a
+    test-only accumulator, and the clamped one the methods use."""
     model, (x, y) = tiny_net(), tiny_data(21)
-    curv = compute_curvature(model, x, y, structure="full", hessian="ggn", loss=PairLoss(psd=psd), mining_batch=M)
+    if psd == "none":
+        curv = accumulate(ExactGGN(model), x, y, hessian="ggn", mining_batch=M)
+    else:
+        curv = compute_curvature(model, x, y, structure="full", hessian="ggn", mining_batch=M)
     ref = brute_ggn(model, x, y, M, part="all" if psd == "none" else "pos")
     assert rel_err(curv.H, ref) < 1e-5
     if psd == "clamp":
@@ -90,10 +96,10 @@ def test_diag_and_last_layer_are_blocks_of_full(hessian):
     full = compute_curvature(model, x, y, structure="full", **kw).H
     diag = compute_curvature(model, x, y, structure="diag", **kw).H
     assert rel_err(diag, full.diagonal()) < 1e-12
-    ll = compute_curvature(model, x, y, structure="full", subset="last_layer", **kw)
+    ll = compute_curvature(model, x, y, structure="last_layer", **kw)
     k = ll.D
     assert rel_err(ll.H, full[-k:, -k:]) < 1e-12  # last layer = the trailing (weight, bias) block
-    lld = compute_curvature(model, x, y, structure="diag", subset="last_layer", **kw)
+    lld = accumulate(LastLayerDiagGGN(model), x, y, **kw)
     assert rel_err(lld.H, ll.H.diagonal()) < 1e-12
     if hessian == "ggn":  # translation invariance: the last bias has no curvature
         assert ll.H[-2:, -2:].abs().max() < 1e-12
@@ -185,7 +191,7 @@ def test_non_finite_hessian_refused():
 
 
 def test_near_duplicate_pairs_have_bounded_curvature():
-    from bench.laplace.pairs import DIST_FLOOR, pair_hessians
+    from bench.la.pairs import DIST_FLOOR
 
     F = torch.tensor([[[0.0, 0.0], [1e-7, 0.0], [3.0, 4.0]]], dtype=torch.float64)
     A, dist = pair_hessians(F, +1.0)

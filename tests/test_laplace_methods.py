@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from bench.config import preset_config
+from bench.data import load_benchmark
+from bench.errors import BenchError
 from bench.method import FitContext
-from bench.registry import get_dataset, get_method
+from bench.registry import METHODS
 from bench.timing import StageTimer
 from bench.train import train_embedding
 
@@ -16,7 +18,7 @@ LA = ["full_la", "last_layer_la", "diag_la", "kfac_la"]
 @pytest.fixture(scope="module")
 def setup():
     cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True, n_train=300, n_test=60)
-    data = get_dataset("synthetic")(cfg)
+    data = load_benchmark(cfg)
     model, _ = train_embedding(cfg, data.train_id, torch.device("cpu"), seed=0)
     return cfg, data, model
 
@@ -25,7 +27,7 @@ def _fit(cfg, data, model, name):
     timer = StageTimer()
     ctx = FitContext(cfg=cfg, data=data, device=torch.device("cpu"), timer=timer, method=name,
                      train_model=lambda seed, dropout: model, seed=0)
-    method = get_method(name)(cfg)
+    method = METHODS.get(name)(cfg)
     method.fit(ctx)
     return method, timer
 
@@ -42,7 +44,7 @@ def test_laplace_methods_fit_predict(setup, name):
     assert (pred.var > 0).all() and torch.isfinite(pred.cov).all()
     assert torch.linalg.eigvalsh(pred.cov.double()).min() > -1e-6 * pred.var.max()
     st = timer.for_method(name)
-    assert set(st) >= {"hessian", "prior", "predict"}
+    assert set(st) >= {"hessian", "prior"}  # the runner times "predict"
     dg = method.diagnostics
     assert dg["prior_precision"] > 0 and dg["prior_method"] == "marglik" and dg["D"] > 0
     assert 0 <= dg["dropped_curvature_param"] <= 1
@@ -50,7 +52,7 @@ def test_laplace_methods_fit_predict(setup, name):
 
 def test_mc_predictive_and_grid_prior(setup):
     cfg, data, model = setup
-    cfg = cfg.replace(predictive="mc", samples=50, prior_precision="grid")
+    cfg = cfg.replace(predictive="mc", posterior_samples=50, prior_precision="grid")
     method, _ = _fit(cfg, data, model, "diag_la")
     a = method.predict(data.test_id.x)
     b = method.predict(data.test_id.x)
@@ -65,3 +67,22 @@ def test_fixed_prior_and_jtj(setup):
     method, _ = _fit(cfg, data, model, "last_layer_la")
     assert method.diagnostics["prior_precision"] == 3.5
     assert method.diagnostics["dropped_curvature_output"] == 0.0
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("hessian", "exact", "hessian must be ggn or jtj"), ("predictive", "laplace", "predictive must be glm or mc"),
+    ("hessian_dtype", "float16", "hessian_dtype must be float32 or float64"),
+    ("prior_precision", "-1", "prior_precision must be a positive number, marglik or grid"),
+    ("prior_precision", "often", "prior_precision must be a positive number"),
+    ("posterior_samples", 1, "posterior_samples must be >= 2"), ("hessian_items", 1, "hessian_items must be >= 2")])
+def test_options_validated_by_the_method(field, value, message):
+    cfg = preset_config("smoke").replace(**{field: value})  # the generic config accepts them
+    for name in LA:
+        with pytest.raises(BenchError, match=message):
+            METHODS.get(name).validate(cfg)
+    METHODS.get("diag_la").validate(preset_config("smoke").replace(prior_precision="0.5", hessian_items=None))
+
+
+def test_predict_before_fit_is_one_line():
+    with pytest.raises(BenchError, match="predict called before fit"):
+        METHODS.get("diag_la")(preset_config("smoke")).predict(torch.zeros(3, 32))

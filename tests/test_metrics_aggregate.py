@@ -1,4 +1,4 @@
-"""Across-seed summaries, paired differences from a run folder, and the stage breakdown."""
+"""Across-seed summaries, paired differences from per-query arrays, and the stage breakdown."""
 import numpy as np
 import pandas as pd
 import pytest
@@ -6,7 +6,6 @@ from scipy import stats
 
 from bench.metrics.aggregate import PAIRED_COLUMNS, paired_differences, seed_summary, stage_breakdown
 from bench.metrics.ood import auroc
-from bench.atomic import atomic_savez
 
 
 def test_seed_summary_t_interval():
@@ -33,7 +32,7 @@ def test_stage_breakdown():
 
 
 @pytest.fixture
-def run_dir(tmp_path):
+def perquery():
     rng = np.random.default_rng(0)
     n, n_ood = 60, 40
     corr = lambda: (rng.random(n) < 0.6).astype(float)
@@ -43,37 +42,33 @@ def run_dir(tmp_path):
                             ood_far_mean=rng.random((n_ood, 2)), ood_far_var=rng.random((n_ood, 2)) + shift,
                             extra_confidence=rng.random(n), **{"pq_mAP@1": corr()})
     arrs = {"plain": plain, "la": mk(0.5), "ens": mk(0.1)}
-    for m, a in arrs.items():
-        atomic_savez(tmp_path / "perquery" / f"{m}-seed0.npz", **a)
-    return tmp_path, arrs
+    return {(m, 0): a for m, a in arrs.items()}, arrs
 
 
-def test_paired_differences_from_run_folder(run_dir):
-    d, arrs = run_dir
-    p = paired_differences(d, reference="plain", n_resamples=200)
+def test_paired_differences_from_per_query_arrays(perquery):
+    pq, arrs = perquery
+    p = paired_differences(pq, reference="plain", n_resamples=200)
     assert list(p.columns) == PAIRED_COLUMNS
     assert set(p["metric"]) == {"mAP@1"}  # plain has no uncertainty: nothing else can be paired
     row = p[p["method"] == "la"].iloc[0]
     assert row["diff"] == pytest.approx(arrs["la"]["pq_mAP@1"].mean() - arrs["plain"]["pq_mAP@1"].mean())
     assert row["ci_low"] <= row["diff"] <= row["ci_high"]
 
-    q = paired_differences(d, reference="ens", n_resamples=200)
+    q = paired_differences(pq, reference="ens", n_resamples=200)
     la = q[q["method"] == "la"].set_index("metric")
     assert {"mAP@1", "ECE", "AUSE", "AUROC[far]", "AUPR[far]", "FPR95[far]", "var_ratio[far]"} <= set(la.index)
     expect = auroc(arrs["la"]["id_var"].sum(1), arrs["la"]["ood_far_var"].sum(1)) - \
         auroc(arrs["ens"]["id_var"].sum(1), arrs["ens"]["ood_far_var"].sum(1))
     assert la.loc["AUROC[far]", "diff"] == pytest.approx(expect)
     assert la.loc["AUROC[far]", "ci_low"] <= expect <= la.loc["AUROC[far]", "ci_high"]
-    only = paired_differences(d, reference="ens", metrics=["AUROC[far]"], n_resamples=50)
+    only = paired_differences(pq, reference="ens", metrics=["AUROC[far]"], n_resamples=50)
     assert set(only["metric"]) == {"AUROC[far]"}
 
 
-def test_method_against_itself_is_zero(tmp_path):
+def test_method_against_itself_is_zero():
     rng = np.random.default_rng(1)
     a = dict(id_var=rng.random((30, 2)), ood_x_var=rng.random((20, 2)) + 1, extra_confidence=rng.random(30),
              **{"pq_mAP@1": (rng.random(30) < 0.5).astype(float)})
-    for m in ("a", "b"):
-        atomic_savez(tmp_path / "perquery" / f"{m}-seed3.npz", **a)
-    p = paired_differences(tmp_path, reference="b", n_resamples=100)
+    p = paired_differences({("a", 3): a, ("b", 3): a}, reference="b", n_resamples=100)
     assert len(p) == 1 + 2 + 4 and (p["seed"] == 3).all()
     assert np.allclose(p[["diff", "ci_low", "ci_high"]].to_numpy(), 0.0)

@@ -1,8 +1,7 @@
-"""Retrieval calibration (ECE): hand-built bins, a perfectly calibrated toy and the confidence maps."""
+"""Retrieval calibration (ECE): hand-built bins, a perfectly calibrated toy and the cross-fitted confidence map."""
 import numpy as np
 import pytest
 
-from bench.errors import BenchError
 from bench.metrics.calibration import calibration_metrics, confidence_map, ece, reliability_bins
 
 
@@ -62,7 +61,7 @@ def test_isotonic_cv_recovers_calibrated_uncertainty():
     u = rng.exponential(1.0, 20_000)
     p_true = np.exp(-u)
     correct = (rng.random(u.size) < p_true).astype(float)
-    p = confidence_map(u, correct, "isotonic-cv", seed=0)
+    p = confidence_map(u, correct, seed=0)
     assert p.min() >= 0 and p.max() <= 1
     assert np.abs(p - p_true).mean() < 0.03
     (v, lo, hi), ex = calibration_metrics(u, correct, n_resamples=200, seed=0)
@@ -80,16 +79,3 @@ def test_isotonic_cv_is_out_of_fold():
     p = confidence_map(u, correct, seed=1)
     assert abs(p.mean() - 0.7) < 0.03
     assert ece(p, correct) < 0.05
-
-
-def test_rank_mapping_penalises_a_perfect_ranking_at_80_percent():
-    u = np.arange(1000.0)
-    correct = (u < 800).astype(float)
-    p = confidence_map(u, correct, "rank")
-    assert p.max() == pytest.approx(0.9995) and p.min() == pytest.approx(0.0005)
-    assert ece(p, correct) == pytest.approx(0.34)
-
-
-def test_unknown_mapping():
-    with pytest.raises(BenchError, match="unknown confidence mapping"):
-        confidence_map(np.ones(4), np.ones(4), "softmax")

@@ -9,7 +9,7 @@ from bench.config import preset_config
 from bench.errors import BenchError
 from bench.evaluate import evaluate, uncertainty_metric_names
 from bench.method import EmbeddingPrediction
-from datasets.base import Dataset, Split
+from bench.data import Dataset, Split
 
 EXTRAS = {"reliability_conf", "reliability_acc", "reliability_count", "confidence", "sparsification_frac",
           "sparsification_curve", "sparsification_oracle", "sparsification_random"}

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bench.registry import method_names
+from bench.registry import METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ["run", "--preset", "smoke", "--dataset", "synthetic", "--quiet", "--no-report"]
@@ -22,7 +22,7 @@ def _run_dirs(out: Path) -> list[Path]:
 
 
 def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
-    methods = ",".join(m for m in ("plain", "diag_la", "mc_dropout") if m in method_names())
+    methods = ",".join(m for m in ("plain", "diag_la", "mc_dropout") if m in METHODS.names())
     for out in ("a", "b"):  # separate --out: both train from scratch
         assert cli(*SMOKE, "--methods", methods, "--out", str(tmp_path / out))[0] == 0
     a, b = (_run_dirs(tmp_path / o)[0] / "results.csv" for o in ("a", "b"))
@@ -30,7 +30,7 @@ def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
 
 
 def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
-    methods = [m for m in ("plain", "mc_dropout", "deep_ensemble") if m in method_names()]
+    methods = [m for m in ("plain", "mc_dropout", "deep_ensemble") if m in METHODS.names()]
     if len(methods) < 2:
         pytest.skip("needs at least two methods")
     args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "60", "--out", str(tmp_path / "killed")]
@@ -68,9 +68,8 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     fresh = subprocess.run([sys.executable, "-m", "bench", *args[:-1], str(tmp_path / "fresh")], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=300)
     assert fresh.returncode == 0, fresh.stderr
-    a = (run_dir / "results.csv").read_bytes()
-    b = (_run_dirs(tmp_path / "fresh")[0] / "results.csv").read_bytes()
-    assert a == b
+    for f in ("results.csv", "paired.csv"):  # paired: the resumed run pairs with the reloaded arrays
+        assert (run_dir / f).read_bytes() == (_run_dirs(tmp_path / "fresh")[0] / f).read_bytes(), f
 
 
 def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
@@ -97,8 +96,7 @@ def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
         tim = pd.read_csv(d / "timings.csv")
         assert len(tim[(tim.method == "base") & (tim.stage == "train")]) == 1  # charged once, not lost
     finally:
-        from bench import registry
-        registry._METHODS.pop("_always_fails", None)
+        METHODS.remove("_always_fails")
 
 
 def test_non_finite_training_loss_fails_the_method_clearly(cli, tmp_path):

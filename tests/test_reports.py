@@ -15,8 +15,9 @@ import pytest
 from matplotlib import image as mpimg
 
 from bench.errors import BenchError
-from reports.render import load_run_data, render_report, reproduce_command
 from bench.metrics.aggregate import paired_differences
+from bench.run_folder import RunFolder
+from reports.render import render_report, reproduce_command
 from reports.tables import best_marks, direction
 from tests.reports_fixture import make_run
 
@@ -174,7 +175,7 @@ def test_reproduce_command_rebuilt_when_not_recorded(rendered_seeds):
     from bench.cli import build_parser, config_from_args
 
     d, _ = rendered_seeds
-    meta = load_run_data(d).meta
+    meta = RunFolder(d).meta
     cmd = reproduce_command(meta)
     assert cmd in (d / "report.md").read_text()
     assert cmd.startswith("python -m bench run --preset smoke") and "--seeds 0,1,2" in cmd
@@ -184,9 +185,9 @@ def test_reproduce_command_rebuilt_when_not_recorded(rendered_seeds):
 
 def test_paired_differences_from_per_query_vectors(tmp_path):
     d = make_run(tmp_path, methods={"plain": False, "diag_la": True, "mc_dropout": True})
-    run = load_run_data(d)
-    pq = {(m, 0): run.perquery(m, 0) for m in run.methods}
-    df = paired_differences(d, "plain", n_resamples=500, seed=0)
+    pq = RunFolder(d).all_perquery()
+    assert list(pq) == [("plain", 0), ("diag_la", 0), ("mc_dropout", 0)]
+    df = paired_differences(pq, "plain", n_resamples=500, seed=0)
     row = df[(df["method"] == "diag_la") & (df["metric"] == "mAP@1")].iloc[0]
     true = float(np.mean(pq[("diag_la", 0)]["pq_mAP@1"] - pq[("plain", 0)]["pq_mAP@1"]))
     assert row["diff"] == pytest.approx(true)
@@ -239,15 +240,15 @@ def test_errors_are_one_line(tmp_path):
         render_report(d, ["pdf"])
 
 
-def test_class_names_from_config_or_dataset_module(tmp_path):
+def test_class_names_come_from_config_json_only(tmp_path):
     import json
 
     d = make_run(tmp_path)
-    assert load_run_data(d).class_names()[9] == "Ankle boot"  # datasets.fashion_mnist.CLASS_NAMES
+    assert RunFolder(d).class_names()[9] == "Ankle boot"
     meta = json.loads((d / "config.json").read_text())
-    meta["data"]["class_names"] = [f"c{i}" for i in range(10)]
+    del meta["class_names"]  # no fallback to the dataset module: legends then say `class k`
     (d / "config.json").write_text(json.dumps(meta))
-    assert load_run_data(d).class_names()[0] == "c0"
+    assert RunFolder(d).class_names() == []
 
 
 def test_real_run_renders_without_model_files(tmp_path, cli):
@@ -265,18 +266,15 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
     # run in-process, so no command was recorded: the report rebuilds one that gives the same config
     from bench.cli import build_parser, config_from_args
 
-    meta = load_run_data(d).meta
+    meta = RunFolder(d).meta
     cmd = reproduce_command(meta)
     assert cmd in (d / "report.md").read_text() and "--dataset synthetic" in cmd and "--methods plain" in cmd
     assert config_from_args(build_parser().parse_args(cmd.split()[3:])).digest() == meta["config_digest"]
 
 
 def test_run_where_every_method_failed(tmp_path):
-    d = make_run(tmp_path, methods={"plain": False},
+    d = make_run(tmp_path, methods={"plain": False}, all_failed=True,
                  failures=[{"method": "plain", "seed": 0, "error": "boom", "traceback": ""}])
-    pd.DataFrame(columns=["method", "seed", "metric", "value", "ci_low", "ci_high"]).to_csv(d / "results.csv", index=False)
-    pd.DataFrame(columns=["method", "seed", "stage", "seconds"]).to_csv(d / "timings.csv", index=False)
-    shutil.rmtree(d / "perquery")
     written = render_report(d, ALL)
     assert written == [d / "report.md", d / "report.html", d / "report.tex"]
     md = (d / "report.md").read_text()

@@ -2,11 +2,11 @@
 import torch
 
 from bench.train import ModelCache, model_key, key_hash, train_embedding
-from datasets.synthetic import load_synthetic
+from bench.data import load_benchmark
 
 
 def test_cache_reuses_trained_model(smoke_cfg, tmp_path):
-    data = load_synthetic(smoke_cfg)
+    data = load_benchmark(smoke_cfg)
     cache = ModelCache(tmp_path / "models", smoke_cfg, data.train_id, torch.device("cpu"))
     m1, info1, cached1 = cache.get(seed=0)
     assert not cached1 and cache.trained == 1
@@ -19,15 +19,16 @@ def test_cache_reuses_trained_model(smoke_cfg, tmp_path):
 
 
 def test_cache_key_changes_with_what_determines_the_weights(smoke_cfg):
-    base = key_hash(model_key(smoke_cfg, 32, 400, 0, 0.0))
-    assert key_hash(model_key(smoke_cfg, 32, 400, 1, 0.0)) != base
-    assert key_hash(model_key(smoke_cfg, 32, 400, 0, 0.1)) != base
-    assert key_hash(model_key(smoke_cfg.replace(epochs=2), 32, 400, 0, 0.0)) != base
-    assert key_hash(model_key(smoke_cfg.replace(quiet=False, out="elsewhere"), 32, 400, 0, 0.0)) == base
+    base = key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0))
+    assert key_hash(model_key(smoke_cfg, (32,), 400, 1, 0.0)) != base
+    assert key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.1)) != base
+    assert key_hash(model_key(smoke_cfg.replace(backbone="other"), (32,), 400, 0, 0.0)) != base
+    assert key_hash(model_key(smoke_cfg.replace(epochs=2), (32,), 400, 0, 0.0)) != base
+    assert key_hash(model_key(smoke_cfg.replace(quiet=False, out="elsewhere"), (32,), 400, 0, 0.0)) == base
 
 
 def test_training_is_seeded_and_lowers_the_loss(smoke_cfg):
-    data = load_synthetic(smoke_cfg)
+    data = load_benchmark(smoke_cfg)
     cfg = smoke_cfg.replace(epochs=3)
     a, info = train_embedding(cfg, data.train_id, torch.device("cpu"), seed=0)
     b, _ = train_embedding(cfg, data.train_id, torch.device("cpu"), seed=0)
@@ -38,7 +39,7 @@ def test_training_is_seeded_and_lowers_the_loss(smoke_cfg):
 
 
 def test_corrupt_cache_entry_is_retrained(smoke_cfg, tmp_path):
-    data = load_synthetic(smoke_cfg)
+    data = load_benchmark(smoke_cfg)
     cache = ModelCache(tmp_path / "models", smoke_cfg, data.train_id, torch.device("cpu"))
     cache.get(seed=0)
     for p in (tmp_path / "models").glob("*.pt"):
@@ -46,3 +47,20 @@ def test_corrupt_cache_entry_is_retrained(smoke_cfg, tmp_path):
     again = ModelCache(tmp_path / "models", smoke_cfg, data.train_id, torch.device("cpu"))
     _, _, cached = again.get(seed=0)
     assert not cached and again.trained == 1
+
+
+def _trained_in_child(args) -> int:
+    root, cfg = args
+    cache = ModelCache(root, cfg, load_benchmark(cfg).train_id, torch.device("cpu"))
+    cache.get(seed=0)
+    return cache.trained
+
+
+def test_concurrent_processes_train_a_model_once(smoke_cfg, tmp_path):
+    """Two processes (e.g. two grid cells) asking for the same model: one trains, the other waits and loads."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(2, mp_context=mp.get_context("fork")) as pool:
+        counts = list(pool.map(_trained_in_child, [(tmp_path / "models", smoke_cfg)] * 2))
+    assert sorted(counts) == [0, 1]

@@ -1,1 +1,2 @@
-"""Metrics: each returns a per-query vector where the metric is a mean over queries."""
+"""Metrics on arrays in memory, never paths: retrieval, calibration, sparsification, OOD
+separation, bootstrap CIs and the summaries over a run."""

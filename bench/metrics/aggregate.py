@@ -1,34 +1,16 @@
-"""Summaries over a run: across-seed means with t-intervals, paired method differences on the same
-queries, and the wall-time breakdown per stage.
-
-* seed_summary: for each (method, metric), the mean of the per-seed values v_1..v_n (NaN values,
-  i.e. n/a, are left out) and the Student-t interval mean +- t_{(1+level)/2, n-1} s / sqrt(n),
-  s the sample standard deviation; NaN interval when fewer than 2 seeds have a value.
-* paired_differences: diff = metric(method) - metric(reference) on the same seed and the same
-  queries, with a percentile bootstrap CI that resamples the *same* query indices for both methods
-  (bench.metrics.bootstrap.grouped_bootstrap_ci), read from the run folder's per-query files:
-  - per-query metrics `pq_<m>` (mAP@K, Recall@K): diff of means, queries resampled;
-  - ECE (both methods with uncertainty): recomputed from extra_confidence and pq_mAP@1 (the
-    confidence maps stay the ones fitted in the run); AUSE: from id_var (score tr Sigma) and pq_mAP@1;
-  - AUROC/AUPR/FPR95/var_ratio[s] (both methods with uncertainty): from id_var and ood_<s>_var,
-    ID and OOD queries resampled separately (stratified), each paired across the two methods.
-  Metrics that either method lacks (e.g. uncertainty metrics against the deterministic `plain`)
-  get no row.
-* stage_breakdown: seconds per stage summed over seeds, the method's total and its share of the
-  run's total.
-"""
+"""Summaries over a run: across-seed means with t-intervals, paired differences against a reference
+method on the same queries, and the wall-time breakdown per stage."""
 from __future__ import annotations
 
-import json
 import math
 import re
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
+from bench.conventions import CORRECTNESS_METRIC, STAGES
 from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.calibration import DEFAULT_BINS, ece
 from bench.metrics.ood import OOD_METRICS, ood_statistics
@@ -37,13 +19,15 @@ from bench.metrics.uncertainty import score_from_var
 
 SEED_COLUMNS = ["method", "metric", "mean", "t_low", "t_high", "n_seeds"]
 PAIRED_COLUMNS = ["method", "reference", "seed", "metric", "diff", "ci_low", "ci_high"]
-STAGES = ("train", "hessian", "prior", "predict", "evaluate")
-CORRECTNESS = "pq_mAP@1"
+CORRECTNESS = f"pq_{CORRECTNESS_METRIC}"  # per-query array of the correctness
 
 
 def seed_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """(method, metric, mean, t_low, t_high, n_seeds) from tidy results rows (one value per seed);
-    n_seeds counts the seeds with a finite value."""
+    """(method, metric, mean, t_low, t_high, n_seeds) from tidy results rows (one value per seed).
+
+    mean of the finite per-seed values v_1..v_n (NaN, i.e. n/a, is left out; n_seeds = n) and the
+    Student-t interval mean +- t_{(1+level)/2, n-1} s / sqrt(n), s the sample standard deviation;
+    NaN interval when n < 2."""
     rows = []
     for (m, met), g in results.groupby(["method", "metric"], sort=False):
         v = g["value"].to_numpy(dtype=float)
@@ -73,20 +57,6 @@ def stage_breakdown(timings: pd.DataFrame) -> pd.DataFrame:
     wide["share"] = wide["total"] / grand if grand > 0 else float("nan")
     wide.columns.name = None
     return wide.reset_index().rename(columns={"index": "method"})
-
-
-_NPZ = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)\.npz$")
-
-
-def load_perquery(run_dir: Path | str) -> dict[tuple[str, int], dict[str, np.ndarray]]:
-    """{(method, seed): arrays} from run_dir/perquery/*.npz."""
-    out = {}
-    for f in sorted((Path(run_dir) / "perquery").glob("*.npz")):
-        m = _NPZ.match(f.name)
-        if m:
-            with np.load(f, allow_pickle=False) as z:
-                out[(m["method"], int(m["seed"]))] = {k: z[k] for k in z.files}
-    return out
 
 
 def _mean_diff(a, b, axis=-1):
@@ -137,33 +107,29 @@ def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples:
             yield (f"{name}[{m[1]}]", *ci.triple(i))
 
 
-def paired_differences(run_dir: Path | str, reference: str = "plain", metrics: Iterable[str] | None = None,
-                       n_resamples: int | None = None, level: float | None = None, seed: int | None = None
-                       ) -> pd.DataFrame:
+def paired_differences(perquery: dict[tuple[str, int], dict[str, np.ndarray]], reference: str,
+                       n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
+                       metrics: Iterable[str] | None = None) -> pd.DataFrame:
     """(method, reference, seed, metric, diff, ci_low, ci_high) for every method against `reference`
-    on each seed both ran (see the module docstring). n_resamples, level and the bootstrap seed
-    default to the run's config (bootstrap_resamples, ci_level, seed), else 1000, 0.95, 0.
-    `metrics` restricts the metric names (None: every metric that can be paired)."""
-    run_dir = Path(run_dir)
-    cfg: dict = {}
-    order: list[str] = []
-    cj = run_dir / "config.json"
-    if cj.is_file():
-        meta = json.loads(cj.read_text())
-        cfg, order = meta.get("config", {}), list(meta.get("methods", []))
-    n_resamples = int(cfg.get("bootstrap_resamples", 1000)) if n_resamples is None else n_resamples
-    level = float(cfg.get("ci_level", 0.95)) if level is None else level
-    seed = int(cfg.get("seed", 0)) if seed is None else seed
+    on each seed both ran, in the order of `perquery` ({(method, seed): per-query arrays});
+    `seed` seeds the bootstrap, `metrics` restricts the metric names (None: all that pair).
+
+    diff = metric(method) - metric(reference) on the same queries, with a percentile bootstrap CI
+    that resamples the *same* query indices for both methods (grouped_bootstrap_ci):
+    - per-query metrics `pq_<m>` (mAP@K, Recall@K): diff of means;
+    - ECE (both with uncertainty): from extra_confidence and the correctness (the confidence maps
+      stay the ones fitted in the run); AUSE: from id_var (score tr Sigma) and the correctness;
+    - AUROC/AUPR/FPR95/var_ratio[s]: from id_var and ood_<s>_var, ID and OOD queries resampled
+      separately (stratified), each paired across the two methods.
+    A metric that either method lacks (uncertainty metrics against the deterministic `plain`) gets
+    no row."""
     wanted = None if metrics is None else set(metrics)
-    pq = load_perquery(run_dir)
-    rank = {m: i for i, m in enumerate(order)}
-    keys = sorted(pq, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1]))
     rows = []
-    for m, s in keys:
-        ref = pq.get((reference, s))
+    for (m, s), arrs in perquery.items():
+        ref = perquery.get((reference, s))
         if m == reference or ref is None:
             continue
-        for metric, d, lo, hi in _pairs(pq[(m, s)], ref, n_resamples, level, seed):
+        for metric, d, lo, hi in _pairs(arrs, ref, n_resamples, level, seed):
             if wanted is None or metric in wanted:
                 rows.append({"method": m, "reference": reference, "seed": s, "metric": metric,
                              "diff": d, "ci_low": lo, "ci_high": hi})

@@ -1,23 +1,5 @@
-"""Bootstrap confidence intervals over queries (scipy.stats.bootstrap, fixed seed, vectorised).
-
-Two entry points:
-
-* `bootstrap_mean_ci(values)`: the CI of a per-query metric (mAP@K, Recall@K): queries are
-  resampled with the gallery fixed (the kNN search is run once), so the statistic is a plain mean.
-* `bootstrap_ci(samples, statistic)`: the CI of a statistic that is not a mean of per-query values
-  (AUROC, AUPR, FPR95, variance ratio, ECE, AUSE). The statistic is recomputed on every resample.
-  With several samples and `paired=False`, each sample is resampled on its own: for OOD metrics the
-  ID and the OOD scores are separate samples, so every resample keeps both group sizes
-  (stratified bootstrap). With `paired=True` the samples are columns of one table of queries and
-  rows are resampled together (ECE: uncertainty, confidence and correctness of the same query).
-
-Interval method: "percentile" (the default: the (1-level)/2 and (1+level)/2 quantiles of the
-bootstrap distribution) or "BCa" (bias-corrected and accelerated; needs a jackknife, i.e. one
-evaluation per left-out observation, so it costs O(n) extra statistic evaluations). BCa is undefined
-on degenerate resamples (every replicate equal to the estimate, or a NaN jackknife), where scipy
-returns NaN: the interval then falls back to the percentile interval of the same bootstrap
-distribution, and `BootstrapCI.method` records which method produced each interval.
-"""
+"""Percentile bootstrap confidence intervals over queries (fixed seed, vectorised): plain means,
+recomputed statistics (stratified or paired), and method differences on the same queries."""
 from __future__ import annotations
 
 import warnings
@@ -31,8 +13,9 @@ DEFAULT_BATCH_ELEMENTS = 4_000_000  # ~32 MB of float64 per vectorised call of t
 
 
 def bootstrap_mean_ci(values: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                      seed: int = 0, method: str = "percentile") -> tuple[float, float, float]:
-    """(mean, ci_low, ci_high) of a per-query vector; the gallery stays fixed, queries are resampled.
+                      seed: int = 0) -> tuple[float, float, float]:
+    """(mean, ci_low, ci_high) of a per-query metric (mAP@K, Recall@K): queries are resampled with
+    the gallery fixed (the kNN search ran once), so the statistic is a plain mean.
 
     NaN entries are dropped; with fewer than 2 values, or n_resamples == 0, the CI is NaN.
     """
@@ -48,20 +31,18 @@ def bootstrap_mean_ci(values: np.ndarray, n_resamples: int = 1000, level: float 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=level,
-                              method=method, vectorized=True, random_state=np.random.default_rng(seed))
+                              method="percentile", vectorized=True, random_state=np.random.default_rng(seed))
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 @dataclass
 class BootstrapCI:
-    """Point estimates and intervals of a k-output statistic: value, low, high [k]; `method` is
-    "percentile" or "BCa" per output (BCa falls back to percentile where it is undefined);
+    """Point estimates and percentile intervals of a k-output statistic: value, low, high [k];
     `distribution` [k, n_resamples] is the bootstrap distribution (None when no CI was computed)."""
 
     value: np.ndarray
     low: np.ndarray
     high: np.ndarray
-    method: list[str]
     distribution: np.ndarray | None = None
 
     def triple(self, i: int = 0) -> tuple[float, float, float]:
@@ -74,10 +55,15 @@ def _batch_size(n: int) -> int:
 
 
 def bootstrap_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndarray],
-                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0, paired: bool = False,
-                 method: str = "percentile") -> BootstrapCI:
-    """Bootstrap CI of `statistic(*samples, axis=-1)`, which must be vectorised: given arrays of
-    shape [..., n_i] it returns [k, ...] (k outputs, reduced along the last axis).
+                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0, paired: bool = False) -> BootstrapCI:
+    """Percentile bootstrap CI of `statistic(*samples, axis=-1)`, for a statistic that is not a mean
+    of per-query values (AUROC, ECE, AUSE, ...) and is recomputed on every resample. It must be
+    vectorised: given arrays [..., n_i] it returns [k, ...] (k outputs, reduced along the last axis).
+
+    With `paired=False` each sample is resampled on its own: OOD metrics pass the ID and the OOD
+    scores as two samples, so every resample keeps both group sizes (stratified bootstrap). With
+    `paired=True` the samples are columns of one table of queries and rows are resampled together
+    (ECE: confidence and correctness of the same query).
 
     The point estimate is the statistic on the original samples. Resampling uses
     numpy.random.default_rng(seed) through scipy.stats.bootstrap, in batches of about
@@ -90,7 +76,7 @@ def bootstrap_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndar
     k = value.shape[0]
     nan = np.full(k, np.nan)
     if n_resamples <= 0 or min(s.shape[-1] for s in samples) < 2 or not np.isfinite(value).any():
-        return BootstrapCI(value, nan.copy(), nan.copy(), ["none"] * k)
+        return BootstrapCI(value, nan.copy(), nan.copy())
     n_total = sum(s.shape[-1] for s in samples) if not paired else samples[0].shape[-1] * len(samples)
     kw = dict(vectorized=True, paired=paired, axis=-1, confidence_level=level,
               batch=_batch_size(n_total))
@@ -103,21 +89,10 @@ def bootstrap_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndar
         res = stats.bootstrap(samples, stat, n_resamples=n_resamples, method="percentile",
                               rng=np.random.default_rng(seed), **kw)
         dist = np.asarray(res.bootstrap_distribution, dtype=np.float64).reshape(k, -1)
-        low, high = _percentile(dist, level)
-        used = ["percentile"] * k
-        if method.lower() == "bca":
-            res_b = stats.bootstrap(samples, stat, n_resamples=0, method="BCa", bootstrap_result=res,
-                                    rng=np.random.default_rng(seed), **kw)
-            bl = np.atleast_1d(np.asarray(res_b.confidence_interval.low, dtype=np.float64))
-            bh = np.atleast_1d(np.asarray(res_b.confidence_interval.high, dtype=np.float64))
-            ok = np.isfinite(bl) & np.isfinite(bh)
-            low, high = np.where(ok, bl, low), np.where(ok, bh, high)
-            used = ["BCa" if o else "percentile" for o in ok]
-        elif method.lower() != "percentile":
-            raise ValueError(f"unknown bootstrap method {method!r}; use 'percentile' or 'BCa'")
+    low, high = _percentile(dist, level)
     bad = ~np.isfinite(value)
     low[bad], high[bad] = np.nan, np.nan
-    return BootstrapCI(value, low, high, used, dist)
+    return BootstrapCI(value, low, high, dist)
 
 
 def _percentile(dist: np.ndarray, level: float) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +130,7 @@ def grouped_bootstrap_ci(groups: Sequence[Sequence[np.ndarray]], statistic: Call
     sizes = [g[0].shape[-1] for g in groups]
     if n_resamples <= 0 or min(sizes) < 2 or not np.isfinite(value).any():
         nan = np.full(k, np.nan)
-        return BootstrapCI(value, nan.copy(), nan.copy(), ["none"] * k)
+        return BootstrapCI(value, nan.copy(), nan.copy())
     rng = np.random.default_rng(seed)
     idx = [rng.integers(0, n, size=(n_resamples, n)) for n in sizes]
     batch = max(1, max_elements // max(sum(len(g) * n for g, n in zip(groups, sizes)), 1))
@@ -166,4 +141,4 @@ def grouped_bootstrap_ci(groups: Sequence[Sequence[np.ndarray]], statistic: Call
     low, high = _percentile(dist, level)
     bad = ~np.isfinite(value)
     low[bad], high[bad] = np.nan, np.nan
-    return BootstrapCI(value, low, high, ["percentile"] * k, dist)
+    return BootstrapCI(value, low, high, dist)

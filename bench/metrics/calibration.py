@@ -1,57 +1,28 @@
 """Retrieval calibration: expected calibration error (ECE) of an uncertainty score against
-retrieval correctness, with the data of a reliability diagram.
-
-Correctness of query q: c_q = precision@1 in {0, 1} (its nearest other test item shares its label;
-the per-query `mAP@1` vector). An uncertainty u_q >= 0 is not a probability, so it is first mapped
-to a confidence p_q in [0, 1] that estimates P(c_q = 1):
-
-* "isotonic-cv" (default): a non-increasing isotonic regression g of c on u (so more uncertain never
-  means more confident), **cross-fitted**: the ID test queries are split at random (numpy
-  Generator(seed)) into K = 2 folds and p_q = g_{-k}(u_q) with g_{-k} fitted on the other fold(s),
-  clipped to [0, 1] outside the fitted range. Fitting and scoring on disjoint queries keeps the ECE
-  honest (an in-sample isotonic fit is calibrated by construction). Note: ECE measures calibration,
-  not discrimination: an uninformative score maps to p_q ~ base accuracy and is also well
-  calibrated; AUSE (bench.metrics.sparsification) measures whether u ranks the queries.
-* "rank": p_q = 1 - (rank(u_q) - 1/2) / N (average ranks; the most certain query gets ~1), no
-  fitting. Only calibrated when accuracy falls linearly with the uncertainty quantile, so e.g. a
-  perfect ranking with 80% accuracy scores ECE ~ 0.34: kept as an option, not the default.
-
-Binning: the queries are sorted by confidence and cut into B equal-mass bins (B = 10 by default):
-the query at sorted position i goes to bin floor(s B / N), where s is the first position of its run
-of tied confidences, so tied confidences (frequent: an isotonic map is a step function) always share
-a bin and bins hold N/B queries each unless ties make them larger (and others empty). With n_b
-queries, mean confidence conf_b and mean correctness acc_b in bin b:
-
-    ECE = sum_b (n_b / N) |acc_b - conf_b|.
-
-(conf_b, acc_b, n_b) are the reliability diagram. The bootstrap CI (queries resampled, paired
-(p, c) rows, see bench.metrics.bootstrap) is conditional on the fitted confidence map: it
-re-bins each resample but does not refit g.
-"""
+retrieval correctness (precision@1 in {0, 1}), with the data of a reliability diagram."""
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
-from bench.errors import BenchError
 from bench.metrics.bootstrap import bootstrap_ci
 
 DEFAULT_BINS = 10
-DEFAULT_MAPPING = "isotonic-cv"
-MAPPINGS = ("isotonic-cv", "rank")
 CV_FOLDS = 2
 
 
-def confidence_map(u: np.ndarray, correct: np.ndarray, mapping: str = DEFAULT_MAPPING, seed: int = 0,
-                   folds: int = CV_FOLDS) -> np.ndarray:
-    """Confidence p [N] in [0, 1] from uncertainty u [N] (see the module docstring for the maps)."""
+def confidence_map(u: np.ndarray, correct: np.ndarray, seed: int = 0, folds: int = CV_FOLDS) -> np.ndarray:
+    """Confidence p [N] in [0, 1] estimating P(correct) from uncertainty u [N] >= 0 (not a probability).
+
+    A non-increasing isotonic regression g of correctness on u (more uncertain never means more
+    confident), **cross-fitted**: the queries are split at random (numpy Generator(seed)) into
+    `folds` folds and p_q = g_{-k}(u_q), g_{-k} fitted on the other folds, clipped to [0, 1] outside
+    the fitted range. Fitting and scoring on disjoint queries keeps the ECE honest (an in-sample
+    isotonic fit is calibrated by construction). ECE measures calibration, not discrimination: an
+    uninformative score maps to p ~ base accuracy and is calibrated too; AUSE measures the ranking.
+    """
     u = np.asarray(u, np.float64)
     c = np.asarray(correct, np.float64)
     n = u.shape[0]
-    if mapping == "rank":
-        return 1.0 - (stats.rankdata(u) - 0.5) / n
-    if mapping != "isotonic-cv":
-        raise BenchError(f"unknown confidence mapping {mapping!r}; known mappings: {', '.join(MAPPINGS)}")
     from sklearn.isotonic import IsotonicRegression
 
     if n < 2 * folds:  # too few queries to cross-fit: the base rate is the only honest guess
@@ -71,7 +42,8 @@ def _binned_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np
     """Per-bin sums of confidence and of correctness, and counts, along the last axis ([..., B]).
 
     Sorted by confidence, a query at position i of a run of tied confidences starting at position
-    s goes to bin floor(s B / N): equal-mass bins that never split tied confidences.
+    s goes to bin floor(s B / N): bins of N/B queries that never split tied confidences (frequent:
+    the isotonic map is a step function), so a tie run can fill a larger bin and leave others empty.
     """
     conf = np.asarray(conf, np.float64)
     correct = np.broadcast_to(np.asarray(correct, np.float64), conf.shape)
@@ -91,7 +63,8 @@ def _binned_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS, axis: int = -1) -> np.ndarray:
-    """ECE with equal-mass bins along `axis` (vectorised over the other axes)."""
+    """ECE = sum_b (n_b / N) |acc_b - conf_b| with equal-mass bins (see _binned_sums) along `axis`
+    (vectorised over the other axes); n_b queries, mean confidence conf_b, mean correctness acc_b."""
     conf = np.moveaxis(np.asarray(conf, np.float64), axis, -1)
     correct = np.moveaxis(np.asarray(correct, np.float64), axis, -1)
     sc, sy, _ = _binned_sums(conf, correct, n_bins)
@@ -108,23 +81,25 @@ def reliability_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAUL
 
 
 def calibration_metrics(u: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS,
-                        mapping: str = DEFAULT_MAPPING, n_resamples: int = 1000, level: float = 0.95,
-                        seed: int = 0, method: str = "percentile"
+                        n_resamples: int = 1000, level: float = 0.95, seed: int = 0
                         ) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
     """((ECE, ci_low, ci_high), extras) for uncertainties u [N] and correctness [N] in {0, 1}.
+
+    The bootstrap CI (paired (p, c) rows resampled) is conditional on the fitted confidence map:
+    each resample is re-binned, g is not refitted.
 
     extras: reliability_conf, reliability_acc, reliability_count [B] and confidence [N] (the mapped
     confidence per query, so the ECE can be recomputed or paired from the run folder alone).
     """
     u = np.asarray(u, np.float64)
     c = np.asarray(correct, np.float64)
-    p = confidence_map(u, c, mapping, seed)
+    p = confidence_map(u, c, seed)
     conf_b, acc_b, cnt_b = reliability_bins(p, c, n_bins)
 
     def stat(pp, cc, axis=-1):
         return ece(pp, cc, n_bins, axis=axis)[None]
 
-    ci = bootstrap_ci((p, c), stat, n_resamples, level, seed, paired=True, method=method)
+    ci = bootstrap_ci((p, c), stat, n_resamples, level, seed, paired=True)
     extras = {"reliability_conf": conf_b, "reliability_acc": acc_b, "reliability_count": cnt_b,
               "confidence": p}
     return ci.triple(0), extras

@@ -1,20 +1,5 @@
-"""OOD separation by an uncertainty score: AUROC, AUPR, FPR at 95% TPR and the variance ratio.
-
-Convention: OOD queries are the positive class and the score is "larger = more likely OOD" (the
-uncertainty u). With ID scores a_1..a_n0 and OOD scores b_1..b_n1:
-
-* AUROC = P(b > a) + 1/2 P(b = a) = (sum of the OOD ranks in the pooled sample - n1(n1+1)/2)/(n0 n1),
-  ranks averaged over ties (the Mann-Whitney form; equals sklearn's roc_auc_score).
-* AUPR (AUPR-Out, OOD positive) = average precision sum_t (R_t - R_{t-1}) P_t over the distinct
-  thresholds t in decreasing order, P_t / R_t the precision / recall of "score >= t" (equals
-  sklearn's average_precision_score; its chance level is n1 / (n0 + n1)).
-* FPR95 = the false-positive rate at the largest threshold whose TPR is >= 0.95, i.e. the share of
-  ID queries flagged when 95% of the OOD queries are caught (sklearn: fpr[argmax(tpr >= 0.95)]).
-* var_ratio = mean(b) / mean(a): mean OOD over mean ID uncertainty (NaN when mean(a) = 0).
-
-Every function is vectorised over leading axes (arrays [..., n0] and [..., n1], reduced along the
-last axis) so the bootstrap evaluates all resamples in one call.
-"""
+"""OOD separation by an uncertainty score (OOD positive, larger = more likely OOD): AUROC, AUPR,
+FPR at 95% TPR and the variance ratio, vectorised over leading axes so a bootstrap is one call."""
 from __future__ import annotations
 
 import numpy as np
@@ -76,22 +61,26 @@ def _threshold_stats(a: np.ndarray, b: np.ndarray, tpr_level: float = TPR_LEVEL)
 
 
 def auroc(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1) -> np.ndarray:
-    """AUROC of separating OOD (positive) from ID by the score, ties counted 1/2."""
+    """AUROC = P(b > a) + 1/2 P(b = a) for ID scores a [..., n0] and OOD scores b [..., n1]: the
+    Mann-Whitney form (OOD rank sum - n1(n1+1)/2) / (n0 n1), equal to sklearn's roc_auc_score."""
     return _threshold_stats(*_moved(id_scores, ood_scores, axis))[0]
 
 
 def aupr(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Average precision with OOD as the positive class (AUPR-Out)."""
+    """AUPR-Out = average precision sum_t (R_t - R_{t-1}) P_t over the distinct thresholds t in
+    decreasing order, P_t / R_t the precision / recall of "score >= t" with OOD positive (equals
+    sklearn's average_precision_score; chance level n1 / (n0 + n1))."""
     return _threshold_stats(*_moved(id_scores, ood_scores, axis))[1]
 
 
 def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1, tpr_level: float = TPR_LEVEL) -> np.ndarray:
-    """FPR at the first threshold (from the top) reaching TPR >= tpr_level."""
+    """FPR at the largest threshold whose TPR is >= tpr_level: the share of ID queries flagged when
+    95% of the OOD queries are caught (sklearn: fpr[argmax(tpr >= 0.95)])."""
     return _threshold_stats(*_moved(id_scores, ood_scores, axis), tpr_level)[2]
 
 
 def var_ratio(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1) -> np.ndarray:
-    """mean OOD score / mean ID score (NaN when the ID mean is 0)."""
+    """mean OOD score / mean ID score, e.g. OOD over ID variance (NaN when the ID mean is 0)."""
     num = np.asarray(ood_scores, np.float64).mean(axis=axis)
     den = np.asarray(id_scores, np.float64).mean(axis=axis)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -105,9 +94,9 @@ def ood_statistics(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1
 
 
 def ood_metrics_ci(id_scores: np.ndarray, ood_scores: np.ndarray, n_resamples: int = 1000,
-                   level: float = 0.95, seed: int = 0, method: str = "percentile") -> dict[str, tuple[float, float, float]]:
+                   level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """{metric: (value, ci_low, ci_high)} for OOD_METRICS; stratified bootstrap (ID and OOD
     queries resampled separately, group sizes kept), see bench.metrics.bootstrap."""
     ci: BootstrapCI = bootstrap_ci((id_scores, ood_scores), ood_statistics, n_resamples, level, seed,
-                                   paired=False, method=method)
+                                   paired=False)
     return {m: ci.triple(i) for i, m in enumerate(OOD_METRICS)}

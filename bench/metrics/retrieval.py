@@ -1,17 +1,5 @@
-"""Leave-one-out retrieval metrics on a labelled test set, as per-query vectors.
-
-For query q the gallery is every other test item; items are ranked by Euclidean distance to q's
-embedding, rel_q(k) = 1 when the k-th ranked item shares q's label, and R_q is the number of
-relevant items in the gallery. With P_q(k) = (1/k) sum_{i<=k} rel_q(i):
-
-* AP@K_q  = 1/min(K, R_q) * sum_{k=1..K} P_q(k) rel_q(k)   (mAP@K is its mean over queries).
-  This is the usual "normalise by the most hits possible in the top K" form, so a perfect ranking
-  scores 1 for every K. pytorch-metric-learning's `mean_average_precision` divides by R_q instead,
-  which is near zero at small K when classes are large. AP@1 equals precision@1.
-* Recall@K_q = 1 if any of the top K items is relevant, else 0 (the deep-metric-learning Recall@K).
-* AP@R_q  = 1/R_q * sum_{k=1..R_q} P_q(k) rel_q(k)  (PML's MAP@R, used as a cross-check).
-Queries with R_q = 0 (no other item of their class) score 0.
-"""
+"""Leave-one-out retrieval metrics on a labelled test set (mAP@K, Recall@K, MAP@R), as per-query
+vectors so a bootstrap over queries needs one kNN search."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,7 +37,14 @@ def _ap_from_rel(rel: torch.Tensor, norm: torch.Tensor) -> np.ndarray:
 def retrieval_per_query(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 3, 5, 7)) -> dict[str, np.ndarray]:
     """Per-query AP@K and Recall@K vectors [N] for each K, named `mAP@K` and `Recall@K`.
 
-    One kNN search (to the largest K) serves every K; see the module docstring for formulas.
+    For query q the gallery is every other test item, ranked by Euclidean distance to q;
+    rel_q(k) = 1 when the k-th item shares q's label, R_q = relevant items in the gallery and
+    P_q(k) = (1/k) sum_{i<=k} rel_q(i):
+    * AP@K_q = 1/min(K, R_q) * sum_{k<=K} P_q(k) rel_q(k): normalised by the most hits possible in
+      the top K, so a perfect ranking scores 1 for every K (pytorch-metric-learning's
+      `mean_average_precision` divides by R_q instead). AP@1 equals precision@1.
+    * Recall@K_q = 1 if any of the top K items is relevant, else 0 (the metric-learning Recall@K).
+    Queries with R_q = 0 score 0. One kNN search (to the largest K) serves every K.
     """
     labels = labels.to(emb.device)
     kmax = max(ks)
@@ -66,7 +61,7 @@ def retrieval_per_query(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, 
 
 
 def map_at_r_per_query(emb: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """Per-query AP@R [N] (PML's MAP@R definition), for cross-checks."""
+    """Per-query AP@R_q = 1/R_q * sum_{k<=R_q} P_q(k) rel_q(k) [N] (PML's MAP@R), for cross-checks."""
     labels = labels.to(emb.device)
     r = num_relevant(labels)
     rmax = int(r.max().item())

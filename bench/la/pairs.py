@@ -1,37 +1,5 @@
-"""Output-space curvature of the contrastive loss: mined pairs, their Hessian blocks and the block
-graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs).
-
-Loss (as trained, `bench.train.make_loss_and_miner`): PML ContrastiveLoss on plain Euclidean
-distances d_ij = ||f_i - f_j|| (LpDistance p=2, power=1, no normalisation), pairs taken from the
-triplets (a, p, n) of a TripletMarginMiner: each mined triplet contributes the positive pair (a, p)
-and the negative pair (a, n), duplicates included (PML's `convert_to_pairs`). Per pair
-
-    positive: l = relu(d - m_pos),     negative: l = relu(m_neg - d),
-
-reduced by PML's AvgNonZeroReducer: the batch loss is mean_{active pos pairs} l + mean_{active neg
-pairs} l, so an active pair (a, b) of kind k carries weight w_ab = count_ab / n_active_k, where
-count_ab is how often the miner produced it and n_active_k the number (with multiplicity) of pairs
-of kind k with l > 0 (inactive pairs have zero gradient and zero Hessian).
-
-Pair Hessian, derived analytically: with u = f_a - f_b, d = ||u||, s = +1 (positive) or -1
-(negative) and l = s (d - m) on the active side,
-
-    grad_u l = s u / d,       A := hess_u l = s (I - u u^T / d^2) / d.
-
-A has eigenvalue s / d on the (dim-1)-dimensional complement of u and 0 along u. The pair loss
-depends on (f_a, f_b) only through u = f_a - f_b, so its Hessian w.r.t. the stacked pair is
-[[A, -A], [-A, A]] = (e_a - e_b)(e_a - e_b)^T (x) A, and the batch Hessian w.r.t. all embeddings is
-the block graph Laplacian L = sum_pairs w_ab (e_a - e_b)(e_a - e_b)^T (x) A_ab. The GGN of the
-batch loss is J^T L J with J the stacked [B*d, D] embedding Jacobian.
-
-PSD handling ("clamp", the default): each pair's block is replaced by its PSD part A+ (its
-negative eigen-directions are dropped, as Bayesian metric learning / LAM keeps only PSD terms).
-(e_a - e_b)(e_a - e_b)^T (x) A+ is PSD, hence so are L+ and J^T L+ J. For plain distances A is
-s/d times a projector, so A+ = A for positive pairs and A+ = 0 for active negative pairs: the whole
-curvature of active negative pairs is dropped. The dropped share is recorded in output space
-(sum w tr|A-| / sum w tr|A|) and in parameter space (tr(J^T L- J) against tr(J^T L+ J)).
-`psd="none"` keeps L as is (exact Hessian of the loss w.r.t. the embeddings; for tests).
-"""
+"""Output-space curvature of the contrastive loss: mined pairs, analytic pair Hessians and the block
+graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -57,10 +25,12 @@ class PairCurvature:
     A_pos: torch.Tensor
     A_neg: torch.Tensor
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        nb, m = self.W_pos.shape[:2]
-        return nb, m, int(self.A_pos.shape[-1])
+    def output_traces(self) -> tuple[float, float]:
+        """(kept, dropped): the output-space absolute traces sum w tr|A| of the positive pairs (kept
+        by the PSD clamp) and of the negative pairs (dropped)."""
+        tr_pos = (self.W_pos * self.A_pos.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
+        tr_neg = (self.W_neg * self.A_neg.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()  # <= 0
+        return float(tr_pos), float(-tr_neg)
 
 
 def pairwise_distances(F: torch.Tensor) -> torch.Tensor:
@@ -108,6 +78,10 @@ def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Ten
 
     F [nb, m, d] -> (A [nb, m, m, d, d], dist [nb, m, m]); A is 0 where d == 0 (undefined there), and
     1/d is capped at 1/DIST_FLOOR (exact for d >= DIST_FLOOR).
+
+    Derivation: with d = ||u|| and l = s (d - m) on the active side of a pair loss,
+    grad_u l = s u / d and hess_u l = s (I - u u^T / d^2) / d: eigenvalue s / d on the (dim-1)-dim
+    complement of u, 0 along u.
     """
     u = F[:, :, None, :] - F[:, None, :, :]
     d2 = u.pow(2).sum(-1)
@@ -128,7 +102,15 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
                                valid: torch.Tensor | None = None) -> PairCurvature:
     """Reducer weights and Hessian blocks of PML's ContrastiveLoss for F [nb, m, d], y [nb, m].
 
-    See the module docstring for the loss, the AvgNonZeroReducer weights and the blocks.
+    The loss as trained (`bench.train.make_loss_and_miner`): ContrastiveLoss on plain Euclidean
+    distances d_ij = ||f_i - f_j|| (LpDistance p=2, power=1, no normalisation), pairs taken from the
+    triplets (a, p, n) of a TripletMarginMiner: each mined triplet gives the positive pair (a, p) and
+    the negative pair (a, n), duplicates included (PML's `convert_to_pairs`). Per pair
+        positive: l = relu(d - m_pos),     negative: l = relu(m_neg - d),
+    reduced by PML's AvgNonZeroReducer: the batch loss is mean_{active pos pairs} l + mean_{active neg
+    pairs} l, so an active pair (a, b) of kind k carries weight w_ab = count_ab / n_active_k, with
+    count_ab how often the miner produced it and n_active_k the number (with multiplicity) of pairs of
+    kind k with l > 0 (inactive pairs have zero gradient and zero Hessian).
     """
     C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid)
     A_pos, dist = pair_hessians(F, +1.0)
@@ -145,7 +127,12 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
 
 
 def _laplacian(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """Block graph Laplacian sum_ab W_ab (e_a - e_b)(e_a - e_b)^T (x) A_ab: [nb, m*d, m*d]."""
+    """Block graph Laplacian sum_ab W_ab (e_a - e_b)(e_a - e_b)^T (x) A_ab: [nb, m*d, m*d].
+
+    A pair loss depends on (f_a, f_b) only through u = f_a - f_b, so its Hessian w.r.t. the stacked
+    pair is [[A, -A], [-A, A]] = (e_a - e_b)(e_a - e_b)^T (x) A; summed over the weighted pairs this
+    is the Hessian of the batch loss w.r.t. all embeddings, and J^T L J its GGN.
+    """
     nb, m = W.shape[:2]
     d = A.shape[-1]
     S = W[..., None, None] * A  # [nb, a, b, d, d]
@@ -157,25 +144,15 @@ def _laplacian(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return L.permute(0, 1, 3, 2, 4).reshape(nb, m * d, m * d)
 
 
-def psd_split(pc: PairCurvature, psd: str = "clamp") -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """(L_kept, L_dropped, stats): the kept and dropped block Laplacians [nb, m*d, m*d].
+def clamped_laplacians(pc: PairCurvature) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L_kept, L_dropped) [nb, m*d, m*d]: the PSD clamp of the block Laplacian; their sum is the exact L.
 
-    psd="clamp": per-pair PSD part kept (closed form for plain distances, see the module docstring);
-    psd="none": the exact L kept, nothing dropped (L may be indefinite).
-    stats: output-space absolute traces sum w tr|A| kept and dropped.
+    Each pair's block is replaced by its PSD part A+ (negative eigen-directions dropped, as Bayesian
+    metric learning / LAM keeps only PSD terms); (e_a - e_b)(e_a - e_b)^T (x) A+ is PSD, hence so are
+    L+ and J^T L+ J. For plain distances A is s/d times a projector, so A+ = A for positive pairs and
+    A+ = 0 for active negative pairs: the whole curvature of active negative pairs is dropped.
     """
-    d = pc.A_pos.shape[-1]
-    tr_pos = (pc.W_pos * pc.A_pos.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
-    tr_neg = (pc.W_neg * pc.A_neg.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()  # <= 0
-    if psd == "none":
-        L = _laplacian(pc.W_pos, pc.A_pos) + _laplacian(pc.W_neg, pc.A_neg)
-        return L, torch.zeros_like(L), {"out_kept": float(tr_pos.abs() + tr_neg.abs()), "out_dropped": 0.0}
-    if psd != "clamp":
-        raise BenchError(f"psd must be clamp or none, got {psd!r}")
-    # positive pairs: A = (I - uu^T/d^2)/d is PSD; active negative pairs: A = -(...) is NSD -> A+ = 0
-    del d
-    return (_laplacian(pc.W_pos, pc.A_pos), _laplacian(pc.W_neg, pc.A_neg),
-            {"out_kept": float(tr_pos), "out_dropped": float(-tr_neg)})
+    return _laplacian(pc.W_pos, pc.A_pos), _laplacian(pc.W_neg, pc.A_neg)
 
 
 def small_eigh(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Embedding Jacobians: torch.func per-sample Jacobians over a parameter subset, the last layer's
 closed form, and the per-layer quantities Kronecker factors need.
 
-Parameter layout: a subset is a list of parameter names of the model in `named_parameters` order;
-a flat vector concatenates them, each flattened row-major (Linear weight [out, in], then bias [out]).
+A flat parameter vector concatenates the subset's parameters in `named_parameters` order, each
+flattened row-major (Linear weight [out, in], then bias [out]).
 """
 from __future__ import annotations
 
@@ -55,6 +55,11 @@ def unflatten(model: nn.Module, names: list[str], theta: torch.Tensor) -> dict[s
         out[n] = theta[..., i:i + k].reshape(*lead, *params[n].shape)
         i += k
     return out
+
+
+def subset_jacobian(model: nn.Module, x: torch.Tensor, subset: str, names: list[str]) -> torch.Tensor:
+    """J [n, d, D] w.r.t. the named parameters: the closed form for the last layer, else torch.func."""
+    return last_layer_jacobian(model, x) if subset == "last_layer" else embedding_jacobian(model, x, names)
 
 
 def embedding_jacobian(model: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:

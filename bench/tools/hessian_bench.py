@@ -1,25 +1,19 @@
-"""`python -m bench hessian-bench`: time this project's Hessians against laplace-torch and the floor.
-
-One process, one net, one data set. Rows:
-  floor            bare torch.mm(J^T, J) for a random J of shape [N*d, D] (the GEMM the full H needs)
-  ours full ggn    Jacobians + mining + block-Laplacian factor + symmetric rank-k update, all N items
-  ours full jtj    the seed's sum_n J_n^T J_n, same path without the Laplacian
-  ours diag/kfac   the cheap structures (GGN)
-  laplace-torch    Laplace(model, "regression", "all", "full").fit: the jtj matrix, with its default
-                   backend (CurvlinopsGGN) and AsdlGGN, on the first --lt-n items, scaled linearly to N
-Ratios are seconds / floor seconds. A check line gives the relative difference between our jtj H and
-laplace-torch's on the same items.
-"""
+"""`python -m bench hessian-bench`: time this project's Hessians against laplace-torch and the floor
+(one process, one net, one data set; the rows are described in `run_bench`)."""
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import torch
 
+from backbones.mlp import EmbeddingNet
 from bench.errors import BenchError
-from bench.laplace.curvature import PairLoss, compute_curvature
-from bench.model import EmbeddingNet, num_params
+from bench.la.curvature import PairLoss
+from bench.la.structures import compute_curvature
+from bench.model import num_params
+from bench.timing import sync
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,16 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _time(fn, device: torch.device) -> tuple[float, object]:
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     out = fn()
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t, out
 
 
@@ -56,8 +45,8 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(args.seed)
         return torch.rand(args.n, 784, generator=g), torch.randint(0, 7, (args.n,), generator=g)
     from bench.config import preset_config
-    from bench.registry import get_dataset
-    data = get_dataset("fashion_mnist")(preset_config("paper")).train_id
+    from bench.data import load_benchmark
+    data = load_benchmark(preset_config("paper").replace(far_ood=())).train_id
     if len(data) < args.n:
         raise BenchError(f"--n {args.n} exceeds the {len(data)} training items")
     sub = data.subset(args.n, seed=args.seed)
@@ -65,14 +54,22 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_bench(args: argparse.Namespace) -> list[dict]:
-    """The measurements as rows {what, rows, seconds, ratio, note}."""
+    """The measurements as rows {what, rows, seconds, ratio, note}:
+      floor            bare torch.mm(J^T, J) for a random J of shape [N*d, D] (the GEMM the full H needs)
+      ours full ggn    Jacobians + mining + block-Laplacian factor + symmetric rank-k update, all N items
+      ours full jtj    the seed's sum_n J_n^T J_n, same path without the Laplacian
+      ours diag/kfac   the cheap structures (GGN)
+      laplace-torch    Laplace(model, "regression", "all", "full").fit: the jtj matrix, with its default
+                       backend (CurvlinopsGGN) and AsdlGGN, on the first --lt-n items, scaled linearly to N
+    Ratios are seconds / floor seconds; the laplace-torch notes give the relative difference between
+    our jtj H and laplace-torch's on the same items."""
     device = torch.device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
     x, y = _load(args)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
-        model = EmbeddingNet(x.shape[1], hidden, args.embed_dim).to(device=device, dtype=dtype)
+        model = EmbeddingNet(math.prod(x.shape[1:]), hidden, args.embed_dim).to(device=device, dtype=dtype)
     D, d, N = num_params(model), args.embed_dim, len(y)
     x = x.to(device=device, dtype=dtype)
     rows: list[dict] = []

@@ -1,0 +1,1 @@
+"""Developer tools that are not part of a benchmark run (e.g. `hessian-bench`)."""

@@ -1,0 +1,48 @@
+"""Contracts of the dataset and backbone plugins, checked for every registered one."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bench.config import preset_config
+from bench.data import DataSource
+from bench.errors import BenchError
+from bench.model import build_model
+from bench.registry import BACKBONES, DATASETS
+
+
+@pytest.mark.parametrize("name", DATASETS.names())
+def test_dataset_contract(name):
+    cfg = preset_config("smoke")
+    try:
+        src = DATASETS.get(name)(cfg)
+    except BenchError as e:  # data not installed here: the error must be one line saying what to do
+        assert "\n" not in str(e)
+        pytest.skip(f"{name}: {e}")
+    assert isinstance(src, DataSource) and src.class_names
+    for x, y in ((src.train_x, src.train_y), (src.test_x, src.test_y)):
+        assert len(x) == len(y) > 0
+        assert y.min() >= -1 and y.max() < len(src.class_names)
+        assert x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating)
+    if src.train_x.dtype == np.uint8:
+        assert src.pixel_stats is not None and 0 < src.pixel_stats[1]
+    for far in DATASETS.meta(name).get("far_ood", ()):
+        DATASETS.get(far)  # a declared default far-OOD set is registered
+
+
+@pytest.mark.parametrize("name", BACKBONES.names())
+@pytest.mark.parametrize("in_shape", [(1, 28, 28), (32,)])
+def test_backbone_contract(name, in_shape):
+    cfg = preset_config("smoke").replace(backbone=name)
+    a, b = build_model(cfg, in_shape, seed=0), build_model(cfg, in_shape, seed=0)
+    x = torch.randn(5, *in_shape)
+    assert a(x).shape == (5, cfg.embed_dim)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters())), "initialisation is seeded"
+    c = build_model(cfg, in_shape, seed=1)
+    assert not all(torch.equal(p, q) for p, q in zip(a.parameters(), c.parameters()))
+    state = torch.random.get_rng_state()
+    build_model(cfg, in_shape, seed=2)
+    assert torch.equal(state, torch.random.get_rng_state()), "building a model leaves the global RNG alone"
+    drop = build_model(cfg, in_shape, seed=0, dropout=0.2)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in drop.modules())
