@@ -35,6 +35,16 @@ def test_pair_counts_match_pml_miner(miner_type):
     assert torch.equal(Cp[0], ref_p) and torch.equal(Cn[0], ref_n)
 
 
+def test_a_batch_with_one_mined_triplet_has_no_curvature_like_pmls_zero_loss():
+    F = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.1], [5.0, 5.0]], dtype=torch.float64)
+    y = torch.tensor([0, 0, 1, 2])  # only (0, 1, 2) is within the margin; (1, 0, 2) is not
+    _, miner = make_loss_and_miner(preset_config("smoke"))
+    assert len(miner(F, y)[0]) == 1
+    pc = contrastive_pair_curvature(F[None], y[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2)
+    assert pc.W_pos.abs().sum() == 0 and pc.W_neg.abs().sum() == 0
+    assert autograd_output_hessian(F, y).abs().max() == 0
+
+
 def test_analytic_pair_hessian_matches_autograd():
     F, _ = _emb(5, seed=1)
     A, _ = pair_hessians(F[None], +1.0)

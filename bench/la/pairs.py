@@ -110,13 +110,15 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     reduced by PML's AvgNonZeroReducer: the batch loss is mean_{active pos pairs} l + mean_{active neg
     pairs} l, so an active pair (a, b) of kind k carries weight w_ab = count_ab / n_active_k, with
     count_ab how often the miner produced it and n_active_k the number (with multiplicity) of pairs of
-    kind k with l > 0 (inactive pairs have zero gradient and zero Hessian).
+    kind k with l > 0 (inactive pairs have zero gradient and zero Hessian). PML returns a zero loss
+    when the miner yields at most one triplet (GenericPairLoss), so such a batch has no curvature.
     """
     C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid)
     A_pos, dist = pair_hessians(F, +1.0)
     A_neg = -A_pos
-    act_pos = (C_pos > 0) & (dist - pos_margin > 0)
-    act_neg = (C_neg > 0) & (neg_margin - dist > 0)
+    enough = C_pos.sum((1, 2), keepdim=True) > 1  # PML's loss is 0 for a batch with <= 1 mined triplet
+    act_pos = (C_pos > 0) & (dist - pos_margin > 0) & enough
+    act_neg = (C_neg > 0) & (neg_margin - dist > 0) & enough
     C_pos = C_pos * act_pos
     C_neg = C_neg * act_neg
     n_pos = C_pos.sum((1, 2), keepdim=True)
