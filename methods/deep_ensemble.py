@@ -1,14 +1,14 @@
 """Deep ensemble (Lakshminarayanan et al., 2017): M independently seeded nets from the shared loop.
 
-Members. Member m is the embedding net trained by the shared loop (same data, loss, miner, optimiser,
-epochs; no dropout) with seed s_m, where s_0 = cfg.seed (the base model's seed: member 0 *is* the
-cached base model, so a run with plain and post-hoc methods trains it only once) and, for m >= 1,
-s_m = member_seed(cfg.seed, m), derived with numpy's SeedSequence((cfg.seed, m)) so members of
-different run seeds never collide with each other or with small base seeds. Every member goes
-through ctx.train_model, i.e. the shared ModelCache: a rerun, or another method using the same
-members, loads them instead of retraining. Each member's recorded training time is charged to this
-method's "train" stage (also for member 0 and for members loaded from the cache), so the ensemble's
-train cost is the sum of its members' training, comparable across methods and runs.
+Members. Member m is an embedding net trained on the shared objective (same data, loss, miner,
+optimiser, epochs; no dropout) with seed s_m, where s_0 = cfg.seed (the base model's seed) and, for
+m >= 1, s_m = member_seed(cfg.seed, m), derived with numpy's SeedSequence((cfg.seed, m)) so members
+of different run seeds never collide with each other or with small base seeds. The M members are
+trained side by side (`ctx.train_models`: one vmapped step over the stacked parameters), each with
+its own seed, initialisation, data order and Adam state, so member m equals the net trained alone
+with seed s_m up to float rounding; member 0 is therefore not the cached base model itself but its
+twin. The members are cached as a group: a rerun loads them. The joint training time is charged to
+this method's "train" stage, also when loaded from the cache.
 
 Alignment (why averaging is meaningful). The contrastive loss sees embeddings only through
 Euclidean distances, so each member's embedding is determined at best up to an isometry
@@ -76,7 +76,7 @@ class DeepEnsemble(Method):
 
     def fit(self, ctx: FitContext) -> None:
         self.seeds = member_seeds(ctx.seed, self.cfg.ensemble_size)
-        self.members: list[nn.Module] = [ctx.train_model(seed=s, dropout=0.0) for s in self.seeds]
+        self.members: list[nn.Module] = ctx.train_models(self.seeds)
         for m in self.members:
             m.eval()
         with ctx.stage("train"), torch.no_grad():

@@ -40,10 +40,12 @@ def pairwise_distances(F: torch.Tensor) -> torch.Tensor:
 
 
 def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                      valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch.
 
-    F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items. A triplet (a, p, n) with y_a = y_p,
+    F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items; dist [nb, m, m] the distances to
+    mine with (default `pairwise_distances(F)`; training passes torch.cdist's, as PML does). A triplet (a, p, n) with y_a = y_p,
     a != p, y_a != y_n is mined when t = d_an - d_ap satisfies: all: t <= margin; hard: t <= min(margin, 0);
     semihard: 0 < t <= margin; easy: t > margin (PML's definitions). Returns (C_pos, C_neg) [nb, m, m]:
     C_pos[a, p] = #mined triplets with that (a, p), C_neg[a, n] = #mined triplets with that (a, n),
@@ -52,7 +54,7 @@ def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_typ
     if miner_type not in MINER_TYPES:
         raise BenchError(f"miner_type must be one of {', '.join(MINER_TYPES)}, got {miner_type!r}")
     nb, m, _ = F.shape
-    dist = pairwise_distances(F)
+    dist = pairwise_distances(F) if dist is None else dist
     same = y[:, :, None] == y[:, None, :]
     eye = torch.eye(m, dtype=torch.bool, device=F.device)
     if valid is None:
@@ -71,6 +73,23 @@ def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_typ
             cond &= t > 0
     trip = cond & pos[:, :, :, None] & neg[:, :, None, :]
     return trip.sum(3).to(F.dtype), trip.sum(2).to(F.dtype)
+
+
+def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor, pos_margin: float,
+                    neg_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights (W_pos, W_neg) [nb, m, m] of the ordered pairs in PML's reduced batch loss, from the
+    mined multiplicities C and the distances: an active pair (a, b) of kind k (positive: d > m_pos,
+    negative: d < m_neg) carries count_ab / n_active_k, where n_active_k counts the active pairs of
+    kind k with multiplicity (AvgNonZeroReducer); inactive pairs 0. PML returns a zero loss when the
+    miner yields at most one triplet (GenericPairLoss), so such a batch has all weights 0."""
+    enough = C_pos.sum((1, 2), keepdim=True) > 1  # number of mined triplets per batch
+    C_pos = C_pos * ((C_pos > 0) & (dist - pos_margin > 0) & enough)
+    C_neg = C_neg * ((C_neg > 0) & (neg_margin - dist > 0) & enough)
+    n_pos = C_pos.sum((1, 2), keepdim=True)
+    n_neg = C_neg.sum((1, 2), keepdim=True)
+    W_pos = torch.where(n_pos > 0, C_pos / n_pos.clamp_min(1), torch.zeros_like(C_pos))
+    W_neg = torch.where(n_neg > 0, C_neg / n_neg.clamp_min(1), torch.zeros_like(C_neg))
+    return W_pos, W_neg
 
 
 def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,15 +135,8 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid)
     A_pos, dist = pair_hessians(F, +1.0)
     A_neg = -A_pos
-    enough = C_pos.sum((1, 2), keepdim=True) > 1  # PML's loss is 0 for a batch with <= 1 mined triplet
-    act_pos = (C_pos > 0) & (dist - pos_margin > 0) & enough
-    act_neg = (C_neg > 0) & (neg_margin - dist > 0) & enough
-    C_pos = C_pos * act_pos
-    C_neg = C_neg * act_neg
-    n_pos = C_pos.sum((1, 2), keepdim=True)
-    n_neg = C_neg.sum((1, 2), keepdim=True)
-    W_pos = torch.where(n_pos > 0, C_pos / n_pos.clamp_min(1), torch.zeros_like(C_pos))
-    W_neg = torch.where(n_neg > 0, C_neg / n_neg.clamp_min(1), torch.zeros_like(C_neg))
+    W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin)
+    act_pos, act_neg = W_pos > 0, W_neg > 0
     return PairCurvature(W_pos, W_neg, A_pos * act_pos[..., None, None], A_neg * act_neg[..., None, None])
 
 
