@@ -60,6 +60,8 @@ class RunConfig:
     dropout: float = 0.1
     dropout_passes: int = 100  # stochastic forward passes of MC dropout
     ensemble_size: int = 5
+    # options that method plugins declare (`Method.options`), as sorted (name, value) pairs
+    method_options: tuple[tuple[str, Any], ...] = ()
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     out: str = "runs"
@@ -89,7 +91,7 @@ class RunConfig:
 
 
 def _jsonable(v: Any) -> Any:
-    return list(v) if isinstance(v, tuple) else v
+    return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -120,17 +122,29 @@ def _field_types() -> dict[str, Any]:
     return get_type_hints(RunConfig)
 
 
+def declared_options() -> dict[str, Any]:
+    """Option name -> `bench.method.Option` for every option a registered method declares."""
+    from bench.registry import METHODS
+
+    return {name: opt for m in METHODS.names() for name, opt in METHODS.get(m).options.items()}
+
+
 def parse_value(key: str, text: str) -> Any:
-    """Parse a command-line string into the type of RunConfig field `key`."""
+    """Parse a command-line string into the type of RunConfig field (or declared method option) `key`."""
     types = _field_types()
     if key not in types:
-        raise BenchError(f"unknown config field {key!r}; fields: {', '.join(types)}")
+        opts = declared_options()
+        if key in opts:
+            return _scalar(key, opts[key].type, text)
+        raise BenchError(f"unknown config field {key!r}; fields: {', '.join(types)}; "
+                         f"method options: {', '.join(opts) or 'none'}")
     tp = types[key]
     if type(None) in get_args(tp):
-        if str(text).lower() in ("none", "null", ""):
-            return None
-        tp = next(a for a in get_args(tp) if a is not type(None))
-    if get_origin(tp) is tuple:
+        inner = next(a for a in get_args(tp) if a is not type(None))
+        if str(text).lower() in ("none", "null") or (str(text) == "" and get_origin(inner) is not tuple):
+            return None  # an empty tuple field (e.g. far_ood=) stays an empty tuple: "none of them"
+        tp = inner
+    if get_origin(tp) is tuple and key != "method_options":
         inner = get_args(tp)[0]
         parts = [p.strip() for p in str(text).split(",") if p.strip()]
         return tuple(_scalar(key, inner, p) for p in parts)
@@ -172,11 +186,18 @@ def validate(cfg: RunConfig) -> None:
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply already-typed overrides and validate the result."""
-    known = {f.name for f in fields(RunConfig)}
-    bad = [k for k in overrides if k not in known]
-    if bad:
-        raise BenchError(f"unknown config field {bad[0]!r}; fields: {', '.join(sorted(known))}")
+    """Apply already-typed overrides (config fields or declared method options) and validate."""
+    known = {f.name for f in fields(RunConfig)} - {"method_options"}
+    opts = {k: v for k, v in overrides.items() if k not in known}
+    if opts:
+        declared = declared_options()
+        bad = [k for k in opts if k not in declared]
+        if bad:
+            raise BenchError(f"unknown config field {bad[0]!r}; fields: {', '.join(sorted(known))}; "
+                             f"method options: {', '.join(declared) or 'none'}")
+        merged = {**dict(cfg.method_options), **opts}
+        overrides = {k: v for k, v in overrides.items() if k in known}
+        overrides["method_options"] = tuple(sorted(merged.items()))
     cfg = dataclasses.replace(cfg, **overrides)
     validate(cfg)
     return cfg

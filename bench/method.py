@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
 
@@ -60,6 +60,14 @@ class FitContext:
     method: str
     train_model: Callable[..., "nn.Module"]
     seed: int
+    train_jointly: Callable[[list[int]], list["nn.Module"]] | None = None
+
+    def train_models(self, seeds: list[int]) -> list["nn.Module"]:
+        """Contrastive nets of the given seeds, trained side by side when the runner offers it (each
+        equal to the net trained alone up to float rounding), else one by one; charged to this method."""
+        if self.train_jointly is None:
+            return [self.train_model(seed=s) for s in seeds]
+        return self.train_jointly(list(seeds))
 
     def base_model(self) -> "nn.Module":
         """The shared MAP embedding net (trained once per run and cached; charged to the run's base)."""
@@ -80,6 +88,16 @@ class FitContext:
         return torch.Generator(device=device).manual_seed(self.seed_for(offset))
 
 
+@dataclass(frozen=True)
+class Option:
+    """A method option settable with `--set NAME=VALUE`: its type, default and one line of help
+    (with the source of the default). Values live in RunConfig.method_options."""
+
+    type: type
+    default: Any
+    help: str
+
+
 class Method:
     """Base class of method plugins. Subclasses set `post_hoc` and implement fit and predict.
 
@@ -90,10 +108,16 @@ class Method:
 
     name: str = ""
     post_hoc: bool = False
+    options: ClassVar[dict[str, Option]] = {}  # this method's own options (names unique across methods)
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
         self.diagnostics: dict[str, Any] = {}
+
+    @classmethod
+    def option(cls, cfg: "RunConfig", name: str) -> Any:
+        """The value of this method's option `name` in cfg (its default unless set)."""
+        return dict(cfg.method_options).get(name, cls.options[name].default)
 
     @classmethod
     def validate(cls, cfg: "RunConfig") -> None:

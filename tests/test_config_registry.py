@@ -62,7 +62,9 @@ def test_bad_flags_raise_one_line(flags, fragment):
 
 def test_optional_tuple_fields_parse():
     assert parse_value("far_ood", "mnist_ood,synthetic_noise") == ("mnist_ood", "synthetic_noise")
-    assert parse_value("far_ood", "none") is None
+    assert parse_value("far_ood", "none") is None  # the dataset's default far-OOD sets
+    assert parse_value("far_ood", "") == ()  # no far-OOD set
+    assert parse_value("hessian_items", "") is None
     assert parse_value("hessian_items", "4096") == 4096
 
 
@@ -88,3 +90,29 @@ def test_registry_rejects_a_second_plugin_under_one_name():
     reg.register("a")(int)  # the same object again (a module imported twice) is fine
     with pytest.raises(ValueError, match="thing 'a' registered twice"):
         reg.register("a")(float)
+
+
+def test_method_options_are_set_from_the_command_line():
+    """A method declares its options; `--set` reaches them without RunConfig knowing the method."""
+    from methods.hib import HedgedInstanceEmbedding
+
+    args = build_parser().parse_args(["run", "--preset", "smoke", "--set", "hib_samples=4", "--set", "epochs=2"])
+    cfg = config_from_args(args)
+    assert cfg.method_options == (("hib_samples", 4),) and cfg.epochs == 2
+    assert HedgedInstanceEmbedding.option(cfg, "hib_samples") == 4
+    assert HedgedInstanceEmbedding.option(cfg, "hib_kl_weight") == HedgedInstanceEmbedding.options["hib_kl_weight"].default
+    assert cfg.digest() != preset_config("smoke").replace(epochs=2).digest()
+    with pytest.raises(BenchError, match="bad value 'x' for hib_samples"):
+        config_from_args(build_parser().parse_args(["run", "--set", "hib_samples=x"]))
+    with pytest.raises(BenchError, match="method options: .*hib_samples"):
+        config_from_args(build_parser().parse_args(["run", "--set", "nope=1"]))
+
+
+def test_method_option_names_are_unique_and_documented():
+    seen: dict[str, str] = {}
+    fields_ = set(RunConfig.__dataclass_fields__)
+    for m in METHODS.names():
+        for name, opt in METHODS.get(m).options.items():
+            assert name not in seen and name not in fields_, f"{m}.{name} clashes"
+            assert isinstance(opt.default, opt.type) and opt.help
+            seen[name] = m
