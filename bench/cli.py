@@ -1,4 +1,4 @@
-"""Command line: `python -m bench run|list|report|hessian-bench`."""
+"""Command line: `python -m bench run|grid|list|report|hessian-bench`."""
 from __future__ import annotations
 
 import argparse
@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="skip rendering report.md/report.html")
     sub.add_parser("list", help="registered methods, datasets and presets")
-    rep = sub.add_parser("report", help="re-render tables and plots from a run folder")
-    rep.add_argument("run_dir")
+    add_grid_parser(sub)
+    rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
+    rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
     rep.add_argument("--format", default="md,html", help="comma-separated: md, html, latex")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
@@ -53,6 +54,34 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
     return p
+
+
+def add_grid_parser(sub) -> None:
+    g = sub.add_parser("grid", help="many runs (datasets x methods x seeds x settings) on a local pool or Ray",
+                       description="Every cell (dataset, setting, method, seed) is one run folder in one grid folder; "
+                                   "`--resume GRID_DIR` finishes what is missing or failed.")
+    g.add_argument("--resume", metavar="GRID_DIR", help="finish an existing grid (its recorded spec; other spec flags refused)")
+    spec = g.add_argument_group("what to run (not with --resume)")
+    spec.add_argument("--datasets", help="comma-separated dataset names (default: the preset's)")
+    spec.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default)")
+    spec.add_argument("--seeds", default=None, help="seeds: 0-4, 0,1,2 or 0-2,7 (default: 0)")
+    spec.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: default)")
+    spec.add_argument("--set", action="append", default=[], metavar="FIELD=V[;V...]",
+                      help="a config field for every cell; several values make a grid axis: repeat --set, or "
+                           "separate values with ';' (and with ',' for non-tuple fields), e.g. --set prior_precision=marglik,grid "
+                           "--set 'hidden=32,32;64,64'")
+    spec.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda or cuda:N")
+    spec.add_argument("--data-dir", default=None, help="folder holding the dataset files")
+    spec.add_argument("--out", default=None, help="parent folder of the grid folder (default runs/)")
+    spec.add_argument("--name", default=None, help="grid name, used in the grid folder's name (default grid)")
+    ex = g.add_argument_group("where to run (may change on --resume)")
+    ex.add_argument("--executor", default="local", choices=["local", "ray"], help="local process pool (default) or Ray")
+    ex.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray on this machine")
+    ex.add_argument("--jobs", type=int, default=None, help="tasks at once (local default: CPUs / cpus-per-job; Ray: as resources allow)")
+    ex.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs (and torch threads) per task (default 1)")
+    ex.add_argument("--gpus-per-job", type=float, default=0.0, help="GPUs per task, fractions share a GPU (Ray only; default 0)")
+    g.add_argument("--quiet", action="store_true", help="no live progress bar: a line per finished cell")
+    g.add_argument("--no-report", action="store_true", help="skip rendering the grid report")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -83,6 +112,11 @@ def cmd_list() -> int:
         print(tabulate(reg.descriptions().items(), headers=[reg.kind, "description"]))
         print()
     print(tabulate([(n, d) for n, (d, _) in PRESETS.items()], headers=["preset", "description"]))
+    options = [(name, m, opt.type.__name__, opt.default, opt.help) for m in METHODS.names()
+               for name, opt in METHODS.get(m).options.items()]
+    if options:
+        print()
+        print(tabulate(options, headers=["method option (--set NAME=VALUE)", "method", "type", "default", "what"]))
     return 0
 
 
@@ -99,10 +133,42 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_grid(args: argparse.Namespace) -> int:
+    from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
+    from bench.grid.spec import parse_seeds
+    from bench.run_folder import GridFolder
+    from reports.grid_report import print_grid_summary, render_grid_report
+
+    opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
+    spec_flags = {"--datasets": args.datasets, "--methods": args.methods, "--seeds": args.seeds, "--preset": args.preset,
+                  "--set": args.set or None, "--device": args.device, "--data-dir": args.data_dir,
+                  "--out": args.out, "--name": args.name}
+    if args.resume:
+        given = [f for f, v in spec_flags.items() if v is not None]
+        if given:
+            raise BenchError(f"--resume runs the grid's recorded spec; drop {', '.join(given)}")
+        grid = GridFolder(args.resume)
+    else:
+        preset = args.preset or "default"
+        spec = GridSpec(datasets=tuple(d.strip() for d in (args.datasets or preset_config(preset).dataset).split(",") if d.strip()),
+                        methods=parse_value("methods", args.methods or "all"), seeds=parse_seeds(args.seeds or "0"),
+                        preset=preset, sets=tuple(args.set), device=args.device, data_dir=args.data_dir)
+        grid = create_grid(spec, args.out or "runs", args.name or "grid")
+    run_grid(grid, opts, quiet=args.quiet)
+    print_grid_summary(grid.path)
+    if not args.no_report:
+        for path in render_grid_report(grid.path, ["md", "html"]):
+            print(f"wrote {path}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from bench.run_folder import is_grid
     from reports.render import render_report
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    if is_grid(args.run_dir):
+        from reports.grid_report import render_grid_report as render_report  # noqa: F811
     for path in render_report(args.run_dir, formats):
         print(f"wrote {path}")
     return 0
@@ -115,6 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "grid":
+            return cmd_grid(args)
         if args.command == "list":
             return cmd_list()
         if args.command == "report":

@@ -164,6 +164,11 @@ class RunFolder:
         found = [int(x) for x in dict.fromkeys(self.results["seed"])] if not self.results.empty else []
         return [x for x in s if x in found] + [x for x in found if x not in s] or [int(self.config.get("seed", 0))]
 
+    def post_hoc_methods(self) -> set[str] | None:
+        """Methods that reuse the shared base model (None for folders that did not record it)."""
+        found = self.meta.get("post_hoc_methods")
+        return None if found is None else set(found)
+
     def class_names(self) -> list[str]:
         """Class names recorded by the runner (empty when none: legends then say `class k`)."""
         return list(self.meta.get("class_names") or [])
@@ -243,6 +248,18 @@ class GridFolder:
         d = _new_folder(Path(out), name)
         atomic_write_json(d / GRID, {"format_version": GRID_FORMAT_VERSION, **meta})
         return cls(d)
+
+    @classmethod
+    def unfinished(cls, out: str | Path, spec: dict) -> "GridFolder | None":
+        """The newest grid folder under `out` with this spec that is not complete (rerunning the same
+        `bench grid` command resumes it), else None."""
+        out = Path(out)
+        for d in sorted(out.iterdir(), reverse=True) if out.is_dir() else []:
+            meta = _read_json(d / GRID) if is_grid(d) else None
+            if meta and meta.get("spec") == spec and meta.get("status") != COMPLETE \
+                    and meta.get("format_version") == GRID_FORMAT_VERSION:
+                return cls(d)
+        return None
 
     def save(self) -> None:
         """Write grid.json from `meta` (atomically)."""

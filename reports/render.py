@@ -38,9 +38,10 @@ def reproduce_command(meta: dict) -> str:
         if k in cfg and cfg[k] != base.get(k) and cfg[k] not in ([], None):
             parts.append(f"{named[k]} {val(cfg[k])}")
     for k, v in sorted(cfg.items()):
-        if k in named or k in ("preset", "quiet", "report") or k not in base or base[k] == v:
+        if k in named or k in ("preset", "quiet", "report", "method_options") or k not in base or base[k] == v:
             continue
         parts.append(f"--set {k}={'none' if v is None else val(v)}")
+    parts += [f"--set {k}={v}" for k, v in cfg.get("method_options") or []]
     return " ".join(parts)
 
 
@@ -121,7 +122,7 @@ def paired_blocks(run: RunFolder) -> list[Block]:
 
 
 def timing_blocks(run: RunFolder) -> list[Block]:
-    t = timing_table(run.timings, run.methods)
+    t = timing_table(run.timings, run.methods, run.post_hoc_methods())
     if t is None:
         return [Heading("Wall time"), Para("No timings recorded.")]
     return [Heading("Wall time"), t]

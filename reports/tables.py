@@ -183,9 +183,11 @@ def stage_frame(timings: pd.DataFrame, methods: list[str] | None = None) -> pd.D
     return wide.reindex(index=rows, columns=stages)
 
 
-def timing_table(timings: pd.DataFrame, methods: list[str] | None = None) -> Table | None:
+def timing_table(timings: pd.DataFrame, methods: list[str] | None = None, post_hoc: set[str] | None = None
+                 ) -> Table | None:
     """Wall time per stage per method (s, summed over seeds), total, share of the run's total, and for
-    methods that trained nothing themselves (post-hoc) the total including the shared base training."""
+    post-hoc methods (those in `post_hoc`; when unknown, those that trained nothing themselves) the
+    total including the shared base training."""
     wide = stage_frame(timings, methods)
     if wide.empty:
         return None
@@ -198,10 +200,11 @@ def timing_table(timings: pd.DataFrame, methods: list[str] | None = None) -> Tab
         cells = [Cell(m)] + [Cell(f"{wide.loc[m, s]:.2f}") for s in wide.columns]
         cells.append(Cell(f"{total[m]:.2f}"))
         cells.append(Cell(f"{100 * total[m] / grand:.1f}%" if grand > 0 else "n/a"))
-        shares_base = m != BASE and BASE in wide.index and own_train[m] == 0
+        reuses = (m in post_hoc) if post_hoc is not None else own_train[m] == 0
+        shares_base = m != BASE and BASE in wide.index and reuses
         cells.append(Cell(f"{total[m] + base_total:.2f}" if shares_base else "–"))
         rows.append(cells)
     n_seeds = timings["seed"].nunique()
     notes = [f"Seconds summed over {n_seeds} seed(s). Post-hoc methods share the base training, counted once "
-             f"under \"{BASE}\"; \"with base\" adds it to each method that trained no network of its own."]
+             f"under \"{BASE}\"; \"with base\" adds it to each post-hoc method."]
     return Table("Wall time per stage (s)", ["method", *wide.columns, "total", "share", "with base"], rows, notes)

@@ -294,3 +294,16 @@ def test_far_ood_points_are_not_named_after_the_datasets_classes(tmp_path):
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert "OOD heldout: 7: c7" in labels and "OOD: mnist" in labels
     assert not any(t.startswith("OOD mnist:") for t in labels)
+
+
+def test_with_base_column_follows_the_recorded_post_hoc_flag():
+    """A post-hoc method that trains a head of its own (PFE) still shares the base training."""
+    import pandas as pd
+    from reports.tables import timing_table
+
+    t = pd.DataFrame([("base", 0, "train", 10.0), ("pfe", 0, "train", 2.0), ("hib", 0, "train", 7.0)],
+                     columns=["method", "seed", "stage", "seconds"])
+    rows = {r[0].text: r[-1].text for r in timing_table(t, ["pfe", "hib"], post_hoc={"pfe"}).rows}
+    assert rows == {"base": "–", "pfe": "12.00", "hib": "–"}
+    legacy = {r[0].text: r[-1].text for r in timing_table(t, ["pfe", "hib"]).rows}
+    assert legacy["pfe"] == "–"  # folders without the flag: only methods that trained nothing get it

@@ -1,0 +1,308 @@
+"""The report of a grid folder: per dataset the method table across seeds, mean ranks, how often each
+pairwise difference is significant (paired bootstrap per seed, Wilcoxon across seeds) and cost vs quality."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure as MplFigure
+from scipy import stats
+
+from bench.conventions import BASE_METHOD as BASE, NEAR_OOD_SET, STAGES
+from bench.errors import BenchError
+from bench.metrics.aggregate import paired_differences, seed_summary
+from bench.run_folder import GridFolder
+from reports import plots as P
+from reports.formats import Block, Cell, Code, Figure, Heading, Para, Table, to_text
+from reports.render import WRITERS
+from reports.tables import base_metric, direction, header, ordered, seeds_tables
+
+HEADLINE = ("mAP@1", "ECE", "AUSE")  # plus AUROC and FPR95 of every OOD set (Recall@1 equals mAP@1)
+PAIRWISE_COLUMNS = ["dataset", "metric", "a", "b", "n_seeds", "mean_diff", "a_better", "b_better", "wilcoxon_p"]
+
+
+def headline(metrics) -> list[str]:
+    """The metrics ranked and tested pairwise: mAP@1, ECE, AUSE, AUROC[s], FPR95[s]."""
+    return [m for m in ordered(metrics) if m in HEADLINE or base_metric(m) in ("AUROC", "FPR95")]
+
+
+def variant_names(grid: GridFolder) -> dict[str, str]:
+    """Cell -> the row label of its method: the method, plus its axis values when the grid has axes."""
+    axes = grid.meta.get("axes") or {}
+    out = {}
+    for cid, c in grid.meta["cells"].items():
+        point = ", ".join(f"{k}={_show(c['point'].get(k))}" for k in axes)
+        out[cid] = c["method"] + (f" [{point}]" if point else "")
+    return out
+
+
+def _show(v) -> str:
+    return ",".join(map(str, v)) if isinstance(v, list) else str(v)
+
+
+def _level(grid: GridFolder) -> float:
+    return float(grid.meta.get("base_config", {}).get("ci_level", 0.95))
+
+
+def header_blocks(grid: GridFolder) -> list[Block]:
+    m, spec = grid.meta, grid.meta.get("spec", {})
+    cells = m["cells"]
+    status = pd.Series([c["status"] for c in cells.values()]).value_counts().to_dict()
+    last = (m.get("invocations") or [{}])[-1]
+    facts = [("preset", spec.get("preset")), ("datasets", ", ".join(spec.get("datasets", []))),
+             ("methods", ", ".join(dict.fromkeys(c["method"] for c in cells.values()))),
+             ("seeds", ", ".join(map(str, spec.get("seeds", [])))),
+             ("axes", "; ".join(f"{k} = {' | '.join(v)}" for k, v in (m.get("axes") or {}).items()) or "none"),
+             ("cells", f"{len(cells)} ({', '.join(f'{v} {k}' for k, v in status.items())})"),
+             ("status", m.get("status")), ("created", m.get("created")), ("git commit", m.get("git_commit")),
+             ("bench version", m.get("bench_version")), ("invocations", len(m.get("invocations", []))),
+             ("last invocation", ", ".join(f"{k} {last[k]}" for k in ("executor", "jobs", "nodes", "wall_seconds")
+                                           if last.get(k) is not None) or None),
+             ("packages", ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items()) or None)]
+    t = Table("Grid", ["", ""], [[Cell(k), Cell(str(v))] for k, v in facts if v not in (None, "")])
+    cmds = [m["command"]] if m.get("command") else []
+    return [Heading(f"bench grid report: {grid.path.name}", 1), t,
+            Para("Commands: the grid as created, and how to finish it (reruns failed or missing cells only):"),
+            Code("\n".join(cmds + [f"python -m bench grid --resume {grid.path}"]))]
+
+
+def failure_blocks(grid: GridFolder) -> list[Block]:
+    bad = [(cid, c) for cid, c in grid.meta["cells"].items() if c["status"] != "done"]
+    if not bad:
+        return []
+    rows = [[Cell(cid), Cell(c["status"]), Cell(str(c.get("error") or "").splitlines()[0] if c.get("error") else "")]
+            for cid, c in bad]
+    return [Heading("Unfinished cells"), Table("Cells not done", ["cell", "status", "error"], rows,
+                                               ["Tracebacks are in grid.json; `bench grid --resume` reruns these cells."])]
+
+
+def rank_table(res: pd.DataFrame, variants: list[str], metrics: list[str]) -> Table | None:
+    """Mean rank over seeds (1 = best; ties share the average rank) of each variant per metric, among
+    the variants that have the metric on that seed."""
+    ranks = []
+    for (metric, _seed), g in res[res["metric"].isin(metrics)].groupby(["metric", "seed"], sort=False):
+        g = g[np.isfinite(g["value"].to_numpy(float))]
+        if len(g) >= 2:
+            r = stats.rankdata(-direction(metric) * g["value"].to_numpy(float), method="average")
+            ranks += [{"variant": v, "metric": metric, "rank": x} for v, x in zip(g["variant"], r)]
+    if not ranks:
+        return None
+    mean = pd.DataFrame(ranks).groupby(["variant", "metric"])["rank"].mean()
+    cols = [m for m in metrics if m in mean.index.get_level_values("metric")]
+    best = {m: mean.xs(m, level="metric").min() for m in cols}
+    rows = []
+    for v in variants:
+        vals = {m: mean.get((v, m), math.nan) for m in cols}
+        rows.append([Cell(v)] + [Cell("n/a" if math.isnan(x) else f"{x:.2f}", not math.isnan(x) and x == best[m])
+                                 for m, x in vals.items()])
+    return Table("Mean rank over seeds (1 = best)", ["method", *map(header, cols)], rows,
+                 ["Ranked per seed among the methods that have the metric (n/a: no uncertainty), then averaged; "
+                  "**bold**: the best mean rank."])
+
+
+def pairwise_frame(grid: GridFolder, dataset: str, res: pd.DataFrame, variants: list[str], metrics: list[str],
+                   cells: dict[str, str]) -> pd.DataFrame:
+    """Every pair (a, b) of variants per metric: seeds both ran (n_seeds), mean of value(a) - value(b)
+    over seeds, seeds on which a (b) is significantly better (the paired bootstrap CI of the difference
+    over the same queries excludes 0), and the Wilcoxon signed-rank p-value of the per-seed differences."""
+    cfg = grid.meta.get("base_config", {})
+    pq = {}
+    for cid, v in cells.items():
+        c = grid.meta["cells"][cid]
+        run = grid.cell_run(cid) if c["dataset"] == dataset else None
+        if run is not None and (a := run.perquery(c["method"], int(c["seed"]))) is not None:
+            pq[(v, int(c["seed"]))] = a
+    boot = []
+    for i, ref in enumerate(variants):
+        sub = {k: a for k, a in pq.items() if k[0] in variants[i:]}
+        boot.append(paired_differences(sub, ref, int(cfg.get("bootstrap_resamples", 1000)), _level(grid),
+                                       int(cfg.get("seed", 0)), metrics))
+    boot_df = pd.concat(boot, ignore_index=True) if boot else pd.DataFrame()
+    vals = res.pivot_table(index=["metric", "seed"], columns="variant", values="value", aggfunc="first")
+    rows = []
+    for metric in metrics:
+        d = direction(metric)
+        for i, a in enumerate(variants):
+            for b in variants[i + 1:]:
+                per_seed = vals.loc[metric][[a, b]].dropna() if metric in vals.index and {a, b} <= set(vals.columns) else None
+                if per_seed is None or per_seed.empty:
+                    continue
+                diff = (per_seed[a] - per_seed[b]).to_numpy(float)
+                bt = boot_df[(boot_df["metric"] == metric) & (boot_df["method"] == a) & (boot_df["reference"] == b)] \
+                    if not boot_df.empty else boot_df
+                a_better = int(((d * bt["ci_low"] > 0) & (d * bt["ci_high"] > 0)).sum()) if len(bt) else 0
+                b_better = int(((d * bt["ci_low"] < 0) & (d * bt["ci_high"] < 0)).sum()) if len(bt) else 0
+                rows.append({"dataset": dataset, "metric": metric, "a": a, "b": b, "n_seeds": len(diff),
+                             "mean_diff": float(diff.mean()), "a_better": a_better, "b_better": b_better,
+                             "wilcoxon_p": _wilcoxon(diff)})
+    return pd.DataFrame(rows, columns=PAIRWISE_COLUMNS)
+
+
+def _wilcoxon(diff: np.ndarray) -> float:
+    """Two-sided Wilcoxon signed-rank p-value of paired differences; NaN with < 2 of them or all zero."""
+    if len(diff) < 2 or not np.any(diff != 0):
+        return math.nan
+    return float(stats.wilcoxon(diff).pvalue)
+
+
+def significance_tables(pw: pd.DataFrame, variants: list[str]) -> list[Table]:
+    """One matrix per metric: row a, column b holds `k/n` = seeds on which a is significantly better
+    than b, and the Wilcoxon p across seeds; bold when a is better on every seed."""
+    out = []
+    for metric, g in pw[pw["metric"].map(base_metric) != "FPR95"].groupby("metric", sort=False):  # FPR95: pairwise.csv
+        cell = {}
+        for r in g.to_dict("records"):
+            p = "" if math.isnan(r["wilcoxon_p"]) else f", p={r['wilcoxon_p']:.2g}"
+            cell[(r["a"], r["b"])] = Cell(f"{r['a_better']}/{r['n_seeds']}{p}", r["a_better"] == r["n_seeds"])
+            cell[(r["b"], r["a"])] = Cell(f"{r['b_better']}/{r['n_seeds']}{p}", r["b_better"] == r["n_seeds"])
+        shown = [v for v in variants if any(v in k for k in cell)]
+        rows = [[Cell(a)] + [cell.get((a, b), Cell("–")) for b in shown] for a in shown]
+        out.append(Table(f"{header(metric)}: seeds on which the row beats the column significantly",
+                         ["row vs column", *shown], rows))
+    if out:
+        out[-1].notes.append("k/n: on k of the n seeds both methods ran, the paired bootstrap CI of the difference "
+                             "(same queries resampled for both) excludes 0 in the row's favour; p: two-sided Wilcoxon "
+                             "signed-rank test of the n per-seed differences (it cannot go below 0.05 with fewer than "
+                             "6 seeds). **bold**: significant on every seed.")
+    return out
+
+
+def cost_frame(tim: pd.DataFrame) -> pd.DataFrame:
+    """Mean seconds per seed of each variant: its own stages, and the base training it used
+    (post-hoc methods record the shared base model's training cost in their cell)."""
+    if tim.empty:
+        return pd.DataFrame()
+    t = tim.assign(stage=np.where(tim["method"] == BASE, "base train", tim["stage"]))
+    per_cell = t.pivot_table(index=["variant", "seed"], columns="stage", values="seconds", aggfunc="sum", fill_value=0.0)
+    mean = per_cell.groupby(level="variant").mean()
+    cols = [c for c in ("base train", *STAGES) if c in mean.columns] + sorted(c for c in mean.columns if c not in STAGES and c != "base train")
+    mean = mean[cols]
+    mean["total"] = mean.sum(axis=1)
+    return mean
+
+
+def cost_table(cost: pd.DataFrame, variants: list[str]) -> Table | None:
+    if cost.empty:
+        return None
+    rows = [[Cell(v)] + [Cell(f"{cost.loc[v, c]:.2f}") for c in cost.columns] for v in variants if v in cost.index]
+    return Table("Wall time per seed (s, mean over seeds)", ["method", *cost.columns], rows,
+                 ["\"base train\": the shared base model's training, counted in every post-hoc method that uses it "
+                  "(in the grid it was trained once per dataset, setting and seed)."])
+
+
+def cost_quality_figure(cost: pd.DataFrame, summ: pd.DataFrame, variants: list[str], metrics: list[str]) -> MplFigure | None:
+    """Wall time per seed (x, log) against each metric's mean over seeds with its t-interval (y)."""
+    metrics = [m for m in metrics if not summ[summ["metric"] == m].empty]
+    if cost.empty or not metrics:
+        return None
+    fig = MplFigure(figsize=(6.0 * len(metrics), 4.6))
+    fig.subplots_adjust(left=0.08 / len(metrics), right=0.98, top=0.9, bottom=0.13, wspace=0.25)
+    axes = np.atleast_1d(fig.subplots(1, len(metrics)))
+    for ax, metric in zip(axes, metrics):
+        s = summ[summ["metric"] == metric].set_index("method")
+        for i, v in enumerate(variants):
+            if v not in s.index or v not in cost.index or not np.isfinite(s.loc[v, "mean"]):
+                continue
+            y, lo, hi = s.loc[v, ["mean", "t_low", "t_high"]].astype(float)
+            err = None if not np.isfinite(lo) else [[y - lo], [hi - y]]
+            st = P.method_style(i)
+            ax.errorbar([cost.loc[v, "total"]], [y], yerr=err, fmt=st["marker"], color=st["color"], capsize=3, label=v)
+        ax.set_xscale("log")
+        ax.set_xlabel("wall seconds per seed (incl. base training)")
+        ax.set_ylabel(header(metric))
+        ax.set_title(f"cost vs {metric}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    return fig
+
+
+def quality_metrics(metrics) -> list[str]:
+    """The y-axes of the cost plot: mAP@1 and the AUROC of the near-OOD set (else the first AUROC)."""
+    metrics = list(metrics)
+    aurocs = [m for m in metrics if base_metric(m) == "AUROC"]
+    near = f"AUROC[{NEAR_OOD_SET}]"
+    return [m for m in ["mAP@1", near if near in aurocs else next(iter(aurocs), None)] if m in metrics]
+
+
+def dataset_blocks(grid: GridFolder, dataset: str, res: pd.DataFrame, tim: pd.DataFrame,
+                   cells: dict[str, str]) -> tuple[list[Block], pd.DataFrame]:
+    """Heading, method table across seeds, ranks, significance, cost table and plot of one dataset."""
+    variants = ordered([cells[c] for c in cells if grid.meta["cells"][c]["dataset"] == dataset])
+    out: list[Block] = [Heading(f"Dataset: {dataset}")]
+    if res.empty:
+        return out + [Para("No finished cells.")], pd.DataFrame(columns=PAIRWISE_COLUMNS)
+    n_seeds = res["seed"].nunique()
+    summ = seed_summary(res.assign(method=res["variant"]), _level(grid))
+    out += [Heading("Methods across seeds", 3),
+            Para(f"Mean over {n_seeds} seed(s) [Student-t {100 * _level(grid):g}% interval across seeds]; "
+                 "**bold**: best mean per column.", note=True)]
+    out += seeds_tables(summ, variants)
+    metrics = headline(res["metric"])
+    out.append(Heading("Ranks and significance", 3))
+    rt = rank_table(res, variants, metrics)
+    out += [rt] if rt is not None else [Para("Fewer than two methods per metric: nothing to rank.", note=True)]
+    pw = pairwise_frame(grid, dataset, res, variants, metrics, cells)
+    out += significance_tables(pw, variants)
+    cost = cost_frame(tim)
+    out.append(Heading("Cost vs quality", 3))
+    ct = cost_table(cost, variants)
+    out += [ct] if ct is not None else [Para("No timings recorded.", note=True)]
+    fig = cost_quality_figure(cost, summ, variants, quality_metrics(summ["metric"]))
+    if fig is not None:
+        out.append(Figure(f"cost_quality_{_safe(dataset)}", f"{dataset}: wall time per seed against quality "
+                          "(mean over seeds, t-interval bars); methods without uncertainty have no AUROC point.",
+                          P.png_bytes(fig)))
+    return out, pw
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "_.-" else "_" for ch in name)
+
+
+def _merged(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str]]:
+    res, tim = grid.merged()
+    cells = variant_names(grid)
+    if res.empty:
+        raise BenchError(f"{grid.path} has no finished cells yet (no merged results.csv); run `bench grid --resume {grid.path}`")
+    return res.assign(variant=res["cell"].map(cells)), tim.assign(variant=tim["cell"].map(cells)), cells
+
+
+def build_grid_report(grid: GridFolder) -> tuple[list[Block], pd.DataFrame]:
+    """The whole report as blocks, and the pairwise significance frame (pairwise.csv)."""
+    res, tim, cells = _merged(grid)
+    blocks = header_blocks(grid) + failure_blocks(grid)
+    frames = []
+    for d in grid.meta["spec"]["datasets"]:
+        b, pw = dataset_blocks(grid, d, res[res["dataset"] == d], tim[tim["dataset"] == d], cells)
+        blocks += b
+        frames.append(pw)
+    return blocks, pd.concat(frames, ignore_index=True)
+
+
+def render_grid_report(grid_dir: str | Path, formats: list[str]) -> list[Path]:
+    """Write the grid report in each format, its figures and pairwise.csv into the grid folder."""
+    bad = [f for f in formats if f not in WRITERS]
+    if bad:
+        raise BenchError(f"unknown report format {bad[0]!r}; known: {', '.join(WRITERS)}")
+    grid = GridFolder(grid_dir)
+    blocks, pw = build_grid_report(grid)
+    grid.write_pairwise(pw)
+    figures = {b.name: b.png for b in blocks if isinstance(b, Figure)}
+    return grid.write_report({fmt: WRITERS[fmt](blocks) for fmt in dict.fromkeys(formats)}, figures)
+
+
+def print_grid_summary(grid_dir: str | Path) -> None:
+    """Print each dataset's method table (mean over seeds with t-intervals)."""
+    grid = GridFolder(grid_dir)
+    try:
+        res, _, _ = _merged(grid)
+    except BenchError as e:
+        print(e)
+        return
+    for d in grid.meta["spec"]["datasets"]:
+        r = res[res["dataset"] == d]
+        if not r.empty:
+            summ = seed_summary(r.assign(method=r["variant"]), _level(grid))
+            print(f"== {d} ==\n" + to_text(seeds_tables(summ, ordered(r["variant"]))), end="")
