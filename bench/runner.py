@@ -21,7 +21,7 @@ from bench.errors import BenchError
 from bench.evaluate import evaluate
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
-from bench.registry import METHODS
+from bench.registry import BACKBONES, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter
 from bench.timing import StageTimer
 from bench.train import ModelCache
@@ -137,6 +137,7 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every method of cfg over every seed; returns the run folder."""
     methods = resolve_methods(cfg)
+    BACKBONES.get(cfg.backbone)  # an unknown backbone fails here, before any data or folder
     device = resolve_device(cfg.device)
     data = load_benchmark(cfg)  # bad data fails here, before any run folder exists
     folder = RunWriter.open(cfg.out, cfg.name, cfg.digest())
