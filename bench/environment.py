@@ -4,7 +4,9 @@ from __future__ import annotations
 import importlib.metadata as md
 import platform
 import subprocess
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -58,3 +60,17 @@ def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+@contextmanager
+def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
+    """Run a block with n intra-op CPU threads (no change when n == 0 or on a GPU)."""
+    if n <= 0 or device.type != "cpu":
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)

@@ -23,6 +23,7 @@ from bench.config import RunConfig
 from bench.errors import BenchError
 from bench.la.pairs import mined_pair_counts, reducer_weights
 from bench.data import Split
+from bench.environment import cpu_threads
 from bench.model import build_model
 from bench.atomic import atomic_torch_save
 
@@ -60,20 +61,6 @@ def model_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-@contextmanager
-def cpu_threads(n: int, device: torch.device) -> Iterator[None]:
-    """Run a block with n intra-op CPU threads (no change when n == 0 or on a GPU)."""
-    if n <= 0 or device.type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x [B, ...], y [B]) -> loss

@@ -1,6 +1,8 @@
 """The Laplace family on the contrastive-loss GGN: full, last-layer, diagonal and Kronecker-factored,
-one shared implementation; a subclass only names its structure (`bench.la.structures`)."""
+one shared implementation; a subclass names its structure (`bench.la.structures`) and its own options."""
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -10,7 +12,7 @@ from bench.la.curvature import Curvature, PairLoss, accumulate, scale_curvature
 from bench.la.posterior import Posterior
 from bench.la.prior import DEFAULT_GRID, optimize_marglik, triplet_log_score
 from bench.la.structures import get_structure
-from bench.method import EmbeddingPrediction, FitContext, Method
+from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 
 VAL_MAX = 1000  # items of the validation split carved from train_id for prior_precision=grid
@@ -31,7 +33,8 @@ class _Laplace(Method):
     Stages: "hessian" = curvature accumulation; "prior" = prior-precision tuning and the posterior
     factorisation; the runner times "predict" (GLM closed form or MC). Config: hessian (ggn | jtj),
     predictive (glm | mc), posterior_samples, prior_precision (number | marglik | grid), hessian_items,
-    jacobian_chunk, hessian_dtype, batch_size (pairs are mined per training-sized batch), the margins.
+    jacobian_chunk, hessian_dtype, batch_size (pairs are mined per training-sized batch), the margins;
+    full_la's option posterior_rank_tol.
     """
 
     post_hoc = True
@@ -47,6 +50,11 @@ class _Laplace(Method):
                 f"hessian_items must be >= 2, got {cfg.hessian_items}")
         require(cfg.prior_precision in ("marglik", "grid") or _positive_number(cfg.prior_precision),
                 f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}")
+
+    @classmethod
+    def rank_tol(cls, cfg) -> float:
+        """A full posterior's low-rank tolerance (`FullLaplace.options`); 0 (exact) for the others."""
+        return float(cls.option(cfg, "posterior_rank_tol")) if "posterior_rank_tol" in cls.options else 0.0
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -72,9 +80,8 @@ class _Laplace(Method):
                               progress=not cfg.quiet)
             if len(train) < n_full:  # a subset's GGN, scaled to estimate the full-data GGN
                 scale_curvature(curv, n_full / len(train))
-        with ctx.stage("prior"):
-            delta, info = self._prior(ctx, curv)
-            self.posterior = struct.posterior(self.model, curv, delta)
+        with ctx.stage("prior"):  # the prior precision and the posterior's factorisation (shared work)
+            self.posterior, delta, info = self._prior(ctx, curv)
         self._sample_gen = ctx.generator(SAMPLE_STREAM, ctx.device)  # networks drawn on the first MC predict
         self._samples = None
         st = curv.stats
@@ -87,16 +94,20 @@ class _Laplace(Method):
             "jitter": getattr(self.posterior, "jitter", 0.0),
         }
 
-    def _prior(self, ctx: FitContext, curv: Curvature) -> tuple[float, dict]:
-        pp = self.cfg.prior_precision
+    def _prior(self, ctx: FitContext, curv: Curvature) -> tuple[Posterior, float, dict]:
+        """(posterior, delta, info) for the configured prior precision (marglik, grid or a number)."""
+        pp, post = self.cfg.prior_precision, get_structure(self.structure).posterior
+        if pp == "grid":
+            delta, info = self._grid(ctx, curv)
+            return post(self.model, curv, delta), delta, info
         if pp == "marglik":
             theta_sq = float(jac.flat_params(self.model, curv.names).double().pow(2).sum())
-            spec = get_structure(self.structure).posterior.spectrum(curv, ctx.generator(LANCZOS_STREAM))
-            delta, info = optimize_marglik(spec, theta_sq)
-            return delta, {"prior_method": "marglik", **info}
-        if pp == "grid":
-            return self._grid(ctx, curv)
-        return float(pp), {"prior_method": "fixed"}
+            prior, method = (lambda spec: optimize_marglik(spec, theta_sq)), "marglik"
+        else:
+            prior, method = float(pp), "fixed"
+        posterior, delta, info = post.fit(self.model, curv, prior, ctx.generator(LANCZOS_STREAM),
+                                          rank_tol=self.rank_tol(self.cfg))
+        return posterior, delta, {"prior_method": method, **info}
 
     def _grid(self, ctx: FitContext, curv: Curvature) -> tuple[float, dict]:
         """Grid over DEFAULT_GRID scored by `triplet_log_score` on a seeded validation split of
@@ -137,9 +148,18 @@ class _Laplace(Method):
 
 @register_method("full_la")
 class FullLaplace(_Laplace):
-    """Laplace, full GGN of the contrastive loss over all weights (Cholesky posterior)."""
+    """Laplace, full GGN of the contrastive loss over all weights (low-rank or Cholesky posterior)."""
 
     structure = "full"
+    options = {"posterior_rank_tol": Option(
+        float, 0.2, "D > 4000: low-rank posterior, every covariance within 1 + tol of the exact one (a bound; "
+        "paper preset: measured max 1.8%, marglik delta within 0.6%); 0: exact Cholesky")}
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        tol = cls.rank_tol(cfg)
+        require(math.isfinite(tol) and tol >= 0, f"posterior_rank_tol must be a finite number >= 0, got {tol}")
 
 
 @register_method("last_layer_la")

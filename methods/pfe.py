@@ -41,7 +41,7 @@ from torch import nn
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
-from bench.train import cpu_threads
+from bench.environment import cpu_threads
 from methods._gaussian import VAR_FLOOR, broadcast_var, check_variance_kind, variance_width
 
 PFE_LR_DROP_AT = 2 / 3  # learning rate x 0.1 after this share of the steps (reference: step 2000 of 3000)

@@ -210,3 +210,27 @@ def test_near_duplicate_pairs_have_bounded_curvature():
     u = F[0, 0] - F[0, 2]
     exact = (torch.eye(2, dtype=torch.float64) - torch.outer(u, u) / 25.0) / 5.0
     assert torch.allclose(A[0, 0, 2], exact)
+
+
+@pytest.mark.parametrize("smooth", [False, True])
+def test_linear_closed_form_jacobian_matches_jacrev(smooth):
+    model, (x, _) = tiny_net(smooth=smooth), tiny_data(6)
+    names = jac.subset_names(model, "all")
+    for sub in (names, names[2:5]):  # all weights, and a subset cutting across layers
+        ref = full_jacobian(model, x, sub).reshape(6, 2, -1)
+        assert rel_err(jac.linear_jacobian(model, x, sub), ref) < 1e-12
+        assert rel_err(jac.subset_jacobian(model, x, "all", sub), ref) < 1e-12
+
+
+def test_linear_closed_form_jacobian_declines_what_it_cannot_do():
+    x, _ = tiny_data(6)
+    shared = torch.nn.Linear(5, 5).double()  # a layer run twice per forward
+    model = torch.nn.Sequential(shared, torch.nn.Tanh(), shared, torch.nn.Linear(5, 2).double())
+    names = jac.subset_names(model, "all")
+    assert jac.linear_jacobian(model, x, names) is None
+    ref = full_jacobian(model, x, names).reshape(6, 2, -1)
+    assert rel_err(jac.subset_jacobian(model, x, "all", names), ref) < 1e-12  # falls back to jacrev
+    bn = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(4, 2))
+    bn = bn.double()
+    assert jac.linear_jacobian(bn, x, jac.subset_names(bn, "all")) is None  # items coupled in train mode
+    assert jac.linear_jacobian(bn.eval(), x, jac.subset_names(bn, "all")) is not None

@@ -86,3 +86,25 @@ def test_options_validated_by_the_method(field, value, message):
 def test_predict_before_fit_is_one_line():
     with pytest.raises(BenchError, match="predict called before fit"):
         METHODS.get("diag_la")(preset_config("smoke")).predict(torch.zeros(3, 32))
+
+
+def test_full_la_low_rank_option(setup, monkeypatch):
+    """Above EXACT_EIG_MAX_D full_la's posterior is low rank; its covariances stay within the bound
+    of the exact (posterior_rank_tol=0) ones at the same prior precision."""
+    from bench.la import lowrank, posterior
+
+    monkeypatch.setattr(posterior, "EXACT_EIG_MAX_D", 10)
+    monkeypatch.setattr(lowrank, "MAX_RANK_FRACTION", 1.0)
+    cfg, data, model = setup
+    cfg = cfg.replace(prior_precision="3.0")
+    preds = {}
+    for tol in (0.3, 0.0):
+        method, _ = _fit(cfg.replace(method_options=(("posterior_rank_tol", tol),)), data, model, "full_la")
+        preds[tol] = method.predict(data.test_id.x).cov.double()
+        assert method.diagnostics["posterior"] == ("lowrank" if tol else "cholesky")
+    L = torch.linalg.cholesky(preds[0.0])
+    M = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, preds[0.3], upper=False).mT, upper=False)
+    ratio = torch.linalg.eigvalsh((M + M.mT) / 2)
+    assert ratio.min() > 1 - 1e-4 and ratio.max() <= 1.3  # the tolerance bounds Sigma_k / Sigma
+    with pytest.raises(BenchError, match="posterior_rank_tol must be"):
+        METHODS.get("full_la").validate(cfg.replace(method_options=(("posterior_rank_tol", -1.0),)))

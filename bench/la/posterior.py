@@ -1,8 +1,9 @@
-"""Gaussian posteriors N(theta_MAP, (H + delta I)^-1) for full, diagonal and Kronecker curvature:
-the spectrum of H, log det of the precision, sampling, and the chunked GLM predictive covariance."""
+"""Gaussian posteriors N(theta_MAP, (H + delta I)^-1) for full (Cholesky or low-rank), diagonal and
+Kronecker curvature: the spectrum of H, log det of the precision, sampling, the GLM predictive covariance."""
 from __future__ import annotations
 
 import logging
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -12,9 +13,17 @@ from torch.func import functional_call, vmap
 from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature
-from bench.la.spectrum import Spectrum, exact_spectrum, full_spectrum
+from bench.la.lowrank import Eigenbasis, krylov_nystrom
+from bench.la.spectrum import EXACT_EIG_MAX_D, Spectrum, exact_spectrum, full_spectrum, slq_spectrum
 
 log = logging.getLogger("bench")
+
+PRIOR_TOL = 0.2  # exact full posterior: its prior from a Krylov basis with ||H - H_k|| <= PRIOR_TOL delta
+# right-hand sides per triangular solve (n d in all). At D = 13,410 on 2 cores: 113 GF/s from 256 to 2,048
+# columns when the machine is idle; with other load, 56 GF/s at 512 against 45 at 4,096.
+SOLVE_COLUMNS = 512
+
+Prior = Callable[[Spectrum], tuple[float, dict]]  # spectrum of H -> (prior precision, info)
 
 
 def jittered_cholesky(P: torch.Tensor, what: str = "posterior precision") -> tuple[torch.Tensor, float]:
@@ -51,6 +60,17 @@ class Posterior:
     def spectrum(cls, curvature: Curvature, generator: torch.Generator | None = None) -> Spectrum:
         """The spectrum of H (for log det(H + delta I) at any delta, before a posterior exists)."""
         raise NotImplementedError
+
+    @classmethod
+    def fit(cls, model: nn.Module, curvature: Curvature, prior: Prior | float, generator: torch.Generator | None = None,
+            rank_tol: float = 0.0) -> tuple["Posterior", float, dict]:
+        """(posterior, delta, info): the prior precision delta, info = prior(spectrum of H) (or prior
+        itself when a number), then the posterior at delta. rank_tol > 0 lets a full posterior use a
+        low-rank eigenbasis (`FullPosterior.fit`)."""
+        if not callable(prior):  # a fixed prior precision needs no spectrum
+            return cls(model, curvature, float(prior)), float(prior), {}
+        delta, info = prior(cls.spectrum(curvature, generator))
+        return cls(model, curvature, delta), delta, info
 
     def logdet_precision(self) -> float:
         raise NotImplementedError
@@ -115,6 +135,34 @@ class FullPosterior(_FlatPosterior):
     def spectrum(cls, curvature: Curvature, generator: torch.Generator | None = None) -> Spectrum:
         return full_spectrum(curvature.H, generator=generator)  # type: ignore[arg-type]
 
+    @classmethod
+    def fit(cls, model: nn.Module, curvature: Curvature, prior: Prior | float, generator: torch.Generator | None = None,
+            rank_tol: float = 0.0) -> tuple[Posterior, float, dict]:
+        """For D > EXACT_EIG_MAX_D one block Krylov basis of H serves the prior (its deflated spectrum)
+        and, with rank_tol > 0, the posterior (`LowRankPosterior`, grown until every predictive covariance
+        is within a factor 1 + rank_tol of the exact one); otherwise, or when that rank would not pay,
+        the exact Cholesky posterior, its prior from the basis grown to PRIOR_TOL (delta within 1%)."""
+        H = curvature.H
+        assert H is not None and H.dim() == 2
+        if curvature.D <= EXACT_EIG_MAX_D:
+            post, delta, info = super().fit(model, curvature, prior, generator, rank_tol)
+            return post, delta, {**info, "posterior": "cholesky"}
+        prior_of = prior if callable(prior) else (lambda spec: (float(prior), {}))
+        delta_of = lambda b: prior_of(b.spectrum())[0]
+        if rank_tol > 0:
+            basis, _ = krylov_nystrom(H, delta_of, rank_tol, generator=generator)
+            if basis is not None:
+                delta, info = prior_of(basis.spectrum())
+                return LowRankPosterior(model, curvature, delta, basis), delta, {**info, **basis.info(delta)}
+            log.info("full posterior: tolerance %g needs a rank above the share of D where a low rank pays; "
+                     "using the exact Cholesky factor", rank_tol)
+        if callable(prior):
+            basis, _ = krylov_nystrom(H, delta_of, PRIOR_TOL, generator=generator)
+            delta, info = prior(basis.spectrum() if basis is not None else slq_spectrum(H, generator=generator))
+        else:
+            delta, info = float(prior), {}
+        return cls(model, curvature, delta), delta, {**info, "posterior": "cholesky"}
+
     def logdet_precision(self) -> float:
         return float(2 * self.L.diagonal().log().sum())
 
@@ -123,12 +171,86 @@ class FullPosterior(_FlatPosterior):
         z = z.to(self.L.device)
         return torch.linalg.solve_triangular(self.L.T, z, upper=True).T  # [S, D], cov (L L^T)^-1
 
-    def _glm_cov(self, x: torch.Tensor) -> torch.Tensor:
-        J = self.jacobian(x)
+    def glm_cov(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+        """J Sigma J^T = Z^T Z with Z = L^-1 J^T: triangular solves with SOLVE_COLUMNS right-hand sides
+        (n d of them; `chunk` items per Jacobian within); Sigma is never formed."""
+        items = max(1, SOLVE_COLUMNS // self._out_dim(x))
+        return _chunked(lambda xc: self._glm_cov_solve(xc, chunk), x, items)
+
+    def _glm_cov_solve(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
+        J = _chunked(self.jacobian, x, chunk)
         n, d, D = J.shape
         Z = torch.linalg.solve_triangular(self.L, J.reshape(n * d, D).T.to(self.dtype), upper=False)
         Z = Z.reshape(D, n, d)
         return torch.einsum("kia,kib->iab", Z, Z)
+
+    def _out_dim(self, x: torch.Tensor) -> int:
+        with torch.no_grad():
+            return int(self.model(x[:1]).shape[-1])
+
+
+class LowRankPosterior(_FlatPosterior):
+    """Sigma_k = (H_k + delta I)^-1 for a Nyström eigenbasis H_k = U diag(lam) U^T of H (`bench.la.lowrank`,
+    which bounds Sigma_k / Sigma in Loewner order): with w = lam / (lam + delta),
+
+        Sigma_k = U diag(1 / (lam + delta)) U^T + (I - U U^T) / delta = (I - U diag(w) U^T) / delta,
+        J Sigma_k J^T = (J J^T - A diag(w) A^T) / delta,   A = J U [n, d, k],
+
+    n d D k flops instead of the n d D^2 of triangular solves. For a stack of Linear layers A and J J^T
+    come from the layer factors (J_l = B (x) a^T): A = sum_l B_l (a_l U_l), J J^T = sum_l (B_l B_l^T)(a_l . a_l),
+    J never formed and the widest layer's product costs n in out k, not n d in out k."""
+
+    def __init__(self, model: nn.Module, curvature: Curvature, delta: float, basis: Eigenbasis) -> None:
+        super().__init__(model, curvature, delta)
+        self.basis, self.jitter = basis, 0.0
+        self.dtype = curvature.H.dtype if curvature.H is not None else torch.float32
+        self.lam, self.U = basis.lam, basis.eigenvectors(self.dtype)
+        self.w = (self.lam / (self.lam + self.delta))  # float64 [k]
+        params = dict(model.named_parameters())
+        self.U_layers, i = [], 0  # per parameter: a weight's [in, out * k] (a @ it = a U_l), a bias's [out, k]
+        for name in curvature.names:
+            p, k = params[name], self.U.shape[1]
+            block = self.U[i:i + p.numel()]
+            i += p.numel()
+            self.U_layers.append(block.reshape(*p.shape, k).transpose(0, 1).reshape(p.shape[1], -1).contiguous()
+                                 if p.dim() == 2 else block)
+
+    def logdet_precision(self) -> float:
+        return float((self.lam + self.delta).log().sum()) + (self.basis.D - self.basis.rank) * math.log(self.delta)
+
+    def sample_flat(self, S: int, generator: torch.Generator) -> torch.Tensor:
+        """Sigma_k^(1/2) z = z / sqrt(delta) + U diag(1/sqrt(lam + delta) - 1/sqrt(delta)) U^T z."""
+        z = torch.randn(S, self.basis.D, generator=generator, device=generator.device, dtype=torch.float64)
+        z = z.to(self.U.device)
+        U = self.U.double()
+        c = 1 / (self.lam + self.delta).sqrt() - 1 / math.sqrt(self.delta)
+        return (z / math.sqrt(self.delta) + ((z @ U) * c) @ U.T).to(self.dtype)
+
+    def _glm_cov(self, x: torch.Tensor) -> torch.Tensor:
+        A, JJ = self.jacobian_products(x)
+        A = A.double()
+        return (JJ - torch.einsum("nak,k,nbk->nab", A, self.w, A)) / self.delta
+
+    def jacobian_products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A = J U [n, d, k], J J^T [n, d, d] float64), from the Linear-layer factors when they apply."""
+        factors = jac.linear_factors(self.model, x, self.curvature.names) if self.curvature.subset == "all" else None
+        if factors is None:
+            J = self.jacobian(x).to(self.dtype)
+            Jd = J.double()
+            return J @ self.U, Jd @ Jd.transpose(1, 2)
+        n, d = x.shape[0], factors[0][1].shape[1]
+        A = torch.zeros(n, d, self.U.shape[1], dtype=self.dtype, device=self.U.device)
+        JJ = torch.zeros(n, d, d, dtype=torch.float64, device=self.U.device)
+        for (a, B), Ul in zip(factors, self.U_layers):
+            B = B.to(self.dtype)
+            BB = (B.double() @ B.double().transpose(1, 2))
+            if a is None:
+                A += B @ Ul
+                JJ += BB
+            else:
+                A += torch.bmm(B, (a.to(self.dtype) @ Ul).reshape(n, B.shape[2], -1))
+                JJ += BB * a.double().pow(2).sum(1)[:, None, None]
+        return A, JJ
 
 
 class DiagPosterior(_FlatPosterior):
