@@ -1,11 +1,14 @@
 """The method plugin contract: Method, the context it fits in, and the prediction it returns."""
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
 
 import torch
+
+from bench.errors import require
 
 if TYPE_CHECKING:
     from bench.config import RunConfig
@@ -96,6 +99,16 @@ class Option:
     type: type
     default: Any
     help: str
+    choices: tuple | None = None  # the allowed values, when the option is one of a few
+    minimum: float | None = None  # the smallest allowed value of a number (finite numbers only)
+
+    def check(self, name: str, value: Any) -> None:
+        """BenchError (one line) unless `value` is allowed."""
+        if self.choices is not None:
+            require(value in self.choices, f"{name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+        if self.minimum is not None:
+            ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= self.minimum
+            require(ok, f"{name} must be a finite number >= {self.minimum:g}, got {value!r}")
 
 
 class Method:
@@ -122,7 +135,10 @@ class Method:
     @classmethod
     def validate(cls, cfg: "RunConfig") -> None:
         """Reject config values this method cannot run with (BenchError, one line); called before
-        any data is loaded. The base class accepts everything."""
+        any data is loaded. The base class checks the declared options; subclasses add their own
+        checks of config fields and call it."""
+        for name, opt in cls.options.items():
+            opt.check(name, cls.option(cfg, name))
 
     def fit(self, ctx: FitContext) -> None:
         raise NotImplementedError

@@ -23,18 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.model import build_model
 from bench.train import BatchLoss, Recipe
 
 VAR_FLOOR = 1e-6  # smallest predicted variance (as PFE's reference code: log(1e-6 + exp(.)))
 VARIANCE_KINDS = ("diag", "isotropic")
-
-
-def check_variance_kind(field: str, kind: str) -> None:
-    """BenchError unless `kind` is a known variance structure."""
-    require(kind in VARIANCE_KINDS, f"{field} must be one of {', '.join(VARIANCE_KINDS)}, got {kind!r}")
 
 
 def variance_width(kind: str, embed_dim: int) -> int:
@@ -99,12 +93,6 @@ class OwnGaussianNetMethod(Method):
     def option_values(cls, cfg) -> dict[str, Any]:
         """Option name without the method prefix -> value in this config (default unless set)."""
         return {name[len(cls.PREFIX) + 1:]: cls.option(cfg, name) for name in cls.options}
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        opts = cls.option_values(cfg)
-        check_variance_kind(f"{cls.PREFIX}_variance", opts["variance"])
-        require(opts["kl_weight"] >= 0, f"{cls.PREFIX}_kl_weight must be >= 0, got {opts['kl_weight']}")
 
     def recipe_options(self) -> dict[str, Any]:
         return {**self.option_values(self.cfg), "version": self.RECIPE_VERSION}

@@ -34,15 +34,13 @@ shared contrastive loss), so BTL sees the triplets the base model is trained on.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 
-from bench.errors import require
 from bench.method import Option
 from bench.registry import register_method
 from bench.train import BatchLoss, make_loss_and_miner
-from methods._gaussian import GaussianEmbeddingNet, OwnGaussianNetMethod, kl_to_isotropic_prior
+from methods._gaussian import VARIANCE_KINDS, GaussianEmbeddingNet, OwnGaussianNetMethod, kl_to_isotropic_prior
 
 
 
@@ -86,16 +84,11 @@ class BayesianTripletLoss(OwnGaussianNetMethod):
 
     PREFIX = "btl"
     options = {
-        "btl_variance": Option(str, "isotropic", "isotropic | diag; the reference code predicts one variance"),
-        "btl_margin": Option(float, 0.0, "m in P(tau < -m) (reference code default)"),
-        "btl_kl_weight": Option(float, 1e-6, "lambda, the KL scale factor (reference code default)"),
+        "btl_variance": Option(str, "isotropic", "isotropic | diag; the reference code predicts one variance",
+                               choices=VARIANCE_KINDS),
+        "btl_margin": Option(float, 0.0, "m in P(tau < -m) (reference code default)", minimum=0.0),
+        "btl_kl_weight": Option(float, 1e-6, "lambda, the KL scale factor (reference code default)", minimum=0.0),
     }
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        margin = cls.option_values(cfg)["margin"]
-        require(math.isfinite(margin) and margin >= 0, f"btl_margin must be a finite number >= 0, got {margin}")
 
     def batch_loss(self, cfg) -> BatchLoss:
         opts = self.option_values(cfg)

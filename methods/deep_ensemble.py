@@ -72,6 +72,7 @@ class DeepEnsemble(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
+        super().validate(cfg)
         require(cfg.ensemble_size >= 2, f"ensemble_size must be >= 2, got {cfg.ensemble_size}")
 
     def fit(self, ctx: FitContext) -> None:

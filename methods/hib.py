@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.errors import require
 from bench.method import Option
 from bench.registry import register_method
 from bench.train import BatchLoss
-from methods._gaussian import GaussianEmbeddingNet, OwnGaussianNetMethod, all_pairs, kl_to_isotropic_prior
+from methods._gaussian import (VARIANCE_KINDS, GaussianEmbeddingNet, OwnGaussianNetMethod, all_pairs,
+                              kl_to_isotropic_prior)
 
 
 
@@ -102,17 +102,12 @@ class HedgedInstanceEmbedding(OwnGaussianNetMethod):
 
     PREFIX = "hib"
     options = {
-        "hib_variance": Option(str, "diag", "diag | isotropic; the paper's Gaussian embeddings are diagonal"),
-        "hib_samples": Option(int, 8, "K samples per item for the match probability (Oh et al. 2019)"),
-        "hib_kl_weight": Option(float, 1e-4, "beta, weight of the KL term to N(0, I) (Oh et al. 2019)"),
+        "hib_variance": Option(str, "diag", "diag | isotropic; the paper's Gaussian embeddings are diagonal",
+                               choices=VARIANCE_KINDS),
+        "hib_samples": Option(int, 8, "K samples per item for the match probability (Oh et al. 2019)", minimum=1),
+        "hib_kl_weight": Option(float, 1e-4, "beta, weight of the KL term to N(0, I) (Oh et al. 2019)", minimum=0.0),
     }
     NET = SoftMatchNet
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        samples = cls.option_values(cfg)["samples"]
-        require(isinstance(samples, int) and samples >= 1, f"hib_samples must be an integer >= 1, got {samples}")
 
     def batch_loss(self, cfg) -> BatchLoss:
         opts = self.option_values(cfg)

@@ -76,6 +76,7 @@ class MCDropout(Method):
 
     @classmethod
     def validate(cls, cfg) -> None:
+        super().validate(cfg)
         require(0.0 < cfg.dropout < 1.0, f"mc_dropout needs dropout in (0, 1), got {cfg.dropout} "
                 "(0 makes every pass identical); e.g. --set dropout=0.1")
         require(cfg.dropout_passes >= 2, f"dropout_passes must be >= 2, got {cfg.dropout_passes}")

@@ -42,7 +42,7 @@ from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 from bench.environment import cpu_threads
-from methods._gaussian import VAR_FLOOR, broadcast_var, check_variance_kind, variance_width
+from methods._gaussian import VAR_FLOOR, VARIANCE_KINDS, broadcast_var, variance_width
 
 PFE_LR_DROP_AT = 2 / 3  # learning rate x 0.1 after this share of the steps (reference: step 2000 of 3000)
 PFE_BATCH = 256  # images per batch (reference config)
@@ -130,15 +130,11 @@ class ProbabilisticFaceEmbedding(Method):
 
     post_hoc = True
     options = {
-        "pfe_variance": Option(str, "diag", "diag (Shi and Jain 2019) | isotropic: one variance per image"),
-        "pfe_steps": Option(int, 3000, "most head training steps (reference config: 3 epochs x 1000 batches)"),
+        "pfe_variance": Option(str, "diag", "diag (Shi and Jain 2019) | isotropic: one variance per image",
+                               choices=VARIANCE_KINDS),
+        "pfe_steps": Option(int, 3000, "most head training steps (reference config: 3 epochs x 1000 batches)",
+                            minimum=1),
     }
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        check_variance_kind("pfe_variance", cls.option(cfg, "pfe_variance"))
-        steps = cls.option(cfg, "pfe_steps")
-        require(isinstance(steps, int) and steps >= 1, f"pfe_steps must be an integer >= 1, got {steps}")
 
     def fit(self, ctx: FitContext) -> None:
         cfg = self.cfg

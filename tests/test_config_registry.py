@@ -115,4 +115,17 @@ def test_method_option_names_are_unique_and_documented():
         for name, opt in METHODS.get(m).options.items():
             assert name not in seen and name not in fields_, f"{m}.{name} clashes"
             assert isinstance(opt.default, opt.type) and opt.help
+            opt.check(name, opt.default)  # the documented default is allowed
             seen[name] = m
+
+
+def test_declared_option_rules_are_checked_by_every_method():
+    from bench.method import Option
+
+    opt = Option(float, 0.5, "a number", minimum=0.0)
+    with pytest.raises(BenchError, match="x must be a finite number >= 0, got -1"):
+        opt.check("x", -1.0)
+    with pytest.raises(BenchError, match="x must be a finite number"):
+        opt.check("x", float("nan"))
+    with pytest.raises(BenchError, match="k must be one of a, b, got 'c'"):
+        Option(str, "a", "a kind", choices=("a", "b")).check("k", "c")
