@@ -109,3 +109,14 @@ def test_full_la_refuses_what_will_not_fit_naming_smaller_subsets(monkeypatch):
     FullGGN(model, torch.float64, "head")  # fits
     with pytest.raises(BenchError, match="last_layer_la, diag_la or kfac_la"):
         check_full_memory(200_000, torch.float32, torch.device("cpu"))
+
+
+def test_a_mining_batch_whose_jacobians_cannot_fit_is_one_line(monkeypatch):
+    from bench.la import curvature
+    from bench.la.structures import compute_curvature
+
+    model, (x, y) = TinyConvNet(), tiny_images(16)
+    monkeypatch.setattr(curvature, "available_memory", lambda device: 1000)
+    with pytest.raises(BenchError, match=r"one mining batch of 8 items needs .* use a smaller la_subset") as e:
+        compute_curvature(model, x, y, structure="diag", mining_batch=8)
+    assert "\n" not in str(e.value)

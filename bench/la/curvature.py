@@ -532,7 +532,14 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
     if nb == 0:
         raise BenchError(f"need at least 2 training items for the Hessian, got {len(y)}")
     x1 = x[idx[0, :1]].to(device=acc.device, dtype=pdtype)
-    per_chunk = max(1, items_within(chunk, acc.bytes_per_item(x1), chunk_budget(acc.device)) // m)
+    item_bytes = acc.bytes_per_item(x1)
+    per_chunk = max(1, items_within(chunk, item_bytes, chunk_budget(acc.device)) // m)
+    avail = available_memory(acc.device)
+    if m * item_bytes > 0.9 * avail:
+        raise BenchError(f"{acc.structure} curvature over la_subset={acc.subset} (D={acc.D:,}): one mining batch of "
+                         f"{m} items needs about {m * item_bytes / 2**30:.1f} GiB of Jacobians but only "
+                         f"{avail / 2**30:.1f} GiB is free on {acc.device}; use a smaller la_subset (head, "
+                         f"last_k:<k>), kfac_la or a smaller batch_size")
     stats = {"items": int(valid.sum()), "out_kept": 0.0, "out_dropped": 0.0}
 
     bar = tqdm(total=nb, desc=f"hessian {acc.structure}", disable=None if progress else True, leave=False)
