@@ -52,6 +52,8 @@ class Dataset:
     """In-distribution train/test splits, named OOD query sets and class names (what methods see).
 
     test_ood maps a set name ("heldout", "mnist", ...) to a Split; its labels are the source labels.
+    val_id: items of the training classes held out of train_id before training (`val_items`; None
+    when 0), for tuning that must not touch test data nor data the base model was fitted to.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Dataset:
     test_id: Split
     test_ood: dict[str, Split] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    val_id: Split | None = None
 
 
 @dataclass
@@ -119,6 +122,24 @@ def _split(xy: tuple[np.ndarray, np.ndarray], n: int | None, stats: tuple[float,
     return Split(to_model_input(x, stats), torch.from_numpy(y.astype(np.int64)))
 
 
+def stratified_holdout(y: np.ndarray, n: int, seed: int = DATA_SEED) -> np.ndarray:
+    """Boolean mask [N] selecting n items, class-stratified: class c gets n * N_c / N items rounded by
+    largest remainder (ties to the smaller label), each class's items a seeded random choice."""
+    classes, counts = np.unique(y, return_counts=True)
+    if not 0 < n < len(y):
+        raise BenchError(f"val_items must be between 1 and {len(y) - 1} (the ID training items), got {n}")
+    quota = n * counts / counts.sum()
+    take = np.floor(quota).astype(np.int64)
+    rest = n - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:rest]] += 1
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(y == c)
+        mask[rng.choice(idx, size=int(k), replace=False)] = True
+    return mask
+
+
 def far_ood_names(cfg) -> tuple[str, ...]:
     """The far-OOD datasets of a run: cfg.far_ood, else the ID dataset's registered default."""
     if cfg.far_ood is not None:
@@ -141,8 +162,13 @@ def load_benchmark(cfg) -> Dataset:
     ood: dict[str, Split] = {}
     if len(heldout[1]):
         ood[NEAR_OOD_SET] = _split(heldout, cfg.n_test, stats)
+    val = None
+    if cfg.val_items:  # carved before any subsampling or training: the base model never sees it
+        held = stratified_holdout(train_id[1], cfg.val_items)
+        val = Split(to_model_input(train_id[0][held], stats), torch.from_numpy(train_id[1][held]))
+        train_id = (train_id[0][~held], train_id[1][~held])
     data = Dataset(cfg.dataset, _split(train_id, cfg.n_train, stats), _split(test_id, cfg.n_test, stats),
-                   ood, list(src.class_names))
+                   ood, list(src.class_names), val_id=val)
     for name in far_ood_names(cfg):
         far: DataSource = DATASETS.get(name)(cfg)
         fx = far.ood_x if far.ood_x is not None else far.test_x

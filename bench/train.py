@@ -39,7 +39,7 @@ def make_loss_and_miner(cfg: RunConfig) -> tuple[losses.ContrastiveLoss, miners.
 
 def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int, dropout: float) -> dict:
     """Everything that determines the trained weights (the cache key's content)."""
-    keys = ["dataset", "heldout_classes", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
+    keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
             "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type"]
     d = {k: cfg.to_dict()[k] for k in keys}
     d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=3)

@@ -45,6 +45,21 @@ def test_glm_covariance_on_a_cnn_subset_is_j_sigma_jt(structure, subset):
     assert set(post.sample_params(3, torch.Generator().manual_seed(0))) == set(curv.names)
 
 
+@pytest.mark.parametrize("structure,subset", [("full", "last_k:2"), ("diag", "all"), ("kron", "all")])
+def test_linearized_samples_on_a_cnn_subset(structure, subset):
+    """f_MAP(x) + J(x)(theta_s - theta_MAP) by jvp over the subset, against jacrev columns of the whole net."""
+    model, (x, y) = TinyConvNet(), tiny_images(32)
+    curv = compute_curvature(model, x, y, structure=structure, subset=subset, mining_batch=8)
+    post = make_posterior(model, curv, DELTA)
+    params = post.sample_params(5, torch.Generator().manual_seed(2))
+    E = post.linearized_embeddings(params, x[:4], chunk=3)
+    J = full_jacobian(model, x[:4], curv.names).reshape(4, 2, -1)
+    dev = torch.cat([params[k].reshape(5, -1) for k in curv.names], 1) - jac.flat_params(model, curv.names)
+    with torch.no_grad():
+        ref = model(x[:4])[None] + torch.einsum("nad,sd->sna", J, dev)
+    assert E.shape == (5, 4, 2) and rel_err(E, ref) < 1e-10
+
+
 def test_low_rank_posterior_on_conv_layers():
     """Sigma_k = (I - U diag(w) U^T) / delta on a subset with Conv2d weights (J from torch.func)."""
     model, (x, y) = TinyConvNet(), tiny_images(32)
@@ -141,12 +156,14 @@ def test_laplace_methods_on_a_cnn(cnn_setup, name, la_subset):
     assert pred.mean.shape == (n, 2) and pred.cov.shape == (n, 2, 2)
     assert torch.allclose(pred.mean, model(data.test_id.x), atol=1e-6)
     assert (pred.var > 0).all() and torch.isfinite(pred.cov).all()
+    assert pred.samples.shape == (cfg.posterior_samples, n, 2)  # linearised joint samples
 
 
 @pytest.mark.parametrize("name", ["full_la", "kfac_la"])
-def test_mc_predictive_on_a_cnn(cnn_setup, name):
+@pytest.mark.parametrize("predictive", ["mc", "lmc"])
+def test_sampled_predictives_on_a_cnn(cnn_setup, name, predictive):
     cfg, data, model = cnn_setup
-    cfg = cfg.replace(predictive="mc", la_subset="last_k:2",
+    cfg = cfg.replace(predictive=predictive, la_subset="last_k:2",
                       method_options=(("kfac_conv", "reduce"),) if name == "kfac_la" else ())
     method = _fit(cfg, data, model, name)
     pred = method.predict(data.test_id.x)
