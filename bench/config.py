@@ -111,6 +111,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
         dict(epochs=2, batch_size=64, n_test=2000, posterior_samples=30, dropout_passes=30, hessian_items=4096),
     ),
+    "seed": (
+        "the seed's pipeline as written: PML defaults (cosine distance), TripletMarginMiner(0.2, all), "
+        "5 Linear layers to 2-d, batch 16, 15 epochs, J^T J Hessian, 100 sampled networks, their mean",
+        dict(methods=("plain", "full_la", "laplace_torch"), distance="cosine", epochs=15, batch_size=16,
+             hessian="jtj", predictive="mc", posterior_samples=100, dropout_passes=100, prior_precision="marglik"),
+    ),
     "paper": (
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
         dict(epochs=15, batch_size=16, posterior_samples=100, dropout_passes=100),
