@@ -11,31 +11,16 @@ from laplace.curvature.curvature import GGNInterface
 from torch.utils.data import DataLoader, TensorDataset
 
 from bench.config import preset_config
-from bench.data import load_benchmark
 from bench.errors import BenchError
 from bench.la.structures import compute_curvature
-from bench.method import FitContext
 from bench.registry import METHODS
-from bench.timing import StageTimer
-from bench.train import train_embedding
 from methods.laplace_torch import EigLogdetFullLaplace, make_laplace, scale_fit
 from tests.laplace_helpers import rel_err, tiny_data, tiny_net
-
-
-@pytest.fixture(scope="module")
-def setup():
-    cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True, n_train=200, n_test=60)
-    data = load_benchmark(cfg)
-    model, _ = train_embedding(cfg, data.train_id, torch.device("cpu"), seed=0)
-    return cfg, data, model
+from tests.test_laplace_methods import _fit as fit, setup  # noqa: F401  (the module's fixture)
 
 
 def _fit(cfg, data, model, name):
-    ctx = FitContext(cfg=cfg, data=data, device=torch.device("cpu"), timer=StageTimer(), method=name,
-                     train_model=lambda seed, dropout: copy.deepcopy(model), seed=0)
-    method = METHODS.get(name)(cfg)
-    method.fit(ctx)
-    return method
+    return fit(cfg, data, model, name)[0]
 
 
 def test_same_h_and_glm_covariance_as_our_full_la_with_jtj(setup):
