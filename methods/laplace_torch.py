@@ -5,13 +5,17 @@ and, for predictive=mc, its sampled networks."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
-from laplace import Laplace
-from laplace.baselaplace import FullLaplace
-from laplace.curvature import CurvlinopsGGN
-from laplace.curvature.curvature import GGNInterface
 from torch.utils.data import DataLoader, TensorDataset
+
+with warnings.catch_warnings():  # its import warns about torch.jit.script: keep CLI errors one line
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from laplace import Laplace
+    from laplace.baselaplace import FullLaplace
+    from laplace.curvature import CurvlinopsGGN
+    from laplace.curvature.curvature import GGNInterface
 
 from bench.errors import BenchError, require
 from bench.la.curvature import check_full_memory
