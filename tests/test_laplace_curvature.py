@@ -8,7 +8,7 @@ import torch
 from bench.config import preset_config
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import SymmetricAccumulator, accumulate, check_full_memory
+from bench.la.curvature import PairLoss, SymmetricAccumulator, accumulate, check_full_memory
 from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature, mined_pair_counts, pair_hessians
 from bench.la.structures import compute_curvature
 from bench.train import make_loss_and_miner

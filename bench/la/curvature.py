@@ -531,7 +531,8 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
 
     Pairs are mined in batches of `mining_batch` items drawn like training (seeded permutation of the
     data), with the trained model's embeddings; `chunk` items (rounded to whole mining batches, fewer
-    when their Jacobians would exceed `chunk_budget`, at least one batch) share one Jacobian. stats: items, rows of M, output/parameter-space kept and dropped curvature.
+    when their Jacobians would exceed `chunk_budget`, at least one batch) share one Jacobian.
+    stats: items, rows of M, output/parameter-space kept and dropped curvature.
     """
     if hessian not in HESSIANS:
         raise BenchError(f"hessian must be ggn or jtj, got {hessian!r}")
