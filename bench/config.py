@@ -56,6 +56,7 @@ class RunConfig:
     bootstrap_resamples: int = 1000
     ci_level: float = 0.95
     # Laplace family
+    la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
     hessian: str = "ggn"  # ggn | jtj
     predictive: str = "glm"  # glm (closed form) | lmc (linearised samples) | mc (sampled networks)
     posterior_samples: int = 100  # posterior draws: sampled networks (mc) or linearised samples (glm, lmc)
@@ -196,6 +197,8 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
     require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
     require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
+    from bench.la.subsets import check_la_subset  # (lazy: torch)
+    check_la_subset(cfg.la_subset)
     dev = cfg.device
     require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
 
