@@ -380,11 +380,11 @@ def scale_curvature(curv: Curvature, factor: float) -> Curvature:
     return curv
 
 
-def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: str = "ggn",
+def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
                loss: PairLoss | None = None, mining_batch: int = 16, chunk: int = 256,
                generator: torch.Generator | None = None, progress: bool = False) -> Curvature:
     """Feed `acc` the curvature of the contrastive loss (hessian="ggn") or JtJ ("jtj") of its model
-    on (x [N, ...], y [N]).
+    on (x [N, ...], y [N]); x is a tensor or a `bench.data.Split` (inputs fetched with `x.inputs(idx)`).
 
     Pairs are mined in batches of `mining_batch` items drawn like training (seeded permutation of the
     data), with the trained model's embeddings; `chunk` items (rounded to whole mining batches) share
@@ -407,7 +407,7 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
     for c0 in range(0, nb, per_chunk):
         bidx, bval = idx[c0:c0 + per_chunk], valid[c0:c0 + per_chunk].to(acc.device)
         nbc = bidx.shape[0]
-        xb = x[bidx.reshape(-1)].to(device=acc.device, dtype=pdtype)
+        xb = (x.inputs(bidx.reshape(-1)) if hasattr(x, "inputs") else x[bidx.reshape(-1)]).to(device=acc.device, dtype=pdtype)
         f, J = acc.jacobian(xb)
         with torch.no_grad():
             pairs = None
