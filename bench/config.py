@@ -126,6 +126,27 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
         dict(epochs=15, batch_size=16, posterior_samples=100, dropout_passes=100),
     ),
+    "cifar": (
+        "CIFAR-10 (0-6 ID, 7-9 near-OOD, MNIST/Fashion far-OOD): frozen ImageNet EfficientNet-Lite0 features at "
+        "64 px + a trained Linear head to 8-d; every method on a 2-core CPU",
+        dict(dataset="cifar10", backbone="efficientnet_lite0", freeze_backbone=True, image_size=64, crop_fraction=1.0,
+             embed_dim=8, far_ood=("mnist_ood", "fashion_ood"), n_train=10000, n_test=2000, epochs=20, batch_size=64,
+             lr=3e-4,
+             posterior_samples=30, dropout_passes=30, hessian_items=2048),
+    ),
+    "cifar_scratch": (
+        "CIFAR-10 with the 32-64-64 conv net from scratch (flatten -> Linear(1024, 16)), augmented; meant for a GPU",
+        dict(dataset="cifar10", backbone="convnet", pooling="flat", image_size=32, crop_fraction=1.0, augment=True,
+             embed_dim=16, far_ood=("mnist_ood", "fashion_ood"), epochs=30, batch_size=64, n_test=2000,
+             posterior_samples=30, dropout_passes=30, hessian_items=4096),
+    ),
+    **{name: (f"{label}, zero-shot (train on the first half of the classes): ImageNet EfficientNet-Lite0 fine-tuned "
+              "at 224 px, GeM pooling, 128-d L2-normalised embedding; needs the data under --data-dir",
+              dict(dataset=ds, protocol="zero_shot", backbone="efficientnet_lite0", pooling="gem", image_size=224,
+                   augment=True, embed_dim=128, l2_normalize=True, epochs=30, batch_size=64, lr=1e-4,
+                   posterior_samples=30, dropout_passes=30, hessian_items=4096))
+       for name, ds, label in (("cub", "cub200", "CUB-200-2011"), ("cars", "cars196", "Cars-196"),
+                               ("sop", "sop", "Stanford Online Products"))},
 }
 
 

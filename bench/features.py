@@ -122,19 +122,31 @@ def prepare_benchmark(cfg, device: torch.device, cache_root: Path) -> tuple[Data
     if trunk is None:
         return data, {}
     cache = FeatureCache(Path(cache_root) / "features", cfg, trunk.to(device), device)
-    feats = Dataset(data.name, cache.get(data.train_id, "train_id"), cache.get(data.test_id, "test_id"),
-                    {k: cache.get(s, k) for k, s in data.test_ood.items()}, data.class_names, data.label)
-    dim = feats.train_id.in_shape[0]
-    return feats, {"seconds": cache.seconds, "extracted": cache.extracted, "feature_dim": dim,
+    raw = Dataset(data.name, cache.get(data.train_id, "train_id"), cache.get(data.test_id, "test_id"),
+                  {k: cache.get(s, k) for k, s in data.test_ood.items()}, data.class_names, data.label)
+    dim = raw.train_id.in_shape[0]
+    return standardize(raw), {"seconds": cache.seconds, "extracted": cache.extracted, "feature_dim": dim,
+                              "raw_features": raw_feature_reference(raw, cfg),
                    "trunk_weights": cache.weights, "input_shape": list(data.train_id.in_shape),
                    "note": f"frozen {cfg.backbone} trunk: methods see the head on cached {dim}-d features "
                            "(the deep ensemble is M heads on the one frozen trunk)"}
 
 
+def standardize(data: Dataset) -> Dataset:
+    """Every split's features standardised per dimension with the training split's statistics,
+    f' = (f - mean_train) / (std_train + 1e-6): the head's input scale, as pixel statistics are for
+    images (pooled ReLU features are all positive with norms ~60, which a Linear head trained with
+    the shared learning rate fits poorly)."""
+    mean, std = data.train_id.x.mean(0), data.train_id.x.std(0) + 1e-6
+    fix = lambda s: Split((s.x - mean) / std, s.y)  # noqa: E731
+    return Dataset(data.name, fix(data.train_id), fix(data.test_id), {k: fix(s) for k, s in data.test_ood.items()},
+                   data.class_names, data.label)
+
+
 def raw_feature_reference(data: Dataset, cfg) -> dict[str, list[float]]:
-    """Retrieval of the frozen trunk's raw features (no head), the reference a trained head must
-    beat: metric -> [value, ci_low, ci_high] of leave-one-out retrieval on test_id (Euclidean
-    distance, as the heads'; bootstrap over queries like every method's)."""
+    """Retrieval of the frozen trunk's raw features (no head, not standardised), the reference a
+    trained head must beat: metric -> [value, ci_low, ci_high] of leave-one-out retrieval on test_id
+    (Euclidean distance, as the heads'; bootstrap over queries like every method's)."""
     from bench.metrics.bootstrap import bootstrap_mean_ci
     from bench.metrics.retrieval import retrieval_per_query
 

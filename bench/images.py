@@ -91,12 +91,13 @@ class ImageStore:
         """Image i as uint8 [C, H, W]."""
         if not self.is_files:
             return torch.from_numpy(np.ascontiguousarray(self.images[i]))
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image
 
         path = str(self.images[i])
         try:
-            return decode_image(path, mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError) as e:
+            with Image.open(path) as img:
+                return torch.from_numpy(np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy())
+        except OSError as e:
             raise BenchError(f"cannot read image {path}: {e}") from None
 
 

@@ -15,9 +15,9 @@ import torch
 
 from bench import __version__
 from bench.config import ALL_METHODS, RunConfig
-from bench.conventions import BASE_METHOD as BASE, EXTRACT_STAGE, REFERENCE_METHOD
+from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
 from bench.data import Dataset, Split
-from bench.features import prepare_benchmark, raw_feature_reference
+from bench.features import prepare_benchmark
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError
 from bench.evaluate import evaluate
@@ -168,6 +168,11 @@ def run(cfg: RunConfig, log=print) -> Path:
     state = RunState(cfg, folder, device, methods)
     write_config(state, "running")
     log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
+    if features:
+        ref = features["raw_features"].get(CORRECTNESS_METRIC, [float("nan")] * 3)
+        log(f"  frozen {cfg.backbone} trunk: {features['feature_dim']}-d features of {features['input_shape']} inputs "
+            f"({features['extracted']} splits extracted now, {features['seconds']:.1f} s recorded); raw-feature "
+            f"{CORRECTNESS_METRIC} {ref[0]:.3f} [{ref[1]:.3f}, {ref[2]:.3f}]")
     cache_root = Path(cfg.out) / "cache" / "models"
     all_rows: list[dict] = []
     all_times: list[dict] = []
@@ -234,8 +239,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),
                                  "class_names": data.class_names, "data_label": data.label,
-                                 **({"features": features, "raw_features": raw_feature_reference(data, cfg)}
-                                    if features else {}),
+                                 **({"features": features} if features else {}),
                                  "data": {"train_id": len(data.train_id), "test_id": len(data.test_id),
                                           **{f"ood_{k}": len(v) for k, v in data.test_ood.items()}}})
     return folder.path

@@ -50,11 +50,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _decode(data: bytes) -> np.ndarray:
-    """One image file's bytes as uint8 [3, H, W]."""
-    import torch
-    from torchvision.io import ImageReadMode, decode_image
+    """One image file's bytes as uint8 [3, H, W] (Pillow, RGB)."""
+    from PIL import Image
 
-    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB).numpy()
+    with Image.open(io.BytesIO(data)) as img:
+        return np.asarray(img.convert("RGB")).transpose(2, 0, 1)
 
 
 def _arrays(items: list[tuple[str, int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
