@@ -25,6 +25,9 @@ class RunConfig:
     data_dir: str | None = None
     n_train: int | None = None  # subsample of the ID training set (None: all)
     n_test: int | None = None  # subsample of each test split (None: all)
+    # validation split carved from the ID training classes before training (the base model never sees
+    # it): class-stratified, seeded; for tuning (prior precision, likelihood scale). 0: none
+    val_items: int = 0
     seed: int = 0
     seeds: tuple[int, ...] = ()  # several seeds: the run repeats per seed (empty: just `seed`)
     # protocol: closed (train on the classes not held out, retrieve among them, held-out classes as
@@ -68,8 +71,8 @@ class RunConfig:
     ci_level: float = 0.95
     # Laplace family
     hessian: str = "ggn"  # ggn | jtj
-    predictive: str = "glm"  # glm | mc
-    posterior_samples: int = 100  # sampled networks for predictive=mc
+    predictive: str = "glm"  # glm (closed form) | lmc (linearised samples) | mc (sampled networks)
+    posterior_samples: int = 100  # posterior draws: sampled networks (mc) or linearised samples (glm, lmc)
     prior_precision: str = "marglik"  # a number, marglik or grid
     jacobian_chunk: int = 256  # items per Jacobian chunk (curvature, GLM predictive, MC predictive)
     hessian_items: int | None = None  # seeded subset of train_id for the curvature (None: all), scaled by N/n
@@ -225,6 +228,7 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     require(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
     require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
+    require(cfg.val_items >= 0, f"val_items must be >= 0, got {cfg.val_items}")
     require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
     require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
     require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")

@@ -93,6 +93,8 @@ class Dataset:
     """In-distribution train/test splits, named OOD query sets and class names (what methods see).
 
     test_ood maps a set name ("heldout", "mnist", ...) to a Split; its labels are the source labels.
+    val_id: items of the training classes held out of train_id before training (`val_items`; None
+    when 0), for tuning that must not touch test data nor data the base model was fitted to.
     """
 
     name: str
@@ -100,6 +102,7 @@ class Dataset:
     test_id: Split
     test_ood: dict[str, Split] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    val_id: Split | None = None
     label: str = ""  # how results name the data as read (e.g. "CIFAR-10 (JPEG)"); default: name
 
 
@@ -205,6 +208,24 @@ def protocol_indices(src: DataSource, cfg) -> tuple[np.ndarray, np.ndarray, np.n
     return np.flatnonzero(~train_out), np.flatnonzero(~test_out), np.flatnonzero(test_out)
 
 
+def stratified_holdout(y: np.ndarray, n: int, seed: int = DATA_SEED) -> np.ndarray:
+    """Boolean mask [N] selecting n items, class-stratified: class c gets n * N_c / N items rounded by
+    largest remainder (ties to the smaller label), each class's items a seeded random choice."""
+    classes, counts = np.unique(y, return_counts=True)
+    if not 0 < n < len(y):
+        raise BenchError(f"val_items must be between 1 and {len(y) - 1} (the ID training items), got {n}")
+    quota = n * counts / counts.sum()
+    take = np.floor(quota).astype(np.int64)
+    rest = n - int(take.sum())
+    take[np.argsort(-(quota - take), kind="stable")[:rest]] += 1
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(len(y), dtype=bool)
+    for c, k in zip(classes, take):
+        idx = np.flatnonzero(y == c)
+        mask[rng.choice(idx, size=int(k), replace=False)] = True
+    return mask
+
+
 def far_ood_names(cfg) -> tuple[str, ...]:
     """The far-OOD datasets of a run: cfg.far_ood, else the ID dataset's registered default (a
     tuple, or a function of the config, e.g. SVHN when its files are there, else MNIST/Fashion)."""
@@ -294,10 +315,15 @@ def load_benchmark(cfg) -> Dataset:
     ood: dict[str, Split] = {}
     if near_idx is not None and len(near_idx):
         ood[NEAR_OOD_SET] = make.split(src.test_x, src.test_y, near_idx, cfg.n_test, fp_test)
+    val = None
+    if cfg.val_items:  # carved before any subsampling or training: the base model never sees it
+        held = stratified_holdout(src.train_y[train_idx], cfg.val_items)
+        val = make.split(src.train_x, src.train_y, train_idx[held], None, fp_train)
+        train_idx = train_idx[~held]
     data = Dataset(cfg.dataset, make.split(src.train_x, src.train_y, train_idx, cfg.n_train, fp_train,
                                            augments=cfg.augment),
                    make.split(src.test_x, src.test_y, test_idx, cfg.n_test, fp_test), ood, list(src.class_names),
-                   label=src.label or src.name)
+                   val_id=val, label=src.label or src.name)
     id_shape = data.test_id.in_shape
     for name in far_ood_names(cfg):
         far: DataSource = DATASETS.get(name)(cfg)

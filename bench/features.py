@@ -123,7 +123,8 @@ def prepare_benchmark(cfg, device: torch.device, cache_root: Path) -> tuple[Data
         return data, {}
     cache = FeatureCache(Path(cache_root) / "features", cfg, trunk.to(device), device)
     raw = Dataset(data.name, cache.get(data.train_id, "train_id"), cache.get(data.test_id, "test_id"),
-                  {k: cache.get(s, k) for k, s in data.test_ood.items()}, data.class_names, data.label)
+                  {k: cache.get(s, k) for k, s in data.test_ood.items()}, data.class_names,
+                  None if data.val_id is None else cache.get(data.val_id, "val_id"), data.label)
     dim = raw.train_id.in_shape[0]
     return standardize(raw), {"seconds": cache.seconds, "extracted": cache.extracted, "feature_dim": dim,
                               "raw_features": raw_feature_reference(raw, cfg),
@@ -140,7 +141,7 @@ def standardize(data: Dataset) -> Dataset:
     mean, std = data.train_id.x.mean(0), data.train_id.x.std(0) + 1e-6
     fix = lambda s: Split((s.x - mean) / std, s.y)  # noqa: E731
     return Dataset(data.name, fix(data.train_id), fix(data.test_id), {k: fix(s) for k, s in data.test_ood.items()},
-                   data.class_names, data.label)
+                   data.class_names, None if data.val_id is None else fix(data.val_id), data.label)
 
 
 def raw_feature_reference(data: Dataset, cfg) -> dict[str, list[float]]:

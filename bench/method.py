@@ -22,30 +22,49 @@ SEED_STRIDE = 1_000_003  # generator seeds are seed * SEED_STRIDE + offset: dist
 @dataclass
 class EmbeddingPrediction:
     """Predicted embeddings of N queries: mean [N, d] and, for uncertainty-aware methods, the
-    per-dimension variance [N, d] and optionally the full covariance [N, d, d] (None otherwise)."""
+    per-dimension variance [N, d] and optionally the full covariance [N, d, d] (None otherwise).
+
+    samples [S, N, d] (optional): S joint draws of the N embeddings from the method's predictive,
+    for scores computed at the level of retrieval (does the top-1 label change under the predictive?).
+    Draw s of every query set of one fitted method comes from the same weights / members / posterior
+    sample, so query and gallery items are jointly distributed (a method whose items are independent,
+    e.g. MC dropout's per-item masks, is jointly independent). None: the predictive is the Gaussian
+    (mean, var or cov), independent across items.
+    """
 
     mean: torch.Tensor
     var: torch.Tensor | None = None
     cov: torch.Tensor | None = None
+    samples: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.var is None and self.cov is not None:
             self.var = torch.diagonal(self.cov, dim1=-2, dim2=-1)
 
     @classmethod
-    def from_samples(cls, z: torch.Tensor, with_cov: bool = True) -> "EmbeddingPrediction":
+    def from_samples(cls, z: torch.Tensor, with_cov: bool = True, keep: bool = True) -> "EmbeddingPrediction":
         """Sample moments of z [S, N, d]: mean, unbiased per-dimension variance and (with_cov) the
-        unbiased covariance (1/(S-1)) sum_s (z_s - mean)(z_s - mean)^T."""
+        unbiased covariance (1/(S-1)) sum_s (z_s - mean)(z_s - mean)^T; `keep` keeps z as `samples`."""
         mean = z.mean(0)
         c = z - mean
         denom = max(z.shape[0] - 1, 1)
         var = (c ** 2).sum(0) / denom
         cov = torch.einsum("tni,tnj->nij", c, c) / denom if with_cov else None
-        return cls(mean=mean, var=var, cov=cov)
+        return cls(mean=mean, var=var, cov=cov, samples=z if keep else None)
+
+    @classmethod
+    def cat(cls, parts: "list[EmbeddingPrediction]") -> "EmbeddingPrediction":
+        """The predictions of consecutive chunks of items as one (items concatenated; a field is kept
+        only when every part has it)."""
+        def join(name: str, dim: int) -> torch.Tensor | None:
+            ts = [getattr(p, name) for p in parts]
+            return None if any(t is None for t in ts) else torch.cat(ts, dim=dim)
+
+        return cls(mean=join("mean", 0), var=join("var", 0), cov=join("cov", 0), samples=join("samples", 1))
 
     def to(self, device: torch.device | str) -> "EmbeddingPrediction":
         mv = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return EmbeddingPrediction(mv(self.mean), mv(self.var), mv(self.cov))
+        return EmbeddingPrediction(mv(self.mean), mv(self.var), mv(self.cov), mv(self.samples))
 
 
 @dataclass

@@ -2,7 +2,6 @@
 way, results saved per method as they complete so a killed run resumes where it stopped."""
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 import traceback
@@ -74,25 +73,12 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
     }, status)
 
 
-def concat_predictions(parts: list[EmbeddingPrediction]) -> EmbeddingPrediction:
-    """The predictions of consecutive query chunks as one: every tensor field concatenated along
-    its query axis (dim 0; dim 1 for `samples` [S, N, d])."""
-    if len(parts) == 1:
-        return parts[0]
-    out = {}
-    for f in dataclasses.fields(EmbeddingPrediction):
-        vals = [getattr(p, f.name) for p in parts]
-        out[f.name] = (torch.cat(vals, dim=1 if f.name == "samples" else 0)
-                       if all(isinstance(v, torch.Tensor) for v in vals) else vals[0])
-    return EmbeddingPrediction(**out)
-
-
 def predict_split(method: Method, split: Split, device: torch.device) -> EmbeddingPrediction:
     """method.predict on every item of `split` (on CPU): one call for an in-memory split, else one
     call per chunk of `cfg.image_chunk` images."""
     if split.in_memory:
         return method.predict(split.x.to(device)).to("cpu")
-    return concat_predictions([method.predict(xb.to(device)).to("cpu") for xb in split.chunks()])
+    return EmbeddingPrediction.cat([method.predict(xb.to(device)).to("cpu") for xb in split.chunks()])
 
 
 def _predict_all(method: Method, data: Dataset, device: torch.device) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:

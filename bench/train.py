@@ -45,7 +45,7 @@ DATA_MODEL_KEYS = ("protocol", "image_size", "crop_fraction", "augment", "poolin
 
 def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int, dropout: float) -> dict:
     """Everything that determines the trained weights (the cache key's content)."""
-    keys = ["dataset", "heldout_classes", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
+    keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
             "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", *DATA_MODEL_KEYS]
     d = {k: cfg.to_dict()[k] for k in keys}
     d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=3)

@@ -14,6 +14,7 @@ from bench.la.structures import get_structure
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 
+PREDICTIVES = ("glm", "lmc", "mc")  # closed-form linearised | linearised Monte Carlo | sampled networks
 VAL_MAX = 1000  # items of the validation split carved from train_id for prior_precision=grid
 # generator streams (FitContext.generator offsets)
 SUBSET_STREAM, PERM_STREAM, LANCZOS_STREAM, VAL_STREAM, GRID_STREAM, SAMPLE_STREAM = 13, 17, 29, 31, 37, 41
@@ -31,7 +32,7 @@ class _Laplace(Method):
 
     Stages: "hessian" = curvature accumulation; "prior" = prior-precision tuning and the posterior
     factorisation; the runner times "predict" (GLM closed form or MC). Config: hessian (ggn | jtj),
-    predictive (glm | mc), posterior_samples, prior_precision (number | marglik | grid), hessian_items,
+    predictive (glm | lmc | mc), posterior_samples, prior_precision (number | marglik | grid), hessian_items,
     jacobian_chunk, hessian_dtype, batch_size (pairs are mined per training-sized batch), the margins;
     full_la's option posterior_rank_tol.
     """
@@ -43,7 +44,7 @@ class _Laplace(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         require(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
-        require(cfg.predictive in ("glm", "mc"), f"predictive must be glm or mc, got {cfg.predictive!r}")
+        require(cfg.predictive in PREDICTIVES, f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}")
         require(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
         require(cfg.hessian_items is None or cfg.hessian_items >= 2,
@@ -131,19 +132,28 @@ class _Laplace(Method):
 
     # -- predict ---------------------------------------------------------------------------
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
+        """predictive=glm: the closed-form linearised moments (mean f_MAP, covariance J Sigma J^T), plus
+        S = posterior_samples joint samples of that linearised predictive for retrieval-level scores;
+        lmc: the moments of those linearised samples (linearised Monte Carlo); mc: the moments of S
+        sampled networks f(x; theta_s) (the seed's predictive). The S parameter draws are made once and
+        shared by every query set (and chunk), so the samples are joint across query and gallery items."""
         post = self.posterior
         if post is None:
             raise BenchError(f"{self.name}: predict called before fit")
         xd = x.to(next(self.model.parameters()).device)
-        if self.cfg.predictive == "glm":
-            with torch.no_grad():
-                mean = self.model(xd)
-            cov = post.glm_cov(xd, self.cfg.jacobian_chunk).to(mean.dtype)
-            return EmbeddingPrediction(mean=mean.to(x.device), cov=cov.to(x.device))
-        if self._samples is None:  # S networks drawn once, shared by every query set
+        if self._samples is None:  # S parameter sets drawn once, shared by every query set
             self._samples = post.sample_params(self.cfg.posterior_samples, self._sample_gen)
-        E = post.sampled_embeddings(self._samples, xd, self.cfg.jacobian_chunk * 16)  # [S, n, d]
-        return EmbeddingPrediction.from_samples(E).to(x.device)
+        chunk = self.cfg.jacobian_chunk * 16
+        if self.cfg.predictive == "mc":
+            E = post.sampled_embeddings(self._samples, xd, chunk)  # [S, n, d]
+            return EmbeddingPrediction.from_samples(E).to(x.device)
+        E = post.linearized_embeddings(self._samples, xd, chunk)
+        if self.cfg.predictive == "lmc":
+            return EmbeddingPrediction.from_samples(E).to(x.device)
+        with torch.no_grad():
+            mean = self.model(xd)
+        cov = post.glm_cov(xd, self.cfg.jacobian_chunk).to(mean.dtype)
+        return EmbeddingPrediction(mean=mean, cov=cov, samples=E.to(mean.dtype)).to(x.device)
 
 
 @register_method("full_la")

@@ -99,3 +99,22 @@ def test_fashion_mnist_id_ood_split(tmp_path):
     mnist = DATASETS.get("mnist_ood")(cfg)  # far-OOD digits get Fashion-MNIST's scaling, like any unseen image
     n = len(d.test_ood["mnist"])
     assert torch.equal(d.test_ood["mnist"].x, to_model_input((mnist.ood_x if mnist.ood_x is not None else mnist.test_x)[:n], PIXEL_STATS))
+
+
+def test_validation_split_is_stratified_and_disjoint_from_training():
+    from bench.data import stratified_holdout
+
+    y = np.repeat(np.arange(4), [50, 30, 15, 5])
+    mask = stratified_holdout(y, 20)
+    assert mask.sum() == 20
+    assert [int(mask[y == c].sum()) for c in range(4)] == [10, 6, 3, 1]
+    assert np.array_equal(mask, stratified_holdout(y, 20))  # seeded
+    with pytest.raises(BenchError, match="val_items"):
+        stratified_holdout(y, 100)
+    cfg = preset_config("smoke").replace(dataset="synthetic", val_items=60)
+    data, plain = load_benchmark(cfg), load_benchmark(cfg.replace(val_items=0))
+    assert data.val_id is not None and len(data.val_id) == 60 and plain.val_id is None
+    rows = lambda s: {tuple(r) for r in s.x.numpy().round(6)}
+    assert not rows(data.val_id) & rows(data.train_id)  # never trained on
+    assert not rows(data.val_id) & rows(data.test_id)  # never test data
+    assert set(data.val_id.y.tolist()) <= set(data.train_id.y.tolist())  # training classes only

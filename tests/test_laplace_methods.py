@@ -70,7 +70,7 @@ def test_fixed_prior_and_jtj(setup):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("hessian", "exact", "hessian must be ggn or jtj"), ("predictive", "laplace", "predictive must be glm or mc"),
+    ("hessian", "exact", "hessian must be ggn or jtj"), ("predictive", "laplace", "predictive must be one of glm, lmc, mc"),
     ("hessian_dtype", "float16", "hessian_dtype must be float32 or float64"),
     ("prior_precision", "-1", "prior_precision must be a positive number, marglik or grid"),
     ("prior_precision", "often", "prior_precision must be a positive number"),
@@ -108,3 +108,22 @@ def test_full_la_low_rank_option(setup, monkeypatch):
     assert ratio.min() > 1 - 1e-4 and ratio.max() <= 1.3  # the tolerance bounds Sigma_k / Sigma
     with pytest.raises(BenchError, match="posterior_rank_tol must be"):
         METHODS.get("full_la").validate(cfg.replace(method_options=(("posterior_rank_tol", -1.0),)))
+
+
+def test_predictives_share_draws_across_query_sets_and_lmc_moments_approach_glm(tmp_path):
+    from bench.config import preset_config
+    from bench.data import load_benchmark
+    from tests.fit_helpers import fit_method
+
+    cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True, posterior_samples=4000)
+    data = load_benchmark(cfg)
+    glm, _, _ = fit_method("diag_la", cfg, data, tmp_path)
+    lmc, _, _ = fit_method("diag_la", cfg.replace(predictive="lmc"), data, tmp_path)
+    x = data.test_id.x[:20]
+    with torch.no_grad():
+        pg, pl = glm.predict(x), lmc.predict(x)
+        # the same items in a second call (another query set, another chunk) get the same draws
+        assert torch.allclose(glm.predict(x[10:]).samples, pg.samples[:, 10:], atol=1e-6)
+    assert pg.samples.shape == (4000, 20, cfg.embed_dim) and torch.equal(pg.samples, pl.samples)
+    assert torch.allclose(pl.var, pg.var, rtol=0.15)  # 4000 draws: s.e. of a variance ~2.2%
+    assert torch.allclose(pl.mean, pg.mean, atol=float(3 * (pg.var / 4000).sqrt().max()))

@@ -122,3 +122,41 @@ def test_cholesky_jitter_on_a_singular_precision_is_logged(caplog):
         L, jit = jittered_cholesky(P.clone())
     assert jit > 0 and torch.allclose(L @ L.T, P + jit * torch.eye(3, dtype=torch.float64))
     assert "not positive definite" in caplog.text and "jitter" in caplog.text
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+def test_linearized_samples_are_f_map_plus_jacobian_times_deviation(structure):
+    # brute force: J(x) from jacrev of the whole net, deviations from the drawn parameter sets
+    model, (x, y) = tiny_net(), tiny_data(30)
+    curv = compute_curvature(model, x, y, structure=structure, hessian="ggn", mining_batch=8)
+    post = make_posterior(model, curv, delta=5.0)
+    params = post.sample_params(7, torch.Generator().manual_seed(3))
+    xq = x[:9]
+    E = post.linearized_embeddings(params, xq, chunk=4)  # three chunks
+    names = list(params)
+    J = jac.embedding_jacobian(model, xq, names)  # [n, d, D_subset]
+    theta = jac.flat_params(model, names)
+    dev = torch.cat([params[k].reshape(7, -1) for k in names], dim=1) - theta[None]
+    with torch.no_grad():
+        f = model(xq)
+    ref = f[None] + torch.einsum("nad,sd->sna", J, dev)
+    assert E.shape == (7, 9, 2) and rel_err(E, ref) < 1e-10
+
+
+def test_linearized_sample_moments_match_the_glm_predictive():
+    # joint over items: the sample cross-covariance of two items is J_a Sigma J_b^T
+    model, (x, y) = tiny_net(), tiny_data(30)
+    curv = compute_curvature(model, x, y, structure="full", hessian="ggn", mining_batch=8)
+    post = make_posterior(model, curv, delta=3.0)
+    S = 20000
+    E = post.linearized_embeddings(post.sample_params(S, torch.Generator().manual_seed(4)), x[:3], chunk=3)
+    glm = post.glm_cov(x[:3])
+    emp = torch.einsum("sna,snb->nab", E - E.mean(0), E - E.mean(0)) / (S - 1)
+    var = torch.diagonal(glm, dim1=-2, dim2=-1)
+    assert ((torch.diagonal(emp, dim1=-2, dim2=-1) - var).abs() <= 5 * math.sqrt(2 / S) * var).all()
+    Sigma = torch.linalg.inv(curv.H + 3.0 * torch.eye(curv.D, dtype=torch.float64))
+    J = jac.embedding_jacobian(model, x[:2], curv.names)
+    cross = J[0] @ Sigma @ J[1].T  # [d, d] cross-covariance of items 0 and 1
+    emp_cross = (E[:, 0] - E[:, 0].mean(0)).T @ (E[:, 1] - E[:, 1].mean(0)) / (S - 1)
+    scale = (var[0][:, None] * var[1][None, :]).sqrt()
+    assert ((emp_cross - cross).abs() <= 5 * scale / math.sqrt(S)).all()

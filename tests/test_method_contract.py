@@ -44,8 +44,13 @@ def test_method_contract(name, smoke, tmp_path):
         if p.cov is not None:
             assert p.cov.shape == (n, cfg.embed_dim, cfg.embed_dim) and torch.isfinite(p.cov).all(), k
             assert torch.allclose(torch.diagonal(p.cov, dim1=-2, dim2=-1), p.var, atol=1e-5), k
+        if p.samples is not None:  # joint draws [S, n, d], as many for every query set
+            assert p.samples.dim() == 3 and p.samples.shape[1:] == (n, cfg.embed_dim), k
+            assert p.samples.shape[0] == preds["id"].samples.shape[0] >= 2 and torch.isfinite(p.samples).all(), k
     again, _, _ = fit_method(name, cfg, data, tmp_path / "models")  # cached nets, same seed
     for k, p in _predict_all(again, data).items():
         assert torch.equal(p.mean, preds[k].mean), f"{name}: mean not deterministic on {k}"
         if p.var is not None:
             assert torch.equal(p.var, preds[k].var), f"{name}: variance not deterministic on {k}"
+        if p.samples is not None:
+            assert torch.equal(p.samples, preds[k].samples), f"{name}: samples not deterministic on {k}"

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call, jvp, vmap
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
@@ -95,6 +95,27 @@ class Posterior:
 
         with torch.no_grad():
             return _chunked(lambda xc: vmap(f, in_dims=(0, None))(params, xc), x, chunk, dim=1)
+
+    def linearized_embeddings(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
+        """Samples of the linearised (GLM) predictive, f_MAP(x) + J(x) (theta_s - theta_MAP), for the S
+        parameter sets of `sample_params`: [S, n, d]. Exact samples of N(f_MAP(x), J Sigma J^T), jointly
+        over the n items (one theta_s serves every item), unlike sampled networks f(x; theta_s), which
+        leave the region where the linearisation (and the Laplace posterior) is meaningful.
+        J(x) (theta_s - theta_MAP) is one forward-mode product (torch.func.jvp) per sample, vmapped."""
+        base = {k: v.detach() for k, v in self.model.named_parameters()}
+        primal = {k: base[k] for k in params}
+        tangents = {k: (v - base[k]).to(base[k].dtype) for k, v in params.items()}  # [S, *shape]
+
+        def f(p: dict[str, torch.Tensor], xc: torch.Tensor) -> torch.Tensor:
+            return functional_call(self.model, {**base, **p}, (xc,))
+
+        def chunk_samples(xc: torch.Tensor) -> torch.Tensor:
+            mean = f(primal, xc)
+            jt = vmap(lambda t: jvp(lambda p: f(p, xc), (primal,), (t,))[1])(tangents)  # [S, n, d]
+            return mean[None] + jt
+
+        with torch.no_grad():
+            return _chunked(chunk_samples, x, chunk, dim=1)
 
 
 class _FlatPosterior(Posterior):
