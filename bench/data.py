@@ -259,7 +259,6 @@ class _SplitMaker:
                              "e.g. --set image_size=224")
         if cfg.augment and not images:
             raise BenchError(f"augment needs image data; {src.name} holds feature vectors")
-        self.id_shape: tuple[int, ...] | None = None
         self.transform = None
         if self.lazy:
             from bench.images import ImageTransform

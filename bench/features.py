@@ -26,6 +26,7 @@ from bench.model import build_model
 
 FEATURE_VERSION = 1  # bump when the extraction code changes what it computes
 FROZEN_TRUNK_SEED = 0
+STD_FLOOR = 0.1  # a feature's std is at least this share of the mean std when standardising
 
 
 def frozen_trunk(cfg, in_shape: tuple[int, ...]) -> nn.Module | None:
@@ -135,10 +136,13 @@ def prepare_benchmark(cfg, device: torch.device, cache_root: Path) -> tuple[Data
 
 def standardize(data: Dataset) -> Dataset:
     """Every split's features standardised per dimension with the training split's statistics,
-    f' = (f - mean_train) / (std_train + 1e-6): the head's input scale, as pixel statistics are for
-    images (pooled ReLU features are all positive with norms ~60, which a Linear head trained with
-    the shared learning rate fits poorly)."""
-    mean, std = data.train_id.x.mean(0), data.train_id.x.std(0) + 1e-6
+    f' = (f - mean_train) / max(std_train, STD_FLOOR * mean(std_train)): the head's input scale, as
+    pixel statistics are for images (pooled ReLU features are all positive with norms ~60, which a
+    Linear head trained with the shared learning rate fits poorly). The floor keeps a dimension that
+    is (nearly) constant on the training images, as sparse ReLU features can be, from blowing a test
+    image's feature up by 1e6."""
+    mean, std = data.train_id.x.mean(0), data.train_id.x.std(0)
+    std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
     fix = lambda s: Split((s.x - mean) / std, s.y)  # noqa: E731
     return Dataset(data.name, fix(data.train_id), fix(data.test_id), {k: fix(s) for k, s in data.test_ood.items()},
                    data.class_names, None if data.val_id is None else fix(data.val_id), data.label)

@@ -90,7 +90,7 @@ class ImageStore:
     def get(self, i: int) -> torch.Tensor:
         """Image i as uint8 [C, H, W]."""
         if not self.is_files:
-            return torch.from_numpy(np.ascontiguousarray(self.images[i]))
+            return torch.from_numpy(np.array(self.images[i]))  # a copy: stored arrays may be read-only
         from PIL import Image
 
         path = str(self.images[i])
