@@ -4,7 +4,7 @@ every method, the deep ensemble included, works unchanged: an ensemble is M head
 
 Cache: `<cache root>/features/<hash>.pt`, keyed by the backbone, a hash of the trunk's weights
 (so a different weights file is a different key), the pooling, the split (its stored images,
-items and transform: `Split.fingerprint`), the device type and FEATURE_VERSION; post-hoc methods,
+items and transform: `Split.fingerprint`), the device type and EXTRACTION_VERSION; post-hoc methods,
 seeds and reruns reuse it. The trunk is built with the fixed seed FROZEN_TRUNK_SEED (it does not
 depend on the run seed, so seeds share the features; pretrained weights overwrite it anyway).
 """
@@ -24,7 +24,8 @@ from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
 from bench.model import build_model
 
-FEATURE_VERSION = 1  # bump when the extraction code changes what it computes
+EXTRACTION_VERSION = 1  # bump when the extraction changes the raw features (the feature-cache key)
+FEATURE_VERSION = 2  # bump when the features methods see change (also in the head's model-cache key)
 FROZEN_TRUNK_SEED = 0
 STD_FLOOR = 0.1  # a feature's std is at least this share of the mean std when standardising
 
@@ -79,7 +80,7 @@ class FeatureCache:
 
     def key(self, split: Split) -> dict:
         return {"backbone": self.cfg.backbone, "weights": self.weights, "pooling": self.cfg.pooling,
-                "split": split.fingerprint(), "device": self.device.type, "version": FEATURE_VERSION}
+                "split": split.fingerprint(), "device": self.device.type, "version": EXTRACTION_VERSION}
 
     def get(self, split: Split, name: str) -> Split:
         """The split's features as an in-memory Split (same labels), from the cache or computed now."""

@@ -49,6 +49,10 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
             "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", *DATA_MODEL_KEYS]
     d = {k: cfg.to_dict()[k] for k in keys}
     d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=3)
+    if cfg.freeze_backbone:  # the head's inputs are the trunk's features as bench.features makes them
+        from bench.features import FEATURE_VERSION
+
+        d.update(features=FEATURE_VERSION)
     return d
 
 
