@@ -1,7 +1,7 @@
 """Names shared by the runner, metrics and reports: defined once here so they cannot drift apart."""
 from __future__ import annotations
 
-STAGES = ("extract", "train", "hessian", "prior", "predict", "evaluate")  # timed stages, in report order
+STAGES = ("train", "hessian", "prior", "predict", "evaluate")  # timed stages, in report order (others follow)
 EXTRACT_STAGE = "extract"  # a frozen trunk's feature extraction, charged once per run to BASE_METHOD
 BASE_METHOD = "base"  # pseudo-method charged with the shared base training of post-hoc methods
 REFERENCE_METHOD = "plain"  # paired differences are taken against this method
