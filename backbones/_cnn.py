@@ -69,11 +69,18 @@ class EmbeddingHead(nn.Module):
             prev = h
         if dropout > 0:
             layers.append(nn.Dropout(dropout))
-        self.last_linear = nn.Linear(prev, embed_dim)
-        layers.append(self.last_linear)
+        self._last = len(layers)  # the embedding layer's index in `net` (registered once: see last_linear)
+        layers.append(nn.Linear(prev, embed_dim))
         if l2:
             layers.append(L2Normalize())
         self.net = nn.Sequential(*layers)
+
+    @property
+    def last_linear(self) -> nn.Linear:
+        """The embedding layer. A property, not a second registration of the module: a submodule
+        registered under two names is a tied weight, and torch.func.functional_call (Jacobians,
+        posterior samples) then restores it as a detached tensor that no longer requires grad."""
+        return self.net[self._last]
 
     @property
     def head(self) -> "EmbeddingHead":

@@ -19,6 +19,8 @@ with warnings.catch_warnings():  # its import warns about torch.jit.script: keep
 
 from bench.errors import BenchError, require
 from bench.la.curvature import check_full_memory
+from bench.la.structures import resolve_subset
+from bench.la.subsets import last_linear, subset_modules
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 from methods.laplace import SAMPLE_STREAM, SUBSET_STREAM, _positive_number
@@ -49,14 +51,51 @@ class EigLogdetFullLaplace(FullLaplace):
         return torch.log(self._H_factor * self.evals + self.prior_precision).sum()
 
 
-def make_laplace(model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True):
-    """laplace-torch's regression Laplace over all weights with sigma_noise 1, prior mean 0,
-    temperature 1 (its defaults) and the given curvature backend; full: `EigLogdetFullLaplace`
-    when fast_logdet (else its FullLaplace)."""
+def make_laplace(model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True,
+                 weights: str = "all"):
+    """laplace-torch's regression Laplace over `weights` ("all" | "last_layer", its subset_of_weights)
+    with sigma_noise 1, prior mean 0, temperature 1 (its defaults) and the given curvature backend;
+    full over all weights: `EigLogdetFullLaplace` when fast_logdet (else its FullLaplace)."""
     backend_cls = BACKENDS[AUTO_BACKEND[structure] if backend == "auto" else backend]
-    if structure == "full" and fast_logdet:
+    if structure == "full" and fast_logdet and weights == "all":
         return EigLogdetFullLaplace(model, "regression", backend=backend_cls)
-    return Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure, backend=backend_cls)
+    return Laplace(model, "regression", subset_of_weights=weights, hessian_structure=structure, backend=backend_cls)
+
+
+def laplace_torch_weights(la_subset: str, model: torch.nn.Module) -> str:
+    """laplace-torch's subset_of_weights for the run's `la_subset`, resolved like full_la's (auto: the
+    head on a model with one): "all", or "last_layer" (its LLLaplace on the last Linear) when the subset
+    is exactly that layer; any other subset is a BenchError (laplace-torch has no equivalent here)."""
+    subset = resolve_subset("full", la_subset, model)
+    every = {id(p) for p in model.parameters() if p.requires_grad}
+    mods = subset_modules(model, subset)
+    owned = every if mods is None else {id(p) for m in mods for p in m.parameters()}
+    if owned == every:
+        return "all"
+    if owned == {id(p) for p in last_linear(model).parameters()}:
+        return "last_layer"
+    raise BenchError(f"laplace_torch covers all weights or the last Linear layer; la_subset={la_subset} selects "
+                     f"other layers ({subset}); use la_subset=all, or full_la / diag_la for this subset")
+
+
+class _TargetLoader:
+    """Batches (x, f_MAP(x)) of a `bench.data.Split` in order, as laplace-torch's `fit` reads a
+    DataLoader (it takes N from `len(loader.dataset)`); images stay on disk until their batch."""
+
+    def __init__(self, model: torch.nn.Module, split, batch: int, device: torch.device) -> None:
+        self.model, self.split, self.batch, self.device = model, split, batch, device
+        self.dataset = range(len(split))
+
+    def __iter__(self):
+        n = len(self.split)
+        for xb in self.split.batches([torch.arange(i, min(i + self.batch, n)) for i in range(0, n, self.batch)]):
+            xb = xb.to(self.device)
+            with torch.no_grad():  # (never yield inside: the consumer would run without grad)
+                targets = self.model(xb)  # f_MAP: zero residuals (see LaplaceTorch)
+            yield xb, targets
+
+    def __len__(self) -> int:
+        return -(-len(self.split) // self.batch)
 
 
 def scale_fit(la, factor: float, n_data: int) -> None:
@@ -119,27 +158,27 @@ class LaplaceTorch(Method):
         structure = self.option(cfg, "laplace_torch_structure")
         backend = self.option(cfg, "laplace_torch_backend")
         model = copy.deepcopy(ctx.base_model()).eval()  # laplace-torch writes sampled weights into it
-        for p in model.parameters():
+        weights = laplace_torch_weights(cfg.la_subset, model)
+        params = list(last_linear(model).parameters()) if weights == "last_layer" else list(model.parameters())
+        for p in params:
             p.requires_grad_(True)
-        D = sum(p.numel() for p in model.parameters())
+        D = sum(p.numel() for p in params)
         if structure == "full":  # H, its precision, scale and covariance: up to 4 D x D at once, and
             # check_full_memory's two matrices of side 2D are 8 D x D: room for the temporaries
             check_full_memory(2 * D, next(model.parameters()).dtype, ctx.device, "laplace_torch")
         train = ctx.data.train_id
         n_full = len(train)
         train = train.subset(cfg.hessian_items, seed=ctx.seed_for(SUBSET_STREAM))
-        x = train.x.to(ctx.device)
-        with torch.no_grad():
-            targets = model(x)  # f_MAP: zero residuals (see the class docstring)
-        loader = DataLoader(TensorDataset(x, targets), batch_size=cfg.jacobian_chunk)
-        la = make_laplace(model, structure, backend)
+        loader = _TargetLoader(model, train, cfg.jacobian_chunk, ctx.device)
+        la = make_laplace(model, structure, backend, weights=weights)
         with ctx.stage("hessian"):
             la.fit(loader)
             if len(train) < n_full:
                 scale_fit(la, n_full / len(train), n_full)
         with ctx.stage("prior"):
             if isinstance(la, EigLogdetFullLaplace):
-                la.evals = torch.linalg.eigvalsh(la.H).clamp_min(0)  # H is PSD; float rounding aside
+                # H is PSD (float rounding aside); float64: float32 LAPACK fails on ill-conditioned H
+                la.evals = torch.linalg.eigvalsh(la.H.double()).clamp_min(0).to(la.H.dtype)
             if cfg.prior_precision == "marglik":
                 la.optimize_prior_precision(method="marglik", pred_type="glm" if cfg.predictive == "glm" else "nn")
             else:
@@ -151,7 +190,8 @@ class LaplaceTorch(Method):
         self.la = la
         self._sample_seed = ctx.seed_for(SAMPLE_STREAM)
         self.diagnostics = {
-            "structure": structure, "backend": type(la.backend).__name__, "likelihood": "regression",
+            "structure": structure, "subset_of_weights": weights, "backend": type(la.backend).__name__,
+            "likelihood": "regression",
             "targets": "f_MAP", "sigma_noise": 1.0, "D": D, "hessian_items": len(train),
             "prior_precision": float(la.prior_precision.reshape(-1)[0]),
             "prior_method": "marglik" if cfg.prior_precision == "marglik" else "fixed",

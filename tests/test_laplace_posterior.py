@@ -159,3 +159,19 @@ def test_linearized_sample_moments_match_the_glm_predictive():
     emp_cross = (E[:, 0] - E[:, 0].mean(0)).T @ (E[:, 1] - E[:, 1].mean(0)) / (S - 1)
     scale = (var[0][:, None] * var[1][None, :]).sqrt()
     assert ((emp_cross - cross).abs() <= 5 * scale / math.sqrt(S)).all()
+
+
+def test_kron_factor_eigh_splits_off_zero_rows():
+    """A conv patch factor with exactly-zero rows (padding taps) decomposes exactly: the zero rows become
+    eigenvalue-0 unit vectors and the rest is the eigendecomposition of the live block."""
+    from bench.la.posterior import _eigh
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(30, 8, generator=g, dtype=torch.float64)
+    live = torch.tensor([0, 3, 4, 7, 8, 9, 10, 11])
+    M = torch.zeros(12, 12, dtype=torch.float64)
+    M[live[:, None], live[None, :]] = X.T @ X
+    lam, Q = _eigh(M)
+    torch.testing.assert_close(Q @ torch.diag(lam) @ Q.T, M)
+    torch.testing.assert_close(Q.T @ Q, torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(lam.sort().values[4:], torch.linalg.eigvalsh(X.T @ X))
+    assert (lam.sort().values[:4] == 0).all()

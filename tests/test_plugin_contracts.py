@@ -49,3 +49,10 @@ def test_backbone_contract(name, in_shape):
     assert torch.equal(state, torch.random.get_rng_state()), "building a model leaves the global RNG alone"
     drop = build_model(cfg, in_shape, seed=0, dropout=0.2)
     assert any(isinstance(m, torch.nn.Dropout) and m.p == 0.2 for m in drop.modules())
+    # no module registered twice (a tied weight): torch.func.functional_call, which the Jacobians and
+    # the posterior samples use, would put it back as a detached tensor that no longer requires grad
+    before = dict(a.named_parameters())
+    with torch.no_grad():
+        torch.func.functional_call(a, {k: v.detach() for k, v in before.items()}, (x,))
+    after = dict(a.named_parameters())
+    assert all(after[k] is p and p.requires_grad for k, p in before.items())

@@ -329,9 +329,33 @@ def _kron_eig(curvature: Curvature) -> Iterator[tuple[torch.Tensor, torch.Tensor
     """Per layer (Q_G, Q_A, Lam [out, in']): G = Q_G diag(lam) Q_G^T, A = Q_A diag(mu) Q_A^T and
     Lam = lam mu^T (clamped at 0), the eigenvalues of G (x) A in the basis Q_G (x) Q_A."""
     for f in curvature.kron or []:
-        lam, QG = torch.linalg.eigh(f.G)
-        mu, QA = torch.linalg.eigh(f.A)
+        lam, QG = _eigh(f.G)
+        mu, QA = _eigh(f.A)
         yield QG, QA, lam.clamp_min(0)[:, None] * mu.clamp_min(0)[None, :]
+
+
+def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a symmetric PSD factor in float64, cast back. Rows and columns that are exactly zero (the
+    padding taps of a conv's patch factor on small images) are split off first, as eigenvalue-0 unit
+    vectors: LAPACK's divide-and-conquer fails to converge on such matrices even in float64 (and float32
+    fails on the rank-deficient input factor of a wide head). A failure even then is a one-line BenchError."""
+    n = M.shape[0]
+    live = (M != 0).any(dim=1).nonzero().squeeze(1)
+    lam = torch.zeros(n, dtype=torch.float64, device=M.device)
+    Q = torch.zeros(n, n, dtype=torch.float64, device=M.device)
+    dead = torch.ones(n, dtype=torch.bool, device=M.device)
+    dead[live] = False
+    dead_idx = dead.nonzero().squeeze(1)
+    Q[dead_idx, torch.arange(len(dead_idx), device=M.device)] = 1.0
+    if len(live):
+        try:
+            sub_lam, sub_Q = torch.linalg.eigh(M[live][:, live].double())
+        except RuntimeError as e:  # torch.linalg.LinAlgError
+            raise BenchError(f"eigendecomposition of a Kronecker factor failed: {str(e).splitlines()[0]}") from None
+        cols = torch.arange(len(dead_idx), n, device=M.device)
+        lam[cols] = sub_lam
+        Q[live[:, None], cols[None, :]] = sub_Q
+    return lam.to(M.dtype), Q.to(M.dtype)
 
 
 class KronPosterior(Posterior):
