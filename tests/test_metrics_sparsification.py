@@ -16,7 +16,7 @@ def test_perfect_uncertainty_is_the_oracle():
     curve, oracle = sparsification_curves(u, m)
     assert curve == pytest.approx(oracle)
     assert ause(u, m) == pytest.approx(0.0, abs=1e-12)
-    (v, lo, hi), _ = sparsification_metrics(u, m, n_resamples=100)
+    (v, lo, hi) = sparsification_metrics(u, m, n_resamples=100)[0]["AUSE"]
     assert v == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(0.0, abs=1e-12)
 
 
@@ -43,7 +43,8 @@ def test_extras_and_ci():
     rng = np.random.default_rng(2)
     p = rng.random(300)
     m = (rng.random(300) < p).astype(float)
-    (v, lo, hi), ex = sparsification_metrics(-p, m, n_resamples=200, seed=3)
+    got, ex = sparsification_metrics(-p, m, n_resamples=200, seed=3)
+    v, lo, hi = got["AUSE"]
     assert lo <= v <= hi
     assert set(ex) == {"sparsification_frac", "sparsification_curve", "sparsification_oracle", "sparsification_random"}
     assert all(a.shape == (20,) for a in ex.values())

@@ -41,19 +41,31 @@ def ause(u: np.ndarray, metric: np.ndarray, fractions: np.ndarray = FRACTIONS, a
     return np.trapezoid(oracle - curve, np.asarray(fractions, np.float64), axis=-1)
 
 
+def aurg(u: np.ndarray, metric: np.ndarray, fractions: np.ndarray = FRACTIONS, axis: int = -1) -> np.ndarray:
+    """AURG = integral_0^0.95 (S(f) - S_rand) df, the area under the gain over random removal
+    (S_rand = mean of all m_q, the expected curve of a random order) = AUSE_random - AUSE.
+    > 0: the score orders queries better than chance; 0 in expectation for a random score."""
+    curve, _ = sparsification_curves(u, metric, fractions, axis)
+    m = np.moveaxis(np.asarray(metric, np.float64), axis, -1)
+    return np.trapezoid(curve - m.mean(-1, keepdims=True), np.asarray(fractions, np.float64), axis=-1)
+
+
+SPARSIFICATION_METRICS = ("AUSE", "AURG")
+
+
 def sparsification_metrics(u: np.ndarray, metric: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                           seed: int = 0) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
-    """((AUSE, ci_low, ci_high), extras) with extras sparsification_frac, _curve, _oracle, _random [F]
-    (random removal: the mean of all m_q, in expectation). The CI resamples paired (u, m) rows and
-    recomputes the whole curve."""
+                           seed: int = 0) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
+    """({AUSE, AURG: (value, ci_low, ci_high)}, extras) with extras sparsification_frac, _curve,
+    _oracle, _random [F] (random removal: the mean of all m_q, in expectation). The CI resamples
+    paired (u, m) rows and recomputes the whole curve (both metrics from the same resamples)."""
     u = np.asarray(u, np.float64)
     m = np.asarray(metric, np.float64)
     curve, oracle = sparsification_curves(u, m)
 
     def stat(uu, mm, axis=-1):
-        return ause(uu, mm, axis=axis)[None]
+        return np.stack([ause(uu, mm, axis=axis), aurg(uu, mm, axis=axis)])
 
     ci = bootstrap_ci((u, m), stat, n_resamples, level, seed, paired=True)
     extras = {"sparsification_frac": FRACTIONS.copy(), "sparsification_curve": curve,
               "sparsification_oracle": oracle, "sparsification_random": np.full(FRACTIONS.shape, m.mean())}
-    return ci.triple(0), extras
+    return {name: ci.triple(i) for i, name in enumerate(SPARSIFICATION_METRICS)}, extras
