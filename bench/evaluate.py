@@ -13,15 +13,16 @@ from bench.data import Dataset
 from bench.method import EmbeddingPrediction
 from bench.metrics.bootstrap import bootstrap_mean_ci
 from bench.metrics.calibration import DEFAULT_BINS, calibration_metrics
-from bench.metrics.correlation import SPEARMAN_METRICS, spearman_metrics
+from bench.metrics.ranking import RANKING_METRICS, ranking_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
 from bench.metrics.retrieval import retrieval_per_query
-from bench.metrics.sparsification import SPARSIFICATION_METRICS, sparsification_metrics
+from bench.metrics.sparsification import sparsification_extras
 from bench.metrics.uncertainty import ScoreSettings, candidate_coverage, run_score, score_inputs
 from bench.registry import SCORES
 
 NAN3 = (float("nan"), float("nan"), float("nan"))
-ID_METRICS = ("ECE", *SPARSIFICATION_METRICS)  # headline ID metrics (of cfg.id_score)
+ID_METRICS = ("ECE", "AUSE", "AURG")  # headline ID metrics (of cfg.id_score)
+SCORE_ID_METRICS = ("ECE", *RANKING_METRICS)  # every score's ID metrics: + Spearman, Spearman_within
 
 
 @dataclass
@@ -73,22 +74,19 @@ def uncertainty_metric_names(ood_sets: list[str]) -> list[str]:
 
 def score_metric_names(ood_sets: list[str]) -> list[str]:
     """Metrics every score gets (suffixed `:<score>` in results), in results order."""
-    return [*ID_METRICS, *SPEARMAN_METRICS, *ood_metric_names(ood_sets)]
+    return [*SCORE_ID_METRICS, *ood_metric_names(ood_sets)]
 
 
 def _id_metrics(u: np.ndarray | None, correct: np.ndarray, classes: np.ndarray, boot: dict
                 ) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
     """ECE, AUSE, AURG and the two Spearman diagnostics of ID score u (NaN when u is None), and
-    the extras of the plots."""
-    names = [*ID_METRICS, *SPEARMAN_METRICS]
+    the extras of the plots (reliability bins, confidence, sparsification curves)."""
     if u is None or u.size == 0:
-        return {n: NAN3 for n in names}, {}
+        return {n: NAN3 for n in SCORE_ID_METRICS}, {}
     out: dict[str, tuple[float, float, float]] = {}
     out["ECE"], cal_extras = calibration_metrics(u, correct, DEFAULT_BINS, **boot)
-    sparse, sp_extras = sparsification_metrics(u, correct, **boot)
-    out.update(sparse)
-    out.update(spearman_metrics(u, correct, classes, **boot))
-    return out, {**cal_extras, **sp_extras}
+    out.update(ranking_metrics(u, correct, classes, **boot))
+    return out, {**cal_extras, **sparsification_extras(u, correct)}
 
 
 def _ood_metrics(u_id: np.ndarray | None, u_ood: dict[str, np.ndarray | None], boot: dict

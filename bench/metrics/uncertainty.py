@@ -36,7 +36,7 @@ from bench.metrics.retrieval import nearest, space_distance
 
 SCORE_DRAW_STREAM = 0x5C0E  # generator offset of the independent Gaussian draws (query set k: + k)
 CHUNK_ELEMENTS = 4_000_000  # floats per chunk of gathered candidate draws [S, n, K_c, d]
-COVERAGE_QUERIES = 256  # queries on which candidate_coverage checks the candidate sets against the gallery
+COVERAGE_QUERIES = 128  # queries on which candidate_coverage checks the candidate sets against the gallery
 
 
 def score_from_var(var: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -205,7 +205,11 @@ def candidates_for(query: EmbeddingPrediction, gallery: EmbeddingPrediction, gal
 def score_inputs(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], labels_id: torch.Tensor,
                  settings: ScoreSettings) -> tuple[ScoreInputs, dict[str, ScoreInputs]]:
     """ScoreInputs of the ID queries (leave-one-out against the ID test set) and of each OOD set
-    (against the whole ID test set), sharing one set of gallery draws."""
+    (against the whole ID test set), sharing one set of gallery draws. BenchError when a predicted
+    variance is non-finite or negative (score_from_var), before any score runs."""
+    for p in (pred_id, *pred_ood.values()):
+        if p.var is not None:
+            score_from_var(p.var)
     shared = _GalleryDraws(pred_id, settings)
 
     def make(pred: EmbeddingPrediction, loo: bool, stream: int) -> ScoreInputs:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from bench.metrics.retrieval import space_distance
 from bench.metrics.uncertainty import ScoreInputs
 from bench.registry import register_score
 
@@ -16,7 +17,6 @@ from bench.registry import register_score
 @register_score("dist_var")
 def dist_var(inputs: ScoreInputs) -> np.ndarray:
     """Variance of the distance to the retrieved neighbour under the predictive (Monte Carlo)."""
-    out = np.empty(inputs.n)
-    for ch in inputs.candidate_chunks():
-        out[ch.rows] = ch.dist[:, :, 0].double().var(dim=0, unbiased=True).numpy()
-    return out
+    zq, zg = inputs.draws()
+    d = space_distance(zq, zg[:, inputs.candidates.index[:, 0]], inputs.settings.distance)  # [S, N]
+    return d.double().var(dim=0, unbiased=True).numpy()

@@ -1,6 +1,6 @@
 """u_q = Var[d(z_q, z_n)] by the delta method on the Gaussian joint of query and retrieved neighbour
 n = r_1^mu(q): with d(a, b) = ||rho(a) - rho(b)||, g_q = grad_a d and g_n = grad_b d at the means
-(torch.func.grad, so the cosine geometry's normalisation is differentiated too),
+(autograd, so the cosine geometry's normalisation is differentiated too),
 
     Var d ~= g_q^T Sigma_qq g_q + g_n^T Sigma_nn g_n + 2 g_q^T Sigma_qn g_n.
 
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.func import grad, vmap
 
 from bench.metrics.retrieval import space_distance
 from bench.metrics.uncertainty import ScoreInputs
@@ -22,8 +21,12 @@ from bench.registry import register_score
 
 
 def distance_gradients(a: torch.Tensor, b: torch.Tensor, distance: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_a d, grad_b d) [N, d] of d(a, b) = ||rho(a) - rho(b)|| at rows of a, b [N, d]."""
-    return vmap(grad(lambda x, y: space_distance(x, y, distance), argnums=(0, 1)))(a, b)
+    """(grad_a d, grad_b d) [N, d] of d(a, b) = ||rho(a) - rho(b)|| at rows of a, b [N, d] (row i of
+    the distances depends on row i only, so one backward pass of their sum gives every row's gradient)."""
+    a, b = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        ga, gb = torch.autograd.grad(space_distance(a, b, distance).sum(), (a, b))
+    return ga, gb
 
 
 def _quadratic(g: torch.Tensor, pred_cov: torch.Tensor | None, pred_var: torch.Tensor) -> torch.Tensor:

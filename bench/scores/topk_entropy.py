@@ -22,11 +22,14 @@ TOPK = 10
 def topk_entropy(inputs: ScoreInputs) -> np.ndarray:
     """Entropy of the predictive top-K label distribution."""
     out = np.empty(inputs.n)
+    classes, codes = torch.unique(inputs.candidates.labels, return_inverse=True)  # labels as 0..C-1
+    C = len(classes)
     for ch in inputs.candidate_chunks():
-        k = min(TOPK, ch.dist.shape[-1])
+        S, n, K = ch.dist.shape
+        k = min(TOPK, K)
         top = ch.dist.topk(k, dim=-1, largest=False).indices  # [S, n, k]
-        lab = torch.gather(ch.labels.expand(top.shape[0], *ch.labels.shape), 2, top)
-        classes, inv = torch.unique(lab, return_inverse=True)
-        p = torch.nn.functional.one_hot(inv, len(classes)).double().mean(dim=(0, 2))  # [n, C]
+        lab = torch.gather(codes[ch.rows].expand(S, n, K), 2, top)  # [S, n, k]
+        flat = (lab + C * torch.arange(n)[None, :, None]).reshape(-1)
+        p = torch.bincount(flat, minlength=n * C).reshape(n, C).double() / (S * k)  # [n, C]
         out[ch.rows] = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).numpy()
     return out
