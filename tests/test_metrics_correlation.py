@@ -3,6 +3,7 @@ rows, undefined classes skipped; the fused ranking statistics against the separa
 import numpy as np
 import pytest
 from scipy import stats
+from sklearn.metrics import roc_auc_score
 
 from bench.metrics.correlation import spearman, within_class_spearman
 from bench.metrics.ranking import ranking_metrics, ranking_statistics
@@ -68,9 +69,12 @@ def test_fused_ranking_statistics_equal_the_separate_functions(binary):
     if not binary:
         C = C + np.round(np.random.default_rng(9).random(C.shape), 1)  # ties in a graded metric
     got = ranking_statistics(U, C, Y)
-    assert got.shape == (4, 3)
+    assert got.shape == (5, 3)
     assert got[0] == pytest.approx(ause(U, C)) and got[1] == pytest.approx(aurg(U, C))
-    assert got[2] == pytest.approx(spearman(U, C), abs=1e-12)
-    assert got[3] == pytest.approx(within_class_spearman(U, C, Y), abs=1e-12)
+    assert got[3] == pytest.approx(spearman(U, C), abs=1e-12)
+    assert got[4] == pytest.approx(within_class_spearman(U, C, Y), abs=1e-12)
     for i in range(3):
-        assert got[2, i] == pytest.approx(stats.spearmanr(U[i], C[i]).statistic, abs=1e-12)
+        assert got[3, i] == pytest.approx(stats.spearmanr(U[i], C[i]).statistic, abs=1e-12)
+        if binary:
+            assert got[2, i] == pytest.approx(roc_auc_score(1 - C[i], U[i]), abs=1e-12)
+    assert np.isnan(got[2]).all() != binary  # error_AUROC needs a 0/1 correctness
