@@ -70,7 +70,7 @@ def test_bad_flag_is_one_line(cli):
 def test_list_shows_methods_datasets_presets(cli):
     code, out, _ = cli("list")
     assert code == 0
-    for word in [*METHODS.names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
+    for word in [*METHODS.names(), *SCORES.names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
         assert word in out
 
 
