@@ -31,7 +31,8 @@ class MethodEvaluation:
     scalars: metric -> (value, ci_low, ci_high) for metrics that are not means (AUROC, ECE, ...);
     extras: arrays for plots (reliability bins, sparsification curves), saved with the per-query data;
     scores: (query set, score) -> the score's vector [N] (query set `id` or an OOD set's name);
-    diagnostics: JSON-safe facts about the scoring (candidate_coverage per query set)."""
+    diagnostics: JSON-safe facts about the scoring (the kind and number of draws, candidate_coverage
+    per query set)."""
 
     per_query: dict[str, np.ndarray] = field(default_factory=dict)
     scalars: dict[str, tuple[float, float, float]] = field(default_factory=dict)
@@ -146,6 +147,8 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
     ev.scalars.update(headline)
     ev.scalars.update(per_score)
     if not inp_id.deterministic:
+        ev.diagnostics["score_draws"] = {"kind": "joint samples" if inp_id.joint else "independent Gaussian draws",
+                                         "count": int(inp_id.draws()[0].shape[0])}
         ev.diagnostics["score_candidate_coverage"] = {
             s: candidate_coverage(inp) for s, inp in [(ID_SET, inp_id), *inp_ood.items()]}
     return ev
