@@ -231,3 +231,18 @@ def test_mismatched_sample_counts_are_refused(tiny):
     _, ood = _inputs(pg, po, y)
     with pytest.raises(BenchError, match="same draws to every query set"):
         run_score("top1_flip", ood["ood"])
+
+
+def test_retrieval_space_and_nearest():
+    from bench.metrics.retrieval import nearest, retrieval_space, space_distance
+
+    z = torch.tensor([[3.0, 4.0], [0.0, 2.0], [-1.0, 0.0]])
+    assert torch.equal(retrieval_space(z, "euclidean"), z)
+    assert torch.allclose(retrieval_space(z, "cosine"), z / z.norm(dim=1, keepdim=True))
+    cos = torch.nn.functional.cosine_similarity(z[:, None], z[None], dim=-1)
+    assert torch.allclose(space_distance(z[:, None], z[None], "cosine") ** 2, 2 - 2 * cos, atol=1e-6)
+    idx, dist = nearest(z, z, 5, "euclidean", exclude_self=True)
+    assert idx.shape == (3, 2) and idx[2].tolist() == [1, 0]  # capped at N - 1, nearest first, never itself
+    assert dist[2].tolist() == pytest.approx([5 ** 0.5, 32 ** 0.5])
+    with pytest.raises(BenchError, match="unknown distance 'manhattan'"):
+        retrieval_space(z, "manhattan")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from bench.errors import BenchError
+
 
 DISTANCES = ("euclidean", "cosine")
 
@@ -17,7 +19,7 @@ def retrieval_space(emb: torch.Tensor, distance: str = "euclidean") -> torch.Ten
         return emb
     if distance == "cosine":
         return torch.nn.functional.normalize(emb, dim=-1)
-    raise ValueError(f"unknown distance {distance!r}; known: {', '.join(DISTANCES)}")
+    raise BenchError(f"unknown distance {distance!r}; known: {', '.join(DISTANCES)}")
 
 
 def space_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
