@@ -15,7 +15,7 @@ from bench.metrics.bootstrap import bootstrap_mean_ci
 from bench.metrics.calibration import DEFAULT_BINS, calibration_metrics
 from bench.metrics.ranking import RANKING_METRICS, ranking_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
-from bench.metrics.retrieval import retrieval_per_query
+from bench.metrics.retrieval import retrieval_per_query, retrieval_space
 from bench.metrics.sparsification import sparsification_extras
 from bench.metrics.uncertainty import ScoreSettings, candidate_coverage, run_score, score_inputs
 from bench.registry import SCORES
@@ -104,11 +104,13 @@ def _ood_metrics(u_id: np.ndarray | None, u_ood: dict[str, np.ndarray | None], b
 
 def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], data: Dataset,
              cfg: RunConfig) -> MethodEvaluation:
-    """Retrieval on the ID test set (leave-one-out, mean embeddings; CIs resample queries with the
-    gallery fixed) and, for every score u of `resolve_scores(cfg)` (bench/scores/; a score sees the
-    ID test set as gallery, never a query's own label):
+    """Retrieval on the ID test set (leave-one-out, mean embeddings in `retrieval_space` of
+    cfg.distance; CIs resample queries with the gallery fixed) and, for every score u of
+    `resolve_scores(cfg)` (bench/scores/; a score sees the ID test set as gallery, in the same
+    geometry, never a query's own label):
     * `ECE:u` of u against precision@1 (cross-fitted isotonic confidence, equal-mass bins);
     * `AUSE:u` and `AURG:u`: sparsification of the correctness by u (AURG > 0: better than random);
+    * `error_AUROC:u`: P(u of a wrong query > u of a right one), the base-rate-free error detection;
     * `Spearman:u` (overall) and `Spearman_within:u` (mean over the queries' true classes) of u with
       the correctness: the confound diagnostics (the class is used here only, never by u);
     * per OOD set s (ID test queries vs the queries of s): `AUROC[s]:u`, `AUPR[s]:u`, `FPR95[s]:u`,
@@ -119,10 +121,11 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
     number. Every bootstrap uses cfg.bootstrap_resamples, cfg.ci_level and numpy Generator(cfg.seed)."""
     ev = MethodEvaluation()
     labels = data.test_id.y
-    ev.per_query.update(retrieval_per_query(pred_id.mean.detach().cpu(), labels, cfg.ks))
+    emb = retrieval_space(pred_id.mean.detach().cpu(), cfg.distance)  # retrieval in the training geometry
+    ev.per_query.update(retrieval_per_query(emb, labels, cfg.ks))
     correct = ev.per_query.get(CORRECTNESS_METRIC)
     if correct is None:
-        correct = retrieval_per_query(pred_id.mean.detach().cpu(), labels, (1,))[CORRECTNESS_METRIC]
+        correct = retrieval_per_query(emb, labels, (1,))[CORRECTNESS_METRIC]
     classes = labels.cpu().numpy()  # for the within-class diagnostic only
     boot = dict(n_resamples=cfg.bootstrap_resamples, level=cfg.ci_level, seed=cfg.seed)
     names = resolve_scores(cfg)

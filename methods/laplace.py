@@ -7,7 +7,7 @@ import torch
 
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, PairLoss, accumulate, scale_curvature
+from bench.la.curvature import Curvature, PairLoss, accumulate, check_supported, scale_curvature
 from bench.la.posterior import Posterior
 from bench.la.prior import DEFAULT_GRID, optimize_marglik, triplet_log_score
 from bench.la.structures import get_structure
@@ -44,6 +44,7 @@ class _Laplace(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         require(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
+        check_supported(cls.structure, cfg.hessian, cfg.distance)
         require(cfg.predictive in PREDICTIVES, f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}")
         require(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")

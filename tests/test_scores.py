@@ -244,5 +244,5 @@ def test_retrieval_space_and_nearest():
     idx, dist = nearest(z, z, 5, "euclidean", exclude_self=True)
     assert idx.shape == (3, 2) and idx[2].tolist() == [1, 0]  # capped at N - 1, nearest first, never itself
     assert dist[2].tolist() == pytest.approx([5 ** 0.5, 32 ** 0.5])
-    with pytest.raises(BenchError, match="unknown distance 'manhattan'"):
+    with pytest.raises(BenchError, match="distance must be one of euclidean, cosine, got 'manhattan'"):
         retrieval_space(z, "manhattan")

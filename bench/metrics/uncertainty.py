@@ -69,10 +69,7 @@ class ScoreSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "ScoreSettings":
-        # `distance` is a RunConfig field once cosine retrieval lands (branch issue15-seed); until
-        # then every run is Euclidean. This is the one place that reads it.
-        return cls(distance=getattr(cfg, "distance", "euclidean"), candidates=cfg.score_candidates,
-                   samples=cfg.score_samples, seed=cfg.seed)
+        return cls(distance=cfg.distance, candidates=cfg.score_candidates, samples=cfg.score_samples, seed=cfg.seed)
 
 
 def gaussian_draws(pred: EmbeddingPrediction, n: int, generator: torch.Generator) -> torch.Tensor:
