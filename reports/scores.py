@@ -238,8 +238,9 @@ def score_sparsification_figure(per_method: dict[str, dict[str, np.ndarray]], sc
             c = np.asarray(a[CORRECT], float)
             curve, oracle = sparsification_curves(u, c)
             st = P.method_style(i)
-            ax.plot(FRACTIONS, curve - c.mean(), color=st["color"], marker=st["marker"], ms=3, lw=1.6, label=m)
-            ax.plot(FRACTIONS, oracle - c.mean(), color=st["color"], lw=0.8, linestyle="--")
+            ax.plot(FRACTIONS, curve - c.mean(), color=st["color"], marker=st["marker"], linestyle=st["linestyle"],
+                    ms=3, lw=1.6, label=m)
+            ax.plot(FRACTIONS, oracle - c.mean(), color=st["color"], lw=0.8, alpha=0.6, linestyle="--")
         ax.axhline(0, color="black", lw=1, linestyle=":")
         ax.set_title(s)
         ax.set_xlabel("fraction removed (most uncertain first)")
@@ -252,7 +253,7 @@ def score_sparsification_figure(per_method: dict[str, dict[str, np.ndarray]], sc
         for h, lab in zip(*ax.get_legend_handles_labels()):
             legend.setdefault(lab, h)
     fig.legend(list(legend.values()), list(legend),  loc="center left", bbox_to_anchor=(0.83, 0.5), fontsize=8, frameon=False)
-    fig.suptitle("Sparsification per score: gain over a random order (dotted 0), dashed: oracle")
+    fig.suptitle("Sparsification per score: gain over a random order (dotted 0); thin dashed: each method's oracle")
     return fig
 
 
