@@ -60,22 +60,19 @@ def aurg(u: np.ndarray, metric: np.ndarray, fractions: np.ndarray = FRACTIONS, a
     return np.trapezoid(curve - m.mean(-1, keepdims=True), np.asarray(fractions, np.float64), axis=-1)
 
 
-SPARSIFICATION_METRICS = ("AUSE", "AURG")
-
-
 def sparsification_metrics(u: np.ndarray, metric: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                           seed: int = 0) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
-    """({AUSE, AURG: (value, ci_low, ci_high)}, extras) with extras sparsification_frac, _curve,
-    _oracle, _random [F] (random removal: the mean of all m_q, in expectation). The CI resamples
-    paired (u, m) rows and recomputes the whole curve (both metrics from the same resamples)."""
+                           seed: int = 0) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
+    """((AUSE, ci_low, ci_high), extras) with the extras of `sparsification_extras`. The CI resamples
+    paired (u, m) rows and recomputes the whole curve. (Evaluation gets AUSE, AURG and the Spearman
+    diagnostics from one bootstrap: bench.metrics.ranking.)"""
     u = np.asarray(u, np.float64)
     m = np.asarray(metric, np.float64)
 
     def stat(uu, mm, axis=-1):
-        return np.stack([ause(uu, mm, axis=axis), aurg(uu, mm, axis=axis)])
+        return ause(uu, mm, axis=axis)[None]
 
     ci = bootstrap_ci((u, m), stat, n_resamples, level, seed, paired=True)
-    return {name: ci.triple(i) for i, name in enumerate(SPARSIFICATION_METRICS)}, sparsification_extras(u, m)
+    return ci.triple(0), sparsification_extras(u, m)
 
 
 def sparsification_extras(u: np.ndarray, metric: np.ndarray) -> dict[str, np.ndarray]:

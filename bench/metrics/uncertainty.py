@@ -57,6 +57,11 @@ def score_from_var(var: np.ndarray | torch.Tensor) -> np.ndarray:
     return v.sum(axis=-1)
 
 
+def uncertainty_score(pred: EmbeddingPrediction) -> np.ndarray | None:
+    """tr Sigma [N] of a prediction (the `trace` score), or None for a deterministic method (no variance)."""
+    return None if pred.var is None else score_from_var(pred.var)
+
+
 @dataclass(frozen=True)
 class ScoreSettings:
     """How scores are computed in a run: the distance of retrieval, K_c (0: the whole gallery), the

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.metrics.uncertainty import ScoreInputs, score_from_var
+from bench.metrics.uncertainty import ScoreInputs, score_from_var, uncertainty_score
 from bench.registry import register_score
 
 
@@ -13,5 +13,4 @@ from bench.registry import register_score
 def trace(inputs: ScoreInputs) -> np.ndarray:
     """Trace of the query's predicted embedding covariance, tr Sigma_q."""
     q = inputs.query
-    var = q.var if q.var is not None else q.samples.var(0, unbiased=True)
-    return score_from_var(var)
+    return uncertainty_score(q) if q.var is not None else score_from_var(q.samples.var(0, unbiased=True))
