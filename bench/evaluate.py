@@ -52,11 +52,12 @@ class MethodEvaluation:
 
 
 def resolve_scores(cfg: RunConfig) -> list[str]:
-    """The scores of a run: cfg.scores ('all' = every registered score), plus id_score and ood_score;
-    an unknown name is a BenchError listing the registered ones."""
+    """The scores of a run: cfg.scores ('all' = every registered score, by name: the order must not
+    depend on which module happened to be imported first), plus id_score and ood_score; an unknown
+    name is a BenchError listing the registered ones."""
     names: list[str] = []
     for n in (*cfg.scores, cfg.id_score, cfg.ood_score):
-        for s in (SCORES.names() if n == ALL_SCORES else [n]):
+        for s in (sorted(SCORES.names()) if n == ALL_SCORES else [n]):
             SCORES.get(s)
             if s not in names:
                 names.append(s)
