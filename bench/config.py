@@ -64,6 +64,7 @@ class RunConfig:
     score_candidates: int = 100  # K_c: nearest gallery items (under the mean) searched per draw; 0: all
     score_samples: int = 100  # independent Gaussian draws for methods without joint samples
     # Laplace family
+    la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
     hessian: str = "ggn"  # ggn | jtj
     predictive: str = "glm"  # glm (closed form) | lmc (linearised samples) | mc (sampled networks)
     posterior_samples: int = 100  # posterior draws: sampled networks (mc) or linearised samples (glm, lmc)
@@ -207,6 +208,8 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.score_samples >= 2, f"score_samples must be >= 2, got {cfg.score_samples}")
     require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
     require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
+    from bench.la.subsets import check_la_subset  # (lazy: torch)
+    check_la_subset(cfg.la_subset)
     dev = cfg.device
     require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
 

@@ -135,44 +135,6 @@ def test_jtj_equals_laplace_torch_full_h():
     assert rel_err(curv.H, la.H.double()) < 1e-6  # laplace-torch accumulates partly in float32
 
 
-def _kron_to_flat(model, factors):
-    """Dense block-diagonal H in the flat (weight, bias) layout from [W|b]-layout Kronecker factors."""
-    blocks = []
-    for layer, f in zip(jac.linear_layers(model), factors):
-        out, inp = layer.out_features, layer.in_features
-        K = torch.kron(f.G, f.A)  # index o*(in+1) + i
-        perm = [o * (inp + 1) + i for o in range(out) for i in range(inp)] + [o * (inp + 1) + inp for o in range(out)]
-        blocks.append(K[perm][:, perm])
-    return torch.block_diag(*blocks)
-
-
-def test_kron_is_exact_for_one_item_jtj():
-    """KFAC of J^T J is exact for a single item (G = B^T B, A = a a^T), block-diagonal over layers."""
-    model, (x, y) = tiny_net(), tiny_data(1)
-    x2, y2 = x.repeat(2, 1), y.repeat(2)  # one item, twice (a mining batch needs two)
-    kr = compute_curvature(model, x2, y2, structure="kron", hessian="jtj", mining_batch=2)
-    J = full_jacobian(model, x2)
-    mask = torch.block_diag(*[torch.ones(b, b, dtype=torch.float64) for b in _blocks(model)])
-    assert rel_err(_kron_to_flat(model, kr.kron), (J.T @ J) * mask) < 1e-10
-
-
-def _blocks(model):
-    return [l.weight.numel() + l.bias.numel() for l in jac.linear_layers(model)]
-
-
-def test_kron_last_layer_exact_for_one_pair_ggn():
-    model = tiny_net()
-    x, _ = tiny_data(3)
-    y = torch.tensor([0, 0, 1])  # one positive pair (both orders), negatives dropped by the clamp
-    loss = PairLoss(miner_margin=100.0)
-    kr = compute_curvature(model, x, y, structure="kron", loss=loss, mining_batch=3)
-    full = compute_curvature(model, x, y, structure="full", loss=loss, mining_batch=3).H
-    dense = _kron_to_flat(model, kr.kron)
-    k = _blocks(model)[-1]
-    assert rel_err(dense[-k:, -k:], full[-k:, -k:]) < 1e-10
-    assert kr.stats["dropped_fraction_output"] > 0
-
-
 def test_symmetric_update_paths_equal_gemm():
     g = torch.Generator().manual_seed(0)
     Ms = [torch.randn(k, 37, generator=g, dtype=torch.float64) for k in (5, 11, 3)]
