@@ -61,7 +61,7 @@ class RunConfig:
     scores: tuple[str, ...] = (ALL_SCORES,)
     id_score: str = "top1_flip"
     ood_score: str = "trace"
-    score_candidates: int = 100  # K_c: nearest gallery items (under the mean) searched per draw; 0: all
+    score_candidates: int = 0  # K_c: search only the K_c nearest gallery items (under the mean) per draw; 0: all (exact)
     score_samples: int = 100  # independent Gaussian draws for methods without joint samples
     # Laplace family
     la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)

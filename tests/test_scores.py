@@ -101,8 +101,9 @@ def test_scores_equal_brute_force_over_the_whole_gallery(tiny, distance):
 
 
 def test_candidate_set_search_is_the_brute_force_over_the_candidates(tiny):
-    """With K_c < G, top1_flip is the brute force restricted to each query's K_c nearest items under
-    the mean (the documented approximation); candidate_coverage counts the draws it gets exactly right."""
+    """With K_c < G (`score_candidates`), top1_flip is the brute force restricted to each query's K_c
+    nearest items under the mean (the documented approximation); candidate_coverage counts the draws
+    it gets exactly right, and the default K_c = 0 searches the whole gallery (coverage 1)."""
     pg, po, y = tiny
     K = 4
     inp, _ = _inputs(pg, po, y, candidates=K)
@@ -111,7 +112,7 @@ def test_candidate_set_search_is_the_brute_force_over_the_candidates(tiny):
     for q in range(len(m)):
         others = np.array([g for g in range(len(m)) if g != q])
         cand = others[np.argsort(np.linalg.norm(m[others] - m[q], axis=1), kind="stable")[:K]]
-        assert torch.equal(inp.candidates.index[q], torch.tensor(cand))
+        assert torch.equal(inp.neighbours.index[q, :K], torch.tensor(cand))
         top_c = cand[np.linalg.norm(z[:, q, None] - z[:, cand], axis=-1).argmin(1)]
         top_all = others[np.linalg.norm(z[:, q, None] - z[:, others], axis=-1).argmin(1)]
         want[q] = np.mean(lab[top_c] != lab[cand[0]])
@@ -175,10 +176,12 @@ def test_a_query_label_never_reaches_its_score(tiny, name):
     """Structurally: ScoreInputs holds no labels but the candidates', and a query is never its own
     candidate. Behaviourally: changing the label of gallery item i changes no score of query i."""
     pg, po, y = tiny
-    assert not any("label" in f.name for f in dataclasses.fields(ScoreInputs))
+    # the one label path: the framework's closure over the gallery labels, used for retrieved items
+    assert [f.name for f in dataclasses.fields(ScoreInputs) if "label" in f.name] == ["_labels_of"]
     inp, _ = _inputs(pg, po, y, candidates=6)
-    idx = inp.candidates.index
-    assert not (idx == torch.arange(len(idx))[:, None]).any()
+    me = torch.arange(len(y))
+    assert not (inp.neighbours.index == me[:, None]).any()
+    assert not (inp.sampled().index == me[None, :, None]).any()
     base = run_score(name, inp)
     for i in range(len(y)):
         y2 = y.clone()

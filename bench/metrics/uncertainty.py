@@ -2,12 +2,13 @@
 
 A score (a plugin in bench/scores/, `@register_score`) maps one query set to one number per query,
 larger = more uncertain. It receives a `ScoreInputs`: the queries' prediction (mean, var, cov,
-samples as the method gave them), the gallery's prediction (the ID test set), the candidate set of
-each query (its nearest gallery items under the mean embeddings, with their labels), joint draws of
-queries and gallery, and the run's distance. The query's own label is not in it: gallery labels
-reach a score only through the candidates, and under leave-one-out (the queries are the gallery) a
-query is never its own candidate. That is the whole contract; the query's true class is used only
-by the evaluation's confound diagnostics, never by a score.
+samples as the method gave them), the gallery's prediction (the ID test set), each query's nearest
+gallery items under the mean embeddings (`neighbours`, with their labels), joint draws of queries
+and gallery, the retrieval under each draw (`sampled()`: the k nearest gallery items per draw, with
+their labels) and the run's distance. The query's own label is not in it: gallery labels reach a
+score only with retrieved items, and under leave-one-out (the queries are the gallery) a query never
+retrieves itself. That is the whole contract; the query's true class is used only by the
+evaluation's confound diagnostics, never by a score.
 
 Draws. When the method attaches joint samples (`EmbeddingPrediction.samples` [S, N, d]: the same S
 members / passes / posterior draws for every query set) they are the draws, so query and gallery
@@ -16,16 +17,18 @@ the draws are independent Gaussian draws z = mean + L eps, L L^T = cov (or sqrt(
 dimension), S = `score_samples`, from a torch.Generator seeded from the run seed: independent
 draws *are* those methods' predictive. Deterministic methods have no draws.
 
-Candidate sets (an approximation, exact when K_c covers the gallery): per query the K_c nearest
-gallery items under the mean embeddings (`score_candidates`; 0 = the whole gallery). A sampled
-retrieval (top-1 or top-K under draw s) is searched among them only. It is exact whenever the item
-retrieved under draw s is a candidate; `candidate_coverage` measures how often that holds, against
-a search of the whole gallery on a subset of queries.
+Sampled retrieval: under every draw s the whole gallery is searched (`score_candidates = 0`, the
+default: exact, S kNN searches per query set). For large galleries `score_candidates = K_c > 0`
+searches only each query's K_c nearest items under the mean embeddings, an approximation that is
+exact whenever the item retrieved under draw s is one of them; `candidate_coverage` measures how
+often that holds (a whole-gallery search on a subset of queries). It can be far from 1: on the
+default preset with K_c = 100 of 2000, only 10-40% of the Laplace / dropout / PFE / BTL draws
+retrieved a candidate (their predictive moves a query past many neighbours).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,6 +39,8 @@ from bench.metrics.retrieval import nearest, space_distance
 
 SCORE_DRAW_STREAM = 0x5C0E  # generator offset of the independent Gaussian draws (query set k: + k)
 CHUNK_ELEMENTS = 4_000_000  # floats per chunk of gathered candidate draws [S, n, K_c, d]
+SAMPLED_K = 10  # items retrieved per draw by ScoreInputs.sampled() (scores slice the first k)
+NEIGHBOURS = 10  # nearest gallery items under the mean in ScoreInputs.neighbours (at least; K_c when larger)
 COVERAGE_QUERIES = 128  # queries on which candidate_coverage checks the candidate sets against the gallery
 
 
@@ -68,7 +73,7 @@ class ScoreSettings:
     number of independent Gaussian draws for methods without joint samples, and the run seed."""
 
     distance: str = "euclidean"
-    candidates: int = 100
+    candidates: int = 0
     samples: int = 100
     seed: int = 0
 
@@ -90,24 +95,12 @@ def gaussian_draws(pred: EmbeddingPrediction, n: int, generator: torch.Generator
 
 
 @dataclass
-class Candidates:
-    """Each query's K_c nearest gallery items under the mean embeddings, nearest first:
-    index [N, K_c] (gallery positions), labels [N, K_c] (their labels), dist [N, K_c]."""
+class Retrieval:
+    """Retrieved gallery items, nearest first: index (gallery positions), labels (theirs) and dist,
+    each [N, k] (under the mean embeddings) or [S, N, k] (under each draw)."""
 
     index: torch.Tensor
     labels: torch.Tensor
-    dist: torch.Tensor
-
-
-@dataclass
-class CandidateChunk:
-    """Draws of a block of queries and of their candidates: rows (query positions), labels [n, K_c],
-    zq [S, n, d], zc [S, n, K_c, d] and the sampled distances dist [S, n, K_c] = ||rho(zq) - rho(zc)||."""
-
-    rows: slice
-    labels: torch.Tensor
-    zq: torch.Tensor
-    zc: torch.Tensor
     dist: torch.Tensor
 
 
@@ -136,18 +129,23 @@ def draws_of(pred: EmbeddingPrediction, settings: ScoreSettings, stream: int) ->
 @dataclass
 class ScoreInputs:
     """Everything a score may use for one query set (see the module docstring): `query` and
-    `gallery` predictions (no labels), `candidates` (the only gallery labels a score sees; a query
-    is never its own candidate), `leave_one_out` (the queries are the gallery, query i = item i),
-    `settings` (distance, K_c, draws) and joint draws through `draws()` / `candidate_chunks()`."""
+    `gallery` predictions (no labels), `neighbours` (each query's max(NEIGHBOURS, K_c) nearest gallery
+    items under the mean embeddings, with labels; a query is never its own neighbour),
+    `leave_one_out` (the queries are the gallery, query i = item i), `settings` (distance, K_c,
+    draws), joint draws through `draws()` and the retrieval under each draw through `sampled()`.
+    Labels of retrieved items come from `_labels_of`, a function the framework closes over the
+    gallery labels: a score gets labels only of what was retrieved."""
 
     query: EmbeddingPrediction
     gallery: EmbeddingPrediction
-    candidates: Candidates
+    neighbours: Retrieval
     leave_one_out: bool
     settings: ScoreSettings
     _gallery_draws: _GalleryDraws = field(repr=False)
+    _labels_of: Callable[[torch.Tensor], torch.Tensor] = field(repr=False)
     _stream: int = 0
     _query_draws: torch.Tensor | None = field(default=None, repr=False)
+    _sampled: Retrieval | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -180,28 +178,46 @@ class ScoreInputs:
                              "a method must attach the same draws to every query set")
         return zq, zg
 
-    def candidate_chunks(self) -> Iterator[CandidateChunk]:
-        """The draws of consecutive blocks of queries and their candidates (bounded memory)."""
-        zq_all, zg_all = self.draws()
-        idx = self.candidates.index
-        S, K, d = zq_all.shape[0], idx.shape[1], zq_all.shape[2]
+    def sampled(self) -> Retrieval:
+        """The retrieval under every draw s: the SAMPLED_K nearest gallery items of each query under
+        d(z_q^s, z_g^s) (query and gallery drawn jointly), index / labels / dist [S, N, k], nearest
+        first, a query never retrieving itself. The whole gallery is searched when K_c = 0, else each
+        query's K_c nearest items under the mean (see the module docstring). Computed once."""
+        if self._sampled is None:
+            zq, zg = self.draws()
+            k = min(SAMPLED_K, self.neighbours.index.shape[1])
+            if self.settings.candidates > 0:
+                k = min(k, self.settings.candidates)
+                idx, dist = self._search_candidates(zq, zg, k)
+            else:
+                found = [nearest(zq[s], zg[s], k, self.settings.distance, exclude_self=self.leave_one_out)
+                         for s in range(zq.shape[0])]
+                idx, dist = torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
+            self._sampled = Retrieval(idx, self._labels_of(idx), dist)
+        return self._sampled
+
+    def _search_candidates(self, zq: torch.Tensor, zg: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per draw, the k nearest of each query's K_c candidates (the first K_c mean neighbours)."""
+        cand = self.neighbours.index[:, :self.settings.candidates]
+        S, K, d = zq.shape[0], cand.shape[1], zq.shape[2]
+        idx = torch.empty(S, self.n, k, dtype=torch.long)
+        dist = torch.empty(S, self.n, k)
         step = max(1, CHUNK_ELEMENTS // max(S * K * d, 1))
         for s in range(0, self.n, step):
             rows = slice(s, min(s + step, self.n))
-            zq = zq_all[:, rows]
-            zc = zg_all[:, idx[rows]]
-            dist = space_distance(zq[:, :, None, :], zc, self.settings.distance)
-            yield CandidateChunk(rows, self.candidates.labels[rows], zq, zc, dist)
+            dd = space_distance(zq[:, rows, None, :], zg[:, cand[rows]], self.settings.distance)  # [S, n, K_c]
+            top = dd.topk(k, dim=-1, largest=False, sorted=True)
+            idx[:, rows] = torch.gather(cand[rows].expand(S, *cand[rows].shape), 2, top.indices)
+            dist[:, rows] = top.values
+        return idx, dist
 
 
-def candidates_for(query: EmbeddingPrediction, gallery: EmbeddingPrediction, gallery_labels: torch.Tensor,
-                   leave_one_out: bool, settings: ScoreSettings) -> Candidates:
-    """Candidates of every query (K_c = settings.candidates, 0 or more than the gallery: all items)."""
-    g = gallery.mean.shape[0] - (1 if leave_one_out else 0)
-    k = g if settings.candidates <= 0 else min(settings.candidates, g)
-    idx, dist = nearest(query.mean.detach().cpu(), gallery.mean.detach().cpu(), k, settings.distance,
-                        exclude_self=leave_one_out)
-    return Candidates(idx, gallery_labels.cpu()[idx], dist)
+def neighbours_for(query: EmbeddingPrediction, gallery: EmbeddingPrediction, labels_of: Callable,
+                   leave_one_out: bool, settings: ScoreSettings) -> Retrieval:
+    """Each query's max(NEIGHBOURS, K_c) nearest gallery items under the mean embeddings."""
+    idx, dist = nearest(query.mean.detach().cpu(), gallery.mean.detach().cpu(), max(NEIGHBOURS, settings.candidates),
+                        settings.distance, exclude_self=leave_one_out)
+    return Retrieval(idx, labels_of(idx), dist)
 
 
 def score_inputs(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], labels_id: torch.Tensor,
@@ -213,10 +229,12 @@ def score_inputs(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPred
         if p.var is not None:
             score_from_var(p.var)
     shared = _GalleryDraws(pred_id, settings)
+    labels = labels_id.detach().cpu().clone()
+    labels_of = labels.__getitem__  # labels of retrieved gallery items only (a query never retrieves itself)
 
     def make(pred: EmbeddingPrediction, loo: bool, stream: int) -> ScoreInputs:
-        cand = candidates_for(pred, pred_id, labels_id, loo, settings)
-        return ScoreInputs(pred, pred_id, cand, loo, settings, shared, stream)
+        return ScoreInputs(pred, pred_id, neighbours_for(pred, pred_id, labels_of, loo, settings), loo, settings,
+                           shared, labels_of, stream)
 
     return make(pred_id, True, 0), {s: make(p, False, k + 1) for k, (s, p) in enumerate(pred_ood.items())}
 
@@ -240,15 +258,16 @@ def run_score(name: str, inputs: ScoreInputs) -> np.ndarray | None:
 
 
 def candidate_coverage(inputs: ScoreInputs, max_queries: int = COVERAGE_QUERIES) -> float:
-    """Share of (query, draw) pairs whose top-1 over the *whole* gallery is one of the query's
-    candidates, on up to `max_queries` evenly spaced queries: how often the candidate-set search of a
-    sampled top-1 is exact (1.0 when K_c covers the gallery; NaN without draws)."""
+    """Share of (query, draw) pairs whose top-1 over the *whole* gallery is one of the query's K_c
+    candidates, on up to `max_queries` evenly spaced queries: how often the candidate search of a
+    sampled retrieval is exact (1.0 when the whole gallery is searched; NaN without draws)."""
     if inputs.deterministic or inputs.n == 0:
         return float("nan")
-    idx = inputs.candidates.index
     g = inputs.gallery.mean.shape[0] - (1 if inputs.leave_one_out else 0)
-    if idx.shape[1] >= g:
+    K = inputs.settings.candidates
+    if K <= 0 or K >= g:
         return 1.0
+    idx = inputs.neighbours.index[:, :K]
     rows = torch.from_numpy(np.unique(np.linspace(0, inputs.n - 1, min(inputs.n, max_queries)).round().astype(np.int64)))
     zq, zg = inputs.draws()
     S, G = zq.shape[0], zg.shape[1]

@@ -18,5 +18,5 @@ from bench.registry import register_score
 def dist_var(inputs: ScoreInputs) -> np.ndarray:
     """Variance of the distance to the retrieved neighbour under the predictive (Monte Carlo)."""
     zq, zg = inputs.draws()
-    d = space_distance(zq, zg[:, inputs.candidates.index[:, 0]], inputs.settings.distance)  # [S, N]
+    d = space_distance(zq, zg[:, inputs.neighbours.index[:, 0]], inputs.settings.distance)  # [S, N]
     return d.double().var(dim=0, unbiased=True).numpy()

@@ -39,7 +39,7 @@ def _quadratic(g: torch.Tensor, pred_cov: torch.Tensor | None, pred_var: torch.T
 @register_score("dist_var_delta")
 def dist_var_delta(inputs: ScoreInputs) -> np.ndarray:
     """Variance of the distance to the retrieved neighbour, delta method on the joint Gaussian."""
-    n_idx = inputs.candidates.index[:, 0]
+    n_idx = inputs.neighbours.index[:, 0]
     mq = inputs.query.mean.detach().cpu().double()
     mn = inputs.gallery.mean.detach().cpu().double()[n_idx]
     gq, gn = distance_gradients(mq, mn, inputs.settings.distance)

@@ -17,7 +17,7 @@ TOPK = 10
 @register_score("knn_disagreement", predictive=False)
 def knn_disagreement(inputs: ScoreInputs) -> np.ndarray:
     """Share of the K nearest neighbours (mean embedding) that disagree with the top-1 label."""
-    lab = inputs.candidates.labels
+    lab = inputs.neighbours.labels
     k = min(TOPK, lab.shape[1])
     if k < 2:
         return np.zeros(inputs.n)

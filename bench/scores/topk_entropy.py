@@ -3,7 +3,7 @@ distribution of q's top-K retrieval, K = TOPK:
 
     pbar_q(c) = (1/S) sum_s (1/K) sum_{k<=K} 1[ y(r_k^s(q)) = c ],
 
-r_k^s(q) the k-th nearest candidate under draw s (joint draws when the method has them). A rank-level
+r_k^s(q) the k-th nearest gallery item under draw s (joint draws when the method has them). A rank-level
 score: high when the retrieved neighbourhood mixes labels, or when draws retrieve different
 labels. With a single draw at the mean it is the entropy of the mean embedding's K-NN labels (the
 Bayesian counterpart of `knn_disagreement`)."""
@@ -21,15 +21,10 @@ TOPK = 10
 @register_score("topk_entropy")
 def topk_entropy(inputs: ScoreInputs) -> np.ndarray:
     """Entropy of the predictive top-K label distribution."""
-    out = np.empty(inputs.n)
-    classes, codes = torch.unique(inputs.candidates.labels, return_inverse=True)  # labels as 0..C-1
+    lab = inputs.sampled().labels[:, :, :TOPK]  # [S, N, k]
+    S, n, k = lab.shape
+    classes, codes = torch.unique(lab, return_inverse=True)  # labels as 0..C-1
     C = len(classes)
-    for ch in inputs.candidate_chunks():
-        S, n, K = ch.dist.shape
-        k = min(TOPK, K)
-        top = ch.dist.topk(k, dim=-1, largest=False).indices  # [S, n, k]
-        lab = torch.gather(codes[ch.rows].expand(S, n, K), 2, top)  # [S, n, k]
-        flat = (lab + C * torch.arange(n)[None, :, None]).reshape(-1)
-        p = torch.bincount(flat, minlength=n * C).reshape(n, C).double() / (S * k)  # [n, C]
-        out[ch.rows] = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).numpy()
-    return out
+    flat = (codes + C * torch.arange(n)[None, :, None]).reshape(-1)
+    p = torch.bincount(flat, minlength=n * C).reshape(n, C).double() / (S * k)  # [N, C]
+    return -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1).numpy()
