@@ -106,9 +106,9 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_list() -> int:
     from tabulate import tabulate
-    from bench.registry import BACKBONES, DATASETS, METHODS
+    from bench.registry import BACKBONES, DATASETS, METHODS, SCORES
 
-    for reg in (METHODS, DATASETS, BACKBONES):
+    for reg in (METHODS, DATASETS, BACKBONES, SCORES):
         print(tabulate(reg.descriptions().items(), headers=[reg.kind, "description"]))
         print()
     print(tabulate([(n, d) for n, (d, _) in PRESETS.items()], headers=["preset", "description"]))

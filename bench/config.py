@@ -11,6 +11,7 @@ from bench.conventions import DISTANCES
 from bench.errors import BenchError, require
 
 ALL_METHODS = "all"
+ALL_SCORES = "all"
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,13 @@ class RunConfig:
     ks: tuple[int, ...] = (1, 3, 5, 7)
     bootstrap_resamples: int = 1000
     ci_level: float = 0.95
+    # uncertainty scores (bench/scores/, `bench list`): every one in `scores` gets its metrics
+    # (`AUSE:<score>`, ...); the headline ECE/AUSE/AURG are id_score's, AUROC/AUPR/FPR95/var_ratio[set] ood_score's
+    scores: tuple[str, ...] = (ALL_SCORES,)
+    id_score: str = "top1_flip"
+    ood_score: str = "trace"
+    score_candidates: int = 0  # K_c: search only the K_c nearest gallery items (under the mean) per draw; 0: all (exact)
+    score_samples: int = 100  # independent Gaussian draws for methods without joint samples
     # Laplace family
     la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
     hessian: str = "ggn"  # ggn | jtj
@@ -242,6 +250,9 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
     require(cfg.val_items >= 0, f"val_items must be >= 0, got {cfg.val_items}")
     require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
+    require(len(cfg.scores) > 0, "empty score list: give at least one score, or 'all' (see `python -m bench list`)")
+    require(cfg.score_candidates >= 0, f"score_candidates must be >= 0 (0: the whole gallery), got {cfg.score_candidates}")
+    require(cfg.score_samples >= 2, f"score_samples must be >= 2, got {cfg.score_samples}")
     require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
     require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
     from bench.la.subsets import check_la_subset  # (lazy: torch)

@@ -8,3 +8,20 @@ REFERENCE_METHOD = "plain"  # paired differences are taken against this method
 CORRECTNESS_METRIC = "mAP@1"  # per-query correctness (precision@1 in {0, 1}) for calibration
 NEAR_OOD_SET = "heldout"  # the OOD set made of the ID dataset's own held-out classes
 DISTANCES = ("euclidean", "cosine")  # embedding geometries: plain L2, or L2 between L2-normalised embeddings
+ID_SET = "id"  # query-set name of the ID test queries (next to OOD set names) in saved score vectors
+
+# Per-score metric names: `<metric>:<score>`, e.g. `AUSE:top1_flip`, `AUROC[heldout]:trace`,
+# `Spearman_within:dist_var`. The unsuffixed headline names (`ECE`, `AUSE`, `AURG`, `AUROC[set]`, ...)
+# are the run's default scores' (config id_score for ID metrics, ood_score for OOD metrics).
+SCORE_SEP = ":"
+
+
+def score_metric(metric: str, score: str) -> str:
+    """`AUSE`, `top1_flip` -> `AUSE:top1_flip`."""
+    return f"{metric}{SCORE_SEP}{score}"
+
+
+def split_score_metric(name: str) -> tuple[str, str | None]:
+    """`AUROC[heldout]:trace` -> (`AUROC[heldout]`, `trace`); a headline name -> (name, None)."""
+    metric, sep, score = name.rpartition(SCORE_SEP)
+    return (metric, score) if sep and metric else (name, None)

@@ -19,6 +19,11 @@ if TYPE_CHECKING:
 SEED_STRIDE = 1_000_003  # generator seeds are seed * SEED_STRIDE + offset: distinct streams per offset
 
 
+def stream_seed(seed: int, offset: int) -> int:
+    """The integer seed of stream `offset` of run seed `seed` (FitContext.seed_for, also for evaluation)."""
+    return seed * SEED_STRIDE + offset
+
+
 @dataclass
 class EmbeddingPrediction:
     """Predicted embeddings of N queries: mean [N, d] and, for uncertainty-aware methods, the
@@ -103,7 +108,7 @@ class FitContext:
 
     def seed_for(self, offset: int) -> int:
         """The integer seed of stream `offset` of this run seed (for APIs that take a seed)."""
-        return self.seed * SEED_STRIDE + offset
+        return stream_seed(self.seed, offset)
 
     def generator(self, offset: int, device: torch.device | str = "cpu") -> torch.Generator:
         """A torch.Generator seeded for stream `offset` of this run seed (on `device`, CPU by default)."""

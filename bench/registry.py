@@ -1,4 +1,4 @@
-"""Plugin registries: methods, datasets and backbones register themselves by name with a decorator.
+"""Plugin registries: methods, datasets, backbones and uncertainty scores register themselves by name with a decorator.
 
 Each registry imports every module of its plugin package on first lookup, so adding a plugin is one
 new file and never an edit here. An unknown name is a BenchError listing the registered names.
@@ -80,6 +80,7 @@ def _first_line(obj: object) -> str:
 METHODS: Registry[type] = Registry("method", "methods")
 DATASETS: Registry[Callable] = Registry("dataset", "datasets")
 BACKBONES: Registry[Callable] = Registry("backbone", "backbones")
+SCORES: Registry[Callable] = Registry("score", "bench.scores")
 
 
 def register_method(name: str) -> Callable[[type], type]:
@@ -107,3 +108,10 @@ def register_backbone(name: str, **meta: Any) -> Callable[[Callable], Callable]:
     when the backbone's weights expect their own input normalisation (`bench.data.input_stats`).
     """
     return BACKBONES.register(name, **meta)
+
+
+def register_score(name: str, predictive: bool = True) -> Callable[[Callable], Callable]:
+    """Decorator: make an uncertainty score `fn(inputs: bench.metrics.uncertainty.ScoreInputs) ->
+    np.ndarray [N]` (larger = more uncertain) available under `name`. predictive=False: the score
+    needs no predictive distribution (only mean embeddings), so deterministic methods get it too."""
+    return SCORES.register(name, predictive=predictive)

@@ -19,11 +19,11 @@ from bench.data import Dataset, Split
 from bench.features import prepare_benchmark
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError
-from bench.evaluate import evaluate
+from bench.evaluate import evaluate, resolve_scores
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.registry import BACKBONES, METHODS
-from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter
+from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
 from bench.timing import StageTimer
 from bench.train import ModelCache
 
@@ -140,12 +140,14 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
         arrays.update(_prediction_arrays(f"ood_{k}", p, data.test_ood[k].y))
     arrays.update({f"pq_{k}": v for k, v in ev.per_query.items()})
     arrays.update({f"extra_{k}": v for k, v in ev.extras.items()})
-    return rows, method.diagnostics, arrays
+    arrays.update({score_array(qs, score): v for (qs, score), v in ev.scores.items()})
+    return rows, {**method.diagnostics, **ev.diagnostics}, arrays
 
 
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every method of cfg over every seed; returns the run folder."""
     methods = resolve_methods(cfg)
+    resolve_scores(cfg)  # an unknown score fails here, before any data or folder
     BACKBONES.get(cfg.backbone)  # an unknown backbone fails here, before any data or folder
     device = resolve_device(cfg.device)
     # bad data fails here, before any run folder exists; a frozen trunk's features are made (or loaded) here
@@ -219,7 +221,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     paired = None
     if pairing:
         ordered = {k: perquery[k] for k in sorted(perquery, key=lambda k: (methods.index(k[0]), k[1]))}
-        paired = paired_differences(ordered, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed)
+        paired = paired_differences(ordered, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed,
+                                    id_score=cfg.id_score, ood_score=cfg.ood_score)
     folder.write_tables(results, timings, seed_summary(results, cfg.ci_level), paired)
     status = COMPLETE if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,

@@ -10,7 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 from scipy import stats
 
-from bench.conventions import BASE_METHOD as BASE, NEAR_OOD_SET, STAGES
+from bench.conventions import BASE_METHOD as BASE, NEAR_OOD_SET, STAGES, split_score_metric
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.run_folder import GridFolder
@@ -24,8 +24,10 @@ PAIRWISE_COLUMNS = ["dataset", "metric", "a", "b", "n_seeds", "mean_diff", "a_be
 
 
 def headline(metrics) -> list[str]:
-    """The metrics ranked and tested pairwise: mAP@1, ECE, AUSE, AUROC[s], FPR95[s]."""
-    return [m for m in ordered(metrics) if m in HEADLINE or base_metric(m) in ("AUROC", "FPR95")]
+    """The metrics ranked and tested pairwise: mAP@1, ECE, AUSE, AUROC[s], FPR95[s] (the default
+    scores'; per-score metrics such as `AUROC[s]:trace` are not headline)."""
+    return [m for m in ordered(metrics) if split_score_metric(m)[1] is None
+            and (m in HEADLINE or base_metric(m) in ("AUROC", "FPR95"))]
 
 
 def variant_names(grid: GridFolder) -> dict[str, str]:
@@ -221,7 +223,7 @@ def cost_quality_figure(cost: pd.DataFrame, summ: pd.DataFrame, variants: list[s
 def quality_metrics(metrics) -> list[str]:
     """The y-axes of the cost plot: mAP@1 and the AUROC of the near-OOD set (else the first AUROC)."""
     metrics = list(metrics)
-    aurocs = [m for m in metrics if base_metric(m) == "AUROC"]
+    aurocs = [m for m in metrics if base_metric(m) == "AUROC" and split_score_metric(m)[1] is None]
     near = f"AUROC[{NEAR_OOD_SET}]"
     return [m for m in ["mAP@1", near if near in aurocs else next(iter(aurocs), None)] if m in metrics]
 

@@ -8,13 +8,14 @@ import re
 import numpy as np
 import pandas as pd
 
-from bench.conventions import BASE_METHOD as BASE, STAGES
+from bench.conventions import BASE_METHOD as BASE, STAGES, split_score_metric
 from bench.metrics.aggregate import stage_breakdown
 from reports.formats import Cell, Table
 
 DIGITS = 3
-HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision")
-LOWER_BETTER = ("ECE", "AUSE", "FPR95")  # other metrics are shown but never marked
+HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision", "AURG",
+                 "error_AUROC")
+LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman")  # other metrics are shown but never marked
 
 
 def _isnan(x) -> bool:
@@ -32,13 +33,13 @@ def fmt_ci(value: float, lo: float, hi: float, digits: int = DIGITS, signed: boo
 
 
 def base_metric(metric: str) -> str:
-    """`AUROC[heldout]` -> `AUROC`."""
-    return metric.split("[", 1)[0]
+    """`AUROC[heldout]` -> `AUROC` (also `AUROC[heldout]:trace`: the score suffix goes too)."""
+    return split_score_metric(metric)[0].split("[", 1)[0]
 
 
 def ood_set(metric: str) -> str | None:
-    """`AUROC[heldout]` -> `heldout`; None for metrics without a set suffix."""
-    m = re.search(r"\[(.+)\]$", metric)
+    """`AUROC[heldout]` (or `AUROC[heldout]:trace`) -> `heldout`; None for metrics without a set."""
+    m = re.search(r"\[(.+)\]$", split_score_metric(metric)[0])
     return m.group(1) if m else None
 
 
@@ -59,15 +60,18 @@ def header(metric: str) -> str:
 
 
 def metric_groups(metrics: list[str]) -> list[tuple[str, list[str]]]:
-    """Split metric names into titled groups: retrieval, calibration, one group per OOD set, other."""
+    """Split metric names into titled groups: retrieval, calibration, one group per OOD set, other.
+    Per-score metrics (`AUSE:top1_flip`) are left out: the score tables (reports/scores.py) show them."""
     groups: dict[str, list[str]] = {}
     for m in metrics:
+        if split_score_metric(m)[1] is not None:
+            continue
         b, s = base_metric(m), ood_set(m)
         if s is not None:
             key = f"OOD detection: {s}"
         elif b.startswith(("mAP@", "mAP_pml@", "Recall@", "MAP@R", "precision")):
             key = "Retrieval"
-        elif b in ("ECE", "AUSE"):
+        elif b in ("ECE", "AUSE", "AURG"):
             key = "Calibration and sparsification"
         else:
             key = "Other metrics"

@@ -3,11 +3,14 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from bench.registry import METHODS
-from bench.run_folder import RunFolder
+from bench.conventions import score_metric
+from bench.evaluate import score_metric_names
+from bench.registry import METHODS, SCORES
+from bench.run_folder import RunFolder, score_array
 
 
 def _run_dir(out):
@@ -67,7 +70,7 @@ def test_bad_flag_is_one_line(cli):
 def test_list_shows_methods_datasets_presets(cli):
     code, out, _ = cli("list")
     assert code == 0
-    for word in [*METHODS.names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
+    for word in [*METHODS.names(), *SCORES.names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
         assert word in out
 
 
@@ -82,12 +85,28 @@ def test_cuda_without_cuda_is_a_clear_error(cli, tmp_path):
 
 @pytest.mark.parametrize("method", METHODS.names())
 def test_every_registered_method_runs_the_smoke_preset(cli, tmp_path, method):
+    """... and gets every score's metrics (`<metric>:<score>`, finite where the score applies: a
+    method with a predictive gets every score, a deterministic one only the predictive-free ones),
+    with the score vectors saved per query set."""
     out = tmp_path / "runs"
     code, stdout, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", method,
                             "--out", str(out), "--quiet", "--no-report")
     assert code == 0, err
-    meta = json.loads((_run_dir(out) / "config.json").read_text())
+    run = _run_dir(out)
+    meta = json.loads((run / "config.json").read_text())
     assert meta["status"] == "complete", meta["failures"]
+    res = pd.read_csv(run / "results.csv").set_index("metric")["value"]
+    with np.load(run / "perquery" / f"{method}-seed0.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    predictive = "id_var" in arrays
+    for score in SCORES.names():
+        applies = predictive or not SCORES.meta(score)["predictive"]
+        vals = {m: res[score_metric(m, score)] for m in score_metric_names(["heldout", "noise"])}
+        if applies:  # always defined (a Spearman is NaN for a constant score, var_ratio for a zero mean)
+            assert all(np.isfinite(vals[m]) for m in ("ECE", "AUSE", "AURG", "AUROC[heldout]", "AUROC[noise]")), score
+        else:
+            assert all(np.isnan(v) for v in vals.values()), score
+        assert all((score_array(s, score) in arrays) == applies for s in ("id", "heldout", "noise")), score
 
 
 def test_several_seeds_print_the_across_seed_mean_and_each_seed(cli, tmp_path):

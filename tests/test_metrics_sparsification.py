@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.metrics.sparsification import FRACTIONS, ause, sparsification_curves, sparsification_metrics
+from bench.metrics.sparsification import FRACTIONS, aurg, ause, sparsification_curves, sparsification_metrics
 
 
 def test_fractions():
@@ -55,3 +55,16 @@ def test_vectorised_rows_equal_one_by_one():
     rng = np.random.default_rng(4)
     u, m = rng.random((6, 40)), rng.random((6, 40))
     assert ause(u, m) == pytest.approx([ause(u[i], m[i]) for i in range(6)])
+
+
+def test_aurg_is_the_gain_over_random_removal():
+    rng = np.random.default_rng(8)
+    m = (rng.random(400) < 0.6).astype(float)
+    oracle_u = -m + rng.random(400) * 0.01  # the oracle order
+    curve, oracle = sparsification_curves(oracle_u, m)
+    f = FRACTIONS
+    assert aurg(oracle_u, m) == pytest.approx(np.trapezoid(oracle - m.mean(), f))
+    assert aurg(oracle_u, m) + ause(oracle_u, m) == pytest.approx(np.trapezoid(oracle - m.mean(), f))
+    rand = [aurg(rng.random(400), m) for _ in range(200)]
+    assert abs(np.mean(rand)) < 3 * np.std(rand) / np.sqrt(200)  # 0 in expectation
+    assert aurg(m, m) < 0  # the worst order loses to random

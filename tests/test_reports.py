@@ -61,7 +61,8 @@ CELL = re.compile(r"^(\*\*)?([-+]?\d+\.\d+)(?: \[([-+]?\d+\.\d+), ([-+]?\d+\.\d+
 
 
 def check_md_matches_csv(run_dir: Path) -> int:
-    """Every per-seed cell equals results.csv at the printed precision, and every csv row is shown."""
+    """Every per-seed cell equals results.csv at the printed precision, and every csv row is shown
+    (per-score rows `<metric>:<score>`: those the score tables show, rows `method / score`)."""
     res = pd.read_csv(run_dir / "results.csv")
     md = (run_dir / "report.md").read_text()
     seen = set()
@@ -71,9 +72,9 @@ def check_md_matches_csv(run_dir: Path) -> int:
             continue
         seed = int(m.group(1))
         for row in rows:
-            method = row[0]
+            method, _, score = row[0].partition(" / ")
             for h, cell in zip(headers[1:], row[1:]):
-                metric = h.rstrip(" ↑↓")
+                metric = h.rstrip(" ↑↓") + (f":{score}" if score else "")
                 ref = res[(res["method"] == method) & (res["seed"] == seed) & (res["metric"] == metric)]
                 assert len(ref) == 1, (method, seed, metric)
                 ref = ref.iloc[0]
@@ -82,11 +83,13 @@ def check_md_matches_csv(run_dir: Path) -> int:
                 else:
                     g = CELL.match(cell)
                     assert g, cell
-                    assert float(g.group(2)) == pytest.approx(round(ref["value"], 3), abs=1e-9), (method, metric)
-                    assert float(g.group(3)) == pytest.approx(round(ref["ci_low"], 3), abs=1e-9)
-                    assert float(g.group(4)) == pytest.approx(round(ref["ci_high"], 3), abs=1e-9)
+                    # Python's round, as the report's format (numpy's rounds 0.8935 up: x * 1000 = 893.5)
+                    assert float(g.group(2)) == pytest.approx(round(float(ref["value"]), 3), abs=1e-9), (method, metric)
+                    assert float(g.group(3)) == pytest.approx(round(float(ref["ci_low"]), 3), abs=1e-9)
+                    assert float(g.group(4)) == pytest.approx(round(float(ref["ci_high"]), 3), abs=1e-9)
                 seen.add((method, seed, metric))
-    assert seen == set(zip(res["method"], res["seed"], res["metric"]))
+    headline = res[~res["metric"].str.contains(":", regex=False)]
+    assert {k for k in seen if ":" not in k[2]} == set(zip(headline["method"], headline["seed"], headline["metric"]))
     return len(seen)
 
 
@@ -261,8 +264,10 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
     code, stdout, err = cli("report", str(d), "--format", "md,html,latex")
     assert code == 0, err
     assert "report.html" in stdout
-    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing"}
-    check_md_matches_csv(d)
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
+                                                             "sparsification_scores"}  # plain: knn_disagreement
+    res = pd.read_csv(d / "results.csv")
+    assert check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()  # score cells shown too
     # run in-process, so no command was recorded: the report rebuilds one that gives the same config
     from bench.cli import build_parser, config_from_args
 

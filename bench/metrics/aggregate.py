@@ -10,12 +10,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bench.conventions import CORRECTNESS_METRIC, STAGES
+from bench.conventions import CORRECTNESS_METRIC, ID_SET, STAGES
 from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.calibration import DEFAULT_BINS, ece
 from bench.metrics.ood import OOD_METRICS, ood_statistics
 from bench.metrics.sparsification import ause
 from bench.metrics.uncertainty import score_from_var
+from bench.run_folder import score_arrays
 
 SEED_COLUMNS = ["method", "metric", "mean", "t_low", "t_high", "n_seeds"]
 PAIRED_COLUMNS = ["method", "reference", "seed", "metric", "diff", "ci_low", "ci_high"]
@@ -75,8 +76,24 @@ def _ood_diff(ia, ib, oa, ob, axis=-1):
     return ood_statistics(ia, oa, axis=axis) - ood_statistics(ib, ob, axis=axis)
 
 
-def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples: int, level: float, seed: int
-           ) -> Iterable[tuple[str, float, float, float]]:
+def _score_vectors(arrs: dict[str, np.ndarray], id_score: str | None, ood_score: str | None
+                   ) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
+    """(ID vector of id_score, {OOD set: vector of ood_score}, ID vector of ood_score) from the saved
+    score vectors; without them (older run folders) tr Sigma from id_var / ood_<s>_var."""
+    saved = score_arrays(arrs)
+    if saved:
+        sets = {s for s, _ in saved if s != ID_SET}
+        ood = {s: saved[(s, ood_score)] for s in sets if (s, ood_score) in saved}
+        return saved.get((ID_SET, id_score)), ood, saved.get((ID_SET, ood_score))
+    if "id_var" not in arrs:
+        return None, {}, None
+    u = score_from_var(arrs["id_var"])
+    ood = {m[1]: score_from_var(v) for k, v in arrs.items() if (m := re.fullmatch(r"ood_(.+)_var", k))}
+    return u, ood, u
+
+
+def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples: int, level: float, seed: int,
+           id_score: str | None, ood_score: str | None) -> Iterable[tuple[str, float, float, float]]:
     """(metric, diff, lo, hi) for every metric both sides can be paired on."""
     boot = dict(n_resamples=n_resamples, level=level, seed=seed)
     for key, a in arrs.items():
@@ -84,32 +101,30 @@ def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples:
             ok = np.isfinite(a) & np.isfinite(ref[key])
             if ok.sum() >= 1:
                 yield (key[3:], *grouped_bootstrap_ci([(a[ok], ref[key][ok])], _mean_diff, **boot).triple())
-    if "id_var" not in arrs or "id_var" not in ref:
+    ua, ood_a, va = _score_vectors(arrs, id_score, ood_score)
+    ub, ood_b, vb = _score_vectors(ref, id_score, ood_score)
+    have = lambda k: k in arrs and k in ref  # noqa: E731
+    if ua is not None and ub is not None and ua.shape == ub.shape:
+        if have("extra_confidence") and have(CORRECTNESS):
+            g = (arrs["extra_confidence"], arrs[CORRECTNESS], ref["extra_confidence"], ref[CORRECTNESS])
+            yield ("ECE", *grouped_bootstrap_ci([g], _ece_diff, **boot).triple())
+        if have(CORRECTNESS):
+            yield ("AUSE", *grouped_bootstrap_ci([(ua, arrs[CORRECTNESS], ub, ref[CORRECTNESS])], _ause_diff, **boot).triple())
+    if va is None or vb is None or va.shape != vb.shape:
         return
-    ua, ub = score_from_var(arrs["id_var"]), score_from_var(ref["id_var"])
-    if ua.shape != ub.shape:
-        return
-    have = lambda k: k in arrs and k in ref
-    if have("extra_confidence") and have(CORRECTNESS):
-        g = (arrs["extra_confidence"], arrs[CORRECTNESS], ref["extra_confidence"], ref[CORRECTNESS])
-        yield ("ECE", *grouped_bootstrap_ci([g], _ece_diff, **boot).triple())
-    if have(CORRECTNESS):
-        yield ("AUSE", *grouped_bootstrap_ci([(ua, arrs[CORRECTNESS], ub, ref[CORRECTNESS])], _ause_diff, **boot).triple())
-    for key in arrs:
-        m = re.fullmatch(r"ood_(.+)_var", key)
-        if not m or key not in ref or len(arrs[key]) == 0:
+    for s, oa in ood_a.items():
+        ob = ood_b.get(s)
+        if ob is None or oa.shape != ob.shape or len(oa) == 0:
             continue
-        oa, ob = score_from_var(arrs[key]), score_from_var(ref[key])
-        if oa.shape != ob.shape:
-            continue
-        ci = grouped_bootstrap_ci([(ua, ub), (oa, ob)], _ood_diff, **boot)
+        ci = grouped_bootstrap_ci([(va, vb), (oa, ob)], _ood_diff, **boot)
         for i, name in enumerate(OOD_METRICS):
-            yield (f"{name}[{m[1]}]", *ci.triple(i))
+            yield (f"{name}[{s}]", *ci.triple(i))
 
 
 def paired_differences(perquery: dict[tuple[str, int], dict[str, np.ndarray]], reference: str,
                        n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                       metrics: Iterable[str] | None = None) -> pd.DataFrame:
+                       metrics: Iterable[str] | None = None, id_score: str | None = None,
+                       ood_score: str | None = None) -> pd.DataFrame:
     """(method, reference, seed, metric, diff, ci_low, ci_high) for every method against `reference`
     on each seed both ran, in the order of `perquery` ({(method, seed): per-query arrays});
     `seed` seeds the bootstrap, `metrics` restricts the metric names (None: all that pair).
@@ -118,9 +133,11 @@ def paired_differences(perquery: dict[tuple[str, int], dict[str, np.ndarray]], r
     that resamples the *same* query indices for both methods (grouped_bootstrap_ci):
     - per-query metrics `pq_<m>` (mAP@K, Recall@K): diff of means;
     - ECE (both with uncertainty): from extra_confidence and the correctness (the confidence maps
-      stay the ones fitted in the run); AUSE: from id_var (score tr Sigma) and the correctness;
-    - AUROC/AUPR/FPR95/var_ratio[s]: from id_var and ood_<s>_var, ID and OOD queries resampled
-      separately (stratified), each paired across the two methods.
+      stay the ones fitted in the run); AUSE: from the saved vectors of `id_score` (the run's
+      config id_score) and the correctness;
+    - AUROC/AUPR/FPR95/var_ratio[s]: from the saved vectors of `ood_score` on the ID queries and on
+      set s, ID and OOD queries resampled separately (stratified), each paired across the two methods.
+    Per-query files without score vectors (older runs) use tr Sigma from id_var / ood_<s>_var.
     A metric that either method lacks (uncertainty metrics against the deterministic `plain`) gets
     no row."""
     wanted = None if metrics is None else set(metrics)
@@ -129,7 +146,7 @@ def paired_differences(perquery: dict[tuple[str, int], dict[str, np.ndarray]], r
         ref = perquery.get((reference, s))
         if m == reference or ref is None:
             continue
-        for metric, d, lo, hi in _pairs(arrs, ref, n_resamples, level, seed):
+        for metric, d, lo, hi in _pairs(arrs, ref, n_resamples, level, seed, id_score, ood_score):
             if wanted is None or metric in wanted:
                 rows.append({"method": m, "reference": reference, "seed": s, "metric": metric,
                              "diff": d, "ci_low": lo, "ci_high": hi})

@@ -25,19 +25,36 @@ def retrieval_space(emb: torch.Tensor, distance: str) -> torch.Tensor:
 PML_MAP = "mAP_pml"  # name stem of the seed's AP@K (hits-normalised, pytorch-metric-learning <= 1.6.0)
 
 
+def space_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
+    """||rho(a) - rho(b)|| along the last axis (broadcasting), rho = retrieval_space."""
+    return (retrieval_space(a, distance) - retrieval_space(b, distance)).norm(dim=-1)
+
+
+def nearest(query: torch.Tensor, gallery: torch.Tensor, k: int, distance: str = "euclidean",
+            exclude_self: bool = False, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [N, k], distances [N, k]) of each query's k nearest gallery items in the retrieval
+    space, nearest first. exclude_self: the queries are the gallery (query i is gallery item i) and
+    never retrieve themselves (leave-one-out). k is capped at the gallery size (minus one)."""
+    q = retrieval_space(query.float(), distance)
+    g = retrieval_space(gallery.float(), distance)
+    k = min(k, g.shape[0] - (1 if exclude_self else 0))
+    idx = torch.empty(q.shape[0], k, dtype=torch.long)
+    dist = torch.empty(q.shape[0], k)
+    for s in range(0, q.shape[0], chunk):
+        d = torch.cdist(q[s:s + chunk], g)
+        if exclude_self:
+            rows = torch.arange(d.shape[0])
+            d[rows, rows + s] = float("inf")  # a query never retrieves itself
+        top = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        idx[s:s + chunk], dist[s:s + chunk] = top.indices.cpu(), top.values.cpu()
+    return idx, dist
+
+
 def _ranked_relevance(emb: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
     """rel [N, k]: relevance of each query's k nearest other items (leave-one-out), as float."""
-    n = emb.shape[0]
-    k = min(k, n - 1)
-    out = torch.empty(n, k, dtype=torch.float64)
-    emb = emb.float()
-    for s in range(0, n, chunk):
-        d = torch.cdist(emb[s:s + chunk], emb)
-        rows = torch.arange(d.shape[0])
-        d[rows, rows + s] = float("inf")  # a query never retrieves itself
-        idx = torch.topk(d, k, dim=1, largest=False, sorted=True).indices
-        out[s:s + chunk] = (labels[idx] == labels[s:s + chunk, None]).double().cpu()
-    return out
+    idx, _ = nearest(emb, emb, k, exclude_self=True, chunk=chunk)
+    labels = labels.cpu()
+    return (labels[idx] == labels[:, None]).double()
 
 
 def num_relevant(labels: torch.Tensor) -> torch.Tensor:
