@@ -48,6 +48,7 @@ class PairLoss:
     neg_margin: float = 1.0
     miner_margin: float = 0.2
     miner_type: str = "all"
+    reduction: str = "mean"  # mean: the loss as trained (AvgNonZeroReducer); sum: every pair an observation
 
     @classmethod
     def from_config(cls, cfg) -> "PairLoss":
@@ -415,7 +416,8 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
                 F = f.reshape(nbc, m, f.shape[1]).to(acc.dtype)
                 pairs = contrastive_pair_curvature(F, y[bidx].to(acc.device), pos_margin=loss.pos_margin,
                                                    neg_margin=loss.neg_margin, miner_margin=loss.miner_margin,
-                                                   miner_type=loss.miner_type, valid=bval)
+                                                   miner_type=loss.miner_type, valid=bval,
+                                                   reduction=loss.reduction)
                 kept, dropped = pairs.output_traces()
                 stats["out_kept"] += kept
                 stats["out_dropped"] += dropped
