@@ -28,7 +28,9 @@ log = logging.getLogger("bench")
 
 PREDICTIVES = ("glm", "lmc", "mc")  # closed-form linearised | linearised Monte Carlo | sampled networks
 VAL_MAX = 1000  # prior_precision=grid without a validation split: items of train_id it scores on
-TUNE_MAX_RANK = 2048  # full posterior above EXACT_EIG_MAX_D: the search's Krylov basis (points beyond its bound unscored)
+# full posterior above EXACT_EIG_MAX_D: the search's Krylov basis starts at this rank and doubles (up to D *
+# MAX_RANK_FRACTION) while the best point is the largest temperature it resolves within the tolerance
+TUNE_START_RANK = 1024
 TUNE_MAX_ITEMS = 2000  # validation items the search scores on (a seeded subset of larger splits)
 VAL_GROUP = 16  # validation items per group: every triplet within a group is scored
 # generator streams (FitContext.generator offsets)
@@ -168,21 +170,30 @@ class _Laplace(Method):
 
         val, source = self._validation(ctx)
         tol = self.rank_tol(cfg) or PRIOR_TOL
-        family = ScaledFamily.build(self.model, curv, smallest_ratio, tol=tol, generator=ctx.generator(LANCZOS_STREAM),
-                                    max_rank=min(TUNE_MAX_RANK, int(curv.D * MAX_RANK_FRACTION)))
         gen = ctx.generator(GRID_STREAM)
         groups = item_groups(len(val), VAL_GROUP, gen)
-        proj = family.project(val.x, groups)
-        z = standard_draws(SCORE_SAMPLES, groups.shape[0], proj.A.shape[1], gen)  # shared by every (t, delta)
-        trip = triplet_mask(val.y[groups].to(proj.f.device))
+        trip = triplet_mask(val.y[groups])
         require(bool(trip.any()), f"{self.name}: the validation split ({len(val)} items) has no triplet; "
                                    "set a larger val_items")
-        score = lambda t, d: triplet_log_score(proj.f, family.joint_cov(proj, t, d), trip, z)  # noqa: E731
-        delta_at = lambda t: optimize_marglik(family.spectrum(t), theta_sq)  # noqa: E731
-        t, delta, search_info = search(score, temps, prior, delta_at, family.bound, max_bound=tol)
+        z = None  # drawn once, shared by every (t, delta) and every basis
+        limit, rank, ranks = int(curv.D * MAX_RANK_FRACTION), TUNE_START_RANK, []
+        while True:  # a low-rank basis grows (doubling) while the best point is the largest one it resolves
+            family = ScaledFamily.build(self.model, curv, smallest_ratio, tol=tol, max_rank=min(rank, limit),
+                                        generator=ctx.generator(LANCZOS_STREAM))
+            proj = family.project(val.x, groups)
+            if z is None:
+                z = standard_draws(SCORE_SAMPLES, groups.shape[0], proj.A.shape[1], gen)
+            score = lambda t, d: triplet_log_score(proj.f, family.joint_cov(proj, t, d), trip.to(proj.f.device), z)  # noqa: E731
+            delta_at = lambda t: optimize_marglik(family.spectrum(t), theta_sq)  # noqa: E731
+            t, delta, search_info = search(score, temps, prior, delta_at, family.bound, max_bound=tol)
+            ranks.append(None if family.basis is None else family.basis.rank)
+            if family.basis is None or not search_info["trust_edge"] or rank >= limit:
+                break
+            rank *= 2
         if search_info["trust_edge"]:
             log.warning("%s: the best likelihood temperature %.3g is the largest the low-rank basis (rank %d) resolves "
                         "within %.2g; larger ones were not scored", self.name, t, family.basis.rank, tol)
+        search_info["basis_ranks"] = ranks
         self._family = family
         posterior, post_info = self._final(family, curv, t, delta, ctx, tol)
         info = {"prior_method": prior if isinstance(prior, str) else "fixed",
