@@ -54,7 +54,8 @@ def search(score: Score, temperatures: tuple[float, ...], prior: str | float, de
     basis's relative error there) is at most max_bound; the others are recorded unscored (objective
     None). info holds every point (temperature, prior_precision, objective, rank_bound, log_marglik),
     the refinement, `at_edge` (the best t is an end of the range: the optimum may lie beyond it) and
-    `trust_edge` (the next larger t was beyond max_bound: the optimum may lie there)."""
+    `trust_edge` (some points were beyond max_bound and the best is the scored point nearest them, the
+    one with the largest bound: the optimum may lie there)."""
     bound = bound or (lambda t, d: 0.0)
     rows = []
     for t, d, extra in candidates(temperatures, prior, delta_at):
@@ -71,7 +72,8 @@ def search(score: Score, temperatures: tuple[float, ...], prior: str | float, de
         best, info["refined"] = _refine(score, tuple(trusted), prior, delta_at, best, bound, max_bound), True
     info["best"] = best
     info["at_edge"] = len(temperatures) > 1 and best["temperature"] in (min(temperatures), max(temperatures))
-    info["trust_edge"] = len(trusted) < len(set(temperatures)) and best["temperature"] >= max(trusted)
+    unscored = len(finite) < len(rows)
+    info["trust_edge"] = unscored and best["rank_bound"] >= max(r["rank_bound"] for r in finite)
     return best["temperature"], best["prior_precision"], info
 
 
