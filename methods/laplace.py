@@ -12,7 +12,7 @@ import torch
 from bench.data import Split
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, PairLoss, accumulate, scale_curvature
+from bench.la.curvature import Curvature, PairLoss, accumulate, check_supported, scale_curvature
 from bench.la.family import ScaledFamily, curvature_trace
 from bench.la.likelihood import LikelihoodScale, check_scale
 from bench.la.lowrank import MAX_RANK_FRACTION
@@ -60,6 +60,7 @@ class _Laplace(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         require(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
+        check_supported(cls.structure, cfg.hessian, cfg.distance)
         require(cfg.predictive in PREDICTIVES, f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}")
         require(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
@@ -183,7 +184,8 @@ class _Laplace(Method):
             proj = family.project(val.x, groups)
             if z is None:
                 z = standard_draws(SCORE_SAMPLES, groups.shape[0], proj.A.shape[1], gen)
-            score = lambda t, d: triplet_log_score(proj.f, family.joint_cov(proj, t, d), trip.to(proj.f.device), z)  # noqa: E731
+            score = lambda t, d: triplet_log_score(proj.f, family.joint_cov(proj, t, d), trip.to(proj.f.device), z,  # noqa: E731
+                                                  cfg.distance)
             delta_at = lambda t: optimize_marglik(family.spectrum(t), theta_sq)  # noqa: E731
             t, delta, search_info = search(score, temps, prior, delta_at, family.bound, max_bound=tol)
             ranks.append(None if family.basis is None else family.basis.rank)

@@ -62,6 +62,17 @@ def test_each_setting_gives_the_hessian_of_its_reduced_loss(setting):
     assert rel_err(curv.H, ref) < 1e-5
 
 
+def test_pair_with_cosine_distance_is_the_sum_reduced_loss_hessian():
+    """distance=cosine: the exact (unclamped) GGN of the SumReducer loss (both pair kinds count)."""
+    from tests.laplace_helpers import ExactGGN
+    from bench.la.curvature import accumulate
+
+    model, (x, y) = tiny_net(), tiny_data(21)
+    curv = accumulate(ExactGGN(model), x, y, hessian="ggn", mining_batch=M, loss=PairLoss(distance="cosine", reduction="sum"))
+    ref = brute_ggn(model, x, y, M, part="all", cfg=preset_config("smoke").replace(distance="cosine"), reducer=SumReducer())
+    assert rel_err(curv.H, ref) < 1e-8
+
+
 def test_pair_multiplies_each_batch_by_its_active_pair_count():
     """One mining batch: H_pair = n_pos H_batch with n_pos the active positive pairs (with multiplicity),
     so with several batches pair is not a constant multiple of batch."""

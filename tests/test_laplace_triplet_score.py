@@ -16,14 +16,16 @@ def _joint(nb=2, m=6, d=2, k=30, seed=0, scale=0.3):
     return f, A @ A.mT
 
 
-def _reference(f, C, mask, S=100_000, seed=11):
-    """Mean log P over the triplets, P by S draws from the explicit joint Gaussian of each group (Cholesky)."""
+def _reference(f, C, mask, S=100_000, seed=11, cosine=False):
+    """Mean log P over the triplets, P by S draws from the explicit joint Gaussian of each group (Cholesky);
+    cosine: distances between the normalised draws."""
     g = torch.Generator().manual_seed(seed)
     nb, m, d = f.shape
     logs = []
     for b in range(nb):
         L = torch.linalg.cholesky(C[b] + 1e-12 * torch.eye(m * d, dtype=torch.float64))
         e = (f[b].reshape(-1) + torch.randn(S, m * d, generator=g, dtype=torch.float64) @ L.T).reshape(S, m, d)
+        e = e / e.norm(dim=-1, keepdim=True) if cosine else e
         for a, p, n in torch.nonzero(mask[b]).tolist():
             P = float(((e[:, a] - e[:, p]).norm(dim=-1) < (e[:, a] - e[:, n]).norm(dim=-1)).double().mean())
             logs.append(math.log(max(P, 1 / S)))
@@ -43,6 +45,9 @@ def test_score_matches_an_independent_monte_carlo_of_the_joint_gaussian():
     assert abs(got - _reference(f, C, mask)) < 0.015
     # the same draws give the same value (common random numbers across a search)
     assert triplet_log_score(f, C, mask, z) == got
+    # cosine: the orderings of the normalised draws (a shifted origin changes them, not the Euclidean ones)
+    cos = triplet_log_score(f + 2.0, C, mask, z, distance="cosine")
+    assert abs(cos - _reference(f + 2.0, C, mask, cosine=True)) < 0.015 and abs(cos - got) > 0.05
 
 
 def test_the_score_uses_the_cross_covariances():

@@ -48,11 +48,20 @@ class PairLoss:
     neg_margin: float = 1.0
     miner_margin: float = 0.2
     miner_type: str = "all"
+    distance: str = "euclidean"
     reduction: str = "mean"  # mean: the loss as trained (AvgNonZeroReducer); sum: every pair an observation
 
     @classmethod
     def from_config(cls, cfg) -> "PairLoss":
-        return cls(cfg.pos_margin, cfg.neg_margin, cfg.miner_margin, cfg.miner_type)
+        return cls(cfg.pos_margin, cfg.neg_margin, cfg.miner_margin, cfg.miner_type, cfg.distance)
+
+
+def check_supported(structure: str, hessian: str, distance: str) -> None:
+    """BenchError (one line) for a structure that cannot take this curvature: the Kronecker factors
+    assume a pair loss of u = f_a - f_b, which the cosine distance is not (its J^T J proxy is fine)."""
+    if structure == "kron" and hessian == "ggn" and distance != "euclidean":
+        raise BenchError("kfac_la: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
+                         "with distance=cosine use hessian=jtj, or full_la, last_layer_la or diag_la")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,8 +393,10 @@ def scale_curvature(curv: Curvature, factor: float) -> Curvature:
 def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: str = "ggn",
                loss: PairLoss | None = None, mining_batch: int = 16, chunk: int = 256,
                generator: torch.Generator | None = None, progress: bool = False) -> Curvature:
-    """Feed `acc` the curvature of the contrastive loss (hessian="ggn") or JtJ ("jtj") of its model
-    on (x [N, ...], y [N]).
+    """Feed `acc` the curvature of the contrastive loss (hessian="ggn", in loss.distance's geometry)
+    or JtJ ("jtj": sum_n J_n^T J_n, the regression GGN with sigma 1 summed over the N items, which is
+    laplace-torch's `Laplace(model, "regression")` H; independent of the distance) of its model on
+    (x [N, ...], y [N]).
 
     Pairs are mined in batches of `mining_batch` items drawn like training (seeded permutation of the
     data), with the trained model's embeddings; `chunk` items (rounded to whole mining batches) share
@@ -394,6 +405,7 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
     if hessian not in HESSIANS:
         raise BenchError(f"hessian must be ggn or jtj, got {hessian!r}")
     loss = loss or PairLoss()
+    check_supported(acc.structure, hessian, loss.distance)
     model = acc.model
     pdtype = next(model.parameters()).dtype
     m = max(2, int(mining_batch))
@@ -417,7 +429,7 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
                 pairs = contrastive_pair_curvature(F, y[bidx].to(acc.device), pos_margin=loss.pos_margin,
                                                    neg_margin=loss.neg_margin, miner_margin=loss.miner_margin,
                                                    miner_type=loss.miner_type, valid=bval,
-                                                   reduction=loss.reduction)
+                                                   distance=loss.distance, reduction=loss.reduction)
                 kept, dropped = pairs.output_traces()
                 stats["out_kept"] += kept
                 stats["out_dropped"] += dropped

@@ -10,6 +10,7 @@ from scipy.optimize import minimize_scalar
 from bench.environment import cpu_threads
 from bench.la.pairs import small_eigh
 from bench.la.spectrum import Spectrum
+from bench.metrics.retrieval import retrieval_space
 
 DEFAULT_GRID = tuple(10.0 ** k for k in range(-3, 6))  # prior_precision=grid: scored by triplet_log_score
 
@@ -71,10 +72,12 @@ SCORE_SAMPLES = 256  # joint draws per group for triplet_log_score
 SCORE_SAMPLE_CHUNK = 64  # joint draws per chunk (bounds the [S, nb, m, m] distance tensor)
 
 
-def triplet_log_score(f: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, z: torch.Tensor) -> float:
+def triplet_log_score(f: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, z: torch.Tensor,
+                      distance: str = "euclidean") -> float:
     """Mean over the triplets of `mask` [nb, m, m, m] (`triplet_mask`) of log P(||e_a - e_p|| < ||e_a - e_n||)
     under the joint Gaussian predictive of each group of items: means f [nb, m, d], joint covariance
-    C [nb, m d, m d] (item-major; cross-covariances included, since the items share the posterior's weights).
+    C [nb, m d, m d] (item-major; cross-covariances included, since the items share the posterior's weights),
+    distances as retrieval measures them (`distance`: euclidean, or cosine on the normalised draws).
 
     P is estimated from S joint draws e = f + R z of every group (R R^T = C by eigh, z = `standard_draws`
     [S, nb, m d]) as (hits + 1/2) / (S + 1) (Krichevsky-Trofimov), so a triplet the predictive calls
@@ -96,6 +99,7 @@ def triplet_log_score(f: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, z: t
         for s0 in range(0, S, SCORE_SAMPLE_CHUNK):
             zc = z[s0:s0 + SCORE_SAMPLE_CHUNK].to(device=f.device, dtype=torch.float32)
             e = f.float()[None] + (R @ zc.permute(1, 2, 0)).permute(2, 0, 1).reshape(-1, nb, m, d)  # [s, nb, m, d]
+            e = retrieval_space(e, distance)
             sq = sum((e[..., k, None] - e[..., None, :, k]).pow(2) for k in range(d)).reshape(e.shape[0], -1)  # (a tiny last dim reduces slowly)
             hits += (sq.index_select(1, ap) < sq.index_select(1, an)).sum(0)
         return float(torch.log((hits + 0.5) / (S + 1)).mean())
