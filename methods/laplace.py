@@ -9,6 +9,7 @@ from typing import Iterator
 
 import torch
 
+from bench import sensitivity
 from bench.data import Split
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
@@ -110,7 +111,7 @@ class _Laplace(Method):
             self.posterior, delta, temperature, info = self._prior(ctx, curv, scale)
         self._sample_gen = ctx.generator(SAMPLE_STREAM, ctx.device)  # networks drawn on the first MC predict
         self._samples = None
-        if not (cfg.sensitivity_priors or cfg.sensitivity_scales):
+        if not sensitivity.requested(cfg):
             self._family = None  # only a sensitivity sweep reuses it after fit
         st = curv.stats
         self.diagnostics = {
