@@ -193,6 +193,8 @@ class _Laplace(Method):
             if family.basis is None or not search_info["trust_edge"] or rank >= limit:
                 break
             rank *= 2
+        require(search_info["best"] is not None, f"{self.name}: no (temperature, prior precision) point is within the "
+                                                 f"low-rank basis's tolerance {tol:g} even at rank {ranks[-1]}")
         if search_info["trust_edge"]:
             log.warning("%s: the best likelihood temperature %.3g is the largest the low-rank basis (rank %d) resolves "
                         "within %.2g; larger ones were not scored", self.name, t, family.basis.rank, tol)

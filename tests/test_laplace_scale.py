@@ -273,3 +273,32 @@ def test_the_tuned_posterior_is_the_direct_one_at_the_chosen_point(setup, name):
     a, b = tuned.predict(x), direct.predict(x)
     assert torch.allclose(a.cov, b.cov, rtol=1e-4, atol=1e-7 * float(b.cov.abs().max()))
     assert torch.allclose(a.samples, b.samples, rtol=1e-3, atol=1e-4 * float(b.samples.abs().max()))
+
+
+def test_tuned_full_posterior_above_the_exact_limit_uses_a_growing_basis(setup, monkeypatch):
+    """Above EXACT_EIG_MAX_D the search scores only points its Krylov basis resolves within the tolerance,
+    the basis doubling while the best point is at that edge; the posterior at the chosen point is within
+    the same bound of the one fitted directly there (Cholesky)."""
+    import bench.la.family as fam
+    import methods.laplace as la
+    from bench.la import lowrank, posterior
+
+    for mod in (posterior, fam):
+        monkeypatch.setattr(mod, "EXACT_EIG_MAX_D", 10)
+    monkeypatch.setattr(lowrank, "MAX_RANK_FRACTION", 1.0)
+    monkeypatch.setattr(la, "MAX_RANK_FRACTION", 1.0)
+    monkeypatch.setattr(la, "TUNE_START_RANK", 48)
+    cfg, data, model = setup
+    tuned = _fit(cfg.replace(likelihood_scale="tuned"), data, model, "full_la")
+    dg = tuned.diagnostics
+    ranks = dg["tuning"]["basis_ranks"]
+    assert ranks and all(r is not None for r in ranks) and ranks == sorted(ranks)
+    assert all(p["objective"] is None for p in dg["tuning"]["points"] if p["rank_bound"] > 0.2)
+    assert dg["tuning"]["best"]["rank_bound"] <= 0.2
+    exact = _fit(cfg.replace(likelihood_scale=repr(dg["temperature"]), prior_precision=repr(dg["prior_precision"]),
+                             method_options=(("posterior_rank_tol", 0.0),)), data, model, "full_la")
+    a, b = tuned.predict(data.test_id.x).cov.double(), exact.predict(data.test_id.x).cov.double()
+    L = torch.linalg.cholesky(b)
+    M = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, a, upper=False).mT, upper=False)
+    ratio = torch.linalg.eigvalsh((M + M.mT) / 2)
+    assert ratio.min() > 1 - 1e-3 and ratio.max() <= 1.2 + 1e-3

@@ -18,8 +18,6 @@ import math
 from typing import Callable
 
 from scipy.optimize import minimize_scalar
-
-from bench.errors import BenchError
 from bench.la.prior import DEFAULT_GRID
 
 # likelihood_scale=tuned: temperatures on the batch scale, 0.1 .. 1e4 in half decades (pair counts
@@ -55,7 +53,8 @@ def search(score: Score, temperatures: tuple[float, ...], prior: str | float, de
     None). info holds every point (temperature, prior_precision, objective, rank_bound, log_marglik),
     the refinement, `at_edge` (the best t is an end of the range: the optimum may lie beyond it) and
     `trust_edge` (some points were beyond max_bound and the best is the scored point nearest them, the
-    one with the largest bound: the optimum may lie there)."""
+    one with the largest bound: the optimum may lie there). Nothing within max_bound: (nan, nan) and
+    best None."""
     bound = bound or (lambda t, d: 0.0)
     rows = []
     for t, d, extra in candidates(temperatures, prior, delta_at):
@@ -63,8 +62,9 @@ def search(score: Score, temperatures: tuple[float, ...], prior: str | float, de
         rows.append({"temperature": t, "prior_precision": d, "objective": score(t, d) if b <= max_bound else None,
                      "rank_bound": b, **{k: v for k, v in extra.items() if v is not None}})
     finite = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"])]
-    if not finite:
-        raise BenchError("no (temperature, prior precision) point could be scored on the validation split")
+    if not finite:  # nothing within max_bound (a caller may grow its basis): no best point
+        return math.nan, math.nan, {"objective": "val_triplet_loglik", "points": rows, "refined": False, "best": None,
+                                    "at_edge": False, "trust_edge": True}
     best = max(finite, key=lambda r: r["objective"])
     trusted = sorted({r["temperature"] for r in finite})
     info = {"objective": "val_triplet_loglik", "points": rows, "refined": False}
