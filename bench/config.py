@@ -84,12 +84,20 @@ class RunConfig:
     # Laplace family
     la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
     hessian: str = "ggn"  # ggn | jtj
+    # what one observation of the Gibbs likelihood is and its temperature (bench.la.likelihood):
+    # batch (the loss as trained) | pair (every active pair) | a number t (t x batch) | tuned (on val_id)
+    likelihood_scale: str = "batch"
     predictive: str = "glm"  # glm (closed form) | lmc (linearised samples) | mc (sampled networks)
     posterior_samples: int = 100  # posterior draws: sampled networks (mc) or linearised samples (glm, lmc)
     prior_precision: str = "marglik"  # a number, marglik or grid
     jacobian_chunk: int = 256  # items per Jacobian chunk (curvature, GLM predictive, MC predictive)
     hessian_items: int | None = None  # seeded subset of train_id for the curvature (None: all), scaled by N/n
     hessian_dtype: str = "float32"  # accumulation dtype: float32 | float64
+    # sensitivity sweep (opt-in): methods that offer one (the Laplace family) are re-evaluated at every
+    # (prior precision, likelihood temperature) of these axes from one factorisation; an empty axis
+    # holds the fitted value; both empty: off (bench.sensitivity)
+    sensitivity_priors: tuple[float, ...] = ()
+    sensitivity_scales: tuple[float, ...] = ()
     # baselines
     dropout: float = 0.1
     dropout_passes: int = 100  # stochastic forward passes of MC dropout
@@ -249,6 +257,8 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
     require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
     require(cfg.val_items >= 0, f"val_items must be >= 0, got {cfg.val_items}")
+    require(all(v > 0 for v in (*cfg.sensitivity_priors, *cfg.sensitivity_scales)),
+            "sensitivity_priors and sensitivity_scales must be positive numbers")
     require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
     require(len(cfg.scores) > 0, "empty score list: give at least one score, or 'all' (see `python -m bench list`)")
     require(cfg.score_candidates >= 0, f"score_candidates must be >= 0 (0: the whole gallery), got {cfg.score_candidates}")

@@ -169,3 +169,9 @@ class Method:
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
         raise NotImplementedError
+
+    def variants(self, points: list[dict[str, float | None]]) -> Iterator[tuple[dict, "Method"]] | None:
+        """For a sensitivity sweep (`bench.sensitivity`): a fitted copy of this method per point of
+        settings (config field -> value; None: the fitted value), made without refitting, as
+        (the settings it used, the copy); None when the method offers no sweep (the default)."""
+        return None

@@ -20,6 +20,7 @@ from bench.errors import BenchError
 
 CONFIG = "config.json"
 RESULTS, TIMINGS, SEEDS, PAIRED = "results.csv", "timings.csv", "seeds.csv", "paired.csv"
+SENSITIVITY = "sensitivity.csv"
 PERQUERY, METHODS, PLOTS = "perquery", "methods", "plots"
 REPORTS = {"md": "report.md", "html": "report.html", "latex": "report.tex"}
 RESULT_COLUMNS = ["method", "seed", "metric", "value", "ci_low", "ci_high"]
@@ -99,12 +100,12 @@ class RunWriter:
         atomic_write_json(self.path / CONFIG, {"format_version": RUN_FORMAT_VERSION, "status": status, **meta})
 
     def save_method(self, method: str, seed: int, arrays: dict[str, np.ndarray], rows: list[dict],
-                    timings: list[dict], diagnostics: dict) -> None:
-        """One finished (method, seed): its per-query arrays, then its result rows, timings and
-        diagnostics (written last: their presence marks the method as done)."""
+                    timings: list[dict], diagnostics: dict, sensitivity: list[dict] | None = None) -> None:
+        """One finished (method, seed): its per-query arrays, then its result rows, timings,
+        diagnostics and sensitivity-sweep rows (written last: their presence marks the method as done)."""
         atomic_savez(self.path / PERQUERY / f"{_stem(method, seed)}.npz", **arrays)
         atomic_write_json(self.path / METHODS / f"{_stem(method, seed)}.json",
-                          {"rows": rows, "timings": timings, "diagnostics": diagnostics})
+                          {"rows": rows, "timings": timings, "diagnostics": diagnostics, "sensitivity": sensitivity or []})
 
     def finished(self, method: str, seed: int) -> dict | None:
         """{rows, timings, diagnostics} of a (method, seed) saved by an earlier invocation, else None."""
@@ -116,18 +117,21 @@ class RunWriter:
         return _read_npz(self.path / PERQUERY / f"{_stem(method, seed)}.npz")
 
     def write_tables(self, results: pd.DataFrame, timings: pd.DataFrame, seeds: pd.DataFrame,
-                     paired: pd.DataFrame | None) -> None:
-        """results.csv, timings.csv, seeds.csv and (when there is a reference method) paired.csv."""
+                     paired: pd.DataFrame | None, sensitivity: pd.DataFrame | None = None) -> None:
+        """results.csv, timings.csv, seeds.csv, (when there is a reference method) paired.csv and (when a
+        sensitivity sweep ran) sensitivity.csv."""
         atomic_write_csv(self.path / RESULTS, results)
         atomic_write_csv(self.path / TIMINGS, timings)
         atomic_write_csv(self.path / SEEDS, seeds)
         if paired is not None:
             atomic_write_csv(self.path / PAIRED, paired)
+        if sensitivity is not None:
+            atomic_write_csv(self.path / SENSITIVITY, sensitivity)
 
 
 class RunFolder:
-    """A finished run folder, read: config.json (meta), results, timings, the optional seeds and
-    paired tables, per-query arrays on demand; and where its report and figures are written."""
+    """A finished run folder, read: config.json (meta), results, timings, the optional seeds, paired and
+    sensitivity tables, per-query arrays on demand; and where its report and figures are written."""
 
     def __init__(self, path: str | Path) -> None:
         """Read `path`; BenchError (one line) when it is not a finished run folder of this format."""
@@ -149,6 +153,7 @@ class RunFolder:
         except (ValueError, pd.errors.ParserError) as e:
             raise BenchError(f"{d}: cannot read {RESULTS}/{TIMINGS} ({e})") from None
         self.seed_table, self.paired = self._optional_csv(SEEDS), self._optional_csv(PAIRED)
+        self.sensitivity = self._optional_csv(SENSITIVITY)  # the sensitivity sweep's rows, when one ran
         self._perquery: dict[tuple[str, int], dict[str, np.ndarray] | None] = {}
 
     def _optional_csv(self, name: str) -> pd.DataFrame | None:

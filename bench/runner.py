@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import __version__
+from bench import __version__, sensitivity
 from bench.config import ALL_METHODS, RunConfig
 from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
 from bench.data import Dataset, Split
@@ -121,8 +121,9 @@ def fit_context(cfg: RunConfig, data: Dataset, device: torch.device, cache: Mode
 
 
 def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: ModelCache, timer: StageTimer,
-               charged_base: set) -> tuple[list[dict], dict, dict[str, np.ndarray]]:
-    """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays)."""
+               charged_base: set) -> tuple[list[dict], dict, dict[str, np.ndarray], list[dict]]:
+    """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays,
+    sensitivity rows: [] unless the config asks for a sweep and the method offers one)."""
     cfg = state.cfg.replace(seed=seed)
     method: Method = METHODS.get(name)(cfg)
 
@@ -135,13 +136,18 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
     with timer.stage(name, "evaluate"):
         ev = evaluate(pred_id, pred_ood, data, cfg)
         rows = [{"method": name, "seed": seed, **r} for r in ev.rows(cfg)]
+    sens: list[dict] = []
+    if sensitivity.requested(cfg) and sensitivity.offered(method):
+        with timer.stage(name, "sensitivity"), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            sens = sensitivity.sweep(method, name, seed, data, cfg, lambda m: _predict_all(m, data, state.device))
     arrays = _prediction_arrays("id", pred_id, data.test_id.y)
     for k, p in pred_ood.items():
         arrays.update(_prediction_arrays(f"ood_{k}", p, data.test_ood[k].y))
     arrays.update({f"pq_{k}": v for k, v in ev.per_query.items()})
     arrays.update({f"extra_{k}": v for k, v in ev.extras.items()})
     arrays.update({score_array(qs, score): v for (qs, score), v in ev.scores.items()})
-    return rows, {**method.diagnostics, **ev.diagnostics}, arrays
+    return rows, {**method.diagnostics, **ev.diagnostics}, arrays, sens
 
 
 def run(cfg: RunConfig, log=print) -> Path:
@@ -164,6 +170,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     cache_root = Path(cfg.out) / "cache" / "models"
     all_rows: list[dict] = []
     all_times: list[dict] = []
+    all_sens: list[dict] = []
     diagnostics: dict[str, dict] = {}
     pairing = REFERENCE_METHOD in methods  # then per-query arrays are kept for the paired differences
     perquery: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -182,6 +189,7 @@ def run(cfg: RunConfig, log=print) -> Path:
                     perquery[(name, seed)] = arrays
                 all_rows += saved["rows"]
                 all_times += saved["timings"]
+                all_sens += saved.get("sensitivity", [])
                 diagnostics[f"{name}-seed{seed}"] = saved.get("diagnostics", {})
                 if any(t["method"] == BASE and t["stage"] == "train" for t in saved["timings"]):
                     charged_base.add((seed, 0.0))
@@ -192,7 +200,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             if features and not charged_extract:  # the frozen trunk's extraction, charged once per run
                 timer.add(BASE, EXTRACT_STAGE, features["seconds"])
             try:
-                rows, diag, arrays = run_method(state, name, seed, data, cache, timer, charged_base)
+                rows, diag, arrays, sens = run_method(state, name, seed, data, cache, timer, charged_base)
             except KeyboardInterrupt:
                 raise
             except Exception as e:  # one failing method must not lose the others
@@ -208,12 +216,13 @@ def run(cfg: RunConfig, log=print) -> Path:
             # this method's stages, plus the shared base training when it was first charged here
             times = [{"method": m, "seed": seed, "stage": st, "seconds": t}
                      for (m, st), t in timer.records.items() if (m, st) not in before]
-            folder.save_method(name, seed, arrays, rows, times, diag)
+            folder.save_method(name, seed, arrays, rows, times, diag, sens)
             charged_extract = charged_extract or any(t["stage"] == EXTRACT_STAGE for t in times)
             if pairing:
                 perquery[(name, seed)] = arrays
             all_rows += rows
             all_times += times
+            all_sens += sens
             diagnostics[f"{name}-seed{seed}"] = diag
     results = pd.DataFrame(all_rows, columns=RESULT_COLUMNS)
     timings = pd.DataFrame(all_times, columns=TIMING_COLUMNS)
@@ -223,7 +232,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         ordered = {k: perquery[k] for k in sorted(perquery, key=lambda k: (methods.index(k[0]), k[1]))}
         paired = paired_differences(ordered, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed,
                                     id_score=cfg.id_score, ood_score=cfg.ood_score)
-    folder.write_tables(results, timings, seed_summary(results, cfg.ci_level), paired)
+    sens_table = pd.DataFrame(all_sens, columns=sensitivity.SENSITIVITY_COLUMNS) if all_sens else None
+    folder.write_tables(results, timings, seed_summary(results, cfg.ci_level), paired, sens_table)
     status = COMPLETE if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),

@@ -100,11 +100,16 @@ def full_jacobian(model: torch.nn.Module, x: torch.Tensor, names: list[str] | No
     return J.reshape(-1, flat.numel())
 
 
-def autograd_output_hessian(F: torch.Tensor, y: torch.Tensor, part: str = "all", cfg=None) -> torch.Tensor:
-    """Hessian [B*d, B*d] of PML's ContrastiveLoss (AvgNonZeroReducer) w.r.t. the embeddings, the
-    pairs fixed to what the training miner yields; part='pos' keeps only the positive pairs."""
+def autograd_output_hessian(F: torch.Tensor, y: torch.Tensor, part: str = "all", cfg=None, reducer=None) -> torch.Tensor:
+    """Hessian [B*d, B*d] of PML's ContrastiveLoss (AvgNonZeroReducer, or `reducer`, e.g. SumReducer())
+    w.r.t. the embeddings, the pairs fixed to what the training miner yields; part='pos' keeps only
+    the positive pairs."""
     cfg = cfg or preset_config("smoke")
     loss_fn, miner = make_loss_and_miner(cfg)
+    if reducer is not None:
+        from pytorch_metric_learning import losses
+        loss_fn = losses.ContrastiveLoss(pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin,
+                                         distance=loss_fn.distance, reducer=reducer)
     a, p, n = miner(F, y)
     if part == "pos":
         e = a[:0]
@@ -115,8 +120,9 @@ def autograd_output_hessian(F: torch.Tensor, y: torch.Tensor, part: str = "all",
     return torch.autograd.functional.hessian(lambda E: loss_fn(E, y, idx), F).reshape(B * d, B * d)
 
 
-def brute_ggn(model, x, y, m: int, part: str = "all", names=None, cfg=None) -> torch.Tensor:
-    """sum over consecutive mining batches of J_b^T H_b J_b (explicit jacrev and autograd Hessians)."""
+def brute_ggn(model, x, y, m: int, part: str = "all", names=None, cfg=None, reducer=None) -> torch.Tensor:
+    """sum over consecutive mining batches of J_b^T H_b J_b (explicit jacrev and autograd Hessians;
+    `reducer` as in `autograd_output_hessian`)."""
     H = None
     for s in range(0, len(y) - 1, m):
         xb, yb = x[s:s + m], y[s:s + m]
@@ -125,7 +131,7 @@ def brute_ggn(model, x, y, m: int, part: str = "all", names=None, cfg=None) -> t
         J = full_jacobian(model, xb, names)
         with torch.no_grad():
             F = model(xb)
-        Lb = autograd_output_hessian(F, yb, part, cfg)
+        Lb = autograd_output_hessian(F, yb, part, cfg, reducer)
         term = J.T @ Lb @ J
         H = term if H is None else H + term
     return H

@@ -58,7 +58,10 @@ def test_mc_predictive_and_grid_prior(setup):
     b = method.predict(data.test_id.x)
     assert torch.equal(a.var, b.var)  # the S networks are drawn once
     assert a.var.shape == (len(data.test_id), cfg.embed_dim) and (a.var > 0).all()
-    assert method.diagnostics["prior_method"] == "grid" and len(method.diagnostics["grid_scores"]) >= 5
+    tuning = method.diagnostics["tuning"]
+    assert method.diagnostics["prior_method"] == "grid" and len(tuning["points"]) >= 5
+    assert tuning["val_source"] == "train_id"  # no val_items: the grid falls back to a calibration split of train_id
+    assert method.diagnostics["prior_precision"] == max(tuning["points"], key=lambda p: p["objective"])["prior_precision"]
 
 
 def test_fixed_prior_and_jtj(setup):

@@ -10,7 +10,7 @@ import torch
 from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.posterior import jittered_cholesky
-from bench.la.prior import log_marglik, optimize_marglik, triplet_log_score
+from bench.la.prior import log_marglik, optimize_marglik
 from bench.la.spectrum import exact_spectrum, slq_spectrum
 from bench.la.structures import STRUCTURES, compute_curvature, make_posterior
 from tests.laplace_helpers import kron_to_flat, rel_err, tiny_data, tiny_net
@@ -100,19 +100,6 @@ def test_slq_logdet_close_to_exact():
     d1, _ = optimize_marglik(slq, 40.0)
     d2, _ = optimize_marglik(ex, 40.0)
     assert abs(math.log(d1 / d2)) < 0.1
-
-
-def test_triplet_score_prefers_calibrated_spread():
-    g = torch.Generator().manual_seed(0)
-    y = torch.arange(64) % 4
-    centers = torch.randn(4, 2, generator=g, dtype=torch.float64) * 2
-    true = centers[y] + torch.randn(64, 2, generator=g, dtype=torch.float64)
-    noisy = true + torch.randn(64, 2, generator=g, dtype=torch.float64) * 1.0  # observed means are off by ~1
-    eye = torch.eye(2, dtype=torch.float64)
-    score = {s: triplet_log_score(noisy, (s * eye).expand(64, 2, 2), y, torch.Generator().manual_seed(3))
-             for s in (1e-6, 1.0, 1e4)}
-    assert score[1.0] > score[1e-6] and score[1.0] > score[1e4]
-    assert np.isfinite(list(score.values())).all()
 
 
 def test_cholesky_jitter_on_a_singular_precision_is_logged(caplog):

@@ -49,6 +49,7 @@ class PairLoss:
     miner_margin: float = 0.2
     miner_type: str = "all"
     distance: str = "euclidean"
+    reduction: str = "mean"  # mean: the loss as trained (AvgNonZeroReducer); sum: every pair an observation
 
     @classmethod
     def from_config(cls, cfg) -> "PairLoss":
@@ -570,7 +571,7 @@ def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
                 pairs = contrastive_pair_curvature(F, y[bidx].to(acc.device), pos_margin=loss.pos_margin,
                                                    neg_margin=loss.neg_margin, miner_margin=loss.miner_margin,
                                                    miner_type=loss.miner_type, valid=bval,
-                                                   distance=loss.distance)
+                                                   distance=loss.distance, reduction=loss.reduction)
                 kept, dropped = pairs.output_traces()
                 stats["out_kept"] += kept
                 stats["out_dropped"] += dropped

@@ -89,15 +89,21 @@ def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_typ
 
 
 def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor, pos_margin: float,
-                    neg_margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    neg_margin: float, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (W_pos, W_neg) [nb, m, m] of the ordered pairs in PML's reduced batch loss, from the
     mined multiplicities C and the distances: an active pair (a, b) of kind k (positive: d > m_pos,
     negative: d < m_neg) carries count_ab / n_active_k, where n_active_k counts the active pairs of
-    kind k with multiplicity (AvgNonZeroReducer); inactive pairs 0. PML returns a zero loss when the
-    miner yields at most one triplet (GenericPairLoss), so such a batch has all weights 0."""
+    kind k with multiplicity (reduction "mean": AvgNonZeroReducer, as trained), or count_ab
+    (reduction "sum": SumReducer, every pair an observation, `bench.la.likelihood`); inactive pairs 0.
+    PML returns a zero loss when the miner yields at most one triplet (GenericPairLoss), so such a
+    batch has all weights 0."""
+    if reduction not in ("mean", "sum"):
+        raise BenchError(f"reduction must be mean or sum, got {reduction!r}")
     enough = C_pos.sum((1, 2), keepdim=True) > 1  # number of mined triplets per batch
     C_pos = C_pos * ((C_pos > 0) & (dist - pos_margin > 0) & enough)
     C_neg = C_neg * ((C_neg > 0) & (neg_margin - dist > 0) & enough)
+    if reduction == "sum":
+        return C_pos, C_neg
     n_pos = C_pos.sum((1, 2), keepdim=True)
     n_neg = C_neg.sum((1, 2), keepdim=True)
     W_pos = torch.where(n_pos > 0, C_pos / n_pos.clamp_min(1), torch.zeros_like(C_pos))
@@ -183,7 +189,8 @@ def psd_split(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: float, neg_margin: float,
                                miner_margin: float, miner_type: str = "all",
-                               valid: torch.Tensor | None = None, distance: str = "euclidean") -> PairCurvature:
+                               valid: torch.Tensor | None = None, distance: str = "euclidean",
+                               reduction: str = "mean") -> PairCurvature:
     """Reducer weights and Hessian blocks of PML's ContrastiveLoss for F [nb, m, d], y [nb, m].
 
     The loss as trained (`bench.train.make_loss_and_miner`): ContrastiveLoss on the distances
@@ -200,12 +207,13 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     Mining and activity use the same distances. For cosine each active pair's block
     s w hess_(f_a, f_b) d_ab (s = +1 positive, -1 negative; `normalised_pair_hessians`) is split
     into its PSD and NSD parts (`psd_split`), only the pairs with w > 0 being built.
+    reduction "sum" weights every active pair by its count instead (`reducer_weights`).
     """
     if distance == "cosine":
         G = retrieval_space(F, distance)
         dist = pairwise_distances(G)
         C_pos, C_neg = mined_pair_counts(G, y, miner_margin, miner_type, valid, dist=dist)
-        W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin)
+        W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin, reduction)
         W = W_pos + W_neg  # an ordered pair is positive or negative, never both
         bi, ai, bj = torch.nonzero(W > 0, as_tuple=True)
         w = torch.where(W_pos[bi, ai, bj] > 0, 1.0, -1.0).to(F.dtype) * W[bi, ai, bj]
@@ -216,7 +224,7 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid)
     A_pos, dist = pair_hessians(F, +1.0)
     A_neg = -A_pos
-    W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin)
+    W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin, reduction)
     act_pos, act_neg = W_pos > 0, W_neg > 0
     return PairCurvature(W_pos, W_neg, A_pos * act_pos[..., None, None], A_neg * act_neg[..., None, None])
 

@@ -22,6 +22,10 @@ class Spectrum:
     def logdet(self, delta: float) -> float:
         return float(np.sum(self.weights * np.log(np.clip(self.nodes, 0, None) + delta)))
 
+    def scaled(self, t: float) -> "Spectrum":
+        """The spectrum of t H (a likelihood temperature, `bench.la.likelihood`)."""
+        return Spectrum(self.nodes * float(t), self.weights, self.D, self.method)
+
     def effective_params(self, delta: float) -> float:
         lam = np.clip(self.nodes, 0, None)
         return float(np.sum(self.weights * lam / (lam + delta)))

@@ -1,0 +1,182 @@
+"""One factorisation of the curvature H serving the Laplace posterior at every likelihood temperature t
+and prior precision delta, Sigma(t, delta) = (t H + delta I)^-1, so a search over (t, delta) or a
+sensitivity sweep never refactorises per point.
+
+In an eigenbasis H ~= V diag(lam) V^T (V [D, k]):
+    Sigma(t, delta) = V diag(1 / (t lam + delta)) V^T + (I - V V^T) / delta,
+    J Sigma J^T     = A diag(1 / (t lam + delta)) A^T + J (I - V V^T) J^T / delta,    A = J V,
+so the joint predictive covariance of any group of items is one product with A per (t, delta).
+The basis per structure: full with D <= EXACT_EIG_MAX_D (and last layer): eigh(H), V = I_D's rotation
+(exact, no tail); full above it: the block-Krylov Nyström basis of `bench.la.lowrank` (rank k, every
+covariance within 1 + t ||H - H_k|| / delta of the exact one: `bound`); diag: V = I, lam = diag(H);
+Kronecker: per layer V = Q_G (x) Q_A, lam = lam_G (x) lam_A (the Jacobian in that basis is
+(B Q_G) (x) (a^T Q_A), never J V).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from bench.data import Split
+from bench.la import jacobians as jac
+from bench.la.curvature import Curvature, KronFactor
+from bench.la.lowrank import MAX_RANK_FRACTION, Eigenbasis, krylov_nystrom
+from bench.la.posterior import EXACT_EIG_MAX_D, LowRankPosterior, Posterior, _kron_eig
+from bench.la.spectrum import Spectrum, exact_spectrum
+from bench.la.structures import get_structure
+
+CHUNK_ITEMS = 256  # items per Jacobian chunk while projecting
+
+
+@dataclass
+class Projection:
+    """Groups of items seen through a family's eigenbasis: f [nb, m, d] the MAP embeddings,
+    A [nb, m d, k] their Jacobian in the basis (item-major rows), T [nb, m d, m d] = J (I - V V^T) J^T
+    (float64; None when the basis spans R^D), idx [nb, m] the items' indices in their set."""
+
+    f: torch.Tensor
+    A: torch.Tensor
+    T: torch.Tensor | None
+    idx: torch.Tensor
+
+
+def scaled_curvature(curv: Curvature, t: float) -> Curvature:
+    """A copy of `curv` multiplied by t (H, or each G_l so that G_l (x) A_l is); `curv` is untouched."""
+    kron = [KronFactor(k.G * t, k.A) for k in curv.kron] if curv.kron is not None else None
+    return dataclasses.replace(curv, H=None if curv.H is None else curv.H * t, kron=kron)
+
+
+def scaled_basis(basis: Eigenbasis, t: float) -> Eigenbasis:
+    """The eigenbasis of t H from that of H (the same vectors)."""
+    return dataclasses.replace(basis, lam=basis.lam * t, trace=basis.trace * t, residual=basis.residual * t,
+                               nu=basis.nu * t)
+
+
+def curvature_trace(curv: Curvature) -> float:
+    """tr(H): the diagonal's sum (full, diag) or sum_l tr(G_l) tr(A_l) (Kronecker)."""
+    if curv.kron is not None:
+        return float(sum(float(k.G.diagonal().sum()) * float(k.A.diagonal().sum()) for k in curv.kron))
+    H = curv.H
+    assert H is not None
+    return float(H.sum() if H.dim() == 1 else H.diagonal().sum())
+
+
+class ScaledFamily:
+    """Posteriors N(theta_MAP, (t H + delta I)^-1) for every (t, delta) from one factorisation of H.
+
+    `carried`: the temperature the curvature's H already carries (a caller may have scaled it in
+    place); every t given to the family is relative to the accumulated H, i.e. divided by `carried`."""
+
+    def __init__(self, model: nn.Module, curvature: Curvature, lam: torch.Tensor, spectrum: Spectrum,
+                 project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
+                 basis: Eigenbasis | None = None, carried: float = 1.0) -> None:
+        self.model, self.curvature, self.lam, self._spectrum = model, curvature, lam.double(), spectrum
+        self._project, self.basis, self.carried = project, basis, float(carried)
+
+    # -- construction ----------------------------------------------------------------------
+    @classmethod
+    def build(cls, model: nn.Module, curvature: Curvature, smallest_ratio: Callable[[Spectrum], float] | None = None,
+              tol: float = 0.2, generator: torch.Generator | None = None, max_rank: int | None = None,
+              carried: float = 1.0) -> "ScaledFamily":
+        """The family of `curvature`'s structure. A full H above EXACT_EIG_MAX_D gets a Krylov basis grown
+        until t ||H - H_k|| <= tol delta at the smallest delta / t the caller will ask for
+        (`smallest_ratio`(spectrum of the basis so far), relative to the curvature as it is), at most
+        `max_rank` columns (default D * MAX_RANK_FRACTION; then the last basis, its `bound` recorded)."""
+        names, subset = curvature.names, curvature.subset
+        if curvature.kron is not None:
+            eig = list(_kron_eig(curvature))
+            lam = torch.cat([Lam.reshape(-1) for _, _, Lam in eig])
+
+            layers = jac.kron_layers(model, names)
+
+            def project(x):
+                f, qs = jac.layer_quantities(model, x, layers)
+                parts = []
+                for (U, B), (QG, QA, _) in zip(qs, eig):
+                    P, q = B.to(QG.dtype) @ QG, U.to(QA.dtype) @ QA  # [n, L, d, out], [n, L, in']
+                    M = torch.einsum("nsko,nsi->nkoi", P, q)  # sum over the layer's L locations
+                    parts.append(M.reshape(M.shape[0], M.shape[1], -1))
+                return f, torch.cat(parts, -1), None
+
+            return cls(model, curvature, lam, exact_spectrum(lam), project, carried=carried)
+
+        H = curvature.H
+        assert H is not None
+
+        def jacobian(x):
+            with torch.no_grad():
+                f = model(x)
+            return f, jac.subset_jacobian(model, x, subset, names).to(H.dtype)
+
+        if H.dim() == 1:  # diagonal: the basis is the parameter axes
+            def project(x):
+                f, J = jacobian(x)
+                return f, J, None
+
+            return cls(model, curvature, H, exact_spectrum(H), project, carried=carried)
+        if curvature.D <= EXACT_EIG_MAX_D:
+            lam, U = torch.linalg.eigh(H.double())
+            lam, U = lam.clamp_min(0), U.to(H.dtype)
+
+            def project(x):
+                f, J = jacobian(x)
+                return f, J @ U, None
+
+            return cls(model, curvature, lam, exact_spectrum(lam), project, carried=carried)
+        ratio = smallest_ratio or (lambda spectrum: 1.0)
+        limit = int(max_rank or curvature.D * MAX_RANK_FRACTION)
+        basis, _ = krylov_nystrom(H, lambda b: ratio(b.spectrum()), tol, max_rank=limit, generator=generator,
+                                  keep_last=True)
+        U = basis.eigenvectors(H.dtype)  # formed once; scaled copies share it
+
+        def project(x):
+            f, J = jacobian(x)
+            return f, J @ U, J
+
+        return cls(model, curvature, basis.lam, basis.spectrum(), project, basis=basis, carried=carried)
+
+    # -- queries ---------------------------------------------------------------------------
+    def spectrum(self, t: float = 1.0) -> Spectrum:
+        """The spectrum of t H (deflated for a low-rank basis), for the marginal likelihood at t."""
+        return self._spectrum.scaled(t / self.carried)
+
+    def bound(self, t: float, delta: float) -> float:
+        """Relative bound on the predictive covariance error at (t, delta): 0 for an exact basis, else
+        max(t ||H - H_k||, nu) / delta (`bench.la.lowrank.Eigenbasis`)."""
+        return 0.0 if self.basis is None else scaled_basis(self.basis, t / self.carried).rel_bound(delta)
+
+    def project(self, x: "torch.Tensor | Split", groups: torch.Tensor) -> Projection:
+        """The groups of items x[groups] (a tensor, or a Split's inputs) ([nb, m] indices) through the basis, CHUNK_ITEMS items per Jacobian."""
+        nb, m = groups.shape
+        per = max(1, CHUNK_ITEMS // m)
+        fs, As, Ts = [], [], []
+        dev = next(self.model.parameters()).device
+        fetch = x.inputs if hasattr(x, "inputs") else x.__getitem__  # a Split (images read in batches) or a tensor
+        for g0 in range(0, nb, per):
+            idx = groups[g0:g0 + per]
+            f, A, J = self._project(fetch(idx.reshape(-1)).to(dev))
+            k, d = idx.shape[0], f.shape[1]
+            fs.append(f.reshape(k, m, d))
+            As.append(A.reshape(k, m * d, A.shape[-1]))
+            if J is not None:
+                Jg, Ag = J.double().reshape(k, m * d, -1), A.double().reshape(k, m * d, -1)
+                Ts.append(Jg @ Jg.mT - Ag @ Ag.mT)
+        return Projection(torch.cat(fs), torch.cat(As), torch.cat(Ts) if Ts else None, groups)
+
+    def joint_cov(self, proj: Projection, t: float, delta: float) -> torch.Tensor:
+        """[nb, m d, m d] float64: the joint linearised predictive covariance J Sigma(t, delta) J^T of each group."""
+        g = (1.0 / (self.lam * (t / self.carried) + delta)).to(proj.A.dtype)
+        C = torch.bmm(proj.A * g, proj.A.mT).double()
+        return C if proj.T is None else C + proj.T / delta
+
+    def posterior(self, t: float, delta: float) -> Posterior:
+        """The posterior at (t, delta) from the shared factorisation: a low-rank basis scaled by t, else the
+        structure's own posterior on a t-scaled copy of the curvature (no change to the family's)."""
+        s = t / self.carried
+        if self.basis is not None:
+            return LowRankPosterior(self.model, self.curvature, delta, scaled_basis(self.basis, s))
+        return get_structure(self.curvature.structure).posterior(self.model, scaled_curvature(self.curvature, s), delta)
