@@ -69,12 +69,16 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (
 @dataclass(frozen=True)
 class Recipe:
     """How a method trains its own net through the shared loop: `build(cfg, in_shape, seed)` makes the
-    net, `loss(cfg)` gives its batch loss. `name` and `options` (JSON-safe) enter the cache key."""
+    net, `loss(cfg)` gives its batch loss. `name` and `options` (JSON-safe) enter the cache key.
+    `stages(model)` (optional): seconds of the training time that the trained net measured itself as
+    parts of it ({stage: seconds}, e.g. online curvature), cached with the net and charged by the
+    runner to those stages instead of "train"."""
 
     name: str
     build: Callable[..., nn.Module]
     loss: Callable[[RunConfig], BatchLoss]
     options: tuple[tuple[str, Any], ...] = ()
+    stages: Callable[[nn.Module], dict[str, float]] | None = None
 
 
 def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
@@ -238,6 +242,8 @@ class ModelCache:
             else:
                 model = self._build(seed, dropout, recipe)
                 info = train_net(model, recipe.loss(self.cfg), self.cfg, self.train, self.device, seed, desc)
+                if recipe.stages is not None:
+                    info["stages"] = recipe.stages(model)
             info = {**info, "key": key}
             atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
         self.trained += 1

@@ -218,6 +218,8 @@ class _RowAccumulator(Accumulator):
     per item) M is J itself. The dropped (negative-pair) part is only measured: tr(J^T L- J).
     """
 
+    measure_dropped = True  # measure tr(J^T L- J) (one more small eigh per chunk); online LA's steps skip it
+
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         J = jac.subset_jacobian(self.model, x, self.subset, self.names)  # [n, d, D]
         with torch.no_grad():
@@ -233,7 +235,7 @@ class _RowAccumulator(Accumulator):
             Jb = J.reshape(nbc, m * J.shape[1], D)
             L_kept, L_dropped = clamped_laplacians(chunk.pairs)
             M = torch.bmm(laplacian_factor(L_kept).transpose(1, 2), Jb).reshape(-1, D)
-            Vd = laplacian_factor(-L_dropped)
+            Vd = laplacian_factor(-L_dropped) if self.measure_dropped else Jb.new_zeros(nbc, Jb.shape[1], 0)
             if Vd.shape[-1]:
                 self.stats["param_dropped"] += float(torch.bmm(Vd.transpose(1, 2), Jb).pow(2).sum())
         self.stats["param_kept"] += float(M.pow(2).sum())

@@ -39,17 +39,14 @@ def pairwise_distances(F: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).sum(-1).clamp_min(0).sqrt()
 
 
-def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch.
+def mined_triplets(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
+                   valid: torch.Tensor | None = None, dist: torch.Tensor | None = None) -> torch.Tensor:
+    """The triplets a TripletMarginMiner yields, as a mask trip [nb, a, p, n] (bool), per batch.
 
     F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items; dist [nb, m, m] the distances to
     mine with (default `pairwise_distances(F)`; training passes torch.cdist's, as PML does). A triplet (a, p, n) with y_a = y_p,
     a != p, y_a != y_n is mined when t = d_an - d_ap satisfies: all: t <= margin; hard: t <= min(margin, 0);
-    semihard: 0 < t <= margin; easy: t > margin (PML's definitions). Returns (C_pos, C_neg) [nb, m, m]:
-    C_pos[a, p] = #mined triplets with that (a, p), C_neg[a, n] = #mined triplets with that (a, n),
-    exactly the multiplicities of PML's `convert_to_pairs` without listing the triplets.
+    semihard: 0 < t <= margin; easy: t > margin (PML's definitions).
     """
     if miner_type not in MINER_TYPES:
         raise BenchError(f"miner_type must be one of {', '.join(MINER_TYPES)}, got {miner_type!r}")
@@ -71,8 +68,22 @@ def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_typ
             cond &= t <= 0
         elif miner_type == "semihard":
             cond &= t > 0
-    trip = cond & pos[:, :, :, None] & neg[:, :, None, :]
-    return trip.sum(3).to(F.dtype), trip.sum(2).to(F.dtype)
+    return cond & pos[:, :, :, None] & neg[:, :, None, :]
+
+
+def triplet_pair_counts(trip: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_pos, C_neg) [nb, m, m] of a triplet mask [nb, a, p, n]: C_pos[a, p] = #triplets with that
+    (a, p), C_neg[a, n] = #triplets with that (a, n) (the pairs of PML's `convert_to_pairs`)."""
+    return trip.sum(3).to(dtype), trip.sum(2).to(dtype)
+
+
+def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
+                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch:
+    (C_pos, C_neg) [nb, m, m] of `mined_triplets` (its arguments), exactly the multiplicities of PML's
+    `convert_to_pairs` without listing the triplets."""
+    return triplet_pair_counts(mined_triplets(F, y, margin, miner_type, valid, dist), F.dtype)
 
 
 def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor, pos_margin: float,
@@ -118,7 +129,8 @@ def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Ten
 
 def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: float, neg_margin: float,
                                miner_margin: float, miner_type: str = "all",
-                               valid: torch.Tensor | None = None) -> PairCurvature:
+                               valid: torch.Tensor | None = None,
+                               counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairCurvature:
     """Reducer weights and Hessian blocks of PML's ContrastiveLoss for F [nb, m, d], y [nb, m].
 
     The loss as trained (`bench.train.make_loss_and_miner`): ContrastiveLoss on plain Euclidean
@@ -131,8 +143,9 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     count_ab how often the miner produced it and n_active_k the number (with multiplicity) of pairs of
     kind k with l > 0 (inactive pairs have zero gradient and zero Hessian). PML returns a zero loss
     when the miner yields at most one triplet (GenericPairLoss), so such a batch has no curvature.
+    counts: the mined multiplicities (C_pos, C_neg) when the caller mined (e.g. subsampled) them itself.
     """
-    C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid)
+    C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid) if counts is None else counts
     A_pos, dist = pair_hessians(F, +1.0)
     A_neg = -A_pos
     W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin)

@@ -1,0 +1,412 @@
+"""Online Laplace: a Gaussian posterior over a parameter subset kept up to date while the net trains, the
+net trained at posterior samples (Warburg et al. 2023, "Bayesian Metric Learning for Uncertainty
+Quantification in Image Retrieval" (LAM); the prior precision re-tuned by the Laplace evidence during
+training as in Immer et al. 2021, "Scalable Marginal Likelihood Estimation for Model Selection in Deep
+Learning").
+
+One training step on a batch b, with mu the subset's current weights, H the running curvature and delta
+the prior precision (`OnlineStep`):
+  1. the current posterior N(mu, (H + delta I)^-1) of the structure, one of the post-hoc family's
+     classes (`bench.la.posterior`; diag: sigma = 1 / sqrt(H + delta));
+  2. S = train_samples draws theta_s = mu + eps_s from it (eps_s detached);
+  3. loss = 1/S sum_s L_b(theta_s), the shared contrastive batch loss; its gradient flows to mu
+     (d theta_s / d mu = I) and, by plain backpropagation, to the rest of the net;
+  4. h_b = 1/S sum_s c_s GGN_b(theta_s): the batch's contrastive GGN at each sample, on the subset's
+     detached inputs (the head's features), mined, PSD-clamped and accumulated by the post-hoc code
+     (`bench.la.pairs`, the `bench.la.curvature` accumulators: `batch_curvature`);
+  5. S_t = m S_{t-1} + h_b and Z_t = m Z_{t-1} + 1 with m the memory factor (`OnlineState`);
+and at the end of every E-th epoch (and of training) delta <- the maximiser of the Laplace evidence at
+(mu, H) (`bench.la.prior.optimize_marglik`, the post-hoc family's marglik).
+
+The curvature h_b is PSD by construction (each pair's Hessian clamped to its PSD part, as post hoc),
+so LAM's relu(h) is a no-op here.
+
+Scaling of H (what H is the curvature of):
+  gibbs (default): the training objective read as a Gibbs likelihood p(D | theta) = exp(-sum_b L_b(theta))
+    over the n_b mining batches of an epoch, the likelihood of the post-hoc family's GGN and marglik
+    (`bench.la.prior.log_marglik`). Its data-term GGN is sum_b GGN_b, so one batch's GGN times n_b is an
+    unbiased estimate of it (batches drawn uniformly), and the online H is n_b times the bias-corrected
+    running mean of the batch GGNs:
+        H_t = n_b S_t / Z_t = n_b sum_u m^(t-u) h_u / sum_u m^(t-u)      (H = 0 before the first step).
+    With m = 1 and weights held fixed, H after one epoch is exactly the post-hoc GGN of the same batches;
+    with m < 1 it is a recency-weighted mean over about 1 / (1 - m) steps.
+  lam (reproduction of LAM): H_t = m H_{t-1} + h_sum N^2 / P, H_0 = N, with N the training set size, P the
+    number of Hessian pairs of the batch (2 per mined triplet, after the cap) and h_sum the GGN summed
+    over pairs. LAM sums its Hessian over the pairs; ours is of the reduced loss, the mean over the
+    n_pos active positive pairs (the only ones the PSD part keeps), so h_sum = n_pos h_b. Not derived
+    from the loss: in the steady state H ~ N^2 h_sum / (P (1 - m)).
+
+Kronecker factors are kept the KFAC way: S_G as S above (scaled), the input factor A as the running mean
+S_A / Z (the identity before the first step).
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from bench.errors import BenchError, require
+from bench.la import jacobians as jac
+from bench.la.curvature import (Accumulator, Chunk, Curvature, DiagGGN, KronFactor, KronGGN, LastLayerGGN, PairLoss,
+                                scale_curvature)
+from bench.la.pairs import contrastive_pair_curvature, mined_triplets, triplet_pair_counts
+from bench.la.posterior import Posterior
+from bench.la.prior import optimize_marglik
+from bench.la.structures import get_structure
+from bench.timing import sync
+from bench.train import batched_contrastive_loss
+
+STRUCTURES = ("diag", "kron", "last_layer")
+SUBSETS = ("head", "all")
+SCALINGS = ("gibbs", "lam")
+STAGE_NAMES = ("hessian", "prior")  # the parts of the training time the state measures (OnlineState.seconds)
+
+
+@dataclass(frozen=True)
+class OnlineSettings:
+    """What determines an online-Laplace training run besides the shared training config."""
+
+    structure: str = "diag"  # diag | kron | last_layer (full GGN over the last Linear layer)
+    subset: str = "head"  # head | all: the Bayesian parameters (the rest are trained by plain gradients)
+    train_samples: int = 1  # posterior draws per step
+    memory: float = 0.999  # m in S_t = m S_{t-1} + h_t
+    scaling: str = "gibbs"  # gibbs | lam
+    prior: float = 1.0  # prior precision: fixed, or the start of the marglik re-tuning
+    marglik_every: int = 1  # epochs between marglik re-tunings of the prior precision (0: fixed)
+    pair_cap: int = 5000  # most Hessian pairs per batch (LAM: 5000)
+    hessian: str = "ggn"  # ggn | jtj (the seed's identity output Hessian)
+    dtype: str = "float32"  # dtype of the running curvature
+
+    def check(self) -> None:
+        """BenchError (one line) for values or combinations that cannot run."""
+        require(self.structure in STRUCTURES, f"online_structure must be one of {', '.join(STRUCTURES)}, got {self.structure!r}")
+        require(self.subset in SUBSETS, f"online_subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}")
+        require(self.scaling in SCALINGS, f"online_scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        require(0.0 < self.memory <= 1.0, f"online_memory must be in (0, 1], got {self.memory}")
+        require(self.prior > 0 and math.isfinite(self.prior), f"online_prior must be a positive number, got {self.prior}")
+        require(self.structure != "last_layer" or self.subset == "head",
+                "online_structure=last_layer is the full GGN over the last layer: use online_subset=head")
+        require(self.structure != "kron" or self.subset == "head",
+                "online_structure=kron over all layers samples through an eigendecomposition of every layer's "
+                "factors each step (about 40x a plain step on the paper net): use online_subset=head or diag")
+        require(self.scaling != "lam" or self.hessian == "ggn",
+                "online_scaling=lam counts Hessian pairs: it needs hessian=ggn")
+
+    def options(self) -> dict:
+        return asdict(self)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The head of an embedding net: `model.head` when the backbone defines one (the CNN backbones), else
+    its last nn.Linear (the MLP's output layer). The embedding must be head(features) of the head's input."""
+    head = getattr(model, "head", None)
+    return head if isinstance(head, nn.Module) else jac.last_linear(model)
+
+
+def bayesian_module(model: nn.Module, subset: str) -> nn.Module:
+    """The module whose parameters the posterior covers: the head, or the whole net (subset all)."""
+    return head_module(model) if subset == "head" else model
+
+
+@contextmanager
+def _captured_input(module: nn.Module) -> Iterator[list]:
+    store: list = []
+    handle = module.register_forward_hook(lambda mod, inp, out: store.append(inp[0]))
+    try:
+        yield store
+    finally:
+        handle.remove()
+
+
+def subset_inputs(model: nn.Module, subset: str, x: torch.Tensor) -> torch.Tensor:
+    """The input of the Bayesian module for items x: the head's features (one forward of the net; they
+    carry the backbone's gradient when grad is on), or x itself for subset all."""
+    if subset == "all":
+        return x
+    with _captured_input(head_module(model)) as store:
+        model(x)
+    if len(store) != 1:
+        raise BenchError("online_la: the head must run exactly once per forward pass")
+    return store[0]
+
+
+class _LinearHeadDiagGGN(DiagGGN):
+    """diag GGN of a head that is one nn.Linear, on its closed-form Jacobian [I_d (x) phi^T, I_d]."""
+
+    subset = "last_layer"
+
+
+def accumulator_class(structure: str, module: nn.Module) -> type[Accumulator]:
+    """The post-hoc family's accumulator of `structure` for the Bayesian module."""
+    if structure == "diag":
+        return _LinearHeadDiagGGN if isinstance(module, nn.Linear) else DiagGGN
+    return LastLayerGGN if structure == "last_layer" else KronGGN
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Training steps (= mining batches) per epoch of `bench.train.train_net`: ceil(n / B) batches, a
+    last batch of fewer than 2 items skipped."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# one batch's curvature, at the accumulator's weights
+# ---------------------------------------------------------------------------------------------
+
+def cap_triplets(trip: torch.Tensor, cap: int | None, generator: torch.Generator | None) -> torch.Tensor:
+    """At most cap // 2 triplets per batch of a mask [nb, a, p, n] (each gives one positive and one negative
+    Hessian pair): a uniform random subset, drawn from `generator` only when more were mined."""
+    if cap is None:
+        return trip
+    k = max(1, cap // 2)
+    if int(trip.flatten(1).sum(1).max()) <= k:
+        return trip
+    keys = torch.rand(trip.shape, generator=generator, device=generator.device if generator is not None else "cpu")
+    keys = keys.to(trip.device).masked_fill(~trip, 2.0)
+    kth = keys.flatten(1).kthvalue(k, dim=1).values  # batches with fewer than k triplets: 2.0, all kept
+    return trip & (keys <= kth[:, None, None, None])
+
+
+@dataclass
+class BatchCurvature:
+    """The curvature of one mining batch and its pair counts (for LAM's scaling)."""
+
+    curvature: Curvature
+    pairs: float  # P: Hessian pairs used, 2 per kept triplet (0 for jtj)
+    pos_active: float  # n_pos: active positive pairs with multiplicity, the reducer's normaliser
+    output_traces: tuple[float, float] = (0.0, 0.0)  # output-space curvature kept, dropped (negative pairs)
+
+
+def batch_curvature(acc: Accumulator, inputs: torch.Tensor, y: torch.Tensor, loss: PairLoss, hessian: str = "ggn",
+                    pair_cap: int | None = None, generator: torch.Generator | None = None) -> BatchCurvature:
+    """The contrastive GGN (hessian=ggn) or JtJ of the accumulator's model on one mining batch (inputs
+    [m, ...], y [m]), at the model's current weights: what the post-hoc `accumulate` adds for that batch
+    (same mining, pair Hessians, PSD clamp and accumulator), with the mined triplets capped
+    (`cap_triplets`) at pair_cap Hessian pairs."""
+    f, J = acc.jacobian(inputs)
+    valid = torch.ones(1, len(y), dtype=torch.bool, device=acc.device)
+    pairs, n_pairs, n_pos, traces = None, 0.0, 0.0, (0.0, 0.0)
+    with torch.no_grad():
+        if hessian == "ggn":
+            F, yb = f[None].to(acc.dtype), y[None].to(acc.device)
+            trip = cap_triplets(mined_triplets(F, yb, loss.miner_margin, loss.miner_type), pair_cap, generator)
+            counts = triplet_pair_counts(trip, F.dtype)
+            pairs = contrastive_pair_curvature(F, yb, pos_margin=loss.pos_margin, neg_margin=loss.neg_margin,
+                                               miner_margin=loss.miner_margin, miner_type=loss.miner_type,
+                                               counts=counts)
+            n_pairs = 2.0 * float(trip.sum())
+            n_pos = float((counts[0] * (pairs.W_pos > 0)).sum())
+            traces = pairs.output_traces()
+        acc.add(Chunk(J, valid, pairs))
+    return BatchCurvature(acc.result(), n_pairs, n_pos, traces)
+
+
+# ---------------------------------------------------------------------------------------------
+# the running state (module buffers: cached with the net)
+# ---------------------------------------------------------------------------------------------
+
+class OnlineState(nn.Module):
+    """The running curvature sums S (diag [D], full [D, D], or per Linear layer S_G [out, out] and S_A
+    [in+1, in+1]), their weight Z, the prior precision, the step count, the measured seconds of the
+    curvature and prior parts of training, the prior after each epoch (NaN where not re-tuned) and the
+    output-space curvature kept / dropped (negative pairs) summed over steps; all buffers, so they travel
+    in the model cache."""
+
+    def __init__(self, structure: str, shapes: list[tuple[int, int]], epochs: int, prior: float,
+                 init: float = 0.0, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.structure = structure
+        self.n_layers = len(shapes)
+        if structure == "kron":
+            for i, (out, inp) in enumerate(shapes):
+                self.register_buffer(f"G{i}", torch.eye(out, dtype=dtype) * init)
+                self.register_buffer(f"A{i}", torch.zeros(inp, inp, dtype=dtype))
+        else:
+            (D, _), = shapes
+            self.register_buffer("S", torch.full((D,), init, dtype=dtype) if structure == "diag"
+                                 else torch.eye(D, dtype=dtype) * init)
+        f64 = dict(dtype=torch.float64)
+        self.register_buffer("weight", torch.zeros((), **f64))
+        self.register_buffer("prior_precision", torch.tensor(float(prior), **f64))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("seconds", torch.zeros(len(STAGE_NAMES), **f64))
+        self.register_buffer("prior_history", torch.full((epochs,), float("nan"), **f64))
+        self.register_buffer("traces", torch.zeros(2, **f64))  # output-space kept, dropped
+
+    def add(self, curv: Curvature, memory: float, traces: tuple[float, float] = (0.0, 0.0)) -> None:
+        """S <- m S + h (and S_A <- m S_A + A), Z <- m Z + 1, for the step's curvature h."""
+        if self.structure == "kron":
+            for i, f in enumerate(curv.kron or []):
+                getattr(self, f"G{i}").mul_(memory).add_(f.G.to(self.curvature_dtype))
+                getattr(self, f"A{i}").mul_(memory).add_(f.A.to(self.curvature_dtype))
+        else:
+            self.S.mul_(memory).add_(curv.H.to(self.S.dtype))
+        self.weight.mul_(memory).add_(1.0)
+        self.traces[0] += traces[0]
+        self.traces[1] += traces[1]
+
+    @property
+    def curvature_dtype(self) -> torch.dtype:
+        return self.G0.dtype if self.structure == "kron" else self.S.dtype
+
+    def curvature(self, names: list[str], subset: str, D: int, scale: float | None) -> Curvature:
+        """The current H as a `Curvature` of the structure: scale * S / Z (gibbs: scale = n_b; 0 before the
+        first step), or S itself when scale is None (lam); Kronecker: G from S_G that way, A = S_A / Z."""
+        z = float(self.weight)
+
+        def scaled(S: torch.Tensor) -> torch.Tensor:
+            if scale is None:
+                return S.clone()
+            return S * (scale / z) if z > 0 else torch.zeros_like(S)
+
+        if self.structure == "kron":
+            factors = []
+            for i in range(self.n_layers):
+                A = getattr(self, f"A{i}")
+                A = A / z if z > 0 else torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+                factors.append(KronFactor(scaled(getattr(self, f"G{i}")), A))
+            return Curvature("kron", subset, names, D, kron=factors)
+        return Curvature(self.structure, subset, names, D, H=scaled(self.S))
+
+    def stage_seconds(self) -> dict[str, float]:
+        return {k: float(v) for k, v in zip(STAGE_NAMES, self.seconds)}
+
+
+class OnlineLaplaceNet(nn.Module):
+    """An embedding net (`net`: its Bayesian subset's weights are the posterior mean) and the online
+    posterior state (`state`); the forward pass is the net's."""
+
+    def __init__(self, net: nn.Module, settings: OnlineSettings, epochs: int, n_train: int) -> None:
+        super().__init__()
+        self.net, self.settings = net, settings
+        self._module = (bayesian_module(net, settings.subset),)  # a reference, not a child module
+        module = self.bayesian_module()
+        dtype = torch.float64 if settings.dtype == "float64" else torch.float32
+        probe = accumulator_class(settings.structure, module)(module, dtype)
+        self.names, self.subset_name, self.D = probe.names, probe.subset, probe.D
+        if settings.structure == "kron":
+            shapes = [(G.shape[0], A.shape[0]) for G, A in zip(probe.G, probe.A)]
+        else:
+            shapes = [(probe.D, probe.D)]
+        init = float(n_train) if settings.scaling == "lam" else 0.0  # LAM: H_0 = N
+        self.state = OnlineState(settings.structure, shapes, epochs, settings.prior, init, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def bayesian_module(self) -> nn.Module:
+        return self._module[0]
+
+    def curvature(self, n_batches: int) -> Curvature:
+        """The current H (`OnlineState.curvature` with this net's scaling)."""
+        scale = float(n_batches) if self.settings.scaling == "gibbs" else None
+        return self.state.curvature(self.names, self.subset_name, self.D, scale)
+
+    def posterior(self, n_batches: int) -> Posterior:
+        """The current posterior N(mu, (H + delta I)^-1) over the Bayesian module (the structure's class)."""
+        cls = get_structure(self.settings.structure).posterior
+        return cls(self.bayesian_module(), self.curvature(n_batches), float(self.state.prior_precision))
+
+
+def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """S draws theta_s of the posterior (its own sampler) as deviations eps_s = theta_s - mu: name -> [S, *shape]."""
+    params = dict(posterior.model.named_parameters())
+    return {n: v - params[n].detach() for n, v in posterior.sample_params(S, generator).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# the training step
+# ---------------------------------------------------------------------------------------------
+
+class OnlineStep:
+    """The batch loss of online LA (a `bench.train.BatchLoss` for `OnlineLaplaceNet`s), steps 1-5 of the
+    module docstring; the curvature part (4-5) and the marglik re-tunings are timed into the state."""
+
+    def __init__(self, cfg, settings: OnlineSettings, n_train: int, seed: int) -> None:
+        self.cfg, self.settings = cfg, settings
+        self.loss = PairLoss.from_config(cfg)
+        self.n_train = n_train
+        self.n_batches = steps_per_epoch(n_train, cfg.batch_size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._probe: nn.Module | None = None
+        self.last_samples: dict[str, torch.Tensor] | None = None  # theta_s of the last step [S, *shape]
+
+    def __call__(self, model: OnlineLaplaceNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        module = model.bayesian_module()
+        eps = sample_deviations(model.posterior(self.n_batches), s.train_samples, self.generator)
+        params = dict(module.named_parameters())
+        inputs = subset_inputs(model.net, s.subset, x)
+        losses = []
+        for k in range(s.train_samples):
+            f = functional_call(module, {n: params[n] + e[k] for n, e in eps.items()}, (inputs,))
+            losses.append(batched_contrastive_loss(f[None], y[None], self.cfg)[0])
+        self.last_samples = {n: params[n].detach() + e for n, e in eps.items()}
+        self._update(model, module, inputs.detach(), y)
+        return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
+
+    def _update(self, model: OnlineLaplaceNet, module: nn.Module, inputs: torch.Tensor, y: torch.Tensor) -> None:
+        s, state = self.settings, model.state
+        device = state.seconds.device
+        sync(device)
+        t0 = time.perf_counter()
+        if self._probe is None:  # a copy of the Bayesian module that holds each sample in turn
+            self._probe = copy.deepcopy(module)
+        acc_cls = accumulator_class(s.structure, module)
+        total: Curvature | None = None
+        traces = [0.0, 0.0]
+        with torch.no_grad():
+            for k in range(s.train_samples):
+                for n, p in self._probe.named_parameters():
+                    p.copy_(self.last_samples[n][k])
+                acc = acc_cls(self._probe, state.curvature_dtype)
+                acc.measure_dropped = False  # measured in output space instead (no extra eigh per step)
+                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap, self.generator)
+                c = 1.0 if s.scaling == "gibbs" else (bc.pos_active * self.n_train ** 2 / bc.pairs if bc.pairs else 0.0)
+                total = _mean_into(total, scale_curvature(bc.curvature, c / s.train_samples), s.train_samples)
+                traces = [t + u / s.train_samples for t, u in zip(traces, bc.output_traces)]
+            state.add(total, s.memory, tuple(traces))
+            state.steps += 1
+        sync(device)
+        state.seconds[0] += time.perf_counter() - t0
+        steps = int(state.steps)
+        if s.marglik_every and steps % self.n_batches == 0:
+            epoch = steps // self.n_batches
+            if epoch % s.marglik_every == 0 or epoch == self.cfg.epochs:
+                self.retune_prior(model, epoch)
+
+    def retune_prior(self, model: OnlineLaplaceNet, epoch: int) -> float:
+        """delta <- argmax of the Laplace evidence at the current (mu, H) (`optimize_marglik`); timed as "prior"."""
+        state = model.state
+        t0 = time.perf_counter()
+        cls = get_structure(self.settings.structure).posterior
+        theta_sq = float(jac.flat_params(model.bayesian_module(), model.names).double().pow(2).sum())
+        delta, _ = optimize_marglik(cls.spectrum(model.curvature(self.n_batches)), theta_sq)
+        state.prior_precision.fill_(delta)
+        if 0 < epoch <= len(state.prior_history):
+            state.prior_history[epoch - 1] = delta
+        state.seconds[1] += time.perf_counter() - t0
+        return delta
+
+
+def _mean_into(total: Curvature | None, curv: Curvature, S: int) -> Curvature:
+    """total + curv, with Kronecker input factors A averaged over the S samples (G, H already carry 1/S)."""
+    if curv.kron is not None:
+        for f in curv.kron:
+            f.A = f.A / S
+    if total is None:
+        return curv
+    if curv.kron is not None:
+        for a, b in zip(total.kron, curv.kron):
+            a.G, a.A = a.G + b.G, a.A + b.A
+    else:
+        total.H = total.H + curv.H
+    return total
