@@ -17,7 +17,7 @@ import math
 import torch
 
 from bench.la.online import (OnlineLaplaceNet, OnlineSettings, OnlineStep, SCALINGS, STRUCTURES, SUBSETS,
-                             steps_per_epoch, subset_inputs)
+                             marglik_prior, steps_per_epoch, subset_inputs)
 from bench.method import EmbeddingPrediction, FitContext, Option
 from bench.model import build_model
 from bench.registry import register_method
@@ -45,8 +45,8 @@ class OnlineLaplace(_Laplace):
                                  "family's likelihood | lam: LAM's N^2 / n_pairs rule", choices=SCALINGS),
         "online_prior": Option(float, 1.0, "prior precision, fixed or where marglik starts (LAM: 1, fixed)",
                                minimum=0.0),
-        "online_marglik_every": Option(int, 1, "re-tune the prior precision by marglik every E epochs and at the "
-                                       "end (Immer et al. 2021); 0: fixed (LAM)", minimum=0),
+        "online_marglik_every": Option(int, 1, "re-tune the prior precision by marglik every E epochs and after "
+                                       "training (Immer et al. 2021); 0: fixed (LAM)", minimum=0),
         "online_pair_cap": Option(int, 5000, "most Hessian pairs per batch, a seeded subset of the mined "
                                   "triplets (LAM: 5000)", minimum=2),
     }
@@ -83,8 +83,9 @@ class OnlineLaplace(_Laplace):
         trained.eval()
         self.net = trained.net
         n_batches = steps_per_epoch(len(ctx.data.train_id), cfg.batch_size)
-        with ctx.stage("prior"):  # the final posterior's factorisation (the marglik ran during training)
-            self.posterior = trained.posterior(n_batches)
+        with ctx.stage("prior"):  # the final marglik at the trained weights, and the posterior's factorisation
+            delta = marglik_prior(trained, n_batches) if s.marglik_every else float(trained.state.prior_precision)
+            self.posterior = trained.posterior(n_batches, delta)
         self.model = self.posterior.model  # the Bayesian module: the head, or the whole net
         self._sample_gen = ctx.generator(SAMPLE_STREAM, ctx.device)
         self._samples = None
@@ -98,8 +99,8 @@ class OnlineLaplace(_Laplace):
             "online": True, "structure": s.structure, "subset": s.subset, "bayesian_params": curv.names,
             "D": curv.D, "scaling": s.scaling, "memory": s.memory, "train_samples": s.train_samples,
             "pair_cap": s.pair_cap, "hessian": s.hessian, "predictive": cfg.predictive,
-            "prior_precision": float(state.prior_precision), "prior_method": "marglik" if s.marglik_every else "fixed",
-            "prior_history": history, "steps": int(state.steps), "batches_per_epoch": n_batches,
+            "prior_precision": delta, "prior_method": "marglik" if s.marglik_every else "fixed",
+            "prior_history_in_training": history, "steps": int(state.steps), "batches_per_epoch": n_batches,
             "hessian_seconds_in_training": seconds["hessian"], "prior_seconds_in_training": seconds["prior"],
             "hessian_diag_mean": float(H.double().mean()), "hessian_diag_max": float(H.double().max()),
             "dropped_curvature_output": dropped / (kept + dropped) if kept + dropped > 0 else 0.0,

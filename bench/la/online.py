@@ -15,8 +15,9 @@ the prior precision (`OnlineStep`):
      detached inputs (the head's features), mined, PSD-clamped and accumulated by the post-hoc code
      (`bench.la.pairs`, the `bench.la.curvature` accumulators: `batch_curvature`);
   5. S_t = m S_{t-1} + h_b and Z_t = m Z_{t-1} + 1 with m the memory factor (`OnlineState`);
-and at the end of every E-th epoch (and of training) delta <- the maximiser of the Laplace evidence at
-(mu, H) (`bench.la.prior.optimize_marglik`, the post-hoc family's marglik).
+and at the end of every E-th epoch delta <- the maximiser of the Laplace evidence at (mu, H)
+(`marglik_prior`: `bench.la.prior.optimize_marglik`, the post-hoc family's marglik), once more after
+training at the trained weights (the final posterior's delta).
 
 The curvature h_b is PSD by construction (each pair's Hessian clamped to its PSD part, as post hoc),
 so LAM's relu(h) is a no-op here.
@@ -310,10 +311,12 @@ class OnlineLaplaceNet(nn.Module):
         scale = float(n_batches) if self.settings.scaling == "gibbs" else None
         return self.state.curvature(self.names, self.subset_name, self.D, scale)
 
-    def posterior(self, n_batches: int) -> Posterior:
-        """The current posterior N(mu, (H + delta I)^-1) over the Bayesian module (the structure's class)."""
+    def posterior(self, n_batches: int, delta: float | None = None) -> Posterior:
+        """The current posterior N(mu, (H + delta I)^-1) over the Bayesian module (the structure's class);
+        delta: the state's prior precision unless given."""
         cls = get_structure(self.settings.structure).posterior
-        return cls(self.bayesian_module(), self.curvature(n_batches), float(self.state.prior_precision))
+        delta = float(self.state.prior_precision) if delta is None else float(delta)
+        return cls(self.bayesian_module(), self.curvature(n_batches), delta)
 
 
 def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
@@ -378,23 +381,21 @@ class OnlineStep:
         sync(device)
         state.seconds[0] += time.perf_counter() - t0
         steps = int(state.steps)
-        if s.marglik_every and steps % self.n_batches == 0:
-            epoch = steps // self.n_batches
-            if epoch % s.marglik_every == 0 or epoch == self.cfg.epochs:
-                self.retune_prior(model, epoch)
-
-    def retune_prior(self, model: OnlineLaplaceNet, epoch: int) -> float:
-        """delta <- argmax of the Laplace evidence at the current (mu, H) (`optimize_marglik`); timed as "prior"."""
-        state = model.state
-        t0 = time.perf_counter()
-        cls = get_structure(self.settings.structure).posterior
-        theta_sq = float(jac.flat_params(model.bayesian_module(), model.names).double().pow(2).sum())
-        delta, _ = optimize_marglik(cls.spectrum(model.curvature(self.n_batches)), theta_sq)
-        state.prior_precision.fill_(delta)
-        if 0 < epoch <= len(state.prior_history):
+        epoch, end_of_epoch = divmod(steps, self.n_batches)
+        if s.marglik_every and end_of_epoch == 0 and epoch % s.marglik_every == 0 and epoch < self.cfg.epochs:
+            t0 = time.perf_counter()  # the final re-tuning, at the trained weights, is the method's own
+            delta = marglik_prior(model, self.n_batches)
+            state.prior_precision.fill_(delta)
             state.prior_history[epoch - 1] = delta
-        state.seconds[1] += time.perf_counter() - t0
-        return delta
+            state.seconds[1] += time.perf_counter() - t0
+
+
+def marglik_prior(model: OnlineLaplaceNet, n_batches: int) -> float:
+    """The prior precision that maximises the Laplace evidence at the current (mu, H) of the Bayesian
+    module (`bench.la.prior.optimize_marglik` on the structure's spectrum of H, ||mu||^2 over the subset)."""
+    cls = get_structure(model.settings.structure).posterior
+    theta_sq = float(jac.flat_params(model.bayesian_module(), model.names).double().pow(2).sum())
+    return optimize_marglik(cls.spectrum(model.curvature(n_batches)), theta_sq)[0]
 
 
 def _mean_into(total: Curvature | None, curv: Curvature, S: int) -> Curvature:
