@@ -86,13 +86,20 @@ def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -
     (plain Euclidean distance, AvgNonZeroReducer) on the pairs of its TripletMarginMiner, computed as
     sum over pairs of reducer weight x pair loss without listing pairs (`bench.la.pairs`); equal to
     `make_loss_and_miner`'s loss and gradients on the same batch up to float rounding (tested)."""
+    return contrastive_loss_and_counts(F, y, cfg)[0]
+
+
+def contrastive_loss_and_counts(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+                                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`batched_contrastive_loss` and the mined pair multiplicities (C_pos, C_neg) [nb, m, m] it used
+    (`bench.la.pairs.mined_pair_counts`), so the loss's curvature can reuse its pairs."""
     dist = torch.cdist(F, F)  # what PML's LpDistance computes, so the mined set is the same
     with torch.no_grad():
         C_pos, C_neg = mined_pair_counts(F, y, cfg.miner_margin, cfg.miner_type, dist=dist)
         W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, cfg.pos_margin, cfg.neg_margin)
     pos = (W_pos * torch.relu(dist - cfg.pos_margin)).sum((1, 2))
     neg = (W_neg * torch.relu(cfg.neg_margin - dist)).sum((1, 2))
-    return pos + neg
+    return pos + neg, (C_pos, C_neg)
 
 
 def contrastive_loss(cfg: RunConfig) -> BatchLoss:

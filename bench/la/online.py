@@ -57,12 +57,12 @@ from bench.errors import BenchError, require
 from bench.la import jacobians as jac
 from bench.la.curvature import (Accumulator, Chunk, Curvature, DiagGGN, KronFactor, KronGGN, LastLayerGGN, PairLoss,
                                 scale_curvature)
-from bench.la.pairs import contrastive_pair_curvature, mined_triplets, triplet_pair_counts
+from bench.la.pairs import PairCurvature, contrastive_pair_curvature, mined_triplets, triplet_pair_counts
 from bench.la.posterior import Posterior
 from bench.la.prior import optimize_marglik
 from bench.la.structures import get_structure
 from bench.timing import sync
-from bench.train import batched_contrastive_loss
+from bench.train import contrastive_loss_and_counts
 
 STRUCTURES = ("diag", "kron", "last_layer")
 SUBSETS = ("head", "all")
@@ -147,7 +147,7 @@ class _LinearHeadDiagGGN(DiagGGN):
 def accumulator_class(structure: str, module: nn.Module) -> type[Accumulator]:
     """The post-hoc family's accumulator of `structure` for the Bayesian module."""
     if structure == "diag":
-        return _LinearHeadDiagGGN if isinstance(module, nn.Linear) else DiagGGN
+        return _LinearHeadDiagGGN if type(module) is nn.Linear else DiagGGN
     return LastLayerGGN if structure == "last_layer" else KronGGN
 
 
@@ -178,36 +178,54 @@ def cap_triplets(trip: torch.Tensor, cap: int | None, generator: torch.Generator
 
 @dataclass
 class BatchCurvature:
-    """The curvature of one mining batch and its pair counts (for LAM's scaling)."""
+    """The curvature of one mining batch, its mined pairs (None for jtj) and their multiplicities."""
 
     curvature: Curvature
-    pairs: float  # P: Hessian pairs used, 2 per kept triplet (0 for jtj)
-    pos_active: float  # n_pos: active positive pairs with multiplicity, the reducer's normaliser
-    output_traces: tuple[float, float] = (0.0, 0.0)  # output-space curvature kept, dropped (negative pairs)
+    pair_curvature: PairCurvature | None = None
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None  # (C_pos, C_neg) [1, m, m] of the kept triplets
+
+    @property
+    def pairs(self) -> float:
+        """P: the Hessian pairs used, 2 per kept triplet (each C_pos entry counts its triplets); 0 for jtj."""
+        return 2.0 * float(self.counts[0].sum()) if self.counts is not None else 0.0
+
+    @property
+    def pos_active(self) -> float:
+        """n_pos: the active positive pairs with multiplicity (the reducer's normaliser); 0 for jtj."""
+        if self.counts is None:
+            return 0.0
+        return float((self.counts[0] * (self.pair_curvature.W_pos > 0)).sum())
+
+    def output_traces(self) -> tuple[float, float]:
+        """Output-space curvature (kept, dropped by the PSD clamp) of the batch; zeros for jtj."""
+        return self.pair_curvature.output_traces() if self.pair_curvature is not None else (0.0, 0.0)
 
 
 def batch_curvature(acc: Accumulator, inputs: torch.Tensor, y: torch.Tensor, loss: PairLoss, hessian: str = "ggn",
-                    pair_cap: int | None = None, generator: torch.Generator | None = None) -> BatchCurvature:
+                    pair_cap: int | None = None, generator: torch.Generator | None = None,
+                    counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> BatchCurvature:
     """The contrastive GGN (hessian=ggn) or JtJ of the accumulator's model on one mining batch (inputs
     [m, ...], y [m]), at the model's current weights: what the post-hoc `accumulate` adds for that batch
     (same mining, pair Hessians, PSD clamp and accumulator), with the mined triplets capped
-    (`cap_triplets`) at pair_cap Hessian pairs."""
+    (`cap_triplets`) at pair_cap Hessian pairs. counts: the batch's mined multiplicities (C_pos, C_neg)
+    [1, m, m] at these weights when the caller has them (the training loss's own pairs); they are used
+    as they are when within the cap, else the triplets are mined here and capped."""
     f, J = acc.jacobian(inputs)
     valid = torch.ones(1, len(y), dtype=torch.bool, device=acc.device)
-    pairs, n_pairs, n_pos, traces = None, 0.0, 0.0, (0.0, 0.0)
+    pairs = None
     with torch.no_grad():
         if hessian == "ggn":
             F, yb = f[None].to(acc.dtype), y[None].to(acc.device)
-            trip = cap_triplets(mined_triplets(F, yb, loss.miner_margin, loss.miner_type), pair_cap, generator)
-            counts = triplet_pair_counts(trip, F.dtype)
+            k = None if pair_cap is None else max(1, pair_cap // 2)
+            if counts is None or (k is not None and float(counts[0].sum()) > k):
+                trip = cap_triplets(mined_triplets(F, yb, loss.miner_margin, loss.miner_type), pair_cap, generator)
+                counts = triplet_pair_counts(trip, F.dtype)
+            counts = (counts[0].to(F.dtype), counts[1].to(F.dtype))
             pairs = contrastive_pair_curvature(F, yb, pos_margin=loss.pos_margin, neg_margin=loss.neg_margin,
                                                miner_margin=loss.miner_margin, miner_type=loss.miner_type,
                                                counts=counts)
-            n_pairs = 2.0 * float(trip.sum())
-            n_pos = float((counts[0] * (pairs.W_pos > 0)).sum())
-            traces = pairs.output_traces()
         acc.add(Chunk(J, valid, pairs))
-    return BatchCurvature(acc.result(), n_pairs, n_pos, traces)
+    return BatchCurvature(acc.result(), pairs, counts if pairs is not None else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,6 +337,13 @@ class OnlineLaplaceNet(nn.Module):
         return cls(self.bayesian_module(), self.curvature(n_batches), delta)
 
 
+def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """module(inputs) with its parameters replaced by `params` (one F.linear for a Linear head)."""
+    if type(module) is nn.Linear:
+        return nn.functional.linear(inputs, params["weight"], params.get("bias"))
+    return functional_call(module, params, (inputs,))
+
+
 def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """S draws theta_s of the posterior (its own sampler) as deviations eps_s = theta_s - mu: name -> [S, *shape]."""
     params = dict(posterior.model.named_parameters())
@@ -348,15 +373,18 @@ class OnlineStep:
         eps = sample_deviations(model.posterior(self.n_batches), s.train_samples, self.generator)
         params = dict(module.named_parameters())
         inputs = subset_inputs(model.net, s.subset, x)
-        losses = []
+        losses, counts = [], []
         for k in range(s.train_samples):
-            f = functional_call(module, {n: params[n] + e[k] for n, e in eps.items()}, (inputs,))
-            losses.append(batched_contrastive_loss(f[None], y[None], self.cfg)[0])
+            f = _forward(module, {n: params[n] + e[k] for n, e in eps.items()}, inputs)
+            loss, c = contrastive_loss_and_counts(f[None], y[None], self.cfg)
+            losses.append(loss[0])
+            counts.append(c)
         self.last_samples = {n: params[n].detach() + e for n, e in eps.items()}
-        self._update(model, module, inputs.detach(), y)
+        self._update(model, module, inputs.detach(), y, counts)
         return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
 
-    def _update(self, model: OnlineLaplaceNet, module: nn.Module, inputs: torch.Tensor, y: torch.Tensor) -> None:
+    def _update(self, model: OnlineLaplaceNet, module: nn.Module, inputs: torch.Tensor, y: torch.Tensor,
+                counts: list) -> None:
         s, state = self.settings, model.state
         device = state.seconds.device
         sync(device)
@@ -372,10 +400,10 @@ class OnlineStep:
                     p.copy_(self.last_samples[n][k])
                 acc = acc_cls(self._probe, state.curvature_dtype)
                 acc.measure_dropped = False  # measured in output space instead (no extra eigh per step)
-                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap, self.generator)
+                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap, self.generator, counts[k])
                 c = 1.0 if s.scaling == "gibbs" else (bc.pos_active * self.n_train ** 2 / bc.pairs if bc.pairs else 0.0)
                 total = _mean_into(total, scale_curvature(bc.curvature, c / s.train_samples), s.train_samples)
-                traces = [t + u / s.train_samples for t, u in zip(traces, bc.output_traces)]
+                traces = [t + u / s.train_samples for t, u in zip(traces, bc.output_traces())]
             state.add(total, s.memory, tuple(traces))
             state.steps += 1
         sync(device)

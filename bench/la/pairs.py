@@ -179,7 +179,12 @@ def clamped_laplacians(pc: PairCurvature) -> tuple[torch.Tensor, torch.Tensor]:
     L+ and J^T L+ J. For plain distances A is s/d times a projector, so A+ = A for positive pairs and
     A+ = 0 for active negative pairs: the whole curvature of active negative pairs is dropped.
     """
-    return _laplacian(pc.W_pos, pc.A_pos), _laplacian(pc.W_neg, pc.A_neg)
+    return kept_laplacian(pc), _laplacian(pc.W_neg, pc.A_neg)
+
+
+def kept_laplacian(pc: PairCurvature) -> torch.Tensor:
+    """L_kept of `clamped_laplacians` alone [nb, m*d, m*d] (the positive pairs' block Laplacian)."""
+    return _laplacian(pc.W_pos, pc.A_pos)
 
 
 def small_eigh(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
