@@ -71,6 +71,23 @@ def test_accumulated_curvature_is_the_post_hoc_ggn_of_the_same_weights_and_batch
     torch.testing.assert_close(H, expected, rtol=1e-6, atol=1e-12)
 
 
+def test_accumulated_kronecker_factors_are_the_post_hoc_factors_of_the_same_batches():
+    """As above for kron: G = n_b x the mean of the batches' G (= their sum, the post-hoc G), A = the mean of the
+    batches' (pair-normalised) A, each batch's factors from kfac_la's accumulator on the training batches."""
+    x, y = tiny_data(n=44)
+    cfg = _cfg(lr=1e-30)
+    s = OnlineSettings(structure="kron", memory=1.0, prior=1e16, marglik_every=0, dtype="float64")
+    model = _online(s, len(y))
+    before = copy.deepcopy(model.net)
+    train_net(model, OnlineStep(cfg, s, len(y), seed=3), cfg, Split(x, y), CPU, seed=5)
+    (f,) = model.curvature(steps_per_epoch(len(y), B)).kron
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(5))
+    per_batch = [compute_curvature(before, x[i], y[i], structure="kron", mining_batch=B).kron[-1]
+                 for i in perm.split(B)]
+    torch.testing.assert_close(f.G, sum(k.G for k in per_batch), rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(f.A, sum(k.A for k in per_batch) / len(per_batch), rtol=1e-6, atol=1e-12)
+
+
 def _pml_lam_factor(F: torch.Tensor, y: torch.Tensor, n_train: int) -> float:
     """LAM's N^2 / P times the number of active positive pairs, from PML's miner (P = 2 per triplet)."""
     _, miner = make_loss_and_miner(_cfg())

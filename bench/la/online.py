@@ -144,11 +144,41 @@ class _LinearHeadDiagGGN(DiagGGN):
     subset = "last_layer"
 
 
+class _LinearHeadFullGGN(_LinearHeadDiagGGN):
+    """Full H [D, D] of a head that is one nn.Linear (LastLayerGGN's matrix, one batch at a time): the same
+    rows M, H += M^T M by one small product (no BLAS buffer and free-memory probe per step)."""
+
+    structure = "last_layer"
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+        super().__init__(model, dtype)
+        self.H = torch.zeros(self.D, self.D, dtype=self.dtype, device=self.device)
+
+    def add_rows(self, M: torch.Tensor) -> None:
+        self.H += M.T @ M
+
+
+class _LinearHeadKronGGN(KronGGN):
+    """KronGGN of a head that is one nn.Linear on its closed-form layer quantities: a = [phi, 1], B = I_d
+    (what `jac.layer_quantities` finds with d backward passes)."""
+
+    def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        with torch.no_grad():
+            f = self.model(x)
+        n, d = f.shape
+        a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        return f, [(a, torch.eye(d, dtype=f.dtype, device=f.device).expand(n, d, d))]
+
+
 def accumulator_class(structure: str, module: nn.Module) -> type[Accumulator]:
-    """The post-hoc family's accumulator of `structure` for the Bayesian module."""
+    """The post-hoc family's accumulator of `structure` for the Bayesian module (closed-form Jacobians
+    when it is one nn.Linear)."""
+    linear = type(module) is nn.Linear
     if structure == "diag":
-        return _LinearHeadDiagGGN if type(module) is nn.Linear else DiagGGN
-    return LastLayerGGN if structure == "last_layer" else KronGGN
+        return _LinearHeadDiagGGN if linear else DiagGGN
+    if structure == "last_layer":
+        return _LinearHeadFullGGN if linear else LastLayerGGN
+    return _LinearHeadKronGGN if linear else KronGGN
 
 
 def steps_per_epoch(n: int, batch_size: int) -> int:
