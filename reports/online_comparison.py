@@ -83,7 +83,7 @@ def wall_time_table(run: RunFolder, online: str, post_hoc: str) -> Table:
     and online training (train + in-training curvature and marglik) over the base (plain) training."""
     stages = ["train", "hessian", "prior", "predict", "evaluate"]
     diags = run.meta.get("diagnostics") or {}
-    rows, ratios = [], []
+    rows, ratios, shares = [], [], []
     for m in (online, post_hoc):
         per_seed = []
         for s in run.seeds:
@@ -95,7 +95,9 @@ def wall_time_table(run: RunFolder, online: str, post_hoc: str) -> Table:
             per_seed.append(sec)
             if m == online and (base := _seconds(run, BASE, s).get("train")):
                 in_prior = float((diags.get(f"{m}-seed{s}") or {}).get("prior_seconds_in_training", 0.0))
-                ratios.append((sec.get("train", 0.0) + sec.get("hessian", 0.0) + in_prior) / base)
+                total = sec.get("train", 0.0) + sec.get("hessian", 0.0) + in_prior
+                ratios.append(total / base)
+                shares.append(sec.get("hessian", 0.0) / total if total > 0 else math.nan)
         if not per_seed:
             continue
         mean = {st: float(np.mean([p.get(st, 0.0) for p in per_seed])) for st in stages}
@@ -106,7 +108,8 @@ def wall_time_table(run: RunFolder, online: str, post_hoc: str) -> Table:
              "shared base training."]
     if ratios:
         notes.append(f"Online training / plain training of the same backbone and epochs: "
-                     f"{', '.join(f'{r:.2f}x' for r in ratios)} (per seed; base training as recorded in the model cache).")
+                     f"{', '.join(f'{r:.2f}x' for r in ratios)} (per seed; base training as recorded in the model cache); "
+                     f"curvature (hessian) share of online training: {', '.join(f'{100 * x:.0f}%' for x in shares)}.")
     return Table(f"Wall time: {online} vs {post_hoc} (s)", ["method", *stages, "total"], rows, notes)
 
 

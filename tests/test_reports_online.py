@@ -50,6 +50,7 @@ def test_online_vs_post_hoc_section(tmp_path):
         assert col in section
     # (online train + hessian + in-training marglik) / base train, per seed; base = 3 + seed in the fixture
     assert re.search(r"\| online_la +\| 5\.50 ", section) and f"{(5 + 2 + 0.5) / 3:.2f}x, {(6 + 2 + 0.5) / 4:.2f}x" in section
+    assert f"share of online training: {100 * 2 / 7.5:.0f}%, {100 * 2 / 8.5:.0f}%" in section
 
 
 def test_no_section_without_a_pair_of_the_same_structure(tmp_path):
