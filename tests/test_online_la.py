@@ -280,6 +280,22 @@ def test_training_time_is_split_into_train_hessian_and_prior_and_cached(smoke_cf
     assert cache2.trained == 0 and timer2.for_method("online_la")["hessian"] == rec["hessian"]
 
 
+def test_a_net_whose_embedding_is_not_the_heads_output_is_refused():
+    class Scaled(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_net()
+
+        def forward(self, x):
+            return 2 * self.inner(x)
+
+    x, y = tiny_data(n=16)
+    s = OnlineSettings(dtype="float64")
+    model = OnlineLaplaceNet(Scaled(), s, 1, 16)
+    with pytest.raises(BenchError, match="the embedding must be the head's output"):
+        OnlineStep(_cfg(), s, 16, seed=0)(model, x[:B], y[:B])
+
+
 @pytest.mark.parametrize("options, message", [
     ((("online_structure", "kron"), ("online_subset", "all")), "eigendecomposition"),
     ((("online_structure", "last_layer"), ("online_subset", "all")), "online_subset=head"),

@@ -117,25 +117,27 @@ def bayesian_module(model: nn.Module, subset: str) -> nn.Module:
 
 
 @contextmanager
-def _captured_input(module: nn.Module) -> Iterator[list]:
+def _captured_calls(module: nn.Module) -> Iterator[list]:
     store: list = []
-    handle = module.register_forward_hook(lambda mod, inp, out: store.append(inp[0]))
+    handle = module.register_forward_hook(lambda mod, inp, out: store.append((inp[0], out)))
     try:
         yield store
     finally:
         handle.remove()
 
 
-def subset_inputs(model: nn.Module, subset: str, x: torch.Tensor) -> torch.Tensor:
+def subset_inputs(model: nn.Module, subset: str, x: torch.Tensor, check: bool = False) -> torch.Tensor:
     """The input of the Bayesian module for items x: the head's features (one forward of the net; they
-    carry the backbone's gradient when grad is on), or x itself for subset all."""
+    carry the backbone's gradient when grad is on), or x itself for subset all. check: BenchError unless
+    the net's output is the head's (online LA samples the head on these features)."""
     if subset == "all":
         return x
-    with _captured_input(head_module(model)) as store:
-        model(x)
-    if len(store) != 1:
-        raise BenchError("online_la: the head must run exactly once per forward pass")
-    return store[0]
+    with _captured_calls(head_module(model)) as store:
+        f = model(x)
+    if len(store) != 1 or (check and not torch.equal(store[0][1], f)):
+        raise BenchError("online_la: the embedding must be the head's output, the head run once per forward pass; "
+                         "use --set online_subset=all for this backbone")
+    return store[0][0]
 
 
 class _LinearHeadDiagGGN(DiagGGN):
@@ -402,7 +404,7 @@ class OnlineStep:
         module = model.bayesian_module()
         eps = sample_deviations(model.posterior(self.n_batches), s.train_samples, self.generator)
         params = dict(module.named_parameters())
-        inputs = subset_inputs(model.net, s.subset, x)
+        inputs = subset_inputs(model.net, s.subset, x, check=self._probe is None)  # checked on the first step
         losses, counts = [], []
         for k in range(s.train_samples):
             f = _forward(module, {n: params[n] + e[k] for n, e in eps.items()}, inputs)
