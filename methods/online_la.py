@@ -8,7 +8,8 @@ a `bench.train.Recipe`), so reruns and seeds reuse it; its training time is this
 at the end of training is the post-hoc family's class of the structure (`bench.la.posterior`), so the
 predictives (glm | lmc | mc, `--set predictive=`) and the uncertainty scores are the post-hoc family's.
 With subset head (LAM's choice) the posterior and its predictive are those of the head on the trained
-backbone's features. The published algorithm: `--set online_scaling=lam online_marglik_every=0 predictive=mc`.
+backbone's features. The published algorithm:
+`--set online_scaling=lam --set online_marglik_every=0 --set predictive=mc`.
 """
 from __future__ import annotations
 
