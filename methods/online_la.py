@@ -17,16 +17,57 @@ import math
 
 import torch
 
-from bench.la.online import (OnlineLaplaceNet, OnlineSettings, OnlineStep, SCALINGS, STRUCTURES, SUBSETS,
-                             marglik_prior, steps_per_epoch, subset_inputs)
+from torch import nn
+from torch.func import functional_call
+
+from bench.la.curvature import PairLoss
+from bench.la.online import (OnlineCurvature, OnlineLaplaceNet, OnlineSettings, SCALINGS, STRUCTURES, SUBSETS,
+                             marglik_prior, sample_deviations, steps_per_epoch, subset_inputs)
 from bench.method import EmbeddingPrediction, FitContext, Option
 from bench.model import build_model
 from bench.registry import register_method
-from bench.train import Recipe
+from bench.train import Recipe, contrastive_loss_and_counts
 from methods.laplace import SAMPLE_STREAM, _Laplace
 
 ONLINE_STREAM = 43  # generator stream of the training-time posterior draws and pair subsampling
 RECIPE_VERSION = 1  # bump when the online training code changes, so cached nets are retrained
+
+
+def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
+    """module(inputs) with its parameters replaced by `params` (one F.linear for a Linear head)."""
+    if type(module) is nn.Linear:
+        return nn.functional.linear(inputs, params["weight"], params.get("bias"))
+    return functional_call(module, params, (inputs,))
+
+
+class OnlineStep:
+    """The batch loss of online LA (a `bench.train.BatchLoss` for `OnlineLaplaceNet`s): S draws
+    theta_s = mu + eps_s from the current posterior (eps detached), the shared contrastive loss averaged
+    over them (its gradient reaches mu through theta_s and the backbone through the features), then the
+    batch's curvature at the draws, on the detached inputs of the Bayesian module (`OnlineCurvature`)."""
+
+    def __init__(self, cfg, settings: OnlineSettings, n_train: int, seed: int) -> None:
+        self.cfg, self.settings = cfg, settings
+        self.generator = torch.Generator().manual_seed(seed)  # posterior draws and the pair cap's subsets
+        self.curvature = OnlineCurvature(settings, PairLoss.from_config(cfg), n_train, cfg.batch_size, cfg.epochs,
+                                         self.generator)
+        self.last_samples: dict[str, torch.Tensor] | None = None  # theta_s of the last step [S, *shape]
+
+    def __call__(self, model: OnlineLaplaceNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        s = self.settings
+        module = model.bayesian_module()
+        eps = sample_deviations(model.posterior(self.curvature.n_batches), s.train_samples, self.generator)
+        params = dict(module.named_parameters())
+        inputs = subset_inputs(model.net, s.subset, x, check=self.last_samples is None)  # checked on step 1
+        losses, counts = [], []
+        for k in range(s.train_samples):
+            f = _forward(module, {n: params[n] + e[k] for n, e in eps.items()}, inputs)
+            loss, c = contrastive_loss_and_counts(f[None], y[None], self.cfg)
+            losses.append(loss[0])
+            counts.append(c)
+        self.last_samples = {n: params[n].detach() + e for n, e in eps.items()}
+        self.curvature.update(model, self.last_samples, inputs.detach(), y, counts)
+        return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
 
 
 @register_method("online_la")

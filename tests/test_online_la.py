@@ -12,7 +12,7 @@ from bench.config import preset_config
 from bench.data import Split, load_benchmark
 from bench.errors import BenchError
 from bench.la.curvature import Curvature, PairLoss
-from bench.la.online import (STRUCTURES, OnlineLaplaceNet, OnlineSettings, OnlineStep, accumulator_class,
+from bench.la.online import (STRUCTURES, OnlineLaplaceNet, OnlineSettings, accumulator_class,
                              batch_curvature, cap_triplets, head_module, sample_deviations,
                              steps_per_epoch)
 from bench.la.pairs import mined_triplets
@@ -22,6 +22,7 @@ from bench.la.spectrum import exact_spectrum
 from bench.la.structures import compute_curvature
 from bench.registry import METHODS
 from bench.train import make_loss_and_miner, train_net
+from methods.online_la import OnlineStep
 from tests.fit_helpers import fit_method
 from tests.laplace_helpers import tiny_data, tiny_net
 

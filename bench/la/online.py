@@ -5,7 +5,7 @@ training as in Immer et al. 2021, "Scalable Marginal Likelihood Estimation for M
 Learning").
 
 One training step on a batch b, with mu the subset's current weights, H the running curvature and delta
-the prior precision (`OnlineStep`):
+the prior precision (`methods.online_la.OnlineStep`; steps 4-5 here, `OnlineCurvature`):
   1. the current posterior N(mu, (H + delta I)^-1) of the structure, one of the post-hoc family's
      classes (`bench.la.posterior`; diag: sigma = 1 / sqrt(H + delta));
   2. S = train_samples draws theta_s = mu + eps_s from it (eps_s detached);
@@ -51,7 +51,6 @@ from typing import Iterator
 
 import torch
 from torch import nn
-from torch.func import functional_call
 
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
@@ -62,7 +61,6 @@ from bench.la.posterior import Posterior
 from bench.la.prior import optimize_marglik
 from bench.la.structures import get_structure
 from bench.timing import sync
-from bench.train import contrastive_loss_and_counts
 
 STRUCTURES = ("diag", "kron", "last_layer")
 SUBSETS = ("head", "all")
@@ -369,13 +367,6 @@ class OnlineLaplaceNet(nn.Module):
         return cls(self.bayesian_module(), self.curvature(n_batches), delta)
 
 
-def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    """module(inputs) with its parameters replaced by `params` (one F.linear for a Linear head)."""
-    if type(module) is nn.Linear:
-        return nn.functional.linear(inputs, params["weight"], params.get("bias"))
-    return functional_call(module, params, (inputs,))
-
-
 def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
     """S draws theta_s of the posterior (its own sampler) as deviations eps_s = theta_s - mu: name -> [S, *shape]."""
     params = dict(posterior.model.named_parameters())
@@ -383,66 +374,54 @@ def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) 
 
 
 # ---------------------------------------------------------------------------------------------
-# the training step
+# the curvature part of a training step
 # ---------------------------------------------------------------------------------------------
 
-class OnlineStep:
-    """The batch loss of online LA (a `bench.train.BatchLoss` for `OnlineLaplaceNet`s), steps 1-5 of the
-    module docstring; the curvature part (4-5) and the marglik re-tunings are timed into the state."""
+class OnlineCurvature:
+    """Steps 4-5 of a training step (module docstring) and the in-training marglik: the batch's curvature
+    at each posterior draw, accumulated into the net's state; timed into the state ("hessian", "prior").
+    The training step itself (draws, loss) is `methods.online_la.OnlineStep`."""
 
-    def __init__(self, cfg, settings: OnlineSettings, n_train: int, seed: int) -> None:
-        self.cfg, self.settings = cfg, settings
-        self.loss = PairLoss.from_config(cfg)
-        self.n_train = n_train
-        self.n_batches = steps_per_epoch(n_train, cfg.batch_size)
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, settings: OnlineSettings, loss: PairLoss, n_train: int, batch_size: int, epochs: int,
+                 generator: torch.Generator) -> None:
+        self.settings, self.loss, self.n_train, self.epochs = settings, loss, n_train, epochs
+        self.n_batches = steps_per_epoch(n_train, batch_size)
+        self.generator = generator  # the pair cap's draws
         self._probe: nn.Module | None = None
-        self.last_samples: dict[str, torch.Tensor] | None = None  # theta_s of the last step [S, *shape]
 
-    def __call__(self, model: OnlineLaplaceNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        s = self.settings
-        module = model.bayesian_module()
-        eps = sample_deviations(model.posterior(self.n_batches), s.train_samples, self.generator)
-        params = dict(module.named_parameters())
-        inputs = subset_inputs(model.net, s.subset, x, check=self._probe is None)  # checked on the first step
-        losses, counts = [], []
-        for k in range(s.train_samples):
-            f = _forward(module, {n: params[n] + e[k] for n, e in eps.items()}, inputs)
-            loss, c = contrastive_loss_and_counts(f[None], y[None], self.cfg)
-            losses.append(loss[0])
-            counts.append(c)
-        self.last_samples = {n: params[n].detach() + e for n, e in eps.items()}
-        self._update(model, module, inputs.detach(), y, counts)
-        return torch.stack(losses).mean() if len(losses) > 1 else losses[0]
-
-    def _update(self, model: OnlineLaplaceNet, module: nn.Module, inputs: torch.Tensor, y: torch.Tensor,
-                counts: list) -> None:
+    def update(self, model: OnlineLaplaceNet, samples: dict[str, torch.Tensor], inputs: torch.Tensor,
+               y: torch.Tensor, counts: list | None = None) -> None:
+        """Add the curvature of the batch (inputs of the Bayesian module [m, ...], y [m]) at the S draws
+        `samples` (name -> [S, *shape]; counts: the training loss's mined pairs per draw) to the state;
+        at the end of every marglik_every-th epoch but the last, re-tune the prior precision."""
         s, state = self.settings, model.state
+        module = model.bayesian_module()
+        S = next(iter(samples.values())).shape[0]
         device = state.seconds.device
         sync(device)
         t0 = time.perf_counter()
-        if self._probe is None:  # a copy of the Bayesian module that holds each sample in turn
+        if self._probe is None:  # a copy of the Bayesian module that holds each draw in turn
             self._probe = copy.deepcopy(module)
         acc_cls = accumulator_class(s.structure, module)
         total: Curvature | None = None
         traces = [0.0, 0.0]
         with torch.no_grad():
-            for k in range(s.train_samples):
+            for k in range(S):
                 for n, p in self._probe.named_parameters():
-                    p.copy_(self.last_samples[n][k])
+                    p.copy_(samples[n][k])
                 acc = acc_cls(self._probe, state.curvature_dtype)
                 acc.measure_dropped = False  # measured in output space instead (no extra eigh per step)
-                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap, self.generator, counts[k])
+                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap, self.generator,
+                                     counts[k] if counts else None)
                 c = 1.0 if s.scaling == "gibbs" else (bc.pos_active * self.n_train ** 2 / bc.pairs if bc.pairs else 0.0)
-                total = _mean_into(total, scale_curvature(bc.curvature, c / s.train_samples), s.train_samples)
-                traces = [t + u / s.train_samples for t, u in zip(traces, bc.output_traces())]
+                total = _mean_into(total, scale_curvature(bc.curvature, c / S), S)
+                traces = [t + u / S for t, u in zip(traces, bc.output_traces())]
             state.add(total, s.memory, tuple(traces))
             state.steps += 1
         sync(device)
         state.seconds[0] += time.perf_counter() - t0
-        steps = int(state.steps)
-        epoch, end_of_epoch = divmod(steps, self.n_batches)
-        if s.marglik_every and end_of_epoch == 0 and epoch % s.marglik_every == 0 and epoch < self.cfg.epochs:
+        epoch, end_of_epoch = divmod(int(state.steps), self.n_batches)
+        if s.marglik_every and end_of_epoch == 0 and epoch % s.marglik_every == 0 and epoch < self.epochs:
             t0 = time.perf_counter()  # the final re-tuning, at the trained weights, is the method's own
             delta = marglik_prior(model, self.n_batches)
             state.prior_precision.fill_(delta)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from bench.config import preset_config
-from bench.la.online import OnlineLaplaceNet, OnlineSettings, OnlineStep
+from bench.la.online import OnlineLaplaceNet, OnlineSettings
 from bench.model import build_model
 from bench.train import contrastive_loss, make_optimizer
+from methods.online_la import OnlineStep
 
 STEPS = 200  # steps per timed round
 CFG = preset_config("paper")
