@@ -27,7 +27,8 @@ def _facts(run: RunFolder) -> dict[str, dict]:
     for key, d in (run.meta.get("diagnostics") or {}).items():
         method = key.rpartition("-seed")[0]
         if isinstance(d, dict) and "structure" in d and method not in out:
-            out[method] = {"online": bool(d.get("online")), "structure": d["structure"], "subset": d.get("subset")}
+            out[method] = {"online": bool(d.get("online")), "structure": d["structure"], "subset": d.get("subset"),
+                           "D": d.get("D")}
     return out
 
 
@@ -122,9 +123,10 @@ def comparison_blocks(run: RunFolder) -> list[Block]:
     out: list[Block] = [Heading("Online vs post-hoc Laplace")]
     for online, post in pairs:
         fo, fp = facts[online], facts[post]
-        same = fo["subset"] == fp["subset"]
+        same = fo["subset"] == fp["subset"] or (fo["D"] is not None and fo["D"] == fp["D"])
+        subset = lambda f: f["subset"] + (f" (D = {f['D']})" if f["D"] is not None else "")  # noqa: E731
         out.append(Heading(f"{online} − {post} ({fo['structure']})", 3))
-        out.append(Para(f"Structure {fo['structure']}; Bayesian subset: {online} {fo['subset']}, {post} {fp['subset']}"
+        out.append(Para(f"Structure {fo['structure']}; Bayesian subset: {online} {subset(fo)}, {post} {subset(fp)}"
                         + ("" if same else " (different subsets: the difference includes that choice)")
                         + ". Rows: paired difference on the same queries with its bootstrap CI, per seed; last row: "
                         f"mean over seeds with a Student-t {100 * level:g}% interval. **bold**: the interval excludes 0.",

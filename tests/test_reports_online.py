@@ -23,9 +23,9 @@ def _with_online_facts(d, online_structure: str = "diag") -> None:
     meta["diagnostics"] = {}
     times = [run.timings]
     for s in run.seeds:
-        meta["diagnostics"][f"diag_la-seed{s}"] = {"structure": "diag", "subset": "all"}
+        meta["diagnostics"][f"diag_la-seed{s}"] = {"structure": "diag", "subset": "all", "D": 100}
         meta["diagnostics"][f"online_la-seed{s}"] = {"online": True, "structure": online_structure, "subset": "head",
-                                                     "prior_seconds_in_training": 0.5}
+                                                     "D": 10, "prior_seconds_in_training": 0.5}
         times.append(pd.DataFrame([{"method": "online_la", "seed": s, "stage": "train", "seconds": 5.0 + s},
                                    {"method": "online_la", "seed": s, "stage": "hessian", "seconds": 2.0}]))
     writer = RunWriter(d)
@@ -45,7 +45,7 @@ def test_online_vs_post_hoc_section(tmp_path):
         a, b = run.perquery("online_la", s)["pq_mAP@1"], run.perquery("diag_la", s)["pq_mAP@1"]
         assert f"| seed {s} " in section and f"{float(np.mean(a - b)):+.3f} [" in section
     assert "mean over seeds" in section and "by the t-interval over seeds" in section
-    assert "online_la head, diag_la all (different subsets" in section
+    assert "online_la head (D = 10), diag_la all (D = 100) (different subsets" in section
     for col in ("AUSE", "AUROC[heldout]", "AUROC[noise]"):
         assert col in section
     # (online train + hessian + in-training marglik) / base train, per seed; base = 3 + seed in the fixture
