@@ -16,7 +16,6 @@ from __future__ import annotations
 import math
 
 import torch
-
 from torch import nn
 from torch.func import functional_call
 
@@ -135,8 +134,10 @@ class OnlineLaplace(_Laplace):
         history = [float(v) for v in state.prior_history if math.isfinite(float(v))]
         kept, dropped = (float(v) for v in state.traces)
         seconds = state.stage_seconds()
-        H = curv.H if curv.H is not None else torch.cat([(f.G.diagonal()[:, None] * f.A.diagonal()[None]).reshape(-1)
-                                                          for f in curv.kron or []])
+        if curv.H is not None:
+            H = curv.H if curv.H.dim() == 1 else curv.H.diagonal()
+        else:  # diag(G (x) A) = diag(G) diag(A)^T, row-major
+            H = torch.cat([(f.G.diagonal()[:, None] * f.A.diagonal()[None]).reshape(-1) for f in curv.kron or []])
         self.diagnostics = {
             "online": True, "structure": s.structure, "subset": s.subset, "bayesian_params": curv.names,
             "D": curv.D, "scaling": s.scaling, "memory": s.memory, "train_samples": s.train_samples,
