@@ -7,6 +7,7 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
+from bench.conventions import DISTANCES
 from bench.errors import BenchError, require
 
 ALL_METHODS = "all"
@@ -43,6 +44,9 @@ class RunConfig:
     neg_margin: float = 1.0
     miner_margin: float = 0.2
     miner_type: str = "all"
+    # the geometry of loss, miner, curvature and retrieval: euclidean = ||f_a - f_b||, cosine =
+    # ||f_a/||f_a|| - f_b/||f_b||| (pytorch-metric-learning's default LpDistance: normalised embeddings)
+    distance: str = "euclidean"
     # CPU threads for the training loop (0: torch's default). Small-batch training of a small net is
     # dispatch-bound; extra intra-op threads only add synchronisation (measured on 2 cores: 5 ms per
     # step with 1 thread vs 55 ms with 2 while the other core is busy).
@@ -52,6 +56,7 @@ class RunConfig:
     bootstrap_resamples: int = 1000
     ci_level: float = 0.95
     # Laplace family
+    la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
     hessian: str = "ggn"  # ggn | jtj
     predictive: str = "glm"  # glm (closed form) | lmc (linearised samples) | mc (sampled networks)
     posterior_samples: int = 100  # posterior draws: sampled networks (mc) or linearised samples (glm, lmc)
@@ -106,6 +111,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": (
         "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
         dict(epochs=2, batch_size=64, n_test=2000, posterior_samples=30, dropout_passes=30, hessian_items=4096),
+    ),
+    "seed": (
+        "the seed's pipeline as written: PML defaults (cosine distance), TripletMarginMiner(0.2, all), "
+        "5 Linear layers to 2-d, batch 16, 15 epochs, J^T J Hessian, 100 sampled networks, their mean",
+        dict(methods=("plain", "full_la", "laplace_torch"), distance="cosine", epochs=15, batch_size=16,
+             hessian="jtj", predictive="mc", posterior_samples=100, dropout_passes=100, prior_precision="marglik"),
     ),
     "paper": (
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
@@ -178,6 +189,7 @@ def validate(cfg: RunConfig) -> None:
     require(all(h >= 1 for h in cfg.hidden), f"hidden widths must be >= 1, got {list(cfg.hidden)}")
     require(cfg.jacobian_chunk >= 1, f"jacobian_chunk must be >= 1, got {cfg.jacobian_chunk}")
     require(cfg.train_threads >= 0, f"train_threads must be >= 0, got {cfg.train_threads}")
+    require(cfg.distance in DISTANCES, f"distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}")
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     require(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
     require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
@@ -185,6 +197,8 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
     require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
     require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
+    from bench.la.subsets import check_la_subset  # (lazy: torch)
+    check_la_subset(cfg.la_subset)
     dev = cfg.device
     require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
 

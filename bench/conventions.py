@@ -6,3 +6,4 @@ BASE_METHOD = "base"  # pseudo-method charged with the shared base training of p
 REFERENCE_METHOD = "plain"  # paired differences are taken against this method
 CORRECTNESS_METRIC = "mAP@1"  # per-query correctness (precision@1 in {0, 1}) for calibration
 NEAR_OOD_SET = "heldout"  # the OOD set made of the ID dataset's own held-out classes
+DISTANCES = ("euclidean", "cosine")  # embedding geometries: plain L2, or L2 between L2-normalised embeddings

@@ -11,7 +11,7 @@ from bench.method import EmbeddingPrediction
 from bench.metrics.bootstrap import bootstrap_mean_ci
 from bench.metrics.calibration import DEFAULT_BINS, calibration_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
-from bench.metrics.retrieval import retrieval_per_query
+from bench.metrics.retrieval import retrieval_per_query, retrieval_space
 from bench.metrics.sparsification import sparsification_metrics
 from bench.metrics.uncertainty import uncertainty_score
 from bench.conventions import CORRECTNESS_METRIC
@@ -48,8 +48,8 @@ def uncertainty_metric_names(ood_sets: list[str]) -> list[str]:
 
 def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], data: Dataset,
              cfg: RunConfig) -> MethodEvaluation:
-    """Retrieval on the ID test set (leave-one-out, mean embeddings; CIs resample queries with the
-    gallery fixed) and, from the uncertainty score u = tr(Sigma):
+    """Retrieval on the ID test set (leave-one-out, mean embeddings in `retrieval_space` of
+    cfg.distance; CIs resample queries with the gallery fixed) and, from the uncertainty score u = tr(Sigma):
     * ECE of u against precision@1 (cross-fitted isotonic confidence, equal-mass bins), extras
       reliability_{conf,acc,count} and confidence;
     * AUSE: sparsification of the correctness by u, extras sparsification_*;
@@ -59,7 +59,8 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
     Every bootstrap uses cfg.bootstrap_resamples, cfg.ci_level and numpy Generator(cfg.seed)."""
     ev = MethodEvaluation()
     labels = data.test_id.y
-    ev.per_query.update(retrieval_per_query(pred_id.mean.detach().cpu(), labels, cfg.ks))
+    emb = retrieval_space(pred_id.mean.detach().cpu(), cfg.distance)  # retrieval in the training geometry
+    ev.per_query.update(retrieval_per_query(emb, labels, cfg.ks))
     ood_sets = list(pred_ood)
     u_id = uncertainty_score(pred_id)
     if u_id is None:
@@ -67,7 +68,7 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
         return ev
     correct = ev.per_query.get(CORRECTNESS_METRIC)
     if correct is None:
-        correct = retrieval_per_query(pred_id.mean.detach().cpu(), labels, (1,))[CORRECTNESS_METRIC]
+        correct = retrieval_per_query(emb, labels, (1,))[CORRECTNESS_METRIC]
     boot = dict(n_resamples=cfg.bootstrap_resamples, level=cfg.ci_level, seed=cfg.seed)
     ev.scalars["ECE"], cal_extras = calibration_metrics(u_id, correct, DEFAULT_BINS, **boot)
     ev.scalars["AUSE"], sp_extras = sparsification_metrics(u_id, correct, **boot)

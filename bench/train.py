@@ -2,10 +2,13 @@
 device-agnostic, and cached on disk by a hash of everything that determines the trained weights."""
 from __future__ import annotations
 
+import ast
 import copy
 import fcntl
 import hashlib
+import inspect
 import json
+import sys
 import math
 import time
 from contextlib import contextmanager
@@ -24,25 +27,71 @@ from bench.errors import BenchError
 from bench.la.pairs import mined_pair_counts, reducer_weights
 from bench.data import Split
 from bench.environment import cpu_threads
+from bench.metrics.retrieval import retrieval_space
 from bench.model import build_model
 from bench.atomic import atomic_torch_save
+from bench.registry import BACKBONES
 
 
 def make_loss_and_miner(cfg: RunConfig) -> tuple[losses.ContrastiveLoss, miners.TripletMarginMiner]:
-    """ContrastiveLoss and TripletMarginMiner on plain Euclidean distances (no L2 normalisation,
-    so 2-d embeddings are not squashed onto a circle); the miner's triplets become the loss's pairs."""
-    dist = distances.LpDistance(normalize_embeddings=False, p=2, power=1)
+    """ContrastiveLoss and TripletMarginMiner on LpDistance(p=2, power=1): plain Euclidean distances
+    for distance=euclidean (2-d embeddings are not squashed onto a circle), distances between
+    L2-normalised embeddings (PML's default LpDistance) for cosine; the miner's triplets become the
+    loss's pairs."""
+    dist = distances.LpDistance(normalize_embeddings=cfg.distance == "cosine", p=2, power=1)
     loss = losses.ContrastiveLoss(pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin, distance=dist)
     miner = miners.TripletMarginMiner(margin=cfg.miner_margin, type_of_triplets=cfg.miner_type, distance=dist)
     return loss, miner
 
 
-def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int, dropout: float) -> dict:
-    """Everything that determines the trained weights (the cache key's content)."""
-    keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs", "batch_size",
-            "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type"]
+# modules whose code determines a trained net: this loop and loss, the miner emulation and reducer
+# (bench.la.pairs), the geometry (bench.metrics.retrieval), the model builder; the backbone's module
+# and a recipe's modules are added per key
+TRAINING_MODULES = ("bench.train", "bench.la.pairs", "bench.metrics.retrieval", "bench.model")
+
+
+def code_digest(modules: list[str]) -> str:
+    """sha256 over the code of the named (imported) modules, comments, formatting and docstrings
+    ignored (the digest of each module's AST without docstrings), in the given order."""
+    h = hashlib.sha256()
+    for name in modules:
+        tree = ast.parse(inspect.getsource(sys.modules[name]))
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _defining_modules(*fns: Callable) -> list[str]:
+    """The modules that define the given functions (for a bound method, also its object's class)."""
+    out: list[str] = []
+    for fn in fns:
+        owner = getattr(fn, "__self__", None)
+        for m in (getattr(fn, "__module__", None), type(owner).__module__ if owner is not None else None):
+            if m and m in sys.modules and m not in out:
+                out.append(m)
+    return out
+
+
+def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int, dropout: float,
+              recipe: "Recipe | None" = None) -> dict:
+    """Everything that determines the trained weights (the cache key's content): the config fields
+    the training reads, and `code`, the `code_digest` of TRAINING_MODULES, the backbone's module and,
+    with a recipe, the modules of its build and loss and its `modules` (so changed training code retrains)."""
+    keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs",
+            "batch_size", "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", "distance"]
     d = {k: cfg.to_dict()[k] for k in keys}
-    d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=3)
+    modules = list(TRAINING_MODULES)
+    if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
+        modules += _defining_modules(BACKBONES.get(cfg.backbone))
+    if recipe is not None:
+        modules += [m for m in (*_defining_modules(recipe.build, recipe.loss), *recipe.modules) if m not in modules]
+        d.update(recipe=recipe.name, recipe_options=dict(recipe.options))
+    d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=4,
+             code=code_digest(modules))
     return d
 
 
@@ -72,19 +121,21 @@ class Recipe:
     net, `loss(cfg)` gives its batch loss. `name` and `options` (JSON-safe) enter the cache key.
     `stages(model)` (optional): seconds of the training time that the trained net measured itself as
     parts of it ({stage: seconds}, e.g. online curvature), cached with the net and charged by the
-    runner to those stages instead of "train"."""
+    runner to those stages instead of "train". `modules`: further (imported) modules whose code
+    determines the trained net, besides those defining build and loss (their code enters the key)."""
 
     name: str
     build: Callable[..., nn.Module]
     loss: Callable[[RunConfig], BatchLoss]
     options: tuple[tuple[str, Any], ...] = ()
     stages: Callable[[nn.Module], dict[str, float]] | None = None
+    modules: tuple[str, ...] = ()
 
 
 def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
     """Per-batch losses [nb] of embeddings F [nb, m, d] with labels y [nb, m]: PML's ContrastiveLoss
-    (plain Euclidean distance, AvgNonZeroReducer) on the pairs of its TripletMarginMiner, computed as
-    sum over pairs of reducer weight x pair loss without listing pairs (`bench.la.pairs`); equal to
+    (cfg.distance, AvgNonZeroReducer) on the pairs of its TripletMarginMiner, computed as sum over
+    pairs of reducer weight x pair loss without listing pairs (`bench.la.pairs`); equal to
     `make_loss_and_miner`'s loss and gradients on the same batch up to float rounding (tested)."""
     return contrastive_loss_and_counts(F, y, cfg)[0]
 
@@ -93,7 +144,8 @@ def contrastive_loss_and_counts(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig
                                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """`batched_contrastive_loss` and the mined pair multiplicities (C_pos, C_neg) [nb, m, m] it used
     (`bench.la.pairs.mined_pair_counts`), so the loss's curvature can reuse its pairs."""
-    dist = torch.cdist(F, F)  # what PML's LpDistance computes, so the mined set is the same
+    G = retrieval_space(F, cfg.distance)  # cosine: normalised as PML's LpDistance normalises
+    dist = torch.cdist(G, G)  # what PML's LpDistance computes, so the mined set is the same
     with torch.no_grad():
         C_pos, C_neg = mined_pair_counts(F, y, cfg.miner_margin, cfg.miner_type, dist=dist)
         W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, cfg.pos_margin, cfg.neg_margin)
@@ -231,9 +283,7 @@ class ModelCache:
     def get(self, seed: int, dropout: float = 0.0, recipe: Recipe | None = None) -> tuple[nn.Module, dict, bool]:
         """(model, info, from_cache) for the given seed and dropout rate: the shared contrastive
         embedding net, or, with a `recipe`, a method's own net and objective."""
-        key = model_key(self.cfg, self.train.in_shape, len(self.train), seed, dropout)
-        if recipe is not None:
-            key.update(recipe=recipe.name, recipe_options=dict(recipe.options))
+        key = model_key(self.cfg, self.train.in_shape, len(self.train), seed, dropout, recipe)
         h = key_hash(key)
         path = self.root / f"{h}.pt"
         found = self._load(path, h, seed, dropout, recipe)

@@ -7,10 +7,10 @@ import torch
 
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, PairLoss, accumulate, scale_curvature
+from bench.la.curvature import Curvature, PairLoss, accumulate, check_supported, scale_curvature
 from bench.la.posterior import Posterior
 from bench.la.prior import DEFAULT_GRID, optimize_marglik, triplet_log_score
-from bench.la.structures import get_structure
+from bench.la.structures import get_structure, resolve_subset
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 
@@ -31,10 +31,11 @@ class _Laplace(Method):
     """Shared implementation; subclasses set `structure`.
 
     Stages: "hessian" = curvature accumulation; "prior" = prior-precision tuning and the posterior
-    factorisation; the runner times "predict" (GLM closed form or MC). Config: hessian (ggn | jtj),
-    predictive (glm | lmc | mc), posterior_samples, prior_precision (number | marglik | grid), hessian_items,
-    jacobian_chunk, hessian_dtype, batch_size (pairs are mined per training-sized batch), the margins;
-    full_la's option posterior_rank_tol.
+    factorisation; the runner times "predict" (GLM closed form or MC). Config: la_subset (the parameters
+    the posterior covers, `bench.la.structures.resolve_subset`; the rest stay at theta_MAP), hessian
+    (ggn | jtj), predictive (glm | lmc | mc), posterior_samples, prior_precision (number | marglik | grid),
+    hessian_items, jacobian_chunk, hessian_dtype, batch_size (pairs are mined per training-sized batch),
+    the margins; full_la's option posterior_rank_tol, kfac_la's kfac_conv.
     """
 
     post_hoc = True
@@ -44,6 +45,7 @@ class _Laplace(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         require(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
+        check_supported(cls.structure, cfg.hessian, cfg.distance)
         require(cfg.predictive in PREDICTIVES, f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}")
         require(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
@@ -51,6 +53,11 @@ class _Laplace(Method):
                 f"hessian_items must be >= 2, got {cfg.hessian_items}")
         require(cfg.prior_precision in ("marglik", "grid") or _positive_number(cfg.prior_precision),
                 f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}")
+
+    @classmethod
+    def accumulator_options(cls, cfg) -> dict:
+        """Keyword options of the structure's curvature accumulator (kfac_la: reduce)."""
+        return {}
 
     @classmethod
     def rank_tol(cls, cfg) -> float:
@@ -67,15 +74,18 @@ class _Laplace(Method):
     def fit(self, ctx: FitContext) -> None:
         cfg = self.cfg
         struct = get_structure(self.structure)
-        self.model = ctx.base_model().eval()
-        for p in self.model.parameters():
-            p.requires_grad_(True)
+        self.model = ctx.base_model().eval()  # BatchNorm in eval mode: items independent
+        subset = resolve_subset(self.structure, cfg.la_subset, self.model)
+        params = dict(self.model.named_parameters())
+        for name in jac.subset_names(self.model, subset):
+            params[name].requires_grad_(True)
         train = ctx.data.train_id
         n_full = len(train)
         train = train.subset(cfg.hessian_items, seed=ctx.seed_for(SUBSET_STREAM))
         acc_dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
         with ctx.stage("hessian"):
-            curv = accumulate(struct.accumulator(self.model, acc_dtype), train.x, train.y, hessian=cfg.hessian,
+            acc = struct.accumulator(self.model, acc_dtype, subset, **self.accumulator_options(cfg))
+            curv = accumulate(acc, train.x, train.y, hessian=cfg.hessian,
                               loss=PairLoss.from_config(cfg), mining_batch=cfg.batch_size,
                               chunk=cfg.jacobian_chunk, generator=ctx.generator(PERM_STREAM),
                               progress=not cfg.quiet)
@@ -87,13 +97,16 @@ class _Laplace(Method):
         self._samples = None
         st = curv.stats
         self.diagnostics = {
-            "structure": self.structure, "subset": curv.subset, "hessian": cfg.hessian,
-            "predictive": cfg.predictive, "D": curv.D, "prior_precision": delta, **info,
+            "structure": self.structure, "subset": curv.subset, "la_subset": cfg.la_subset, "hessian": cfg.hessian,
+            "predictive": cfg.predictive, "D": curv.D, "D_model": sum(p.numel() for p in params.values()),
+            "prior_precision": delta, **info,
             "hessian_items": st["items"], "hessian_rows": st["rows"],
             "dropped_curvature_output": st["dropped_fraction_output"],
             "dropped_curvature_param": st["dropped_fraction_param"],
             "jitter": getattr(self.posterior, "jitter", 0.0),
         }
+        if "excluded_params" in st:  # kfac_la: parameters of the subset outside Linear/Conv2d layers
+            self.diagnostics["excluded_params"] = st["excluded_params"]
 
     def _prior(self, ctx: FitContext, curv: Curvature) -> tuple[Posterior, float, dict]:
         """(posterior, delta, info) for the configured prior precision (marglik, grid or a number)."""
@@ -158,7 +171,8 @@ class _Laplace(Method):
 
 @register_method("full_la")
 class FullLaplace(_Laplace):
-    """Laplace, full GGN of the contrastive loss over all weights (low-rank or Cholesky posterior)."""
+    """Laplace, full GGN of the contrastive loss over la_subset (auto: all weights, a CNN's head;
+    low-rank or Cholesky posterior)."""
 
     structure = "full"
     options = {"posterior_rank_tol": Option(
@@ -175,13 +189,21 @@ class LastLayerLaplace(_Laplace):
 
 @register_method("diag_la")
 class DiagLaplace(_Laplace):
-    """Laplace, diagonal GGN of the contrastive loss over all weights."""
+    """Laplace, diagonal GGN of the contrastive loss over la_subset (auto: all weights)."""
 
     structure = "diag"
 
 
 @register_method("kfac_la")
 class KfacLaplace(_Laplace):
-    """Laplace, Kronecker-factored GGN per Linear layer."""
+    """Laplace, Kronecker-factored GGN per Linear and Conv2d layer (KFC factors of unfolded patches)."""
 
     structure = "kron"
+    options = {"kfac_conv": Option(
+        str, "expand", "Conv2d factors: expand = KFC, one pseudo-sample per output location (Grosse & Martens "
+        "2016); reduce = per item, patches averaged and output gradients summed (Eschenhagen et al. 2023)",
+        choices=("expand", "reduce"))}
+
+    @classmethod
+    def accumulator_options(cls, cfg) -> dict:
+        return {"reduce": cls.option(cfg, "kfac_conv") == "reduce"}

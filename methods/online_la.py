@@ -29,7 +29,9 @@ from bench.train import Recipe, contrastive_loss_and_counts
 from methods.laplace import SAMPLE_STREAM, _Laplace
 
 ONLINE_STREAM = 43  # generator stream of the training-time posterior draws and pair subsampling
-RECIPE_VERSION = 1  # bump when the online training code changes, so cached nets are retrained
+# the code that trains an online net besides this module's (its digest enters the model-cache key)
+TRAINING_CODE = ("bench.la.online", "bench.la.curvature", "bench.la.posterior", "bench.la.prior", "bench.la.spectrum",
+                 "bench.la.jacobians", "bench.la.subsets", "bench.la.structures")
 
 
 def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
@@ -100,7 +102,7 @@ class OnlineLaplace(_Laplace):
             train_samples=cls.option(cfg, "online_train_samples"), memory=cls.option(cfg, "online_memory"),
             scaling=cls.option(cfg, "online_scaling"), prior=cls.option(cfg, "online_prior"),
             marglik_every=cls.option(cfg, "online_marglik_every"), pair_cap=cls.option(cfg, "online_pair_cap"),
-            hessian=cfg.hessian, dtype=cfg.hessian_dtype)
+            hessian=cfg.hessian, dtype=cfg.hessian_dtype, distance=cfg.distance)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -115,8 +117,8 @@ class OnlineLaplace(_Laplace):
                       build=lambda cfg, in_shape, net_seed: OnlineLaplaceNet(build_model(cfg, in_shape, net_seed),
                                                                              s, cfg.epochs, n),
                       loss=lambda cfg: OnlineStep(cfg, s, n, seed),
-                      options=tuple(sorted({**s.options(), "version": RECIPE_VERSION}.items())),
-                      stages=lambda net: net.state.stage_seconds())
+                      options=tuple(sorted(s.options().items())),
+                      stages=lambda net: net.state.stage_seconds(), modules=TRAINING_CODE)
 
     def fit(self, ctx: FitContext) -> None:
         cfg, s = self.cfg, self.settings(self.cfg)

@@ -13,7 +13,7 @@ from bench.metrics.aggregate import stage_breakdown
 from reports.formats import Cell, Table
 
 DIGITS = 3
-HIGHER_BETTER = ("mAP@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision")
+HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision")
 LOWER_BETTER = ("ECE", "AUSE", "FPR95")  # other metrics are shown but never marked
 
 
@@ -65,7 +65,7 @@ def metric_groups(metrics: list[str]) -> list[tuple[str, list[str]]]:
         b, s = base_metric(m), ood_set(m)
         if s is not None:
             key = f"OOD detection: {s}"
-        elif b.startswith(("mAP@", "Recall@", "MAP@R", "precision")):
+        elif b.startswith(("mAP@", "mAP_pml@", "Recall@", "MAP@R", "precision")):
             key = "Retrieval"
         elif b in ("ECE", "AUSE"):
             key = "Calibration and sparsification"

@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call, jacrev
 
+from torch import nn
+
 from backbones.mlp import EmbeddingNet
 from bench.config import preset_config
-from bench.la.curvature import Chunk, Curvature, DiagGGN, FullGGN
+from bench.la import jacobians as jac
+from bench.la.curvature import Chunk, Curvature, DiagGGN, FullGGN, KronGGN
 from bench.la.pairs import clamped_laplacians
 from bench.train import make_loss_and_miner
 
@@ -22,6 +25,57 @@ def tiny_net(in_dim: int = 5, hidden: tuple[int, ...] = (4, 3), d: int = 2, seed
             if isinstance(mod, torch.nn.ReLU):
                 net.net[i] = torch.nn.Tanh()
     return net
+
+
+class TinyConvNet(nn.Module):
+    """A float64 CNN with the backbone contract (`trunk`, `head`): Conv2d(3x3, pad 1) - BatchNorm2d (eval,
+    non-trivial running statistics) - act - Conv2d(3x3, stride 2, no bias) - act - global average pool -
+    head Linear. Inputs [n, c_in, 5, 5]; the second conv has 2 x 2 output locations."""
+
+    def __init__(self, c_in: int = 2, d: int = 2, seed: int = 0, smooth: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        act = nn.Tanh if smooth else nn.ReLU
+        self.trunk = nn.Sequential(nn.Conv2d(c_in, 3, 3, padding=1), nn.BatchNorm2d(3), act(),
+                                   nn.Conv2d(3, 4, 3, stride=2, bias=False), act(),
+                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4, d)
+        bn = self.trunk[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+        self.double().eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.trunk(x))
+
+
+def tiny_images(n: int = 24, c_in: int = 2, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, c_in, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+
+
+def kron_to_flat(model: nn.Module, curvature: Curvature) -> torch.Tensor:
+    """Dense block-diagonal H [D, D] in the flat (named_parameters) layout from [W | b]-layout Kronecker
+    factors, one block per Linear/Conv2d layer (weight row-major [out, in'], then bias [out])."""
+    blocks = []
+    for layer, f in zip(jac.kron_layers(model, curvature.names), curvature.kron):
+        out, k = layer.weight.shape[0], layer.weight[0].numel()
+        cols = k + (layer.bias is not None)
+        K = torch.kron(f.G, f.A)  # index o * cols + i
+        perm = [o * cols + i for o in range(out) for i in range(k)] + [o * cols + k for o in range(out) if cols > k]
+        blocks.append(K[perm][:, perm])
+    return torch.block_diag(*blocks)
+
+
+class UniformKronGGN(KronGGN):
+    """Test-only: standard KFAC's pseudo-sample weights (every item and location alike), the convention
+    curvlinops and laplace-torch use."""
+
+    def item_weights(self, B: torch.Tensor) -> torch.Tensor:
+        return torch.ones(B.shape[:2], dtype=B.dtype, device=B.device)
 
 
 def tiny_data(n: int = 24, in_dim: int = 5, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

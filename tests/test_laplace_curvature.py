@@ -135,44 +135,6 @@ def test_jtj_equals_laplace_torch_full_h():
     assert rel_err(curv.H, la.H.double()) < 1e-6  # laplace-torch accumulates partly in float32
 
 
-def _kron_to_flat(model, factors):
-    """Dense block-diagonal H in the flat (weight, bias) layout from [W|b]-layout Kronecker factors."""
-    blocks = []
-    for layer, f in zip(jac.linear_layers(model), factors):
-        out, inp = layer.out_features, layer.in_features
-        K = torch.kron(f.G, f.A)  # index o*(in+1) + i
-        perm = [o * (inp + 1) + i for o in range(out) for i in range(inp)] + [o * (inp + 1) + inp for o in range(out)]
-        blocks.append(K[perm][:, perm])
-    return torch.block_diag(*blocks)
-
-
-def test_kron_is_exact_for_one_item_jtj():
-    """KFAC of J^T J is exact for a single item (G = B^T B, A = a a^T), block-diagonal over layers."""
-    model, (x, y) = tiny_net(), tiny_data(1)
-    x2, y2 = x.repeat(2, 1), y.repeat(2)  # one item, twice (a mining batch needs two)
-    kr = compute_curvature(model, x2, y2, structure="kron", hessian="jtj", mining_batch=2)
-    J = full_jacobian(model, x2)
-    mask = torch.block_diag(*[torch.ones(b, b, dtype=torch.float64) for b in _blocks(model)])
-    assert rel_err(_kron_to_flat(model, kr.kron), (J.T @ J) * mask) < 1e-10
-
-
-def _blocks(model):
-    return [l.weight.numel() + l.bias.numel() for l in jac.linear_layers(model)]
-
-
-def test_kron_last_layer_exact_for_one_pair_ggn():
-    model = tiny_net()
-    x, _ = tiny_data(3)
-    y = torch.tensor([0, 0, 1])  # one positive pair (both orders), negatives dropped by the clamp
-    loss = PairLoss(miner_margin=100.0)
-    kr = compute_curvature(model, x, y, structure="kron", loss=loss, mining_batch=3)
-    full = compute_curvature(model, x, y, structure="full", loss=loss, mining_batch=3).H
-    dense = _kron_to_flat(model, kr.kron)
-    k = _blocks(model)[-1]
-    assert rel_err(dense[-k:, -k:], full[-k:, -k:]) < 1e-10
-    assert kr.stats["dropped_fraction_output"] > 0
-
-
 def test_symmetric_update_paths_equal_gemm():
     g = torch.Generator().manual_seed(0)
     Ms = [torch.randn(k, 37, generator=g, dtype=torch.float64) for k in (5, 11, 3)]
@@ -234,3 +196,70 @@ def test_linear_closed_form_jacobian_declines_what_it_cannot_do():
     bn = bn.double()
     assert jac.linear_jacobian(bn, x, jac.subset_names(bn, "all")) is None  # items coupled in train mode
     assert jac.linear_jacobian(bn.eval(), x, jac.subset_names(bn, "all")) is not None
+
+
+# --- distance=cosine: the pair loss of L2-normalised embeddings ------------------------------------
+
+COSINE = preset_config("smoke").replace(distance="cosine")
+
+
+def test_normalised_pair_hessian_matches_autograd():
+    from bench.la.pairs import normalised_pair_hessians
+
+    F, _ = _emb(6, seed=4)
+    pairs = [(0, 1), (2, 5), (3, 0), (4, 2)]
+    H = normalised_pair_hessians(F[[i for i, _ in pairs]], F[[j for _, j in pairs]])
+    for k, (i, j) in enumerate(pairs):
+        def dist(z):
+            a, b = z[:2], z[2:]
+            return (a / a.norm() - b / b.norm()).norm()
+        ref = torch.autograd.functional.hessian(dist, torch.cat([F[i], F[j]]))
+        assert torch.allclose(H[k], ref, atol=1e-10)
+    assert torch.linalg.eigvalsh(H).min() < -1e-6  # indefinite even as a positive pair's block
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_cosine_block_laplacian_is_the_pml_loss_hessian(seed):
+    """Kept + dropped (per-pair PSD / NSD parts of the 2d x 2d blocks) equals autograd's Hessian of
+    PML's batch loss with its default (normalised) LpDistance; the kept part is PSD."""
+    F, y = _emb(12, seed)
+    pc = contrastive_pair_curvature(F[None], y[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2,
+                                    distance="cosine")
+    Lp, Ld = clamped_laplacians(pc)
+    H = autograd_output_hessian(F, y, cfg=COSINE)
+    assert H.abs().max() > 0
+    assert rel_err(Lp[0] + Ld[0], H) < 1e-10
+    assert torch.linalg.eigvalsh(Lp[0]).min() > -1e-10 and torch.linalg.eigvalsh(Ld[0]).max() < 1e-10
+    kept, dropped = pc.output_traces()
+    assert kept == pytest.approx(float(Lp[0].trace()) / 2) and dropped == pytest.approx(-float(Ld[0].trace()) / 2)
+    # each pair's own kept block is the PSD part of s w hess d: check one pair against eigh of autograd's
+    bi, ai, bj = (t[0] for t in pc.pair_index)
+    w = float(pc.W_pos[bi, ai, bj] - pc.W_neg[bi, ai, bj])  # signed weight
+    z = torch.cat([F[ai], F[bj]])
+    ref = w * torch.autograd.functional.hessian(lambda v: (v[:2] / v[:2].norm() - v[2:] / v[2:].norm()).norm(), z)
+    ev, V = torch.linalg.eigh(ref)
+    assert torch.allclose(pc.B_kept[0], (V * ev.clamp_min(0)) @ V.T, atol=1e-10)
+
+
+def test_cosine_ggn_matches_brute_force():
+    """The exact (unclamped) cosine GGN through the driver against jacrev Jacobians and autograd
+    Hessians of PML's loss; diag and last layer stay blocks of the clamped full GGN."""
+    model, (x, y) = tiny_net(), tiny_data(21)
+    loss = PairLoss(distance="cosine")
+    curv = accumulate(ExactGGN(model), x, y, hessian="ggn", mining_batch=M, loss=loss)
+    assert rel_err(curv.H, brute_ggn(model, x, y, M, part="all", cfg=COSINE)) < 1e-8
+    full = compute_curvature(model, x, y, structure="full", mining_batch=M, loss=loss)
+    assert torch.linalg.eigvalsh(full.H).min() > -1e-10 * full.H.abs().max()
+    assert 0 < full.stats["dropped_fraction_output"] < 1
+    diag = compute_curvature(model, x, y, structure="diag", mining_batch=M, loss=loss).H
+    assert rel_err(diag, full.H.diagonal()) < 1e-12
+    ll = compute_curvature(model, x, y, structure="last_layer", mining_batch=M, loss=loss)
+    assert rel_err(ll.H, full.H[-ll.D:, -ll.D:]) < 1e-12
+
+
+def test_kron_refuses_the_cosine_ggn_in_one_line():
+    model, (x, y) = tiny_net(), tiny_data(16)
+    with pytest.raises(BenchError, match="distance=euclidean") as e:
+        compute_curvature(model, x, y, structure="kron", mining_batch=M, loss=PairLoss(distance="cosine"))
+    assert "\n" not in str(e.value)
+    compute_curvature(model, x, y, structure="kron", hessian="jtj", mining_batch=M, loss=PairLoss(distance="cosine"))

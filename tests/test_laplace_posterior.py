@@ -13,7 +13,7 @@ from bench.la.posterior import jittered_cholesky
 from bench.la.prior import log_marglik, optimize_marglik, triplet_log_score
 from bench.la.spectrum import exact_spectrum, slq_spectrum
 from bench.la.structures import STRUCTURES, compute_curvature, make_posterior
-from tests.laplace_helpers import rel_err, tiny_data, tiny_net
+from tests.laplace_helpers import kron_to_flat, rel_err, tiny_data, tiny_net
 
 
 def _mc_var(post, x, S, seed=0):
@@ -61,8 +61,7 @@ def test_kron_logdet_and_glm_match_dense():
     model, (x, y) = tiny_net(), tiny_data(30)
     curv = compute_curvature(model, x, y, structure="kron", hessian="ggn", mining_batch=8)
     post = make_posterior(model, curv, delta=2.0)
-    from tests.test_laplace_curvature import _kron_to_flat
-    Hd = _kron_to_flat(model, curv.kron)
+    Hd = kron_to_flat(model, curv)
     P = Hd + 2.0 * torch.eye(Hd.shape[0], dtype=torch.float64)
     assert abs(post.logdet_precision() - float(torch.logdet(P))) < 1e-8
     assert abs(type(post).spectrum(curv).logdet(2.0) - float(torch.logdet(P))) < 1e-8

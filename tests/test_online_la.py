@@ -4,13 +4,16 @@ tests/test_reliability.py)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from bench.config import preset_config
-from bench.data import Split, load_benchmark
+from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
+from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, PairLoss
 from bench.la.online import (STRUCTURES, OnlineLaplaceNet, OnlineSettings, accumulator_class,
                              batch_curvature, cap_triplets, head_module, sample_deviations,
@@ -20,11 +23,13 @@ from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
 from bench.la.spectrum import exact_spectrum
 from bench.la.structures import compute_curvature
+from bench.method import FitContext
 from bench.registry import METHODS
-from bench.train import make_loss_and_miner, train_net
+from bench.timing import StageTimer
+from bench.train import make_loss_and_miner, model_key, train_net
 from methods.online_la import OnlineStep
 from tests.fit_helpers import fit_method
-from tests.laplace_helpers import tiny_data, tiny_net
+from tests.laplace_helpers import TinyConvNet, tiny_data, tiny_net
 
 CPU = torch.device("cpu")
 B = 8  # mining batch = training batch
@@ -52,21 +57,23 @@ def _with_head(net: torch.nn.Module, theta: dict[str, torch.Tensor]) -> torch.nn
     return net
 
 
-@pytest.mark.parametrize("structure", ["diag", "last_layer"])
-def test_accumulated_curvature_is_the_post_hoc_ggn_of_the_same_weights_and_batches(structure):
+@pytest.mark.parametrize("structure, distance", [("diag", "euclidean"), ("last_layer", "euclidean"),
+                                                 ("diag", "cosine")])
+def test_accumulated_curvature_is_the_post_hoc_ggn_of_the_same_weights_and_batches(structure, distance):
     """Zero learning rate, memory 1, a tiny posterior spread (samples = weights): after one epoch of the real
     training loop the online H is diag_la's / last_layer_la's GGN over the same batches (the training order;
     44 items, so the last batch has 4), restricted to the head."""
     x, y = tiny_data(n=44)
-    cfg = _cfg(lr=1e-30)
-    s = OnlineSettings(structure=structure, memory=1.0, prior=1e16, marglik_every=0, dtype="float64")
+    cfg = _cfg(lr=1e-30, distance=distance)
+    s = OnlineSettings(structure=structure, memory=1.0, prior=1e16, marglik_every=0, dtype="float64",
+                       distance=distance)
     model = _online(s, len(y))
     before = copy.deepcopy(model.net)
     train_net(model, OnlineStep(cfg, s, len(y), seed=3), cfg, Split(x, y), CPU, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(before.parameters(), model.net.parameters()))
     H = model.curvature(steps_per_epoch(len(y), B)).H
     ref = compute_curvature(before, x, y, structure="diag" if structure == "diag" else "full", mining_batch=B,
-                            chunk=64, generator=torch.Generator().manual_seed(5))
+                            chunk=64, generator=torch.Generator().manual_seed(5), loss=PairLoss.from_config(cfg))
     expected = _head_entries(model, ref.H)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(H, expected, rtol=1e-6, atol=1e-12)
@@ -297,15 +304,65 @@ def test_a_net_whose_embedding_is_not_the_heads_output_is_refused():
         OnlineStep(_cfg(), s, 16, seed=0)(model, x[:B], y[:B])
 
 
+@pytest.mark.parametrize("subset", ["head", "all"])
+def test_online_la_on_a_cnn_with_a_head(subset):
+    """A CNN with the backbone contract (`trunk`, `head`, BatchNorm: batch statistics in training, running
+    ones for the curvature's copy and at test time): it trains, and its head predictive is the full net's
+    GLM over the head's parameters (subset head), or it fits over all weights."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(80) % 4
+    x = (torch.randn(80, 2, 5, 5, generator=g) + y[:, None, None, None] * 0.5).float()
+    data = Dataset("tiny_images", Split(x[:64], y[:64]), Split(x[64:], y[64:]))
+    cfg = preset_config("smoke").replace(quiet=True, batch_size=16, epochs=2, jacobian_chunk=32, posterior_samples=8,
+                                         method_options=(("online_subset", subset),))
+    cpu = torch.device("cpu")
+
+    def train_model(seed, recipe, dropout=0.0):  # the recipe's training, on the CNN instead of the MLP
+        settings = METHODS.get("online_la").settings(cfg)
+        model = OnlineLaplaceNet(TinyConvNet().float(), settings, cfg.epochs, len(data.train_id))
+        train_net(model, recipe.loss(cfg), cfg, data.train_id, cpu, seed)
+        return model
+
+    method = METHODS.get("online_la")(cfg)
+    method.fit(FitContext(cfg=cfg, data=data, device=cpu, timer=StageTimer(), method="online_la",
+                          train_model=train_model, seed=0))
+    net = method.net
+    assert not net.training and net.trunk[1].num_batches_tracked > 0  # BatchNorm trained, then eval
+    with torch.no_grad():
+        pred = method.predict(data.test_id.x)
+        torch.testing.assert_close(pred.mean, net(data.test_id.x))
+    assert (pred.var > 0).all() and torch.isfinite(pred.cov).all()
+    post = method.posterior
+    if subset == "head":
+        assert post.model is net.head and post.curvature.D == 4 * 2 + 2
+        names = jac.subset_names(net, "head")
+        full = DiagPosterior(net, Curvature("diag", "head", names, post.curvature.D, H=post.curvature.H), post.delta)
+        torch.testing.assert_close(pred.cov, full.glm_cov(data.test_id.x), rtol=1e-4, atol=1e-7)
+    else:
+        assert post.curvature.D == sum(p.numel() for p in net.parameters())
+
+
+def test_the_model_cache_key_covers_the_online_training_code(smoke_cfg):
+    """The recipe names the bench.la modules its training runs, so a change there retrains cached nets."""
+    x, y = tiny_data(n=16)
+    ctx = SimpleNamespace(data=SimpleNamespace(train_id=Split(x, y)), seed_for=lambda offset: offset)
+    recipe = METHODS.get("online_la")(smoke_cfg).recipe(ctx)
+    assert "bench.la.online" in recipe.modules
+    key = lambda r: model_key(smoke_cfg, (5,), 16, 0, 0.0, r)["code"]  # noqa: E731
+    assert key(recipe) != key(dataclasses.replace(recipe, modules=()))
+
+
 @pytest.mark.parametrize("options, message", [
     ((("online_structure", "kron"), ("online_subset", "all")), "eigendecomposition"),
     ((("online_structure", "last_layer"), ("online_subset", "all")), "online_subset=head"),
     ((("online_memory", 1.5),), "online_memory"),
     ((("online_prior", 0.0),), "online_prior"),
     ((("online_scaling", "bogus"),), "online_scaling"),
+    ((("online_structure", "kron"), ("distance", "cosine")), "distance=euclidean"),
 ])
 def test_bad_options_are_one_line(options, message):
-    cfg = preset_config("smoke").replace(method_options=options)
+    fields = {k: v for k, v in options if k == "distance"}
+    cfg = preset_config("smoke").replace(method_options=tuple(o for o in options if o[0] != "distance"), **fields)
     with pytest.raises(BenchError, match=message):
         METHODS.get("online_la").validate(cfg)
     with pytest.raises(BenchError, match="hessian=ggn"):

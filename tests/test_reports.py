@@ -307,3 +307,22 @@ def test_with_base_column_follows_the_recorded_post_hoc_flag():
     assert rows == {"base": "–", "pfe": "12.00", "hib": "–"}
     legacy = {r[0].text: r[-1].text for r in timing_table(t, ["pfe", "hib"]).rows}
     assert legacy["pfe"] == "–"  # folders without the flag: only methods that trained nothing get it
+
+
+def test_seed_comparison_table_sits_beside_the_seeds_table1(tmp_path):
+    """Rows K = 1, 3, 5, 7 with the seed's two columns and, per method (plain first), mAP_pml@K and
+    mAP@K with their CIs; a run without mAP_pml@K has no such section."""
+    import pandas as pd
+
+    from bench.run_folder import RunFolder
+    from reports.seed_comparison import SEED_TABLE1, seed_comparison_blocks, seed_comparison_table
+    from tests.reports_fixture import make_run
+
+    rows = [{"method": m, "metric": f"{stem}@{k}", "value": 0.5 + 0.01 * k + (0.1 if m == "plain" else 0),
+             "lo": 0.4, "hi": 0.9} for m in ("full_la", "plain") for stem in ("mAP_pml", "mAP") for k in (1, 3, 5, 7)]
+    t = seed_comparison_table(pd.DataFrame(rows), ["full_la", "plain"])
+    assert [c.text for c in t.rows[0][:3]] == ["1", f"{SEED_TABLE1['ML without LA'][0]:.4f}", f"{SEED_TABLE1['ML with LA'][0]:.4f}"]
+    assert t.headers[3:] == ["plain mAP_pml@K", "plain mAP@K", "full_la mAP_pml@K", "full_la mAP@K"]
+    assert t.rows[3][3].text == "0.670 [0.400, 0.900]" and t.rows[3][5].text == "0.570 [0.400, 0.900]"
+    assert seed_comparison_table(pd.DataFrame(rows[:3]), ["full_la"]) is None
+    assert seed_comparison_blocks(RunFolder(make_run(tmp_path))) == []

@@ -25,7 +25,51 @@ def test_cache_key_changes_with_what_determines_the_weights(smoke_cfg):
     assert key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.1)) != base
     assert key_hash(model_key(smoke_cfg.replace(backbone="other"), (32,), 400, 0, 0.0)) != base
     assert key_hash(model_key(smoke_cfg.replace(epochs=2), (32,), 400, 0, 0.0)) != base
+    assert key_hash(model_key(smoke_cfg.replace(distance="cosine"), (32,), 400, 0, 0.0)) != base
     assert key_hash(model_key(smoke_cfg.replace(quiet=False, out="elsewhere"), (32,), 400, 0, 0.0)) == base
+
+
+def _key_with_edited_source(monkeypatch, cfg, module: str, edit, recipe=None) -> str:
+    """The key hash after `edit` (source -> source) is applied to the source of `module`."""
+    import inspect
+
+    import bench.train as train
+
+    real = inspect.getsource
+    monkeypatch.setattr(train.inspect, "getsource",
+                        lambda m: edit(real(m)) if m.__name__ == module else real(m))
+    try:
+        return key_hash(model_key(cfg, (32,), 400, 0, 0.0, recipe))
+    finally:
+        monkeypatch.setattr(train.inspect, "getsource", real)
+
+
+@pytest.mark.parametrize("module", ["bench.train", "bench.la.pairs", "bench.model", "backbones.mlp"])
+def test_cache_key_changes_with_the_training_code(smoke_cfg, monkeypatch, module):
+    """Changed code that trains (loop, loss, miner emulation, builder, the backbone's module) gives a
+    new key; the same code, or only comments and docstrings changed, gives the same key."""
+    import backbones.mlp  # noqa: F401  (the backbone's module is imported when it is registered)
+
+    base = key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0))
+    assert key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0)) == base
+    assert _key_with_edited_source(monkeypatch, smoke_cfg, module, lambda s: s + "\nX_CHANGED = 1\n") != base
+    assert _key_with_edited_source(monkeypatch, smoke_cfg, module, lambda s: s + "\n# a comment\n") == base
+    redoc = lambda s: s.replace('"""', '"""Reworded. ', 1)  # noqa: E731  (the module docstring)
+    assert _key_with_edited_source(monkeypatch, smoke_cfg, module, redoc) == base
+
+
+def test_cache_key_of_a_recipe_covers_its_modules(smoke_cfg, monkeypatch):
+    """A method's own net is keyed on the modules of its build and loss too (here HIB's)."""
+    from bench.registry import METHODS
+
+    from bench.train import Recipe
+
+    method = METHODS.get("hib")(smoke_cfg)
+    recipe = Recipe(name="hib", build=method.build, loss=method.batch_loss)  # as `fit` builds it
+    base = key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0, recipe))
+    for module in ("methods.hib", "methods._gaussian"):  # the loss's and the builder's modules
+        assert _key_with_edited_source(monkeypatch, smoke_cfg, module, lambda s: s + "\nY = 2\n", recipe) != base
+    assert base != key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0))
 
 
 def test_training_is_seeded_and_lowers_the_loss(smoke_cfg):
@@ -67,15 +111,21 @@ def test_concurrent_processes_train_a_model_once(smoke_cfg, tmp_path):
     assert sorted(counts) == [0, 1]
 
 
-def test_vectorised_loss_equals_pml_loss_and_gradients():
+@pytest.mark.parametrize("distance", ["euclidean", "cosine"])
+def test_vectorised_loss_equals_pml_loss_and_gradients(distance):
     """The training loss (vectorised miner + reducer weights) against PML's ContrastiveLoss and
     TripletMarginMiner on the same batches: values and gradients equal up to float rounding,
-    including batches with no or one mined triplet (PML's zero loss)."""
+    including batches with no or one mined triplet (PML's zero loss). For cosine the reference is
+    PML with its own defaults (ContrastiveLoss(), TripletMarginMiner(margin=0.2), default LpDistance)."""
+    from pytorch_metric_learning import losses, miners
+
     from bench.config import preset_config
     from bench.train import batched_contrastive_loss, make_loss_and_miner
 
-    cfg = preset_config("paper")
+    cfg = preset_config("paper").replace(distance=distance)
     loss_fn, miner = make_loss_and_miner(cfg)
+    if distance == "cosine":
+        loss_fn, miner = losses.ContrastiveLoss(), miners.TripletMarginMiner(margin=0.2, type_of_triplets="all")
     g = torch.Generator().manual_seed(0)
     cases = [(torch.randn(b, 2, generator=g, dtype=torch.float64) * s, torch.randint(0, c, (b,), generator=g))
              for b, s, c in [(16, 0.5, 7), (16, 2.0, 3), (64, 0.7, 7), (5, 0.1, 2), (4, 9.0, 4)]]

@@ -22,10 +22,10 @@ HESSIANS = ("ggn", "jtj")
 
 @dataclass
 class KronFactor:
-    """One Linear layer's factors: H_l ~= G (x) A for the layer's [W | b] flattened row-major."""
+    """One Linear/Conv2d layer's factors: H_l ~= G (x) A for the layer's [W | b] flattened row-major."""
 
     G: torch.Tensor  # [out, out]
-    A: torch.Tensor  # [in+1, in+1]
+    A: torch.Tensor  # [in', in'] (in' = in_features or C_in kh kw, + 1 with a bias)
 
 
 @dataclass
@@ -49,10 +49,19 @@ class PairLoss:
     neg_margin: float = 1.0
     miner_margin: float = 0.2
     miner_type: str = "all"
+    distance: str = "euclidean"
 
     @classmethod
     def from_config(cls, cfg) -> "PairLoss":
-        return cls(cfg.pos_margin, cfg.neg_margin, cfg.miner_margin, cfg.miner_type)
+        return cls(cfg.pos_margin, cfg.neg_margin, cfg.miner_margin, cfg.miner_type, cfg.distance)
+
+
+def check_supported(structure: str, hessian: str, distance: str) -> None:
+    """BenchError (one line) for a structure that cannot take this curvature: the Kronecker factors
+    assume a pair loss of u = f_a - f_b, which the cosine distance is not (its J^T J proxy is fine)."""
+    if structure == "kron" and hessian == "ggn" and distance != "euclidean":
+        raise BenchError("kfac_la: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
+                         "with distance=cosine use hessian=jtj, or full_la, last_layer_la or diag_la")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,15 +88,56 @@ def full_memory_bytes(D: int, dtype: torch.dtype) -> int:
 
 
 def check_full_memory(D: int, dtype: torch.dtype, device: torch.device, method: str = "full_la",
-                      available: int | None = None) -> None:
-    """BenchError (one line) when two D x D matrices will not fit in 90% of the free memory."""
+                      available: int | None = None, subset: str = "all", cheaper: list[str] | None = None) -> None:
+    """BenchError (one line, before anything is allocated) when two D x D matrices will not fit in 90%
+    of the free memory, naming the cheaper choices (`cheaper`, e.g. smaller la_subset values that fit)."""
     need = full_memory_bytes(D, dtype)
     avail = available_memory(device) if available is None else available
     if need > 0.9 * avail:
+        alt = "".join(f"{c}, " for c in (cheaper or []))
         raise BenchError(
-            f"{method}: a full {D}x{D} {str(dtype).replace('torch.', '')} posterior needs about "
-            f"{need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
-            f"use last_layer_la, diag_la or kfac_la (or a smaller net)")
+            f"{method}: a full {D}x{D} {str(dtype).replace('torch.', '')} posterior over la_subset={subset} needs "
+            f"about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
+            f"use {alt}last_layer_la, diag_la or kfac_la (or a smaller net)")
+
+
+def fitting_subsets(model: nn.Module, D: int, dtype: torch.dtype, available: int,
+                    candidates: tuple[str, ...] = ("head", "last_k:1")) -> list[str]:
+    """'la_subset=S (D=...)' for the candidate subsets smaller than D whose full matrix fits in 90% of `available`."""
+    params, out, seen = dict(model.named_parameters()), [], {D}
+    for s in candidates:
+        Ds = sum(params[n].numel() for n in jac.subset_names(model, s))
+        if Ds not in seen and full_memory_bytes(Ds, dtype) <= 0.9 * available:
+            out.append(f"la_subset={s} (D={Ds:,})")
+        seen.add(Ds)
+    return out
+
+
+def chunk_budget(device: torch.device) -> int:
+    """Bytes one chunk's per-item quantities (Jacobians, layer factors, sampled activations) may take:
+    an eighth of the free memory, within [64 MiB, 4 GiB]."""
+    return int(min(max(available_memory(device) / 8, 64 * 2**20), 4 * 2**30))
+
+
+def items_within(requested: int, bytes_per_item: int, budget: int) -> int:
+    """min(requested, budget // bytes_per_item), at least 1: the items one chunk may hold."""
+    return max(1, min(int(requested), budget // max(int(bytes_per_item), 1)))
+
+
+def forward_footprint(model: nn.Module, x1: torch.Tensor) -> tuple[int, int]:
+    """(d, a) for one item x1 [1, ...]: the embedding dim and the number of activations the forward
+    produces (outputs of the leaf modules), to size chunks on any backbone."""
+    sizes: list[int] = []
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel() if torch.is_tensor(o) else 0))
+             for m in leaves]
+    try:
+        with torch.no_grad():
+            f = model(x1)
+    finally:
+        for h in hooks:
+            h.remove()
+    return int(f.shape[-1]), sum(sizes) // max(len(x1), 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,23 +228,34 @@ class Chunk:
 
 
 class Accumulator:
-    """Curvature of one structure over the parameter subset `subset`: `jacobian` says what the driver
-    computes per item, `add` takes a chunk, `result` returns the Curvature."""
+    """Curvature of one structure over a parameter subset (`bench.la.subsets`; the class default when
+    None): `jacobian` says what the driver computes per item, `add` takes a chunk, `result` returns the
+    Curvature, `bytes_per_item` sizes the chunks."""
 
     structure = ""
     subset = "all"
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None) -> None:
         p = next(model.parameters())
         self.model, self.device, self.dtype = model, p.device, dtype or p.dtype
+        self.subset = subset or self.subset
         self.names = jac.subset_names(model, self.subset)
-        params = dict(model.named_parameters())
-        self.D = sum(params[n].numel() for n in self.names)
+        self.D = self._numel(self.names)
         self.stats = {"rows": 0, "param_kept": 0.0, "param_dropped": 0.0}
+
+    def _numel(self, names: list[str]) -> int:
+        params = dict(self.model.named_parameters())
+        return sum(params[n].numel() for n in names)
 
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """(f [n, d], the per-item quantity `add` needs) for the items x."""
         raise NotImplementedError
+
+    def bytes_per_item(self, x1: torch.Tensor) -> int:
+        """About how many bytes `jacobian` and `add` hold per item (x1 [1, ...] one item): the [d, D]
+        Jacobian plus d copies of the forward's activations (vmap(jacrev) runs d backward passes)."""
+        d, act = forward_footprint(self.model, x1)
+        return d * (self.D + act) * torch.empty((), dtype=self.dtype).element_size()
 
     def add(self, chunk: Chunk) -> None:
         raise NotImplementedError
@@ -252,14 +313,17 @@ class _RowAccumulator(Accumulator):
 
 
 class FullGGN(_RowAccumulator):
-    """Full H [D, D] over all weights: M^T M through BLAS syrk on the upper triangle (CPU, half the
-    GEMM flops) or a blocked upper-triangular addmm (CUDA), rows buffered into large updates."""
+    """Full H [D, D] over the subset: M^T M through BLAS syrk on the upper triangle (CPU, half the
+    GEMM flops) or a blocked upper-triangular addmm (CUDA), rows buffered into large updates. Refuses
+    (before allocating) a D x D matrix that will not fit, naming smaller subsets that would."""
 
     structure, subset, method = "full", "all", "full_la"
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
-        super().__init__(model, dtype)
-        check_full_memory(self.D, self.dtype, self.device, self.method)
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None) -> None:
+        super().__init__(model, dtype, subset)
+        avail = available_memory(self.device)
+        cheaper = fitting_subsets(model, self.D, self.dtype, avail) if self.method == "full_la" else []
+        check_full_memory(self.D, self.dtype, self.device, self.method, avail, self.subset, cheaper)
         self.sym = SymmetricAccumulator(self.D, self.dtype, self.device)
 
     def add_rows(self, M: torch.Tensor) -> None:
@@ -278,14 +342,17 @@ class LastLayerGGN(FullGGN):
 
     structure, subset, method = "last_layer", "last_layer", "last_layer_la"
 
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None) -> None:
+        super().__init__(model, dtype, "last_layer")  # always the last Linear, whatever la_subset says
+
 
 class DiagGGN(_RowAccumulator):
     """diag(H) [D]: the sum of squares of M's columns (J^T J is never formed)."""
 
     structure = "diag"
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
-        super().__init__(model, dtype)
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None) -> None:
+        super().__init__(model, dtype, subset)
         self.H = torch.zeros(self.D, dtype=self.dtype, device=self.device)
 
     def add_rows(self, M: torch.Tensor) -> None:
@@ -296,59 +363,133 @@ class DiagGGN(_RowAccumulator):
         return self._curvature(H=self.H)
 
 
-class KronGGN(Accumulator):
-    """Kronecker factors per Linear layer l (parameters [W | b], row-major): H_l ~= G (x) A.
+def kron_dims(layer: nn.Module) -> tuple[int, int]:
+    """(out, in') of a Linear/Conv2d's Kronecker factors: in' = in_features or C_in kh kw, plus 1 with a bias."""
+    w = layer.weight
+    return w.shape[0], w[0].numel() + (layer.bias is not None)
 
-    With B_i = df_i/ds_l [d, out] and a_i the layer input with a 1 appended:
-      jtj:  G = sum_i B_i^T B_i,  A = mean_i a_i a_i^T             (standard KFAC, exact for one item)
-      ggn:  G = sum_pairs w (B_a + B_b)^T A+ (B_a + B_b) / 4,  A = mean_pairs (a_a - a_b)(a_a - a_b)^T
-    The pair form approximates the pair's exact contribution sum_e (B_a^T u_e (x) a_a - B_b^T u_e (x) a_b)
-    (...)^T by g (x) (a_a - a_b) with g the mean of the two output-Jacobian terms: exact for the last
-    layer (B_a = B_b = I) and one pair; it keeps the translation invariance (the last bias gets none).
-    The mean of A runs over the kept pairs (ggn) or the items (jtj): the "pseudo-samples".
+
+class KronGGN(Accumulator):
+    """Kronecker factors per Linear/Conv2d layer of the subset (its [W | b], W as [out, in'] row-major,
+    in' = C_in kh kw for a Conv2d): H_l ~= G (x) A. Other parameters of the subset (e.g. BatchNorm's)
+    stay at theta_MAP (stats["excluded_params"] counts them).
+
+    The layer's Jacobian for item i is sum_s B_is (x) U_is^T over its locations s (`jacobians.
+    layer_quantities`: B = d f / d output [d, out], U = input or unfolded patch [in']). Its GGN block
+    is approximated by a sum of Kronecker products over pseudo-samples k, sum_k X_k (x) Y_k with
+    X_k = g_k^T Lam_k g_k [out, out] and Y_k = v_k v_k^T [in', in']:
+      jtj: k = (item i, location s): g = B_is, Lam = I_d, v = U_is (KFC: cross-location terms dropped).
+      ggn: a kept pair {a, b} with curvature block S_ab (the PSD-clamped block Laplacian, both orders)
+           has Jacobian difference B_a (x) U_a - B_b (x) U_b = Bbar (x) dU + dB (x) Ubar exactly, with
+           Bbar, Ubar the pair's means and dB, dU its differences; each term is a pseudo-sample per
+           location (g = Bbar, v = dU and g = dB, v = Ubar; the cross terms are dropped). For the last
+           layer dB = 0 and the pair term is exact; dU has no bias entry, so the last bias gets no curvature.
+    KFAC's step, with c_k = tr X_k and X_k = c_k Xhat_k:
+        sum_k X_k (x) Y_k = C E_c[Xhat (x) Y] ~= C E_c[Xhat] (x) E_c[Y] = G (x) A,
+        G = sum_k X_k,    A = sum_k c_k Y_k / sum_k c_k    (C = sum_k c_k),
+    so the input factor is averaged with the weights that build G, and tr(G (x) A) = sum_k tr X_k tr Y_k
+    is the trace of the pseudo-sample sum, which is the exact block for the last layer (G (x) A itself is
+    exact for one pair there, and for one item at one location with jtj).
+    (The factors before used A = the plain mean of dU dU^T over pairs and no dB term: as c_k ~ w_ab / d_ab is
+    largest where a pair's inputs are closest, the paper net's last-layer trace came out 1.5x the exact
+    one and the inner layers' 0.4-0.9x.) Standard KFAC (curvlinops, laplace-torch) weighs every
+    pseudo-sample alike, c_k = 1; the two agree where tr X_k is the same for every pseudo-sample (jtj on a
+    last layer, or on a layer followed by linear maps only).
+    Vectorised per mining batch through Laplacians, never a list of pairs: with B_s [m d, out] stacked
+    over the batch, L its block Laplacian and Q = 2 blockdiag(L) - L the signless one,
+        G = sum_s (B_s^T Q B_s / 4 + B_s^T L B_s),
+        A C = sum_s (U_s^T (diag(C1 1) - C1) U_s + U_s^T (diag(C2 1) + C2) U_s / 4),
+    C1_ab = tr(Bbar^T S_ab Bbar), C2_ab = tr(dB^T S_ab dB) from the batch's Gram B_s B_s^T. reduce=True
+    (kfac_conv=reduce): one location per item, U = mean_s U_s, B = sum_s B_s (KFAC-reduce).
     """
 
     structure = "kron"
+    GRAM_NUMEL = 2 ** 25  # entries of the per-location Grams B_s B_s^T computed at once
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None) -> None:
-        super().__init__(model, dtype)
+    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None,
+                 reduce: bool = False) -> None:
+        super().__init__(model, dtype, subset)
+        self.layers = jac.kron_layers(model, self.names)
+        kept = jac.kron_names(model, self.layers)
+        self.stats["excluded_params"] = self.D - self._numel(kept)
+        self.names, self.D, self.reduce = kept, self._numel(kept), reduce
         kw = dict(dtype=self.dtype, device=self.device)
-        self.G = [torch.zeros(l.out_features, l.out_features, **kw) for l in jac.linear_layers(model)]
-        self.A = [torch.zeros(l.in_features + 1, l.in_features + 1, **kw) for l in jac.linear_layers(model)]
+        dims = [kron_dims(l) for l in self.layers]
+        self.G = [torch.zeros(o, o, **kw) for o, _ in dims]
+        self.A = [torch.zeros(i, i, **kw) for _, i in dims]
+        self.weight = [0.0 for _ in dims]  # C = sum_k c_k per layer (A's denominator)
         self.n = 0
 
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
-        return jac.layer_quantities(self.model, x)
+        return jac.layer_quantities(self.model, x, self.layers, reduce=self.reduce)
+
+    def bytes_per_item(self, x1: torch.Tensor) -> int:
+        """U and B of one item (B four times: stacked copies, Q B and L B) plus its activations."""
+        _, qs = self.jacobian(x1)
+        _, act = forward_footprint(self.model, x1)
+        return (act + sum(U.numel() + 4 * B.numel() for U, B in qs)) * torch.empty((), dtype=self.dtype).element_size()
+
+    def item_weights(self, B: torch.Tensor) -> torch.Tensor:
+        """jtj's c_k = tr(B^T B) = ||B||_F^2 per item and location: [n, s] from B [n, s, d, out]."""
+        return B.pow(2).sum((-2, -1))
 
     def add(self, chunk: Chunk) -> None:
         layers, pc, dtype = chunk.J, chunk.pairs, self.dtype
-        if pc is None:  # jtj: items
+        if pc is None:  # jtj: items x locations
             keep = chunk.valid.reshape(-1)
-            self.n += int(chunk.valid.sum())
-            for G, A, (a, B) in zip(self.G, self.A, layers):
-                a, B = a[keep].to(dtype), B[keep].to(dtype)
-                G += torch.einsum("nko,nkp->op", B, B)
-                A += a.T @ a
+            self.n += int(keep.sum())
+            for i, (U, B) in enumerate(layers):
+                U, B = U[keep].to(dtype), B[keep].to(dtype)
+                c = self.item_weights(B)
+                Bf, Uf = B.reshape(-1, B.shape[-1]), U.reshape(-1, U.shape[-1])
+                self.G[i] += Bf.T @ Bf
+                self.A[i] += (Uf * c.reshape(-1, 1)).T @ Uf
+                self.weight[i] += float(c.sum())
             return
-        self.n += int(pc.W_pos.gt(0).sum())
-        bi, ai, bj = torch.nonzero(pc.W_pos > 0, as_tuple=True)  # active (kept) pairs
-        if bi.numel() == 0:
-            return
-        m = chunk.valid.shape[1]
-        w = pc.W_pos[bi, ai, bj]
-        Ap = pc.A_pos[bi, ai, bj] * w[:, None, None]  # [P, d, d]
-        ia, ib = bi * m + ai, bi * m + bj
-        for G, A, (a, B) in zip(self.G, self.A, layers):
-            a, B = a.to(dtype), B.to(dtype)
-            Bbar = 0.5 * (B[ia] + B[ib])  # [P, d, out]
-            G += torch.einsum("pko,pkl,plq->oq", Bbar, Ap, Bbar)
-            da = a[ia] - a[ib]
-            A += da.T @ da
+        nb, m = chunk.valid.shape
+        L_kept, _ = clamped_laplacians(pc)  # [nb, m d, m d]
+        d = L_kept.shape[-1] // m
+        Lr = L_kept.to(dtype).reshape(nb, m, d, m, d)
+        tol = 64 * m * torch.finfo(dtype).eps * float(Lr.abs().max())
+        if float(Lr.sum(3).abs().max()) > tol:  # the rows of blocks of a Laplacian sum to zero
+            raise BenchError("kfac_la: the kept pair curvature is not a block graph Laplacian (a pair loss of "
+                             "f_a - f_b); its Kronecker factors are undefined")
+        same = torch.eye(m, dtype=torch.bool, device=Lr.device)
+        Q = torch.where(same[None, :, None, :, None], Lr, -Lr).reshape(nb, m * d, m * d)
+        S = (-Lr * ~same[None, :, None, :, None]).permute(0, 1, 3, 2, 4)  # [nb, a, b, d, d] pair blocks S_ab
+        self.n += int((S.abs().sum((-2, -1)) > 0).sum()) // 2
+        for i, (U, B) in enumerate(layers):
+            n_loc, out, inp = U.shape[1], B.shape[-1], U.shape[-1]
+            Bs = B.to(dtype).reshape(nb, m, n_loc, d, out).transpose(1, 2).reshape(nb, n_loc, m * d, out)
+            Us = U.to(dtype).reshape(nb, m, n_loc, inp).transpose(1, 2)  # [nb, s, m, in']
+            self.G[i] += Bs.reshape(-1, out).T @ (Q[:, None] @ Bs / 4 + L_kept.to(dtype)[:, None] @ Bs).reshape(-1, out)
+            C1, C2 = self._pair_weights(Bs, S)  # [nb, s, m, m]
+            lap = torch.diag_embed(C1.sum(-1)) - C1 + (torch.diag_embed(C2.sum(-1)) + C2) / 4
+            self.A[i] += Us.reshape(-1, inp).T @ (lap @ Us).reshape(-1, inp)
+            self.weight[i] += float(C1.sum() + C2.sum()) / 2  # each unordered pair once
+
+    def _pair_weights(self, Bs: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C1, C2) [nb, s, m, m]: C1_ab = tr(Bbar^T S_ab Bbar) = (<S, K_aa> + <S, K_bb> + 2 <S, K_ab>) / 4 and
+        C2_ab = tr(dB^T S_ab dB) = <S, K_aa> + <S, K_bb> - 2 <S, K_ab> per location, with K = B_s B_s^T the
+        batch's Gram ([m d, m d]; locations in blocks of GRAM_NUMEL entries)."""
+        nb, n_loc, md, _ = Bs.shape
+        m, d = S.shape[1], S.shape[-1]
+        step = max(1, self.GRAM_NUMEL // (nb * md * md))
+        C1, C2 = [], []
+        for s0 in range(0, n_loc, step):
+            K = (Bs[:, s0:s0 + step] @ Bs[:, s0:s0 + step].transpose(-1, -2)).reshape(nb, -1, m, d, m, d)
+            Kaa = K.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # [nb, s, m, d, d]
+            saa = torch.einsum("zabij,zsaij->zsab", S, Kaa)
+            sab = torch.einsum("zabij,zsaibj->zsab", S, K)
+            sbb = saa.transpose(-1, -2)  # <S_ab, K_bb> = <S_ba, K_bb> (S_ab = S_ba)
+            C1.append((saa + sbb + 2 * sab) / 4)
+            C2.append(saa + sbb - 2 * sab)
+        return torch.cat(C1, 1), torch.cat(C2, 1)
 
     def result(self) -> Curvature:
         factors = []
-        for G, A in zip(self.G, self.A):
-            A = A / max(self.n, 1)
+        for G, A, w in zip(self.G, self.A, self.weight):
+            G, A = (G + G.T) / 2, (A + A.T) / 2 / (w if w > 0 else 1.0)
             _check_finite(G, "Kronecker factor")
             _check_finite(A, "Kronecker factor")
             factors.append(KronFactor(G, A))
@@ -389,24 +530,36 @@ def scale_curvature(curv: Curvature, factor: float) -> Curvature:
 def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: str = "ggn",
                loss: PairLoss | None = None, mining_batch: int = 16, chunk: int = 256,
                generator: torch.Generator | None = None, progress: bool = False) -> Curvature:
-    """Feed `acc` the curvature of the contrastive loss (hessian="ggn") or JtJ ("jtj") of its model
-    on (x [N, ...], y [N]).
+    """Feed `acc` the curvature of the contrastive loss (hessian="ggn", in loss.distance's geometry)
+    or JtJ ("jtj": sum_n J_n^T J_n, the regression GGN with sigma 1 summed over the N items, which is
+    laplace-torch's `Laplace(model, "regression")` H; independent of the distance) of its model on
+    (x [N, ...], y [N]).
 
     Pairs are mined in batches of `mining_batch` items drawn like training (seeded permutation of the
-    data), with the trained model's embeddings; `chunk` items (rounded to whole mining batches) share
-    one Jacobian. stats: items, rows of M, output/parameter-space kept and dropped curvature.
+    data), with the trained model's embeddings; `chunk` items (rounded to whole mining batches, fewer
+    when their Jacobians would exceed `chunk_budget`, at least one batch) share one Jacobian.
+    stats: items, rows of M, output/parameter-space kept and dropped curvature.
     """
     if hessian not in HESSIANS:
         raise BenchError(f"hessian must be ggn or jtj, got {hessian!r}")
     loss = loss or PairLoss()
+    check_supported(acc.structure, hessian, loss.distance)
     model = acc.model
     pdtype = next(model.parameters()).dtype
     m = max(2, int(mining_batch))
     idx, valid = _batches(len(y), m, generator)
-    per_chunk = max(1, chunk // m)
     nb = idx.shape[0]
     if nb == 0:
         raise BenchError(f"need at least 2 training items for the Hessian, got {len(y)}")
+    x1 = x[idx[0, :1]].to(device=acc.device, dtype=pdtype)
+    item_bytes = acc.bytes_per_item(x1)
+    per_chunk = max(1, items_within(chunk, item_bytes, chunk_budget(acc.device)) // m)
+    avail = available_memory(acc.device)
+    if m * item_bytes > 0.9 * avail:
+        raise BenchError(f"{acc.structure} curvature over la_subset={acc.subset} (D={acc.D:,}): one mining batch of "
+                         f"{m} items needs about {m * item_bytes / 2**30:.1f} GiB of Jacobians but only "
+                         f"{avail / 2**30:.1f} GiB is free on {acc.device}; use a smaller la_subset (head, "
+                         f"last_k:<k>), kfac_la or a smaller batch_size")
     stats = {"items": int(valid.sum()), "out_kept": 0.0, "out_dropped": 0.0}
 
     bar = tqdm(total=nb, desc=f"hessian {acc.structure}", disable=None if progress else True, leave=False)
@@ -421,7 +574,8 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
                 F = f.reshape(nbc, m, f.shape[1]).to(acc.dtype)
                 pairs = contrastive_pair_curvature(F, y[bidx].to(acc.device), pos_margin=loss.pos_margin,
                                                    neg_margin=loss.neg_margin, miner_margin=loss.miner_margin,
-                                                   miner_type=loss.miner_type, valid=bval)
+                                                   miner_type=loss.miner_type, valid=bval,
+                                                   distance=loss.distance)
                 kept, dropped = pairs.output_traces()
                 stats["out_kept"] += kept
                 stats["out_dropped"] += dropped

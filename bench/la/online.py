@@ -56,10 +56,13 @@ from bench.errors import BenchError, require
 from bench.la import jacobians as jac
 from bench.la.curvature import (Accumulator, Chunk, Curvature, DiagGGN, KronFactor, KronGGN, LastLayerGGN, PairLoss,
                                 scale_curvature)
-from bench.la.pairs import PairCurvature, contrastive_pair_curvature, mined_triplets, triplet_pair_counts
+from bench.la.pairs import (PairCurvature, contrastive_pair_curvature, mined_triplets, pairwise_distances,
+                            triplet_pair_counts)
 from bench.la.posterior import Posterior
 from bench.la.prior import optimize_marglik
 from bench.la.structures import get_structure
+from bench.la.subsets import subset_modules
+from bench.metrics.retrieval import retrieval_space
 from bench.timing import sync
 
 STRUCTURES = ("diag", "kron", "last_layer")
@@ -82,6 +85,7 @@ class OnlineSettings:
     pair_cap: int = 5000  # most Hessian pairs per batch (LAM: 5000)
     hessian: str = "ggn"  # ggn | jtj (the seed's identity output Hessian)
     dtype: str = "float32"  # dtype of the running curvature
+    distance: str = "euclidean"  # the training loss's (euclidean | cosine)
 
     def check(self) -> None:
         """BenchError (one line) for values or combinations that cannot run."""
@@ -97,16 +101,20 @@ class OnlineSettings:
                 "factors each step (about 40x a plain step on the paper net): use online_subset=head or diag")
         require(self.scaling != "lam" or self.hessian == "ggn",
                 "online_scaling=lam counts Hessian pairs: it needs hessian=ggn")
+        require(self.structure != "kron" or self.hessian != "ggn" or self.distance == "euclidean",
+                "online_structure=kron: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
+                "with distance=cosine use diag or last_layer, or hessian=jtj")
 
     def options(self) -> dict:
         return asdict(self)
 
 
 def head_module(model: nn.Module) -> nn.Module:
-    """The head of an embedding net: `model.head` when the backbone defines one (the CNN backbones), else
-    its last nn.Linear (the MLP's output layer). The embedding must be head(features) of the head's input."""
-    head = getattr(model, "head", None)
-    return head if isinstance(head, nn.Module) else jac.last_linear(model)
+    """The head of an embedding net, as la_subset=head takes it (`bench.la.subsets`): `model.head` when the
+    backbone defines one (the CNN backbones), else its last nn.Linear (the MLP's output layer). The
+    embedding must be the head's output (`subset_inputs` checks it)."""
+    (head,) = subset_modules(model, "head")
+    return head
 
 
 def bayesian_module(model: nn.Module, subset: str) -> nn.Module:
@@ -159,15 +167,15 @@ class _LinearHeadFullGGN(_LinearHeadDiagGGN):
 
 
 class _LinearHeadKronGGN(KronGGN):
-    """KronGGN of a head that is one nn.Linear on its closed-form layer quantities: a = [phi, 1], B = I_d
-    (what `jac.layer_quantities` finds with d backward passes)."""
+    """KronGGN of a head that is one nn.Linear on its closed-form layer quantities, one location:
+    U = [phi, 1] (1 with a bias), B = I_d (what `jac.layer_quantities` finds with d backward passes)."""
 
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         with torch.no_grad():
             f = self.model(x)
         n, d = f.shape
-        a = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        return f, [(a, torch.eye(d, dtype=f.dtype, device=f.device).expand(n, d, d))]
+        U = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if self.model.bias is not None else x
+        return f, [(U[:, None], torch.eye(d, dtype=f.dtype, device=f.device).expand(n, 1, d, d))]
 
 
 def accumulator_class(structure: str, module: nn.Module) -> type[Accumulator]:
@@ -248,12 +256,13 @@ def batch_curvature(acc: Accumulator, inputs: torch.Tensor, y: torch.Tensor, los
             F, yb = f[None].to(acc.dtype), y[None].to(acc.device)
             k = None if pair_cap is None else max(1, pair_cap // 2)
             if counts is None or (k is not None and float(counts[0].sum()) > k):
-                trip = cap_triplets(mined_triplets(F, yb, loss.miner_margin, loss.miner_type), pair_cap, generator)
-                counts = triplet_pair_counts(trip, F.dtype)
+                G = retrieval_space(F, loss.distance)  # mined on the loss's distances
+                trip = mined_triplets(G, yb, loss.miner_margin, loss.miner_type, dist=pairwise_distances(G))
+                counts = triplet_pair_counts(cap_triplets(trip, pair_cap, generator), F.dtype)
             counts = (counts[0].to(F.dtype), counts[1].to(F.dtype))
             pairs = contrastive_pair_curvature(F, yb, pos_margin=loss.pos_margin, neg_margin=loss.neg_margin,
                                                miner_margin=loss.miner_margin, miner_type=loss.miner_type,
-                                               counts=counts)
+                                               distance=loss.distance, counts=counts)
         acc.add(Chunk(J, valid, pairs))
     return BatchCurvature(acc.result(), pairs, counts if pairs is not None else None)
 
@@ -400,8 +409,8 @@ class OnlineCurvature:
         device = state.seconds.device
         sync(device)
         t0 = time.perf_counter()
-        if self._probe is None:  # a copy of the Bayesian module that holds each draw in turn
-            self._probe = copy.deepcopy(module)
+        if self._probe is None:  # a copy of the Bayesian module that holds each draw in turn (eval mode:
+            self._probe = copy.deepcopy(module).eval()  # BatchNorm would couple the items of the Jacobians)
         acc_cls = accumulator_class(s.structure, module)
         total: Curvature | None = None
         traces = [0.0, 0.0]

@@ -12,7 +12,7 @@ from torch.func import functional_call, jvp, vmap
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature
+from bench.la.curvature import Curvature, chunk_budget, forward_footprint, items_within
 from bench.la.lowrank import Eigenbasis, krylov_nystrom
 from bench.la.spectrum import EXACT_EIG_MAX_D, Spectrum, exact_spectrum, full_spectrum, slq_spectrum
 
@@ -80,28 +80,50 @@ class Posterior:
         raise NotImplementedError
 
     def glm_cov(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """Linearised predictive covariance J(x) Sigma J(x)^T [n, d, d], `chunk` items per Jacobian."""
-        return _chunked(self._glm_cov, x, chunk)
+        """Linearised predictive covariance J(x) Sigma J(x)^T [n, d, d], `chunk` items per Jacobian
+        (fewer when their Jacobians would exceed `chunk_budget`)."""
+        return _chunked(self._glm_cov, x, self._items(x, chunk))
 
     def _glm_cov(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _items(self, x: torch.Tensor, chunk: int) -> int:
+        """Items per Jacobian chunk: `chunk`, capped so that their per-item quantities fit `chunk_budget`."""
+        return items_within(chunk, self._bytes_per_item(x[:1]), chunk_budget(x.device))
+
+    def _bytes_per_item(self, x1: torch.Tensor) -> int:
+        """The [d, D] Jacobian of one item plus d copies of its activations (float64 at most)."""
+        d, act = forward_footprint(self.model, x1)
+        return 8 * d * (self.curvature.D + act)
+
     def sampled_embeddings(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
-        """f(x) under each of S sampled parameter sets (from `sample_params`): [S, n, d]."""
+        """f(x) under each of S sampled parameter sets (from `sample_params`; the other parameters and
+        the buffers at their MAP values): [S, n, d]. `chunk` items per vmapped forward of the S networks,
+        fewer when S copies of their activations would exceed `chunk_budget`."""
         base = {k: v.detach() for k, v in self.model.named_parameters()}
 
         def f(p: dict[str, torch.Tensor], xc: torch.Tensor) -> torch.Tensor:
             return functional_call(self.model, {**base, **p}, (xc,))
 
         with torch.no_grad():
-            return _chunked(lambda xc: vmap(f, in_dims=(0, None))(params, xc), x, chunk, dim=1)
+            return _chunked(lambda xc: vmap(f, in_dims=(0, None))(params, xc), x,
+                            self._sample_items(params, x, chunk, copies=1), dim=1)
+
+    def _sample_items(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int, copies: int) -> int:
+        """Items per vmapped forward of the S parameter sets: `chunk`, fewer when `copies` x S copies of
+        the items' activations would exceed `chunk_budget`."""
+        S = next(iter(params.values())).shape[0]
+        _, act = forward_footprint(self.model, x[:1])
+        return items_within(chunk, copies * S * act * x.element_size(), chunk_budget(x.device))
 
     def linearized_embeddings(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
         """Samples of the linearised (GLM) predictive, f_MAP(x) + J(x) (theta_s - theta_MAP), for the S
         parameter sets of `sample_params`: [S, n, d]. Exact samples of N(f_MAP(x), J Sigma J^T), jointly
         over the n items (one theta_s serves every item), unlike sampled networks f(x; theta_s), which
         leave the region where the linearisation (and the Laplace posterior) is meaningful.
-        J(x) (theta_s - theta_MAP) is one forward-mode product (torch.func.jvp) per sample, vmapped."""
+        J(x) (theta_s - theta_MAP) is one forward-mode product (torch.func.jvp) per sample over the
+        posterior's parameter subset, vmapped; `chunk` items at a time, fewer when the S primal and
+        tangent activations would exceed `chunk_budget`."""
         base = {k: v.detach() for k, v in self.model.named_parameters()}
         primal = {k: base[k] for k in params}
         tangents = {k: (v - base[k]).to(base[k].dtype) for k, v in params.items()}  # [S, *shape]
@@ -115,7 +137,7 @@ class Posterior:
             return mean[None] + jt
 
         with torch.no_grad():
-            return _chunked(chunk_samples, x, chunk, dim=1)
+            return _chunked(chunk_samples, x, self._sample_items(params, x, chunk, copies=2), dim=1)
 
 
 class _FlatPosterior(Posterior):
@@ -196,6 +218,7 @@ class FullPosterior(_FlatPosterior):
         """J Sigma J^T = Z^T Z with Z = L^-1 J^T: triangular solves with SOLVE_COLUMNS right-hand sides
         (n d of them; `chunk` items per Jacobian within); Sigma is never formed."""
         items = max(1, SOLVE_COLUMNS // self._out_dim(x))
+        chunk = self._items(x, chunk)
         return _chunked(lambda xc: self._glm_cov_solve(xc, chunk), x, items)
 
     def _glm_cov_solve(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -219,7 +242,8 @@ class LowRankPosterior(_FlatPosterior):
 
     n d D k flops instead of the n d D^2 of triangular solves. For a stack of Linear layers A and J J^T
     come from the layer factors (J_l = B (x) a^T): A = sum_l B_l (a_l U_l), J J^T = sum_l (B_l B_l^T)(a_l . a_l),
-    J never formed and the widest layer's product costs n in out k, not n d in out k."""
+    J never formed and the widest layer's product costs n in out k, not n d in out k (any subset of
+    Linear layers, e.g. a CNN's head; other subsets form J by `jacobian`)."""
 
     def __init__(self, model: nn.Module, curvature: Curvature, delta: float, basis: Eigenbasis) -> None:
         super().__init__(model, curvature, delta)
@@ -228,7 +252,7 @@ class LowRankPosterior(_FlatPosterior):
         self.lam, self.U = basis.lam, basis.eigenvectors(self.dtype)
         self.w = (self.lam / (self.lam + self.delta))  # float64 [k]
         params = dict(model.named_parameters())
-        self.U_layers, i = [], 0  # per parameter: a weight's [in, out * k] (a @ it = a U_l), a bias's [out, k]
+        self.U_layers, i = [], 0  # per parameter: a 2-d weight's [in, out * k] (a @ it = a U_l), else [numel, k]
         for name in curvature.names:
             p, k = params[name], self.U.shape[1]
             block = self.U[i:i + p.numel()]
@@ -254,7 +278,7 @@ class LowRankPosterior(_FlatPosterior):
 
     def jacobian_products(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A = J U [n, d, k], J J^T [n, d, d] float64), from the Linear-layer factors when they apply."""
-        factors = jac.linear_factors(self.model, x, self.curvature.names) if self.curvature.subset == "all" else None
+        factors = jac.linear_factors(self.model, x, self.curvature.names)
         if factors is None:
             J = self.jacobian(x).to(self.dtype)
             Jd = J.double()
@@ -302,7 +326,7 @@ class DiagPosterior(_FlatPosterior):
 
 
 def _kron_eig(curvature: Curvature) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Per layer (Q_G, Q_A, Lam [out, in+1]): G = Q_G diag(lam) Q_G^T, A = Q_A diag(mu) Q_A^T and
+    """Per layer (Q_G, Q_A, Lam [out, in']): G = Q_G diag(lam) Q_G^T, A = Q_A diag(mu) Q_A^T and
     Lam = lam mu^T (clamped at 0), the eigenvalues of G (x) A in the basis Q_G (x) Q_A."""
     for f in curvature.kron or []:
         lam, QG = torch.linalg.eigh(f.G)
@@ -311,14 +335,18 @@ def _kron_eig(curvature: Curvature) -> Iterator[tuple[torch.Tensor, torch.Tensor
 
 
 class KronPosterior(Posterior):
-    """Block-diagonal over Linear layers, each (G (x) A + delta I)^-1 through the factors' eigenbases:
-    H_l + delta I = (Q_G (x) Q_A)(lam (x) mu + delta)(...)^T, so samples are Q_G (Z / sqrt(lam mu^T + delta)) Q_A^T
-    and, with J_l = B (x) a^T, cov = sum_{o,i} (B Q_G)[:, o] (B Q_G)[:, o]^T (a^T Q_A)_i^2 / (lam_o mu_i + delta)."""
+    """Block-diagonal over the subset's Linear/Conv2d layers, each (G (x) A + delta I)^-1 through the
+    factors' eigenbases: H_l + delta I = (Q_G (x) Q_A)(lam (x) mu + delta)(...)^T, so a sample of the
+    layer's [W | b] is Q_G (Z / sqrt(lam mu^T + delta)) Q_A^T. The GLM covariance uses the exact Jacobian
+    J_l = sum_s B_s (x) U_s^T over the layer's locations s (`jacobians.layer_quantities`, whatever
+    approximation built the factors): with P_s = B_s Q_G [d, out], q_s = Q_A^T U_s [in'] and
+    M = sum_s P_s (x) q_s [d, out, in'], cov = sum_{o,i} M[:, o, i] M[:, o, i]^T / (lam_o mu_i + delta);
+    for one location (a Linear) that is sum_{o,i} P[:, o] P[:, o]^T q_i^2 / (lam_o mu_i + delta), M never formed."""
 
     def __init__(self, model: nn.Module, curvature: Curvature, delta: float) -> None:
         assert curvature.kron is not None
         super().__init__(model, curvature, delta)
-        self.layers = jac.linear_layers(model)
+        self.layers = jac.kron_layers(model, curvature.names)
         names = {id(p): n for n, p in model.named_parameters()}
         self.layer_names = [(names[id(l.weight)], names[id(l.bias)] if l.bias is not None else None)
                             for l in self.layers]
@@ -338,19 +366,32 @@ class KronPosterior(Posterior):
         for layer, (wn, bn), (QG, QA, Lam) in zip(self.layers, self.layer_names, self.eig):
             Z = torch.randn(S, *Lam.shape, generator=generator, device=generator.device, dtype=Lam.dtype)
             Z = Z.to(Lam.device) / (Lam + self.delta).sqrt()
-            E = QG @ Z @ QA.T  # [S, out, in+1]
+            E = QG @ Z @ QA.T  # [S, out, in']
             W = layer.weight.detach()
-            out[wn] = W + E[:, :, :-1].to(W.dtype)
+            k = W[0].numel()
+            out[wn] = W + E[:, :, :k].reshape(S, *W.shape).to(W.dtype)
             if bn is not None:
-                out[bn] = layer.bias.detach() + E[:, :, -1].to(W.dtype)
+                out[bn] = layer.bias.detach() + E[:, :, k].to(W.dtype)
         return out
 
+    def _bytes_per_item(self, x1: torch.Tensor) -> int:
+        """One item's U and B (float64 at most) plus, for layers with several locations, its M."""
+        _, qs = jac.layer_quantities(self.model, x1, self.layers)
+        _, act = forward_footprint(self.model, x1)
+        m = sum(B.shape[2] * B.shape[3] * U.shape[2] for U, B in qs if U.shape[1] > 1)
+        return 8 * (act + m + sum(U.numel() + 2 * B.numel() for U, B in qs))
+
     def _glm_cov(self, x: torch.Tensor) -> torch.Tensor:
-        _, qs = jac.layer_quantities(self.model, x)
+        _, qs = jac.layer_quantities(self.model, x, self.layers)
         cov = None
-        for (a, B), (QG, QA, Lam) in zip(qs, self.eig):
-            P = B.to(QG.dtype) @ QG  # [n, d, out]
-            q2 = (a.to(QA.dtype) @ QA).pow(2)  # [n, in+1]
-            c = torch.einsum("nko,nlo,ni,oi->nkl", P, P, q2, 1.0 / (Lam + self.delta))
+        for (U, B), (QG, QA, Lam) in zip(qs, self.eig):
+            P = B.to(QG.dtype) @ QG  # [n, s, d, out]
+            q = U.to(QA.dtype) @ QA  # [n, s, in']
+            inv = 1.0 / (Lam + self.delta)
+            if P.shape[1] == 1:
+                c = torch.einsum("nko,nlo,ni,oi->nkl", P[:, 0], P[:, 0], q[:, 0].pow(2), inv)
+            else:
+                M = torch.einsum("nsko,nsi->nkoi", P, q)
+                c = torch.einsum("nkoi,nloi,oi->nkl", M, M, inv)
             cov = c if cov is None else cov + c
         return cov  # type: ignore[return-value]

@@ -1,9 +1,28 @@
-"""Leave-one-out retrieval metrics on a labelled test set (mAP@K, Recall@K, MAP@R), as per-query
-vectors so a bootstrap over queries needs one kNN search."""
+"""Leave-one-out retrieval metrics on a labelled test set (mAP@K, Recall@K, MAP@R and the seed's
+mAP_pml@K), as per-query vectors so a bootstrap over queries needs one kNN search; `retrieval_space`
+maps embeddings into the geometry every retrieval distance is measured in."""
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as nnf
+
+from bench.conventions import DISTANCES
+from bench.errors import BenchError
+
+
+def retrieval_space(emb: torch.Tensor, distance: str) -> torch.Tensor:
+    """Embeddings [..., d] in the space whose Euclidean distances are the run's `distance`:
+    euclidean: emb itself; cosine: emb / max(||emb||, 1e-12) (what pytorch-metric-learning's
+    LpDistance(normalize_embeddings=True) and its testers do), so ||a - b|| = sqrt(2 - 2 cos(a, b))."""
+    if distance == "euclidean":
+        return emb
+    if distance == "cosine":
+        return nnf.normalize(emb, p=2, dim=-1)
+    raise BenchError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+
+
+PML_MAP = "mAP_pml"  # name stem of the seed's AP@K (hits-normalised, pytorch-metric-learning <= 1.6.0)
 
 
 def _ranked_relevance(emb: torch.Tensor, labels: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
@@ -35,7 +54,8 @@ def _ap_from_rel(rel: torch.Tensor, norm: torch.Tensor) -> np.ndarray:
 
 
 def retrieval_per_query(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 3, 5, 7)) -> dict[str, np.ndarray]:
-    """Per-query AP@K and Recall@K vectors [N] for each K, named `mAP@K` and `Recall@K`.
+    """Per-query AP@K, Recall@K and AP_pml@K vectors [N] for each K, named `mAP@K`, `Recall@K` and
+    `mAP_pml@K`; emb already in the retrieval space (`retrieval_space`).
 
     For query q the gallery is every other test item, ranked by Euclidean distance to q;
     rel_q(k) = 1 when the k-th item shares q's label, R_q = relevant items in the gallery and
@@ -44,6 +64,10 @@ def retrieval_per_query(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, 
       the top K, so a perfect ranking scores 1 for every K (pytorch-metric-learning's
       `mean_average_precision` divides by R_q instead). AP@1 equals precision@1.
     * Recall@K_q = 1 if any of the top K items is relevant, else 0 (the metric-learning Recall@K).
+    * AP_pml@K_q = 1/H_q * sum_{k<=K} P_q(k) rel_q(k) with H_q = sum_{k<=K} rel_q(k) the hits in the
+      top K, and 0 when H_q = 0: pytorch-metric-learning's `mean_average_precision` up to v1.6.0 (the
+      seed's; v1.6.1 divides by R_q). A query with a single hit at rank k scores 1/k, one without hits 0,
+      so it rises with K while Recall@K does (the seed's Table 1), and AP_pml@1 = AP@1.
     Queries with R_q = 0 score 0. One kNN search (to the largest K) serves every K.
     """
     labels = labels.to(emb.device)
@@ -57,6 +81,9 @@ def retrieval_per_query(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, 
     for k in ks:
         kk = min(k, rel.shape[1])
         out[f"Recall@{k}"] = (rel[:, :kk].sum(1) > 0).double().numpy()
+    for k in ks:
+        kk = min(k, rel.shape[1])
+        out[f"{PML_MAP}@{k}"] = _ap_from_rel(rel[:, :kk], rel[:, :kk].sum(1))
     return out
 
 

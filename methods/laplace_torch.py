@@ -1,0 +1,174 @@
+"""laplace-torch's own Laplace approximation, run as-is inside the harness, so that the reference
+implementation has its row in every table: `Laplace(model, "regression", subset_of_weights="all",
+hessian_structure=full | diag | kron)`, its marglik `optimize_prior_precision`, its GLM predictive
+and, for predictive=mc, its sampled networks."""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+with warnings.catch_warnings():  # its import warns about torch.jit.script: keep CLI errors one line
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    from laplace import Laplace
+    from laplace.baselaplace import FullLaplace
+    from laplace.curvature import CurvlinopsGGN
+    from laplace.curvature.curvature import GGNInterface
+
+from bench.errors import BenchError, require
+from bench.la.curvature import check_full_memory
+from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.registry import register_method
+from methods.laplace import SAMPLE_STREAM, SUBSET_STREAM, _positive_number
+
+STRUCTURES = ("full", "diag", "kron")
+# laplace-torch's curvature backends; auto: its own torch.func GGN (GGNInterface: Jacobians and one
+# einsum J^T J) for full, where its default CurvlinopsGGN multiplies the GGN by a D x D identity
+# (measured: 136 s per 512 items on the paper net, against 35 s per 1024), and the default
+# CurvlinopsGGN for diag and kron
+BACKENDS = {"curvlinops": CurvlinopsGGN, "torch": GGNInterface}
+AUTO_BACKEND = {"full": "torch", "diag": "curvlinops", "kron": "curvlinops"}
+GLM_CHUNK = 4096  # items per call of its GLM predictive
+
+
+class EigLogdetFullLaplace(FullLaplace):
+    """laplace-torch's FullLaplace, with one change: while `evals` (the eigenvalues of its H) is set
+    and the prior is a scalar, the log-determinant of its posterior precision H_factor H + delta I is
+    sum_i log(H_factor lambda_i + delta), the same number as its `logdet` of the D x D matrix, which
+    its marglik loop (100 Adam steps) otherwise recomputes and differentiates at every step: 185 s
+    per step for D = 13,410 on 2 CPU cores (logdet 27 s, its backward 157 s), 5 hours in all."""
+
+    evals: torch.Tensor | None = None
+
+    @property
+    def log_det_posterior_precision(self) -> torch.Tensor:
+        if self.evals is None or self.prior_precision.numel() != 1:
+            return super().log_det_posterior_precision
+        return torch.log(self._H_factor * self.evals + self.prior_precision).sum()
+
+
+def make_laplace(model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True):
+    """laplace-torch's regression Laplace over all weights with sigma_noise 1, prior mean 0,
+    temperature 1 (its defaults) and the given curvature backend; full: `EigLogdetFullLaplace`
+    when fast_logdet (else its FullLaplace)."""
+    backend_cls = BACKENDS[AUTO_BACKEND[structure] if backend == "auto" else backend]
+    if structure == "full" and fast_logdet:
+        return EigLogdetFullLaplace(model, "regression", backend=backend_cls)
+    return Laplace(model, "regression", subset_of_weights="all", hessian_structure=structure, backend=backend_cls)
+
+
+def scale_fit(la, factor: float, n_data: int) -> None:
+    """Scale a fitted laplace-torch posterior's data term by `factor` (its H and loss; n_data set):
+    a curvature from a subset of n of N items estimates the full-data one with factor N / n."""
+    la.loss = la.loss * factor
+    la.n_data = n_data
+    if getattr(la, "H_facs", None) is not None:  # KronLaplace: rescale the factors, decompose again
+        la.H_facs = la.H_facs * factor
+        la.H = la.H_facs.decompose(damping=la.damping)
+    else:
+        la.H = la.H * factor
+
+
+@register_method("laplace_torch")
+class LaplaceTorch(Method):
+    """laplace-torch's `Laplace(model, "regression", subset_of_weights="all", hessian_structure=...)`
+    on the shared base model: the reference implementation as its users run it.
+
+    Regression likelihood N(t | f(x), I) summed over the curvature items, so H = sum_n J_n^T J_n
+    (this project's hessian=jtj, tested equal). Targets t = f_MAP(x), the base model's own
+    embeddings: J^T J does not depend on targets, but laplace-torch's marglik does through the
+    residuals (its log-likelihood term); with t = f_MAP they are 0, so theta_MAP is a stationary point
+    of the likelihood the approximation is built on (class labels or zeros as targets would make the
+    residuals, not the embedding task, set that term). The marglik optimum of a scalar prior does not
+    depend on the targets (sigma_noise is not tuned). Items: the same `hessian_items` subset as the
+    Laplace family (scaled by N / n, `scale_fit`). Prior precision: laplace-torch's
+    `optimize_prior_precision(method="marglik")` (100 Adam steps on log delta from 1, lr 0.1, scalar),
+    or a fixed number. Predictive: glm = its `la(x, pred_type="glm")` (mean f_MAP, covariance
+    J Sigma J^T); mc = its `predictive_samples(x, pred_type="nn")` over `posterior_samples` networks,
+    the same networks for every query set (one generator seed), as joint samples.
+    """
+
+    post_hoc = True
+    options = {
+        "laplace_torch_structure": Option(str, "full", "laplace-torch's hessian_structure", choices=STRUCTURES),
+        "laplace_torch_backend": Option(
+            str, "auto", "laplace-torch's curvature backend; auto: its torch.func GGN for full (its default "
+            "CurvlinopsGGN multiplies by a D x D identity), CurvlinopsGGN for diag and kron",
+            choices=("auto", *BACKENDS)),
+    }
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        require(cfg.predictive in ("glm", "mc"), f"laplace_torch: predictive must be glm or mc, got {cfg.predictive!r}")
+        require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
+        require(cfg.prior_precision == "marglik" or _positive_number(cfg.prior_precision),
+                f"laplace_torch: prior_precision must be marglik or a positive number, got {cfg.prior_precision!r} "
+                "(laplace-torch's gridsearch needs validation targets a metric-learning net does not have)")
+        require(cfg.hessian_items is None or cfg.hessian_items >= 2, f"hessian_items must be >= 2, got {cfg.hessian_items}")
+
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        self.la = None
+        self._sample_seed = 0
+
+    def fit(self, ctx: FitContext) -> None:
+        cfg = self.cfg
+        structure = self.option(cfg, "laplace_torch_structure")
+        backend = self.option(cfg, "laplace_torch_backend")
+        model = copy.deepcopy(ctx.base_model()).eval()  # laplace-torch writes sampled weights into it
+        for p in model.parameters():
+            p.requires_grad_(True)
+        D = sum(p.numel() for p in model.parameters())
+        if structure == "full":  # H, its precision, scale and covariance: up to 4 D x D at once, and
+            # check_full_memory's two matrices of side 2D are 8 D x D: room for the temporaries
+            check_full_memory(2 * D, next(model.parameters()).dtype, ctx.device, "laplace_torch")
+        train = ctx.data.train_id
+        n_full = len(train)
+        train = train.subset(cfg.hessian_items, seed=ctx.seed_for(SUBSET_STREAM))
+        x = train.x.to(ctx.device)
+        with torch.no_grad():
+            targets = model(x)  # f_MAP: zero residuals (see the class docstring)
+        loader = DataLoader(TensorDataset(x, targets), batch_size=cfg.jacobian_chunk)
+        la = make_laplace(model, structure, backend)
+        with ctx.stage("hessian"):
+            la.fit(loader)
+            if len(train) < n_full:
+                scale_fit(la, n_full / len(train), n_full)
+        with ctx.stage("prior"):
+            if isinstance(la, EigLogdetFullLaplace):
+                la.evals = torch.linalg.eigvalsh(la.H).clamp_min(0)  # H is PSD; float rounding aside
+            if cfg.prior_precision == "marglik":
+                la.optimize_prior_precision(method="marglik", pred_type="glm" if cfg.predictive == "glm" else "nn")
+            else:
+                la.prior_precision = float(cfg.prior_precision)
+            with torch.no_grad():
+                log_marglik = float(la.log_marginal_likelihood())
+            if structure == "full":
+                _ = la.posterior_scale  # its Cholesky-based factor, once (cached by laplace-torch)
+        self.la = la
+        self._sample_seed = ctx.seed_for(SAMPLE_STREAM)
+        self.diagnostics = {
+            "structure": structure, "backend": type(la.backend).__name__, "likelihood": "regression",
+            "targets": "f_MAP", "sigma_noise": 1.0, "D": D, "hessian_items": len(train),
+            "prior_precision": float(la.prior_precision.reshape(-1)[0]),
+            "prior_method": "marglik" if cfg.prior_precision == "marglik" else "fixed",
+            "log_marglik": log_marglik, "predictive": cfg.predictive,
+        }
+
+    def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
+        la = self.la
+        if la is None:
+            raise BenchError("laplace_torch: predict called before fit")
+        xd = x.to(la._device)
+        if self.cfg.predictive == "mc":  # the same S networks for every call: one generator seed
+            gen = torch.Generator(device=la._device).manual_seed(self._sample_seed)
+            E = la.predictive_samples(xd, pred_type="nn", n_samples=self.cfg.posterior_samples, generator=gen)
+            return EmbeddingPrediction.from_samples(E.detach()).to(x.device)
+        parts = []  # large chunks: laplace-torch's full GLM forms its D x D covariance on every call
+        for s in range(0, len(xd), GLM_CHUNK):
+            f_mu, f_var = la(xd[s:s + GLM_CHUNK], pred_type="glm")
+            parts.append(EmbeddingPrediction(mean=f_mu.detach(), cov=f_var.detach()))
+        return EmbeddingPrediction.cat(parts).to(x.device)
