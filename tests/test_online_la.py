@@ -288,6 +288,19 @@ def test_training_time_is_split_into_train_hessian_and_prior_and_cached(smoke_cf
     assert cache2.trained == 0 and timer2.for_method("online_la")["hessian"] == rec["hessian"]
 
 
+@pytest.mark.parametrize("structure", ["diag", "last_layer"])
+def test_pair_form_head_curvature_equals_the_jacobian_rows(structure):
+    """The closed form from the pairs (online steps, Euclidean GGN) against the rows M = V^T J path."""
+    x, y = tiny_data(n=16)
+    model = _online(OnlineSettings(dtype="float64"), 16)
+    head = head_module(model.net)
+    phi = model.net.net[:-1](x).detach()
+    got = [batch_curvature(accumulator_class(structure, head, pair_form)(head, torch.float64), phi, y, PairLoss())
+           for pair_form in (True, False)]
+    assert got[1].curvature.H.abs().sum() > 0
+    torch.testing.assert_close(got[0].curvature.H, got[1].curvature.H, rtol=1e-10, atol=1e-12)
+
+
 def test_a_net_whose_embedding_is_not_the_heads_output_is_refused():
     class Scaled(torch.nn.Module):
         def __init__(self):

@@ -178,14 +178,61 @@ class _LinearHeadKronGGN(KronGGN):
         return f, [(U[:, None], torch.eye(d, dtype=f.dtype, device=f.device).expand(n, 1, d, d))]
 
 
-def accumulator_class(structure: str, module: nn.Module) -> type[Accumulator]:
-    """The post-hoc family's accumulator of `structure` for the Bayesian module (closed-form Jacobians
-    when it is one nn.Linear)."""
+class _LinearHeadPairDiag(_LinearHeadDiagGGN):
+    """The diagonal of `_LinearHeadDiagGGN` for the Euclidean GGN, without Jacobian rows: for a head
+    f = W phi + b, J_a - J_b = I_d (x) (phi_a - phi_b, 0)^T, so a pair (a, b) with reducer weight w and
+    PSD block A (`bench.la.pairs`; the block Laplacian's term w (e_a - e_b)(e_a - e_b)^T (x) A) adds
+    w A (x) dphi dphi^T to the weight block and nothing to the bias:
+        H_W[o, i] += sum_ab w_ab A_ab[o, o] (phi_a,i - phi_b,i)^2.
+    The same numbers as the rows M = V^T J (tested), in a few tensor ops per step."""
+
+    def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f, the head's inputs phi [n, h]) instead of J."""
+        with torch.no_grad():
+            f = self.model(x)
+        return f, x.to(self.dtype)
+
+    def add(self, chunk: Chunk) -> None:
+        W, A, dphi = _pair_terms(chunk)
+        h = torch.einsum("nab,nabo,nabi->oi", W, A.diagonal(dim1=-2, dim2=-1), dphi * dphi).reshape(-1)
+        self.H[:h.numel()] += h
+        self.stats["param_kept"] += float(h.sum())
+
+
+class _LinearHeadPairFull(_LinearHeadFullGGN):
+    """`_LinearHeadFullGGN` for the Euclidean GGN without Jacobian rows (`_LinearHeadPairDiag`'s pair
+    term in full): H_WW += sum_ab w_ab A_ab (x) dphi_ab dphi_ab^T, the bias rows and columns nothing."""
+
+    jacobian = _LinearHeadPairDiag.jacobian
+
+    def add(self, chunk: Chunk) -> None:
+        W, A, dphi = _pair_terms(chunk)
+        block = torch.einsum("nab,nabop,nabi,nabj->oipj", W, A, dphi, dphi)
+        k = block.shape[0] * block.shape[1]
+        self.H[:k, :k] += block.reshape(k, k)
+        self.stats["param_kept"] += float(block.reshape(k, k).diagonal().sum())
+
+
+def _pair_terms(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_pos [nb, m, m], A_pos [nb, m, m, d, d], dphi [nb, m, m, h]) of a chunk of the pair-form
+    accumulators (the positive pairs' blocks are the PSD part for Euclidean distances)."""
+    pc = chunk.pairs
+    if pc is None or pc.A_pos is None:
+        raise BenchError("the pair-form head curvature needs hessian=ggn and distance=euclidean")
+    nb, m = chunk.valid.shape
+    phi = chunk.J.reshape(nb, m, -1)
+    return pc.W_pos, pc.A_pos, phi[:, :, None] - phi[:, None]
+
+
+def accumulator_class(structure: str, module: nn.Module, pair_form: bool = False) -> type[Accumulator]:
+    """The post-hoc family's accumulator of `structure` for the Bayesian module: closed-form Jacobians
+    when it is one nn.Linear, and with pair_form (hessian=ggn, Euclidean distances) its diagonal or
+    full block straight from the pairs (`_LinearHeadPairDiag`)."""
     linear = type(module) is nn.Linear
     if structure == "diag":
-        return _LinearHeadDiagGGN if linear else DiagGGN
+        return (_LinearHeadPairDiag if pair_form else _LinearHeadDiagGGN) if linear else DiagGGN
     if structure == "last_layer":
-        return _LinearHeadFullGGN if linear else LastLayerGGN
+        return (_LinearHeadPairFull if pair_form else _LinearHeadFullGGN) if linear else LastLayerGGN
     return _LinearHeadKronGGN if linear else KronGGN
 
 
@@ -411,7 +458,7 @@ class OnlineCurvature:
         t0 = time.perf_counter()
         if self._probe is None:  # a copy of the Bayesian module that holds each draw in turn (eval mode:
             self._probe = copy.deepcopy(module).eval()  # BatchNorm would couple the items of the Jacobians)
-        acc_cls = accumulator_class(s.structure, module)
+        acc_cls = accumulator_class(s.structure, module, pair_form=s.hessian == "ggn" and s.distance == "euclidean")
         total: Curvature | None = None
         traces = [0.0, 0.0]
         with torch.no_grad():
