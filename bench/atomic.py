@@ -59,10 +59,11 @@ def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
     _atomic(path, lambda tmp: df.to_csv(tmp, index=False, float_format="%.6g"))
 
 
-def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+def atomic_savez(path: Path, compressed: bool = True, **arrays: np.ndarray) -> None:
+    """Arrays into one .npz (zip-compressed unless `compressed=False`: large image arrays load faster raw)."""
     def w(tmp: str) -> None:
         with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
+            (np.savez_compressed if compressed else np.savez)(f, **arrays)
     _atomic(path, w)
 
 

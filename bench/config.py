@@ -31,10 +31,28 @@ class RunConfig:
     val_items: int = 0
     seed: int = 0
     seeds: tuple[int, ...] = ()  # several seeds: the run repeats per seed (empty: just `seed`)
+    # protocol: closed (train on the classes not held out, retrieve among them, held-out classes as
+    # near-OOD) | zero_shot (train on the first half of the classes, retrieve among the unseen ones)
+    protocol: str = "closed"
+    # images: None keeps images at their stored size, in memory as float tensors; a size N feeds them
+    # through a DataLoader (uint8 or paths kept), test time Resize(N / crop_fraction) + CenterCrop(N)
+    image_size: int | None = None
+    crop_fraction: float = 0.875
+    augment: bool = False  # train-time RandomResizedCrop(image_size) + horizontal flip
+    data_workers: int = 2  # DataLoader worker processes (results do not depend on it)
+    image_chunk: int = 256  # images per DataLoader batch when a whole split is read (predict, features)
     # model: a registered backbone (see `bench list`); the MLP takes flattened images
     backbone: str = "mlp"
     hidden: tuple[int, ...] = (16, 16, 16, 16)
     embed_dim: int = 2
+    # CNN backbones: trunk (images -> pooled features) + head (features -> embedding)
+    pooling: str = "avg"  # avg | gem (generalised mean, p = 3 learnable) | flat (flatten the last map)
+    whiten_dim: int = 0  # > 0: a learned whitening Linear(features -> whiten_dim) before the embedding layer
+    head_hidden: tuple[int, ...] = ()  # hidden Linear-ReLU widths of the head before the embedding layer
+    l2_normalize: bool = False  # embeddings on the unit sphere
+    dropout_before_head: bool = False  # mc_dropout: also a Dropout on the pooled features (else only inside the head)
+    freeze_backbone: bool = False  # a frozen trunk: its features are computed once, cached, and methods see the head
+    backbone_weights: str | None = None  # local weights file for the trunk (None: the backbone's default)
     # training (shared loop): PML ContrastiveLoss on pairs from a TripletMarginMiner
     epochs: int = 15
     batch_size: int = 16
@@ -86,7 +104,7 @@ class RunConfig:
 
     def digest(self, keys: list[str] | None = None) -> str:
         """Short stable hash of the given fields (all fields but execution ones when None)."""
-        skip = {"name", "out", "quiet", "report", "device", "data_dir"}
+        skip = {"name", "out", "quiet", "report", "device", "data_dir", "data_workers", "image_chunk"}
         d = self.to_dict()
         payload = {k: d[k] for k in (keys or [k for k in d if k not in skip])}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -122,6 +140,27 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
         dict(epochs=15, batch_size=16, posterior_samples=100, dropout_passes=100),
     ),
+    "cifar": (
+        "CIFAR-10 (0-6 ID, 7-9 near-OOD, MNIST/Fashion far-OOD): frozen ImageNet EfficientNet-Lite0 features at "
+        "64 px + a trained Linear head to 8-d; every method on a 2-core CPU",
+        dict(dataset="cifar10", backbone="efficientnet_lite0", freeze_backbone=True, image_size=64, crop_fraction=1.0,
+             embed_dim=8, far_ood=("mnist_ood", "fashion_ood"), n_train=10000, n_test=2000, epochs=20, batch_size=64,
+             lr=3e-4,
+             posterior_samples=30, dropout_passes=30, hessian_items=2048),
+    ),
+    "cifar_scratch": (
+        "CIFAR-10 with the 32-64-64 conv net from scratch (flatten -> Linear(1024, 16)), augmented; meant for a GPU",
+        dict(dataset="cifar10", backbone="convnet", pooling="flat", image_size=32, crop_fraction=1.0, augment=True,
+             embed_dim=16, far_ood=("mnist_ood", "fashion_ood"), epochs=30, batch_size=64, n_test=2000,
+             posterior_samples=30, dropout_passes=30, hessian_items=4096),
+    ),
+    **{name: (f"{label}, zero-shot (train on the first half of the classes): ImageNet EfficientNet-Lite0 fine-tuned "
+              "at 224 px, GeM pooling, 128-d L2-normalised embedding; needs the data under --data-dir",
+              dict(dataset=ds, protocol="zero_shot", backbone="efficientnet_lite0", pooling="gem", image_size=224,
+                   augment=True, embed_dim=128, l2_normalize=True, epochs=30, batch_size=64, lr=1e-4,
+                   posterior_samples=30, dropout_passes=30, hessian_items=4096))
+       for name, ds, label in (("cub", "cub200", "CUB-200-2011"), ("cars", "cars196", "Cars-196"),
+                               ("sop", "sop", "Stanford Online Products"))},
 }
 
 
@@ -186,6 +225,14 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.batch_size >= 2, f"batch-size must be >= 2 (pairs need two items), got {cfg.batch_size}")
     require(len(cfg.ks) > 0 and all(k >= 1 for k in cfg.ks), f"every K must be >= 1, got {list(cfg.ks)}")
     require(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
+    require(cfg.protocol in ("closed", "zero_shot"), f"protocol must be closed or zero_shot, got {cfg.protocol!r}")
+    require(cfg.image_size is None or cfg.image_size >= 8, f"image_size must be >= 8 pixels, got {cfg.image_size}")
+    require(0.0 < cfg.crop_fraction <= 1.0, f"crop_fraction must be in (0, 1], got {cfg.crop_fraction}")
+    require(cfg.data_workers >= 0, f"data_workers must be >= 0, got {cfg.data_workers}")
+    require(cfg.image_chunk >= 1, f"image_chunk must be >= 1, got {cfg.image_chunk}")
+    require(cfg.pooling in ("avg", "gem", "flat"), f"pooling must be avg, gem or flat, got {cfg.pooling!r}")
+    require(cfg.whiten_dim >= 0, f"whiten_dim must be >= 0, got {cfg.whiten_dim}")
+    require(all(h >= 1 for h in cfg.head_hidden), f"head_hidden widths must be >= 1, got {list(cfg.head_hidden)}")
     require(all(h >= 1 for h in cfg.hidden), f"hidden widths must be >= 1, got {list(cfg.hidden)}")
     require(cfg.jacobian_chunk >= 1, f"jacobian_chunk must be >= 1, got {cfg.jacobian_chunk}")
     require(cfg.train_threads >= 0, f"train_threads must be >= 0, got {cfg.train_threads}")

@@ -100,6 +100,10 @@ def register_dataset(name: str, **meta: Any) -> Callable[[Callable], Callable]:
     return DATASETS.register(name, **meta)
 
 
-def register_backbone(name: str) -> Callable[[Callable], Callable]:
-    """Decorator: make a backbone builder `fn(cfg, in_shape, dropout) -> nn.Module` available under `name`."""
-    return BACKBONES.register(name)
+def register_backbone(name: str, **meta: Any) -> Callable[[Callable], Callable]:
+    """Decorator: make a backbone builder `fn(cfg, in_shape, dropout) -> nn.Module` available under `name`.
+
+    meta: `pixel_stats` ((mean, std) per channel, or a function of the config returning them or None)
+    when the backbone's weights expect their own input normalisation (`bench.data.input_stats`).
+    """
+    return BACKBONES.register(name, **meta)

@@ -14,8 +14,9 @@ import torch
 
 from bench import __version__
 from bench.config import ALL_METHODS, RunConfig
-from bench.conventions import BASE_METHOD as BASE, REFERENCE_METHOD
-from bench.data import Dataset, load_benchmark
+from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
+from bench.data import Dataset, Split
+from bench.features import prepare_benchmark
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError
 from bench.evaluate import evaluate
@@ -72,10 +73,18 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
     }, status)
 
 
+def predict_split(method: Method, split: Split, device: torch.device) -> EmbeddingPrediction:
+    """method.predict on every item of `split` (on CPU): one call for an in-memory split, else one
+    call per chunk of `cfg.image_chunk` images."""
+    if split.in_memory:
+        return method.predict(split.x.to(device)).to("cpu")
+    return EmbeddingPrediction.cat([method.predict(xb.to(device)).to("cpu") for xb in split.chunks()])
+
+
 def _predict_all(method: Method, data: Dataset, device: torch.device) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:
     with torch.no_grad():  # torch.func transforms (GLM Jacobians) still work inside
-        pid = method.predict(data.test_id.x.to(device)).to("cpu")
-        pood = {k: method.predict(s.x.to(device)).to("cpu") for k, s in data.test_ood.items()}
+        pid = predict_split(method, data.test_id, device)
+        pood = {k: predict_split(method, s, device) for k, s in data.test_ood.items()}
     return pid, pood
 
 
@@ -144,11 +153,17 @@ def run(cfg: RunConfig, log=print) -> Path:
     methods = resolve_methods(cfg)
     BACKBONES.get(cfg.backbone)  # an unknown backbone fails here, before any data or folder
     device = resolve_device(cfg.device)
-    data = load_benchmark(cfg)  # bad data fails here, before any run folder exists
+    # bad data fails here, before any run folder exists; a frozen trunk's features are made (or loaded) here
+    data, features = prepare_benchmark(cfg, device, Path(cfg.out) / "cache")
     folder = RunWriter.open(cfg.out, cfg.name, cfg.digest())
     state = RunState(cfg, folder, device, methods)
     write_config(state, "running")
     log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
+    if features:
+        ref = features["raw_features"].get(CORRECTNESS_METRIC, [float("nan")] * 3)
+        log(f"  frozen {cfg.backbone} trunk: {features['feature_dim']}-d features of {features['input_shape']} inputs "
+            f"({features['extracted']} splits extracted now, {features['seconds']:.1f} s recorded); raw-feature "
+            f"{CORRECTNESS_METRIC} {ref[0]:.3f} [{ref[1]:.3f}, {ref[2]:.3f}]")
     cache_root = Path(cfg.out) / "cache" / "models"
     all_rows: list[dict] = []
     all_times: list[dict] = []
@@ -156,6 +171,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     pairing = REFERENCE_METHOD in methods  # then per-query arrays are kept for the paired differences
     perquery: dict[tuple[str, int], dict[str, np.ndarray]] = {}
     t0 = time.perf_counter()
+    charged_extract = False
     for seed in cfg.resolved_seeds():
         cache = ModelCache(cache_root, cfg.replace(seed=seed), data.train_id, device)
         state.caches.append(cache)
@@ -164,17 +180,20 @@ def run(cfg: RunConfig, log=print) -> Path:
         for name in methods:
             saved = folder.finished(name, seed)
             if saved is not None:
+                charged_extract = charged_extract or any(t["stage"] == EXTRACT_STAGE for t in saved["timings"])
                 if pairing and (arrays := folder.arrays(name, seed)) is not None:
                     perquery[(name, seed)] = arrays
                 all_rows += saved["rows"]
                 all_times += saved["timings"]
                 diagnostics[f"{name}-seed{seed}"] = saved.get("diagnostics", {})
-                if any(t["method"] == BASE for t in saved["timings"]):
+                if any(t["method"] == BASE and t["stage"] == "train" for t in saved["timings"]):
                     charged_base.add((seed, 0.0))
                 log(f"  {name} (seed {seed}): done earlier, reused")
                 continue
             log(f"  {name} (seed {seed}) ...")
             before = set(timer.records)
+            if features and not charged_extract:  # the frozen trunk's extraction, charged once per run
+                timer.add(BASE, EXTRACT_STAGE, features["seconds"])
             try:
                 rows, diag, arrays = run_method(state, name, seed, data, cache, timer, charged_base)
             except KeyboardInterrupt:
@@ -186,11 +205,14 @@ def run(cfg: RunConfig, log=print) -> Path:
                 log(f"  {name} (seed {seed}) FAILED: {msg}")
                 if (BASE, "train") not in before and timer.records.pop((BASE, "train"), None) is not None:
                     charged_base.discard((seed, 0.0))  # the next method that uses the base model records it
+                if (BASE, EXTRACT_STAGE) not in before:
+                    timer.records.pop((BASE, EXTRACT_STAGE), None)  # the next method that completes records it
                 continue
             # this method's stages, plus the shared base training when it was first charged here
             times = [{"method": m, "seed": seed, "stage": st, "seconds": t}
                      for (m, st), t in timer.records.items() if (m, st) not in before]
             folder.save_method(name, seed, arrays, rows, times, diag)
+            charged_extract = charged_extract or any(t["stage"] == EXTRACT_STAGE for t in times)
             if pairing:
                 perquery[(name, seed)] = arrays
             all_rows += rows
@@ -207,7 +229,8 @@ def run(cfg: RunConfig, log=print) -> Path:
     status = COMPLETE if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
                                  "models_trained": sum(c.trained for c in state.caches),
-                                 "class_names": data.class_names,
+                                 "class_names": data.class_names, "data_label": data.label,
+                                 **({"features": features} if features else {}),
                                  "data": {"train_id": len(data.train_id), "test_id": len(data.test_id),
                                           **{f"ood_{k}": len(v) for k, v in data.test_ood.items()}}})
     return folder.path

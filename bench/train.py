@@ -26,6 +26,7 @@ from bench.config import RunConfig
 from bench.errors import BenchError
 from bench.la.pairs import mined_pair_counts, reducer_weights
 from bench.data import Split
+from bench.images import item_seeds
 from bench.environment import cpu_threads
 from bench.metrics.retrieval import retrieval_space
 from bench.model import build_model
@@ -42,6 +43,11 @@ def make_loss_and_miner(cfg: RunConfig) -> tuple[losses.ContrastiveLoss, miners.
     loss = losses.ContrastiveLoss(pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin, distance=dist)
     miner = miners.TripletMarginMiner(margin=cfg.miner_margin, type_of_triplets=cfg.miner_type, distance=dist)
     return loss, miner
+
+
+# fields of the data layer and the CNN backbones that change the trained weights
+DATA_MODEL_KEYS = ("protocol", "image_size", "crop_fraction", "augment", "pooling", "whiten_dim", "head_hidden",
+                   "l2_normalize", "dropout_before_head", "freeze_backbone", "backbone_weights")
 
 
 # modules whose code determines a trained net: this loop and loss, the miner emulation and reducer
@@ -82,7 +88,8 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
     the training reads, and `code`, the `code_digest` of TRAINING_MODULES, the backbone's module and,
     with a recipe, the modules of its build and loss and its `modules` (so changed training code retrains)."""
     keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs",
-            "batch_size", "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", "distance"]
+            "batch_size", "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", "distance",
+            *DATA_MODEL_KEYS]
     d = {k: cfg.to_dict()[k] for k in keys}
     modules = list(TRAINING_MODULES)
     if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
@@ -92,6 +99,10 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
         d.update(recipe=recipe.name, recipe_options=dict(recipe.options))
     d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=4,
              code=code_digest(modules))
+    if cfg.freeze_backbone:  # the head's inputs are the trunk's features as bench.features makes them
+        from bench.features import FEATURE_VERSION
+
+        d.update(features=FEATURE_VERSION)
     return d
 
 
@@ -174,7 +185,7 @@ def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Sp
     """Train `model` in place with Adam on `batch_loss` over seeded shuffled batches; returns info
     (per-epoch mean losses, wall time). A non-finite loss raises BenchError."""
     opt = make_optimizer(model.parameters(), cfg)
-    x, y = train.x.to(device), train.y.to(device)
+    y = train.y.to(device)
     n = len(train)
     g = torch.Generator().manual_seed(seed)
     steps = math.ceil(n / cfg.batch_size)
@@ -185,13 +196,13 @@ def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Sp
         torch.manual_seed(seed + 1)  # dropout masks and any sampling inside the loss
         bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
         for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=g).to(device)
+            perm = torch.randperm(n, generator=g)
             total = torch.zeros((), device=device)
-            for s in range(steps):
-                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-                if idx.numel() < 2:
-                    continue
-                loss = batch_loss(model, x[idx], y[idx])
+            batches = [b for b in perm.split(cfg.batch_size) if b.numel() >= 2]
+            seeds = [item_seeds(seed, epoch, s, len(b)) for s, b in enumerate(batches)] if train.augments else None
+            for idx, xb in zip(batches, train.batches(batches, seeds)):
+                idx = idx.to(device)
+                loss = batch_loss(model, xb.to(device), y[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -224,6 +235,10 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
     charged 1/M of the joint wall time."""
     if not models:
         return []
+    if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules()):
+        # batch-norm statistics are updated in place, which vmap cannot batch: train one by one
+        return [train_net(model, contrastive_loss(cfg), cfg, train, device, s, f"{desc} {i + 1}/{len(models)}")
+                for i, (model, s) in enumerate(zip(models, seeds))]
     params, buffers = stack_module_state(models)  # name -> [M, ...] leaves that require grad
     template = copy.deepcopy(models[0]).to("meta")
 
@@ -232,7 +247,7 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
 
     batched_forward = vmap(forward)
     opt = make_optimizer(list(params.values()), cfg)
-    x, y = train.x.to(device), train.y.to(device)
+    y = train.y.to(device)
     n, M = len(train), len(models)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     steps = math.ceil(n / cfg.batch_size)
@@ -241,13 +256,15 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
     with cpu_threads(cfg.train_threads, device):
         bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
         for epoch in range(cfg.epochs):
-            perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(device)  # [M, n]
+            perms = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [M, n]
             total = torch.zeros(M, device=device)
-            for s in range(steps):
-                idx = perms[:, s * cfg.batch_size:(s + 1) * cfg.batch_size]  # [M, b]
-                if idx.shape[1] < 2:
-                    continue
-                losses = batched_contrastive_loss(batched_forward(params, buffers, x[idx]), y[idx], cfg)
+            batches = [b for b in perms.split(cfg.batch_size, dim=1) if b.shape[1] >= 2]  # [M, b] each
+            seeds_ = ([torch.cat([item_seeds(sd, epoch, s, b.shape[1]) for sd in seeds]) for s, b in enumerate(batches)]
+                      if train.augments else None)  # member m's items get the seeds train_net would give them
+            for idx, xb in zip(batches, train.batches([b.reshape(-1) for b in batches], seeds_)):
+                xb = xb.reshape(*idx.shape, *xb.shape[1:]).to(device)
+                idx = idx.to(device)
+                losses = batched_contrastive_loss(batched_forward(params, buffers, xb), y[idx], cfg)
                 opt.zero_grad(set_to_none=True)
                 losses.sum().backward()
                 opt.step()

@@ -63,3 +63,13 @@ def load_fashion_mnist(cfg) -> DataSource:
     arrs = load_idx_dir(locate_fashion_mnist(cfg.data_dir))
     return DataSource("fashion_mnist", arrs["train_images"], arrs["train_labels"], arrs["test_images"],
                       arrs["test_labels"], list(CLASS_NAMES), PIXEL_STATS)
+
+
+@register_dataset("fashion_ood")
+def load_fashion_ood(cfg) -> DataSource:
+    """Fashion-MNIST test images as a far-OOD set ("fashion"): from --data-dir when it holds them,
+    else the Debian package or the cache (so a --data-dir meant for the ID dataset does not stop it)."""
+    data_dir = cfg.data_dir if cfg.data_dir and find_idx_dir([Path(cfg.data_dir)]) else None
+    src = load_fashion_mnist(cfg if data_dir == cfg.data_dir else cfg.replace(data_dir=None))
+    src.name, src.ood_name = "fashion_ood", "fashion"
+    return src

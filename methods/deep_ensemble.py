@@ -81,11 +81,11 @@ class DeepEnsemble(Method):
         for m in self.members:
             m.eval()
         with ctx.stage("train"), torch.no_grad():
-            train_x = ctx.data.train_id.x
-            n = len(train_x)
+            train = ctx.data.train_id
+            n = len(train)
             g = ctx.generator(ALIGN_OFFSET)
             idx = torch.randperm(n, generator=g)[:ALIGN_MAX_POINTS]
-            xs = train_x[idx].to(ctx.device)
+            xs = train.inputs(idx).to(ctx.device)
             ref = self.members[0](xs)
             self.alignments: list[Alignment] = [Alignment.identity(ref.shape[1])]
             for model in self.members[1:]:

@@ -85,7 +85,7 @@ class _Laplace(Method):
         acc_dtype = torch.float64 if cfg.hessian_dtype == "float64" else torch.float32
         with ctx.stage("hessian"):
             acc = struct.accumulator(self.model, acc_dtype, subset, **self.accumulator_options(cfg))
-            curv = accumulate(acc, train.x, train.y, hessian=cfg.hessian,
+            curv = accumulate(acc, train, train.y, hessian=cfg.hessian,
                               loss=PairLoss.from_config(cfg), mining_batch=cfg.batch_size,
                               chunk=cfg.jacobian_chunk, generator=ctx.generator(PERM_STREAM),
                               progress=not cfg.quiet)
@@ -130,7 +130,7 @@ class _Laplace(Method):
         train = ctx.data.train_id
         n_val = max(32, min(VAL_MAX, len(train) // 10))
         val = train.subset(n_val, seed=ctx.seed_for(VAL_STREAM))
-        xv = val.x.to(ctx.device)
+        xv = torch.cat(list(val.chunks())).to(ctx.device)
         with torch.no_grad():
             mean = self.model(xv)
         posterior = get_structure(self.structure).posterior

@@ -147,7 +147,8 @@ class ProbabilisticFaceEmbedding(Method):
         with ctx.stage("train"), cpu_threads(cfg.train_threads, ctx.device):
             train = ctx.data.train_id
             with torch.no_grad():
-                mu, feats = embed_with_features(self.model, train.x.to(ctx.device))
+                parts = [embed_with_features(self.model, xb.to(ctx.device)) for xb in train.chunks()]
+                mu, feats = (torch.cat(t) for t in zip(*parts))
             y = train.y.to(mu.device)
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(ctx.seed_for(HEAD_OFFSET))

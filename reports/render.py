@@ -53,7 +53,13 @@ def header_blocks(run: RunFolder) -> list[Block]:
     data = m.get("data") or {}
     sizes = ", ".join(f"{k} {v}" for k, v in data.items() if isinstance(v, (int, float)))
     pk = m.get("packages") or {}
-    facts = [("dataset", cfg.get("dataset")), ("preset", cfg.get("preset")), ("methods", ", ".join(run.methods)),
+    label = m.get("data_label")
+    dataset = cfg.get("dataset") if not label or label == cfg.get("dataset") else f"{cfg.get('dataset')} ({label})"
+    feats = m.get("features") or {}
+    raw = (feats.get("raw_features") or {}).get("mAP@1")
+    facts = [("dataset", dataset), ("preset", cfg.get("preset")), ("methods", ", ".join(run.methods)),
+             ("frozen trunk", feats.get("note")),
+             ("raw trunk features, mAP@1", f"{raw[0]:.3f} [{raw[1]:.3f}, {raw[2]:.3f}]" if raw else None),
              ("seeds", ", ".join(map(str, run.seeds))), ("device", m.get("device_description") or m.get("device")),
              ("git commit", m.get("git_commit")), ("bench version", m.get("bench_version")),
              ("status", m.get("status")), ("data sizes", sizes or None),

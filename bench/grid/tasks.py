@@ -18,13 +18,14 @@ def train_base(config: dict) -> dict:
     """Train (or find) the base model of config's dataset, weights and seed in the cache the cells
     read (`<cfg.out>/cache/models`, as `runner.run` does); returns how many models it trained."""
     import torch  # noqa: F401  (imported here: the driver never needs it)
-    from bench.data import load_benchmark
     from bench.environment import resolve_device
+    from bench.features import prepare_benchmark
     from bench.train import ModelCache
 
     cfg = config_from_dict(config)
-    data = load_benchmark(cfg)
-    cache = ModelCache(Path(cfg.out) / "cache" / "models", cfg, data.train_id, resolve_device(cfg.device))
+    device = resolve_device(cfg.device)
+    data, _ = prepare_benchmark(cfg, device, Path(cfg.out) / "cache")  # a frozen trunk's features, cached too
+    cache = ModelCache(Path(cfg.out) / "cache" / "models", cfg, data.train_id, device)
     _, info, cached = cache.get(cfg.seed)
     return {"models_trained": cache.trained, "train_seconds": info["seconds"], "cached": cached}
 

@@ -527,13 +527,13 @@ def scale_curvature(curv: Curvature, factor: float) -> Curvature:
     return curv
 
 
-def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: str = "ggn",
+def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
                loss: PairLoss | None = None, mining_batch: int = 16, chunk: int = 256,
                generator: torch.Generator | None = None, progress: bool = False) -> Curvature:
     """Feed `acc` the curvature of the contrastive loss (hessian="ggn", in loss.distance's geometry)
     or JtJ ("jtj": sum_n J_n^T J_n, the regression GGN with sigma 1 summed over the N items, which is
     laplace-torch's `Laplace(model, "regression")` H; independent of the distance) of its model on
-    (x [N, ...], y [N]).
+    (x [N, ...], y [N]); x is a tensor or a `bench.data.Split` (inputs fetched with `x.inputs(idx)`).
 
     Pairs are mined in batches of `mining_batch` items drawn like training (seeded permutation of the
     data), with the trained model's embeddings; `chunk` items (rounded to whole mining batches, fewer
@@ -551,7 +551,8 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
     nb = idx.shape[0]
     if nb == 0:
         raise BenchError(f"need at least 2 training items for the Hessian, got {len(y)}")
-    x1 = x[idx[0, :1]].to(device=acc.device, dtype=pdtype)
+    fetch = x.inputs if hasattr(x, "inputs") else x.__getitem__  # a Split or a tensor of inputs
+    x1 = fetch(idx[0, :1]).to(device=acc.device, dtype=pdtype)
     item_bytes = acc.bytes_per_item(x1)
     per_chunk = max(1, items_within(chunk, item_bytes, chunk_budget(acc.device)) // m)
     avail = available_memory(acc.device)
@@ -566,7 +567,7 @@ def accumulate(acc: Accumulator, x: torch.Tensor, y: torch.Tensor, *, hessian: s
     for c0 in range(0, nb, per_chunk):
         bidx, bval = idx[c0:c0 + per_chunk], valid[c0:c0 + per_chunk].to(acc.device)
         nbc = bidx.shape[0]
-        xb = x[bidx.reshape(-1)].to(device=acc.device, dtype=pdtype)
+        xb = fetch(bidx.reshape(-1)).to(device=acc.device, dtype=pdtype)
         f, J = acc.jacobian(xb)
         with torch.no_grad():
             pairs = None
