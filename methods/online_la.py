@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from bench.errors import BenchError
 from bench.la.curvature import PairLoss
 from bench.la.online import (OnlineCurvature, OnlineLaplaceNet, OnlineSettings, SCALINGS, STRUCTURES, SUBSETS,
                              marglik_prior, sample_deviations, steps_per_epoch, subset_inputs)
@@ -35,10 +36,26 @@ TRAINING_CODE = ("bench.la.online", "bench.la.curvature", "bench.la.posterior", 
 
 
 def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-    """module(inputs) with its parameters replaced by `params` (one F.linear for a Linear head)."""
+    """module(inputs) with its parameters replaced by `params` (one F.linear for a Linear head).
+
+    tie_weights=False: with a submodule registered under two names (the CNN heads' `last_linear`, also
+    inside `net`), torch 2.14's functional_call with tied weights leaves the replacement tensors in the
+    module after the call when they require grad; the alias is one module object, so replacing it by
+    one name replaces it everywhere (`_check_unshared` refuses parameters shared between modules)."""
     if type(module) is nn.Linear:
         return nn.functional.linear(inputs, params["weight"], params.get("bias"))
-    return functional_call(module, params, (inputs,))
+    return functional_call(module, params, (inputs,), tie_weights=False)
+
+
+def _check_unshared(module: nn.Module) -> None:
+    """BenchError when one parameter belongs to two different submodules (`_forward` would replace it in one)."""
+    owners: dict[int, set[int]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+        owners.setdefault(id(p), set()).add(id(owner))
+    if any(len(o) > 1 for o in owners.values()):
+        raise BenchError("online_la: a parameter of the Bayesian module is shared by two submodules; "
+                         "sampling it functionally is not supported")
 
 
 class OnlineStep:
@@ -59,7 +76,9 @@ class OnlineStep:
         module = model.bayesian_module()
         eps = sample_deviations(model.posterior(self.curvature.n_batches), s.train_samples, self.generator)
         params = dict(module.named_parameters())
-        inputs = subset_inputs(model.net, s.subset, x, check=self.last_samples is None)  # checked on step 1
+        if self.last_samples is None:  # checked on the first step
+            _check_unshared(module)
+        inputs = subset_inputs(model.net, s.subset, x, check=self.last_samples is None)
         losses, counts = [], []
         for k in range(s.train_samples):
             f = _forward(module, {n: params[n] + e[k] for n, e in eps.items()}, inputs)

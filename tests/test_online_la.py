@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from backbones._cnn import EmbeddingHead
 from bench.config import preset_config
 from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
@@ -299,6 +300,25 @@ def test_pair_form_head_curvature_equals_the_jacobian_rows(structure):
            for pair_form in (True, False)]
     assert got[1].curvature.H.abs().sum() > 0
     torch.testing.assert_close(got[0].curvature.H, got[1].curvature.H, rtol=1e-10, atol=1e-12)
+
+
+def test_a_head_registered_under_two_names_keeps_its_parameters():
+    """The CNN heads register `last_linear` twice (attribute and inside `net`); the sampled forward must
+    leave the module's own parameters in place (torch's tied functional_call does not) and train them."""
+    net = EmbeddingHead(6, 2, whiten_dim=4)
+    x, y = torch.randn(16, 6, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    s = OnlineSettings()
+    model = OnlineLaplaceNet(net, s, 1, 16)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    loss = OnlineStep(_cfg(), s, 16, seed=0)(model, x, y)
+    assert all(isinstance(p, torch.nn.Parameter) and p.is_leaf for _, p in net.named_parameters(remove_duplicate=False))
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
+    shared = EmbeddingHead(6, 2, whiten_dim=6)
+    shared.net[0].weight = shared.last_linear.weight = torch.nn.Parameter(torch.randn(2, 6))
+    with pytest.raises(BenchError, match="shared by two submodules"):
+        OnlineStep(_cfg(), s, 16, seed=0)(OnlineLaplaceNet(shared, s, 1, 16), x, y)
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
 
 
 def test_a_net_whose_embedding_is_not_the_heads_output_is_refused():
