@@ -99,14 +99,19 @@ def fit_context(cfg: RunConfig, data: Dataset, device: torch.device, cache: Mode
                 name: str, post_hoc: bool, charged_base: set) -> FitContext:
     """The FitContext of one method: nets come from the model cache, their recorded training time
     (also when loaded) is charged to the method, except the shared base model of a post-hoc method,
-    charged once per run to the pseudo-method `base` (`charged_base` remembers it)."""
+    charged once per run to the pseudo-method `base` (`charged_base` remembers it). Parts of the
+    training time that the net measured itself (`info["stages"]`, see `Recipe.stages`) go to their own
+    stages, the rest to "train"."""
 
     def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None, recipe=None):
         model, info, _cached = cache.get(seed, dropout, recipe)
         shared = recipe is None and dropout == 0.0 and seed == cfg.seed and post_hoc
         who = charge_to or (BASE if shared else name)
         if who != BASE or (seed, dropout) not in charged_base:
-            timer.add(who, "train", info["seconds"])
+            parts = info.get("stages") or {}
+            timer.add(who, "train", info["seconds"] - sum(parts.values()))
+            for stage, seconds in parts.items():
+                timer.add(who, stage, seconds)
             if who == BASE:
                 charged_base.add((seed, dropout))
         return model

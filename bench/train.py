@@ -86,7 +86,7 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
               recipe: "Recipe | None" = None) -> dict:
     """Everything that determines the trained weights (the cache key's content): the config fields
     the training reads, and `code`, the `code_digest` of TRAINING_MODULES, the backbone's module and,
-    with a recipe, the modules of its build and loss (so changed training code retrains)."""
+    with a recipe, the modules of its build and loss and its `modules` (so changed training code retrains)."""
     keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs",
             "batch_size", "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", "distance",
             *DATA_MODEL_KEYS]
@@ -95,7 +95,7 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
     if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
         modules += _defining_modules(BACKBONES.get(cfg.backbone))
     if recipe is not None:
-        modules += [m for m in _defining_modules(recipe.build, recipe.loss) if m not in modules]
+        modules += [m for m in (*_defining_modules(recipe.build, recipe.loss), *recipe.modules) if m not in modules]
         d.update(recipe=recipe.name, recipe_options=dict(recipe.options))
     d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=4,
              code=code_digest(modules))
@@ -129,12 +129,18 @@ BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (
 @dataclass(frozen=True)
 class Recipe:
     """How a method trains its own net through the shared loop: `build(cfg, in_shape, seed)` makes the
-    net, `loss(cfg)` gives its batch loss. `name` and `options` (JSON-safe) enter the cache key."""
+    net, `loss(cfg)` gives its batch loss. `name` and `options` (JSON-safe) enter the cache key.
+    `stages(model)` (optional): seconds of the training time that the trained net measured itself as
+    parts of it ({stage: seconds}, e.g. online curvature), cached with the net and charged by the
+    runner to those stages instead of "train". `modules`: further (imported) modules whose code
+    determines the trained net, besides those defining build and loss (their code enters the key)."""
 
     name: str
     build: Callable[..., nn.Module]
     loss: Callable[[RunConfig], BatchLoss]
     options: tuple[tuple[str, Any], ...] = ()
+    stages: Callable[[nn.Module], dict[str, float]] | None = None
+    modules: tuple[str, ...] = ()
 
 
 def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -> torch.Tensor:
@@ -142,6 +148,13 @@ def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -
     (cfg.distance, AvgNonZeroReducer) on the pairs of its TripletMarginMiner, computed as sum over
     pairs of reducer weight x pair loss without listing pairs (`bench.la.pairs`); equal to
     `make_loss_and_miner`'s loss and gradients on the same batch up to float rounding (tested)."""
+    return contrastive_loss_and_counts(F, y, cfg)[0]
+
+
+def contrastive_loss_and_counts(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig
+                                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """`batched_contrastive_loss` and the mined pair multiplicities (C_pos, C_neg) [nb, m, m] it used
+    (`bench.la.pairs.mined_pair_counts`), so the loss's curvature can reuse its pairs."""
     G = retrieval_space(F, cfg.distance)  # cosine: normalised as PML's LpDistance normalises
     dist = torch.cdist(G, G)  # what PML's LpDistance computes, so the mined set is the same
     with torch.no_grad():
@@ -149,7 +162,7 @@ def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: RunConfig) -
         W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, cfg.pos_margin, cfg.neg_margin)
     pos = (W_pos * torch.relu(dist - cfg.pos_margin)).sum((1, 2))
     neg = (W_neg * torch.relu(cfg.neg_margin - dist)).sum((1, 2))
-    return pos + neg
+    return pos + neg, (C_pos, C_neg)
 
 
 def contrastive_loss(cfg: RunConfig) -> BatchLoss:
@@ -303,6 +316,8 @@ class ModelCache:
             else:
                 model = self._build(seed, dropout, recipe)
                 info = train_net(model, recipe.loss(self.cfg), self.cfg, self.train, self.device, seed, desc)
+                if recipe.stages is not None:
+                    info["stages"] = recipe.stages(model)
             info = {**info, "key": key}
             atomic_torch_save({"state_dict": model.state_dict(), "info": info}, path)
         self.trained += 1

@@ -12,6 +12,7 @@ from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.run_folder import RunFolder
 from reports import plots as P
+from reports.online_comparison import comparison_blocks as online_comparison_blocks
 from reports.seed_comparison import seed_comparison_blocks
 from reports.sensitivity import sensitivity_blocks
 from reports.formats import Block, Cell, Code, Figure, Heading, Para, Table, to_html, to_latex, to_markdown, to_text
@@ -216,8 +217,8 @@ def _fig(name: str, fig, caption: str) -> Figure:
 def build_report(run: RunFolder) -> list[Block]:
     """The whole report as blocks."""
     return (header_blocks(run) + failure_blocks(run) + results_blocks(run) + score_blocks(run)
-            + seed_comparison_blocks(run) + paired_blocks(run) + timing_blocks(run) + figure_blocks(run)
-            + sensitivity_blocks(run))
+            + seed_comparison_blocks(run) + paired_blocks(run) + online_comparison_blocks(run)
+            + timing_blocks(run) + figure_blocks(run) + sensitivity_blocks(run))
 
 
 def print_summary(run_dir: str | Path) -> None:

@@ -30,7 +30,8 @@ def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
 
 
 def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
-    methods = [m for m in ("plain", "mc_dropout", "deep_ensemble") if m in METHODS.names()]
+    # killed in the second method's training: online_la's (curvature accumulated in training), then the rest
+    methods = [m for m in ("plain", "online_la", "mc_dropout", "deep_ensemble") if m in METHODS.names()]
     if len(methods) < 2:
         pytest.skip("needs at least two methods")
     args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "60", "--out", str(tmp_path / "killed")]

@@ -14,7 +14,8 @@ from tqdm.auto import tqdm
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.pairs import PairCurvature, clamped_laplacians, contrastive_pair_curvature, laplacian_factor
+from bench.la.pairs import (PairCurvature, clamped_laplacians, contrastive_pair_curvature, kept_laplacian,
+                            laplacian_factor)
 
 HESSIANS = ("ggn", "jtj")
 
@@ -280,6 +281,8 @@ class _RowAccumulator(Accumulator):
     per item) M is J itself. The dropped (negative-pair) part is only measured: tr(J^T L- J).
     """
 
+    measure_dropped = True  # measure tr(J^T L- J) (one more small eigh per chunk); online LA's steps skip it
+
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         J = jac.subset_jacobian(self.model, x, self.subset, self.names)  # [n, d, D]
         with torch.no_grad():
@@ -293,11 +296,14 @@ class _RowAccumulator(Accumulator):
         else:
             nbc, m = chunk.valid.shape
             Jb = J.reshape(nbc, m * J.shape[1], D)
-            L_kept, L_dropped = clamped_laplacians(chunk.pairs)
+            if self.measure_dropped:
+                L_kept, L_dropped = clamped_laplacians(chunk.pairs)
+                Vd = laplacian_factor(-L_dropped)
+                if Vd.shape[-1]:
+                    self.stats["param_dropped"] += float(torch.bmm(Vd.transpose(1, 2), Jb).pow(2).sum())
+            else:
+                L_kept = kept_laplacian(chunk.pairs)
             M = torch.bmm(laplacian_factor(L_kept).transpose(1, 2), Jb).reshape(-1, D)
-            Vd = laplacian_factor(-L_dropped)
-            if Vd.shape[-1]:
-                self.stats["param_dropped"] += float(torch.bmm(Vd.transpose(1, 2), Jb).pow(2).sum())
         self.stats["param_kept"] += float(M.pow(2).sum())
         self.stats["rows"] += M.shape[0]
         self.add_rows(M)

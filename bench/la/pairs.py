@@ -52,17 +52,14 @@ def pairwise_distances(F: torch.Tensor) -> torch.Tensor:
     return diff.pow(2).sum(-1).clamp_min(0).sqrt()
 
 
-def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch.
+def mined_triplets(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
+                   valid: torch.Tensor | None = None, dist: torch.Tensor | None = None) -> torch.Tensor:
+    """The triplets a TripletMarginMiner yields, as a mask trip [nb, a, p, n] (bool), per batch.
 
     F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items; dist [nb, m, m] the distances to
     mine with (default `pairwise_distances(F)`; training passes torch.cdist's, as PML does). A triplet (a, p, n) with y_a = y_p,
     a != p, y_a != y_n is mined when t = d_an - d_ap satisfies: all: t <= margin; hard: t <= min(margin, 0);
-    semihard: 0 < t <= margin; easy: t > margin (PML's definitions). Returns (C_pos, C_neg) [nb, m, m]:
-    C_pos[a, p] = #mined triplets with that (a, p), C_neg[a, n] = #mined triplets with that (a, n),
-    exactly the multiplicities of PML's `convert_to_pairs` without listing the triplets.
+    semihard: 0 < t <= margin; easy: t > margin (PML's definitions).
     """
     if miner_type not in MINER_TYPES:
         raise BenchError(f"miner_type must be one of {', '.join(MINER_TYPES)}, got {miner_type!r}")
@@ -84,8 +81,22 @@ def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_typ
             cond &= t <= 0
         elif miner_type == "semihard":
             cond &= t > 0
-    trip = cond & pos[:, :, :, None] & neg[:, :, None, :]
-    return trip.sum(3).to(F.dtype), trip.sum(2).to(F.dtype)
+    return cond & pos[:, :, :, None] & neg[:, :, None, :]
+
+
+def triplet_pair_counts(trip: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C_pos, C_neg) [nb, m, m] of a triplet mask [nb, a, p, n]: C_pos[a, p] = #triplets with that
+    (a, p), C_neg[a, n] = #triplets with that (a, n) (the pairs of PML's `convert_to_pairs`)."""
+    return trip.sum(3).to(dtype), trip.sum(2).to(dtype)
+
+
+def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
+                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch:
+    (C_pos, C_neg) [nb, m, m] of `mined_triplets` (its arguments), exactly the multiplicities of PML's
+    `convert_to_pairs` without listing the triplets."""
+    return triplet_pair_counts(mined_triplets(F, y, margin, miner_type, valid, dist), F.dtype)
 
 
 def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor, pos_margin: float,
@@ -190,7 +201,7 @@ def psd_split(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: float, neg_margin: float,
                                miner_margin: float, miner_type: str = "all",
                                valid: torch.Tensor | None = None, distance: str = "euclidean",
-                               reduction: str = "mean") -> PairCurvature:
+                               reduction: str = "mean", counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairCurvature:
     """Reducer weights and Hessian blocks of PML's ContrastiveLoss for F [nb, m, d], y [nb, m].
 
     The loss as trained (`bench.train.make_loss_and_miner`): ContrastiveLoss on the distances
@@ -208,11 +219,13 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     s w hess_(f_a, f_b) d_ab (s = +1 positive, -1 negative; `normalised_pair_hessians`) is split
     into its PSD and NSD parts (`psd_split`), only the pairs with w > 0 being built.
     reduction "sum" weights every active pair by its count instead (`reducer_weights`).
+    counts: the mined multiplicities (C_pos, C_neg) when the caller mined (e.g. subsampled) them itself,
+    on the same distances.
     """
     if distance == "cosine":
         G = retrieval_space(F, distance)
         dist = pairwise_distances(G)
-        C_pos, C_neg = mined_pair_counts(G, y, miner_margin, miner_type, valid, dist=dist)
+        C_pos, C_neg = mined_pair_counts(G, y, miner_margin, miner_type, valid, dist=dist) if counts is None else counts
         W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin, reduction)
         W = W_pos + W_neg  # an ordered pair is positive or negative, never both
         bi, ai, bj = torch.nonzero(W > 0, as_tuple=True)
@@ -221,7 +234,7 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
         return PairCurvature(W_pos, W_neg, None, None, (bi, ai, bj), plus, minus)
     if distance != "euclidean":
         raise BenchError(f"distance must be euclidean or cosine, got {distance!r}")
-    C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid)
+    C_pos, C_neg = mined_pair_counts(F, y, miner_margin, miner_type, valid) if counts is None else counts
     A_pos, dist = pair_hessians(F, +1.0)
     A_neg = -A_pos
     W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin, reduction)
@@ -269,10 +282,20 @@ def clamped_laplacians(pc: PairCurvature) -> tuple[torch.Tensor, torch.Tensor]:
     Cosine: the PSD part of each 2d x 2d pair block (`contrastive_pair_curvature`), of either sign.
     """
     if pc.B_kept is not None:
-        nb, m = pc.W_pos.shape[:2]
-        shape = (nb, m, pc.B_kept.shape[-1] // 2)
-        return _pair_block_laplacian(shape, pc.pair_index, pc.B_kept), _pair_block_laplacian(shape, pc.pair_index, pc.B_dropped)
-    return _laplacian(pc.W_pos, pc.A_pos), _laplacian(pc.W_neg, pc.A_neg)
+        return kept_laplacian(pc), _pair_block_laplacian(_block_shape(pc), pc.pair_index, pc.B_dropped)
+    return kept_laplacian(pc), _laplacian(pc.W_neg, pc.A_neg)
+
+
+def kept_laplacian(pc: PairCurvature) -> torch.Tensor:
+    """L_kept of `clamped_laplacians` alone [nb, m*d, m*d] (the kept, PSD part's block Laplacian)."""
+    if pc.B_kept is not None:
+        return _pair_block_laplacian(_block_shape(pc), pc.pair_index, pc.B_kept)
+    return _laplacian(pc.W_pos, pc.A_pos)
+
+
+def _block_shape(pc: PairCurvature) -> tuple[int, int, int]:
+    nb, m = pc.W_pos.shape[:2]
+    return nb, m, pc.B_kept.shape[-1] // 2
 
 
 def small_eigh(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

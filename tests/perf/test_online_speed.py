@@ -1,0 +1,52 @@
+"""pytest-benchmark of online Laplace's training step at the paper preset's net and batch (784-16-16-16-16-2,
+batch 16) next to its reference, the plain step of the same net (the issue's bound: at most 3x): the
+vectorised contrastive loss + multi-tensor Adam, and the same plus posterior sampling and the curvature
+at the sample (`bench.la.online.OnlineStep`) for each structure over the head, and diag over all weights.
+Run with `make perf` (excluded from the default test run)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.config import preset_config
+from bench.la.online import OnlineLaplaceNet, OnlineSettings
+from bench.model import build_model
+from bench.train import contrastive_loss, make_optimizer
+from methods.online_la import OnlineStep
+
+STEPS = 200  # steps per timed round
+CFG = preset_config("paper")
+N_TRAIN = 42_000
+
+
+@pytest.fixture(scope="module")
+def batches():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 7, (STEPS * 16,), generator=g)
+    x = torch.randn(STEPS * 16, 1, 28, 28, generator=g) * 0.5 + torch.randn(7, 1, 28, 28, generator=g)[y]
+    return x.reshape(STEPS, 16, 1, 28, 28), y.reshape(STEPS, 16)
+
+
+def _steps(model, loss, opt, x, y):
+    for s in range(STEPS):
+        out = loss(model, x[s], y[s])
+        opt.zero_grad(set_to_none=True)
+        out.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("path", ["plain (reference)", "online diag head", "online kron head",
+                                  "online last_layer head", "online diag all"])
+def test_bench_online_step(benchmark, batches, path):
+    torch.set_num_threads(1)
+    x, y = batches
+    net = build_model(CFG, (1, 28, 28), seed=0)
+    if path.startswith("plain"):
+        model, loss = net, contrastive_loss(CFG)
+    else:
+        _, structure, subset = path.split()
+        s = OnlineSettings(structure=structure, subset=subset)
+        model, loss = OnlineLaplaceNet(net, s, CFG.epochs, N_TRAIN), OnlineStep(CFG, s, N_TRAIN, seed=0)
+    opt = make_optimizer(model.parameters(), CFG)
+    benchmark.group = "online LA train step x200"
+    benchmark.pedantic(_steps, args=(model, loss, opt, x, y), rounds=3, iterations=1, warmup_rounds=1)
