@@ -170,6 +170,13 @@ class Method:
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
         raise NotImplementedError
 
+    @contextmanager
+    def query_set(self) -> Iterator[None]:
+        """Around the `predict` calls of one query set read in chunks (`bench.runner.predict_split`): a
+        method whose predict draws fresh randomness per call continues one stream across the chunks
+        here, so items at the same offset of different chunks do not share draws (default: nothing)."""
+        yield
+
     def variants(self, points: list[dict[str, float | None]]) -> Iterator[tuple[dict, "Method"]] | None:
         """For a sensitivity sweep (`bench.sensitivity`): a fitted copy of this method per point of
         settings (config field -> value; None: the fitted value), made without refitting, as

@@ -78,7 +78,8 @@ def predict_split(method: Method, split: Split, device: torch.device) -> Embeddi
     call per chunk of `cfg.image_chunk` images."""
     if split.in_memory:
         return method.predict(split.x.to(device)).to("cpu")
-    return EmbeddingPrediction.cat([method.predict(xb.to(device)).to("cpu") for xb in split.chunks()])
+    with method.query_set():
+        return EmbeddingPrediction.cat([method.predict(xb.to(device)).to("cpu") for xb in split.chunks()])
 
 
 def _predict_all(method: Method, data: Dataset, device: torch.device) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:

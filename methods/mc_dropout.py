@@ -73,6 +73,7 @@ class MCDropout(Method):
     """MC dropout: a net trained with dropout p after each hidden layer, T stochastic passes at test time."""
 
     post_hoc = False
+    _stream: torch.Generator | None = None  # set by query_set
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -89,6 +90,17 @@ class MCDropout(Method):
                             "mask_seed": self.mask_seed}
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
-        g = torch.Generator(device=x.device).manual_seed(self.mask_seed)  # same masks for every query set
+        g = self._stream or torch.Generator(device=x.device).manual_seed(self.mask_seed)  # same masks per query set
         z = mc_samples(self.model, x, self.cfg.dropout_passes, g)
         return EmbeddingPrediction.from_samples(z, with_cov=z.shape[-1] <= COV_MAX_DIM)
+
+    @contextmanager
+    def query_set(self) -> Iterator[None]:
+        """A query set read in chunks draws its masks from one stream (seeded as a single call would be),
+        so item i of one chunk and item i of the next get independent masks."""
+        device = next(self.model.parameters()).device
+        self._stream = torch.Generator(device=device).manual_seed(self.mask_seed)
+        try:
+            yield
+        finally:
+            self._stream = None

@@ -40,6 +40,7 @@ from torch import nn
 
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.model import last_linear
 from bench.registry import register_method
 from bench.environment import cpu_threads
 from methods._gaussian import VAR_FLOOR, VARIANCE_KINDS, broadcast_var, variance_width
@@ -59,18 +60,10 @@ def mutual_likelihood_score(mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Te
     return -0.5 * ((mu1 - mu2) ** 2 / s + torch.log(s)).sum(-1) - 0.5 * mu1.shape[-1] * math.log(2 * math.pi)
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """The output Linear layer (`model.last_linear` when the backbone names it, else the last nn.Linear)."""
-    layer = getattr(model, "last_linear", None)
-    linears = [layer] if isinstance(layer, nn.Linear) else [m for m in model.modules() if isinstance(m, nn.Linear)]
-    require(bool(linears), "pfe needs a backbone whose embedding comes out of an nn.Linear layer")
-    return linears[-1]
-
-
 def embed_with_features(model: nn.Module, x: torch.Tensor, chunk: int = FEATURE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
     """(embedding [N, d], penultimate features [N, F]) of `model` on x, in chunks of `chunk` images."""
     store: list[torch.Tensor] = []
-    handle = last_linear(model).register_forward_pre_hook(lambda mod, inp: store.append(inp[0].flatten(1)))
+    handle = last_linear(model, "pfe").register_forward_pre_hook(lambda mod, inp: store.append(inp[0].flatten(1)))
     try:
         emb = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
     finally:

@@ -49,6 +49,37 @@ def cache_root(tmp_path_factory) -> Path:
 
 # ---------------------------------------------------------------- MC dropout
 
+
+class _ChunkedSplit:
+    """A split read in chunks of `chunk` items (as an image split is), for `predict_split`."""
+
+    in_memory = False
+
+    def __init__(self, x: torch.Tensor, chunk: int) -> None:
+        self.x, self.chunk = x, chunk
+
+    def chunks(self):
+        return iter(self.x.split(self.chunk))
+
+
+def test_mc_dropout_chunked_query_set_draws_one_mask_stream(smoke, cache_root):
+    """Read in chunks, a query set's items at the same offset of different chunks get independent masks
+    (one stream across the chunks, not one re-seeded per chunk), deterministically; the first chunk's
+    draws equal those of the query set predicted in one call."""
+    from bench.runner import predict_split
+    cfg, data = smoke
+    m, _, _ = fit_method("mc_dropout", cfg, data, cache_root)
+    x = data.test_id.x[:40]
+    twice = torch.cat([x[:20], x[:20]])  # the same items at the same offsets of two chunks
+    with torch.no_grad():
+        p = predict_split(m, _ChunkedSplit(twice, 20), CPU)
+        again = predict_split(m, _ChunkedSplit(twice, 20), CPU)
+        whole = m.predict(x[:20])
+    assert torch.equal(p.samples, again.samples)
+    torch.testing.assert_close(p.samples[:, :20], whole.samples)
+    assert not torch.allclose(p.samples[:, :20], p.samples[:, 20:])  # re-seeding per chunk made them equal
+    assert m._stream is None  # the stream ends with the query set
+
 def test_stochastic_passes_differ_when_active_and_match_eval_mode_otherwise():
     net = build_model(preset_config("smoke"), (8,), seed=3, dropout=0.2).eval()
     x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))

@@ -11,6 +11,7 @@ import re
 from torch import nn
 
 from bench.errors import BenchError
+from bench.model import last_linear as _last_linear
 
 LA_SUBSETS = "auto | all | head | last_k:<k>"
 _SYNTAX = re.compile(r"auto|all|head|last_k:[1-9][0-9]*")
@@ -24,14 +25,8 @@ def check_la_subset(text: str) -> None:
 
 
 def last_linear(model: nn.Module) -> nn.Linear:
-    """The output Linear layer (`model.last_linear` when defined, else the last nn.Linear)."""
-    layer = getattr(model, "last_linear", None)
-    if isinstance(layer, nn.Linear):
-        return layer
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise BenchError("the model has no nn.Linear layer; Laplace methods need one")
-    return linears[-1]
+    """`bench.model.last_linear` for the Laplace methods."""
+    return _last_linear(model, "Laplace methods")
 
 
 def head_module(model: nn.Module) -> nn.Module | None:
