@@ -126,3 +126,27 @@ def test_retrieval_space():
     assert all(np.allclose(a[k], b[k]) for k in a)
     with pytest.raises(BenchError, match="distance"):
         retrieval_space(e, "manhattan")
+
+
+@pytest.mark.parametrize("loo", [False, True])
+def test_kd_tree_knn_equals_brute_force(loo, monkeypatch):
+    """The k-d tree path of `nearest` (width <= KD_TREE_MAX_DIM) finds the k nearest at the distances of
+    a float64 brute force, as the cdist + topk path does (float32 cdist: to 1e-4), never a query itself
+    under leave-one-out, duplicates included."""
+    from bench.metrics import retrieval as R
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(400, 2, generator=g)
+    q[200:210] = q[100]  # duplicates: ties at distance 0
+    gal = q if loo else torch.randn(300, 2, generator=g)
+    exact = torch.cdist(q.double(), gal.double())
+    if loo:
+        exact.fill_diagonal_(float("inf"))
+    ref = exact.topk(7, dim=1, largest=False).values.float()
+    i_kd, d_kd = R.nearest(q, gal, 7, exclude_self=loo)
+    monkeypatch.setattr(R, "KD_TREE_MAX_DIM", 0)
+    i_bf, d_bf = R.nearest(q, gal, 7, exclude_self=loo)
+    torch.testing.assert_close(d_kd, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(exact.gather(1, i_kd).float(), ref, atol=1e-6, rtol=0)  # the indices are the nearest
+    torch.testing.assert_close(d_bf, ref, atol=1e-4, rtol=0)
+    if loo:
+        assert not (i_kd == torch.arange(len(q))[:, None]).any()
