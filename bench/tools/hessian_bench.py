@@ -9,6 +9,7 @@ import time
 import torch
 
 from backbones.mlp import EmbeddingNet
+from bench.environment import resolve_device
 from bench.errors import BenchError
 from bench.la.curvature import PairLoss
 from bench.la.structures import compute_curvature
@@ -63,7 +64,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                        backend (CurvlinopsGGN) and AsdlGGN, on the first --lt-n items, scaled linearly to N
     Ratios are seconds / floor seconds; the laplace-torch notes give the relative difference between
     our jtj H and laplace-torch's on the same items."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
     x, y = _load(args)
@@ -135,6 +136,7 @@ def format_table(rows: list[dict]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run the bench and print the table; returns the exit code."""
     hidden = str(args.hidden)
+    resolve_device(args.device)  # a missing CUDA is one line, before any work
     print(f"hessian-bench: net 784-{hidden.replace(',', '-')}-{args.embed_dim}, N={args.n} ({args.data}), "
           f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}", flush=True)
     rows = run_bench(args)
