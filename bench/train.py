@@ -196,14 +196,25 @@ def make_optimizer(params, cfg: RunConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
 
 
+def resident(train: Split, device: torch.device) -> Split:
+    """The split the training loop draws batches from: an in-memory split without train-time
+    augmentation is moved to `device` once, so that its batches are index slices of tensors already
+    there (no host-to-device copy per step on a GPU); any other split as it is (its batches are made on
+    the host, e.g. by a DataLoader, and copied)."""
+    if not train.in_memory or train.augments or train.x.device == device:
+        return train
+    return Split(train.x.to(device), train.y.to(device))
+
+
 def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Split, device: torch.device,
               seed: int, desc: str = "train") -> dict:
     """Train `model` in place with Adam on `batch_loss` over seeded shuffled batches; returns info
     (per-epoch mean losses, wall time). A non-finite loss raises BenchError."""
     opt = make_optimizer(model.parameters(), cfg)
+    train = resident(train, device)
     y = train.y.to(device)
     n = len(train)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)  # the data order is drawn on the CPU on every device
     steps = math.ceil(n / cfg.batch_size)
     history: list[float] = []
     start = time.perf_counter()
@@ -212,7 +223,7 @@ def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Sp
         torch.manual_seed(seed + 1)  # dropout masks and any sampling inside the loss
         bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
         for epoch in range(cfg.epochs):
-            perm = torch.randperm(n, generator=g)
+            perm = torch.randperm(n, generator=g).to(train.y.device)
             total = torch.zeros((), device=device)
             batches = [b for b in perm.split(cfg.batch_size) if b.numel() >= 2]
             seeds = [item_seeds(seed, epoch, s, len(b)) for s, b in enumerate(batches)] if train.augments else None
@@ -263,6 +274,7 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
 
     batched_forward = vmap(forward)
     opt = make_optimizer(list(params.values()), cfg)
+    train = resident(train, device)
     y = train.y.to(device)
     n, M = len(train), len(models)
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -272,7 +284,7 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
     with cpu_threads(cfg.train_threads, device):
         bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
         for epoch in range(cfg.epochs):
-            perms = torch.stack([torch.randperm(n, generator=g) for g in gens])  # [M, n]
+            perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(train.y.device)  # [M, n]
             total = torch.zeros(M, device=device)
             batches = [b for b in perms.split(cfg.batch_size, dim=1) if b.shape[1] >= 2]  # [M, b] each
             seeds_ = ([torch.cat([item_seeds(sd, epoch, s, b.shape[1]) for sd in seeds]) for s, b in enumerate(batches)]

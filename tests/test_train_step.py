@@ -81,3 +81,20 @@ def test_step_profile_cli_prints_every_phase(cli):
 def test_cuda_without_cuda_is_one_line(cli, command):
     code, out, err = cli(*command, "--device", "cuda")
     assert code == 2 and err.strip().count("\n") == 0 and "CUDA is not available" in err, err
+
+
+def test_in_memory_splits_are_moved_to_the_device_once():
+    """The loop's batches are index slices of tensors on the device for in-memory splits (checked with
+    the meta device, which needs no GPU); augmenting or on-disk splits keep making batches on the host."""
+    from bench.train import resident
+
+    split = Split(torch.zeros(4, 3), torch.arange(4))
+    moved = resident(split, torch.device("meta"))
+    assert moved.x.device.type == "meta" and moved.y.device.type == "meta" and len(moved) == 4
+    assert resident(split, torch.device("cpu")) is split
+
+    class Augmenting(Split):
+        augments = True
+
+    aug = Augmenting(split.x, split.y)
+    assert resident(aug, torch.device("meta")) is aug

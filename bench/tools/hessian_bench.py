@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-dim", type=int, default=2)
     parser.add_argument("--data", choices=["fashion_mnist", "random"], default="fashion_mnist",
                         help="real Fashion-MNIST training images or random inputs of the same shape")
+    parser.add_argument("--data-dir", default=None, help="folder holding the Fashion-MNIST files (default: the usual search)")
     parser.add_argument("--chunk", type=int, default=256, help="items per Jacobian chunk")
     parser.add_argument("--mining-batch", type=int, default=16, help="pairs are mined per batch of this size")
     parser.add_argument("--lt-n", type=int, default=512, help="items for laplace-torch (time scaled to --n)")
@@ -47,7 +48,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(args.n, 784, generator=g), torch.randint(0, 7, (args.n,), generator=g)
     from bench.config import preset_config
     from bench.data import load_benchmark
-    data = load_benchmark(preset_config("paper").replace(far_ood=())).train_id
+    data = load_benchmark(preset_config("paper").replace(far_ood=(), data_dir=args.data_dir)).train_id
     if len(data) < args.n:
         raise BenchError(f"--n {args.n} exceeds the {len(data)} training items")
     sub = data.subset(args.n, seed=args.seed)
