@@ -5,10 +5,12 @@
 #   floor    bare torch.mm of 8192 x 8192 float32, TF32 off and on (bench.tools.matmul_rate)
 #   hessian  python -m bench hessian-bench on cuda: the paper net (D = 13,410, laplace-torch rows too) and
 #            hidden 52,52,52,52 (D = 49,194), N = 1024
-#   profile  python -m bench step-profile on cuda at batch 16 (with torch.compile of the whole step) and 64
 #   tests    pytest --device cuda on the tests that fit and predict methods, and the training-step tests
 #   paper    python -m bench run --preset paper --device cuda (all methods): wall time per method and
 #            stage (the summary's timing table; on a timeout, the stages of the methods that finished)
+#   profile  python -m bench step-profile on cuda at batch 16 (with torch.compile of the whole step) and 64
+# GPU_CHECK_STAGES picks stages (default "floor hessian tests paper profile"), e.g. a second call with
+# GPU_CHECK_STAGES=paper GPU_CHECK_PAPER_S=540 finishes the paper run alone.
 # Everything goes to $OUT (the device tool's folder; default ./gpu_out), at most 8 files: gpu_check.log
 # (all output, with the wall time of each stage), floor.log, hessian.log, profile.log, tests.log, paper.log,
 # paper_timings.csv, paper_results.csv.
@@ -16,8 +18,8 @@
 # The H200 image lacks pytorch-metric-learning, laplace-torch (and its backends) and mlxtend, and has no
 # Fashion-MNIST: `bash scripts/gpu_prepare.sh` (on a machine with PyPI) puts their wheels and the data
 # into .gpu/ (git-ignored); carry ".gpu" with the device call. This script installs from there.
-# Limits in seconds, from the environment: GPU_CHECK_TOTAL_S (default 510) and GPU_CHECK_{FLOOR,HESSIAN,
-# PROFILE,TESTS,PAPER}_S (30, 90, 120, 150, 300); PY (default python3).
+# Limits in seconds, from the environment: GPU_CHECK_TOTAL_S (default 560; run the device call with
+# timeout_s 600) and GPU_CHECK_{FLOOR,HESSIAN,TESTS,PAPER,PROFILE}_S (30, 100, 120, 240, 90); PY (python3).
 # GPU_CHECK_SMOKE=1 GPU_CHECK_DEVICE=cpu: the same plumbing at toy sizes on a CPU (a dry run of this script).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,8 @@ mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 : >"$LOG"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_TOTAL_S:-510}))
+DEADLINE=$((START + ${GPU_CHECK_TOTAL_S:-560}))
+STAGES=" ${GPU_CHECK_STAGES:-floor hessian tests paper profile} "
 say() { echo "[gpu-check $(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
 DEVICE="${GPU_CHECK_DEVICE:-cuda}"
@@ -49,7 +52,7 @@ DATA=()
 [ -d .gpu/data/fashion-mnist ] && DATA=(--data-dir .gpu/data/fashion-mnist)
 "$PY" -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee -a "$LOG"
 if [ "${GPU_CHECK_SMOKE:-0}" = 1 ]; then  # toy sizes
-    MM=(--n 256 --repeats 2); HB=(--n 64 --data random --hidden 8,8); HB_WIDE=(--n 64 --data random --hidden 16,16)
+    MM=(--n 256 --repeats 2); HB=(--n 64 --data random --hidden 8,8); HB_WIDE=(--n 64 --data random --hidden 16,16 --no-laplace-torch)
     SP=(--steps 8 --rounds 1); SP_COMPILE=off; TESTS=(tests/test_train_step.py); PAPER=(--preset smoke --dataset synthetic)
 else
     MM=(--n 8192); HB=(--n 1024 "${DATA[@]}"); HB_WIDE=(--n 1024 --hidden 52,52,52,52 --no-laplace-torch "${DATA[@]}")
@@ -63,6 +66,7 @@ fi
 stage() {
     local name=$1 limit=$2 file=$3
     shift 3
+    [ "${STAGES/ $name /}" = "$STAGES" ] && return 0  # not asked for
     local left=$((DEADLINE - $(date +%s)))
     [ "$limit" -gt "$left" ] && limit=$left
     if [ "$limit" -lt 10 ]; then
@@ -78,15 +82,13 @@ stage() {
 }
 
 stage floor "${GPU_CHECK_FLOOR_S:-30}" floor.log "$PY" -m bench.tools.matmul_rate --device "$DEVICE" "${MM[@]}"
-stage hessian "${GPU_CHECK_HESSIAN_S:-90}" hessian.log bash -c '"$0" -m bench hessian-bench --device "$1" $2 && "$0" -m bench hessian-bench --device "$1" $3' \
+stage hessian "${GPU_CHECK_HESSIAN_S:-100}" hessian.log bash -c '"$0" -m bench hessian-bench --device "$1" $2 && "$0" -m bench hessian-bench --device "$1" $3' \
     "$PY" "$DEVICE" "${HB[*]}" "${HB_WIDE[*]}"
-stage profile "${GPU_CHECK_PROFILE_S:-120}" profile.log bash -c '"$0" -m bench step-profile --device "$1" --batch 16 $2 --compile "$3" && "$0" -m bench step-profile --device "$1" --batch 64 $2 --no-profiler' \
-    "$PY" "$DEVICE" "${SP[*]}" "$SP_COMPILE"
-stage tests "${GPU_CHECK_TESTS_S:-150}" tests.log "$PY" -m pytest --device "$DEVICE" -q -p no:randomly -p no:cacheprovider "${TESTS[@]}"
+stage tests "${GPU_CHECK_TESTS_S:-120}" tests.log "$PY" -m pytest --device "$DEVICE" -q -p no:randomly -p no:cacheprovider "${TESTS[@]}"
 RUNS=/tmp/gpu_check_runs
 rm -rf "$RUNS"
-stage paper "${GPU_CHECK_PAPER_S:-300}" paper.log "$PY" -m bench run "${PAPER[@]}" --device "$DEVICE" --out "$RUNS" --quiet --no-report
-"$PY" - "$RUNS" "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
+stage paper "${GPU_CHECK_PAPER_S:-240}" paper.log "$PY" -m bench run "${PAPER[@]}" --device "$DEVICE" --out "$RUNS" --quiet --no-report
+[ "${STAGES/ paper /}" != "$STAGES" ] && "$PY" - "$RUNS" "$OUT" <<'EOF' 2>&1 | tee -a "$LOG"
 """The paper run's tables to $OUT, or, when it did not finish, the stage times of the methods that did."""
 import json, shutil, sys
 from pathlib import Path
@@ -108,4 +110,6 @@ else:
         t = json.loads(f.read_text())["timings"]
         print(f"  {f.stem}: " + ", ".join(f"{r['method']}/{r['stage']} {float(r['seconds']):.1f} s" for r in t))
 EOF
+stage profile "${GPU_CHECK_PROFILE_S:-90}" profile.log bash -c '"$0" -m bench step-profile --device "$1" --batch 16 $2 --compile "$3" && "$0" -m bench step-profile --device "$1" --batch 64 $2 --no-profiler' \
+    "$PY" "$DEVICE" "${SP[*]}" "$SP_COMPILE"
 say "done in $(($(date +%s) - START)) s; files under $OUT"

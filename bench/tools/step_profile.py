@@ -111,13 +111,18 @@ def fast_phases(s: Setup, model, opt, laps: Laps) -> None:
         laps.cut("mining")
         loss = weighted_pair_loss(dist, W_pos, W_neg, cfg)[0]
         laps.cut("loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        laps.cut("backward")
-        opt.step()
-        laps.cut("optimiser")
-        total += loss.detach()
-        laps.cut("bookkeeping")
+        _timed_update(loss, opt, total, laps)
+
+
+def _timed_update(loss: torch.Tensor, opt, total: torch.Tensor, laps: Laps) -> None:
+    """The phases after the loss, shared by both paths: backward, optimiser, bookkeeping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    laps.cut("backward")
+    opt.step()
+    laps.cut("optimiser")
+    total += loss.detach()
+    laps.cut("bookkeeping")
 
 
 def pml_phases(s: Setup, model, opt, laps: Laps) -> None:
@@ -136,13 +141,7 @@ def pml_phases(s: Setup, model, opt, laps: Laps) -> None:
         laps.cut("mining")
         loss = loss_fn(emb, yb, trip)
         laps.cut("loss")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        laps.cut("backward")
-        opt.step()
-        laps.cut("optimiser")
-        total += loss.detach()
-        laps.cut("bookkeeping")
+        _timed_update(loss, opt, total, laps)
 
 
 def pml_loop(s: Setup, model, opt) -> None:
