@@ -1,6 +1,6 @@
 """`python -m bench step-profile`: where one training step of the shared loop spends its time, for the
-fast path `bench.train.train_net` runs (vectorised miner + loss, multi-tensor Adam) and for the
-pytorch-metric-learning reference (its TripletMarginMiner + ContrastiveLoss, plain Adam), at a given net
+fast path `bench.train.train_net` runs (vectorised miner + loss, fused Adam) and for the
+pytorch-metric-learning reference (its TripletMarginMiner + ContrastiveLoss, torch's default Adam), at a given net
 and batch; with `--compile`, the fast step under torch.compile next to eager, in the same process.
 
 Each step is cut into phases timed with perf_counter (CUDA-synchronised at every cut):
@@ -187,13 +187,18 @@ def _median_round(fn: Callable[[], None], rounds: int) -> float:
     return statistics.median(times)
 
 
-def profile_path(s: Setup, path: str, rounds: int) -> dict:
-    """{phase: µs per step} (medians over rounds) and `loop` µs per step for path fast|pml."""
+def _optimizer(path: str, model, cfg) -> torch.optim.Optimizer:
+    """The fast path's optimiser (`make_optimizer`), or the reference's: torch's default Adam."""
     from bench.train import make_optimizer
 
+    return make_optimizer(model.parameters(), cfg) if path == "fast" else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+
+
+def profile_path(s: Setup, path: str, rounds: int) -> dict:
+    """{phase: µs per step} (medians over rounds) and `loop` µs per step for path fast|pml."""
     steps = len(s.batches)
     model = _net(s, 0)
-    opt = make_optimizer(model.parameters(), s.cfg) if path == "fast" else torch.optim.Adam(model.parameters(), lr=s.cfg.lr)
+    opt = _optimizer(path, model, s.cfg)
     phases, loop = (fast_phases, fast_loop) if path == "fast" else (pml_phases, pml_loop)
     phases(s, model, opt, Laps(s.device))  # warm-up
     per_round = []
@@ -211,11 +216,9 @@ def aten_share(s: Setup, path: str, steps: int = 100) -> dict:
     ATen operators (sum of their self times) and the operators per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bench.train import make_optimizer
-
     sub = replace(s, batches=s.batches[:steps])
     model = _net(s, 0)
-    opt = make_optimizer(model.parameters(), s.cfg) if path == "fast" else torch.optim.Adam(model.parameters(), lr=s.cfg.lr)
+    opt = _optimizer(path, model, s.cfg)
     (pml_loop if path == "pml" else _plain_fast_loop)(sub, model, opt)  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t = time.perf_counter()
