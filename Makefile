@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install data demo paper test perf clean
+.PHONY: install data demo paper test perf gpu-prepare gpu-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -29,6 +29,13 @@ test: install data
 
 perf: install data
 	$(BIN)/python -m pytest tests/perf --benchmark-only -p no:randomly -o addopts=""
+
+# The prepared GPU check (scripts/gpu_check.sh; README "Performance"): gpu-prepare here, gpu-check there.
+gpu-prepare: install data
+	PY=$(BIN)/python bash scripts/gpu_prepare.sh
+
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf runs .pytest_cache .benchmarks

@@ -1,4 +1,4 @@
-"""Command line: `python -m bench run|grid|list|report|hessian-bench`."""
+"""Command line: `python -m bench run|grid|list|report|hessian-bench|step-profile`."""
 from __future__ import annotations
 
 import argparse
@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
         hessian_bench.add_arguments(hb)
     except ImportError:
         pass
+    sp = sub.add_parser("step-profile", help="where a training step's time goes (fast path vs PML), and torch.compile")
+    from bench.tools import step_profile
+    step_profile.add_arguments(sp)
     return p
 
 
@@ -190,6 +193,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "hessian-bench":
             from bench.tools import hessian_bench
             return hessian_bench.main(args)
+        if args.command == "step-profile":
+            from bench.tools import step_profile
+            return step_profile.main(args)
         build_parser().print_help()
         return 2
     except BenchError as e:

@@ -165,7 +165,7 @@ class ProbabilisticFaceEmbedding(Method):
         sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[round(PFE_LR_DROP_AT * len(batches))], gamma=0.1)
         k = batches.shape[2]
         i, j = torch.triu_indices(k, k, offset=1, device=batches.device)
-        losses = torch.empty(len(batches))
+        losses = torch.empty(len(batches), device=batches.device)  # (read once at the end: no sync per step)
         self.head.train()
         for step, idx in enumerate(batches):  # idx [P, K]
             m, v = mu[idx], self.head(feats[idx.flatten()]).reshape(*idx.shape, -1)

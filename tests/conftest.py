@@ -1,4 +1,5 @@
-"""Shared fixtures: a smoke config on the synthetic dataset, and a CLI runner."""
+"""Shared fixtures: a smoke config on the synthetic dataset, a CLI runner, and the `--device` option
+(cpu by default; e.g. `pytest --device cuda`) of the tests that fit methods (`tests.fit_helpers.run_device`)."""
 from __future__ import annotations
 
 import os
@@ -10,10 +11,26 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 from bench.cli import main  # noqa: E402
 from bench.config import preset_config  # noqa: E402
+from bench.environment import resolve_device  # noqa: E402
+from bench.errors import BenchError  # noqa: E402
+from tests.fit_helpers import DEVICE_ENV  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                    reason="Debian package dataset-fashion-mnist not installed")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="device of the tests that fit and predict methods: cpu (default), cuda or cuda:N")
+
+
+def pytest_configure(config):
+    """Resolve --device once (a missing CUDA stops the run with one line) and hand it to the tests."""
+    try:
+        os.environ[DEVICE_ENV] = str(resolve_device(config.getoption("--device")))
+    except BenchError as e:
+        raise pytest.UsageError(str(e)) from None
 
 
 @pytest.fixture

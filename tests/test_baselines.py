@@ -23,7 +23,7 @@ from bench.timing import StageTimer
 from bench.train import ModelCache
 from methods.deep_ensemble import DeepEnsemble, member_seed, member_seeds
 from methods.mc_dropout import MASK_SEED_OFFSET, MCDropout, mc_samples, seeded_dropout
-from tests.fit_helpers import CPU, fit_method
+from tests.fit_helpers import CPU, fit_method, predict_on, run_device
 
 def random_orthogonal(d: int, seed: int, det: float) -> torch.Tensor:
     """A random orthogonal d x d matrix with determinant `det` (+1 rotation, -1 reflection)."""
@@ -129,9 +129,9 @@ def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [cfg.dropout] * len(cfg.hidden)
     x = data.test_id.x
     with torch.no_grad():
-        p1, p1b = m1.predict(x), m1.predict(x)
+        p1, p1b = predict_on(m1, x), predict_on(m1, x)
         m2, cache2, timer2 = fit_method("mc_dropout", cfg, data, cache_root)
-        p2 = m2.predict(x)
+        p2 = predict_on(m2, x)
     assert cache2.trained == 0  # loaded, not retrained
     assert timer2.for_method("mc_dropout")["train"] == pytest.approx(timer1.for_method("mc_dropout")["train"])
     for a, b in ((p1, p1b), (p1, p2)):
@@ -143,7 +143,9 @@ def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     # another run seed draws other masks
     assert m1.mask_seed == 0 * 1_000_003 + MASK_SEED_OFFSET
     with torch.no_grad():
-        other = mc_samples(m1.model, x, cfg.dropout_passes, torch.Generator().manual_seed(1_000_003 + MASK_SEED_OFFSET))
+        dev = run_device()
+        other = mc_samples(m1.model, x.to(dev), cfg.dropout_passes,
+                           torch.Generator(device=dev).manual_seed(1_000_003 + MASK_SEED_OFFSET)).cpu()
     assert not torch.equal(other.mean(0), p1.mean)
 
 
@@ -251,7 +253,7 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
         assert any(not torch.equal(other[k], sd[0][k]) for k in sd[0])  # different weights
     assert not any(isinstance(l, torch.nn.Dropout) for m in e1.members for l in m.modules())
     # member 0 is the base model: same cache entry as plain's base
-    base, _, _ = ModelCache(cache_root, cfg, data.train_id, CPU).get(cfg.seed, 0.0)
+    base, _, _ = ModelCache(cache_root, cfg, data.train_id, run_device()).get(cfg.seed, 0.0)
     assert all(torch.equal(base.state_dict()[k], sd[0][k]) for k in sd[0])
     seconds = [info["seconds"] for info in cache1.used.values() if info["key"]["dropout"] == 0.0
                and info["key"]["seed"] in e1.seeds]
@@ -260,16 +262,16 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
 
     x = data.test_id.x
     with torch.no_grad():
-        p1 = e1.predict(x)
+        p1 = predict_on(e1, x)
         e2, cache2, timer2 = fit_method("deep_ensemble", cfg, data, cache_root)
-        p2 = e2.predict(x)
+        p2 = predict_on(e2, x)
     assert cache2.trained == 0  # every member loaded from the cache, none retrained
     assert timer2.for_method("deep_ensemble")["train"] >= sum(seconds)  # cost still charged
     assert torch.equal(p1.mean, p2.mean) and torch.equal(p1.var, p2.var)
     assert p1.var.shape == (len(x), cfg.embed_dim) and (p1.var > 0).all()
     # mean and variance are those of the aligned member embeddings
     with torch.no_grad():
-        z = e1.member_embeddings(x)
+        z = e1.member_embeddings(x.to(run_device())).cpu()
     assert torch.allclose(p1.mean, z.mean(0), atol=1e-6)
     assert torch.allclose(p1.var, z.var(0), atol=1e-6)
 

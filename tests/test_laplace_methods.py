@@ -11,6 +11,7 @@ from bench.method import FitContext
 from bench.registry import METHODS
 from bench.timing import StageTimer
 from bench.train import train_embedding
+from tests.fit_helpers import predict_on, run_device
 
 LA = ["full_la", "last_layer_la", "diag_la", "kfac_la"]
 
@@ -19,13 +20,13 @@ LA = ["full_la", "last_layer_la", "diag_la", "kfac_la"]
 def setup():
     cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True, n_train=300, n_test=60)
     data = load_benchmark(cfg)
-    model, _ = train_embedding(cfg, data.train_id, torch.device("cpu"), seed=0)
+    model, _ = train_embedding(cfg, data.train_id, run_device(), seed=0)
     return cfg, data, model
 
 
 def _fit(cfg, data, model, name):
-    timer = StageTimer()
-    ctx = FitContext(cfg=cfg, data=data, device=torch.device("cpu"), timer=timer, method=name,
+    timer = StageTimer(run_device())
+    ctx = FitContext(cfg=cfg, data=data, device=run_device(), timer=timer, method=name,
                      train_model=lambda seed, dropout: model, seed=0)
     method = METHODS.get(name)(cfg)
     method.fit(ctx)
@@ -37,10 +38,10 @@ def test_laplace_methods_fit_predict(setup, name):
     cfg, data, model = setup
     method, timer = _fit(cfg, data, model, name)
     assert method.post_hoc
-    pred = method.predict(data.test_id.x)
+    pred = predict_on(method, data.test_id.x)
     n, d = len(data.test_id), cfg.embed_dim
     assert pred.mean.shape == (n, d) and pred.var.shape == (n, d) and pred.cov.shape == (n, d, d)
-    assert torch.allclose(pred.mean, model(data.test_id.x), atol=1e-6)  # GLM mean is f_MAP
+    assert torch.allclose(pred.mean, model(data.test_id.x.to(run_device())).cpu(), atol=1e-6)  # GLM mean is f_MAP
     assert (pred.var > 0).all() and torch.isfinite(pred.cov).all()
     assert torch.linalg.eigvalsh(pred.cov.double()).min() > -1e-6 * pred.var.max()
     st = timer.for_method(name)
@@ -54,8 +55,8 @@ def test_mc_predictive_and_grid_prior(setup):
     cfg, data, model = setup
     cfg = cfg.replace(predictive="mc", posterior_samples=50, prior_precision="grid")
     method, _ = _fit(cfg, data, model, "diag_la")
-    a = method.predict(data.test_id.x)
-    b = method.predict(data.test_id.x)
+    a = predict_on(method, data.test_id.x)
+    b = predict_on(method, data.test_id.x)
     assert torch.equal(a.var, b.var)  # the S networks are drawn once
     assert a.var.shape == (len(data.test_id), cfg.embed_dim) and (a.var > 0).all()
     tuning = method.diagnostics["tuning"]
@@ -103,7 +104,7 @@ def test_full_la_low_rank_option(setup, monkeypatch):
     preds = {}
     for tol in (0.3, 0.0):
         method, _ = _fit(cfg.replace(method_options=(("posterior_rank_tol", tol),)), data, model, "full_la")
-        preds[tol] = method.predict(data.test_id.x).cov.double()
+        preds[tol] = predict_on(method, data.test_id.x).cov.double()
         assert method.diagnostics["posterior"] == ("lowrank" if tol else "cholesky")
     L = torch.linalg.cholesky(preds[0.0])
     M = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, preds[0.3], upper=False).mT, upper=False)
@@ -116,7 +117,7 @@ def test_full_la_low_rank_option(setup, monkeypatch):
 def test_predictives_share_draws_across_query_sets_and_lmc_moments_approach_glm(tmp_path):
     from bench.config import preset_config
     from bench.data import load_benchmark
-    from tests.fit_helpers import fit_method
+    from tests.fit_helpers import fit_method, predict_on
 
     cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True, posterior_samples=4000)
     data = load_benchmark(cfg)
@@ -124,9 +125,9 @@ def test_predictives_share_draws_across_query_sets_and_lmc_moments_approach_glm(
     lmc, _, _ = fit_method("diag_la", cfg.replace(predictive="lmc"), data, tmp_path)
     x = data.test_id.x[:20]
     with torch.no_grad():
-        pg, pl = glm.predict(x), lmc.predict(x)
+        pg, pl = predict_on(glm, x), predict_on(lmc, x)
         # the same items in a second call (another query set, another chunk) get the same draws
-        assert torch.allclose(glm.predict(x[10:]).samples, pg.samples[:, 10:], atol=1e-6)
+        assert torch.allclose(predict_on(glm, x[10:]).samples, pg.samples[:, 10:], atol=1e-6)
     assert pg.samples.shape == (4000, 20, cfg.embed_dim) and torch.equal(pg.samples, pl.samples)
     assert torch.allclose(pl.var, pg.var, rtol=0.15)  # 4000 draws: s.e. of a variance ~2.2%
     assert torch.allclose(pl.mean, pg.mean, atol=float(3 * (pg.var / 4000).sqrt().max()))

@@ -12,7 +12,8 @@ from bench.config import preset_config
 from bench.data import load_benchmark
 from bench.method import EmbeddingPrediction
 from bench.registry import METHODS
-from tests.fit_helpers import fit_method
+from bench.runner import predict_split
+from tests.fit_helpers import fit_method, run_device
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def smoke():
 def _predict_all(method, data) -> dict[str, EmbeddingPrediction]:
     sets = {"id": data.test_id, **data.test_ood}
     with torch.no_grad():
-        return {k: method.predict(s.x) for k, s in sets.items()}
+        return {k: predict_split(method, s, run_device()) for k, s in sets.items()}
 
 
 @pytest.mark.parametrize("name", METHODS.names())

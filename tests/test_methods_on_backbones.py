@@ -16,7 +16,7 @@ from bench.config import RunConfig, preset_config
 from bench.features import prepare_benchmark
 from bench.registry import BACKBONES, METHODS
 from bench.runner import predict_split
-from tests.fit_helpers import CPU, fit_method
+from tests.fit_helpers import fit_method, run_device
 
 LAPLACE = {m for m in METHODS.names() if METHODS.get(m).__module__ == "methods.laplace"}
 SMALL = {"mlp", "convnet"}  # end to end, every method is cheap enough on these
@@ -39,7 +39,7 @@ _DATA: dict = {}
 def _data(backbone: str, frozen: bool, tmp_path_factory):
     if (backbone, frozen) not in _DATA:
         cfg = _cfg(backbone, frozen, tmp_path_factory.mktemp("cache"))
-        _DATA[(backbone, frozen)] = (cfg, prepare_benchmark(cfg, CPU, tmp_path_factory.mktemp("features"))[0])
+        _DATA[(backbone, frozen)] = (cfg, prepare_benchmark(cfg, run_device(), tmp_path_factory.mktemp("features"))[0])
     return _DATA[(backbone, frozen)]
 
 
@@ -47,7 +47,7 @@ def _check(name, cfg, data, root):
     method, _, _ = fit_method(name, cfg, data, root)
     with torch.no_grad():
         for split in (data.test_id, *data.test_ood.values()):
-            p = predict_split(method, split, CPU)
+            p = predict_split(method, split, run_device())
             assert p.mean.shape == (len(split), cfg.embed_dim) and torch.isfinite(p.mean).all()
             if p.var is not None:
                 assert p.var.shape == p.mean.shape and torch.isfinite(p.var).all() and (p.var >= 0).all()

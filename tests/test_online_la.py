@@ -29,7 +29,7 @@ from bench.registry import METHODS
 from bench.timing import StageTimer
 from bench.train import make_loss_and_miner, model_key, train_net
 from methods.online_la import OnlineStep
-from tests.fit_helpers import fit_method
+from tests.fit_helpers import fit_method, predict_on, run_device
 from tests.laplace_helpers import TinyConvNet, tiny_data, tiny_net
 
 CPU = torch.device("cpu")
@@ -254,7 +254,7 @@ def test_head_predictive_on_features_is_the_full_net_glm_over_the_head(smoke_cfg
     post = method.posterior
     names = [n for n, p in method.net.named_parameters() if any(p is q for q in method.model.parameters())]
     full = DiagPosterior(method.net, Curvature("diag", "all", names, post.curvature.D, H=post.curvature.H), post.delta)
-    x = data.test_id.x[:20]
+    x = data.test_id.x[:20].to(run_device())
     with torch.no_grad():
         pred = method.predict(x)
         torch.testing.assert_close(pred.mean, method.net(x))
@@ -272,7 +272,7 @@ def test_every_structure_subset_and_scaling_fits_and_predicts(smoke_cfg, tmp_pat
     data = load_benchmark(cfg)
     method, _, _ = fit_method("online_la", cfg, data, tmp_path / "models")
     with torch.no_grad():
-        pred = method.predict(data.test_id.x)
+        pred = predict_on(method, data.test_id.x)
     assert torch.isfinite(pred.mean).all() and torch.isfinite(pred.var).all() and (pred.var > 0).all()
     assert method.diagnostics["structure"] == opts.get("online_structure", "diag")
 

@@ -19,7 +19,7 @@ from methods import pfe
 from methods.btl import BayesianTripletLoss, distance_difference_moments, triplet_log_probability
 from methods.hib import HedgedInstanceEmbedding, match_log_probs, match_probability
 from methods._gaussian import kl_to_isotropic_prior
-from tests.fit_helpers import fit_method
+from tests.fit_helpers import fit_method, predict_on
 
 F64 = torch.float64
 Z = 4.0  # tolerance in standard errors for the Monte-Carlo comparisons
@@ -198,7 +198,7 @@ def smoke():
 
 def _predict(method, data):
     with torch.no_grad():
-        return method.predict(data.test_id.x), method.predict(data.test_ood["noise"].x)
+        return predict_on(method, data.test_id.x), predict_on(method, data.test_ood["noise"].x)
 
 
 @pytest.mark.parametrize("name", ["pfe", "hib", "btl"])

@@ -13,7 +13,7 @@ from bench.registry import METHODS
 from bench.run_folder import RunFolder
 from bench.runner import run
 from reports.render import render_report
-from tests.fit_helpers import fit_method
+from tests.fit_helpers import fit_method, predict_on
 
 
 def test_points_cover_the_grid_and_empty_axes_hold_the_fitted_value():
@@ -36,10 +36,10 @@ def test_a_variant_is_the_direct_fit_at_its_settings(tmp_path, name):
     x = data.test_id.x[:40]
     (same, v0), (other, v1) = list(fitted.variants([{}, {"prior_precision": 2 * delta, "likelihood_scale": 3.0}]))
     assert same == {"prior_precision": delta, "likelihood_scale": t, "rank_bound": 0.0}
-    a, b = v0.predict(x), fitted.predict(x)
+    a, b = predict_on(v0, x), predict_on(fitted, x)
     assert torch.allclose(a.cov, b.cov, rtol=1e-5) and torch.allclose(a.samples, b.samples, rtol=1e-4, atol=1e-6)
     direct, _, _ = fit_method(name, cfg.replace(prior_precision=repr(2 * delta), likelihood_scale="3.0"), data, tmp_path)
-    a, b = v1.predict(x), direct.predict(x)
+    a, b = predict_on(v1, x), predict_on(direct, x)
     assert torch.allclose(a.cov, b.cov, rtol=1e-4, atol=1e-8) and torch.allclose(a.samples, b.samples, rtol=1e-3, atol=1e-5)
 
 

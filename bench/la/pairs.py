@@ -63,15 +63,14 @@ def mined_triplets(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: 
     """
     if miner_type not in MINER_TYPES:
         raise BenchError(f"miner_type must be one of {', '.join(MINER_TYPES)}, got {miner_type!r}")
-    nb, m, _ = F.shape
+    m = F.shape[1]
     dist = pairwise_distances(F) if dist is None else dist
     same = y[:, :, None] == y[:, None, :]
-    eye = torch.eye(m, dtype=torch.bool, device=F.device)
-    if valid is None:
-        valid = torch.ones(nb, m, dtype=torch.bool, device=F.device)
-    vv = valid[:, :, None] & valid[:, None, :]
-    pos = same & ~eye & vv  # [nb, a, p]
-    neg = ~same & vv  # [nb, a, n]
+    pos = same & ~torch.eye(m, dtype=torch.bool, device=F.device)  # [nb, a, p]
+    neg = ~same  # [nb, a, n]
+    if valid is not None:  # (no mask: the training step, where every operator counts)
+        vv = valid[:, :, None] & valid[:, None, :]
+        pos, neg = pos & vv, neg & vv
     t = dist[:, :, None, :] - dist[:, :, :, None]  # [nb, a, p, n] = d_an - d_ap
     if miner_type == "easy":
         cond = t > margin
@@ -110,16 +109,14 @@ def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor
     batch has all weights 0."""
     if reduction not in ("mean", "sum"):
         raise BenchError(f"reduction must be mean or sum, got {reduction!r}")
+    # (the counts are >= 0, so masking by activity alone keeps C = 0 where nothing was mined; and where
+    # n_k = 0 every C of the batch is 0, so C / max(n_k, 1) is 0 there without a torch.where)
     enough = C_pos.sum((1, 2), keepdim=True) > 1  # number of mined triplets per batch
-    C_pos = C_pos * ((C_pos > 0) & (dist - pos_margin > 0) & enough)
-    C_neg = C_neg * ((C_neg > 0) & (neg_margin - dist > 0) & enough)
+    C_pos = C_pos * ((dist - pos_margin > 0) & enough)
+    C_neg = C_neg * ((neg_margin - dist > 0) & enough)
     if reduction == "sum":
         return C_pos, C_neg
-    n_pos = C_pos.sum((1, 2), keepdim=True)
-    n_neg = C_neg.sum((1, 2), keepdim=True)
-    W_pos = torch.where(n_pos > 0, C_pos / n_pos.clamp_min(1), torch.zeros_like(C_pos))
-    W_neg = torch.where(n_neg > 0, C_neg / n_neg.clamp_min(1), torch.zeros_like(C_neg))
-    return W_pos, W_neg
+    return C_pos / C_pos.sum((1, 2), keepdim=True).clamp_min(1), C_neg / C_neg.sum((1, 2), keepdim=True).clamp_min(1)
 
 
 def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,6 +9,7 @@ import time
 import torch
 
 from backbones.mlp import EmbeddingNet
+from bench.environment import resolve_device
 from bench.errors import BenchError
 from bench.la.curvature import PairLoss
 from bench.la.structures import compute_curvature
@@ -23,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embed-dim", type=int, default=2)
     parser.add_argument("--data", choices=["fashion_mnist", "random"], default="fashion_mnist",
                         help="real Fashion-MNIST training images or random inputs of the same shape")
+    parser.add_argument("--data-dir", default=None, help="folder holding the Fashion-MNIST files (default: the usual search)")
     parser.add_argument("--chunk", type=int, default=256, help="items per Jacobian chunk")
     parser.add_argument("--mining-batch", type=int, default=16, help="pairs are mined per batch of this size")
     parser.add_argument("--lt-n", type=int, default=512, help="items for laplace-torch (time scaled to --n)")
@@ -46,7 +48,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(args.n, 784, generator=g), torch.randint(0, 7, (args.n,), generator=g)
     from bench.config import preset_config
     from bench.data import load_benchmark
-    data = load_benchmark(preset_config("paper").replace(far_ood=())).train_id
+    data = load_benchmark(preset_config("paper").replace(far_ood=(), data_dir=args.data_dir)).train_id
     if len(data) < args.n:
         raise BenchError(f"--n {args.n} exceeds the {len(data)} training items")
     sub = data.subset(args.n, seed=args.seed)
@@ -63,7 +65,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
                        backend (CurvlinopsGGN) and AsdlGGN, on the first --lt-n items, scaled linearly to N
     Ratios are seconds / floor seconds; the laplace-torch notes give the relative difference between
     our jtj H and laplace-torch's on the same items."""
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     dtype = torch.float64 if args.dtype == "float64" else torch.float32
     hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
     x, y = _load(args)
@@ -135,6 +137,7 @@ def format_table(rows: list[dict]) -> str:
 def main(args: argparse.Namespace) -> int:
     """Run the bench and print the table; returns the exit code."""
     hidden = str(args.hidden)
+    resolve_device(args.device)  # a missing CUDA is one line, before any work
     print(f"hessian-bench: net 784-{hidden.replace(',', '-')}-{args.embed_dim}, N={args.n} ({args.data}), "
           f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}", flush=True)
     rows = run_bench(args)

@@ -1,6 +1,6 @@
 """pytest-benchmark of online Laplace's training step at the paper preset's net and batch (784-16-16-16-16-2,
 batch 16) next to its reference, the plain step of the same net (the issue's bound: at most 3x): the
-vectorised contrastive loss + multi-tensor Adam, and the same plus posterior sampling and the curvature
+vectorised contrastive loss + fused Adam, and the same plus posterior sampling and the curvature
 at the sample (`bench.la.online.OnlineStep`) for each structure over the head, and diag over all weights.
 Run with `make perf` (excluded from the default test run)."""
 from __future__ import annotations

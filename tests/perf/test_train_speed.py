@@ -1,6 +1,6 @@
 """pytest-benchmark of the training hot paths at the paper preset's net and batch (784-16-16-16-16-2,
 batch 16), each next to its reference: one step with pytorch-metric-learning's miner + loss and
-plain Adam (the previous path) vs the vectorised loss + multi-tensor Adam; an ensemble of M = 5
+plain Adam (the previous path) vs the vectorised loss + fused Adam; an ensemble of M = 5
 as M separate steps vs one step of the nets trained side by side; a dropout net's step.
 Run with `make perf` (excluded from the default test run)."""
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _steps(models, loss, optimizers, x, y):
             opt.step()
 
 
-@pytest.mark.parametrize("path", ["pml+adam (reference)", "vectorised+foreach"])
+@pytest.mark.parametrize("path", ["pml+adam (reference)", "vectorised+fused"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_bench_train_step(benchmark, batches, path, dropout):
     torch.set_num_threads(1)
