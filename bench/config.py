@@ -158,10 +158,10 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "cifar": (
         "CIFAR-10 (0-6 ID, 7-9 near-OOD, MNIST/Fashion far-OOD): frozen ImageNet EfficientNet-Lite0 features at "
-        "64 px + a trained Linear head to 8-d; every method on a 2-core CPU",
+        "64 px + a trained Linear head to 8-d (weight decay 0.5); every method on a 2-core CPU",
         dict(dataset="cifar10", backbone="efficientnet_lite0", freeze_backbone=True, image_size=64, crop_fraction=1.0,
              embed_dim=8, far_ood=("mnist_ood", "fashion_ood"), n_train=10000, n_test=2000, epochs=20, batch_size=64,
-             lr=3e-4,
+             lr=3e-4, weight_decay=0.5,  # Adam's L2 term: without it the head overfits (train P@1 0.71, test 0.52)
              posterior_samples=30, dropout_passes=30, hessian_items=2048),
     ),
     "cifar_scratch": (

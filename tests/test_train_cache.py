@@ -26,6 +26,7 @@ def test_cache_key_changes_with_what_determines_the_weights(smoke_cfg):
     assert key_hash(model_key(smoke_cfg.replace(backbone="other"), (32,), 400, 0, 0.0)) != base
     assert key_hash(model_key(smoke_cfg.replace(epochs=2), (32,), 400, 0, 0.0)) != base
     assert key_hash(model_key(smoke_cfg.replace(distance="cosine"), (32,), 400, 0, 0.0)) != base
+    assert key_hash(model_key(smoke_cfg.replace(weight_decay=0.5), (32,), 400, 0, 0.0)) != base
     assert key_hash(model_key(smoke_cfg.replace(quiet=False, out="elsewhere"), (32,), 400, 0, 0.0)) == base
 
 
@@ -81,6 +82,16 @@ def test_training_is_seeded_and_lowers_the_loss(smoke_cfg):
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert not all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), c.state_dict().values()))
     assert info["loss_history"][-1] < info["loss_history"][0]
+
+
+def test_weight_decay_shrinks_the_trained_weights(smoke_cfg):
+    """cfg.weight_decay reaches the shared optimiser: the same seed and data give smaller weights."""
+    cfg = smoke_cfg.replace(epochs=3)
+    data = load_benchmark(cfg)
+    norm = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()]).norm()  # noqa: E731
+    plain, _ = train_embedding(cfg, data.train_id, torch.device("cpu"), seed=0)
+    decayed, _ = train_embedding(cfg.replace(weight_decay=0.5), data.train_id, torch.device("cpu"), seed=0)
+    assert norm(decayed) < 0.99 * norm(plain)
 
 
 def test_corrupt_cache_entry_is_retrained(smoke_cfg, tmp_path):
@@ -143,12 +154,13 @@ def test_vectorised_loss_equals_pml_loss_and_gradients(distance):
         assert torch.allclose(b.grad, grad_a, atol=1e-12)
 
 
-def test_nets_trained_side_by_side_equal_nets_trained_alone(smoke_cfg):
+@pytest.mark.parametrize("weight_decay", [0.0, 0.5])  # 0.5: the cifar preset's (Adam's L2 term, per element)
+def test_nets_trained_side_by_side_equal_nets_trained_alone(smoke_cfg, weight_decay):
     """Each jointly trained net keeps its own seed, init, data order and Adam state."""
     from bench.model import build_model
     from bench.train import train_nets_jointly
 
-    cfg = smoke_cfg.replace(epochs=2)
+    cfg = smoke_cfg.replace(epochs=2, weight_decay=weight_decay)
     data = load_benchmark(cfg)
     seeds = [0, 7, 123]
     joint = [build_model(cfg, data.train_id.in_shape, s) for s in seeds]
