@@ -11,6 +11,7 @@ from methods.laplace import FullLaplace
 from bench.la import jacobians as jac
 from bench.la import lowrank
 from bench.la import posterior as posterior_module
+from bench.la import spectrum as spectrum_module
 from bench.la.lowrank import krylov_nystrom
 from bench.la.posterior import PRIOR_TOL, FullPosterior, LowRankPosterior
 from bench.la.prior import optimize_marglik
@@ -104,8 +105,18 @@ def test_lowrank_generic_jacobian_path_matches_linear_factors(monkeypatch):
 
 
 def test_full_posterior_fit_dispatch(monkeypatch):
-    """Above EXACT_EIG_MAX_D: low rank when rank_tol > 0, else Cholesky with the Krylov prior."""
+    """Above EXACT_EIG_MAX_D: low rank when rank_tol > 0, else Cholesky with its prior from the exact
+    eigenvalues up to EXACT_EIGVALS_MAX_D (checked first), above it from the Krylov basis (or SLQ)."""
     monkeypatch.setattr(posterior_module, "EXACT_EIG_MAX_D", 10)
+    model, (x, y) = tiny_net(in_dim=12, hidden=(10, 8)), tiny_data(400, in_dim=12)
+    curv = compute_curvature(model, x, y, structure="full", hessian="ggn", mining_batch=16)
+    theta_sq = float(jac.flat_params(model, curv.names).pow(2).sum())
+    marglik = lambda spec: optimize_marglik(spec, theta_sq)
+    exact_delta, _ = optimize_marglik(exact_spectrum(torch.linalg.eigvalsh(curv.H)), theta_sq)
+    post, delta, info = FullPosterior.fit(model, curv, marglik, rank_tol=0.0)
+    assert type(post) is FullPosterior and info["spectrum"] == "exact" and delta == pytest.approx(exact_delta, rel=1e-9)
+    monkeypatch.setattr(spectrum_module, "EXACT_EIGVALS_MAX_D", 10)
+    monkeypatch.setattr(posterior_module, "EXACT_EIGVALS_MAX_D", 10)
     monkeypatch.setattr(lowrank, "MAX_RANK_FRACTION", 1.0)  # a tiny net needs a large share of its D
     model, (x, y) = tiny_net(in_dim=12, hidden=(10, 8)), tiny_data(400, in_dim=12)
     curv = compute_curvature(model, x, y, structure="full", hessian="ggn", mining_batch=16)

@@ -14,7 +14,7 @@ from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, chunk_budget, forward_footprint, items_within
 from bench.la.lowrank import Eigenbasis, krylov_nystrom
-from bench.la.spectrum import EXACT_EIG_MAX_D, Spectrum, exact_spectrum, full_spectrum, slq_spectrum
+from bench.la.spectrum import EXACT_EIG_MAX_D, EXACT_EIGVALS_MAX_D, Spectrum, exact_spectrum, full_spectrum, slq_spectrum
 
 log = logging.getLogger("bench")
 
@@ -184,7 +184,8 @@ class FullPosterior(_FlatPosterior):
         """For D > EXACT_EIG_MAX_D one block Krylov basis of H serves the prior (its deflated spectrum)
         and, with rank_tol > 0, the posterior (`LowRankPosterior`, grown until every predictive covariance
         is within a factor 1 + rank_tol of the exact one); otherwise, or when that rank would not pay,
-        the exact Cholesky posterior, its prior from the basis grown to PRIOR_TOL (delta within 1%)."""
+        the exact Cholesky posterior, its prior from the exact eigenvalues up to EXACT_EIGVALS_MAX_D (a J^T J
+        spectrum decays too slowly for a basis to pay), above it from the basis grown to PRIOR_TOL (delta within 1%)."""
         H = curvature.H
         assert H is not None and H.dim() == 2
         if curvature.D <= EXACT_EIG_MAX_D:
@@ -199,9 +200,11 @@ class FullPosterior(_FlatPosterior):
                 return LowRankPosterior(model, curvature, delta, basis), delta, {**info, **basis.info(delta)}
             log.info("full posterior: tolerance %g needs a rank above the share of D where a low rank pays; "
                      "using the exact Cholesky factor", rank_tol)
-        if callable(prior):
+        if callable(prior) and curvature.D <= EXACT_EIGVALS_MAX_D:  # a slowly decaying spectrum (J^T J): exact is cheaper
+            delta, info = prior(full_spectrum(H, generator=generator))
+        elif callable(prior):
             basis, _ = krylov_nystrom(H, delta_of, PRIOR_TOL, generator=generator)
-            delta, info = prior(basis.spectrum() if basis is not None else slq_spectrum(H, generator=generator))
+            delta, info = prior(basis.spectrum() if basis is not None else full_spectrum(H, generator=generator))
         else:
             delta, info = float(prior), {}
         return cls(model, curvature, delta), delta, {**info, "posterior": "cholesky"}
