@@ -25,3 +25,4 @@ def split_score_metric(name: str) -> tuple[str, str | None]:
     """`AUROC[heldout]:trace` -> (`AUROC[heldout]`, `trace`); a headline name -> (name, None)."""
     metric, sep, score = name.rpartition(SCORE_SEP)
     return (metric, score) if sep and metric else (name, None)
+FEATURE_VERSION = 2  # frozen-trunk features: bump when the features methods see change (also in the head's model-cache key)

@@ -25,7 +25,6 @@ from bench.errors import BenchError
 from bench.model import build_model
 
 EXTRACTION_VERSION = 1  # bump when the extraction changes the raw features (the feature-cache key)
-FEATURE_VERSION = 2  # bump when the features methods see change (also in the head's model-cache key)
 FROZEN_TRUNK_SEED = 0
 STD_FLOOR = 0.1  # a feature's std is at least this share of the mean std when standardising
 

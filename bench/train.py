@@ -100,7 +100,7 @@ def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int
     d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=4,
              code=code_digest(modules))
     if cfg.freeze_backbone:  # the head's inputs are the trunk's features as bench.features makes them
-        from bench.features import FEATURE_VERSION
+        from bench.conventions import FEATURE_VERSION
 
         d.update(features=FEATURE_VERSION)
     return d

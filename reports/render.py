@@ -9,7 +9,7 @@ import pandas as pd
 
 from bench.conventions import REFERENCE_METHOD as REFERENCE
 from bench.errors import BenchError
-from bench.metrics.aggregate import paired_differences, seed_summary
+from bench.metrics.aggregate import paired_differences
 from bench.run_folder import RunFolder
 from reports import plots as P
 from reports.online_comparison import comparison_blocks as online_comparison_blocks
@@ -17,7 +17,8 @@ from reports.seed_comparison import seed_comparison_blocks
 from reports.sensitivity import sensitivity_blocks
 from reports.formats import Block, Cell, Code, Figure, Heading, Para, Table, to_html, to_latex, to_markdown, to_text
 from reports.scores import score_blocks
-from reports.tables import RESULTS_NOTE, paired_tables, results_tables, seeds_tables, stage_frame, timing_table
+from reports.tables import (RESULTS_NOTE, ci_level as _level, paired_tables, results_tables, run_seed_summary as _seed_summary,
+                            seeds_tables, stage_frame, timing_table)
 
 WRITERS = {"md": to_markdown, "html": to_html, "latex": to_latex}
 
@@ -80,17 +81,6 @@ def failure_blocks(run: RunFolder) -> list[Block]:
     out: list[Block] = [Heading("Failures")]
     out += [Para(f"`{x['method']}` (seed {x['seed']}) failed: {x['error']}") for x in f]
     return out
-
-
-def _level(run: RunFolder) -> float:
-    return float(run.config.get("ci_level", 0.95))
-
-
-def _seed_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
-    """(across-seed summary, where it comes from): seeds.csv, else computed from the results."""
-    if run.seed_table is not None and not run.seed_table.empty:
-        return run.seed_table, "seeds.csv"
-    return seed_summary(run.results, _level(run)), "computed from results.csv"
 
 
 def results_blocks(run: RunFolder) -> list[Block]:

@@ -8,7 +8,7 @@ from bench.conventions import REFERENCE_METHOD
 from bench.metrics.retrieval import PML_MAP
 from bench.run_folder import RunFolder
 from reports.formats import Block, Cell, Heading, Para, Table
-from reports.tables import fmt_ci
+from reports.tables import fmt_ci, run_seed_summary
 
 SEED_KS = (1, 3, 5, 7)
 # Table 1 of the seed (Mikkelsen, Illum, Olsen: Uncertainty in image retrieval with Laplace approximation)
@@ -22,9 +22,7 @@ SEED_NOTE = ("Seed: its Table 1 (no interval given; pytorch-metric-learning's `m
 def _values(run: RunFolder) -> pd.DataFrame:
     """method, metric, value, lo, hi: one seed's bootstrap CIs, or the across-seed t-interval."""
     if len(run.seeds) > 1:
-        from reports.render import _seed_summary
-
-        s, _ = _seed_summary(run)
+        s, _ = run_seed_summary(run)
         return s.rename(columns={"mean": "value", "t_low": "lo", "t_high": "hi"})[["method", "metric", "value", "lo", "hi"]]
     r = run.results[run.results["seed"] == run.seeds[0]]
     return r.rename(columns={"ci_low": "lo", "ci_high": "hi"})[["method", "metric", "value", "lo", "hi"]]

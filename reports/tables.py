@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import math
 import re
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from bench.conventions import BASE_METHOD as BASE, STAGES, split_score_metric
-from bench.metrics.aggregate import stage_breakdown
+from bench.metrics.aggregate import seed_summary, stage_breakdown
 from reports.formats import Cell, Table
+
+if TYPE_CHECKING:
+    from bench.run_folder import RunFolder
+
+
+def ci_level(run: "RunFolder") -> float:
+    """The run's confidence level (config `ci_level`, default 0.95)."""
+    return float(run.config.get("ci_level", 0.95))
+
+
+def run_seed_summary(run: "RunFolder") -> tuple[pd.DataFrame, str]:
+    """(across-seed summary, where it comes from): seeds.csv, else computed from the results."""
+    if run.seed_table is not None and not run.seed_table.empty:
+        return run.seed_table, "seeds.csv"
+    return seed_summary(run.results, ci_level(run)), "computed from results.csv"
 
 DIGITS = 3
 HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision", "AURG",
