@@ -83,6 +83,12 @@ class EmbeddingHead(nn.Module):
         return self.net[self._last]
 
     @property
+    def single_linear(self) -> bool:
+        """True when the head computes its embedding layer alone (no whitening, hidden layer or L2
+        normalisation; Dropout aside, the identity in eval mode): its Jacobian is then closed-form."""
+        return all(isinstance(m, nn.Dropout) for i, m in enumerate(self.net) if i != self._last)
+
+    @property
     def head(self) -> "EmbeddingHead":
         """A head is its own head (the model methods see on a frozen trunk's features)."""
         return self

@@ -15,10 +15,10 @@ from bench.config import preset_config
 from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, PairLoss
+from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN, PairLoss
 from bench.la.online import (STRUCTURES, OnlineLaplaceNet, OnlineSettings, accumulator_class,
                              batch_curvature, cap_triplets, head_module, sample_deviations,
-                             steps_per_epoch)
+                             single_linear, steps_per_epoch)
 from bench.la.pairs import mined_triplets
 from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
@@ -300,6 +300,30 @@ def test_pair_form_head_curvature_equals_the_jacobian_rows(structure):
            for pair_form in (True, False)]
     assert got[1].curvature.H.abs().sum() > 0
     torch.testing.assert_close(got[0].curvature.H, got[1].curvature.H, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("structure", ["diag", "last_layer", "kron"])
+def test_a_cnn_head_of_one_linear_takes_the_closed_form_and_matches_the_generic_accumulator(structure):
+    """A CNN backbone's EmbeddingHead without whitening / hidden layers / L2 is one Linear: online steps take
+    the pair-form (diag, last_layer) or closed-form (kron) accumulator, equal to the generic Jacobian path."""
+    head = EmbeddingHead(12, 3, dropout=0.1).eval()
+    assert single_linear(head) and not single_linear(EmbeddingHead(12, 3, whiten_dim=4))
+    assert not single_linear(EmbeddingHead(12, 3, l2=True))
+    cls = accumulator_class(structure, head, pair_form=True)
+    generic = {"diag": DiagGGN, "last_layer": LastLayerGGN, "kron": KronGGN}[structure]
+    assert cls is not generic  # the closed form, not torch.func Jacobian rows
+    head = head.double()
+    phi, y = torch.randn(16, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64), torch.arange(16) % 4
+    subset = "all" if structure != "last_layer" else "last_layer"
+    got, ref = (batch_curvature(c(head, torch.float64, **kw), phi, y, PairLoss()).curvature
+                for c, kw in ((cls, {}), (generic, {"subset": subset})))
+    assert got.names == ref.names == [n for n, _ in head.named_parameters()]
+    if structure == "kron":
+        for a, b in zip(got.kron, ref.kron):
+            torch.testing.assert_close(torch.kron(a.G, a.A), torch.kron(b.G, b.A), rtol=1e-9, atol=1e-12)
+    else:
+        assert ref.H.abs().sum() > 0
+        torch.testing.assert_close(got.H, ref.H, rtol=1e-10, atol=1e-12)
 
 
 def test_a_head_registered_under_two_names_keeps_its_parameters():

@@ -61,7 +61,7 @@ from bench.la.pairs import (PairCurvature, contrastive_pair_curvature, mined_tri
 from bench.la.posterior import Posterior
 from bench.la.prior import optimize_marglik
 from bench.la.structures import get_structure
-from bench.la.subsets import subset_modules
+from bench.la.subsets import last_linear, subset_modules
 from bench.metrics.retrieval import retrieval_space
 from bench.timing import sync
 
@@ -174,7 +174,7 @@ class _LinearHeadKronGGN(KronGGN):
         with torch.no_grad():
             f = self.model(x)
         n, d = f.shape
-        U = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if self.model.bias is not None else x
+        U = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if last_linear(self.model).bias is not None else x
         return f, [(U[:, None], torch.eye(d, dtype=f.dtype, device=f.device).expand(n, 1, d, d))]
 
 
@@ -224,11 +224,17 @@ def _pair_terms(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     return pc.W_pos, pc.A_pos, phi[:, :, None] - phi[:, None]
 
 
+def single_linear(module: nn.Module) -> bool:
+    """True when the Bayesian module computes one nn.Linear: an nn.Linear, or a backbone's head that says
+    so (`single_linear`: a CNN's EmbeddingHead without whitening, hidden layers or L2 normalisation)."""
+    return type(module) is nn.Linear or getattr(module, "single_linear", False) is True
+
+
 def accumulator_class(structure: str, module: nn.Module, pair_form: bool = False) -> type[Accumulator]:
     """The post-hoc family's accumulator of `structure` for the Bayesian module: closed-form Jacobians
-    when it is one nn.Linear, and with pair_form (hessian=ggn, Euclidean distances) its diagonal or
-    full block straight from the pairs (`_LinearHeadPairDiag`)."""
-    linear = type(module) is nn.Linear
+    when it computes one nn.Linear (`single_linear`), and with pair_form (hessian=ggn, Euclidean
+    distances) its diagonal or full block straight from the pairs (`_LinearHeadPairDiag`)."""
+    linear = single_linear(module)
     if structure == "diag":
         return (_LinearHeadPairDiag if pair_form else _LinearHeadDiagGGN) if linear else DiagGGN
     if structure == "last_layer":
