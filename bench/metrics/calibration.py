@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.metrics.bootstrap import bootstrap_ci
+from bench.metrics.bootstrap import count_bootstrap_ci
+from bench.metrics.weighted import CalibrationSort
 
 DEFAULT_BINS = 10
 CV_FOLDS = 2
@@ -85,8 +86,8 @@ def calibration_metrics(u: np.ndarray, correct: np.ndarray, n_bins: int = DEFAUL
                         ) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
     """((ECE, ci_low, ci_high), extras) for uncertainties u [N] and correctness [N] in {0, 1}.
 
-    The bootstrap CI (paired (p, c) rows resampled) is conditional on the fitted confidence map:
-    each resample is re-binned, g is not refitted.
+    The bootstrap CI (paired (p, c) rows resampled; sorted once, bench.metrics.weighted) is conditional
+    on the fitted confidence map: each resample is re-binned, g is not refitted.
 
     extras: reliability_conf, reliability_acc, reliability_count [B] and confidence [N] (the mapped
     confidence per query, so the ECE can be recomputed or paired from the run folder alone).
@@ -96,10 +97,7 @@ def calibration_metrics(u: np.ndarray, correct: np.ndarray, n_bins: int = DEFAUL
     p = confidence_map(u, c, seed)
     conf_b, acc_b, cnt_b = reliability_bins(p, c, n_bins)
 
-    def stat(pp, cc, axis=-1):
-        return ece(pp, cc, n_bins, axis=axis)[None]
-
-    ci = bootstrap_ci((p, c), stat, n_resamples, level, seed, paired=True)
+    ci = count_bootstrap_ci((p.shape[0],), CalibrationSort(p, c, n_bins).weighted, n_resamples, level, seed)
     extras = {"reliability_conf": conf_b, "reliability_acc": acc_b, "reliability_count": cnt_b,
               "confidence": p}
     return ci.triple(0), extras

@@ -87,12 +87,19 @@ def within_class_pearson(a: np.ndarray, b: np.ndarray, codes: np.ndarray) -> np.
     flat = (codes.astype(np.int64) + (np.arange(rows) * k)[:, None]).ravel()
     s = lambda w: np.bincount(flat, w.ravel(), minlength=rows * k).reshape(rows, k)  # noqa: E731
     count = np.bincount(flat, minlength=rows * k).reshape(rows, k).astype(np.float64)
+    return mean_class_pearson(count, s(a), s(b), s(a * b), s(a * a), s(b * b), is_binary(a), is_binary(b))
+
+
+def mean_class_pearson(count: np.ndarray, sa: np.ndarray, sb: np.ndarray, sab: np.ndarray, saa: np.ndarray,
+                       sbb: np.ndarray, binary_a: bool = False, binary_b: bool = False) -> np.ndarray:
+    """`within_class_pearson` from the per-class sums [R, K] (count, sum a, sum b, sum ab, sum a^2, sum b^2):
+    classes with fewer than 2 items or a (numerically) constant side skipped; NaN when none is left."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        ma, mb = s(a) / count, s(b) / count
-        cov = s(a * b) / count - ma * mb
-        va, vb = s(a * a) / count - ma ** 2, s(b * b) / count - mb ** 2
-        tol_a = 1e-9 * np.maximum(count, 1.0) ** 2 * (1e-3 if is_binary(a) else 1.0)
-        tol_b = 1e-9 * np.maximum(count, 1.0) ** 2 * (1e-3 if is_binary(b) else 1.0)
+        ma, mb = sa / count, sb / count
+        cov = sab / count - ma * mb
+        va, vb = saa / count - ma ** 2, sbb / count - mb ** 2
+        tol_a = 1e-9 * np.maximum(count, 1.0) ** 2 * (1e-3 if binary_a else 1.0)
+        tol_b = 1e-9 * np.maximum(count, 1.0) ** 2 * (1e-3 if binary_b else 1.0)
         ok = (count >= 2) & (va > tol_a) & (vb > tol_b)
         rho = np.where(ok, cov / np.sqrt(np.where(ok, va * vb, 1.0)), np.nan)
         n_ok = ok.sum(1)

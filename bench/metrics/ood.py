@@ -3,7 +3,8 @@ FPR at 95% TPR and the variance ratio, vectorised over leading axes so a bootstr
 from __future__ import annotations
 
 import numpy as np
-from bench.metrics.bootstrap import BootstrapCI, bootstrap_ci
+from bench.metrics.bootstrap import BootstrapCI, count_bootstrap_ci
+from bench.metrics.weighted import OODSort
 
 OOD_METRICS = ("AUROC", "AUPR", "FPR95", "var_ratio")
 TPR_LEVEL = 0.95
@@ -96,7 +97,8 @@ def ood_statistics(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1
 def ood_metrics_ci(id_scores: np.ndarray, ood_scores: np.ndarray, n_resamples: int = 1000,
                    level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """{metric: (value, ci_low, ci_high)} for OOD_METRICS; stratified bootstrap (ID and OOD
-    queries resampled separately, group sizes kept), see bench.metrics.bootstrap."""
-    ci: BootstrapCI = bootstrap_ci((id_scores, ood_scores), ood_statistics, n_resamples, level, seed,
-                                   paired=False)
+    queries resampled separately, group sizes kept), see bench.metrics.bootstrap; the scores sorted once
+    (bench.metrics.weighted.OODSort)."""
+    a, b = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
+    ci: BootstrapCI = count_bootstrap_ci((a.shape[-1], b.shape[-1]), OODSort(a, b).weighted, n_resamples, level, seed)
     return {m: ci.triple(i) for i, m in enumerate(OOD_METRICS)}

@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.metrics.bootstrap import bootstrap_ci
+from bench.metrics.bootstrap import bootstrap_ci, count_bootstrap_ci
 from bench.metrics.correlation import as_rows, class_codes, is_binary, pearson_rows, sorted_ranks, within_class_pearson
 from bench.metrics.sparsification import FRACTIONS, curves_from_order
+from bench.metrics.weighted import RankingSort
 
 RANKING_METRICS = ("AUSE", "AURG", "error_AUROC", "Spearman", "Spearman_within")
 
@@ -52,12 +53,16 @@ def ranking_metrics(u: np.ndarray, metric: np.ndarray, classes: np.ndarray, n_re
                     level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
     """{AUSE, AURG, error_AUROC, Spearman, Spearman_within: (value, ci_low, ci_high)} of score u [N] against the
     per-query metric [N] (the queries' true classes [N] only for the within-class mean); percentile
-    bootstrap over queries, rows (u, metric, class) resampled together."""
+    bootstrap over queries, rows (u, metric, class) resampled together (for a 0/1 metric as item
+    multiplicities on the data sorted once, `RankingSort`; else by recomputing on each resample)."""
+    u, metric = np.asarray(u, np.float64), np.asarray(metric, np.float64)
+    if is_binary(metric):  # sorted once (bench.metrics.weighted): no sort per resample
+        ci = count_bootstrap_ci((u.shape[0],), RankingSort(u, metric, classes).weighted, n_resamples, level, seed)
+        return {m: ci.triple(i) for i, m in enumerate(RANKING_METRICS)}
     codes = class_codes(classes).astype(np.float64)
 
     def stat(uu, mm, cc, axis=-1):
         return ranking_statistics(uu, mm, cc.astype(np.int64), axis)
 
-    ci = bootstrap_ci((np.asarray(u, np.float64), np.asarray(metric, np.float64), codes), stat, n_resamples, level,
-                      seed, paired=True)
+    ci = bootstrap_ci((u, metric, codes), stat, n_resamples, level, seed, paired=True)
     return {m: ci.triple(i) for i, m in enumerate(RANKING_METRICS)}
