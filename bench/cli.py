@@ -21,6 +21,7 @@ RUN_FLAGS = {
     "--data-dir": ("data_dir", "folder holding the dataset files (overrides the default search)"),
     "--out": ("out", "parent folder of run folders (default runs/)"),
     "--name": ("name", "run name, used in the run folder's name (default: the preset)"),
+    "--workers": ("workers", "method fits at once in CPU worker processes (0: one per core, the default; 1: serial)"),
 }
 
 

@@ -106,6 +106,9 @@ class RunConfig:
     method_options: tuple[tuple[str, Any], ...] = ()
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # (method, seed) fits at once in forked CPU worker processes (bench.parallel): 0 = one per core (at most
+    # one per fit), 1 = serial; CUDA runs are serial. Results do not depend on it (up to rounding)
+    workers: int = 0
     out: str = "runs"
     quiet: bool = False
     report: bool = True
@@ -120,7 +123,7 @@ class RunConfig:
 
     def digest(self, keys: list[str] | None = None) -> str:
         """Short stable hash of the given fields (all fields but execution ones when None)."""
-        skip = {"name", "out", "quiet", "report", "device", "data_dir", "data_workers", "image_chunk"}
+        skip = {"name", "out", "quiet", "report", "device", "data_dir", "data_workers", "image_chunk", "workers"}
         d = self.to_dict()
         payload = {k: d[k] for k in (keys or [k for k in d if k not in skip])}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -248,6 +251,7 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.image_size is None or cfg.image_size >= 8, f"image_size must be >= 8 pixels, got {cfg.image_size}")
     require(0.0 < cfg.crop_fraction <= 1.0, f"crop_fraction must be in (0, 1], got {cfg.crop_fraction}")
     require(cfg.data_workers >= 0, f"data_workers must be >= 0, got {cfg.data_workers}")
+    require(cfg.workers >= 0, f"workers must be >= 0 (0: one per CPU core), got {cfg.workers}")
     require(cfg.image_chunk >= 1, f"image_chunk must be >= 1, got {cfg.image_chunk}")
     require(cfg.pooling in ("avg", "gem", "flat"), f"pooling must be avg, gem or flat, got {cfg.pooling!r}")
     require(cfg.whiten_dim >= 0, f"whiten_dim must be >= 0, got {cfg.whiten_dim}")

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import __version__, sensitivity
+from bench import __version__, parallel, sensitivity
 from bench.config import ALL_METHODS, RunConfig
 from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
 from bench.data import Dataset, Split
@@ -52,7 +52,6 @@ class RunState:
     device: torch.device
     methods: list[str]
     failures: list[dict] = field(default_factory=list)
-    caches: list[ModelCache] = field(default_factory=list)
 
 
 def write_config(state: RunState, status: str, extra: dict | None = None) -> None:
@@ -156,8 +155,66 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
     return rows, {**method.diagnostics, **ev.diagnostics}, arrays, sens
 
 
+@dataclass
+class Outcome:
+    """What one (method, seed) produced: its result rows, diagnostics, per-query arrays, sensitivity rows
+    and stage timings (its own, plus the shared base training as this fit saw it), or the error."""
+
+    name: str
+    seed: int
+    rows: list[dict] = field(default_factory=list)
+    diagnostics: dict = field(default_factory=dict)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
+    sensitivity: list[dict] = field(default_factory=list)
+    times: list[dict] = field(default_factory=list)
+    trained: int = 0
+    error: dict | None = None
+
+
+def execute(state: RunState, name: str, seed: int, data: Dataset, cache_root: Path) -> Outcome:
+    """Fit, predict and score one method for one seed with its own timer and model cache; a failure is
+    returned (one line, plus the traceback of a non-BenchError), never raised, so the others go on."""
+    cache = ModelCache(cache_root, state.cfg.replace(seed=seed), data.train_id, state.device)
+    timer = StageTimer(state.device)
+    out = Outcome(name, seed)
+    try:
+        out.rows, out.diagnostics, out.arrays, out.sensitivity = run_method(state, name, seed, data, cache, timer, set())
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # one failing method must not lose the others
+        out.error = {"method": name, "seed": seed, "error": str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}",
+                     "traceback": traceback.format_exc() if not isinstance(e, BenchError) else ""}
+    out.times = [{"method": m, "seed": seed, "stage": st, "seconds": t} for (m, st), t in timer.records.items()]
+    out.trained = cache.trained
+    return out
+
+
+@dataclass
+class _Charges:
+    """Which shared costs the run has recorded: the base training per seed and the frozen trunk's extraction
+    (once per run), each charged to the first method that completes (or was completed earlier)."""
+
+    base: set = field(default_factory=set)
+    extract: bool = False
+
+    def saw(self, times: list[dict], seed: int) -> None:
+        self.extract = self.extract or any(t["stage"] == EXTRACT_STAGE for t in times)
+        if any(t["method"] == BASE and t["stage"] == "train" for t in times):
+            self.base.add(seed)
+
+    def keep(self, times: list[dict], seed: int, features: dict | None) -> list[dict]:
+        """This outcome's timings with the base training kept only when not yet charged for the seed, and
+        the extraction added when not yet charged for the run."""
+        kept = [t for t in times if not (t["method"] == BASE and seed in self.base)]
+        if features and not self.extract:
+            kept.insert(0, {"method": BASE, "seed": seed, "stage": EXTRACT_STAGE, "seconds": features["seconds"]})
+        self.saw(kept, seed)
+        return kept
+
+
 def run(cfg: RunConfig, log=print) -> Path:
-    """Run every method of cfg over every seed; returns the run folder."""
+    """Run every method of cfg over every seed; returns the run folder. With cfg.workers != 1 (CPU) the
+    (method, seed) pairs run in worker processes (`bench.parallel`); results are saved as they complete."""
     methods = resolve_methods(cfg)
     resolve_scores(cfg)  # an unknown score fails here, before any data or folder
     BACKBONES.get(cfg.backbone)  # an unknown backbone fails here, before any data or folder
@@ -174,75 +231,67 @@ def run(cfg: RunConfig, log=print) -> Path:
             f"({features['extracted']} splits extracted now, {features['seconds']:.1f} s recorded); raw-feature "
             f"{CORRECTNESS_METRIC} {ref[0]:.3f} [{ref[1]:.3f}, {ref[2]:.3f}]")
     cache_root = Path(cfg.out) / "cache" / "models"
-    all_rows: list[dict] = []
-    all_times: list[dict] = []
-    all_sens: list[dict] = []
-    diagnostics: dict[str, dict] = {}
     pairing = REFERENCE_METHOD in methods  # then per-query arrays are kept for the paired differences
-    perquery: dict[tuple[str, int], dict[str, np.ndarray]] = {}
-    t0 = time.perf_counter()
-    charged_extract = False
+    charges = _Charges()
+    done: dict[tuple[str, int], dict] = {}  # (method, seed) -> rows, times, sensitivity, diagnostics, arrays
+    pending: list[tuple[str, int]] = []
     for seed in cfg.resolved_seeds():
-        cache = ModelCache(cache_root, cfg.replace(seed=seed), data.train_id, device)
-        state.caches.append(cache)
-        timer = StageTimer(device)
-        charged_base: set = set()
         for name in methods:
             saved = folder.finished(name, seed)
-            if saved is not None:
-                charged_extract = charged_extract or any(t["stage"] == EXTRACT_STAGE for t in saved["timings"])
-                if pairing and (arrays := folder.arrays(name, seed)) is not None:
-                    perquery[(name, seed)] = arrays
-                all_rows += saved["rows"]
-                all_times += saved["timings"]
-                all_sens += saved.get("sensitivity", [])
-                diagnostics[f"{name}-seed{seed}"] = saved.get("diagnostics", {})
-                if any(t["method"] == BASE and t["stage"] == "train" for t in saved["timings"]):
-                    charged_base.add((seed, 0.0))
-                log(f"  {name} (seed {seed}): done earlier, reused")
+            if saved is None:
+                pending.append((name, seed))
                 continue
+            charges.saw(saved["timings"], seed)
+            done[(name, seed)] = {"rows": saved["rows"], "times": saved["timings"],
+                                  "sensitivity": saved.get("sensitivity", []), "diagnostics": saved.get("diagnostics", {}),
+                                  "arrays": folder.arrays(name, seed) if pairing else None}
+            log(f"  {name} (seed {seed}): done earlier, reused")
+    t0 = time.perf_counter()
+    trained = 0
+
+    def record(out: Outcome, seconds: float | None = None) -> None:
+        nonlocal trained
+        trained += out.trained
+        took = f" in {seconds:.0f} s" if seconds is not None else ""
+        if out.error is not None:
+            state.failures.append(out.error)
+            log(f"  {out.name} (seed {out.seed}) FAILED{took}: {out.error['error']}")
+            return
+        times = charges.keep(out.times, out.seed, features)
+        folder.save_method(out.name, out.seed, out.arrays, out.rows, times, out.diagnostics, out.sensitivity)
+        done[(out.name, out.seed)] = {"rows": out.rows, "times": times, "sensitivity": out.sensitivity,
+                                      "diagnostics": out.diagnostics, "arrays": out.arrays if pairing else None}
+        if seconds is not None:
+            log(f"  {out.name} (seed {out.seed}) done{took}")
+
+    workers = parallel.worker_count(cfg, device, len(pending))
+    if workers > 1:
+        log(f"  {len(pending)} method fits in {workers} worker processes ({parallel.threads_per_worker(workers)} "
+            "CPU thread(s) each)")
+        parallel.run_pool(state, data, cache_root, pending, workers, record, log)
+    else:
+        for name, seed in pending:
             log(f"  {name} (seed {seed}) ...")
-            before = set(timer.records)
-            if features and not charged_extract:  # the frozen trunk's extraction, charged once per run
-                timer.add(BASE, EXTRACT_STAGE, features["seconds"])
-            try:
-                rows, diag, arrays, sens = run_method(state, name, seed, data, cache, timer, charged_base)
-            except KeyboardInterrupt:
-                raise
-            except Exception as e:  # one failing method must not lose the others
-                msg = str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}"
-                state.failures.append({"method": name, "seed": seed, "error": msg,
-                                       "traceback": traceback.format_exc() if not isinstance(e, BenchError) else ""})
-                log(f"  {name} (seed {seed}) FAILED: {msg}")
-                if (BASE, "train") not in before and timer.records.pop((BASE, "train"), None) is not None:
-                    charged_base.discard((seed, 0.0))  # the next method that uses the base model records it
-                if (BASE, EXTRACT_STAGE) not in before:
-                    timer.records.pop((BASE, EXTRACT_STAGE), None)  # the next method that completes records it
-                continue
-            # this method's stages, plus the shared base training when it was first charged here
-            times = [{"method": m, "seed": seed, "stage": st, "seconds": t}
-                     for (m, st), t in timer.records.items() if (m, st) not in before]
-            folder.save_method(name, seed, arrays, rows, times, diag, sens)
-            charged_extract = charged_extract or any(t["stage"] == EXTRACT_STAGE for t in times)
-            if pairing:
-                perquery[(name, seed)] = arrays
-            all_rows += rows
-            all_times += times
-            all_sens += sens
-            diagnostics[f"{name}-seed{seed}"] = diag
+            record(execute(state, name, seed, data, cache_root))
+    order = [(n, s) for s in cfg.resolved_seeds() for n in methods if (n, s) in done]  # the run's order, not completion's
+    all_rows = [r for k in order for r in done[k]["rows"]]
+    all_times = [t for k in order for t in done[k]["times"]]
+    all_sens = [r for k in order for r in done[k]["sensitivity"]]
+    diagnostics = {f"{n}-seed{s}": done[(n, s)]["diagnostics"] for n, s in order}
     results = pd.DataFrame(all_rows, columns=RESULT_COLUMNS)
     timings = pd.DataFrame(all_times, columns=TIMING_COLUMNS)
     timings = timings.groupby(["method", "seed", "stage"], as_index=False, sort=False)["seconds"].sum()
     paired = None
     if pairing:
-        ordered = {k: perquery[k] for k in sorted(perquery, key=lambda k: (methods.index(k[0]), k[1]))}
-        paired = paired_differences(ordered, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed,
+        perquery = {k: done[k]["arrays"] for k in sorted(order, key=lambda k: (methods.index(k[0]), k[1]))
+                    if done[k]["arrays"] is not None}
+        paired = paired_differences(perquery, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed,
                                     id_score=cfg.id_score, ood_score=cfg.ood_score)
     sens_table = pd.DataFrame(all_sens, columns=sensitivity.SENSITIVITY_COLUMNS) if all_sens else None
     folder.write_tables(results, timings, seed_summary(results, cfg.ci_level), paired, sens_table)
     status = COMPLETE if not state.failures else "complete-with-failures"
     write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
-                                 "models_trained": sum(c.trained for c in state.caches),
+                                 "models_trained": trained, "workers": workers,
                                  "class_names": data.class_names, "data_label": data.label,
                                  **({"features": features} if features else {}),
                                  "data": {"train_id": len(data.train_id), "test_id": len(data.test_id),

@@ -1,0 +1,113 @@
+"""Method fits side by side on a multi-core CPU: (method, seed) pairs run in forked worker processes.
+
+Small-batch training of a small net is dispatch-bound and runs on one core (`train_threads`), so on a
+2-core box the second core idles through most of a serial run; two workers fit two methods at once.
+What makes that safe: the workers are forked after the data is loaded (they share it, copy-on-write);
+a net several methods need (the shared base model) is trained once, under the model cache's file lock,
+and loaded by the others; the parent alone writes the run folder, as each result arrives, and charges
+the shared base training to the first method that completes. Each worker runs with
+cores / workers intra-op threads. Results equal a serial run's up to floating-point rounding (thread
+counts change reduction orders). CUDA runs stay serial: one GPU, and CUDA does not survive a fork.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bench.errors import BenchError
+
+_SHARED: dict = {}  # what the forked workers inherit: the run state, the data, the cache root
+
+
+def cpu_count() -> int:
+    """CPU cores this process may use (the affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def worker_count(cfg, device: torch.device, tasks: int) -> int:
+    """cfg.workers resolved: 0 (auto) = one per core, at most one per pending fit, on a CPU; 1 on CUDA
+    or where processes cannot be forked. An explicit count > 1 on CUDA is a one-line BenchError."""
+    forkable = "fork" in mp.get_all_start_methods()
+    if cfg.workers > 1 and device.type != "cpu":
+        raise BenchError(f"workers={cfg.workers} runs methods in forked CPU processes; on {device} use workers=1")
+    if cfg.workers > 1 and not forkable:
+        raise BenchError(f"workers={cfg.workers} needs processes started by fork, which this platform lacks; use workers=1")
+    if device.type != "cpu" or not forkable:
+        return 1
+    n = cfg.workers if cfg.workers > 0 else cpu_count()
+    return max(1, min(n, tasks))
+
+
+def threads_per_worker(workers: int) -> int:
+    """Intra-op CPU threads of each worker: the cores shared out, at least one."""
+    return max(1, cpu_count() // max(workers, 1))
+
+
+def _init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _fit(name: str, seed: int):
+    from bench.runner import execute
+
+    start = time.perf_counter()
+    out = execute(_SHARED["state"], name, seed, _SHARED["data"], _SHARED["cache_root"])
+    return out, time.perf_counter() - start
+
+
+def schedule(state, pending: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """The order fits are handed out: per seed, the first post-hoc method (it trains the shared base
+    model), then the methods that train nets of their own (they need no base, so a second worker starts
+    at once), then the remaining post-hoc methods, which load the base once it is cached."""
+    from bench.registry import METHODS
+
+    def rank(item: tuple[str, int]) -> tuple[int, int]:
+        name, seed = item
+        post_hoc = [n for n, s in pending if s == seed and METHODS.get(n).post_hoc]
+        first = 0 if post_hoc and name == post_hoc[0] else 1 if not METHODS.get(name).post_hoc else 2
+        return seed, first
+
+    return sorted(pending, key=rank)  # stable: the run's method order within each rank
+
+
+def run_pool(state, data, cache_root: Path, pending: list[tuple[str, int]], workers: int,
+             record: Callable, log: Callable) -> None:
+    """Fit every pending (method, seed) in `workers` forked processes; record(outcome, seconds) in the
+    parent as each completes. Ctrl-C stops the workers."""
+    cfg = state.cfg.replace(quiet=True)  # progress bars of several processes would interleave
+    _SHARED.update(state=type(state)(cfg, None, state.device, state.methods), data=data, cache_root=cache_root)
+    ctx = mp.get_context("fork")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+                               initargs=(threads_per_worker(workers),))
+    try:
+        futures = {pool.submit(_fit, n, s): (n, s) for n, s in schedule(state, pending)}
+        remaining = set(futures)
+        while remaining:
+            finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+            for f in finished:
+                try:
+                    out, seconds = f.result()
+                except Exception as e:  # the worker process died (e.g. killed for memory): this fit failed
+                    from bench.runner import Outcome
+
+                    name, seed = futures[f]
+                    out, seconds = Outcome(name, seed, error={"method": name, "seed": seed, "traceback": "",
+                                                              "error": f"worker process failed: {type(e).__name__}: {e}"}), None
+                record(out, seconds)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in list(getattr(pool, "_processes", {}).values()):
+            p.terminate()
+        raise
+    finally:
+        _SHARED.clear()
+    pool.shutdown()
