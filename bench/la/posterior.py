@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from typing import Callable, Iterator
 
 import torch
@@ -14,6 +15,12 @@ from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, chunk_budget, forward_footprint, items_within
 from bench.la.lowrank import Eigenbasis, krylov_nystrom
+with warnings.catch_warnings():  # torch's forward AD loads these on its first jvp, and they warn that
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # torch.jit.script
+    try:  # is deprecated: a torch-internal line in every run's log, loaded here once, quietly
+        from torch._decomp import decompositions_for_jvp  # noqa: F401
+    except ImportError:  # another torch layout: at worst the warning shows
+        pass
 from bench.la.spectrum import EXACT_EIG_MAX_D, EXACT_EIGVALS_MAX_D, Spectrum, exact_spectrum, full_spectrum, slq_spectrum
 
 log = logging.getLogger("bench")
