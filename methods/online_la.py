@@ -109,8 +109,9 @@ class OnlineLaplace(_Laplace):
                                minimum=0.0),
         "online_marglik_every": Option(int, 1, "re-tune the prior precision by marglik every E epochs and after "
                                        "training (Immer et al. 2021); 0: fixed (LAM)", minimum=0),
-        "online_pair_cap": Option(int, 5000, "most Hessian pairs per batch, a seeded subset of the mined "
-                                  "triplets (LAM: 5000)", minimum=2),
+        "online_pair_cap": Option(int, 0, "most Hessian pairs per batch, a seeded subset of the mined triplets; "
+                                  "0: all of them (the block-Laplacian curvature costs the same for any number; LAM: 5000)",
+                                  minimum=0),
     }
 
     @classmethod

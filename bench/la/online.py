@@ -82,7 +82,7 @@ class OnlineSettings:
     scaling: str = "gibbs"  # gibbs | lam
     prior: float = 1.0  # prior precision: fixed, or the start of the marglik re-tuning
     marglik_every: int = 1  # epochs between marglik re-tunings of the prior precision (0: fixed)
-    pair_cap: int = 5000  # most Hessian pairs per batch (LAM: 5000)
+    pair_cap: int = 0  # most Hessian pairs per batch, 0: all (LAM: 5000)
     hessian: str = "ggn"  # ggn | jtj (the seed's identity output Hessian)
     dtype: str = "float32"  # dtype of the running curvature
     distance: str = "euclidean"  # the training loss's (euclidean | cosine)
@@ -487,7 +487,7 @@ class OnlineCurvature:
                     p.copy_(samples[n][k])
                 acc = acc_cls(self._probe, state.curvature_dtype)
                 acc.measure_dropped = False  # measured in output space instead (no extra eigh per step)
-                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap, self.generator,
+                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap or None, self.generator,
                                      counts[k] if counts else None)
                 c = 1.0 if s.scaling == "gibbs" else (bc.pos_active * self.n_train ** 2 / bc.pairs if bc.pairs else 0.0)
                 total = _mean_into(total, scale_curvature(bc.curvature, c / S), S)

@@ -50,3 +50,34 @@ def test_bench_online_step(benchmark, batches, path):
     opt = make_optimizer(model.parameters(), CFG)
     benchmark.group = "online LA train step x200"
     benchmark.pedantic(_steps, args=(model, loss, opt, x, y), rounds=3, iterations=1, warmup_rounds=1)
+
+
+CIFAR = preset_config("cifar")
+
+
+@pytest.fixture(scope="module")
+def feature_batches():
+    """The cifar preset's head inputs: 1280-d frozen-trunk features (non-negative, as after the trunk's
+    activation), batches of 64 from 7 classes."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 7, (STEPS * 64,), generator=g)
+    x = (torch.randn(STEPS * 64, 1280, generator=g) * 0.5 + torch.randn(7, 1280, generator=g)[y]).relu()
+    return x.reshape(STEPS, 64, 1280), y.reshape(STEPS, 64)
+
+
+@pytest.mark.parametrize("path", ["plain head (reference)", "online diag head"])
+def test_bench_online_step_on_the_cifar_head(benchmark, feature_batches, path):
+    """The cifar preset's EmbeddingHead (Linear 1280 -> 8, D = 10,248): the pair-form diagonal, all mined pairs."""
+    from backbones._cnn import EmbeddingHead
+
+    torch.set_num_threads(1)
+    x, y = feature_batches
+    net = EmbeddingHead(1280, CIFAR.embed_dim)
+    if path.startswith("plain"):
+        model, loss = net, contrastive_loss(CIFAR)
+    else:
+        s = OnlineSettings()
+        model, loss = OnlineLaplaceNet(net, s, CIFAR.epochs, 10_000), OnlineStep(CIFAR, s, 10_000, seed=0)
+    opt = make_optimizer(model.parameters(), CIFAR)
+    benchmark.group = "online LA train step, cifar head x200"
+    benchmark.pedantic(_steps, args=(model, loss, opt, x, y), rounds=3, iterations=1, warmup_rounds=1)
