@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 from torchvision.transforms import v2
 
-from bench.data import Split
+from bench.splits import Split
 from bench.errors import BenchError
 
 TEST_ITEM = -1  # the seed of an item that gets the deterministic test-time transform
