@@ -52,6 +52,7 @@ class RunState:
     device: torch.device
     methods: list[str]
     failures: list[dict] = field(default_factory=list)
+    commit: str | None = field(default_factory=git_commit)  # the code that ran: read once, at the start
 
 
 def write_config(state: RunState, status: str, extra: dict | None = None) -> None:
@@ -65,7 +66,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
         "device": str(state.device),
         "device_description": device_description(state.device),
         "packages": package_versions(),
-        "git_commit": git_commit(),
+        "git_commit": state.commit,
         "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv[0] else None,
         "failures": state.failures,
         **(extra or {}),

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from bench.config import preset_config
-from bench.run_folder import RESULT_COLUMNS, RunWriter
+from bench.run_folder import RESULT_COLUMNS, RunWriter, score_array
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt"]
 CLASS_NAMES_10 = CLASS_NAMES + ["Sneaker", "Bag", "Ankle boot"]  # recorded in config.json
@@ -18,9 +18,12 @@ METHODS = {"plain": False, "diag_la": True, "mc_dropout": True}  # name -> has u
 
 def make_run(root: Path, seeds: tuple[int, ...] = (0,), embed_dim: int = 2, n: int = 60, n_bins: int = 10,
              methods: dict[str, bool] | None = None, with_seeds_csv: bool = False, with_paired_csv: bool = False,
-             command: str | None = None, failures: list[dict] | None = None, all_failed: bool = False) -> Path:
+             command: str | None = None, failures: list[dict] | None = None, all_failed: bool = False,
+             score_vectors: bool = False) -> Path:
     """Write a complete run folder under root and return it. Values come from a seeded Generator.
-    all_failed: no method has results or per-query arrays (every one failed)."""
+    all_failed: no method has results or per-query arrays (every one failed). score_vectors: methods with
+    uncertainty also save the score vectors of the default scores (`score__<set>__trace`, `__top1_flip`),
+    as runs do since the score plugins; without them the readers fall back to tr Sigma from the variances."""
     methods = methods or METHODS
     rng = np.random.default_rng(7)
     writer = RunWriter(Path(root) / "20260101-000000-fixture")
@@ -43,6 +46,11 @@ def make_run(root: Path, seeds: tuple[int, ...] = (0,), embed_dim: int = 2, n: i
                 arrs[f"ood_{k}_labels"] = lab.astype(np.int64)
                 if unc:
                     arrs[f"ood_{k}_var"] = rng.gamma(2.0, 0.12, (no, embed_dim)).astype(np.float32)
+            if unc and score_vectors:
+                arrs[score_array("id", "trace")] = arrs["id_var"].sum(-1).astype(np.float64)
+                arrs[score_array("id", "top1_flip")] = rng.random(n_id)
+                for k in OOD_SETS:
+                    arrs[score_array(k, "trace")] = arrs[f"ood_{k}_var"].sum(-1).astype(np.float64)
             for K in (1, 3, 5):
                 for fam in ("mAP", "Recall"):
                     v = rng.random(n_id) < 0.4 + 0.1 * mi + (0.05 * K if fam == "Recall" else 0)

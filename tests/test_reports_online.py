@@ -7,6 +7,7 @@ import re
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from bench.run_folder import RunFolder, RunWriter
 from reports.online_comparison import comparison_blocks, laplace_pairs, verdict
@@ -33,8 +34,11 @@ def _with_online_facts(d, online_structure: str = "diag") -> None:
     writer.write_tables(run.results, pd.concat(times, ignore_index=True), run.seed_table, run.paired)
 
 
-def test_online_vs_post_hoc_section(tmp_path):
-    d = make_run(tmp_path, seeds=(0, 1), methods=METHODS)
+@pytest.mark.parametrize("score_vectors", [False, True])
+def test_online_vs_post_hoc_section(tmp_path, score_vectors):
+    """With saved score vectors (every run since the score plugins) as without (older folders: tr Sigma from
+    the variances), the section pairs mAP@1, AUSE, ECE and every OOD set's AUROC."""
+    d = make_run(tmp_path, seeds=(0, 1), methods=METHODS, score_vectors=score_vectors)
     _with_online_facts(d)
     run = RunFolder(d)
     assert laplace_pairs(run) == [("online_la", "diag_la")]
