@@ -16,10 +16,10 @@ from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN, PairLoss
-from bench.la.online import (STRUCTURES, OnlineLaplaceNet, OnlineSettings, accumulator_class,
+from bench.la.online import (STRUCTURES, DiagonalPairs, OnlineLaplaceNet, OnlineSettings, accumulator_class,
                              batch_curvature, cap_triplets, head_module, sample_deviations,
                              single_linear, steps_per_epoch)
-from bench.la.pairs import mined_triplets
+from bench.la.pairs import contrastive_pair_curvature, mined_pair_counts, mined_triplets, pair_hessians
 from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
 from bench.la.spectrum import exact_spectrum
@@ -324,6 +324,29 @@ def test_a_cnn_head_of_one_linear_takes_the_closed_form_and_matches_the_generic_
     else:
         assert ref.H.abs().sum() > 0
         torch.testing.assert_close(got.H, ref.H, rtol=1e-10, atol=1e-12)
+
+
+def test_diagonal_pairs_equal_the_full_pair_curvature_s_diagonals_and_traces():
+    """The online diag step's light pair terms (`DiagonalPairs`) against `contrastive_pair_curvature`: the
+    same reducer weights, the diagonals of the same blocks, the same output-space traces; an exact
+    duplicate item (distance 0) included."""
+    g = torch.Generator().manual_seed(3)
+    F = torch.randn(1, 12, 3, generator=g, dtype=torch.float64)
+    F[0, 5] = F[0, 4]
+    y = (torch.arange(12) % 3)[None]
+    loss = PairLoss()
+    counts = mined_pair_counts(F, y, loss.miner_margin)
+    full = contrastive_pair_curvature(F, y, pos_margin=loss.pos_margin, neg_margin=loss.neg_margin,
+                                      miner_margin=loss.miner_margin, counts=counts)
+    light = DiagonalPairs.of(F, counts, loss)
+    torch.testing.assert_close(light.W_pos, full.W_pos)
+    torch.testing.assert_close(light.W_neg, full.W_neg)
+    A, _ = pair_hessians(F, 1.0)  # every pair's block, the duplicate pair (4, 5) (d = 0: a zero block) included
+    n, a, b = torch.ones_like(full.W_pos, dtype=torch.bool).nonzero(as_tuple=True)
+    torch.testing.assert_close(light.diagonals(n, a, b), A[n, a, b].diagonal(dim1=-2, dim2=-1))
+    assert float(light.diagonals(*(torch.tensor([i]) for i in (0, 4, 5))).abs().sum()) == 0.0
+    assert light.output_traces() == pytest.approx(full.output_traces(), rel=1e-12)
+    assert full.output_traces()[0] > 0 and full.output_traces()[1] > 0
 
 
 def test_a_head_registered_under_two_names_keeps_its_parameters():
