@@ -5,9 +5,10 @@ Small-batch training of a small net is dispatch-bound and runs on one core (`tra
 What makes that safe: the workers are forked after the data is loaded (they share it, copy-on-write);
 a net several methods need (the shared base model) is trained once, under the model cache's file lock,
 and loaded by the others; the parent alone writes the run folder, as each result arrives, and charges
-the shared base training to the first method that completes. Each worker runs with
-cores / workers intra-op threads. Results equal a serial run's up to floating-point rounding (thread
-counts change reduction orders). CUDA runs stay serial: one GPU, and CUDA does not survive a fork.
+the shared base training to the first method that completes. Each worker runs with one intra-op
+thread (`threads_per_worker`: more hang in a forked GNU OpenMP). Results equal a serial run's up to
+floating-point rounding (thread counts change reduction orders). CUDA runs stay serial: one GPU, and
+CUDA does not survive a fork.
 """
 from __future__ import annotations
 
@@ -48,8 +49,12 @@ def worker_count(cfg, device: torch.device, tasks: int) -> int:
 
 
 def threads_per_worker(workers: int) -> int:
-    """Intra-op CPU threads of each worker: the cores shared out, at least one."""
-    return max(1, cpu_count() // max(workers, 1))
+    """Intra-op CPU threads of each worker: one. A forked child whose parent has started GNU OpenMP's
+    thread pool hangs in its first parallel region with more than one thread (reproduced here: a parent
+    matmul, then a child at 2 threads never returns), the reason torch's DataLoader workers run
+    single-threaded too. So a many-core box gives each fit one core; `workers=1` keeps every core for
+    one fit at a time."""
+    return 1
 
 
 def _init(threads: int) -> None:

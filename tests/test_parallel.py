@@ -67,6 +67,11 @@ def test_worker_count_and_schedule():
     assert order[4] == ("plain", 1)
 
 
+def test_workers_stay_single_threaded():
+    """More than one OpenMP thread in a forked child of a parent that used them hangs (GNU OpenMP)."""
+    assert parallel.threads_per_worker(1) == parallel.threads_per_worker(8) == 1
+
+
 def test_negative_workers_is_a_one_line_error():
     with pytest.raises(BenchError, match="workers must be >= 0"):
         preset_config("smoke").replace(workers=-1)
