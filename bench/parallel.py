@@ -16,14 +16,13 @@ import multiprocessing as mp
 import os
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from pathlib import Path
 from typing import Callable
 
 import torch
 
 from bench.errors import BenchError
 
-_SHARED: dict = {}  # what the forked workers inherit: the run state, the data, the cache root
+_SHARED: dict = {}  # what the forked workers inherit: the fit function (closing over the run state and data)
 
 
 def cpu_count() -> int:
@@ -62,39 +61,39 @@ def _init(threads: int) -> None:
 
 
 def _fit(name: str, seed: int):
-    from bench.runner import execute
-
     start = time.perf_counter()
-    out = execute(_SHARED["state"], name, seed, _SHARED["data"], _SHARED["cache_root"])
+    out = _SHARED["fit"](name, seed)
     return out, time.perf_counter() - start
 
 
-def schedule(state, pending: list[tuple[str, int]]) -> list[tuple[str, int]]:
+def schedule(pending: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """The order fits are handed out: per seed, the first post-hoc method (it trains the shared base
     model), then the methods that train nets of their own (they need no base, so a second worker starts
     at once), then the remaining post-hoc methods, which load the base once it is cached."""
     from bench.registry import METHODS
 
+    first_post_hoc: dict[int, str] = {}
+    for name, seed in pending:
+        if METHODS.get(name).post_hoc:
+            first_post_hoc.setdefault(seed, name)
+
     def rank(item: tuple[str, int]) -> tuple[int, int]:
         name, seed = item
-        post_hoc = [n for n, s in pending if s == seed and METHODS.get(n).post_hoc]
-        first = 0 if post_hoc and name == post_hoc[0] else 1 if not METHODS.get(name).post_hoc else 2
-        return seed, first
+        return seed, 0 if first_post_hoc.get(seed) == name else 1 if not METHODS.get(name).post_hoc else 2
 
     return sorted(pending, key=rank)  # stable: the run's method order within each rank
 
 
-def run_pool(state, data, cache_root: Path, pending: list[tuple[str, int]], workers: int,
-             record: Callable, log: Callable) -> None:
-    """Fit every pending (method, seed) in `workers` forked processes; record(outcome, seconds) in the
-    parent as each completes. Ctrl-C stops the workers."""
-    cfg = state.cfg.replace(quiet=True)  # progress bars of several processes would interleave
-    _SHARED.update(state=type(state)(cfg, None, state.device, state.methods), data=data, cache_root=cache_root)
-    ctx = mp.get_context("fork")
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init,
+def run_pool(fit: Callable, failed: Callable, pending: list[tuple[str, int]], workers: int, record: Callable) -> None:
+    """fit(name, seed) -> outcome for every pending (method, seed) in `workers` forked processes (they
+    inherit `fit` and what it closes over: the run state and the data); record(outcome, seconds) in the
+    parent as each completes, failed(name, seed, message) standing in for a fit whose worker died.
+    Ctrl-C stops the workers."""
+    _SHARED["fit"] = fit
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init,
                                initargs=(threads_per_worker(workers),))
     try:
-        futures = {pool.submit(_fit, n, s): (n, s) for n, s in schedule(state, pending)}
+        futures = {pool.submit(_fit, n, s): (n, s) for n, s in schedule(pending)}
         remaining = set(futures)
         while remaining:
             finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
@@ -102,11 +101,7 @@ def run_pool(state, data, cache_root: Path, pending: list[tuple[str, int]], work
                 try:
                     out, seconds = f.result()
                 except Exception as e:  # the worker process died (e.g. killed for memory): this fit failed
-                    from bench.runner import Outcome
-
-                    name, seed = futures[f]
-                    out, seconds = Outcome(name, seed, error={"method": name, "seed": seed, "traceback": "",
-                                                              "error": f"worker process failed: {type(e).__name__}: {e}"}), None
+                    out, seconds = failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"), None
                 record(out, seconds)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

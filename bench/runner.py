@@ -269,7 +269,10 @@ def run(cfg: RunConfig, log=print) -> Path:
     if workers > 1:
         log(f"  {len(pending)} method fits in {workers} worker processes ({parallel.threads_per_worker(workers)} "
             "CPU thread(s) each)")
-        parallel.run_pool(state, data, cache_root, pending, workers, record, log)
+        quiet = RunState(cfg.replace(quiet=True), None, device, methods, commit=state.commit)  # bars would interleave
+        parallel.run_pool(lambda n, s: execute(quiet, n, s, data, cache_root),
+                          lambda n, s, msg: Outcome(n, s, error={"method": n, "seed": s, "error": msg, "traceback": ""}),
+                          pending, workers, record)
     else:
         for name, seed in pending:
             log(f"  {name} (seed {seed}) ...")

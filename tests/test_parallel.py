@@ -62,7 +62,7 @@ def test_worker_count_and_schedule():
     with pytest.raises(BenchError, match="workers=2 runs methods in forked CPU processes"):
         parallel.worker_count(cfg.replace(workers=2), torch.device("cuda"), 5)
     pending = [(m, s) for s in (0, 1) for m in ("mc_dropout", "plain", "full_la", "deep_ensemble")]
-    order = parallel.schedule(None, pending)
+    order = parallel.schedule(pending)
     assert order[:4] == [("plain", 0), ("mc_dropout", 0), ("deep_ensemble", 0), ("full_la", 0)]
     assert order[4] == ("plain", 1)
 

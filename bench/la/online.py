@@ -198,14 +198,11 @@ class _LinearHeadPairDiag(_LinearHeadDiagGGN):
         """Only pairs with a weight (w_ab != 0: the mined positive pairs, a few hundred of a batch's m^2) are
         gathered: their differences dphi [P, h], then one product C^T dphi^2 with C_ab,o = w_ab A_ab[o, o]
         (all m^2 differences of a 1280-d head were 50 ms of a step)."""
-        if isinstance(chunk.pairs, DiagonalPairs):
-            W, phi = chunk.pairs.W_pos, chunk.J.reshape(*chunk.valid.shape, -1)
-            n, a, b = (W != 0).nonzero(as_tuple=True)
-            C = W[n, a, b, None] * chunk.pairs.diagonals(n, a, b)  # [P, d]
-        else:
-            W, A, phi = _pair_terms(chunk, differences=False)
-            n, a, b = (W != 0).nonzero(as_tuple=True)
-            C = W[n, a, b, None] * A[n, a, b].diagonal(dim1=-2, dim2=-1)  # [P, d]
+        if not isinstance(chunk.pairs, DiagonalPairs):  # what batch_curvature hands a diagonal_blocks accumulator
+            raise BenchError("the pair-form head diagonal needs hessian=ggn and distance=euclidean")
+        W, phi = chunk.pairs.W_pos, chunk.J.reshape(*chunk.valid.shape, -1)
+        n, a, b = (W != 0).nonzero(as_tuple=True)
+        C = W[n, a, b, None] * chunk.pairs.diagonals(n, a, b)  # [P, d]
         rows, m = phi.reshape(-1, phi.shape[-1]), phi.shape[1]
         dphi = rows[n * m + a]  # [P, h], in place from here (fresh [P, h] buffers cost more than the arithmetic)
         dphi -= rows[n * m + b]
@@ -263,16 +260,15 @@ class _LinearHeadPairFull(_LinearHeadFullGGN):
         self.stats["param_kept"] += float(block.reshape(k, k).diagonal().sum())
 
 
-def _pair_terms(chunk: Chunk, differences: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(W_pos [nb, m, m], A_pos [nb, m, m, d, d], dphi [nb, m, m, h]) of a chunk of the pair-form
-    accumulators (the positive pairs' blocks are the PSD part for Euclidean distances); without
-    `differences` the head inputs phi [nb, m, h] instead of dphi."""
+def _pair_terms(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W_pos [nb, m, m], A_pos [nb, m, m, d, d], dphi [nb, m, m, h]) of a chunk of the pair-form full
+    accumulator (the positive pairs' blocks are the PSD part for Euclidean distances)."""
     pc = chunk.pairs
     if pc is None or pc.A_pos is None:
         raise BenchError("the pair-form head curvature needs hessian=ggn and distance=euclidean")
     nb, m = chunk.valid.shape
     phi = chunk.J.reshape(nb, m, -1)
-    return pc.W_pos, pc.A_pos, (phi[:, :, None] - phi[:, None]) if differences else phi
+    return pc.W_pos, pc.A_pos, phi[:, :, None] - phi[:, None]
 
 
 def single_linear(module: nn.Module) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from bench.metrics.bootstrap import count_bootstrap_ci
+from bench.metrics.correlation import tie_runs
 from bench.metrics.weighted import CalibrationSort
 
 DEFAULT_BINS = 10
@@ -53,9 +54,7 @@ def _binned_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np
     order = np.argsort(conf, axis=-1)  # the order within a tie run does not matter
     cs = np.take_along_axis(conf, order, axis=-1)
     ys = np.take_along_axis(correct, order, axis=-1)
-    first = np.ones(cs.shape, dtype=bool)
-    first[..., 1:] = cs[..., 1:] != cs[..., :-1]
-    start = np.maximum.accumulate(np.where(first, np.arange(n), 0), axis=-1)
+    start, _ = tie_runs(cs)
     rows = int(np.prod(cs.shape[:-1], dtype=np.int64))
     flat = (start * b // n).reshape(rows, n) + (np.arange(rows) * n_bins)[:, None]
     out_shape = (*cs.shape[:-1], n_bins)

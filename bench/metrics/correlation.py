@@ -20,21 +20,30 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(den > 0, (a * b).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
 
 
-def _run_mean_ranks(v_sorted: np.ndarray, breaks: np.ndarray | None = None) -> np.ndarray:
-    """1-based mean rank of each element's tie run along the last axis of sorted values (a run also
-    ends where `breaks` is True: a new class begins), counted from the start of its class."""
+def tie_runs(v_sorted: np.ndarray, breaks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(start, end), shaped like v_sorted [..., n]: the first and last position of each position's run of
+    equal values along the last axis of sorted v (a run also starts where `breaks` is True)."""
     n = v_sorted.shape[-1]
     first = np.ones(v_sorted.shape, dtype=bool)
     first[..., 1:] = v_sorted[..., 1:] != v_sorted[..., :-1]
-    group_start = np.zeros(v_sorted.shape, dtype=np.int64)
     if breaks is not None:
         first |= breaks
-        group_start = np.maximum.accumulate(np.where(breaks, np.arange(n), 0), axis=-1)
     last = np.ones(v_sorted.shape, dtype=bool)
     last[..., :-1] = first[..., 1:]
     pos = np.arange(n)
     start = np.maximum.accumulate(np.where(first, pos, 0), axis=-1)
     end = np.minimum.accumulate(np.where(last, pos, n - 1)[..., ::-1], axis=-1)[..., ::-1]
+    return start, end
+
+
+def _run_mean_ranks(v_sorted: np.ndarray, breaks: np.ndarray | None = None) -> np.ndarray:
+    """1-based mean rank of each element's tie run along the last axis of sorted values (a run also
+    ends where `breaks` is True: a new class begins), counted from the start of its class."""
+    n = v_sorted.shape[-1]
+    group_start = np.zeros(v_sorted.shape, dtype=np.int64)
+    if breaks is not None:
+        group_start = np.maximum.accumulate(np.where(breaks, np.arange(n), 0), axis=-1)
+    start, end = tie_runs(v_sorted, breaks)
     return (start + end) / 2.0 + 1.0 - group_start
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 from bench.metrics.bootstrap import BootstrapCI, count_bootstrap_ci
+from bench.metrics.correlation import tie_runs
 from bench.metrics.weighted import OODSort
 
 OOD_METRICS = ("AUROC", "AUPR", "FPR95", "var_ratio")
@@ -42,14 +43,9 @@ def _threshold_stats(a: np.ndarray, b: np.ndarray, tpr_level: float = TPR_LEVEL)
     y = np.take_along_axis(y, order, axis=-1)
     del order, s
     tp = np.cumsum(y, axis=-1)
-    pos = np.arange(n)
-    last = np.ones(s_sorted.shape, dtype=bool)
-    last[..., :-1] = s_sorted[..., 1:] != s_sorted[..., :-1]
-    first = np.ones(s_sorted.shape, dtype=bool)
-    first[..., 1:] = last[..., :-1]
+    start, end = tie_runs(s_sorted)
+    last = end == np.arange(n)
     del s_sorted
-    end = np.minimum.accumulate(np.where(last, pos, n - 1)[..., ::-1], axis=-1)[..., ::-1]
-    start = np.maximum.accumulate(np.where(first, pos, 0), axis=-1)
     tp_end = np.take_along_axis(tp, end, axis=-1)
     tp_before = np.where(start > 0, np.take_along_axis(tp, np.maximum(start - 1, 0), axis=-1), 0.0)
     auroc = ((1.0 - y) * (tp_before + tp_end)).sum(axis=-1) / (2.0 * n0 * n1)

@@ -13,24 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.metrics.correlation import class_codes, mean_class_pearson
+from bench.metrics.correlation import class_codes, mean_class_pearson, tie_runs
 from bench.metrics.sparsification import FRACTIONS, _kept
-
-
-def _runs(v_sorted: np.ndarray, breaks: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(start, end) [n]: the first and last position of each position's run of equal values in sorted
-    v (a run also starts where `breaks` is True)."""
-    n = v_sorted.shape[0]
-    first = np.ones(n, dtype=bool)
-    first[1:] = v_sorted[1:] != v_sorted[:-1]
-    if breaks is not None:
-        first |= breaks
-    last = np.ones(n, dtype=bool)
-    last[:-1] = first[1:]
-    pos = np.arange(n)
-    start = np.maximum.accumulate(np.where(first, pos, 0))
-    end = np.minimum.accumulate(np.where(last, pos, n - 1)[::-1])[::-1]
-    return start, end
 
 
 def _before(cum: np.ndarray, start: np.ndarray) -> np.ndarray:
@@ -51,7 +35,7 @@ class OODSort:
         s = np.concatenate([a, b])
         self.order = np.argsort(-s, kind="stable")
         self.is_ood = self.order >= self.n0
-        self.start, self.end = _runs(s[self.order])
+        self.start, self.end = tie_runs(s[self.order])
         self.last = self.end == np.arange(s.shape[0])
         self.a, self.b = a, b
 
@@ -86,7 +70,7 @@ class CalibrationSort:
         p, c = np.asarray(p, np.float64), np.asarray(c, np.float64)
         self.order = np.argsort(p, kind="stable")
         self.p, self.c = p[self.order], c[self.order]
-        self.start, _ = _runs(self.p)
+        self.start, _ = tie_runs(self.p)
         self.n, self.bins = p.shape[0], max(1, min(n_bins, p.shape[0]))
 
     def weighted(self, w: np.ndarray) -> np.ndarray:
@@ -116,14 +100,14 @@ class RankingSort:
         self.n = u.shape[0]
         self.order = np.argsort(u, kind="stable")
         self.m = m[self.order]
-        self.start, self.end = _runs(u[self.order])
+        self.start, self.end = tie_runs(u[self.order])
         codes = class_codes(classes).astype(np.int64)
         self.order2 = np.lexsort((u, codes))  # by class, then u
         self.codes2 = codes[self.order2]
         self.m2 = m[self.order2]
         breaks = np.ones(self.n, dtype=bool)
         breaks[1:] = self.codes2[1:] != self.codes2[:-1]
-        self.start2, self.end2 = _runs(u[self.order2], breaks)
+        self.start2, self.end2 = tie_runs(u[self.order2], breaks)
         self.class_start = np.maximum.accumulate(np.where(breaks, np.arange(self.n), 0))
         self.class_starts = np.flatnonzero(breaks)
         self.kept = _kept(self.n, np.asarray(FRACTIONS))
