@@ -15,7 +15,8 @@ from bench.metrics.bootstrap import bootstrap_mean_ci
 from bench.metrics.calibration import DEFAULT_BINS, calibration_metrics
 from bench.metrics.ranking import RANKING_METRICS, ranking_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
-from bench.metrics.retrieval import retrieval_per_query, retrieval_space
+from bench.loss import retrieval_space
+from bench.metrics.retrieval import retrieval_per_query
 from bench.metrics.sparsification import sparsification_extras
 from bench.metrics.uncertainty import ScoreSettings, candidate_coverage, run_score, score_inputs
 from bench.registry import SCORES

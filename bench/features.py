@@ -83,7 +83,7 @@ class FeatureCache:
 
     def get(self, split: Split, name: str) -> Split:
         """The split's features as an in-memory Split (same labels), from the cache or computed now."""
-        from bench.train import model_lock
+        from bench.model_cache import model_lock
 
         key = self.key(split)
         h = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

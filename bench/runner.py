@@ -25,7 +25,7 @@ from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.registry import BACKBONES, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
 from bench.timing import StageTimer
-from bench.train import ModelCache
+from bench.model_cache import ModelCache
 
 
 def resolve_methods(cfg: RunConfig) -> list[str]:

@@ -25,7 +25,8 @@ from torch import nn
 
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.model import build_model
-from bench.train import BatchLoss, Recipe
+from bench.loss import BatchLoss
+from bench.train import Recipe
 
 VAR_FLOOR = 1e-6  # smallest predicted variance (as PFE's reference code: log(1e-6 + exp(.)))
 VARIANCE_KINDS = ("diag", "isotropic")

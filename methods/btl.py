@@ -39,7 +39,7 @@ import torch
 
 from bench.method import Option
 from bench.registry import register_method
-from bench.train import BatchLoss, make_loss_and_miner
+from bench.loss import BatchLoss, make_loss_and_miner
 from methods._gaussian import VARIANCE_KINDS, GaussianEmbeddingNet, OwnGaussianNetMethod, kl_to_isotropic_prior
 
 

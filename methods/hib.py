@@ -38,7 +38,7 @@ from torch import nn
 
 from bench.method import Option
 from bench.registry import register_method
-from bench.train import BatchLoss
+from bench.loss import BatchLoss
 from methods._gaussian import (VARIANCE_KINDS, GaussianEmbeddingNet, OwnGaussianNetMethod, all_pairs,
                               kl_to_isotropic_prior)
 

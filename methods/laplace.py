@@ -13,7 +13,8 @@ from bench import sensitivity
 from bench.data import Split
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, PairLoss, accumulate, check_supported, scale_curvature
+from bench.la.curvature import Curvature, accumulate, check_supported, scale_curvature
+from bench.loss import PairLoss
 from bench.la.family import ScaledFamily, curvature_trace
 from bench.la.likelihood import LikelihoodScale, check_scale
 from bench.la.lowrank import MAX_RANK_FRACTION

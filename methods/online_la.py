@@ -20,13 +20,14 @@ from torch import nn
 from torch.func import functional_call
 
 from bench.errors import BenchError
-from bench.la.curvature import PairLoss
+from bench.loss import PairLoss
 from bench.la.online import (OnlineCurvature, OnlineLaplaceNet, OnlineSettings, SCALINGS, STRUCTURES, SUBSETS,
                              marglik_prior, sample_deviations, steps_per_epoch, subset_inputs)
 from bench.method import EmbeddingPrediction, FitContext, Option
 from bench.model import build_model
 from bench.registry import register_method
-from bench.train import Recipe, contrastive_loss_and_counts
+from bench.loss import contrastive_loss_and_counts
+from bench.train import Recipe
 from methods.laplace import SAMPLE_STREAM, _Laplace
 
 ONLINE_STREAM = 43  # generator stream of the training-time posterior draws and pair subsampling

@@ -10,7 +10,7 @@ from bench.method import Method
 from bench.registry import METHODS
 from bench.runner import fit_context
 from bench.timing import StageTimer
-from bench.train import ModelCache
+from bench.model_cache import ModelCache
 
 CPU = torch.device("cpu")
 DEVICE_ENV = "BENCH_TEST_DEVICE"  # set by tests/conftest.py from `pytest --device`

@@ -11,7 +11,7 @@ from bench.config import preset_config
 from bench.la import jacobians as jac
 from bench.la.curvature import Chunk, Curvature, DiagGGN, FullGGN, KronGGN
 from bench.la.pairs import clamped_laplacians
-from bench.train import make_loss_and_miner
+from bench.loss import make_loss_and_miner
 
 
 def tiny_net(in_dim: int = 5, hidden: tuple[int, ...] = (4, 3), d: int = 2, seed: int = 0,

@@ -20,7 +20,7 @@ from bench.method import EmbeddingPrediction, FitContext
 from bench.model import build_model
 from bench.registry import METHODS
 from bench.timing import StageTimer
-from bench.train import ModelCache
+from bench.model_cache import ModelCache
 from methods.deep_ensemble import DeepEnsemble, member_seed, member_seeds
 from methods.mc_dropout import MASK_SEED_OFFSET, MCDropout, mc_samples, seeded_dropout
 from tests.fit_helpers import CPU, fit_method, predict_on, run_device

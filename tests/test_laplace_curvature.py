@@ -8,10 +8,12 @@ import torch
 from bench.config import preset_config
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import PairLoss, SymmetricAccumulator, accumulate, check_full_memory
-from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature, mined_pair_counts, pair_hessians
+from bench.la.curvature import SymmetricAccumulator, accumulate, check_full_memory
+from bench.loss import PairLoss
+from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature, pair_hessians
+from bench.loss import mined_pair_counts
 from bench.la.structures import compute_curvature
-from bench.train import make_loss_and_miner
+from bench.loss import make_loss_and_miner
 from tests.laplace_helpers import (ExactGGN, LastLayerDiagGGN, autograd_output_hessian, brute_ggn, full_jacobian,
                                    rel_err, tiny_data, tiny_net)
 

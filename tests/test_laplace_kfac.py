@@ -10,7 +10,8 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import KronGGN, PairLoss, accumulate
+from bench.la.curvature import KronGGN, accumulate
+from bench.loss import PairLoss
 from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature
 from bench.la.structures import compute_curvature
 from tests.laplace_helpers import (TinyConvNet, UniformKronGGN, full_jacobian, kron_to_flat, rel_err, tiny_data,

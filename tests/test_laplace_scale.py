@@ -13,7 +13,8 @@ from pytorch_metric_learning.reducers import SumReducer
 from bench.config import preset_config
 from bench.data import load_benchmark
 from bench.errors import BenchError
-from bench.la.curvature import PairLoss, scale_curvature
+from bench.la.curvature import scale_curvature
+from bench.loss import PairLoss
 from bench.la.family import ScaledFamily, scaled_curvature
 from bench.la.jacobians import last_linear
 from bench.la.likelihood import check_scale, parse_scale

@@ -15,11 +15,13 @@ from bench.config import preset_config
 from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN, PairLoss
+from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN
+from bench.loss import PairLoss
 from bench.la.online import (STRUCTURES, DiagonalPairs, OnlineLaplaceNet, OnlineSettings, accumulator_class,
                              batch_curvature, cap_triplets, head_module, sample_deviations,
                              single_linear, steps_per_epoch)
-from bench.la.pairs import contrastive_pair_curvature, mined_pair_counts, mined_triplets, pair_hessians
+from bench.la.pairs import contrastive_pair_curvature, pair_hessians
+from bench.loss import mined_pair_counts, mined_triplets
 from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
 from bench.la.spectrum import exact_spectrum
@@ -27,7 +29,9 @@ from bench.la.structures import compute_curvature
 from bench.method import FitContext
 from bench.registry import METHODS
 from bench.timing import StageTimer
-from bench.train import make_loss_and_miner, model_key, train_net
+from bench.loss import make_loss_and_miner
+from bench.model_cache import model_key
+from bench.train import train_net
 from methods.online_la import OnlineStep
 from tests.fit_helpers import fit_method, predict_on, run_device
 from tests.laplace_helpers import TinyConvNet, tiny_data, tiny_net

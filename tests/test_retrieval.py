@@ -111,7 +111,7 @@ def test_pml_map_against_accuracy_calculator(seed):
 
 def test_retrieval_space():
     from bench.errors import BenchError
-    from bench.metrics.retrieval import retrieval_space
+    from bench.loss import retrieval_space
 
     e = torch.tensor([[3.0, 4.0], [0.0, -2.0]])
     assert torch.equal(retrieval_space(e, "euclidean"), e)

@@ -237,7 +237,8 @@ def test_mismatched_sample_counts_are_refused(tiny):
 
 
 def test_retrieval_space_and_nearest():
-    from bench.metrics.retrieval import nearest, retrieval_space, space_distance
+    from bench.loss import retrieval_space, space_distance
+    from bench.metrics.retrieval import nearest
 
     z = torch.tensor([[3.0, 4.0], [0.0, 2.0], [-1.0, 0.0]])
     assert torch.equal(retrieval_space(z, "euclidean"), z)

@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from bench.train import ModelCache, model_key, key_hash, train_embedding
+from bench.model_cache import ModelCache, key_hash, model_key
+from bench.train import train_embedding
 from bench.data import load_benchmark
 
 
@@ -34,18 +35,18 @@ def _key_with_edited_source(monkeypatch, cfg, module: str, edit, recipe=None) ->
     """The key hash after `edit` (source -> source) is applied to the source of `module`."""
     import inspect
 
-    import bench.train as train
+    import bench.model_cache as cache
 
     real = inspect.getsource
-    monkeypatch.setattr(train.inspect, "getsource",
+    monkeypatch.setattr(cache.inspect, "getsource",
                         lambda m: edit(real(m)) if m.__name__ == module else real(m))
     try:
         return key_hash(model_key(cfg, (32,), 400, 0, 0.0, recipe))
     finally:
-        monkeypatch.setattr(train.inspect, "getsource", real)
+        monkeypatch.setattr(cache.inspect, "getsource", real)
 
 
-@pytest.mark.parametrize("module", ["bench.train", "bench.la.pairs", "bench.model", "backbones.mlp"])
+@pytest.mark.parametrize("module", ["bench.train", "bench.loss", "bench.model", "backbones.mlp"])
 def test_cache_key_changes_with_the_training_code(smoke_cfg, monkeypatch, module):
     """Changed code that trains (loop, loss, miner emulation, builder, the backbone's module) gives a
     new key; the same code, or only comments and docstrings changed, gives the same key."""
@@ -131,7 +132,7 @@ def test_vectorised_loss_equals_pml_loss_and_gradients(distance):
     from pytorch_metric_learning import losses, miners
 
     from bench.config import preset_config
-    from bench.train import batched_contrastive_loss, make_loss_and_miner
+    from bench.loss import batched_contrastive_loss, make_loss_and_miner
 
     cfg = preset_config("paper").replace(distance=distance)
     loss_fn, miner = make_loss_and_miner(cfg)

@@ -9,7 +9,8 @@ import torch
 from bench.config import preset_config
 from bench.data import Split
 from bench.model import build_model
-from bench.train import make_loss_and_miner, make_optimizer, train_net, contrastive_loss
+from bench.loss import contrastive_loss, make_loss_and_miner
+from bench.train import make_optimizer, train_net
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])

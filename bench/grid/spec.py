@@ -10,7 +10,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from bench.config import RunConfig, apply_overrides, parse_value, preset_config
 from bench.errors import require
 from bench.registry import DATASETS, METHODS
-from bench.train import key_hash, model_key
+from bench.model_cache import key_hash, model_key
 
 AXIS_SEP = ";"  # separates the values of one setting axis: --set hidden="32,32;64,64"
 GRID_FIELDS = ("dataset", "methods", "seed", "seeds", "name", "out", "quiet", "report")  # the grid sets these

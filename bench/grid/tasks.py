@@ -20,7 +20,7 @@ def train_base(config: dict) -> dict:
     import torch  # noqa: F401  (imported here: the driver never needs it)
     from bench.environment import resolve_device
     from bench.features import prepare_benchmark
-    from bench.train import ModelCache
+    from bench.model_cache import ModelCache
 
     cfg = config_from_dict(config)
     device = resolve_device(cfg.device)

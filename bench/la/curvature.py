@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.pairs import (PairCurvature, clamped_laplacians, contrastive_pair_curvature, kept_laplacian,
-                            laplacian_factor)
+from bench.loss import PairLoss
+from bench.la.pairs import (clamped_laplacians, contrastive_pair_curvature, kept_laplacian, laplacian_factor,
+                            PairCurvature)
 
 HESSIANS = ("ggn", "jtj")
 
@@ -39,22 +40,6 @@ class Curvature:
     H: torch.Tensor | None = None
     kron: list[KronFactor] | None = None
     stats: dict = field(default_factory=dict)
-
-
-@dataclass
-class PairLoss:
-    """What defines the pairs (the training loss and miner, `bench.train.make_loss_and_miner`)."""
-
-    pos_margin: float = 0.0
-    neg_margin: float = 1.0
-    miner_margin: float = 0.2
-    miner_type: str = "all"
-    distance: str = "euclidean"
-    reduction: str = "mean"  # mean: the loss as trained (AvgNonZeroReducer); sum: every pair an observation
-
-    @classmethod
-    def from_config(cls, cfg) -> "PairLoss":
-        return cls(cfg.pos_margin, cfg.neg_margin, cfg.miner_margin, cfg.miner_type, cfg.distance)
 
 
 def check_supported(structure: str, hessian: str, distance: str) -> None:

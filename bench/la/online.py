@@ -54,15 +54,15 @@ from torch import nn
 
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
-from bench.la.curvature import (Accumulator, Chunk, Curvature, DiagGGN, KronFactor, KronGGN, LastLayerGGN, PairLoss,
+from bench.la.curvature import (Accumulator, Chunk, Curvature, DiagGGN, KronFactor, KronGGN, LastLayerGGN,
                                 scale_curvature)
-from bench.la.pairs import (DIST_FLOOR, PairCurvature, contrastive_pair_curvature, mined_triplets, pairwise_distances,
-                            reducer_weights, triplet_pair_counts)
+from bench.la.pairs import DIST_FLOOR, PairCurvature, contrastive_pair_curvature
 from bench.la.posterior import Posterior
 from bench.la.prior import optimize_marglik
 from bench.la.structures import get_structure
 from bench.la.subsets import last_linear, subset_modules
-from bench.metrics.retrieval import retrieval_space
+from bench.loss import (PairLoss, mined_triplets, pairwise_distances, reducer_weights, retrieval_space,
+                        triplet_pair_counts)
 from bench.timing import sync
 
 STRUCTURES = ("diag", "kron", "last_layer")

@@ -1,5 +1,5 @@
-"""Output-space curvature of the contrastive loss: mined pairs, analytic pair Hessians and the block
-graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs), for plain
+"""Output-space curvature of the contrastive loss (`bench.loss`): analytic pair Hessians of the mined
+pairs and the block graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs), for plain
 Euclidean distances and for distances between L2-normalised embeddings (distance=cosine)."""
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from bench.errors import BenchError
-from bench.metrics.retrieval import retrieval_space
+from bench.loss import mined_pair_counts, pairwise_distances, reducer_weights, retrieval_space
 
-MINER_TYPES = ("all", "hard", "semihard", "easy")
 DIST_FLOOR = 1e-3  # pair distances below this get the curvature of this distance (see pair_hessians)
 
 
@@ -44,79 +43,6 @@ class PairCurvature:
         tr_pos = (self.W_pos * self.A_pos.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()
         tr_neg = (self.W_neg * self.A_neg.diagonal(dim1=-2, dim2=-1).sum(-1)).sum()  # <= 0
         return float(tr_pos), float(-tr_neg)
-
-
-def pairwise_distances(F: torch.Tensor) -> torch.Tensor:
-    """Plain Euclidean distances within each mining batch: F [nb, m, d] -> [nb, m, m]."""
-    diff = F[:, :, None, :] - F[:, None, :, :]
-    return diff.pow(2).sum(-1).clamp_min(0).sqrt()
-
-
-def mined_triplets(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                   valid: torch.Tensor | None = None, dist: torch.Tensor | None = None) -> torch.Tensor:
-    """The triplets a TripletMarginMiner yields, as a mask trip [nb, a, p, n] (bool), per batch.
-
-    F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items; dist [nb, m, m] the distances to
-    mine with (default `pairwise_distances(F)`; training passes torch.cdist's, as PML does). A triplet (a, p, n) with y_a = y_p,
-    a != p, y_a != y_n is mined when t = d_an - d_ap satisfies: all: t <= margin; hard: t <= min(margin, 0);
-    semihard: 0 < t <= margin; easy: t > margin (PML's definitions).
-    """
-    if miner_type not in MINER_TYPES:
-        raise BenchError(f"miner_type must be one of {', '.join(MINER_TYPES)}, got {miner_type!r}")
-    m = F.shape[1]
-    dist = pairwise_distances(F) if dist is None else dist
-    same = y[:, :, None] == y[:, None, :]
-    pos = same & ~torch.eye(m, dtype=torch.bool, device=F.device)  # [nb, a, p]
-    neg = ~same  # [nb, a, n]
-    if valid is not None:  # (no mask: the training step, where every operator counts)
-        vv = valid[:, :, None] & valid[:, None, :]
-        pos, neg = pos & vv, neg & vv
-    t = dist[:, :, None, :] - dist[:, :, :, None]  # [nb, a, p, n] = d_an - d_ap
-    if miner_type == "easy":
-        cond = t > margin
-    else:
-        cond = t <= margin
-        if miner_type == "hard":
-            cond &= t <= 0
-        elif miner_type == "semihard":
-            cond &= t > 0
-    return cond & pos[:, :, :, None] & neg[:, :, None, :]
-
-
-def triplet_pair_counts(trip: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C_pos, C_neg) [nb, m, m] of a triplet mask [nb, a, p, n]: C_pos[a, p] = #triplets with that
-    (a, p), C_neg[a, n] = #triplets with that (a, n) (the pairs of PML's `convert_to_pairs`)."""
-    return trip.sum(3).to(dtype), trip.sum(2).to(dtype)
-
-
-def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch:
-    (C_pos, C_neg) [nb, m, m] of `mined_triplets` (its arguments), exactly the multiplicities of PML's
-    `convert_to_pairs` without listing the triplets."""
-    return triplet_pair_counts(mined_triplets(F, y, margin, miner_type, valid, dist), F.dtype)
-
-
-def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor, pos_margin: float,
-                    neg_margin: float, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
-    """Weights (W_pos, W_neg) [nb, m, m] of the ordered pairs in PML's reduced batch loss, from the
-    mined multiplicities C and the distances: an active pair (a, b) of kind k (positive: d > m_pos,
-    negative: d < m_neg) carries count_ab / n_active_k, where n_active_k counts the active pairs of
-    kind k with multiplicity (reduction "mean": AvgNonZeroReducer, as trained), or count_ab
-    (reduction "sum": SumReducer, every pair an observation, `bench.la.likelihood`); inactive pairs 0.
-    PML returns a zero loss when the miner yields at most one triplet (GenericPairLoss), so such a
-    batch has all weights 0."""
-    if reduction not in ("mean", "sum"):
-        raise BenchError(f"reduction must be mean or sum, got {reduction!r}")
-    # (the counts are >= 0, so masking by activity alone keeps C = 0 where nothing was mined; and where
-    # n_k = 0 every C of the batch is 0, so C / max(n_k, 1) is 0 there without a torch.where)
-    enough = C_pos.sum((1, 2), keepdim=True) > 1  # number of mined triplets per batch
-    C_pos = C_pos * ((dist - pos_margin > 0) & enough)
-    C_neg = C_neg * ((neg_margin - dist > 0) & enough)
-    if reduction == "sum":
-        return C_pos, C_neg
-    return C_pos / C_pos.sum((1, 2), keepdim=True).clamp_min(1), C_neg / C_neg.sum((1, 2), keepdim=True).clamp_min(1)
 
 
 def pair_hessians(F: torch.Tensor, sign: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +127,7 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
                                reduction: str = "mean", counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairCurvature:
     """Reducer weights and Hessian blocks of PML's ContrastiveLoss for F [nb, m, d], y [nb, m].
 
-    The loss as trained (`bench.train.make_loss_and_miner`): ContrastiveLoss on the distances
+    The loss as trained (`bench.loss.make_loss_and_miner`): ContrastiveLoss on the distances
     d_ij = ||f_i - f_j|| (euclidean) or ||n_i - n_j|| with n = f / ||f|| (cosine: PML's default
     LpDistance, normalize_embeddings=True), both p=2, power=1, pairs taken from the
     triplets (a, p, n) of a TripletMarginMiner: each mined triplet gives the positive pair (a, p) and

@@ -10,7 +10,7 @@ from scipy.optimize import minimize_scalar
 from bench.environment import cpu_threads
 from bench.la.pairs import small_eigh
 from bench.la.spectrum import Spectrum
-from bench.metrics.retrieval import retrieval_space
+from bench.loss import retrieval_space
 
 DEFAULT_GRID = tuple(10.0 ** k for k in range(-3, 6))  # prior_precision=grid: scored by triplet_log_score
 

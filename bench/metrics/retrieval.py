@@ -1,33 +1,14 @@
 """Leave-one-out retrieval metrics on a labelled test set (mAP@K, Recall@K, MAP@R and the seed's
-mAP_pml@K), as per-query vectors so a bootstrap over queries needs one kNN search; `retrieval_space`
-maps embeddings into the geometry every retrieval distance is measured in."""
+mAP_pml@K), as per-query vectors so a bootstrap over queries needs one kNN search; distances are
+measured in the loss's geometry (`bench.loss.retrieval_space`)."""
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as nnf
 
-from bench.conventions import DISTANCES
-from bench.errors import BenchError
-
-
-def retrieval_space(emb: torch.Tensor, distance: str) -> torch.Tensor:
-    """Embeddings [..., d] in the space whose Euclidean distances are the run's `distance`:
-    euclidean: emb itself; cosine: emb / max(||emb||, 1e-12) (what pytorch-metric-learning's
-    LpDistance(normalize_embeddings=True) and its testers do), so ||a - b|| = sqrt(2 - 2 cos(a, b))."""
-    if distance == "euclidean":
-        return emb
-    if distance == "cosine":
-        return nnf.normalize(emb, p=2, dim=-1)
-    raise BenchError(f"distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-
+from bench.loss import retrieval_space
 
 PML_MAP = "mAP_pml"  # name stem of the seed's AP@K (hits-normalised, pytorch-metric-learning <= 1.6.0)
-
-
-def space_distance(a: torch.Tensor, b: torch.Tensor, distance: str = "euclidean") -> torch.Tensor:
-    """||rho(a) - rho(b)|| along the last axis (broadcasting), rho = retrieval_space."""
-    return (retrieval_space(a, distance) - retrieval_space(b, distance)).norm(dim=-1)
 
 
 KD_TREE_MAX_DIM = 8  # up to this embedding width the exact kNN goes through a k-d tree (scipy), above it brute force

@@ -35,7 +35,8 @@ import torch
 
 from bench.errors import BenchError
 from bench.method import EmbeddingPrediction, stream_seed
-from bench.metrics.retrieval import nearest, space_distance
+from bench.loss import space_distance
+from bench.metrics.retrieval import nearest
 
 SCORE_DRAW_STREAM = 0x5C0E  # generator offset of the independent Gaussian draws (query set k: + k)
 CHUNK_ELEMENTS = 4_000_000  # floats per chunk of gathered candidate draws [S, n, K_c, d]

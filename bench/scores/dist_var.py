@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from bench.metrics.retrieval import space_distance
+from bench.loss import space_distance
 from bench.metrics.uncertainty import ScoreInputs
 from bench.registry import register_score
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bench.metrics.retrieval import space_distance
+from bench.loss import space_distance
 from bench.metrics.uncertainty import ScoreInputs
 from bench.registry import register_score
 

@@ -11,7 +11,7 @@ import torch
 from backbones.mlp import EmbeddingNet
 from bench.environment import resolve_device
 from bench.errors import BenchError
-from bench.la.curvature import PairLoss
+from bench.loss import PairLoss
 from bench.la.structures import compute_curvature
 from bench.model import num_params
 from bench.timing import sync

@@ -98,7 +98,7 @@ class Laps:
 
 def fast_phases(s: Setup, model, opt, laps: Laps) -> None:
     """One epoch over s.batches of the fast path, cut into phases (the code of `contrastive_loss`)."""
-    from bench.train import mined_pair_weights, weighted_pair_loss
+    from bench.loss import mined_pair_weights, weighted_pair_loss
 
     cfg, total = s.cfg, torch.zeros((), device=s.device)
     for idx in s.batches:
@@ -127,7 +127,7 @@ def _timed_update(loss: torch.Tensor, opt, total: torch.Tensor, laps: Laps) -> N
 
 def pml_phases(s: Setup, model, opt, laps: Laps) -> None:
     """One epoch of the PML reference path, cut into phases."""
-    from bench.train import make_loss_and_miner
+    from bench.loss import make_loss_and_miner
 
     loss_fn, miner = make_loss_and_miner(s.cfg)
     total = torch.zeros((), device=s.device)
@@ -146,7 +146,7 @@ def pml_phases(s: Setup, model, opt, laps: Laps) -> None:
 
 def pml_loop(s: Setup, model, opt) -> None:
     """One untimed epoch of the PML reference path."""
-    from bench.train import make_loss_and_miner
+    from bench.loss import make_loss_and_miner
 
     loss_fn, miner = make_loss_and_miner(s.cfg)
     total = torch.zeros((), device=s.device)
@@ -164,7 +164,8 @@ def pml_loop(s: Setup, model, opt) -> None:
 def fast_loop(s: Setup, model, opt=None) -> None:
     """One epoch of `train_net` itself on the same items (its own seeded order): the loop as runs use it."""
     from bench.data import Split
-    from bench.train import batched_contrastive_loss, train_net
+    from bench.loss import batched_contrastive_loss
+    from bench.train import train_net
 
     cfg = s.cfg
     train_net(model, lambda m, xb, yb: batched_contrastive_loss(m(xb)[None], yb[None], cfg)[0],
@@ -232,7 +233,7 @@ def aten_share(s: Setup, path: str, steps: int = 100) -> dict:
 
 def _plain_fast_loop(s: Setup, model, opt) -> None:
     """The fast step's loop without train_net's epoch machinery (for the profiler)."""
-    from bench.train import batched_contrastive_loss
+    from bench.loss import batched_contrastive_loss
 
     cfg, total = s.cfg, torch.zeros((), device=s.device)
     for idx in s.batches:
@@ -249,7 +250,8 @@ def compiled_vs_eager(s: Setup, mode: str, rounds: int) -> dict:
     backward compiled with it; step: also the optimiser step) against the eager step: two nets from one
     init on the same batches; the largest relative difference of loss and gradients on the first batch
     (same weights) and of the parameters after one epoch."""
-    from bench.train import batched_contrastive_loss, make_optimizer
+    from bench.loss import batched_contrastive_loss
+    from bench.train import make_optimizer
 
     cfg = s.cfg
     eager, compiled = _net(s, 0), _net(s, 0)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backbones.mlp import EmbeddingNet
-from bench.la.curvature import PairLoss
+from bench.loss import PairLoss
 from bench.la.structures import STRUCTURES, compute_curvature
 from bench.model import num_params
 

@@ -11,7 +11,8 @@ import torch
 from bench.config import preset_config
 from bench.la.online import OnlineLaplaceNet, OnlineSettings
 from bench.model import build_model
-from bench.train import contrastive_loss, make_optimizer
+from bench.loss import contrastive_loss
+from bench.train import make_optimizer
 from methods.online_la import OnlineStep
 
 STEPS = 200  # steps per timed round

@@ -13,7 +13,8 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from bench.config import preset_config
 from bench.model import build_model
-from bench.train import batched_contrastive_loss, contrastive_loss, make_loss_and_miner, make_optimizer
+from bench.loss import batched_contrastive_loss, contrastive_loss, make_loss_and_miner
+from bench.train import make_optimizer
 
 STEPS = 200  # steps per timed round
 M = 5  # ensemble members
