@@ -117,6 +117,10 @@ class RunConfig:
         """The seeds this run covers."""
         return self.seeds or (self.seed,)
 
+    def sensitivity_requested(self) -> bool:
+        """Whether a sensitivity sweep was asked for (either axis non-empty; `bench.sensitivity`)."""
+        return bool(self.sensitivity_priors or self.sensitivity_scales)
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}

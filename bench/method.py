@@ -24,6 +24,9 @@ def stream_seed(seed: int, offset: int) -> int:
     return seed * SEED_STRIDE + offset
 
 
+SAMPLE_COV_MAX_DIM = 16  # sampling methods' full per-query covariance only up to this width
+
+
 @dataclass
 class EmbeddingPrediction:
     """Predicted embeddings of N queries: mean [N, d] and, for uncertainty-aware methods, the
@@ -45,6 +48,12 @@ class EmbeddingPrediction:
     def __post_init__(self) -> None:
         if self.var is None and self.cov is not None:
             self.var = torch.diagonal(self.cov, dim1=-2, dim2=-1)
+
+    @classmethod
+    def from_sample_moments(cls, z: torch.Tensor) -> EmbeddingPrediction:
+        """`from_samples`, the full covariance only for embeddings of width <= SAMPLE_COV_MAX_DIM (a sampling
+        method's predictive: [N, d, d] memory otherwise)."""
+        return cls.from_samples(z, with_cov=z.shape[-1] <= SAMPLE_COV_MAX_DIM)
 
     @classmethod
     def from_samples(cls, z: torch.Tensor, with_cov: bool = True, keep: bool = True) -> "EmbeddingPrediction":
@@ -136,15 +145,15 @@ class Option:
 
 
 class Method:
-    """Base class of method plugins. Subclasses set `post_hoc` and implement fit and predict.
+    """Base class of method plugins. Subclasses set `reuses_base_model` and implement fit and predict.
 
-    `post_hoc = True` means the method reuses the shared base model: its train stage is the shared
+    `reuses_base_model = True`: the method works on the shared base model; its train stage is the shared
     base training, counted once per run and reported separately (method "base").
     After `fit`, `diagnostics` holds JSON-safe facts about the fit (saved in config.json).
     """
 
     name: str = ""
-    post_hoc: bool = False
+    reuses_base_model: bool = False
     options: ClassVar[dict[str, Option]] = {}  # this method's own options (names unique across methods)
 
     def __init__(self, cfg: "RunConfig") -> None:

@@ -72,14 +72,14 @@ def schedule(pending: list[tuple[str, int]]) -> list[tuple[str, int]]:
     at once), then the remaining post-hoc methods, which load the base once it is cached."""
     from bench.registry import METHODS
 
-    first_post_hoc: dict[int, str] = {}
+    first_reusing: dict[int, str] = {}
     for name, seed in pending:
-        if METHODS.get(name).post_hoc:
-            first_post_hoc.setdefault(seed, name)
+        if METHODS.get(name).reuses_base_model:
+            first_reusing.setdefault(seed, name)
 
     def rank(item: tuple[str, int]) -> tuple[int, int]:
         name, seed = item
-        return seed, 0 if first_post_hoc.get(seed) == name else 1 if not METHODS.get(name).post_hoc else 2
+        return seed, 0 if first_reusing.get(seed) == name else 1 if not METHODS.get(name).reuses_base_model else 2
 
     return sorted(pending, key=rank)  # stable: the run's method order within each rank
 

@@ -62,7 +62,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
         "config": state.cfg.to_dict(),
         "config_digest": state.cfg.digest(),
         "methods": state.methods,
-        "post_hoc_methods": [m for m in state.methods if METHODS.get(m).post_hoc],
+        "post_hoc_methods": [m for m in state.methods if METHODS.get(m).reuses_base_model],
         "device": str(state.device),
         "device_description": device_description(state.device),
         "packages": package_versions(),
@@ -97,16 +97,16 @@ def _prediction_arrays(prefix: str, pred: EmbeddingPrediction, labels: torch.Ten
 
 
 def fit_context(cfg: RunConfig, data: Dataset, device: torch.device, cache: ModelCache, timer: StageTimer,
-                name: str, post_hoc: bool, charged_base: set) -> FitContext:
+                name: str, reuses_base_model: bool, charged_base: set) -> FitContext:
     """The FitContext of one method: nets come from the model cache, their recorded training time
-    (also when loaded) is charged to the method, except the shared base model of a post-hoc method,
+    (also when loaded) is charged to the method, except the shared base model of a method that reuses it,
     charged once per run to the pseudo-method `base` (`charged_base` remembers it). Parts of the
     training time that the net measured itself (`info["stages"]`, see `Recipe.stages`) go to their own
     stages, the rest to "train"."""
 
     def train_model(seed: int, dropout: float = 0.0, charge_to: str | None = None, recipe=None):
         model, info, _cached = cache.get(seed, dropout, recipe)
-        shared = recipe is None and dropout == 0.0 and seed == cfg.seed and post_hoc
+        shared = recipe is None and dropout == 0.0 and seed == cfg.seed and reuses_base_model
         who = charge_to or (BASE if shared else name)
         if who != BASE or (seed, dropout) not in charged_base:
             parts = info.get("stages") or {}
@@ -133,7 +133,7 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
     cfg = state.cfg.replace(seed=seed)
     method: Method = METHODS.get(name)(cfg)
 
-    ctx = fit_context(cfg, data, state.device, cache, timer, name, method.post_hoc, charged_base)
+    ctx = fit_context(cfg, data, state.device, cache, timer, name, method.reuses_base_model, charged_base)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         method.fit(ctx)
@@ -143,7 +143,7 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
         ev = evaluate(pred_id, pred_ood, data, cfg)
         rows = [{"method": name, "seed": seed, **r} for r in ev.rows(cfg)]
     sens: list[dict] = []
-    if sensitivity.requested(cfg) and sensitivity.offered(method):
+    if cfg.sensitivity_requested() and sensitivity.offered(method):
         with timer.stage(name, "sensitivity"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             sens = sensitivity.sweep(method, name, seed, data, cfg, lambda m: _predict_all(m, data, state.device))

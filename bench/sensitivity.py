@@ -20,10 +20,6 @@ AXES = ("prior_precision", "likelihood_scale")  # the settings a point changes (
 PredictAll = Callable[[Method], tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]]
 
 
-def requested(cfg: RunConfig) -> bool:
-    return bool(cfg.sensitivity_priors or cfg.sensitivity_scales)
-
-
 def offered(method: Method) -> bool:
     """Whether the method offers a sweep (it overrides `Method.variants`)."""
     return type(method).variants is not Method.variants

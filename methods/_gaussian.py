@@ -85,7 +85,7 @@ class OwnGaussianNetMethod(Method):
     net's (mean, var). Subclasses give `batch_loss`, `NET` (the net class), `PREFIX` and `options`
     named `<PREFIX>_<option>`, with at least `_variance` and `_kl_weight`; the values enter the cache key."""
 
-    post_hoc = False
+    reuses_base_model = False
     PREFIX = ""
     NET: type[GaussianEmbeddingNet] = GaussianEmbeddingNet
     RECIPE_VERSION = 1  # bump in a subclass when its objective's code changes, so cached nets are retrained

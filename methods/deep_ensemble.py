@@ -24,7 +24,7 @@ on up to ALIGN_MAX_POINTS training images drawn with a seeded generator. The pre
 
     mean(x) = (1/M) sum_m g_m(x)
     var(x)  = (1/(M-1)) sum_m (g_m(x) - mean(x))^2       (per dimension, unbiased)
-    cov(x)  = (1/(M-1)) sum_m (g_m - mean)(g_m - mean)^T  (only for d <= COV_MAX_DIM)
+    cov(x)  = (1/(M-1)) sum_m (g_m - mean)(g_m - mean)^T  (only for d <= SAMPLE_COV_MAX_DIM)
 
 Whatever disagreement survives the best isometry (members that learned genuinely different
 geometries, especially far from the training data) is what the variance measures. The alignment
@@ -42,7 +42,6 @@ from bench.alignment import Alignment, fit_procrustes
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.registry import register_method
-from methods.mc_dropout import COV_MAX_DIM
 
 ALIGN_MAX_POINTS = 5000  # training images used to fit each member's alignment
 ALIGN_OFFSET = 0xA11  # generator offset of the alignment subsample
@@ -68,7 +67,7 @@ def member_seeds(seed: int, size: int) -> list[int]:
 class DeepEnsemble(Method):
     """Deep ensemble of M seeded nets, Procrustes-aligned to member 0; mean and variance across members."""
 
-    post_hoc = False
+    reuses_base_model = False
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -108,4 +107,4 @@ class DeepEnsemble(Method):
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
         z = self.member_embeddings(x, aligned=True)
-        return EmbeddingPrediction.from_samples(z, with_cov=z.shape[-1] <= COV_MAX_DIM)
+        return EmbeddingPrediction.from_sample_moments(z)

@@ -9,42 +9,36 @@ from typing import Iterator
 
 import torch
 
-from bench import sensitivity
 from bench.data import Split
 from bench.errors import BenchError, require
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, accumulate, check_supported, scale_curvature
-from bench.loss import PairLoss
-from bench.la.family import ScaledFamily, curvature_trace
+from bench.la.curvature import Curvature, accumulate
+from bench.la.family import ScaledFamily
 from bench.la.likelihood import LikelihoodScale, check_scale
 from bench.la.lowrank import MAX_RANK_FRACTION
 from bench.la.posterior import PRIOR_TOL, FullPosterior, Posterior
 from bench.la.prior import (DEFAULT_GRID, SCORE_SAMPLES, item_groups, optimize_marglik, standard_draws, triplet_log_score,
                             triplet_mask)
-from bench.la.structures import get_structure, resolve_subset
+from bench.la.predictive import SAMPLE_STREAM, SUBSET_STREAM, LaplacePredictive
+from bench.la.structures import curvature_trace, get_structure, resolve_subset, scale_curvature
 from bench.la.tuning import TEMPERATURES, search
-from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.loss import PairLoss
+from bench.method import FitContext, Method, Option
 from bench.registry import register_method
 
 log = logging.getLogger("bench")
 
-PREDICTIVES = ("glm", "lmc", "mc")  # closed-form linearised | linearised Monte Carlo | sampled networks
 VAL_MAX = 1000  # prior_precision=grid without a validation split: items of train_id it scores on
 # full posterior above EXACT_EIG_MAX_D: the search's Krylov basis starts at this rank and doubles (up to D *
 # MAX_RANK_FRACTION) while the best point is the largest temperature it resolves within the tolerance
 TUNE_START_RANK = 1024
 TUNE_MAX_ITEMS = 2000  # validation items the search scores on (a seeded subset of larger splits)
 VAL_GROUP = 16  # validation items per group: every triplet within a group is scored
-# generator streams (FitContext.generator offsets)
-SUBSET_STREAM, PERM_STREAM, LANCZOS_STREAM, VAL_STREAM, GRID_STREAM, SAMPLE_STREAM = 13, 17, 29, 31, 37, 41
+# generator streams (FitContext.generator offsets; SUBSET_STREAM = 13 and SAMPLE_STREAM = 41 in bench.la.predictive)
+PERM_STREAM, LANCZOS_STREAM, VAL_STREAM, GRID_STREAM = 17, 29, 31, 37
 
-def _positive_number(text: str) -> bool:
-    try:
-        return float(text) > 0
-    except ValueError:
-        return False
 
-class _Laplace(Method):
+class _Laplace(LaplacePredictive):
     """Shared implementation; subclasses set `structure`.
 
     Stages: "hessian" = curvature accumulation; "prior" = the likelihood temperature and prior precision
@@ -57,22 +51,12 @@ class _Laplace(Method):
     kfac_conv.
     """
 
-    post_hoc = True
+    reuses_base_model = True
     structure = "full"
 
     @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        require(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
-        check_supported(cls.structure, cfg.hessian, cfg.distance)
-        require(cfg.predictive in PREDICTIVES, f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}")
-        require(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
-        require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
-        require(cfg.hessian_items is None or cfg.hessian_items >= 2,
-                f"hessian_items must be >= 2, got {cfg.hessian_items}")
-        require(cfg.prior_precision in ("marglik", "grid") or _positive_number(cfg.prior_precision),
-                f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}")
-        check_scale(cfg)
+    def check_structure(cls, cfg) -> None:
+        get_structure(cls.structure).check_supported(cfg.hessian, cfg.distance)
 
     @classmethod
     def accumulator_options(cls, cfg) -> dict:
@@ -86,9 +70,6 @@ class _Laplace(Method):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        self.posterior: Posterior | None = None
-        self._sample_gen: torch.Generator | None = None
-        self._samples: dict[str, torch.Tensor] | None = None
         self._curvature: Curvature | None = None
         self._carried = 1.0  # the temperature the curvature's H carries (scaled in place)
         self._family: ScaledFamily | None = None
@@ -122,7 +103,7 @@ class _Laplace(Method):
             self.posterior, delta, temperature, info = self._prior(ctx, curv, scale)
         self._sample_gen = ctx.generator(SAMPLE_STREAM, ctx.device)  # networks drawn on the first MC predict
         self._samples = None
-        if not sensitivity.requested(cfg):
+        if not cfg.sensitivity_requested():
             self._family = None  # only a sensitivity sweep reuses it after fit
         st = curv.stats
         self.diagnostics = {
@@ -265,30 +246,8 @@ class _Laplace(Method):
             yield {"prior_precision": float(delta), "likelihood_scale": float(t),
                    "rank_bound": self._family.bound(t, delta)}, v
 
-    # -- predict ---------------------------------------------------------------------------
-    def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
-        """predictive=glm: the closed-form linearised moments (mean f_MAP, covariance J Sigma J^T), plus
-        S = posterior_samples joint samples of that linearised predictive for retrieval-level scores;
-        lmc: the moments of those linearised samples (linearised Monte Carlo); mc: the moments of S
-        sampled networks f(x; theta_s) (the seed's predictive). The S parameter draws are made once and
-        shared by every query set (and chunk), so the samples are joint across query and gallery items."""
-        post = self.posterior
-        if post is None:
-            raise BenchError(f"{self.name}: predict called before fit")
-        xd = x.to(next(self.model.parameters()).device)
-        if self._samples is None:  # S parameter sets drawn once, shared by every query set
-            self._samples = post.sample_params(self.cfg.posterior_samples, self._sample_gen)
-        chunk = self.cfg.jacobian_chunk * 16
-        if self.cfg.predictive == "mc":
-            E = post.sampled_embeddings(self._samples, xd, chunk)  # [S, n, d]
-            return EmbeddingPrediction.from_samples(E).to(x.device)
-        E = post.linearized_embeddings(self._samples, xd, chunk)
-        if self.cfg.predictive == "lmc":
-            return EmbeddingPrediction.from_samples(E).to(x.device)
-        with torch.no_grad():
-            mean = self.model(xd)
-        cov = post.glm_cov(xd, self.cfg.jacobian_chunk).to(mean.dtype)
-        return EmbeddingPrediction(mean=mean, cov=cov, samples=E.to(mean.dtype)).to(x.device)
+
+
 
 @register_method("full_la")
 class FullLaplace(_Laplace):
@@ -300,17 +259,23 @@ class FullLaplace(_Laplace):
         float, 0.2, "D > 4000: low-rank posterior, every covariance within 1 + tol of the exact one (a bound; "
         "paper preset: measured max 1.8%, marglik delta within 0.6%); 0: exact Cholesky", minimum=0.0)}
 
+
+
 @register_method("last_layer_la")
 class LastLayerLaplace(_Laplace):
     """Laplace, full GGN over the last Linear layer only (closed-form Jacobian)."""
 
     structure = "last_layer"
 
+
+
 @register_method("diag_la")
 class DiagLaplace(_Laplace):
     """Laplace, diagonal GGN of the contrastive loss over la_subset (auto: all weights)."""
 
     structure = "diag"
+
+
 
 @register_method("kfac_la")
 class KfacLaplace(_Laplace):

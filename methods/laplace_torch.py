@@ -20,10 +20,11 @@ with warnings.catch_warnings():  # its import warns about torch.jit.script: keep
 from bench.errors import BenchError, require
 from bench.la.curvature import check_full_memory
 from bench.la.structures import resolve_subset
-from bench.la.subsets import last_linear, subset_modules
+from bench.la.subsets import NEEDED_BY, subset_modules
+from bench.model import last_linear
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
-from methods.laplace import SAMPLE_STREAM, SUBSET_STREAM, _positive_number
+from bench.la.predictive import SAMPLE_STREAM, SUBSET_STREAM, positive_number
 
 STRUCTURES = ("full", "diag", "kron")
 # laplace-torch's curvature backends; auto: its own torch.func GGN (GGNInterface: Jacobians and one
@@ -72,7 +73,7 @@ def laplace_torch_weights(la_subset: str, model: torch.nn.Module) -> str:
     owned = every if mods is None else {id(p) for m in mods for p in m.parameters()}
     if owned == every:
         return "all"
-    if owned == {id(p) for p in last_linear(model).parameters()}:
+    if owned == {id(p) for p in last_linear(model, NEEDED_BY).parameters()}:
         return "last_layer"
     raise BenchError(f"laplace_torch covers all weights or the last Linear layer; la_subset={la_subset} selects "
                      f"other layers ({subset}); use la_subset=all, or full_la / diag_la for this subset")
@@ -129,7 +130,7 @@ class LaplaceTorch(Method):
     the same networks for every query set (one generator seed), as joint samples.
     """
 
-    post_hoc = True
+    reuses_base_model = True
     options = {
         "laplace_torch_structure": Option(str, "full", "laplace-torch's hessian_structure", choices=STRUCTURES),
         "laplace_torch_backend": Option(
@@ -143,7 +144,7 @@ class LaplaceTorch(Method):
         super().validate(cfg)
         require(cfg.predictive in ("glm", "mc"), f"laplace_torch: predictive must be glm or mc, got {cfg.predictive!r}")
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
-        require(cfg.prior_precision == "marglik" or _positive_number(cfg.prior_precision),
+        require(cfg.prior_precision == "marglik" or positive_number(cfg.prior_precision),
                 f"laplace_torch: prior_precision must be marglik or a positive number, got {cfg.prior_precision!r} "
                 "(laplace-torch's gridsearch needs validation targets a metric-learning net does not have)")
         require(cfg.hessian_items is None or cfg.hessian_items >= 2, f"hessian_items must be >= 2, got {cfg.hessian_items}")
@@ -159,7 +160,7 @@ class LaplaceTorch(Method):
         backend = self.option(cfg, "laplace_torch_backend")
         model = copy.deepcopy(ctx.base_model()).eval()  # laplace-torch writes sampled weights into it
         weights = laplace_torch_weights(cfg.la_subset, model)
-        params = list(last_linear(model).parameters()) if weights == "last_layer" else list(model.parameters())
+        params = list(last_linear(model, NEEDED_BY).parameters()) if weights == "last_layer" else list(model.parameters())
         for p in params:
             p.requires_grad_(True)
         D = sum(p.numel() for p in params)

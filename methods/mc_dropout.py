@@ -7,7 +7,7 @@ the embedding of each query; the prediction is
 
     mean = (1/T) sum_t z_t
     var  = (1/(T-1)) sum_t (z_t - mean)^2                     (per dimension, unbiased)
-    cov  = (1/(T-1)) sum_t (z_t - mean)(z_t - mean)^T         (only for d <= COV_MAX_DIM)
+    cov  = (1/(T-1)) sum_t (z_t - mean)(z_t - mean)^T         (only for d <= SAMPLE_COV_MAX_DIM)
 
 Dropout rate. Gal & Ghahramani treat p as a model hyperparameter; for small fully connected nets
 the literature uses small rates: their UCI regression experiments (public code
@@ -36,7 +36,6 @@ from bench.errors import BenchError, require
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.registry import register_method
 
-COV_MAX_DIM = 16  # full per-query covariance only for small embeddings ([N, d, d] memory)
 MASK_SEED_OFFSET = 0x6D63  # generator offset of the dropout-mask stream
 
 
@@ -72,7 +71,7 @@ def mc_samples(model: nn.Module, x: torch.Tensor, samples: int, generator: torch
 class MCDropout(Method):
     """MC dropout: a net trained with dropout p after each hidden layer, T stochastic passes at test time."""
 
-    post_hoc = False
+    reuses_base_model = False
     _stream: torch.Generator | None = None  # set by query_set
 
     @classmethod
@@ -92,7 +91,7 @@ class MCDropout(Method):
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
         g = self._stream or torch.Generator(device=x.device).manual_seed(self.mask_seed)  # same masks per query set
         z = mc_samples(self.model, x, self.cfg.dropout_passes, g)
-        return EmbeddingPrediction.from_samples(z, with_cov=z.shape[-1] <= COV_MAX_DIM)
+        return EmbeddingPrediction.from_sample_moments(z)
 
     @contextmanager
     def query_set(self) -> Iterator[None]:

@@ -20,20 +20,30 @@ from torch import nn
 from torch.func import functional_call
 
 from bench.errors import BenchError
-from bench.loss import PairLoss
-from bench.la.online import (OnlineCurvature, OnlineLaplaceNet, OnlineSettings, SCALINGS, STRUCTURES, SUBSETS,
-                             marglik_prior, sample_deviations, steps_per_epoch, subset_inputs)
+from bench.la.online import (
+    SCALINGS,
+    SUBSETS,
+    OnlineCurvature,
+    OnlineLaplaceNet,
+    OnlineSettings,
+    marglik_prior,
+    sample_deviations,
+    steps_per_epoch,
+    subset_inputs,
+)
+from bench.la.predictive import SAMPLE_STREAM, LaplacePredictive
+from bench.la.structures import get_structure, online_structures
+from bench.loss import PairLoss, contrastive_loss_and_counts
 from bench.method import EmbeddingPrediction, FitContext, Option
 from bench.model import build_model
 from bench.registry import register_method
-from bench.loss import contrastive_loss_and_counts
 from bench.train import Recipe
-from methods.laplace import SAMPLE_STREAM, _Laplace
 
 ONLINE_STREAM = 43  # generator stream of the training-time posterior draws and pair subsampling
 # the code that trains an online net besides this module's (its digest enters the model-cache key)
-TRAINING_CODE = ("bench.la.online", "bench.la.curvature", "bench.la.posterior", "bench.la.prior", "bench.la.spectrum",
-                 "bench.la.jacobians", "bench.la.subsets", "bench.la.structures")
+TRAINING_CODE = ("bench.la.online", "bench.la.online_batch", "bench.la.online_heads", "bench.la.curvature",
+                 "bench.la.pairs", "bench.la.posterior", "bench.la.prior", "bench.la.spectrum", "bench.la.jacobians",
+                 "bench.la.subsets", "bench.la.structures")
 
 
 def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
@@ -92,13 +102,13 @@ class OnlineStep:
 
 
 @register_method("online_la")
-class OnlineLaplace(_Laplace):
+class OnlineLaplace(LaplacePredictive):
     """Online Laplace (LAM): trained at posterior samples of the head, curvature accumulated in training."""
 
-    post_hoc = False
+    reuses_base_model = False
     options = {
         "online_structure": Option(str, "diag", "diag | kron | last_layer (full GGN over the last layer); LAM: diag",
-                                   choices=STRUCTURES),
+                                   choices=online_structures()),
         "online_subset": Option(str, "head", "head (the last Linear, or the backbone's head) | all; LAM: head",
                                 choices=SUBSETS),
         "online_train_samples": Option(int, 1, "posterior draws per training step (LAM: 1)", minimum=1),
@@ -157,10 +167,7 @@ class OnlineLaplace(_Laplace):
         history = [float(v) for v in state.prior_history if math.isfinite(float(v))]
         kept, dropped = (float(v) for v in state.traces)
         seconds = state.stage_seconds()
-        if curv.H is not None:
-            H = curv.H if curv.H.dim() == 1 else curv.H.diagonal()
-        else:  # diag(G (x) A) = diag(G) diag(A)^T, row-major
-            H = torch.cat([(f.G.diagonal()[:, None] * f.A.diagonal()[None]).reshape(-1) for f in curv.kron or []])
+        H = get_structure(s.structure).diagonal(curv)
         self.diagnostics = {
             "online": True, "structure": s.structure, "subset": s.subset, "bayesian_params": curv.names,
             "D": curv.D, "scaling": s.scaling, "memory": s.memory, "train_samples": s.train_samples,
@@ -174,7 +181,7 @@ class OnlineLaplace(_Laplace):
         }
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
-        """The post-hoc family's predictive (`_Laplace.predict`) of the Bayesian module on its inputs: the
+        """The post-hoc family's predictive (`LaplacePredictive.predict`) of the Bayesian module on its inputs: the
         head's features of x (subset head) or x itself."""
         subset = self.settings(self.cfg).subset
         if subset == "head" and self.posterior is not None:

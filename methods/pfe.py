@@ -121,7 +121,7 @@ def within_class_variance(emb: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 class ProbabilisticFaceEmbedding(Method):
     """PFE: frozen base embedding as the mean, a variance head on penultimate features trained with MLS."""
 
-    post_hoc = True
+    reuses_base_model = True
     options = {
         "pfe_variance": Option(str, "diag", "diag (Shi and Jain 2019) | isotropic: one variance per image",
                                choices=VARIANCE_KINDS),

@@ -11,7 +11,7 @@ from bench.registry import register_method
 class PlainEmbedding(Method):
     """Deterministic embedding net (contrastive loss); uncertainty metrics are n/a."""
 
-    post_hoc = True  # it *is* the shared base model
+    reuses_base_model = True  # it *is* the shared base model
 
     def fit(self, ctx: FitContext) -> None:
         self.model = ctx.base_model()

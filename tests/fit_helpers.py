@@ -32,5 +32,5 @@ def fit_method(name: str, cfg, data, root: Path, seed: int = 0) -> tuple[Method,
     cache = ModelCache(root, cfg, data.train_id, device)
     timer = StageTimer(device)
     method = METHODS.get(name)(cfg)
-    method.fit(fit_context(cfg, data, device, cache, timer, name, method.post_hoc, set()))
+    method.fit(fit_context(cfg, data, device, cache, timer, name, method.reuses_base_model, set()))
     return method, cache, timer

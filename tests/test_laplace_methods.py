@@ -37,7 +37,7 @@ def _fit(cfg, data, model, name):
 def test_laplace_methods_fit_predict(setup, name):
     cfg, data, model = setup
     method, timer = _fit(cfg, data, model, name)
-    assert method.post_hoc
+    assert method.reuses_base_model
     pred = predict_on(method, data.test_id.x)
     n, d = len(data.test_id), cfg.embed_dim
     assert pred.mean.shape == (n, d) and pred.var.shape == (n, d) and pred.cov.shape == (n, d, d)

@@ -13,15 +13,14 @@ from pytorch_metric_learning.reducers import SumReducer
 from bench.config import preset_config
 from bench.data import load_benchmark
 from bench.errors import BenchError
-from bench.la.curvature import scale_curvature
 from bench.loss import PairLoss
-from bench.la.family import ScaledFamily, scaled_curvature
-from bench.la.jacobians import last_linear
+from bench.la.family import ScaledFamily
+from bench.model import last_linear
 from bench.la.likelihood import check_scale, parse_scale
 from bench.la.pairs import contrastive_pair_curvature
 from bench.la.prior import item_groups, optimize_marglik
 from bench.la.spectrum import exact_spectrum
-from bench.la.structures import compute_curvature, make_posterior
+from bench.la.structures import compute_curvature, make_posterior, scale_curvature, scaled_curvature
 from bench.la.tuning import search
 from bench.method import FitContext
 from bench.registry import METHODS
@@ -204,8 +203,8 @@ def test_family_joint_covariance_is_the_direct_one_at_every_point(structure, mon
     kind = "full" if structure == "lowrank" else structure
     curv = compute_curvature(model, x, y, structure=kind, mining_batch=M)
     if structure == "lowrank":
-        import bench.la.family as fam
-        monkeypatch.setattr(fam, "EXACT_EIG_MAX_D", 5)
+        import bench.la.structures as structures
+        monkeypatch.setattr(structures, "EXACT_EIG_MAX_D", 5)
         monkeypatch.setattr(lowrank, "MAX_RANK_FRACTION", 1.0)
     family = ScaledFamily.build(model, curv, lambda spectrum: 1.0, tol=0.5, generator=torch.Generator().manual_seed(0),
                                 max_rank=32)
@@ -280,11 +279,11 @@ def test_tuned_full_posterior_above_the_exact_limit_uses_a_growing_basis(setup, 
     """Above EXACT_EIG_MAX_D the search scores only points its Krylov basis resolves within the tolerance,
     the basis doubling while the best point is at that edge; the posterior at the chosen point is within
     the same bound of the one fitted directly there (Cholesky)."""
-    import bench.la.family as fam
+    import bench.la.structures as structures
     import methods.laplace as la
     from bench.la import lowrank, posterior
 
-    for mod in (posterior, fam):
+    for mod in (posterior, structures):
         monkeypatch.setattr(mod, "EXACT_EIG_MAX_D", 10)
     monkeypatch.setattr(lowrank, "MAX_RANK_FRACTION", 1.0)
     monkeypatch.setattr(la, "MAX_RANK_FRACTION", 1.0)

@@ -17,15 +17,16 @@ from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN
 from bench.loss import PairLoss
-from bench.la.online import (STRUCTURES, DiagonalPairs, OnlineLaplaceNet, OnlineSettings, accumulator_class,
-                             batch_curvature, cap_triplets, head_module, sample_deviations,
-                             single_linear, steps_per_epoch)
+from bench.la.online import OnlineLaplaceNet, OnlineSettings, sample_deviations, steps_per_epoch
+from bench.la.online_batch import batch_curvature, cap_triplets
+from bench.la.online_heads import DiagonalPairs, single_linear
+from bench.la.subsets import la_head
 from bench.la.pairs import contrastive_pair_curvature, pair_hessians
 from bench.loss import mined_pair_counts, mined_triplets
 from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
 from bench.la.spectrum import exact_spectrum
-from bench.la.structures import compute_curvature
+from bench.la.structures import compute_curvature, get_structure, online_structures
 from bench.method import FitContext
 from bench.registry import METHODS
 from bench.timing import StageTimer
@@ -57,7 +58,7 @@ def _head_entries(model: OnlineLaplaceNet, H: torch.Tensor) -> torch.Tensor:
 def _with_head(net: torch.nn.Module, theta: dict[str, torch.Tensor]) -> torch.nn.Module:
     net = copy.deepcopy(net)
     with torch.no_grad():
-        for n, p in head_module(net).named_parameters():
+        for n, p in la_head(net).named_parameters():
             p.copy_(theta[n])
     return net
 
@@ -155,7 +156,7 @@ def _hand_precision(model: OnlineLaplaceNet, n_batches: int, delta: float) -> to
     return H + delta * torch.eye(H.shape[0], dtype=H.dtype)
 
 
-@pytest.mark.parametrize("structure", STRUCTURES)
+@pytest.mark.parametrize("structure", online_structures())
 def test_sampling_uses_the_current_posterior(structure):
     """A step's draw is the current posterior's (same generator state), and that posterior's draws have
     mean mu and covariance (H + delta I)^-1 with H rebuilt by hand from the accumulated buffers."""
@@ -177,7 +178,7 @@ def test_sampling_uses_the_current_posterior(structure):
     flat = _flat_kron_layout(eps)  # the same parameters in every structure, in one layout
     cov_ref = torch.linalg.inv(_hand_precision(model, nb, s.prior))
     if structure != "kron":  # flat layouts are (weight, bias): permute to [W | b]
-        head = head_module(model.net)
+        head = la_head(model.net)
         idx = _flat_kron_layout({"weight": torch.arange(head.weight.numel()).reshape(head.weight.shape),
                                  "bias": head.weight.numel() + torch.arange(head.bias.numel())})
         cov_ref = cov_ref[idx][:, idx]
@@ -243,8 +244,8 @@ def test_pair_cap_keeps_a_seeded_uniform_subset_of_the_mined_triplets():
     assert int(kept[0].sum()) == 5 and bool((kept[0] <= trip).all())
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
     model = _online(OnlineSettings(dtype="float64"), 12)
-    head = head_module(model.net)
-    acc = accumulator_class("diag", head)(copy.deepcopy(head), torch.float64)
+    head = la_head(model.net)
+    acc = get_structure("diag").online_accumulator(head)(copy.deepcopy(head), torch.float64)
     phi = model.net.net[:-1](x)
     full = batch_curvature(acc, phi.detach(), y, PairLoss(), pair_cap=5000)
     assert full.pairs == 2 * n
@@ -298,9 +299,9 @@ def test_pair_form_head_curvature_equals_the_jacobian_rows(structure):
     """The closed form from the pairs (online steps, Euclidean GGN) against the rows M = V^T J path."""
     x, y = tiny_data(n=16)
     model = _online(OnlineSettings(dtype="float64"), 16)
-    head = head_module(model.net)
+    head = la_head(model.net)
     phi = model.net.net[:-1](x).detach()
-    got = [batch_curvature(accumulator_class(structure, head, pair_form)(head, torch.float64), phi, y, PairLoss())
+    got = [batch_curvature(get_structure(structure).online_accumulator(head, pair_form)(head, torch.float64), phi, y, PairLoss())
            for pair_form in (True, False)]
     assert got[1].curvature.H.abs().sum() > 0
     torch.testing.assert_close(got[0].curvature.H, got[1].curvature.H, rtol=1e-10, atol=1e-12)
@@ -313,7 +314,7 @@ def test_a_cnn_head_of_one_linear_takes_the_closed_form_and_matches_the_generic_
     head = EmbeddingHead(12, 3, dropout=0.1).eval()
     assert single_linear(head) and not single_linear(EmbeddingHead(12, 3, whiten_dim=4))
     assert not single_linear(EmbeddingHead(12, 3, l2=True))
-    cls = accumulator_class(structure, head, pair_form=True)
+    cls = get_structure(structure).online_accumulator(head, pair_form=True)
     generic = {"diag": DiagGGN, "last_layer": LastLayerGGN, "kron": KronGGN}[structure]
     assert cls is not generic  # the closed form, not torch.func Jacobian rows
     head = head.double()

@@ -23,7 +23,7 @@ def test_points_cover_the_grid_and_empty_axes_hold_the_fitted_value():
         (a, b) for a in (0.1, 1.0) for b in (1.0, 10.0, 100.0)}
     assert sensitivity.points(cfg.replace(sensitivity_scales=())) == [
         {"prior_precision": 0.1, "likelihood_scale": None}, {"prior_precision": 1.0, "likelihood_scale": None}]
-    assert not sensitivity.requested(preset_config("smoke")) and sensitivity.requested(cfg)
+    assert not preset_config("smoke").sensitivity_requested() and cfg.sensitivity_requested()
     assert sensitivity.offered(METHODS.get("diag_la")(cfg)) and not sensitivity.offered(METHODS.get("plain")(cfg))
 
 

@@ -143,7 +143,7 @@ def expand(spec: GridSpec) -> tuple[dict[str, dict], dict[str, dict]]:
         coords = {k: jsonable(v) for k, v in point.items()}
         for method, seed in itertools.product(resolve_methods(cfg), spec.seeds):
             base_id = None
-            if METHODS.get(method).post_hoc:
+            if METHODS.get(method).reuses_base_model:
                 base_id = f"{dataset}-seed{seed}-{weights_id(cfg, seed)}"
                 bases.setdefault(base_id, {"dataset": dataset, "seed": seed, "point": coords, "status": "pending"})
             cid = "-".join([dataset, method, f"seed{seed}"] + ([label] if label else []))

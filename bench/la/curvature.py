@@ -42,14 +42,6 @@ class Curvature:
     stats: dict = field(default_factory=dict)
 
 
-def check_supported(structure: str, hessian: str, distance: str) -> None:
-    """BenchError (one line) for a structure that cannot take this curvature: the Kronecker factors
-    assume a pair loss of u = f_a - f_b, which the cosine distance is not (its J^T J proxy is fine)."""
-    if structure == "kron" and hessian == "ggn" and distance != "euclidean":
-        raise BenchError("kfac_la: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
-                         "with distance=cosine use hessian=jtj, or full_la, last_layer_la or diag_la")
-
-
 # ---------------------------------------------------------------------------------------------
 # memory
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +221,10 @@ class Accumulator:
         self.D = self._numel(self.names)
         self.stats = {"rows": 0, "param_kept": 0.0, "param_dropped": 0.0}
 
+    @classmethod
+    def check_supported(cls, hessian: str, distance: str) -> None:
+        """BenchError (one line) when this accumulator cannot take the curvature (every one can by default)."""
+
     def _numel(self, names: list[str]) -> int:
         params = dict(self.model.named_parameters())
         return sum(params[n].numel() for n in names)
@@ -304,11 +300,12 @@ class FullGGN(_RowAccumulator):
     (before allocating) a D x D matrix that will not fit, naming smaller subsets that would."""
 
     structure, subset, method = "full", "all", "full_la"
+    suggest_subsets = True  # a refusal names the smaller la_subset values that would fit
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None) -> None:
         super().__init__(model, dtype, subset)
         avail = available_memory(self.device)
-        cheaper = fitting_subsets(model, self.D, self.dtype, avail) if self.method == "full_la" else []
+        cheaper = fitting_subsets(model, self.D, self.dtype, avail) if self.suggest_subsets else []
         check_full_memory(self.D, self.dtype, self.device, self.method, avail, self.subset, cheaper)
         self.sym = SymmetricAccumulator(self.D, self.dtype, self.device)
 
@@ -327,6 +324,7 @@ class LastLayerGGN(FullGGN):
     """Full H over the last Linear layer, on its closed-form Jacobian [I_d (x) phi^T, I_d]."""
 
     structure, subset, method = "last_layer", "last_layer", "last_layer_la"
+    suggest_subsets = False  # its subset is fixed
 
     def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None) -> None:
         super().__init__(model, dtype, "last_layer")  # always the last Linear, whatever la_subset says
@@ -405,6 +403,14 @@ class KronGGN(Accumulator):
         self.A = [torch.zeros(i, i, **kw) for _, i in dims]
         self.weight = [0.0 for _ in dims]  # C = sum_k c_k per layer (A's denominator)
         self.n = 0
+
+    @classmethod
+    def check_supported(cls, hessian: str, distance: str) -> None:
+        """The Kronecker factors assume a pair loss of u = f_a - f_b, which the cosine distance is not (its
+        J^T J proxy is fine)."""
+        if hessian == "ggn" and distance != "euclidean":
+            raise BenchError("kfac_la: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
+                             "with distance=cosine use hessian=jtj, or full_la, last_layer_la or diag_la")
 
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         return jac.layer_quantities(self.model, x, self.layers, reduce=self.reduce)
@@ -503,16 +509,6 @@ def _batches(n: int, m: int, gen: torch.Generator | None) -> tuple[torch.Tensor,
     return idx, valid
 
 
-def scale_curvature(curv: Curvature, factor: float) -> Curvature:
-    """Multiply the curvature by `factor` in place (for Kronecker factors, G_l is scaled so that
-    G_l (x) A_l is); used to estimate the full-data GGN from a subset of n of N items (factor N/n)."""
-    if curv.H is not None:
-        curv.H.mul_(factor)
-    for k in curv.kron or []:
-        k.G.mul_(factor)
-    return curv
-
-
 def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
                loss: PairLoss | None = None, mining_batch: int = 16, chunk: int = 256,
                generator: torch.Generator | None = None, progress: bool = False) -> Curvature:
@@ -529,7 +525,7 @@ def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
     if hessian not in HESSIANS:
         raise BenchError(f"hessian must be ggn or jtj, got {hessian!r}")
     loss = loss or PairLoss()
-    check_supported(acc.structure, hessian, loss.distance)
+    acc.check_supported(hessian, loss.distance)
     model = acc.model
     pdtype = next(model.parameters()).dtype
     m = max(2, int(mining_batch))

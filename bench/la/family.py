@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from bench.data import Split
-from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, KronFactor
-from bench.la.lowrank import MAX_RANK_FRACTION, Eigenbasis, krylov_nystrom
-from bench.la.posterior import EXACT_EIG_MAX_D, LowRankPosterior, Posterior, _kron_eig
-from bench.la.spectrum import Spectrum, exact_spectrum
-from bench.la.structures import get_structure
+from bench.la.curvature import Curvature
+from bench.la.lowrank import Eigenbasis
+from bench.la.posterior import LowRankPosterior, Posterior
+from bench.la.spectrum import Spectrum
+from bench.la.structures import Project, get_structure
 
 CHUNK_ITEMS = 256  # items per Jacobian chunk while projecting
 
@@ -44,25 +43,10 @@ class Projection:
     idx: torch.Tensor
 
 
-def scaled_curvature(curv: Curvature, t: float) -> Curvature:
-    """A copy of `curv` multiplied by t (H, or each G_l so that G_l (x) A_l is); `curv` is untouched."""
-    kron = [KronFactor(k.G * t, k.A) for k in curv.kron] if curv.kron is not None else None
-    return dataclasses.replace(curv, H=None if curv.H is None else curv.H * t, kron=kron)
-
-
 def scaled_basis(basis: Eigenbasis, t: float) -> Eigenbasis:
     """The eigenbasis of t H from that of H (the same vectors)."""
     return dataclasses.replace(basis, lam=basis.lam * t, trace=basis.trace * t, residual=basis.residual * t,
                                nu=basis.nu * t)
-
-
-def curvature_trace(curv: Curvature) -> float:
-    """tr(H): the diagonal's sum (full, diag) or sum_l tr(G_l) tr(A_l) (Kronecker)."""
-    if curv.kron is not None:
-        return float(sum(float(k.G.diagonal().sum()) * float(k.A.diagonal().sum()) for k in curv.kron))
-    H = curv.H
-    assert H is not None
-    return float(H.sum() if H.dim() == 1 else H.diagonal().sum())
 
 
 class ScaledFamily:
@@ -72,72 +56,24 @@ class ScaledFamily:
     place); every t given to the family is relative to the accumulated H, i.e. divided by `carried`."""
 
     def __init__(self, model: nn.Module, curvature: Curvature, lam: torch.Tensor, spectrum: Spectrum,
-                 project: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]],
-                 basis: Eigenbasis | None = None, carried: float = 1.0) -> None:
+                 project: Project, basis: Eigenbasis | None = None, carried: float = 1.0) -> None:
         self.model, self.curvature, self.lam, self._spectrum = model, curvature, lam.double(), spectrum
         self._project, self.basis, self.carried = project, basis, float(carried)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def build(cls, model: nn.Module, curvature: Curvature, smallest_ratio: Callable[[Spectrum], float] | None = None,
-              tol: float = 0.2, generator: torch.Generator | None = None, max_rank: int | None = None,
-              carried: float = 1.0) -> "ScaledFamily":
-        """The family of `curvature`'s structure. A full H above EXACT_EIG_MAX_D gets a Krylov basis grown
-        until t ||H - H_k|| <= tol delta at the smallest delta / t the caller will ask for
+    def build(cls, model: nn.Module, curvature: Curvature,
+              smallest_ratio: Callable[[Spectrum], float] | None = None, tol: float = 0.2,
+              generator: torch.Generator | None = None, max_rank: int | None = None,
+              carried: float = 1.0) -> ScaledFamily:
+        """The family of `curvature`'s structure, on the basis the structure gives
+        (`bench.la.structures.Structure.family_basis`). A full H above EXACT_EIG_MAX_D gets a Krylov basis
+        grown until t ||H - H_k|| <= tol delta at the smallest delta / t the caller will ask for
         (`smallest_ratio`(spectrum of the basis so far), relative to the curvature as it is), at most
         `max_rank` columns (default D * MAX_RANK_FRACTION; then the last basis, its `bound` recorded)."""
-        names, subset = curvature.names, curvature.subset
-        if curvature.kron is not None:
-            eig = list(_kron_eig(curvature))
-            lam = torch.cat([Lam.reshape(-1) for _, _, Lam in eig])
-
-            layers = jac.kron_layers(model, names)
-
-            def project(x):
-                f, qs = jac.layer_quantities(model, x, layers)
-                parts = []
-                for (U, B), (QG, QA, _) in zip(qs, eig):
-                    P, q = B.to(QG.dtype) @ QG, U.to(QA.dtype) @ QA  # [n, L, d, out], [n, L, in']
-                    M = torch.einsum("nsko,nsi->nkoi", P, q)  # sum over the layer's L locations
-                    parts.append(M.reshape(M.shape[0], M.shape[1], -1))
-                return f, torch.cat(parts, -1), None
-
-            return cls(model, curvature, lam, exact_spectrum(lam), project, carried=carried)
-
-        H = curvature.H
-        assert H is not None
-
-        def jacobian(x):
-            with torch.no_grad():
-                f = model(x)
-            return f, jac.subset_jacobian(model, x, subset, names).to(H.dtype)
-
-        if H.dim() == 1:  # diagonal: the basis is the parameter axes
-            def project(x):
-                f, J = jacobian(x)
-                return f, J, None
-
-            return cls(model, curvature, H, exact_spectrum(H), project, carried=carried)
-        if curvature.D <= EXACT_EIG_MAX_D:
-            lam, U = torch.linalg.eigh(H.double())
-            lam, U = lam.clamp_min(0), U.to(H.dtype)
-
-            def project(x):
-                f, J = jacobian(x)
-                return f, J @ U, None
-
-            return cls(model, curvature, lam, exact_spectrum(lam), project, carried=carried)
-        ratio = smallest_ratio or (lambda spectrum: 1.0)
-        limit = int(max_rank or curvature.D * MAX_RANK_FRACTION)
-        basis, _ = krylov_nystrom(H, lambda b: ratio(b.spectrum()), tol, max_rank=limit, generator=generator,
-                                  keep_last=True)
-        U = basis.eigenvectors(H.dtype)  # formed once; scaled copies share it
-
-        def project(x):
-            f, J = jacobian(x)
-            return f, J @ U, J
-
-        return cls(model, curvature, basis.lam, basis.spectrum(), project, basis=basis, carried=carried)
+        lam, spectrum, project, basis = get_structure(curvature.structure).family_basis(
+            model, curvature, smallest_ratio, tol, generator, max_rank)
+        return cls(model, curvature, lam, spectrum, project, basis=basis, carried=carried)
 
     # -- queries ---------------------------------------------------------------------------
     def spectrum(self, t: float = 1.0) -> Spectrum:
@@ -179,4 +115,5 @@ class ScaledFamily:
         s = t / self.carried
         if self.basis is not None:
             return LowRankPosterior(self.model, self.curvature, delta, scaled_basis(self.basis, s))
-        return get_structure(self.curvature.structure).posterior(self.model, scaled_curvature(self.curvature, s), delta)
+        struct = get_structure(self.curvature.structure)
+        return struct.posterior(self.model, struct.scaled(self.curvature, s), delta)

@@ -17,7 +17,8 @@ from torch.func import functional_call, jacrev, vmap
 
 from bench.errors import BenchError
 from bench.environment import cpu_threads
-from bench.la.subsets import PARAM_LAYERS, last_linear, param_layers, subset_names  # noqa: F401 (re-exported)
+from bench.la.subsets import NEEDED_BY, param_layers, subset_names  # noqa: F401 (subset_names: jac.subset_names)
+from bench.model import last_linear
 
 SMALL_OP_THREADS = 1
 
@@ -143,7 +144,7 @@ def _capture(layers: list[nn.Module]) -> Iterator[list[dict]]:
 def last_layer_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(phi [n, h], f [n, d], is_output): the input of the last Linear layer, the embedding, and whether
     the embedding is that layer's output itself (no normalisation or whitening after it)."""
-    with torch.no_grad(), _capture([last_linear(model)]) as store:
+    with torch.no_grad(), _capture([last_linear(model, NEEDED_BY)]) as store:
         f = model(x)
     s = store[0]
     return s["inp"], f, s["calls"] == 1 and s["inp"].dim() == 2 and s["out"] is f

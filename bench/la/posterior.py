@@ -335,7 +335,7 @@ class DiagPosterior(_FlatPosterior):
         return torch.einsum("nak,k,nbk->nab", J, self.var, J)
 
 
-def _kron_eig(curvature: Curvature) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def kron_eig(curvature: Curvature) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Per layer (Q_G, Q_A, Lam [out, in']): G = Q_G diag(lam) Q_G^T, A = Q_A diag(mu) Q_A^T and
     Lam = lam mu^T (clamped at 0), the eigenvalues of G (x) A in the basis Q_G (x) Q_A."""
     for f in curvature.kron or []:
@@ -384,13 +384,13 @@ class KronPosterior(Posterior):
         names = {id(p): n for n, p in model.named_parameters()}
         self.layer_names = [(names[id(l.weight)], names[id(l.bias)] if l.bias is not None else None)
                             for l in self.layers]
-        self.eig = list(_kron_eig(curvature))
+        self.eig = list(kron_eig(curvature))
         if self.delta <= 0:
             raise BenchError("the Kronecker posterior needs a positive prior precision")
 
     @classmethod
     def spectrum(cls, curvature: Curvature, generator: torch.Generator | None = None) -> Spectrum:
-        return exact_spectrum(torch.cat([Lam.reshape(-1) for (_, _, Lam) in _kron_eig(curvature)]))
+        return exact_spectrum(torch.cat([Lam.reshape(-1) for (_, _, Lam) in kron_eig(curvature)]))
 
     def logdet_precision(self) -> float:
         return float(torch.cat([(Lam + self.delta).log().reshape(-1) for (_, _, Lam) in self.eig]).sum())

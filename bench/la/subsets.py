@@ -11,7 +11,7 @@ import re
 from torch import nn
 
 from bench.errors import BenchError
-from bench.model import last_linear as _last_linear
+from bench.model import last_linear
 
 LA_SUBSETS = "auto | all | head | last_k:<k>"
 _SYNTAX = re.compile(r"auto|all|head|last_k:[1-9][0-9]*")
@@ -24,15 +24,20 @@ def check_la_subset(text: str) -> None:
         raise BenchError(f"la_subset must be one of {LA_SUBSETS} (k >= 1), got {text!r}")
 
 
-def last_linear(model: nn.Module) -> nn.Linear:
-    """`bench.model.last_linear` for the Laplace methods."""
-    return _last_linear(model, "Laplace methods")
+NEEDED_BY = "Laplace methods"  # names the methods in `bench.model.last_linear`'s refusal
 
 
-def head_module(model: nn.Module) -> nn.Module | None:
+def declared_head(model: nn.Module) -> nn.Module | None:
     """`model.head` when the model has one with parameters (the backbone contract), else None."""
     head = getattr(model, "head", None)
     return head if isinstance(head, nn.Module) and any(True for _ in head.parameters()) else None
+
+
+def la_head(model: nn.Module) -> nn.Module:
+    """The module la_subset=head covers: the declared head (the CNN backbones), else the last nn.Linear
+    (the MLP's output layer)."""
+    head = declared_head(model)
+    return head if head is not None else last_linear(model, NEEDED_BY)
 
 
 def param_layers(model: nn.Module) -> list[nn.Module]:
@@ -46,10 +51,9 @@ def subset_modules(model: nn.Module, subset: str) -> list[nn.Module] | None:
     if subset == "all":
         return None
     if subset == "last_layer":
-        return [last_linear(model)]
+        return [last_linear(model, NEEDED_BY)]
     if subset == "head":
-        head = head_module(model)
-        return [head] if head is not None else [last_linear(model)]
+        return [la_head(model)]
     if subset.startswith("last_k:") and subset[7:].isdigit() and int(subset[7:]) >= 1:
         k, layers = int(subset[7:]), param_layers(model)
         if k > len(layers):
