@@ -18,7 +18,7 @@ with warnings.catch_warnings():  # its import warns about torch.jit.script: keep
     from laplace.curvature.curvature import GGNInterface
 
 from bench.errors import BenchError, require
-from bench.la.curvature import check_full_memory
+from bench.la.memory import check_full_memory
 from bench.la.structures import resolve_subset
 from bench.la.subsets import NEEDED_BY, subset_modules
 from bench.model import last_linear

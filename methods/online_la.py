@@ -42,7 +42,7 @@ from bench.train import Recipe
 ONLINE_STREAM = 43  # generator stream of the training-time posterior draws and pair subsampling
 # the code that trains an online net besides this module's (its digest enters the model-cache key)
 TRAINING_CODE = ("bench.la.online", "bench.la.online_batch", "bench.la.online_heads", "bench.la.curvature",
-                 "bench.la.pairs", "bench.la.posterior", "bench.la.prior", "bench.la.spectrum", "bench.la.jacobians",
+                 "bench.la.memory", "bench.la.rank_k", "bench.la.pairs", "bench.la.posterior", "bench.la.prior", "bench.la.spectrum", "bench.la.jacobians",
                  "bench.la.subsets", "bench.la.structures")
 
 

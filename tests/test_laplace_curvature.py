@@ -8,7 +8,9 @@ import torch
 from bench.config import preset_config
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import SymmetricAccumulator, accumulate, check_full_memory
+from bench.la.curvature import accumulate
+from bench.la.memory import check_full_memory
+from bench.la.rank_k import SymmetricAccumulator
 from bench.loss import PairLoss
 from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature, pair_hessians
 from bench.loss import mined_pair_counts

@@ -9,7 +9,8 @@ import torch
 from bench.config import preset_config
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import FullGGN, check_full_memory
+from bench.la.curvature import FullGGN
+from bench.la.memory import check_full_memory
 from bench.la.structures import STRUCTURES, resolve_subset
 from bench.la.subsets import subset_names
 from tests.laplace_helpers import TinyConvNet, full_jacobian, rel_err, tiny_data, tiny_images, tiny_net

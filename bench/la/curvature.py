@@ -1,22 +1,35 @@
-"""The Hessian hot path: the GGN (or JtJ) of the contrastive loss, one accumulator per structure
-(full, last layer, diagonal, Kronecker) fed chunk by chunk by one driver, `accumulate`."""
+"""The GGN (or JtJ) of the contrastive loss: one accumulator per structure (full, last layer, diagonal,
+Kronecker) fed chunk by chunk by one driver, `accumulate` (memory budgets: `bench.la.memory`; the full
+matrix's rank-k update: `bench.la.rank_k`)."""
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
+from bench.la.memory import (
+    available_memory,
+    check_full_memory,
+    chunk_budget,
+    fitting_subsets,
+    forward_footprint,
+    items_within,
+)
+from bench.la.pairs import (
+    PairCurvature,
+    clamped_laplacians,
+    contrastive_pair_curvature,
+    kept_laplacian,
+    laplacian_factor,
+)
+from bench.la.rank_k import SymmetricAccumulator
 from bench.loss import PairLoss
-from bench.la.pairs import (clamped_laplacians, contrastive_pair_curvature, kept_laplacian, laplacian_factor,
-                            PairCurvature)
 
 HESSIANS = ("ggn", "jtj")
 
@@ -40,151 +53,6 @@ class Curvature:
     H: torch.Tensor | None = None
     kron: list[KronFactor] | None = None
     stats: dict = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------------------------------------
-# memory
-# ---------------------------------------------------------------------------------------------
-
-def available_memory(device: torch.device) -> int:
-    """Bytes free for new tensors on `device` (CUDA: mem_get_info; CPU: MemAvailable)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
-
-
-def full_memory_bytes(D: int, dtype: torch.dtype) -> int:
-    """Peak bytes of a full posterior: H and its Cholesky factor, two D x D matrices."""
-    return 2 * D * D * torch.empty((), dtype=dtype).element_size()
-
-
-def check_full_memory(D: int, dtype: torch.dtype, device: torch.device, method: str = "full_la",
-                      available: int | None = None, subset: str = "all", cheaper: list[str] | None = None) -> None:
-    """BenchError (one line, before anything is allocated) when two D x D matrices will not fit in 90%
-    of the free memory, naming the cheaper choices (`cheaper`, e.g. smaller la_subset values that fit)."""
-    need = full_memory_bytes(D, dtype)
-    avail = available_memory(device) if available is None else available
-    if need > 0.9 * avail:
-        alt = "".join(f"{c}, " for c in (cheaper or []))
-        raise BenchError(
-            f"{method}: a full {D}x{D} {str(dtype).replace('torch.', '')} posterior over la_subset={subset} needs "
-            f"about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
-            f"use {alt}last_layer_la, diag_la or kfac_la (or a smaller net)")
-
-
-def fitting_subsets(model: nn.Module, D: int, dtype: torch.dtype, available: int,
-                    candidates: tuple[str, ...] = ("head", "last_k:1")) -> list[str]:
-    """'la_subset=S (D=...)' for the candidate subsets smaller than D whose full matrix fits in 90% of `available`."""
-    params, out, seen = dict(model.named_parameters()), [], {D}
-    for s in candidates:
-        Ds = sum(params[n].numel() for n in jac.subset_names(model, s))
-        if Ds not in seen and full_memory_bytes(Ds, dtype) <= 0.9 * available:
-            out.append(f"la_subset={s} (D={Ds:,})")
-        seen.add(Ds)
-    return out
-
-
-def chunk_budget(device: torch.device) -> int:
-    """Bytes one chunk's per-item quantities (Jacobians, layer factors, sampled activations) may take:
-    an eighth of the free memory, within [64 MiB, 4 GiB]."""
-    return int(min(max(available_memory(device) / 8, 64 * 2**20), 4 * 2**30))
-
-
-def items_within(requested: int, bytes_per_item: int, budget: int) -> int:
-    """min(requested, budget // bytes_per_item), at least 1: the items one chunk may hold."""
-    return max(1, min(int(requested), budget // max(int(bytes_per_item), 1)))
-
-
-def forward_footprint(model: nn.Module, x1: torch.Tensor) -> tuple[int, int]:
-    """(d, a) for one item x1 [1, ...]: the embedding dim and the number of activations the forward
-    produces (outputs of the leaf modules), to size chunks on any backbone."""
-    sizes: list[int] = []
-    leaves = [m for m in model.modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel() if torch.is_tensor(o) else 0))
-             for m in leaves]
-    try:
-        with torch.no_grad():
-            f = model(x1)
-    finally:
-        for h in hooks:
-            h.remove()
-    return int(f.shape[-1]), sum(sizes) // max(len(x1), 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# symmetric rank-k update
-# ---------------------------------------------------------------------------------------------
-
-class SymmetricAccumulator:
-    """H [D, D] += M^T M for row blocks M [k, D], touching only the upper triangle.
-
-    CPU: BLAS ?syrk (scipy) into a column-major buffer: k*D*(D+1) flops instead of 2*k*D^2.
-    Other devices: upper-triangular blocks by addmm (about half the flops for many blocks).
-    `result()` mirrors the upper triangle into the lower one (in place, block by block).
-    """
-
-    def __init__(self, D: int, dtype: torch.dtype, device: torch.device, block: int = 2048,
-                 use_blas: bool | None = None, flush_rows: int = 2048) -> None:
-        self.D, self.dtype, self.device = D, dtype, device
-        self.flush_rows = flush_rows
-        self._pending: list[torch.Tensor] = []
-        self._pending_rows = 0
-        self.use_blas = (device.type == "cpu" and dtype in (torch.float32, torch.float64)) if use_blas is None else use_blas
-        if self.use_blas:
-            from scipy.linalg import blas
-            self._np = np.zeros((D, D), dtype=np.float32 if dtype == torch.float32 else np.float64, order="F")
-            self._syrk = blas.ssyrk if dtype == torch.float32 else blas.dsyrk
-            self.H = torch.from_numpy(self._np)  # strides (1, D): H[i, j] is _np[i, j]
-        else:
-            self.H = torch.zeros(D, D, dtype=dtype, device=device)
-        nblk = max(1, math.ceil(D / block))
-        size = math.ceil(D / nblk)
-        self.bounds = [(i, min(i + size, D)) for i in range(0, D, size)]
-
-    def update(self, M: torch.Tensor) -> None:
-        """H += M^T M (upper triangle only). Rows are buffered up to `flush_rows` so that each BLAS
-        call is a large rank-k update (syrk runs at ~20 GFLOP/s for k=256, ~70 for k>=1024 here)."""
-        if M.shape[0] == 0:
-            return
-        self._pending.append(M.to(self.dtype))
-        self._pending_rows += M.shape[0]
-        if self._pending_rows >= self.flush_rows:
-            self.flush()
-
-    def flush(self) -> None:
-        """Apply the buffered rows."""
-        if not self._pending:
-            return
-        M = torch.cat(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._pending, self._pending_rows = [], 0
-        if self.use_blas:
-            a = M.detach().cpu().numpy().T  # [D, k] column-major view, no copy
-            out = self._syrk(1.0, a, beta=1.0, c=self._np, trans=0, lower=0, overwrite_c=1)
-            if not np.shares_memory(out, self._np):  # f2py copied: keep the result
-                self._np[...] = out
-            return
-        for bi, (i0, i1) in enumerate(self.bounds):
-            Mi = M[:, i0:i1].T
-            for (j0, j1) in self.bounds[bi:]:
-                self.H[i0:i1, j0:j1].addmm_(Mi, M[:, j0:j1])
-
-    def result(self) -> torch.Tensor:
-        """The symmetric H (the accumulator's memory, mirrored in place)."""
-        self.flush()
-        H = self.H
-        for bi, (i0, i1) in enumerate(self.bounds):
-            blk = H[i0:i1, i0:i1]
-            blk.copy_(blk.triu() + blk.triu(1).T)
-            for (j0, j1) in self.bounds[bi + 1:]:
-                H[j0:j1, i0:i1] = H[i0:i1, j0:j1].T
-        return H
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ from torch.func import functional_call, jvp, vmap
 
 from bench.errors import BenchError
 from bench.la import jacobians as jac
-from bench.la.curvature import Curvature, chunk_budget, forward_footprint, items_within
+from bench.la.curvature import Curvature
+from bench.la.memory import chunk_budget, forward_footprint, items_within
 from bench.la.lowrank import Eigenbasis, krylov_nystrom
 with warnings.catch_warnings():  # torch's forward AD loads these on its first jvp, and they warn that
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # torch.jit.script
