@@ -98,11 +98,8 @@ class RunConfig:
     # holds the fitted value; both empty: off (bench.sensitivity)
     sensitivity_priors: tuple[float, ...] = ()
     sensitivity_scales: tuple[float, ...] = ()
-    # baselines
-    dropout: float = 0.1
-    dropout_passes: int = 100  # stochastic forward passes of MC dropout
-    ensemble_size: int = 5
-    # options that method plugins declare (`Method.options`), as sorted (name, value) pairs
+    # options that method plugins declare (`Method.options`, e.g. mc_dropout's dropout_passes), as sorted
+    # (name, value) pairs; a preset may set them by name (`preset_config`)
     method_options: tuple[tuple[str, Any], ...] = ()
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -123,7 +120,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict of every field."""
-        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+        return {f.name: jsonable(getattr(self, f.name)) for f in fields(self)}
 
     def digest(self, keys: list[str] | None = None) -> str:
         """Short stable hash of the given fields (all fields but execution ones when None)."""
@@ -139,8 +136,9 @@ class RunConfig:
         return cfg
 
 
-def _jsonable(v: Any) -> Any:
-    return [_jsonable(x) for x in v] if isinstance(v, tuple) else v
+def jsonable(v: Any) -> Any:
+    """A config value as JSON holds it: tuples (nested too) as lists."""
+    return [jsonable(x) for x in v] if isinstance(v, tuple) else v
 
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -194,7 +192,11 @@ def preset_config(preset: str) -> RunConfig:
     """The RunConfig of a named preset."""
     if preset not in PRESETS:
         raise BenchError(f"unknown preset {preset!r}; known presets: {', '.join(PRESETS)}")
-    return RunConfig(name=preset, preset=preset, **PRESETS[preset][1])
+    settings = dict(PRESETS[preset][1])
+    known = {f.name for f in fields(RunConfig)}
+    options = dict(settings.pop("method_options", ()))
+    options.update((k, settings.pop(k)) for k in list(settings) if k not in known)  # method options by name
+    return RunConfig(name=preset, preset=preset, method_options=tuple(sorted(options.items())), **settings)
 
 
 def _field_types() -> dict[str, Any]:

@@ -39,8 +39,7 @@ import torch
 from torch import nn
 
 from bench.alignment import Alignment, fit_procrustes
-from bench.errors import require
-from bench.method import EmbeddingPrediction, FitContext, Method
+from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 
 ALIGN_MAX_POINTS = 5000  # training images used to fit each member's alignment
@@ -68,14 +67,10 @@ class DeepEnsemble(Method):
     """Deep ensemble of M seeded nets, Procrustes-aligned to member 0; mean and variance across members."""
 
     reuses_base_model = False
-
-    @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        require(cfg.ensemble_size >= 2, f"ensemble_size must be >= 2, got {cfg.ensemble_size}")
+    options = {"ensemble_size": Option(int, 5, "ensemble members M (Lakshminarayanan et al. 2017: 5)", minimum=2)}
 
     def fit(self, ctx: FitContext) -> None:
-        self.seeds = member_seeds(ctx.seed, self.cfg.ensemble_size)
+        self.seeds = member_seeds(ctx.seed, self.option(self.cfg, "ensemble_size"))
         self.members: list[nn.Module] = ctx.train_models(self.seeds)
         for m in self.members:
             m.eval()

@@ -16,7 +16,7 @@ yaringal/DropoutUncertaintyExps) grid-search p on a validation split, common rei
 large-network, regularisation-driven choice of Srivastava et al. (2014).
 The seed paper's net has hidden layers only 16 units wide: with p = 0.5 each pass would keep about
 8 units per layer across four stacked layers, which cripples the retrieval quality of the very net
-whose uncertainty we measure. p = 0.1 (cfg.dropout, the default) keeps about 14 of 16 units per
+whose uncertainty we measure. p = 0.1 (the dropout option's default) keeps about 14 of 16 units per
 layer: enough noise to produce a spread, little enough to leave mAP close to the plain net's.
 
 Masks are drawn from a dedicated torch.Generator seeded from cfg.seed (not the global RNG), so the
@@ -32,8 +32,8 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from bench.errors import BenchError, require
-from bench.method import EmbeddingPrediction, FitContext, Method
+from bench.errors import require
+from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.registry import register_method
 
 MASK_SEED_OFFSET = 0x6D63  # generator offset of the dropout-mask stream
@@ -73,24 +73,28 @@ class MCDropout(Method):
 
     reuses_base_model = False
     _stream: torch.Generator | None = None  # set by query_set
+    options = {
+        "dropout": Option(float, 0.1, "dropout rate p after each hidden layer, in training and at test time"),
+        "dropout_passes": Option(int, 100, "stochastic forward passes T at test time", minimum=2),
+    }
 
     @classmethod
     def validate(cls, cfg) -> None:
         super().validate(cfg)
-        require(0.0 < cfg.dropout < 1.0, f"mc_dropout needs dropout in (0, 1), got {cfg.dropout} "
+        p = cls.option(cfg, "dropout")
+        require(0.0 < p < 1.0, f"mc_dropout needs dropout in (0, 1), got {p} "
                 "(0 makes every pass identical); e.g. --set dropout=0.1")
-        require(cfg.dropout_passes >= 2, f"dropout_passes must be >= 2, got {cfg.dropout_passes}")
 
     def fit(self, ctx: FitContext) -> None:
-        self.model = ctx.train_model(seed=ctx.seed, dropout=self.cfg.dropout)
+        self.dropout, self.passes = self.option(self.cfg, "dropout"), self.option(self.cfg, "dropout_passes")
+        self.model = ctx.train_model(seed=ctx.seed, dropout=self.dropout)
         self.model.eval()  # dropout is applied explicitly with seeded masks in predict
         self.mask_seed = ctx.seed_for(MASK_SEED_OFFSET)
-        self.diagnostics = {"dropout": self.cfg.dropout, "dropout_passes": self.cfg.dropout_passes,
-                            "mask_seed": self.mask_seed}
+        self.diagnostics = {"dropout": self.dropout, "dropout_passes": self.passes, "mask_seed": self.mask_seed}
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
         g = self._stream or torch.Generator(device=x.device).manual_seed(self.mask_seed)  # same masks per query set
-        z = mc_samples(self.model, x, self.cfg.dropout_passes, g)
+        z = mc_samples(self.model, x, self.passes, g)
         return EmbeddingPrediction.from_sample_moments(z)
 
     @contextmanager

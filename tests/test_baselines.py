@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.alignment import Alignment, fit_procrustes
-from bench.config import preset_config
+from bench.config import apply_overrides, preset_config
 from bench.errors import BenchError
 from backbones.mlp import EmbeddingNet
 from bench.data import load_benchmark
@@ -126,7 +126,7 @@ def test_moments_match_numpy():
 def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     cfg, data = smoke
     m1, cache1, timer1 = fit_method("mc_dropout", cfg, data, cache_root)
-    assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [cfg.dropout] * len(cfg.hidden)
+    assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [MCDropout.option(cfg, "dropout")] * len(cfg.hidden)
     x = data.test_id.x
     with torch.no_grad():
         p1, p1b = predict_on(m1, x), predict_on(m1, x)
@@ -144,7 +144,7 @@ def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     assert m1.mask_seed == 0 * 1_000_003 + MASK_SEED_OFFSET
     with torch.no_grad():
         dev = run_device()
-        other = mc_samples(m1.model, x.to(dev), cfg.dropout_passes,
+        other = mc_samples(m1.model, x.to(dev), MCDropout.option(cfg, "dropout_passes"),
                            torch.Generator(device=dev).manual_seed(1_000_003 + MASK_SEED_OFFSET)).cpu()
     assert not torch.equal(other.mean(0), p1.mean)
 
@@ -152,7 +152,7 @@ def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
 def test_mc_dropout_rejects_zero_rate(smoke, tmp_path):
     cfg, data = smoke
     with pytest.raises(BenchError, match=r"dropout in \(0, 1\)"):
-        MCDropout.validate(cfg.replace(dropout=0.0))
+        MCDropout.validate(apply_overrides(cfg, {"dropout": 0.0}))
 
 
 # ---------------------------------------------------------------- alignment
@@ -200,7 +200,7 @@ def test_ensemble_alignment_removes_isometric_disagreement(smoke, cache_root):
     """A member that is an exact rotated/reflected/shifted copy of member 0 adds no variance after
     alignment (while its raw coordinates disagree wildly)."""
     cfg, data = smoke
-    cfg = cfg.replace(ensemble_size=3)
+    cfg = apply_overrides(cfg, {"ensemble_size": 3})
     cache = ModelCache(cache_root, cfg, data.train_id, CPU)
     base, _, _ = cache.get(0, 0.0)
     copies = [base]
@@ -245,7 +245,7 @@ def test_member_seeds_deterministic_and_distinct():
 def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke, cache_root):
     cfg, data = smoke
     e1, cache1, timer1 = fit_method("deep_ensemble", cfg, data, cache_root)
-    assert len(e1.members) == cfg.ensemble_size
+    assert len(e1.members) == DeepEnsemble.option(cfg, "ensemble_size")
     sd = [m.state_dict() for m in e1.members]
     for other in sd[1:]:
         assert list(other) == list(sd[0])  # same architecture
@@ -257,7 +257,7 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
     assert all(torch.equal(base.state_dict()[k], sd[0][k]) for k in sd[0])
     seconds = [info["seconds"] for info in cache1.used.values() if info["key"]["dropout"] == 0.0
                and info["key"]["seed"] in e1.seeds]
-    assert len(seconds) == cfg.ensemble_size
+    assert len(seconds) == DeepEnsemble.option(cfg, "ensemble_size")
     assert timer1.for_method("deep_ensemble")["train"] >= sum(seconds)  # sum of members (+ alignment)
 
     x = data.test_id.x
@@ -299,4 +299,4 @@ def test_cli_smoke_run_plain_mc_dropout_deep_ensemble(tmp_path, capsys):
     # base + dropout net + the ensemble's members (trained side by side, member 0 as the base's twin)
     import json
     meta = json.loads((run_dir / "config.json").read_text())
-    assert meta["failures"] == [] and meta["models_trained"] == 1 + 1 + preset_config("smoke").ensemble_size
+    assert meta["failures"] == [] and meta["models_trained"] == 1 + 1 + DeepEnsemble.option(preset_config("smoke"), "ensemble_size")

@@ -98,7 +98,8 @@ def test_method_options_are_set_from_the_command_line():
 
     args = build_parser().parse_args(["run", "--preset", "smoke", "--set", "hib_samples=4", "--set", "epochs=2"])
     cfg = config_from_args(args)
-    assert cfg.method_options == (("hib_samples", 4),) and cfg.epochs == 2
+    assert dict(cfg.method_options)["hib_samples"] == 4 and cfg.epochs == 2
+    assert dict(cfg.method_options)["ensemble_size"] == 2  # the smoke preset sets deep_ensemble's option by name
     assert HedgedInstanceEmbedding.option(cfg, "hib_samples") == 4
     assert HedgedInstanceEmbedding.option(cfg, "hib_kl_weight") == HedgedInstanceEmbedding.options["hib_kl_weight"].default
     assert cfg.digest() != preset_config("smoke").replace(epochs=2).digest()

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from bench.config import preset_config
+from bench.config import apply_overrides, preset_config
 from bench.errors import BenchError
 from bench.features import FeatureCache, frozen_trunk, prepare_benchmark
 from bench.run_folder import RunFolder
@@ -19,7 +19,7 @@ from tests.image_trees import cub_tree
 
 
 def _cfg(tmp_path, **kw):
-    return preset_config("smoke").replace(**{
+    return apply_overrides(preset_config("smoke"), {
         "dataset": "synthetic_color", "backbone": "convnet", "freeze_backbone": True, "n_train": 60, "n_test": 30,
         "embed_dim": 2, "data_workers": 0, "quiet": True, "report": False, "out": str(tmp_path / "runs"), **kw})
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.config import RunConfig, preset_config
+from bench.config import RunConfig, apply_overrides, preset_config
 from bench.features import prepare_benchmark
 from bench.registry import BACKBONES, METHODS
 from bench.runner import predict_split
@@ -26,11 +26,10 @@ HAS_LA_SUBSET = "la_subset" in RunConfig.__dataclass_fields__
 
 
 def _cfg(backbone: str, frozen: bool, tmp_path) -> RunConfig:
-    return preset_config("smoke").replace(
+    return apply_overrides(preset_config("smoke"), dict(
         dataset="synthetic_color", backbone=backbone, freeze_backbone=frozen, n_train=48, n_test=24, batch_size=16,
         embed_dim=2, posterior_samples=4, dropout_passes=3, ensemble_size=2, hessian_items=32, jacobian_chunk=32,
-        image_size=16, data_workers=0, quiet=True, out=str(tmp_path), method_options=(("pfe_steps", 2),),
-        prior_precision="1.0")
+        image_size=16, data_workers=0, quiet=True, out=str(tmp_path), pfe_steps=2, prior_precision="1.0"))
 
 
 _DATA: dict = {}

@@ -7,7 +7,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, get_args, get_origin, get_type_hints
 
-from bench.config import RunConfig, apply_overrides, parse_value, preset_config
+from bench.config import RunConfig, apply_overrides, jsonable, parse_value, preset_config
 from bench.errors import require
 from bench.registry import DATASETS, METHODS
 from bench.model_cache import key_hash, model_key
@@ -52,10 +52,6 @@ def parse_sets(items: list[str]) -> dict[str, list[Any]]:
         vals = values.setdefault(key, [])
         vals += [v for v in (parse_value(key, a.strip()) for a in alts) if v not in vals]
     return values
-
-
-def jsonable(v: Any) -> Any:
-    return [jsonable(x) for x in v] if isinstance(v, tuple) else v
 
 
 def tuplify(v: Any) -> Any:
