@@ -136,6 +136,12 @@ class RunConfig:
         return cfg
 
 
+def bootstrap_resamples(recorded: dict[str, Any]) -> int:
+    """The bootstrap resamples of a recorded config (a run folder's config.json; the RunConfig default
+    where an older folder lacks the field)."""
+    return int(recorded.get("bootstrap_resamples", RunConfig.bootstrap_resamples))
+
+
 def jsonable(v: Any) -> Any:
     """A config value as JSON holds it: tuples (nested too) as lists."""
     return [jsonable(x) for x in v] if isinstance(v, tuple) else v

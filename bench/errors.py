@@ -1,4 +1,5 @@
 """User-facing errors: one clear line, printed by the CLI, exit code 2."""
+import traceback
 
 
 class BenchError(Exception):
@@ -14,3 +15,12 @@ def require(ok: bool, message: str) -> None:
     """Raise BenchError(message) unless ok: one-line validation of user input."""
     if not ok:
         raise BenchError(message)
+
+
+def error_record(e: Exception) -> dict[str, str]:
+    """How a run or a grid task records a failure it survives: {"error": one line, "traceback": the
+    traceback of an unexpected error ("" for a BenchError, whose line says it all)}. Call it inside the
+    `except` block (the traceback is the one being handled)."""
+    if isinstance(e, BenchError):
+        return {"error": str(e), "traceback": ""}
+    return {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}

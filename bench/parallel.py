@@ -6,7 +6,7 @@ What makes that safe: the workers are forked after the data is loaded (they shar
 a net several methods need (the shared base model) is trained once, under the model cache's file lock,
 and loaded by the others; the parent alone writes the run folder, as each result arrives, and charges
 the shared base training to the first method that completes. Each worker runs with one intra-op
-thread (`threads_per_worker`: more hang in a forked GNU OpenMP). Results equal a serial run's up to
+thread (`WORKER_THREADS`: more hang in a forked GNU OpenMP). Results equal a serial run's up to
 floating-point rounding (thread counts change reduction orders). CUDA runs stay serial: one GPU, and
 CUDA does not survive a fork.
 """
@@ -47,13 +47,11 @@ def worker_count(cfg, device: torch.device, tasks: int) -> int:
     return max(1, min(n, tasks))
 
 
-def threads_per_worker(workers: int) -> int:
-    """Intra-op CPU threads of each worker: one. A forked child whose parent has started GNU OpenMP's
-    thread pool hangs in its first parallel region with more than one thread (reproduced here: a parent
-    matmul, then a child at 2 threads never returns), the reason torch's DataLoader workers run
-    single-threaded too. So a many-core box gives each fit one core; `workers=1` keeps every core for
-    one fit at a time."""
-    return 1
+# Intra-op CPU threads of each worker: one. A forked child whose parent has started GNU OpenMP's thread
+# pool hangs in its first parallel region with more than one thread (reproduced here: a parent matmul,
+# then a child at 2 threads never returns), the reason torch's DataLoader workers run single-threaded
+# too. So a many-core box gives each fit one core; `workers=1` keeps every core for one fit at a time.
+WORKER_THREADS = 1
 
 
 def _init(threads: int) -> None:
@@ -91,7 +89,7 @@ def run_pool(fit: Callable, failed: Callable, pending: list[tuple[str, int]], wo
     Ctrl-C stops the workers."""
     _SHARED["fit"] = fit
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init,
-                               initargs=(threads_per_worker(workers),))
+                               initargs=(WORKER_THREADS,))
     try:
         futures = {pool.submit(_fit, n, s): (n, s) for n, s in schedule(pending)}
         remaining = set(futures)

@@ -16,6 +16,7 @@ import pandas as pd
 
 from bench import RUN_FORMAT_VERSION
 from bench.atomic import atomic_savez, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
+from bench.conventions import score_array, score_arrays  # noqa: F401  (the per-query file's score names)
 from bench.errors import BenchError
 
 CONFIG = "config.json"
@@ -28,20 +29,6 @@ TIMING_COLUMNS = ["method", "seed", "stage", "seconds"]
 COMPLETE = "complete"  # config.json status of a finished run (else "running" or "complete-with-failures")
 
 _PERQUERY_FILE = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)\.npz$")
-_SCORE_ARRAY = re.compile(r"^score__(?P<set>.+?)__(?P<score>.+)$")
-
-
-def score_array(query_set: str, score: str) -> str:
-    """Name, in a per-query file, of the vector [N] of uncertainty score `score` on query set
-    `query_set` (`id` for the ID test queries, else an OOD set's name): `score__<set>__<score>`."""
-    return f"score__{query_set}__{score}"
-
-
-def score_arrays(arrays: dict[str, np.ndarray]) -> dict[tuple[str, str], np.ndarray]:
-    """{(query set, score): vector} of the score vectors in a per-query file's arrays."""
-    return {(m["set"], m["score"]): v for k, v in arrays.items() if (m := _SCORE_ARRAY.match(k))}
-
-
 def _stem(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC, EXTRACT_S
 from bench.data import Dataset, Split
 from bench.features import prepare_benchmark
 from bench.environment import device_description, git_commit, package_versions, resolve_device
-from bench.errors import BenchError
+from bench.errors import BenchError, error_record
 from bench.evaluate import evaluate, resolve_scores
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
@@ -157,7 +156,7 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
 
 
 @dataclass
-class Outcome:
+class FitOutcome:
     """What one (method, seed) produced: its result rows, diagnostics, per-query arrays, sensitivity rows
     and stage timings (its own, plus the shared base training as this fit saw it), or the error."""
 
@@ -172,19 +171,18 @@ class Outcome:
     error: dict | None = None
 
 
-def execute(state: RunState, name: str, seed: int, data: Dataset, cache_root: Path) -> Outcome:
+def fit_and_score(state: RunState, name: str, seed: int, data: Dataset, cache_root: Path) -> FitOutcome:
     """Fit, predict and score one method for one seed with its own timer and model cache; a failure is
     returned (one line, plus the traceback of a non-BenchError), never raised, so the others go on."""
     cache = ModelCache(cache_root, state.cfg.replace(seed=seed), data.train_id, state.device)
     timer = StageTimer(state.device)
-    out = Outcome(name, seed)
+    out = FitOutcome(name, seed)
     try:
         out.rows, out.diagnostics, out.arrays, out.sensitivity = run_method(state, name, seed, data, cache, timer, set())
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one failing method must not lose the others
-        out.error = {"method": name, "seed": seed, "error": str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}",
-                     "traceback": traceback.format_exc() if not isinstance(e, BenchError) else ""}
+        out.error = {"method": name, "seed": seed, **error_record(e)}
     out.times = [{"method": m, "seed": seed, "stage": st, "seconds": t} for (m, st), t in timer.records.items()]
     out.trained = cache.trained
     return out
@@ -250,7 +248,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     t0 = time.perf_counter()
     trained = 0
 
-    def record(out: Outcome, seconds: float | None = None) -> None:
+    def record(out: FitOutcome, seconds: float | None = None) -> None:
         nonlocal trained
         trained += out.trained
         took = f" in {seconds:.0f} s" if seconds is not None else ""
@@ -267,16 +265,16 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     workers = parallel.worker_count(cfg, device, len(pending))
     if workers > 1:
-        log(f"  {len(pending)} method fits in {workers} worker processes ({parallel.threads_per_worker(workers)} "
+        log(f"  {len(pending)} method fits in {workers} worker processes ({parallel.WORKER_THREADS} "
             "CPU thread(s) each)")
         quiet = RunState(cfg.replace(quiet=True), None, device, methods, commit=state.commit)  # bars would interleave
-        parallel.run_pool(lambda n, s: execute(quiet, n, s, data, cache_root),
-                          lambda n, s, msg: Outcome(n, s, error={"method": n, "seed": s, "error": msg, "traceback": ""}),
+        parallel.run_pool(lambda n, s: fit_and_score(quiet, n, s, data, cache_root),
+                          lambda n, s, msg: FitOutcome(n, s, error={"method": n, "seed": s, "error": msg, "traceback": ""}),
                           pending, workers, record)
     else:
         for name, seed in pending:
             log(f"  {name} (seed {seed}) ...")
-            record(execute(state, name, seed, data, cache_root))
+            record(fit_and_score(state, name, seed, data, cache_root))
     order = [(n, s) for s in cfg.resolved_seeds() for n in methods if (n, s) in done]  # the run's order, not completion's
     all_rows = [r for k in order for r in done[k]["rows"]]
     all_times = [t for k in order for t in done[k]["times"]]

@@ -10,6 +10,7 @@ import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 from scipy import stats
 
+from bench.config import bootstrap_resamples
 from bench.conventions import BASE_METHOD as BASE, NEAR_OOD_SET, STAGES, split_score_metric
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences, seed_summary
@@ -119,7 +120,7 @@ def pairwise_frame(grid: GridFolder, dataset: str, res: pd.DataFrame, variants: 
     boot = []
     for i, ref in enumerate(variants):
         sub = {k: a for k, a in pq.items() if k[0] in variants[i:]}
-        boot.append(paired_differences(sub, ref, int(cfg.get("bootstrap_resamples", 1000)), _level(grid),
+        boot.append(paired_differences(sub, ref, bootstrap_resamples(cfg), _level(grid),
                                        int(cfg.get("seed", 0)), metrics))
     boot_df = pd.concat(boot, ignore_index=True) if boot else pd.DataFrame()
     vals = res.pivot_table(index=["metric", "seed"], columns="variant", values="value", aggfunc="first")

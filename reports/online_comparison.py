@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bench.config import RunConfig
+from bench.config import RunConfig, bootstrap_resamples
 from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC
 from bench.metrics.aggregate import paired_differences
 from bench.run_folder import RunFolder
@@ -49,7 +49,7 @@ def pair_differences(run: RunFolder, online: str, post_hoc: str) -> pd.DataFrame
     """paired_differences rows (online − post-hoc) of the headline metrics for every seed both ran."""
     cfg = run.config
     pq = {(m, s): a for s in run.seeds for m in (online, post_hoc) if (a := run.perquery(m, s)) is not None}
-    df = paired_differences(pq, post_hoc, int(cfg.get("bootstrap_resamples", 1000)),
+    df = paired_differences(pq, post_hoc, bootstrap_resamples(cfg),
                             float(cfg.get("ci_level", 0.95)), int(cfg.get("seed", 0)),
                             id_score=cfg.get("id_score", RunConfig.id_score), ood_score=cfg.get("ood_score", RunConfig.ood_score))
     return df[df["metric"].map(_wanted)].reset_index(drop=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.config import bootstrap_resamples
 from bench.conventions import REFERENCE_METHOD as REFERENCE
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences
@@ -111,7 +112,7 @@ def paired_blocks(run: RunFolder) -> list[Block]:
     if REFERENCE not in run.methods:
         return out + [Para(f"Not available: `{REFERENCE}` is not in this run.")]
     cfg = run.config
-    df = paired_differences(run.all_perquery(), REFERENCE, int(cfg.get("bootstrap_resamples", 1000)), _level(run),
+    df = paired_differences(run.all_perquery(), REFERENCE, bootstrap_resamples(cfg), _level(run),
                             int(cfg.get("seed", 0)))
     if df.empty:
         return out + [Para(f"Not available: no paired.csv and no other method with per-query vectors to pair with `{REFERENCE}`.")]

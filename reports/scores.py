@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure as MplFigure
 
+from bench.config import bootstrap_resamples
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, split_score_metric
 from bench.metrics.aggregate import seed_summary
 from bench.metrics.bootstrap import grouped_bootstrap_ci
@@ -152,7 +153,7 @@ def method_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) ->
     order = sorted(best, key=lambda m: -best[m][0])
     leader, (_, lscore) = order[0], best[order[0]]
     cfg = run.config
-    boot = dict(n_resamples=int(cfg.get("bootstrap_resamples", 1000)), level=float(cfg.get("ci_level", 0.95)),
+    boot = dict(n_resamples=bootstrap_resamples(cfg), level=float(cfg.get("ci_level", 0.95)),
                 seed=int(cfg.get("seed", 0)))
     rows = []
     for m in order:
@@ -192,7 +193,7 @@ def baseline_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) 
     error_AUROC, paired bootstrap over the same queries (one resample for both scores)."""
     idx = {(r["method"], r["score"], r["metric"]): r for r in summ.to_dict("records")}
     cfg = run.config
-    boot = dict(n_resamples=int(cfg.get("bootstrap_resamples", 1000)), level=float(cfg.get("ci_level", 0.95)),
+    boot = dict(n_resamples=bootstrap_resamples(cfg), level=float(cfg.get("ci_level", 0.95)),
                 seed=int(cfg.get("seed", 0)))
     rows = []
     for m in ordered(summ["method"], methods):

@@ -11,9 +11,9 @@ from multiprocessing.connection import wait as wait_ready
 from typing import Any, Protocol
 
 from bench.errors import BenchError
-from bench.grid.tasks import execute
+from bench.grid.tasks import run_task
 
-Outcome = dict[str, Any]  # what tasks.execute returns: {"ok": bool, ...}
+TaskResult = dict[str, Any]  # what tasks.run_task returns: {"ok": bool, ...}
 RAY_MISSING = "--executor ray needs Ray: pip install 'bench[cluster]' (or use --executor local)"
 
 
@@ -48,13 +48,13 @@ class ExecutorOptions:
 
 
 class Executor(Protocol):
-    """Runs `tasks.execute(*args)` for submitted keys; `slots` bounds the tasks in flight (None: no bound)."""
+    """Runs `tasks.run_task(*args)` for submitted keys; `slots` bounds the tasks in flight (None: no bound)."""
 
     slots: int | None
 
     def submit(self, key: str, args: tuple) -> None: ...
 
-    def poll(self, timeout: float) -> list[tuple[str, Outcome]]:
+    def poll(self, timeout: float) -> list[tuple[str, TaskResult]]:
         """Finished tasks (waiting up to `timeout` s for the first); a task whose worker died comes
         back as {"ok": False, "error": ...}."""
         ...
@@ -64,7 +64,7 @@ class Executor(Protocol):
     def describe(self) -> dict[str, Any]: ...
 
 
-def _died(key: str, why: str) -> Outcome:
+def _died(key: str, why: str) -> TaskResult:
     return {"ok": False, "error": f"worker died while running {key} ({why}); `bench grid --resume` reruns it",
             "traceback": "", "worker_died": True}
 
@@ -79,7 +79,7 @@ def _worker_loop(conn) -> None:
         if msg is None:
             return
         key, args = msg
-        conn.send((key, execute(*args)))
+        conn.send((key, run_task(*args)))
 
 
 class _Worker:
@@ -109,7 +109,7 @@ class LocalExecutor:
         w.conn.send((key, args))
         self._busy[w] = key
 
-    def poll(self, timeout: float) -> list[tuple[str, Outcome]]:
+    def poll(self, timeout: float) -> list[tuple[str, TaskResult]]:
         if not self._busy:
             time.sleep(timeout)
             return []
@@ -166,14 +166,14 @@ class RayExecutor:
                 ray.init(num_cpus=int(opts.jobs * opts.cpus_per_job) if opts.jobs else None,
                          include_dashboard=False, log_to_driver=False)
         self.slots = opts.jobs
-        self._task = ray.remote(execute).options(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job, max_retries=0)
+        self._task = ray.remote(run_task).options(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job, max_retries=0)
         self._refs: dict[Any, str] = {}
         self._opts = opts
 
     def submit(self, key: str, args: tuple) -> None:
         self._refs[self._task.remote(*args)] = key
 
-    def poll(self, timeout: float) -> list[tuple[str, Outcome]]:
+    def poll(self, timeout: float) -> list[tuple[str, TaskResult]]:
         ray = self._ray
         if not self._refs:
             time.sleep(timeout)

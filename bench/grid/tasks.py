@@ -5,11 +5,10 @@ from __future__ import annotations
 import os
 import socket
 import time
-import traceback
 from pathlib import Path
 
 from bench.atomic import atomic_write_json
-from bench.errors import BenchError
+from bench.errors import error_record
 from bench.grid.spec import config_from_dict
 from bench.run_folder import task_marker
 
@@ -45,7 +44,7 @@ def run_cell(config: dict) -> dict:
 TASKS = {"base": train_base, "cell": run_cell}
 
 
-def execute(kind: str, config: dict, grid: str, task: str, threads: int = 0) -> dict:
+def run_task(kind: str, config: dict, grid: str, task: str, threads: int = 0) -> dict:
     """Run task `task` of the grid folder `grid` in this worker: {"ok": True, ...the task's result,
     seconds} or {"ok": False, error, traceback}. While it runs, `running/<task>.json` names this host
     and process (the marker is removed before the result is returned)."""
@@ -58,8 +57,7 @@ def execute(kind: str, config: dict, grid: str, task: str, threads: int = 0) -> 
             torch.set_num_threads(threads)
         out = {"ok": True, **TASKS[kind](config)}
     except Exception as e:  # the grid records it; the other tasks go on
-        out = {"ok": False, "error": str(e) if isinstance(e, BenchError) else f"{type(e).__name__}: {e}",
-               "traceback": "" if isinstance(e, BenchError) else traceback.format_exc()}
+        out = {"ok": False, **error_record(e)}
     finally:
         marker.unlink(missing_ok=True)
     return {**out, "seconds": time.perf_counter() - start}

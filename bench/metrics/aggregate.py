@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from bench.conventions import CORRECTNESS_METRIC, ID_SET, STAGES
+from bench.conventions import CORRECTNESS_METRIC, ID_SET, STAGES, score_arrays
 from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.calibration import DEFAULT_BINS, ece
 from bench.metrics.ood import OOD_METRICS, ood_statistics
 from bench.metrics.sparsification import ause
 from bench.metrics.uncertainty import score_from_var
-from bench.run_folder import score_arrays
 
 SEED_COLUMNS = ["method", "metric", "mean", "t_low", "t_high", "n_seeds"]
 PAIRED_COLUMNS = ["method", "reference", "seed", "metric", "diff", "ci_low", "ci_high"]
