@@ -1,4 +1,5 @@
 """Run configuration: one dataclass, named presets, and validated command-line overrides."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -22,7 +23,9 @@ class RunConfig:
     preset: str = "default"
     methods: tuple[str, ...] = (ALL_METHODS,)
     dataset: str = "fashion_mnist"
-    far_ood: tuple[str, ...] | None = None  # datasets whose test images are far-OOD sets (None: the dataset's default)
+    far_ood: tuple[str, ...] | None = (
+        None  # datasets whose test images are far-OOD sets (None: the dataset's default)
+    )
     heldout_classes: tuple[int, ...] = (7, 8, 9)  # held out of training, used as near-OOD queries
     data_dir: str | None = None
     n_train: int | None = None  # subsample of the ID training set (None: all)
@@ -51,8 +54,12 @@ class RunConfig:
     whiten_dim: int = 0  # > 0: a learned whitening Linear(features -> whiten_dim) before the embedding layer
     head_hidden: tuple[int, ...] = ()  # hidden Linear-ReLU widths of the head before the embedding layer
     l2_normalize: bool = False  # embeddings on the unit sphere
-    dropout_before_head: bool = False  # mc_dropout: also a Dropout on the pooled features (else only inside the head)
-    freeze_backbone: bool = False  # a frozen trunk: its features are computed once, cached, and methods see the head
+    dropout_before_head: bool = (
+        False  # mc_dropout: also a Dropout on the pooled features (else only inside the head)
+    )
+    freeze_backbone: bool = (
+        False  # a frozen trunk: its features are computed once, cached, and methods see the head
+    )
     backbone_weights: str | None = None  # local weights file for the trunk (None: the backbone's default)
     # training (shared loop): PML ContrastiveLoss on pairs from a TripletMarginMiner
     epochs: int = 15
@@ -79,10 +86,14 @@ class RunConfig:
     scores: tuple[str, ...] = (ALL_SCORES,)
     id_score: str = "top1_flip"
     ood_score: str = "trace"
-    score_candidates: int = 0  # K_c: search only the K_c nearest gallery items (under the mean) per draw; 0: all (exact)
+    score_candidates: int = (
+        0  # K_c: search only the K_c nearest gallery items (under the mean) per draw; 0: all (exact)
+    )
     score_samples: int = 100  # independent Gaussian draws for methods without joint samples
     # Laplace family
-    la_subset: str = "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
+    la_subset: str = (
+        "auto"  # auto | all | head | last_k:<k>: the parameters a posterior covers (bench.la.subsets)
+    )
     hessian: str = "ggn"  # ggn | jtj
     # what one observation of the Gibbs likelihood is and its temperature (bench.la.likelihood):
     # batch (the loss as trained) | pair (every active pair) | a number t (t x batch) | tuned (on val_id)
@@ -124,7 +135,17 @@ class RunConfig:
 
     def digest(self, keys: list[str] | None = None) -> str:
         """Short stable hash of the given fields (all fields but execution ones when None)."""
-        skip = {"name", "out", "quiet", "report", "device", "data_dir", "data_workers", "image_chunk", "workers"}
+        skip = {
+            "name",
+            "out",
+            "quiet",
+            "report",
+            "device",
+            "data_dir",
+            "data_workers",
+            "image_chunk",
+            "workers",
+        }
         d = self.to_dict()
         payload = {k: d[k] for k in (keys or [k for k in d if k not in skip])}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
@@ -150,20 +171,41 @@ def jsonable(v: Any) -> Any:
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "smoke": (
         "seconds, for tests: a few hundred samples, 1 epoch, tiny net",
-        dict(n_train=400, n_test=150, epochs=1, batch_size=32, hidden=(16, 16), posterior_samples=10,
-             dropout_passes=10, ensemble_size=2, bootstrap_resamples=200, jacobian_chunk=64),
+        dict(
+            n_train=400,
+            n_test=150,
+            epochs=1,
+            batch_size=32,
+            hidden=(16, 16),
+            posterior_samples=10,
+            dropout_passes=10,
+            ensemble_size=2,
+            bootstrap_resamples=200,
+            jacobian_chunk=64,
+        ),
     ),
     "default": (
         "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
-        dict(epochs=2, batch_size=64, n_test=2000, posterior_samples=30, dropout_passes=30, hessian_items=4096),
+        dict(
+            epochs=2, batch_size=64, n_test=2000, posterior_samples=30, dropout_passes=30, hessian_items=4096
+        ),
     ),
     "seed": (
         "the seed's pipeline as written: PML defaults (cosine distance), TripletMarginMiner(0.2, all), "
         "5 Linear layers to 2-d, batch 16, 15 epochs, J^T J Hessian, 100 sampled networks, their mean",
-        dict(methods=("plain", "full_la", "laplace_torch"), distance="cosine", epochs=15, batch_size=16,
-             hessian="jtj", predictive="mc", posterior_samples=100, dropout_passes=100, prior_precision="marglik",
-             # the J^T J spectrum decays slowly: no low rank reaches the tolerance, the exact Cholesky path is the fast one
-             method_options=(("posterior_rank_tol", 0.0),)),
+        dict(
+            methods=("plain", "full_la", "laplace_torch"),
+            distance="cosine",
+            epochs=15,
+            batch_size=16,
+            hessian="jtj",
+            predictive="mc",
+            posterior_samples=100,
+            dropout_passes=100,
+            prior_precision="marglik",
+            # the J^T J spectrum decays slowly: no low rank reaches the tolerance, the exact Cholesky path is the fast one
+            method_options=(("posterior_rank_tol", 0.0),),
+        ),
     ),
     "paper": (
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
@@ -173,24 +215,71 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "cifar": (
         "CIFAR-10 (0-6 ID, 7-9 near-OOD, MNIST/Fashion far-OOD): frozen ImageNet EfficientNet-Lite0 features at "
         "64 px + a trained Linear head to 8-d (weight decay 0.5); every method on a 2-core CPU",
-        dict(dataset="cifar10", backbone="efficientnet_lite0", freeze_backbone=True, image_size=64, crop_fraction=1.0,
-             embed_dim=8, far_ood=("mnist_ood", "fashion_ood"), n_train=10000, n_test=2000, epochs=20, batch_size=64,
-             lr=3e-4, weight_decay=0.5,  # Adam's L2 term: without it the head overfits (train P@1 0.71, test 0.52)
-             posterior_samples=30, dropout_passes=30, hessian_items=2048),
+        dict(
+            dataset="cifar10",
+            backbone="efficientnet_lite0",
+            freeze_backbone=True,
+            image_size=64,
+            crop_fraction=1.0,
+            embed_dim=8,
+            far_ood=("mnist_ood", "fashion_ood"),
+            n_train=10000,
+            n_test=2000,
+            epochs=20,
+            batch_size=64,
+            lr=3e-4,
+            weight_decay=0.5,  # Adam's L2 term: without it the head overfits (train P@1 0.71, test 0.52)
+            posterior_samples=30,
+            dropout_passes=30,
+            hessian_items=2048,
+        ),
     ),
     "cifar_scratch": (
         "CIFAR-10 with the 32-64-64 conv net from scratch (flatten -> Linear(1024, 16)), augmented; meant for a GPU",
-        dict(dataset="cifar10", backbone="convnet", pooling="flat", image_size=32, crop_fraction=1.0, augment=True,
-             embed_dim=16, far_ood=("mnist_ood", "fashion_ood"), epochs=30, batch_size=64, n_test=2000,
-             posterior_samples=30, dropout_passes=30, hessian_items=4096),
+        dict(
+            dataset="cifar10",
+            backbone="convnet",
+            pooling="flat",
+            image_size=32,
+            crop_fraction=1.0,
+            augment=True,
+            embed_dim=16,
+            far_ood=("mnist_ood", "fashion_ood"),
+            epochs=30,
+            batch_size=64,
+            n_test=2000,
+            posterior_samples=30,
+            dropout_passes=30,
+            hessian_items=4096,
+        ),
     ),
-    **{name: (f"{label}, zero-shot (train on the first half of the classes): ImageNet EfficientNet-Lite0 fine-tuned "
-              "at 224 px, GeM pooling, 128-d L2-normalised embedding; needs the data under --data-dir",
-              dict(dataset=ds, protocol="zero_shot", backbone="efficientnet_lite0", pooling="gem", image_size=224,
-                   augment=True, embed_dim=128, l2_normalize=True, epochs=30, batch_size=64, lr=1e-4,
-                   posterior_samples=30, dropout_passes=30, hessian_items=4096))
-       for name, ds, label in (("cub", "cub200", "CUB-200-2011"), ("cars", "cars196", "Cars-196"),
-                               ("sop", "sop", "Stanford Online Products"))},
+    **{
+        name: (
+            f"{label}, zero-shot (train on the first half of the classes): ImageNet EfficientNet-Lite0 fine-tuned "
+            "at 224 px, GeM pooling, 128-d L2-normalised embedding; needs the data under --data-dir",
+            dict(
+                dataset=ds,
+                protocol="zero_shot",
+                backbone="efficientnet_lite0",
+                pooling="gem",
+                image_size=224,
+                augment=True,
+                embed_dim=128,
+                l2_normalize=True,
+                epochs=30,
+                batch_size=64,
+                lr=1e-4,
+                posterior_samples=30,
+                dropout_passes=30,
+                hessian_items=4096,
+            ),
+        )
+        for name, ds, label in (
+            ("cub", "cub200", "CUB-200-2011"),
+            ("cars", "cars196", "Cars-196"),
+            ("sop", "sop", "Stanford Online Products"),
+        )
+    },
 }
 
 
@@ -223,8 +312,10 @@ def parse_value(key: str, text: str) -> Any:
         opts = declared_options()
         if key in opts:
             return _scalar(key, opts[key].type, text)
-        raise BenchError(f"unknown config field {key!r}; fields: {', '.join(types)}; "
-                         f"method options: {', '.join(opts) or 'none'}")
+        raise BenchError(
+            f"unknown config field {key!r}; fields: {', '.join(types)}; "
+            f"method options: {', '.join(opts) or 'none'}"
+        )
     tp = types[key]
     if type(None) in get_args(tp):
         inner = next(a for a in get_args(tp) if a is not type(None))
@@ -254,40 +345,63 @@ def validate(cfg: RunConfig) -> None:
     """Reject configurations that cannot run, with one line saying why (the generic fields; each
     method checks its own options in `Method.validate`)."""
     require(len(cfg.methods) > 0, "empty method list: give at least one method (see `python -m bench list`)")
-    require(cfg.seed >= 0 and all(s >= 0 for s in cfg.seeds), f"seeds must be >= 0, got {cfg.seed} / {list(cfg.seeds)}")
+    require(
+        cfg.seed >= 0 and all(s >= 0 for s in cfg.seeds),
+        f"seeds must be >= 0, got {cfg.seed} / {list(cfg.seeds)}",
+    )
     require(cfg.epochs >= 1, f"epochs must be >= 1, got {cfg.epochs}")
     require(cfg.batch_size >= 2, f"batch-size must be >= 2 (pairs need two items), got {cfg.batch_size}")
     require(len(cfg.ks) > 0 and all(k >= 1 for k in cfg.ks), f"every K must be >= 1, got {list(cfg.ks)}")
     require(cfg.embed_dim >= 1, f"embed_dim must be >= 1, got {cfg.embed_dim}")
-    require(cfg.protocol in ("closed", "zero_shot"), f"protocol must be closed or zero_shot, got {cfg.protocol!r}")
-    require(cfg.image_size is None or cfg.image_size >= 8, f"image_size must be >= 8 pixels, got {cfg.image_size}")
+    require(
+        cfg.protocol in ("closed", "zero_shot"), f"protocol must be closed or zero_shot, got {cfg.protocol!r}"
+    )
+    require(
+        cfg.image_size is None or cfg.image_size >= 8, f"image_size must be >= 8 pixels, got {cfg.image_size}"
+    )
     require(0.0 < cfg.crop_fraction <= 1.0, f"crop_fraction must be in (0, 1], got {cfg.crop_fraction}")
     require(cfg.data_workers >= 0, f"data_workers must be >= 0, got {cfg.data_workers}")
     require(cfg.workers >= 0, f"workers must be >= 0 (0: one per CPU core), got {cfg.workers}")
     require(cfg.image_chunk >= 1, f"image_chunk must be >= 1, got {cfg.image_chunk}")
     require(cfg.pooling in ("avg", "gem", "flat"), f"pooling must be avg, gem or flat, got {cfg.pooling!r}")
     require(cfg.whiten_dim >= 0, f"whiten_dim must be >= 0, got {cfg.whiten_dim}")
-    require(all(h >= 1 for h in cfg.head_hidden), f"head_hidden widths must be >= 1, got {list(cfg.head_hidden)}")
+    require(
+        all(h >= 1 for h in cfg.head_hidden), f"head_hidden widths must be >= 1, got {list(cfg.head_hidden)}"
+    )
     require(all(h >= 1 for h in cfg.hidden), f"hidden widths must be >= 1, got {list(cfg.hidden)}")
     require(cfg.jacobian_chunk >= 1, f"jacobian_chunk must be >= 1, got {cfg.jacobian_chunk}")
     require(cfg.train_threads >= 0, f"train_threads must be >= 0, got {cfg.train_threads}")
-    require(cfg.distance in DISTANCES, f"distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}")
+    require(
+        cfg.distance in DISTANCES, f"distance must be one of {', '.join(DISTANCES)}, got {cfg.distance!r}"
+    )
     require(cfg.lr > 0, f"lr must be > 0, got {cfg.lr}")
     require(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
     require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
     require(cfg.val_items >= 0, f"val_items must be >= 0, got {cfg.val_items}")
-    require(all(v > 0 for v in (*cfg.sensitivity_priors, *cfg.sensitivity_scales)),
-            "sensitivity_priors and sensitivity_scales must be positive numbers")
+    require(
+        all(v > 0 for v in (*cfg.sensitivity_priors, *cfg.sensitivity_scales)),
+        "sensitivity_priors and sensitivity_scales must be positive numbers",
+    )
     require(cfg.bootstrap_resamples >= 0, "bootstrap_resamples must be >= 0")
-    require(len(cfg.scores) > 0, "empty score list: give at least one score, or 'all' (see `python -m bench list`)")
-    require(cfg.score_candidates >= 0, f"score_candidates must be >= 0 (0: the whole gallery), got {cfg.score_candidates}")
+    require(
+        len(cfg.scores) > 0,
+        "empty score list: give at least one score, or 'all' (see `python -m bench list`)",
+    )
+    require(
+        cfg.score_candidates >= 0,
+        f"score_candidates must be >= 0 (0: the whole gallery), got {cfg.score_candidates}",
+    )
     require(cfg.score_samples >= 2, f"score_samples must be >= 2, got {cfg.score_samples}")
     require(0.0 < cfg.ci_level < 1.0, f"ci_level must be in (0, 1), got {cfg.ci_level}")
     require(len(set(cfg.heldout_classes)) == len(cfg.heldout_classes), "heldout_classes has duplicates")
     from bench.la.subsets import check_la_subset  # (lazy: torch)
+
     check_la_subset(cfg.la_subset)
     dev = cfg.device
-    require(dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"), f"device must be auto, cpu or cuda[:N], got {dev!r}")
+    require(
+        dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
+        f"device must be auto, cpu or cuda[:N], got {dev!r}",
+    )
 
 
 def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
@@ -298,8 +412,10 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         declared = declared_options()
         bad = [k for k in opts if k not in declared]
         if bad:
-            raise BenchError(f"unknown config field {bad[0]!r}; fields: {', '.join(sorted(known))}; "
-                             f"method options: {', '.join(declared) or 'none'}")
+            raise BenchError(
+                f"unknown config field {bad[0]!r}; fields: {', '.join(sorted(known))}; "
+                f"method options: {', '.join(declared) or 'none'}"
+            )
         merged = {**dict(cfg.method_options), **opts}
         overrides = {k: v for k, v in overrides.items() if k in known}
         overrides["method_options"] = tuple(sorted(merged.items()))

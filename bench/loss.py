@@ -5,6 +5,7 @@ reducer weights, and the vectorised batch loss the training loop runs. Training 
 curvature (`bench.la.pairs`, `bench.la.curvature`, online LA) and retrieval (`bench.metrics.retrieval`)
 import it, so the objective a net is trained on and the one its Hessian is taken of cannot drift apart.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -40,10 +41,13 @@ class PairLoss:
         return cls(cfg.pos_margin, cfg.neg_margin, cfg.miner_margin, cfg.miner_type, cfg.distance)
 
 
-BatchLoss = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]  # (model, x [B, ...], y [B]) -> loss
+BatchLoss = Callable[
+    [nn.Module, torch.Tensor, torch.Tensor], torch.Tensor
+]  # (model, x [B, ...], y [B]) -> loss
 
 
 # -- geometry ------------------------------------------------------------------------------------------
+
 
 def retrieval_space(emb: torch.Tensor, distance: str) -> torch.Tensor:
     """Embeddings [..., d] in the space whose Euclidean distances are the run's `distance`:
@@ -72,8 +76,14 @@ def pairwise_distances(F: torch.Tensor) -> torch.Tensor:
 MINER_TYPES = ("all", "hard", "semihard", "easy")
 
 
-def mined_triplets(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                   valid: torch.Tensor | None = None, dist: torch.Tensor | None = None) -> torch.Tensor:
+def mined_triplets(
+    F: torch.Tensor,
+    y: torch.Tensor,
+    margin: float,
+    miner_type: str = "all",
+    valid: torch.Tensor | None = None,
+    dist: torch.Tensor | None = None,
+) -> torch.Tensor:
     """The triplets a TripletMarginMiner yields, as a mask trip [nb, a, p, n] (bool), per batch.
 
     F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items; dist [nb, m, m] the distances to
@@ -109,17 +119,28 @@ def triplet_pair_counts(trip: torch.Tensor, dtype: torch.dtype) -> tuple[torch.T
     return trip.sum(3).to(dtype), trip.sum(2).to(dtype)
 
 
-def mined_pair_counts(F: torch.Tensor, y: torch.Tensor, margin: float, miner_type: str = "all",
-                      valid: torch.Tensor | None = None, dist: torch.Tensor | None = None
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def mined_pair_counts(
+    F: torch.Tensor,
+    y: torch.Tensor,
+    margin: float,
+    miner_type: str = "all",
+    valid: torch.Tensor | None = None,
+    dist: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch:
     (C_pos, C_neg) [nb, m, m] of `mined_triplets` (its arguments), exactly the multiplicities of PML's
     `convert_to_pairs` without listing the triplets."""
     return triplet_pair_counts(mined_triplets(F, y, margin, miner_type, valid, dist), F.dtype)
 
 
-def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor, pos_margin: float,
-                    neg_margin: float, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor]:
+def reducer_weights(
+    C_pos: torch.Tensor,
+    C_neg: torch.Tensor,
+    dist: torch.Tensor,
+    pos_margin: float,
+    neg_margin: float,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weights (W_pos, W_neg) [nb, m, m] of the ordered pairs in PML's reduced batch loss, from the
     mined multiplicities C and the distances: an active pair (a, b) of kind k (positive: d > m_pos,
     negative: d < m_neg) carries count_ab / n_active_k, where n_active_k counts the active pairs of
@@ -136,12 +157,17 @@ def reducer_weights(C_pos: torch.Tensor, C_neg: torch.Tensor, dist: torch.Tensor
     C_neg = C_neg * ((neg_margin - dist > 0) & enough)
     if reduction == "sum":
         return C_pos, C_neg
-    return C_pos / C_pos.sum((1, 2), keepdim=True).clamp_min(1), C_neg / C_neg.sum((1, 2), keepdim=True).clamp_min(1)
+    return C_pos / C_pos.sum((1, 2), keepdim=True).clamp_min(1), C_neg / C_neg.sum(
+        (1, 2), keepdim=True
+    ).clamp_min(1)
 
 
 # -- the loss -----------------------------------------------------------------------------------------
 
-def make_loss_and_miner(cfg: PairLoss | RunConfig) -> tuple[losses.ContrastiveLoss, miners.TripletMarginMiner]:
+
+def make_loss_and_miner(
+    cfg: PairLoss | RunConfig,
+) -> tuple[losses.ContrastiveLoss, miners.TripletMarginMiner]:
     """ContrastiveLoss and TripletMarginMiner on LpDistance(p=2, power=1): plain Euclidean distances
     for distance=euclidean (2-d embeddings are not squashed onto a circle), distances between
     L2-normalised embeddings (PML's default LpDistance) for cosine; the miner's triplets become the
@@ -160,16 +186,18 @@ def batched_contrastive_loss(F: torch.Tensor, y: torch.Tensor, cfg: PairLoss | R
     return contrastive_loss_and_counts(F, y, cfg)[0]
 
 
-def contrastive_loss_and_counts(F: torch.Tensor, y: torch.Tensor, cfg: PairLoss | RunConfig
-                                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+def contrastive_loss_and_counts(
+    F: torch.Tensor, y: torch.Tensor, cfg: PairLoss | RunConfig
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
     """`batched_contrastive_loss` and the mined pair multiplicities (C_pos, C_neg) [nb, m, m] it used
     (`mined_pair_counts`), so the loss's curvature can reuse its pairs."""
     dist, (W_pos, W_neg), counts = mined_pair_weights(F, y, cfg)
     return weighted_pair_loss(dist, W_pos, W_neg, cfg), counts
 
 
-def mined_pair_weights(F: torch.Tensor, y: torch.Tensor, cfg: PairLoss | RunConfig
-                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+def mined_pair_weights(
+    F: torch.Tensor, y: torch.Tensor, cfg: PairLoss | RunConfig
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The mining half of the loss: (dist [nb, m, m] with grad, (W_pos, W_neg), (C_pos, C_neg)), the
     distances in cfg.distance's geometry, the reducer weights and mined multiplicities (no grad)."""
     G = retrieval_space(F, cfg.distance)  # cosine: normalised as PML's LpDistance normalises
@@ -180,7 +208,9 @@ def mined_pair_weights(F: torch.Tensor, y: torch.Tensor, cfg: PairLoss | RunConf
     return dist, W, (C_pos, C_neg)
 
 
-def weighted_pair_loss(dist: torch.Tensor, W_pos: torch.Tensor, W_neg: torch.Tensor, cfg: PairLoss | RunConfig) -> torch.Tensor:
+def weighted_pair_loss(
+    dist: torch.Tensor, W_pos: torch.Tensor, W_neg: torch.Tensor, cfg: PairLoss | RunConfig
+) -> torch.Tensor:
     """The loss half: sum_ab W_pos relu(d_ab - m_pos) + W_neg relu(m_neg - d_ab) per batch [nb]."""
     pos = (W_pos * torch.relu(dist - cfg.pos_margin)).sum((1, 2))
     neg = (W_neg * torch.relu(cfg.neg_margin - dist)).sum((1, 2))

@@ -1,4 +1,5 @@
 """Building embedding nets from the backbone registry, seeded without touching the global RNG."""
+
 from __future__ import annotations
 
 import torch

@@ -1,6 +1,7 @@
 """The on-disk cache of trained nets: a net is keyed by a hash of everything that determines its
 weights (the config fields training reads, the data, the seed, and the code that trains it), loaded
 instead of retrained, and trained once when concurrent runs need it (a file lock)."""
+
 from __future__ import annotations
 
 import ast
@@ -24,8 +25,19 @@ from bench.registry import BACKBONES
 from bench.train import Recipe, train_embedding, train_net, train_nets_jointly
 
 # fields of the data layer and the CNN backbones that change the trained weights
-DATA_MODEL_KEYS = ("protocol", "image_size", "crop_fraction", "augment", "pooling", "whiten_dim", "head_hidden",
-                   "l2_normalize", "dropout_before_head", "freeze_backbone", "backbone_weights")
+DATA_MODEL_KEYS = (
+    "protocol",
+    "image_size",
+    "crop_fraction",
+    "augment",
+    "pooling",
+    "whiten_dim",
+    "head_hidden",
+    "l2_normalize",
+    "dropout_before_head",
+    "freeze_backbone",
+    "backbone_weights",
+)
 
 
 # modules whose code determines a trained net: the loop, the loss (miner emulation, reducer weights and
@@ -41,8 +53,13 @@ def code_digest(modules: list[str]) -> str:
         tree = ast.parse(inspect.getsource(sys.modules[name]))
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
-            if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
-                    and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            if (
+                isinstance(body, list)
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
                 node.body = body[1:] or [ast.Pass()]
         h.update(name.encode() + b"\0" + ast.dump(tree).encode() + b"\0")
     return h.hexdigest()[:16]
@@ -59,23 +76,53 @@ def _defining_modules(*fns: Callable) -> list[str]:
     return out
 
 
-def model_key(cfg: RunConfig, in_shape: tuple[int, ...], n_train: int, seed: int, dropout: float,
-              recipe: Recipe | None = None) -> dict:
+def model_key(
+    cfg: RunConfig,
+    in_shape: tuple[int, ...],
+    n_train: int,
+    seed: int,
+    dropout: float,
+    recipe: Recipe | None = None,
+) -> dict:
     """Everything that determines the trained weights (the cache key's content): the config fields
     the training reads, and `code`, the `code_digest` of TRAINING_MODULES, the backbone's module and,
     with a recipe, the modules of its build and loss and its `modules` (so changed training code retrains)."""
-    keys = ["dataset", "heldout_classes", "val_items", "n_train", "backbone", "hidden", "embed_dim", "epochs",
-            "batch_size", "lr", "weight_decay", "pos_margin", "neg_margin", "miner_margin", "miner_type", "distance",
-            *DATA_MODEL_KEYS]
+    keys = [
+        "dataset",
+        "heldout_classes",
+        "val_items",
+        "n_train",
+        "backbone",
+        "hidden",
+        "embed_dim",
+        "epochs",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "pos_margin",
+        "neg_margin",
+        "miner_margin",
+        "miner_type",
+        "distance",
+        *DATA_MODEL_KEYS,
+    ]
     d = {k: cfg.to_dict()[k] for k in keys}
     modules = list(TRAINING_MODULES)
     if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
         modules += _defining_modules(BACKBONES.get(cfg.backbone))
     if recipe is not None:
-        modules += [m for m in (*_defining_modules(recipe.build, recipe.loss), *recipe.modules) if m not in modules]
+        modules += [
+            m for m in (*_defining_modules(recipe.build, recipe.loss), *recipe.modules) if m not in modules
+        ]
         d.update(recipe=recipe.name, recipe_options=dict(recipe.options))
-    d.update(in_shape=list(in_shape), n_train_actual=n_train, seed=seed, dropout=dropout, version=4,
-             code=code_digest(modules))
+    d.update(
+        in_shape=list(in_shape),
+        n_train_actual=n_train,
+        seed=seed,
+        dropout=dropout,
+        version=4,
+        code=code_digest(modules),
+    )
     if cfg.freeze_backbone:  # the head's inputs are the trunk's features as bench.features makes them
         from bench.conventions import FEATURE_VERSION
 
@@ -111,7 +158,9 @@ class ModelCache:
         self.trained = 0
         self.used: dict[str, dict] = {}
 
-    def get(self, seed: int, dropout: float = 0.0, recipe: Recipe | None = None) -> tuple[nn.Module, dict, bool]:
+    def get(
+        self, seed: int, dropout: float = 0.0, recipe: Recipe | None = None
+    ) -> tuple[nn.Module, dict, bool]:
         """(model, info, from_cache) for the given seed and dropout rate: the shared contrastive
         embedding net, or, with a `recipe`, a method's own net and objective."""
         key = model_key(self.cfg, self.train.in_shape, len(self.train), seed, dropout, recipe)
@@ -124,7 +173,11 @@ class ModelCache:
             found = self._load(path, h, seed, dropout, recipe)  # another process trained it meanwhile
             if found is not None:
                 return found
-            desc = f"train seed={seed}" + (f" dropout={dropout}" if dropout else "") + (f" {recipe.name}" if recipe else "")
+            desc = (
+                f"train seed={seed}"
+                + (f" dropout={dropout}" if dropout else "")
+                + (f" {recipe.name}" if recipe else "")
+            )
             if recipe is None:
                 model, info = train_embedding(self.cfg, self.train, self.device, seed, dropout, desc)
             else:
@@ -152,8 +205,9 @@ class ModelCache:
             if all(f is not None for f in found):
                 return found  # type: ignore[return-value]
             models = [build_model(self.cfg, self.train.in_shape, s).to(self.device) for s in seeds]
-            infos = train_nets_jointly(models, self.cfg, self.train, self.device, seeds,
-                                       f"train {len(seeds)} nets jointly")
+            infos = train_nets_jointly(
+                models, self.cfg, self.train, self.device, seeds, f"train {len(seeds)} nets jointly"
+            )
             out = []
             for model, info, key, path in zip(models, infos, keys, paths):
                 info = {**info, "key": key}
@@ -163,8 +217,9 @@ class ModelCache:
         self.trained += len(seeds)
         return out
 
-    def _load(self, path: Path, h: str, seed: int, dropout: float, recipe: Recipe | None
-              ) -> tuple[nn.Module, dict, bool] | None:
+    def _load(
+        self, path: Path, h: str, seed: int, dropout: float, recipe: Recipe | None
+    ) -> tuple[nn.Module, dict, bool] | None:
         """(model, info, True) from a cache file, or None when absent; a corrupt file is deleted."""
         if not path.exists():
             return None

@@ -10,13 +10,14 @@ thread (`WORKER_THREADS`: more hang in a forked GNU OpenMP). Results equal a ser
 floating-point rounding (thread counts change reduction orders). CUDA runs stay serial: one GPU, and
 CUDA does not survive a fork.
 """
+
 from __future__ import annotations
 
 import multiprocessing as mp
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from typing import Callable
 
 import torch
 
@@ -38,9 +39,13 @@ def worker_count(cfg, device: torch.device, tasks: int) -> int:
     or where processes cannot be forked. An explicit count > 1 on CUDA is a one-line BenchError."""
     forkable = "fork" in mp.get_all_start_methods()
     if cfg.workers > 1 and device.type != "cpu":
-        raise BenchError(f"workers={cfg.workers} runs methods in forked CPU processes; on {device} use workers=1")
+        raise BenchError(
+            f"workers={cfg.workers} runs methods in forked CPU processes; on {device} use workers=1"
+        )
     if cfg.workers > 1 and not forkable:
-        raise BenchError(f"workers={cfg.workers} needs processes started by fork, which this platform lacks; use workers=1")
+        raise BenchError(
+            f"workers={cfg.workers} needs processes started by fork, which this platform lacks; use workers=1"
+        )
     if device.type != "cpu" or not forkable:
         return 1
     n = cfg.workers if cfg.workers > 0 else cpu_count()
@@ -77,19 +82,24 @@ def schedule(pending: list[tuple[str, int]]) -> list[tuple[str, int]]:
 
     def rank(item: tuple[str, int]) -> tuple[int, int]:
         name, seed = item
-        return seed, 0 if first_reusing.get(seed) == name else 1 if not METHODS.get(name).reuses_base_model else 2
+        return seed, 0 if first_reusing.get(seed) == name else 1 if not METHODS.get(
+            name
+        ).reuses_base_model else 2
 
     return sorted(pending, key=rank)  # stable: the run's method order within each rank
 
 
-def run_pool(fit: Callable, failed: Callable, pending: list[tuple[str, int]], workers: int, record: Callable) -> None:
+def run_pool(
+    fit: Callable, failed: Callable, pending: list[tuple[str, int]], workers: int, record: Callable
+) -> None:
     """fit(name, seed) -> outcome for every pending (method, seed) in `workers` forked processes (they
     inherit `fit` and what it closes over: the run state and the data); record(outcome, seconds) in the
     parent as each completes, failed(name, seed, message) standing in for a fit whose worker died.
     Ctrl-C stops the workers."""
     _SHARED["fit"] = fit
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init,
-                               initargs=(WORKER_THREADS,))
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init, initargs=(WORKER_THREADS,)
+    )
     try:
         futures = {pool.submit(_fit, n, s): (n, s) for n, s in schedule(pending)}
         remaining = set(futures)
@@ -99,7 +109,10 @@ def run_pool(fit: Callable, failed: Callable, pending: list[tuple[str, int]], wo
                 try:
                     out, seconds = f.result()
                 except Exception as e:  # the worker process died (e.g. killed for memory): this fit failed
-                    out, seconds = failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"), None
+                    out, seconds = (
+                        failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"),
+                        None,
+                    )
                 record(out, seconds)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)

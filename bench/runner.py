@@ -1,5 +1,6 @@
 """The shared run loop: one dataset, one cached base model, every method fitted and scored the same
 way, results saved per method as they complete so a killed run resumes where it stopped."""
+
 from __future__ import annotations
 
 import sys
@@ -13,18 +14,19 @@ import torch
 
 from bench import __version__, parallel, sensitivity
 from bench.config import ALL_METHODS, RunConfig
-from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
+from bench.conventions import BASE_METHOD as BASE
+from bench.conventions import CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
 from bench.data import Dataset, Split
-from bench.features import prepare_benchmark
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError, error_record
 from bench.evaluate import evaluate, resolve_scores
+from bench.features import prepare_benchmark
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
+from bench.model_cache import ModelCache
 from bench.registry import BACKBONES, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
 from bench.timing import StageTimer
-from bench.model_cache import ModelCache
 
 
 def resolve_methods(cfg: RunConfig) -> list[str]:
@@ -33,7 +35,7 @@ def resolve_methods(cfg: RunConfig) -> list[str]:
     out: list[str] = []
     registered = sorted(METHODS.names(), key=lambda m: m != REFERENCE_METHOD)  # the reference first
     for n in cfg.methods:
-        for m in (registered if n == ALL_METHODS else [n]):
+        for m in registered if n == ALL_METHODS else [n]:
             METHODS.get(m).validate(cfg)
             if m not in out:
                 out.append(m)
@@ -56,20 +58,25 @@ class RunState:
 
 def write_config(state: RunState, status: str, extra: dict | None = None) -> None:
     """config.json: the resolved config, versions, commit, device and the run's status."""
-    state.folder.write_config({
-        "bench_version": __version__,
-        "config": state.cfg.to_dict(),
-        "config_digest": state.cfg.digest(),
-        "methods": state.methods,
-        "post_hoc_methods": [m for m in state.methods if METHODS.get(m).reuses_base_model],
-        "device": str(state.device),
-        "device_description": device_description(state.device),
-        "packages": package_versions(),
-        "git_commit": state.commit,
-        "command": "python -m bench " + " ".join(sys.argv[1:]) if sys.argv and "bench" in sys.argv[0] else None,
-        "failures": state.failures,
-        **(extra or {}),
-    }, status)
+    state.folder.write_config(
+        {
+            "bench_version": __version__,
+            "config": state.cfg.to_dict(),
+            "config_digest": state.cfg.digest(),
+            "methods": state.methods,
+            "post_hoc_methods": [m for m in state.methods if METHODS.get(m).reuses_base_model],
+            "device": str(state.device),
+            "device_description": device_description(state.device),
+            "packages": package_versions(),
+            "git_commit": state.commit,
+            "command": "python -m bench " + " ".join(sys.argv[1:])
+            if sys.argv and "bench" in sys.argv[0]
+            else None,
+            "failures": state.failures,
+            **(extra or {}),
+        },
+        status,
+    )
 
 
 def predict_split(method: Method, split: Split, device: torch.device) -> EmbeddingPrediction:
@@ -81,7 +88,9 @@ def predict_split(method: Method, split: Split, device: torch.device) -> Embeddi
         return EmbeddingPrediction.cat([method.predict(xb.to(device)).to("cpu") for xb in split.chunks()])
 
 
-def _predict_all(method: Method, data: Dataset, device: torch.device) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:
+def _predict_all(
+    method: Method, data: Dataset, device: torch.device
+) -> tuple[EmbeddingPrediction, dict[str, EmbeddingPrediction]]:
     with torch.no_grad():  # torch.func transforms (GLM Jacobians) still work inside
         pid = predict_split(method, data.test_id, device)
         pood = {k: predict_split(method, s, device) for k, s in data.test_ood.items()}
@@ -95,8 +104,16 @@ def _prediction_arrays(prefix: str, pred: EmbeddingPrediction, labels: torch.Ten
     return arrs
 
 
-def fit_context(cfg: RunConfig, data: Dataset, device: torch.device, cache: ModelCache, timer: StageTimer,
-                name: str, reuses_base_model: bool, charged_base: set) -> FitContext:
+def fit_context(
+    cfg: RunConfig,
+    data: Dataset,
+    device: torch.device,
+    cache: ModelCache,
+    timer: StageTimer,
+    name: str,
+    reuses_base_model: bool,
+    charged_base: set,
+) -> FitContext:
     """The FitContext of one method: nets come from the model cache, their recorded training time
     (also when loaded) is charged to the method, except the shared base model of a method that reuses it,
     charged once per run to the pseudo-method `base` (`charged_base` remembers it). Parts of the
@@ -121,12 +138,27 @@ def fit_context(cfg: RunConfig, data: Dataset, device: torch.device, cache: Mode
         timer.add(name, "train", sum(info["seconds"] for _, info, _ in got))
         return [model for model, _, _ in got]
 
-    return FitContext(cfg=cfg, data=data, device=device, timer=timer, method=name, train_model=train_model,
-                      seed=cfg.seed, train_jointly=train_jointly)
+    return FitContext(
+        cfg=cfg,
+        data=data,
+        device=device,
+        timer=timer,
+        method=name,
+        train_model=train_model,
+        seed=cfg.seed,
+        train_jointly=train_jointly,
+    )
 
 
-def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: ModelCache, timer: StageTimer,
-               charged_base: set) -> tuple[list[dict], dict, dict[str, np.ndarray], list[dict]]:
+def run_method(
+    state: RunState,
+    name: str,
+    seed: int,
+    data: Dataset,
+    cache: ModelCache,
+    timer: StageTimer,
+    charged_base: set,
+) -> tuple[list[dict], dict, dict[str, np.ndarray], list[dict]]:
     """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays,
     sensitivity rows: [] unless the config asks for a sweep and the method offers one)."""
     cfg = state.cfg.replace(seed=seed)
@@ -145,7 +177,9 @@ def run_method(state: RunState, name: str, seed: int, data: Dataset, cache: Mode
     if cfg.sensitivity_requested() and sensitivity.offered(method):
         with timer.stage(name, "sensitivity"), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            sens = sensitivity.sweep(method, name, seed, data, cfg, lambda m: _predict_all(m, data, state.device))
+            sens = sensitivity.sweep(
+                method, name, seed, data, cfg, lambda m: _predict_all(m, data, state.device)
+            )
     arrays = _prediction_arrays("id", pred_id, data.test_id.y)
     for k, p in pred_ood.items():
         arrays.update(_prediction_arrays(f"ood_{k}", p, data.test_ood[k].y))
@@ -178,12 +212,16 @@ def fit_and_score(state: RunState, name: str, seed: int, data: Dataset, cache_ro
     timer = StageTimer(state.device)
     out = FitOutcome(name, seed)
     try:
-        out.rows, out.diagnostics, out.arrays, out.sensitivity = run_method(state, name, seed, data, cache, timer, set())
+        out.rows, out.diagnostics, out.arrays, out.sensitivity = run_method(
+            state, name, seed, data, cache, timer, set()
+        )
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one failing method must not lose the others
         out.error = {"method": name, "seed": seed, **error_record(e)}
-    out.times = [{"method": m, "seed": seed, "stage": st, "seconds": t} for (m, st), t in timer.records.items()]
+    out.times = [
+        {"method": m, "seed": seed, "stage": st, "seconds": t} for (m, st), t in timer.records.items()
+    ]
     out.trained = cache.trained
     return out
 
@@ -206,7 +244,9 @@ class _Charges:
         the extraction added when not yet charged for the run."""
         kept = [t for t in times if not (t["method"] == BASE and seed in self.base)]
         if features and not self.extract:
-            kept.insert(0, {"method": BASE, "seed": seed, "stage": EXTRACT_STAGE, "seconds": features["seconds"]})
+            kept.insert(
+                0, {"method": BASE, "seed": seed, "stage": EXTRACT_STAGE, "seconds": features["seconds"]}
+            )
         self.saw(kept, seed)
         return kept
 
@@ -226,9 +266,11 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
     if features:
         ref = features["raw_features"].get(CORRECTNESS_METRIC, [float("nan")] * 3)
-        log(f"  frozen {cfg.backbone} trunk: {features['feature_dim']}-d features of {features['input_shape']} inputs "
+        log(
+            f"  frozen {cfg.backbone} trunk: {features['feature_dim']}-d features of {features['input_shape']} inputs "
             f"({features['extracted']} splits extracted now, {features['seconds']:.1f} s recorded); raw-feature "
-            f"{CORRECTNESS_METRIC} {ref[0]:.3f} [{ref[1]:.3f}, {ref[2]:.3f}]")
+            f"{CORRECTNESS_METRIC} {ref[0]:.3f} [{ref[1]:.3f}, {ref[2]:.3f}]"
+        )
     cache_root = Path(cfg.out) / "cache" / "models"
     pairing = REFERENCE_METHOD in methods  # then per-query arrays are kept for the paired differences
     charges = _Charges()
@@ -241,9 +283,13 @@ def run(cfg: RunConfig, log=print) -> Path:
                 pending.append((name, seed))
                 continue
             charges.saw(saved["timings"], seed)
-            done[(name, seed)] = {"rows": saved["rows"], "times": saved["timings"],
-                                  "sensitivity": saved.get("sensitivity", []), "diagnostics": saved.get("diagnostics", {}),
-                                  "arrays": folder.arrays(name, seed) if pairing else None}
+            done[(name, seed)] = {
+                "rows": saved["rows"],
+                "times": saved["timings"],
+                "sensitivity": saved.get("sensitivity", []),
+                "diagnostics": saved.get("diagnostics", {}),
+                "arrays": folder.arrays(name, seed) if pairing else None,
+            }
             log(f"  {name} (seed {seed}): done earlier, reused")
     t0 = time.perf_counter()
     trained = 0
@@ -258,24 +304,39 @@ def run(cfg: RunConfig, log=print) -> Path:
             return
         times = charges.keep(out.times, out.seed, features)
         folder.save_method(out.name, out.seed, out.arrays, out.rows, times, out.diagnostics, out.sensitivity)
-        done[(out.name, out.seed)] = {"rows": out.rows, "times": times, "sensitivity": out.sensitivity,
-                                      "diagnostics": out.diagnostics, "arrays": out.arrays if pairing else None}
+        done[(out.name, out.seed)] = {
+            "rows": out.rows,
+            "times": times,
+            "sensitivity": out.sensitivity,
+            "diagnostics": out.diagnostics,
+            "arrays": out.arrays if pairing else None,
+        }
         if seconds is not None:
             log(f"  {out.name} (seed {out.seed}) done{took}")
 
     workers = parallel.worker_count(cfg, device, len(pending))
     if workers > 1:
-        log(f"  {len(pending)} method fits in {workers} worker processes ({parallel.WORKER_THREADS} "
-            "CPU thread(s) each)")
-        quiet = RunState(cfg.replace(quiet=True), None, device, methods, commit=state.commit)  # bars would interleave
-        parallel.run_pool(lambda n, s: fit_and_score(quiet, n, s, data, cache_root),
-                          lambda n, s, msg: FitOutcome(n, s, error={"method": n, "seed": s, "error": msg, "traceback": ""}),
-                          pending, workers, record)
+        log(
+            f"  {len(pending)} method fits in {workers} worker processes ({parallel.WORKER_THREADS} "
+            "CPU thread(s) each)"
+        )
+        quiet = RunState(
+            cfg.replace(quiet=True), None, device, methods, commit=state.commit
+        )  # bars would interleave
+        parallel.run_pool(
+            lambda n, s: fit_and_score(quiet, n, s, data, cache_root),
+            lambda n, s, msg: FitOutcome(n, s, error={"method": n, "seed": s, "error": msg, "traceback": ""}),
+            pending,
+            workers,
+            record,
+        )
     else:
         for name, seed in pending:
             log(f"  {name} (seed {seed}) ...")
             record(fit_and_score(state, name, seed, data, cache_root))
-    order = [(n, s) for s in cfg.resolved_seeds() for n in methods if (n, s) in done]  # the run's order, not completion's
+    order = [
+        (n, s) for s in cfg.resolved_seeds() for n in methods if (n, s) in done
+    ]  # the run's order, not completion's
     all_rows = [r for k in order for r in done[k]["rows"]]
     all_times = [t for k in order for t in done[k]["times"]]
     all_sens = [r for k in order for r in done[k]["sensitivity"]]
@@ -285,17 +346,39 @@ def run(cfg: RunConfig, log=print) -> Path:
     timings = timings.groupby(["method", "seed", "stage"], as_index=False, sort=False)["seconds"].sum()
     paired = None
     if pairing:
-        perquery = {k: done[k]["arrays"] for k in sorted(order, key=lambda k: (methods.index(k[0]), k[1]))
-                    if done[k]["arrays"] is not None}
-        paired = paired_differences(perquery, REFERENCE_METHOD, cfg.bootstrap_resamples, cfg.ci_level, cfg.seed,
-                                    id_score=cfg.id_score, ood_score=cfg.ood_score)
+        perquery = {
+            k: done[k]["arrays"]
+            for k in sorted(order, key=lambda k: (methods.index(k[0]), k[1]))
+            if done[k]["arrays"] is not None
+        }
+        paired = paired_differences(
+            perquery,
+            REFERENCE_METHOD,
+            cfg.bootstrap_resamples,
+            cfg.ci_level,
+            cfg.seed,
+            id_score=cfg.id_score,
+            ood_score=cfg.ood_score,
+        )
     sens_table = pd.DataFrame(all_sens, columns=sensitivity.SENSITIVITY_COLUMNS) if all_sens else None
     folder.write_tables(results, timings, seed_summary(results, cfg.ci_level), paired, sens_table)
     status = COMPLETE if not state.failures else "complete-with-failures"
-    write_config(state, status, {"diagnostics": diagnostics, "wall_seconds": time.perf_counter() - t0,
-                                 "models_trained": trained, "workers": workers,
-                                 "class_names": data.class_names, "data_label": data.label,
-                                 **({"features": features} if features else {}),
-                                 "data": {"train_id": len(data.train_id), "test_id": len(data.test_id),
-                                          **{f"ood_{k}": len(v) for k, v in data.test_ood.items()}}})
+    write_config(
+        state,
+        status,
+        {
+            "diagnostics": diagnostics,
+            "wall_seconds": time.perf_counter() - t0,
+            "models_trained": trained,
+            "workers": workers,
+            "class_names": data.class_names,
+            "data_label": data.label,
+            **({"features": features} if features else {}),
+            "data": {
+                "train_id": len(data.train_id),
+                "test_id": len(data.test_id),
+                **{f"ood_{k}": len(v) for k, v in data.test_ood.items()},
+            },
+        },
+    )
     return folder.path

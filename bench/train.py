@@ -1,6 +1,7 @@
 """The shared training loop: Adam on a batch loss (by default the contrastive loss of `bench.loss`)
 over seeded shuffled batches, one net or several side by side; seeded and device-agnostic. Trained
 nets are cached by `bench.model_cache`."""
+
 from __future__ import annotations
 
 import copy
@@ -60,8 +61,15 @@ def resident(train: Split, device: torch.device) -> Split:
     return Split(train.x.to(device), train.y.to(device))
 
 
-def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Split, device: torch.device,
-              seed: int, desc: str = "train") -> dict:
+def train_net(
+    model: nn.Module,
+    batch_loss: BatchLoss,
+    cfg: RunConfig,
+    train: Split,
+    device: torch.device,
+    seed: int,
+    desc: str = "train",
+) -> dict:
     """Train `model` in place with Adam on `batch_loss` over seeded shuffled batches; returns info
     (per-epoch mean losses, wall time). A non-finite loss raises BenchError."""
     opt = make_optimizer(model.parameters(), cfg)
@@ -73,14 +81,21 @@ def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Sp
     history: list[float] = []
     start = time.perf_counter()
     model.train()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), cpu_threads(cfg.train_threads, device):
+    with (
+        torch.random.fork_rng(devices=[device] if device.type == "cuda" else []),
+        cpu_threads(cfg.train_threads, device),
+    ):
         torch.manual_seed(seed + 1)  # dropout masks and any sampling inside the loss
         bar = tqdm(total=cfg.epochs * steps, desc=desc, disable=True if cfg.quiet else None, leave=False)
         for epoch in range(cfg.epochs):
             perm = torch.randperm(n, generator=g).to(train.y.device)
             total = torch.zeros((), device=device)
             batches = [b for b in perm.split(cfg.batch_size) if b.numel() >= 2]
-            seeds = [item_seeds(seed, epoch, s, len(b)) for s, b in enumerate(batches)] if train.augments else None
+            seeds = (
+                [item_seeds(seed, epoch, s, len(b)) for s, b in enumerate(batches)]
+                if train.augments
+                else None
+            )
             for idx, xb in zip(batches, train.batches(batches, seeds)):
                 idx = idx.to(device)
                 loss = batch_loss(model, xb.to(device), y[idx])
@@ -92,22 +107,31 @@ def train_net(model: nn.Module, batch_loss: BatchLoss, cfg: RunConfig, train: Sp
             mean_loss = float(total) / steps
             if not math.isfinite(mean_loss):
                 bar.close()
-                raise BenchError(f"non-finite training loss in epoch {epoch + 1} ({desc}); try a smaller --set lr=")
+                raise BenchError(
+                    f"non-finite training loss in epoch {epoch + 1} ({desc}); try a smaller --set lr="
+                )
             history.append(mean_loss)
         bar.close()
     model.eval()
     return {"loss_history": history, "seconds": time.perf_counter() - start}
 
 
-def train_embedding(cfg: RunConfig, train: Split, device: torch.device, seed: int, dropout: float = 0.0,
-                    desc: str = "train") -> tuple[nn.Module, dict]:
+def train_embedding(
+    cfg: RunConfig, train: Split, device: torch.device, seed: int, dropout: float = 0.0, desc: str = "train"
+) -> tuple[nn.Module, dict]:
     """Train one `cfg.backbone` embedding net on the shared contrastive objective; (model, info)."""
     model = build_model(cfg, train.in_shape, seed, dropout).to(device)
     return model, train_net(model, contrastive_loss(cfg), cfg, train, device, seed, desc)
 
 
-def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, device: torch.device,
-                       seeds: list[int], desc: str = "train jointly") -> list[dict]:
+def train_nets_jointly(
+    models: list[nn.Module],
+    cfg: RunConfig,
+    train: Split,
+    device: torch.device,
+    seeds: list[int],
+    desc: str = "train jointly",
+) -> list[dict]:
     """Train M nets of one architecture side by side, in place: one vmapped forward over the stacked
     parameters (`torch.func.stack_module_state`), the batched loss over [M, B, d], one backward and
     one Adam over the stacked tensors (Adam is elementwise, so each net keeps its own moments).
@@ -118,8 +142,10 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
         return []
     if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in models[0].modules()):
         # batch-norm statistics are updated in place, which vmap cannot batch: train one by one
-        return [train_net(model, contrastive_loss(cfg), cfg, train, device, s, f"{desc} {i + 1}/{len(models)}")
-                for i, (model, s) in enumerate(zip(models, seeds))]
+        return [
+            train_net(model, contrastive_loss(cfg), cfg, train, device, s, f"{desc} {i + 1}/{len(models)}")
+            for i, (model, s) in enumerate(zip(models, seeds))
+        ]
     params, buffers = stack_module_state(models)  # name -> [M, ...] leaves that require grad
     template = copy.deepcopy(models[0]).to("meta")
 
@@ -141,8 +167,14 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
             perms = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(train.y.device)  # [M, n]
             total = torch.zeros(M, device=device)
             batches = [b for b in perms.split(cfg.batch_size, dim=1) if b.shape[1] >= 2]  # [M, b] each
-            seeds_ = ([torch.cat([item_seeds(sd, epoch, s, b.shape[1]) for sd in seeds]) for s, b in enumerate(batches)]
-                      if train.augments else None)  # member m's items get the seeds train_net would give them
+            seeds_ = (
+                [
+                    torch.cat([item_seeds(sd, epoch, s, b.shape[1]) for sd in seeds])
+                    for s, b in enumerate(batches)
+                ]
+                if train.augments
+                else None
+            )  # member m's items get the seeds train_net would give them
             for idx, xb in zip(batches, train.batches([b.reshape(-1) for b in batches], seeds_)):
                 xb = xb.reshape(*idx.shape, *xb.shape[1:]).to(device)
                 idx = idx.to(device)
@@ -155,7 +187,9 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
             mean = (total / steps).tolist()
             if not all(math.isfinite(v) for v in mean):
                 bar.close()
-                raise BenchError(f"non-finite training loss in epoch {epoch + 1} ({desc}); try a smaller --set lr=")
+                raise BenchError(
+                    f"non-finite training loss in epoch {epoch + 1} ({desc}); try a smaller --set lr="
+                )
             for h, v in zip(history, mean):
                 h.append(v)
         bar.close()
@@ -165,4 +199,7 @@ def train_nets_jointly(models: list[nn.Module], cfg: RunConfig, train: Split, de
             for name, p in model.named_parameters():
                 p.copy_(params[name][m])
             model.eval()
-    return [{"loss_history": h, "seconds": seconds / M, "joint_seconds": seconds, "joint_size": M} for h in history]
+    return [
+        {"loss_history": h, "seconds": seconds / M, "joint_seconds": seconds, "joint_size": M}
+        for h in history
+    ]

@@ -15,6 +15,7 @@ every backbone works unchanged): the first d are the mean, the last k the raw va
 softplus keeps the variance positive with a gradient that neither explodes nor vanishes (the
 Bayesian triplet loss reference code uses it for its variance head); VAR_FLOOR keeps log var finite.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -23,9 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.loss import BatchLoss
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.model import build_model
-from bench.loss import BatchLoss
 from bench.train import Recipe
 
 VAR_FLOOR = 1e-6  # smallest predicted variance (as PFE's reference code: log(1e-6 + exp(.)))
@@ -52,12 +53,17 @@ class GaussianEmbeddingNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         out = self.backbone(x)
-        mean, raw = out[:, :self.embed_dim], out[:, self.embed_dim:]
+        mean, raw = out[:, : self.embed_dim], out[:, self.embed_dim :]
         return mean, broadcast_var(F.softplus(raw) + VAR_FLOOR, self.embed_dim)
 
 
-def build_gaussian_net(cfg, in_shape: tuple[int, ...], seed: int, kind: str,
-                       cls: type[GaussianEmbeddingNet] = GaussianEmbeddingNet) -> GaussianEmbeddingNet:
+def build_gaussian_net(
+    cfg,
+    in_shape: tuple[int, ...],
+    seed: int,
+    kind: str,
+    cls: type[GaussianEmbeddingNet] = GaussianEmbeddingNet,
+) -> GaussianEmbeddingNet:
     """A `cfg.backbone` net with cfg.embed_dim mean outputs and a `kind` variance ('diag' | 'isotropic')."""
     d = cfg.embed_dim
     backbone = build_model(cfg.replace(embed_dim=d + variance_width(kind, d)), in_shape, seed)
@@ -67,10 +73,10 @@ def build_gaussian_net(cfg, in_shape: tuple[int, ...], seed: int, kind: str,
 def kl_to_isotropic_prior(mean: torch.Tensor, var: torch.Tensor, prior_var: float = 1.0) -> torch.Tensor:
     """KL( N(mean, diag var) || N(0, prior_var I) ) per item [N], for mean, var [N, d]:
 
-        KL = 1/2 sum_l [ var_l / v0 + mean_l^2 / v0 - 1 - log(var_l / v0) ]     (standard Gaussian KL)
+    KL = 1/2 sum_l [ var_l / v0 + mean_l^2 / v0 - 1 - log(var_l / v0) ]     (standard Gaussian KL)
     """
     ratio = var / prior_var
-    return 0.5 * (ratio + mean ** 2 / prior_var - 1.0 - torch.log(ratio)).sum(-1)
+    return 0.5 * (ratio + mean**2 / prior_var - 1.0 - torch.log(ratio)).sum(-1)
 
 
 def all_pairs(n: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +99,7 @@ class OwnGaussianNetMethod(Method):
     @classmethod
     def option_values(cls, cfg) -> dict[str, Any]:
         """Option name without the method prefix -> value in this config (default unless set)."""
-        return {name[len(cls.PREFIX) + 1:]: cls.option(cfg, name) for name in cls.options}
+        return {name[len(cls.PREFIX) + 1 :]: cls.option(cfg, name) for name in cls.options}
 
     def recipe_options(self) -> dict[str, Any]:
         return {**self.option_values(self.cfg), "version": self.RECIPE_VERSION}
@@ -106,7 +112,9 @@ class OwnGaussianNetMethod(Method):
 
     def fit(self, ctx: FitContext) -> None:
         opts = self.recipe_options()
-        recipe = Recipe(name=self.name, build=self.build, loss=self.batch_loss, options=tuple(sorted(opts.items())))
+        recipe = Recipe(
+            name=self.name, build=self.build, loss=self.batch_loss, options=tuple(sorted(opts.items()))
+        )
         self.net = ctx.train_model(seed=ctx.seed, recipe=recipe)
         self.net.eval()
         self.diagnostics = {**opts, **self.fitted_facts()}

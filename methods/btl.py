@@ -32,26 +32,36 @@ lambda = 1e-6 (btl_kl_weight), prior variance v0 = 1/d (its `varPrior = 1/D` for
 Triplets come from the harness's TripletMarginMiner on the means (same margin and type as the
 shared contrastive loss), so BTL sees the triplets the base model is trained on.
 """
-from __future__ import annotations
 
+from __future__ import annotations
 
 import torch
 
+from bench.loss import BatchLoss, make_loss_and_miner
 from bench.method import Option
 from bench.registry import register_method
-from bench.loss import BatchLoss, make_loss_and_miner
-from methods._gaussian import VARIANCE_KINDS, GaussianEmbeddingNet, OwnGaussianNetMethod, kl_to_isotropic_prior
+from methods._gaussian import (
+    VARIANCE_KINDS,
+    GaussianEmbeddingNet,
+    OwnGaussianNetMethod,
+    kl_to_isotropic_prior,
+)
 
 
-
-def distance_difference_moments(mu_a: torch.Tensor, var_a: torch.Tensor, mu_p: torch.Tensor, var_p: torch.Tensor,
-                                mu_n: torch.Tensor, var_n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def distance_difference_moments(
+    mu_a: torch.Tensor,
+    var_a: torch.Tensor,
+    mu_p: torch.Tensor,
+    var_p: torch.Tensor,
+    mu_n: torch.Tensor,
+    var_n: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(E[tau], Var[tau]) [T] of tau = ||a - p||^2 - ||a - n||^2 for independent Gaussian a, p, n
     with means and per-dimension variances [T, d] (module docstring)."""
-    a2, p2, n2 = mu_a ** 2, mu_p ** 2, mu_n ** 2
+    a2, p2, n2 = mu_a**2, mu_p**2, mu_n**2
     mean = (p2 + var_p - n2 - var_n - 2 * mu_a * (mu_p - mu_n)).sum(-1)
-    t1 = var_p ** 2 + 2 * p2 * var_p + 2 * (var_a + a2) * (var_p + p2) - 2 * a2 * p2 - 4 * mu_a * mu_p * var_p
-    t2 = var_n ** 2 + 2 * n2 * var_n + 2 * (var_a + a2) * (var_n + n2) - 2 * a2 * n2 - 4 * mu_a * mu_n * var_n
+    t1 = var_p**2 + 2 * p2 * var_p + 2 * (var_a + a2) * (var_p + p2) - 2 * a2 * p2 - 4 * mu_a * mu_p * var_p
+    t2 = var_n**2 + 2 * n2 * var_n + 2 * (var_a + a2) * (var_n + n2) - 2 * a2 * n2 - 4 * mu_a * mu_n * var_n
     t3 = 4 * mu_p * mu_n * var_a
     return mean, (2 * t1 + 2 * t2 - 2 * t3).sum(-1)
 
@@ -73,7 +83,9 @@ def bayesian_triplet_loss(cfg, margin: float, kl_weight: float) -> BatchLoss:
             return 0.0 * (mu.sum() + var.sum())  # no triplet in this batch: zero loss, graph kept
         mean, tvar = distance_difference_moments(mu[a], var[a], mu[p], var[p], mu[n], var[n])
         kl = kl_to_isotropic_prior(mu, var, prior_var)
-        return -triplet_log_probability(mean, tvar, margin).mean() + kl_weight * (kl[a] + kl[p] + kl[n]).mean()
+        return (
+            -triplet_log_probability(mean, tvar, margin).mean() + kl_weight * (kl[a] + kl[p] + kl[n]).mean()
+        )
 
     return batch_loss
 
@@ -84,10 +96,16 @@ class BayesianTripletLoss(OwnGaussianNetMethod):
 
     PREFIX = "btl"
     options = {
-        "btl_variance": Option(str, "isotropic", "isotropic | diag; the reference code predicts one variance",
-                               choices=VARIANCE_KINDS),
+        "btl_variance": Option(
+            str,
+            "isotropic",
+            "isotropic | diag; the reference code predicts one variance",
+            choices=VARIANCE_KINDS,
+        ),
         "btl_margin": Option(float, 0.0, "m in P(tau < -m) (reference code default)", minimum=0.0),
-        "btl_kl_weight": Option(float, 1e-6, "lambda, the KL scale factor (reference code default)", minimum=0.0),
+        "btl_kl_weight": Option(
+            float, 1e-6, "lambda, the KL scale factor (reference code default)", minimum=0.0
+        ),
     }
 
     def batch_loss(self, cfg) -> BatchLoss:

@@ -31,11 +31,11 @@ geometries, especially far from the training data) is what the variance measures
 residual per member (RMS distance after alignment on the fitting points, absolute and relative to
 the reference spread) is kept in the run's diagnostics. Alignment is timed as part of "train".
 """
+
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from torch import nn
 
 from bench.alignment import Alignment, fit_procrustes
@@ -67,7 +67,9 @@ class DeepEnsemble(Method):
     """Deep ensemble of M seeded nets, Procrustes-aligned to member 0; mean and variance across members."""
 
     reuses_base_model = False
-    options = {"ensemble_size": Option(int, 5, "ensemble members M (Lakshminarayanan et al. 2017: 5)", minimum=2)}
+    options = {
+        "ensemble_size": Option(int, 5, "ensemble members M (Lakshminarayanan et al. 2017: 5)", minimum=2)
+    }
 
     def fit(self, ctx: FitContext) -> None:
         self.seeds = member_seeds(ctx.seed, self.option(self.cfg, "ensemble_size"))

@@ -28,6 +28,7 @@ Uncertainty for the harness: the predicted variance sigma^2(x) (its trace is the
 The paper's own score, the self-mismatch probability 1 - p(m | x, x), is a monotone function of the
 spread of N(mu, sigma^2) as well; it is not used here so every method is scored the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -36,12 +37,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.loss import BatchLoss
 from bench.method import Option
 from bench.registry import register_method
-from bench.loss import BatchLoss
-from methods._gaussian import (VARIANCE_KINDS, GaussianEmbeddingNet, OwnGaussianNetMethod, all_pairs,
-                              kl_to_isotropic_prior)
-
+from methods._gaussian import (
+    VARIANCE_KINDS,
+    GaussianEmbeddingNet,
+    OwnGaussianNetMethod,
+    all_pairs,
+    kl_to_isotropic_prior,
+)
 
 
 class SoftMatchNet(GaussianEmbeddingNet):
@@ -53,16 +58,24 @@ class SoftMatchNet(GaussianEmbeddingNet):
         self.b = nn.Parameter(torch.zeros(()))
 
 
-def sample_gaussian(mean: torch.Tensor, var: torch.Tensor, samples: int,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_gaussian(
+    mean: torch.Tensor, var: torch.Tensor, samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Reparameterised samples [K, N, d] of N(mean, diag var) (global RNG when generator is None)."""
     eps = torch.randn((samples, *mean.shape), generator=generator, device=mean.device, dtype=mean.dtype)
     return mean + var.sqrt() * eps
 
 
-def match_log_probs(mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Tensor, var2: torch.Tensor,
-                    a: torch.Tensor, b: torch.Tensor, samples: int,
-                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def match_log_probs(
+    mu1: torch.Tensor,
+    var1: torch.Tensor,
+    mu2: torch.Tensor,
+    var2: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    samples: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p, log(1 - p)) [P] for the P pairs (mu1[i], var1[i]) ~ (mu2[i], var2[i]) [P, d], where
     p = 1/K^2 sum_{k,k'} sigmoid(-a ||z1^(k) - z2^(k')|| + b) with K = `samples` draws per item."""
     z1 = sample_gaussian(mu1, var1, samples, generator)
@@ -73,7 +86,9 @@ def match_log_probs(mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Tensor, va
     return (torch.logsumexp(F.logsigmoid(t), 0) - log_k2, torch.logsumexp(F.logsigmoid(-t), 0) - log_k2)
 
 
-def match_probability(mu1, var1, mu2, var2, a, b, samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def match_probability(
+    mu1, var1, mu2, var2, a, b, samples: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """p(m | x1, x2) [P], the sampled match probability of HIB (see match_log_probs)."""
     return match_log_probs(mu1, var1, mu2, var2, a, b, samples, generator)[0].exp()
 
@@ -102,10 +117,18 @@ class HedgedInstanceEmbedding(OwnGaussianNetMethod):
 
     PREFIX = "hib"
     options = {
-        "hib_variance": Option(str, "diag", "diag | isotropic; the paper's Gaussian embeddings are diagonal",
-                               choices=VARIANCE_KINDS),
-        "hib_samples": Option(int, 8, "K samples per item for the match probability (Oh et al. 2019)", minimum=1),
-        "hib_kl_weight": Option(float, 1e-4, "beta, weight of the KL term to N(0, I) (Oh et al. 2019)", minimum=0.0),
+        "hib_variance": Option(
+            str,
+            "diag",
+            "diag | isotropic; the paper's Gaussian embeddings are diagonal",
+            choices=VARIANCE_KINDS,
+        ),
+        "hib_samples": Option(
+            int, 8, "K samples per item for the match probability (Oh et al. 2019)", minimum=1
+        ),
+        "hib_kl_weight": Option(
+            float, 1e-4, "beta, weight of the KL term to N(0, I) (Oh et al. 2019)", minimum=0.0
+        ),
     }
     NET = SoftMatchNet
 

@@ -1,11 +1,12 @@
 """The Laplace family on the contrastive-loss GGN: full, last-layer, diagonal and Kronecker-factored,
 one shared implementation; a subclass names its structure (`bench.la.structures`) and its own options."""
+
 from __future__ import annotations
 
 import copy
 import dataclasses
 import logging
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -17,9 +18,16 @@ from bench.la.family import ScaledFamily
 from bench.la.likelihood import LikelihoodScale, check_scale
 from bench.la.lowrank import MAX_RANK_FRACTION
 from bench.la.posterior import PRIOR_TOL, FullPosterior, Posterior
-from bench.la.prior import (DEFAULT_GRID, SCORE_SAMPLES, item_groups, optimize_marglik, standard_draws, triplet_log_score,
-                            triplet_mask)
 from bench.la.predictive import SAMPLE_STREAM, SUBSET_STREAM, LaplacePredictive
+from bench.la.prior import (
+    DEFAULT_GRID,
+    SCORE_SAMPLES,
+    item_groups,
+    optimize_marglik,
+    standard_draws,
+    triplet_log_score,
+    triplet_mask,
+)
 from bench.la.structures import curvature_trace, get_structure, resolve_subset, scale_curvature
 from bench.la.tuning import TEMPERATURES, search
 from bench.loss import PairLoss
@@ -92,14 +100,26 @@ class _Laplace(LaplacePredictive):
         loss = dataclasses.replace(PairLoss.from_config(cfg), reduction=scale.reduction)
         with ctx.stage("hessian"):
             acc = struct.accumulator(self.model, acc_dtype, subset, **self.accumulator_options(cfg))
-            curv = accumulate(acc, train, train.y, hessian=cfg.hessian,
-                              loss=loss, mining_batch=cfg.batch_size,
-                              chunk=cfg.jacobian_chunk, generator=ctx.generator(PERM_STREAM),
-                              progress=not cfg.quiet)
+            curv = accumulate(
+                acc,
+                train,
+                train.y,
+                hessian=cfg.hessian,
+                loss=loss,
+                mining_batch=cfg.batch_size,
+                chunk=cfg.jacobian_chunk,
+                generator=ctx.generator(PERM_STREAM),
+                progress=not cfg.quiet,
+            )
             if len(train) < n_full:  # a subset's GGN, scaled to estimate the full-data GGN
                 scale_curvature(curv, n_full / len(train))
-        self._curvature, self._generators = curv, (ctx.seed_for(SAMPLE_STREAM), ctx.seed_for(LANCZOS_STREAM), ctx.device)
-        with ctx.stage("prior"):  # temperature, prior precision and the posterior's factorisation (shared work)
+        self._curvature, self._generators = (
+            curv,
+            (ctx.seed_for(SAMPLE_STREAM), ctx.seed_for(LANCZOS_STREAM), ctx.device),
+        )
+        with ctx.stage(
+            "prior"
+        ):  # temperature, prior precision and the posterior's factorisation (shared work)
             self.posterior, delta, temperature, info = self._prior(ctx, curv, scale)
         self._sample_gen = ctx.generator(SAMPLE_STREAM, ctx.device)  # networks drawn on the first MC predict
         self._samples = None
@@ -107,13 +127,21 @@ class _Laplace(LaplacePredictive):
             self._family = None  # only a sensitivity sweep reuses it after fit
         st = curv.stats
         self.diagnostics = {
-            "structure": self.structure, "subset": curv.subset, "la_subset": cfg.la_subset, "hessian": cfg.hessian,
-            "predictive": cfg.predictive, "D": curv.D, "D_model": sum(p.numel() for p in params.values()),
-            "prior_precision": delta, "likelihood_scale": cfg.likelihood_scale,
-            "likelihood_observations": scale.observations, "temperature": temperature,
+            "structure": self.structure,
+            "subset": curv.subset,
+            "la_subset": cfg.la_subset,
+            "hessian": cfg.hessian,
+            "predictive": cfg.predictive,
+            "D": curv.D,
+            "D_model": sum(p.numel() for p in params.values()),
+            "prior_precision": delta,
+            "likelihood_scale": cfg.likelihood_scale,
+            "likelihood_observations": scale.observations,
+            "temperature": temperature,
             "curvature_trace": curvature_trace(curv) * temperature / self._carried,
             **info,
-            "hessian_items": st["items"], "hessian_rows": st["rows"],
+            "hessian_items": st["items"],
+            "hessian_rows": st["rows"],
             "dropped_curvature_output": st["dropped_fraction_output"],
             "dropped_curvature_param": st["dropped_fraction_param"],
             "jitter": getattr(self.posterior, "jitter", 0.0),
@@ -121,7 +149,9 @@ class _Laplace(LaplacePredictive):
         if "excluded_params" in st:  # kfac_la: parameters of the subset outside Linear/Conv2d layers
             self.diagnostics["excluded_params"] = st["excluded_params"]
 
-    def _prior(self, ctx: FitContext, curv: Curvature, scale: LikelihoodScale) -> tuple[Posterior, float, float, dict]:
+    def _prior(
+        self, ctx: FitContext, curv: Curvature, scale: LikelihoodScale
+    ) -> tuple[Posterior, float, float, dict]:
         """(posterior, delta, t, info): a fixed temperature t scales H in place, then marglik or the
         number as before; tuned scales and prior_precision=grid search on the validation split."""
         pp, post = self.cfg.prior_precision, get_structure(self.structure).posterior
@@ -136,8 +166,9 @@ class _Laplace(LaplacePredictive):
             prior, method = (lambda spec: optimize_marglik(spec, theta_sq)), "marglik"
         else:
             prior, method = float(pp), "fixed"
-        posterior, delta, info = post.fit(self.model, curv, prior, ctx.generator(LANCZOS_STREAM),
-                                          rank_tol=self.rank_tol(self.cfg))
+        posterior, delta, info = post.fit(
+            self.model, curv, prior, ctx.generator(LANCZOS_STREAM), rank_tol=self.rank_tol(self.cfg)
+        )
         return posterior, delta, t, {"prior_method": method, "scale_method": "fixed", **info}
 
     def _theta_sq(self, curv: Curvature) -> float:
@@ -150,14 +181,20 @@ class _Laplace(LaplacePredictive):
         if ctx.data.val_id is not None:
             return ctx.data.val_id.subset(TUNE_MAX_ITEMS, seed=ctx.seed_for(VAL_STREAM)), "val_id"
         train = ctx.data.train_id
-        return train.subset(max(2 * VAL_GROUP, min(VAL_MAX, len(train) // 10)), seed=ctx.seed_for(VAL_STREAM)), "train_id"
+        return train.subset(
+            max(2 * VAL_GROUP, min(VAL_MAX, len(train) // 10)), seed=ctx.seed_for(VAL_STREAM)
+        ), "train_id"
 
-    def _tune(self, ctx: FitContext, curv: Curvature, scale: LikelihoodScale) -> tuple[Posterior, float, float, dict]:
+    def _tune(
+        self, ctx: FitContext, curv: Curvature, scale: LikelihoodScale
+    ) -> tuple[Posterior, float, float, dict]:
         """Search (t, delta) by the validation triplet log-likelihood under the joint linearised predictive
         (`bench.la.tuning`), every point from one factorisation; the posterior at the chosen point."""
         cfg = self.cfg
         temps = TEMPERATURES if scale.tuned else (float(scale.temperature),)  # type: ignore[arg-type]
-        prior = cfg.prior_precision if cfg.prior_precision in ("marglik", "grid") else float(cfg.prior_precision)
+        prior = (
+            cfg.prior_precision if cfg.prior_precision in ("marglik", "grid") else float(cfg.prior_precision)
+        )
         theta_sq = self._theta_sq(curv)
 
         def smallest_ratio(spectrum) -> float:  # the smallest delta / t the search asks for
@@ -170,40 +207,71 @@ class _Laplace(LaplacePredictive):
         gen = ctx.generator(GRID_STREAM)
         groups = item_groups(len(val), VAL_GROUP, gen)
         trip = triplet_mask(val.y[groups])
-        require(bool(trip.any()), f"{self.name}: the validation split ({len(val)} items) has no triplet; "
-                                   "set a larger val_items")
+        require(
+            bool(trip.any()),
+            f"{self.name}: the validation split ({len(val)} items) has no triplet; set a larger val_items",
+        )
         z = None  # drawn once, shared by every (t, delta) and every basis
         limit, rank, ranks = int(curv.D * MAX_RANK_FRACTION), TUNE_START_RANK, []
         while True:  # a low-rank basis grows (doubling) while the best point is the largest one it resolves
-            family = ScaledFamily.build(self.model, curv, smallest_ratio, tol=tol, max_rank=min(rank, limit),
-                                        generator=ctx.generator(LANCZOS_STREAM))
+            family = ScaledFamily.build(
+                self.model,
+                curv,
+                smallest_ratio,
+                tol=tol,
+                max_rank=min(rank, limit),
+                generator=ctx.generator(LANCZOS_STREAM),
+            )
             proj = family.project(val, groups)
             if z is None:
                 z = standard_draws(SCORE_SAMPLES, groups.shape[0], proj.A.shape[1], gen)
-            score = lambda t, d: triplet_log_score(proj.f, family.joint_cov(proj, t, d), trip.to(proj.f.device), z,  # noqa: E731
-                                                  cfg.distance)
+            score = lambda t, d: triplet_log_score(
+                proj.f,
+                family.joint_cov(proj, t, d),
+                trip.to(proj.f.device),
+                z,  # noqa: E731
+                cfg.distance,
+            )
             delta_at = lambda t: optimize_marglik(family.spectrum(t), theta_sq)  # noqa: E731
             t, delta, search_info = search(score, temps, prior, delta_at, family.bound, max_bound=tol)
             ranks.append(None if family.basis is None else family.basis.rank)
             if family.basis is None or not search_info["trust_edge"] or rank >= limit:
                 break
             rank *= 2
-        require(search_info["best"] is not None, f"{self.name}: no (temperature, prior precision) point is within the "
-                                                 f"low-rank basis's tolerance {tol:g} even at rank {ranks[-1]}")
+        require(
+            search_info["best"] is not None,
+            f"{self.name}: no (temperature, prior precision) point is within the "
+            f"low-rank basis's tolerance {tol:g} even at rank {ranks[-1]}",
+        )
         if search_info["trust_edge"]:
-            log.warning("%s: the best likelihood temperature %.3g is the largest the low-rank basis (rank %d) resolves "
-                        "within %.2g; larger ones were not scored", self.name, t, family.basis.rank, tol)
+            log.warning(
+                "%s: the best likelihood temperature %.3g is the largest the low-rank basis (rank %d) resolves "
+                "within %.2g; larger ones were not scored",
+                self.name,
+                t,
+                family.basis.rank,
+                tol,
+            )
         search_info["basis_ranks"] = ranks
         self._family = family
         posterior, post_info = self._final(family, curv, t, delta, ctx, tol)
-        info = {"prior_method": prior if isinstance(prior, str) else "fixed",
-                "scale_method": "tuned" if scale.tuned else "fixed",
-                "tuning": {**search_info, "val_source": source, "val_items": len(val), "val_groups": int(groups.shape[0]),
-                           "triplets": int(trip.sum())}, **post_info}
+        info = {
+            "prior_method": prior if isinstance(prior, str) else "fixed",
+            "scale_method": "tuned" if scale.tuned else "fixed",
+            "tuning": {
+                **search_info,
+                "val_source": source,
+                "val_items": len(val),
+                "val_groups": int(groups.shape[0]),
+                "triplets": int(trip.sum()),
+            },
+            **post_info,
+        }
         return posterior, delta, t, info
 
-    def _final(self, family: ScaledFamily, curv: Curvature, t: float, delta: float, ctx: FitContext,
-               tol: float) -> tuple[Posterior, dict]:
+    def _final(
+        self, family: ScaledFamily, curv: Curvature, t: float, delta: float, ctx: FitContext, tol: float
+    ) -> tuple[Posterior, dict]:
         """The posterior at the chosen (t, delta): from the family's factorisation, unless it is a
         low-rank basis outside the tolerance there (or the exact full posterior was asked for,
         posterior_rank_tol=0): then H is scaled in place and the full posterior fitted at that point."""
@@ -214,10 +282,13 @@ class _Laplace(LaplacePredictive):
         bound = family.bound(t, delta)
         if rank_tol > 0 and bound <= rank_tol:
             return family.posterior(t, delta), {**family.basis.info(delta), "rank_bound": bound}
-        scale_curvature(curv, t / self._carried)  # the family keeps its own basis; only its posteriors read it
+        scale_curvature(
+            curv, t / self._carried
+        )  # the family keeps its own basis; only its posteriors read it
         self._carried = t
         posterior, _, info = get_structure(self.structure).posterior.fit(
-            self.model, curv, delta, ctx.generator(LANCZOS_STREAM), rank_tol=rank_tol)
+            self.model, curv, delta, ctx.generator(LANCZOS_STREAM), rank_tol=rank_tol
+        )
         return posterior, info
 
     # -- sensitivity -----------------------------------------------------------------------
@@ -229,24 +300,37 @@ class _Laplace(LaplacePredictive):
         if self.posterior is None or self._curvature is None:
             raise BenchError(f"{self.name}: variants asked before fit")
         fitted = (self.diagnostics["prior_precision"], self.diagnostics["temperature"])
-        resolved = [(p.get("prior_precision") or fitted[0], p.get("likelihood_scale") or fitted[1]) for p in points]
+        resolved = [
+            (p.get("prior_precision") or fitted[0], p.get("likelihood_scale") or fitted[1]) for p in points
+        ]
         return self._variants(resolved)
 
     def _variants(self, resolved: list[tuple[float, float]]) -> Iterator[tuple[dict, Method]]:
         sample_seed, lanczos_seed, device = self._generators
         if self._family is None:
             ratio = min(d / t for d, t in resolved) * self._carried  # relative to H as it is now
-            self._family = ScaledFamily.build(self.model, self._curvature, lambda spectrum: ratio,
-                                              tol=self.rank_tol(self.cfg) or PRIOR_TOL,
-                                              generator=torch.Generator().manual_seed(lanczos_seed), carried=self._carried)
+            self._family = ScaledFamily.build(
+                self.model,
+                self._curvature,
+                lambda spectrum: ratio,
+                tol=self.rank_tol(self.cfg) or PRIOR_TOL,
+                generator=torch.Generator().manual_seed(lanczos_seed),
+                carried=self._carried,
+            )
         for delta, t in resolved:
             v = copy.copy(self)
             v.posterior, v._samples = self._family.posterior(t, delta), None
-            v._sample_gen = torch.Generator(device=device).manual_seed(sample_seed)  # the fit's draws, per variant
-            yield {"prior_precision": float(delta), "likelihood_scale": float(t),
-                   "rank_bound": self._family.bound(t, delta)}, v
-
-
+            v._sample_gen = torch.Generator(device=device).manual_seed(
+                sample_seed
+            )  # the fit's draws, per variant
+            yield (
+                {
+                    "prior_precision": float(delta),
+                    "likelihood_scale": float(t),
+                    "rank_bound": self._family.bound(t, delta),
+                },
+                v,
+            )
 
 
 @register_method("full_la")
@@ -255,10 +339,15 @@ class FullLaplace(_Laplace):
     low-rank or Cholesky posterior)."""
 
     structure = "full"
-    options = {"posterior_rank_tol": Option(
-        float, 0.2, "D > 4000: low-rank posterior, every covariance within 1 + tol of the exact one (a bound; "
-        "paper preset: measured max 1.8%, marglik delta within 0.6%); 0: exact Cholesky", minimum=0.0)}
-
+    options = {
+        "posterior_rank_tol": Option(
+            float,
+            0.2,
+            "D > 4000: low-rank posterior, every covariance within 1 + tol of the exact one (a bound; "
+            "paper preset: measured max 1.8%, marglik delta within 0.6%); 0: exact Cholesky",
+            minimum=0.0,
+        )
+    }
 
 
 @register_method("last_layer_la")
@@ -268,7 +357,6 @@ class LastLayerLaplace(_Laplace):
     structure = "last_layer"
 
 
-
 @register_method("diag_la")
 class DiagLaplace(_Laplace):
     """Laplace, diagonal GGN of the contrastive loss over la_subset (auto: all weights)."""
@@ -276,16 +364,20 @@ class DiagLaplace(_Laplace):
     structure = "diag"
 
 
-
 @register_method("kfac_la")
 class KfacLaplace(_Laplace):
     """Laplace, Kronecker-factored GGN per Linear and Conv2d layer (KFC factors of unfolded patches)."""
 
     structure = "kron"
-    options = {"kfac_conv": Option(
-        str, "expand", "Conv2d factors: expand = KFC, one pseudo-sample per output location (Grosse & Martens "
-        "2016); reduce = per item, patches averaged and output gradients summed (Eschenhagen et al. 2023)",
-        choices=("expand", "reduce"))}
+    options = {
+        "kfac_conv": Option(
+            str,
+            "expand",
+            "Conv2d factors: expand = KFC, one pseudo-sample per output location (Grosse & Martens "
+            "2016); reduce = per item, patches averaged and output gradients summed (Eschenhagen et al. 2023)",
+            choices=("expand", "reduce"),
+        )
+    }
 
     @classmethod
     def accumulator_options(cls, cfg) -> dict:

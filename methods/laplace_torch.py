@@ -2,13 +2,13 @@
 implementation has its row in every table: `Laplace(model, "regression", subset_of_weights="all",
 hessian_structure=full | diag | kron)`, its marglik `optimize_prior_precision`, its GLM predictive
 and, for predictive=mc, its sampled networks."""
+
 from __future__ import annotations
 
 import copy
 import warnings
 
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 with warnings.catch_warnings():  # its import warns about torch.jit.script: keep CLI errors one line
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
@@ -19,12 +19,12 @@ with warnings.catch_warnings():  # its import warns about torch.jit.script: keep
 
 from bench.errors import BenchError, require
 from bench.la.memory import check_full_memory
+from bench.la.predictive import SAMPLE_STREAM, SUBSET_STREAM, positive_number
 from bench.la.structures import resolve_subset
 from bench.la.subsets import NEEDED_BY, subset_modules
-from bench.model import last_linear
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.model import last_linear
 from bench.registry import register_method
-from bench.la.predictive import SAMPLE_STREAM, SUBSET_STREAM, positive_number
 
 STRUCTURES = ("full", "diag", "kron")
 # laplace-torch's curvature backends; auto: its own torch.func GGN (GGNInterface: Jacobians and one
@@ -52,15 +52,18 @@ class EigLogdetFullLaplace(FullLaplace):
         return torch.log(self._H_factor * self.evals + self.prior_precision).sum()
 
 
-def make_laplace(model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True,
-                 weights: str = "all"):
+def make_laplace(
+    model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True, weights: str = "all"
+):
     """laplace-torch's regression Laplace over `weights` ("all" | "last_layer", its subset_of_weights)
     with sigma_noise 1, prior mean 0, temperature 1 (its defaults) and the given curvature backend;
     full over all weights: `EigLogdetFullLaplace` when fast_logdet (else its FullLaplace)."""
     backend_cls = BACKENDS[AUTO_BACKEND[structure] if backend == "auto" else backend]
     if structure == "full" and fast_logdet and weights == "all":
         return EigLogdetFullLaplace(model, "regression", backend=backend_cls)
-    return Laplace(model, "regression", subset_of_weights=weights, hessian_structure=structure, backend=backend_cls)
+    return Laplace(
+        model, "regression", subset_of_weights=weights, hessian_structure=structure, backend=backend_cls
+    )
 
 
 def laplace_torch_weights(la_subset: str, model: torch.nn.Module) -> str:
@@ -75,8 +78,10 @@ def laplace_torch_weights(la_subset: str, model: torch.nn.Module) -> str:
         return "all"
     if owned == {id(p) for p in last_linear(model, NEEDED_BY).parameters()}:
         return "last_layer"
-    raise BenchError(f"laplace_torch covers all weights or the last Linear layer; la_subset={la_subset} selects "
-                     f"other layers ({subset}); use la_subset=all, or full_la / diag_la for this subset")
+    raise BenchError(
+        f"laplace_torch covers all weights or the last Linear layer; la_subset={la_subset} selects "
+        f"other layers ({subset}); use la_subset=all, or full_la / diag_la for this subset"
+    )
 
 
 class _TargetLoader:
@@ -89,7 +94,9 @@ class _TargetLoader:
 
     def __iter__(self):
         n = len(self.split)
-        for xb in self.split.batches([torch.arange(i, min(i + self.batch, n)) for i in range(0, n, self.batch)]):
+        for xb in self.split.batches(
+            [torch.arange(i, min(i + self.batch, n)) for i in range(0, n, self.batch)]
+        ):
             xb = xb.to(self.device)
             with torch.no_grad():  # (never yield inside: the consumer would run without grad)
                 targets = self.model(xb)  # f_MAP: zero residuals (see LaplaceTorch)
@@ -132,22 +139,35 @@ class LaplaceTorch(Method):
 
     reuses_base_model = True
     options = {
-        "laplace_torch_structure": Option(str, "full", "laplace-torch's hessian_structure", choices=STRUCTURES),
+        "laplace_torch_structure": Option(
+            str, "full", "laplace-torch's hessian_structure", choices=STRUCTURES
+        ),
         "laplace_torch_backend": Option(
-            str, "auto", "laplace-torch's curvature backend; auto: its torch.func GGN for full (its default "
+            str,
+            "auto",
+            "laplace-torch's curvature backend; auto: its torch.func GGN for full (its default "
             "CurvlinopsGGN multiplies by a D x D identity), CurvlinopsGGN for diag and kron",
-            choices=("auto", *BACKENDS)),
+            choices=("auto", *BACKENDS),
+        ),
     }
 
     @classmethod
     def validate(cls, cfg) -> None:
         super().validate(cfg)
-        require(cfg.predictive in ("glm", "mc"), f"laplace_torch: predictive must be glm or mc, got {cfg.predictive!r}")
+        require(
+            cfg.predictive in ("glm", "mc"),
+            f"laplace_torch: predictive must be glm or mc, got {cfg.predictive!r}",
+        )
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
-        require(cfg.prior_precision == "marglik" or positive_number(cfg.prior_precision),
-                f"laplace_torch: prior_precision must be marglik or a positive number, got {cfg.prior_precision!r} "
-                "(laplace-torch's gridsearch needs validation targets a metric-learning net does not have)")
-        require(cfg.hessian_items is None or cfg.hessian_items >= 2, f"hessian_items must be >= 2, got {cfg.hessian_items}")
+        require(
+            cfg.prior_precision == "marglik" or positive_number(cfg.prior_precision),
+            f"laplace_torch: prior_precision must be marglik or a positive number, got {cfg.prior_precision!r} "
+            "(laplace-torch's gridsearch needs validation targets a metric-learning net does not have)",
+        )
+        require(
+            cfg.hessian_items is None or cfg.hessian_items >= 2,
+            f"hessian_items must be >= 2, got {cfg.hessian_items}",
+        )
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -160,7 +180,11 @@ class LaplaceTorch(Method):
         backend = self.option(cfg, "laplace_torch_backend")
         model = copy.deepcopy(ctx.base_model()).eval()  # laplace-torch writes sampled weights into it
         weights = laplace_torch_weights(cfg.la_subset, model)
-        params = list(last_linear(model, NEEDED_BY).parameters()) if weights == "last_layer" else list(model.parameters())
+        params = (
+            list(last_linear(model, NEEDED_BY).parameters())
+            if weights == "last_layer"
+            else list(model.parameters())
+        )
         for p in params:
             p.requires_grad_(True)
         D = sum(p.numel() for p in params)
@@ -181,7 +205,9 @@ class LaplaceTorch(Method):
                 # H is PSD (float rounding aside); float64: float32 LAPACK fails on ill-conditioned H
                 la.evals = torch.linalg.eigvalsh(la.H.double()).clamp_min(0).to(la.H.dtype)
             if cfg.prior_precision == "marglik":
-                la.optimize_prior_precision(method="marglik", pred_type="glm" if cfg.predictive == "glm" else "nn")
+                la.optimize_prior_precision(
+                    method="marglik", pred_type="glm" if cfg.predictive == "glm" else "nn"
+                )
             else:
                 la.prior_precision = float(cfg.prior_precision)
             with torch.no_grad():
@@ -195,12 +221,18 @@ class LaplaceTorch(Method):
         self.la = la
         self._sample_seed = ctx.seed_for(SAMPLE_STREAM)
         self.diagnostics = {
-            "structure": structure, "subset_of_weights": weights, "backend": type(la.backend).__name__,
+            "structure": structure,
+            "subset_of_weights": weights,
+            "backend": type(la.backend).__name__,
             "likelihood": "regression",
-            "targets": "f_MAP", "sigma_noise": 1.0, "D": D, "hessian_items": len(train),
+            "targets": "f_MAP",
+            "sigma_noise": 1.0,
+            "D": D,
+            "hessian_items": len(train),
             "prior_precision": float(la.prior_precision.reshape(-1)[0]),
             "prior_method": "marglik" if cfg.prior_precision == "marglik" else "fixed",
-            "log_marglik": log_marglik, "predictive": cfg.predictive,
+            "log_marglik": log_marglik,
+            "predictive": cfg.predictive,
         }
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
@@ -214,6 +246,6 @@ class LaplaceTorch(Method):
             return EmbeddingPrediction.from_samples(E.detach()).to(x.device)
         parts = []  # large chunks: laplace-torch's full GLM forms its D x D covariance on every call
         for s in range(0, len(xd), GLM_CHUNK):
-            f_mu, f_var = la(xd[s:s + GLM_CHUNK], pred_type="glm")
+            f_mu, f_var = la(xd[s : s + GLM_CHUNK], pred_type="glm")
             parts.append(EmbeddingPrediction(mean=f_mu.detach(), cov=f_var.detach()))
         return EmbeddingPrediction.cat(parts).to(x.device)

@@ -24,10 +24,11 @@ prediction for a fixed seed is bit-reproducible and independent of what ran befo
 happen inside `predict`, so the runner's "predict" stage includes them; training time goes to this
 method's "train" stage through ctx.train_model.
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -40,7 +41,9 @@ MASK_SEED_OFFSET = 0x6D63  # generator offset of the dropout-mask stream
 
 
 @contextmanager
-def seeded_dropout(model: nn.Module, generator: torch.Generator | None, active: bool = True) -> Iterator[None]:
+def seeded_dropout(
+    model: nn.Module, generator: torch.Generator | None, active: bool = True
+) -> Iterator[None]:
     """Within the block, every nn.Dropout(p) of `model` (in eval mode) multiplies its input by a mask
     Bernoulli(1 - p) / (1 - p) drawn from `generator` (inverted dropout, as nn.Dropout in train
     mode); with active=False dropout stays the identity. Works for any backbone with Dropout modules."""
@@ -51,8 +54,11 @@ def seeded_dropout(model: nn.Module, generator: torch.Generator | None, active: 
         u = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype)
         return h * (u < keep).to(h.dtype) / keep
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Dropout) and active and m.p > 0]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Dropout) and active and m.p > 0
+    ]
     try:
         yield
     finally:
@@ -60,8 +66,9 @@ def seeded_dropout(model: nn.Module, generator: torch.Generator | None, active: 
             h.remove()
 
 
-def mc_samples(model: nn.Module, x: torch.Tensor, samples: int, generator: torch.Generator,
-               active: bool = True) -> torch.Tensor:
+def mc_samples(
+    model: nn.Module, x: torch.Tensor, samples: int, generator: torch.Generator, active: bool = True
+) -> torch.Tensor:
     """T = `samples` stochastic passes [T, N, d] of `model` (eval mode), masks from `generator`."""
     with seeded_dropout(model, generator, active):
         return torch.stack([model(x) for _ in range(samples)])
@@ -82,18 +89,27 @@ class MCDropout(Method):
     def validate(cls, cfg) -> None:
         super().validate(cfg)
         p = cls.option(cfg, "dropout")
-        require(0.0 < p < 1.0, f"mc_dropout needs dropout in (0, 1), got {p} "
-                "(0 makes every pass identical); e.g. --set dropout=0.1")
+        require(
+            0.0 < p < 1.0,
+            f"mc_dropout needs dropout in (0, 1), got {p} "
+            "(0 makes every pass identical); e.g. --set dropout=0.1",
+        )
 
     def fit(self, ctx: FitContext) -> None:
         self.dropout, self.passes = self.option(self.cfg, "dropout"), self.option(self.cfg, "dropout_passes")
         self.model = ctx.train_model(seed=ctx.seed, dropout=self.dropout)
         self.model.eval()  # dropout is applied explicitly with seeded masks in predict
         self.mask_seed = ctx.seed_for(MASK_SEED_OFFSET)
-        self.diagnostics = {"dropout": self.dropout, "dropout_passes": self.passes, "mask_seed": self.mask_seed}
+        self.diagnostics = {
+            "dropout": self.dropout,
+            "dropout_passes": self.passes,
+            "mask_seed": self.mask_seed,
+        }
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
-        g = self._stream or torch.Generator(device=x.device).manual_seed(self.mask_seed)  # same masks per query set
+        g = self._stream or torch.Generator(device=x.device).manual_seed(
+            self.mask_seed
+        )  # same masks per query set
         z = mc_samples(self.model, x, self.passes, g)
         return EmbeddingPrediction.from_sample_moments(z)
 

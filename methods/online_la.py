@@ -11,6 +11,7 @@ With subset head (LAM's choice) the posterior and its predictive are those of th
 backbone's features. The published algorithm:
 `--set online_scaling=lam --set online_marglik_every=0 --set predictive=mc`.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,9 +42,21 @@ from bench.train import Recipe
 
 ONLINE_STREAM = 43  # generator stream of the training-time posterior draws and pair subsampling
 # the code that trains an online net besides this module's (its digest enters the model-cache key)
-TRAINING_CODE = ("bench.la.online", "bench.la.online_batch", "bench.la.online_heads", "bench.la.curvature",
-                 "bench.la.memory", "bench.la.rank_k", "bench.la.pairs", "bench.la.posterior", "bench.la.prior", "bench.la.spectrum", "bench.la.jacobians",
-                 "bench.la.subsets", "bench.la.structures")
+TRAINING_CODE = (
+    "bench.la.online",
+    "bench.la.online_batch",
+    "bench.la.online_heads",
+    "bench.la.curvature",
+    "bench.la.memory",
+    "bench.la.rank_k",
+    "bench.la.pairs",
+    "bench.la.posterior",
+    "bench.la.prior",
+    "bench.la.spectrum",
+    "bench.la.jacobians",
+    "bench.la.subsets",
+    "bench.la.structures",
+)
 
 
 def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
@@ -65,8 +78,10 @@ def _check_unshared(module: nn.Module) -> None:
         owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
         owners.setdefault(id(p), set()).add(id(owner))
     if any(len(o) > 1 for o in owners.values()):
-        raise BenchError("online_la: a parameter of the Bayesian module is shared by two submodules; "
-                         "sampling it functionally is not supported")
+        raise BenchError(
+            "online_la: a parameter of the Bayesian module is shared by two submodules; "
+            "sampling it functionally is not supported"
+        )
 
 
 class OnlineStep:
@@ -78,8 +93,9 @@ class OnlineStep:
     def __init__(self, cfg, settings: OnlineSettings, n_train: int, seed: int) -> None:
         self.cfg, self.settings = cfg, settings
         self.generator = torch.Generator().manual_seed(seed)  # posterior draws and the pair cap's subsets
-        self.curvature = OnlineCurvature(settings, PairLoss.from_config(cfg), n_train, cfg.batch_size, cfg.epochs,
-                                         self.generator)
+        self.curvature = OnlineCurvature(
+            settings, PairLoss.from_config(cfg), n_train, cfg.batch_size, cfg.epochs, self.generator
+        )
         self.last_samples: dict[str, torch.Tensor] | None = None  # theta_s of the last step [S, *shape]
 
     def __call__(self, model: OnlineLaplaceNet, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -107,33 +123,61 @@ class OnlineLaplace(LaplacePredictive):
 
     reuses_base_model = False
     options = {
-        "online_structure": Option(str, "diag", "diag | kron | last_layer (full GGN over the last layer); LAM: diag",
-                                   choices=online_structures()),
-        "online_subset": Option(str, "head", "head (the last Linear, or the backbone's head) | all; LAM: head",
-                                choices=SUBSETS),
+        "online_structure": Option(
+            str,
+            "diag",
+            "diag | kron | last_layer (full GGN over the last layer); LAM: diag",
+            choices=online_structures(),
+        ),
+        "online_subset": Option(
+            str, "head", "head (the last Linear, or the backbone's head) | all; LAM: head", choices=SUBSETS
+        ),
         "online_train_samples": Option(int, 1, "posterior draws per training step (LAM: 1)", minimum=1),
-        "online_memory": Option(float, 0.999, "memory factor m of the running curvature, in (0, 1] (LAM: 0.999)",
-                                minimum=0.0),
-        "online_scaling": Option(str, "gibbs", "gibbs: n_batches x the running mean batch GGN, the post-hoc "
-                                 "family's likelihood | lam: LAM's N^2 / n_pairs rule", choices=SCALINGS),
-        "online_prior": Option(float, 1.0, "prior precision, fixed or where marglik starts (LAM: 1, fixed)",
-                               minimum=0.0),
-        "online_marglik_every": Option(int, 1, "re-tune the prior precision by marglik every E epochs and after "
-                                       "training (Immer et al. 2021); 0: fixed (LAM)", minimum=0),
-        "online_pair_cap": Option(int, 0, "most Hessian pairs per batch, a seeded subset of the mined triplets; "
-                                  "0: all of them (the block-Laplacian curvature costs the same for any number; LAM: 5000)",
-                                  minimum=0),
+        "online_memory": Option(
+            float, 0.999, "memory factor m of the running curvature, in (0, 1] (LAM: 0.999)", minimum=0.0
+        ),
+        "online_scaling": Option(
+            str,
+            "gibbs",
+            "gibbs: n_batches x the running mean batch GGN, the post-hoc "
+            "family's likelihood | lam: LAM's N^2 / n_pairs rule",
+            choices=SCALINGS,
+        ),
+        "online_prior": Option(
+            float, 1.0, "prior precision, fixed or where marglik starts (LAM: 1, fixed)", minimum=0.0
+        ),
+        "online_marglik_every": Option(
+            int,
+            1,
+            "re-tune the prior precision by marglik every E epochs and after "
+            "training (Immer et al. 2021); 0: fixed (LAM)",
+            minimum=0,
+        ),
+        "online_pair_cap": Option(
+            int,
+            0,
+            "most Hessian pairs per batch, a seeded subset of the mined triplets; "
+            "0: all of them (the block-Laplacian curvature costs the same for any number; LAM: 5000)",
+            minimum=0,
+        ),
     }
 
     @classmethod
     def settings(cls, cfg) -> OnlineSettings:
         """The online settings of this config (options + the Laplace family's hessian and hessian_dtype)."""
         return OnlineSettings(
-            structure=cls.option(cfg, "online_structure"), subset=cls.option(cfg, "online_subset"),
-            train_samples=cls.option(cfg, "online_train_samples"), memory=cls.option(cfg, "online_memory"),
-            scaling=cls.option(cfg, "online_scaling"), prior=cls.option(cfg, "online_prior"),
-            marglik_every=cls.option(cfg, "online_marglik_every"), pair_cap=cls.option(cfg, "online_pair_cap"),
-            hessian=cfg.hessian, dtype=cfg.hessian_dtype, distance=cfg.distance)
+            structure=cls.option(cfg, "online_structure"),
+            subset=cls.option(cfg, "online_subset"),
+            train_samples=cls.option(cfg, "online_train_samples"),
+            memory=cls.option(cfg, "online_memory"),
+            scaling=cls.option(cfg, "online_scaling"),
+            prior=cls.option(cfg, "online_prior"),
+            marglik_every=cls.option(cfg, "online_marglik_every"),
+            pair_cap=cls.option(cfg, "online_pair_cap"),
+            hessian=cfg.hessian,
+            dtype=cfg.hessian_dtype,
+            distance=cfg.distance,
+        )
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -144,12 +188,16 @@ class OnlineLaplace(LaplacePredictive):
         """The cached training of this method: an `OnlineLaplaceNet` trained with `OnlineStep`."""
         s, n = self.settings(self.cfg), len(ctx.data.train_id)
         seed = ctx.seed_for(ONLINE_STREAM)
-        return Recipe(name=self.name,
-                      build=lambda cfg, in_shape, net_seed: OnlineLaplaceNet(build_model(cfg, in_shape, net_seed),
-                                                                             s, cfg.epochs, n),
-                      loss=lambda cfg: OnlineStep(cfg, s, n, seed),
-                      options=tuple(sorted(s.options().items())),
-                      stages=lambda net: net.state.stage_seconds(), modules=TRAINING_CODE)
+        return Recipe(
+            name=self.name,
+            build=lambda cfg, in_shape, net_seed: OnlineLaplaceNet(
+                build_model(cfg, in_shape, net_seed), s, cfg.epochs, n
+            ),
+            loss=lambda cfg: OnlineStep(cfg, s, n, seed),
+            options=tuple(sorted(s.options().items())),
+            stages=lambda net: net.state.stage_seconds(),
+            modules=TRAINING_CODE,
+        )
 
     def fit(self, ctx: FitContext) -> None:
         cfg, s = self.cfg, self.settings(self.cfg)
@@ -157,8 +205,12 @@ class OnlineLaplace(LaplacePredictive):
         trained.eval()
         self.net = trained.net
         n_batches = steps_per_epoch(len(ctx.data.train_id), cfg.batch_size)
-        with ctx.stage("prior"):  # the final marglik at the trained weights, and the posterior's factorisation
-            delta = marglik_prior(trained, n_batches) if s.marglik_every else float(trained.state.prior_precision)
+        with ctx.stage(
+            "prior"
+        ):  # the final marglik at the trained weights, and the posterior's factorisation
+            delta = (
+                marglik_prior(trained, n_batches) if s.marglik_every else float(trained.state.prior_precision)
+            )
             self.posterior = trained.posterior(n_batches, delta)
         self.model = self.posterior.model  # the Bayesian module: the head, or the whole net
         self._sample_gen = ctx.generator(SAMPLE_STREAM, ctx.device)
@@ -169,13 +221,26 @@ class OnlineLaplace(LaplacePredictive):
         seconds = state.stage_seconds()
         H = get_structure(s.structure).diagonal(curv)
         self.diagnostics = {
-            "online": True, "structure": s.structure, "subset": s.subset, "bayesian_params": curv.names,
-            "D": curv.D, "scaling": s.scaling, "memory": s.memory, "train_samples": s.train_samples,
-            "pair_cap": s.pair_cap, "hessian": s.hessian, "predictive": cfg.predictive,
-            "prior_precision": delta, "prior_method": "marglik" if s.marglik_every else "fixed",
-            "prior_history_in_training": history, "steps": int(state.steps), "batches_per_epoch": n_batches,
-            "hessian_seconds_in_training": seconds["hessian"], "prior_seconds_in_training": seconds["prior"],
-            "hessian_diag_mean": float(H.double().mean()), "hessian_diag_max": float(H.double().max()),
+            "online": True,
+            "structure": s.structure,
+            "subset": s.subset,
+            "bayesian_params": curv.names,
+            "D": curv.D,
+            "scaling": s.scaling,
+            "memory": s.memory,
+            "train_samples": s.train_samples,
+            "pair_cap": s.pair_cap,
+            "hessian": s.hessian,
+            "predictive": cfg.predictive,
+            "prior_precision": delta,
+            "prior_method": "marglik" if s.marglik_every else "fixed",
+            "prior_history_in_training": history,
+            "steps": int(state.steps),
+            "batches_per_epoch": n_batches,
+            "hessian_seconds_in_training": seconds["hessian"],
+            "prior_seconds_in_training": seconds["prior"],
+            "hessian_diag_mean": float(H.double().mean()),
+            "hessian_diag_max": float(H.double().max()),
             "dropped_curvature_output": dropped / (kept + dropped) if kept + dropped > 0 else 0.0,
             "jitter": getattr(self.posterior, "jitter", 0.0),
         }
@@ -188,6 +253,10 @@ class OnlineLaplace(LaplacePredictive):
             dev = next(self.net.parameters()).device
             chunk = self.cfg.jacobian_chunk * 16
             with torch.no_grad():
-                x = torch.cat([subset_inputs(self.net, subset, x[i:i + chunk].to(dev))
-                               for i in range(0, len(x), chunk)]).to(x.device)
+                x = torch.cat(
+                    [
+                        subset_inputs(self.net, subset, x[i : i + chunk].to(dev))
+                        for i in range(0, len(x), chunk)
+                    ]
+                ).to(x.device)
         return super().predict(x)

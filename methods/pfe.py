@@ -31,6 +31,7 @@ variance instead: the last layer's weights are zero and its bias is the log of t
 within-class variance of the training embeddings (per dimension for diag, averaged for isotropic),
 the maximiser of the MLS over constant variances.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,11 +39,11 @@ import math
 import torch
 from torch import nn
 
+from bench.environment import cpu_threads
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.model import last_linear
 from bench.registry import register_method
-from bench.environment import cpu_threads
 from methods._gaussian import VAR_FLOOR, VARIANCE_KINDS, broadcast_var, variance_width
 
 PFE_LR_DROP_AT = 2 / 3  # learning rate x 0.1 after this share of the steps (reference: step 2000 of 3000)
@@ -53,19 +54,25 @@ HEAD_OFFSET = 0x9FE0  # generator offset of the head's initialisation
 BATCH_OFFSET = 0x9FE1  # generator offset of the class-balanced batches
 
 
-def mutual_likelihood_score(mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Tensor, var2: torch.Tensor) -> torch.Tensor:
+def mutual_likelihood_score(
+    mu1: torch.Tensor, var1: torch.Tensor, mu2: torch.Tensor, var2: torch.Tensor
+) -> torch.Tensor:
     """MLS [...] of Gaussians N(mu1, diag var1) and N(mu2, diag var2) with means and variances [..., D]
     (module docstring; the log density of mu1 - mu2 under N(0, diag(var1 + var2)))."""
     s = var1 + var2
     return -0.5 * ((mu1 - mu2) ** 2 / s + torch.log(s)).sum(-1) - 0.5 * mu1.shape[-1] * math.log(2 * math.pi)
 
 
-def embed_with_features(model: nn.Module, x: torch.Tensor, chunk: int = FEATURE_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+def embed_with_features(
+    model: nn.Module, x: torch.Tensor, chunk: int = FEATURE_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(embedding [N, d], penultimate features [N, F]) of `model` on x, in chunks of `chunk` images."""
     store: list[torch.Tensor] = []
-    handle = last_linear(model, "pfe").register_forward_pre_hook(lambda mod, inp: store.append(inp[0].flatten(1)))
+    handle = last_linear(model, "pfe").register_forward_pre_hook(
+        lambda mod, inp: store.append(inp[0].flatten(1))
+    )
     try:
-        emb = torch.cat([model(x[i:i + chunk]) for i in range(0, len(x), chunk)])
+        emb = torch.cat([model(x[i : i + chunk]) for i in range(0, len(x), chunk)])
     finally:
         handle.remove()
     return emb, torch.cat(store)
@@ -77,7 +84,9 @@ class VarianceHead(nn.Module):
     def __init__(self, in_dim: int, embed_dim: int, kind: str) -> None:
         super().__init__()
         self.embed_dim = embed_dim
-        self.net = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, variance_width(kind, embed_dim)))
+        self.net = nn.Sequential(
+            nn.Linear(in_dim, in_dim), nn.ReLU(), nn.Linear(in_dim, variance_width(kind, embed_dim))
+        )
 
     def init_constant(self, var: torch.Tensor) -> None:
         """Start at the constant variance `var` [k]: zero last-layer weights, bias log(var)."""
@@ -90,8 +99,9 @@ class VarianceHead(nn.Module):
         return broadcast_var(VAR_FLOOR + torch.exp(self.net(h)), self.embed_dim)
 
 
-def class_balanced_batches(y: torch.Tensor, steps: int, batch: int, classes_per_batch: int,
-                           generator: torch.Generator) -> torch.Tensor:
+def class_balanced_batches(
+    y: torch.Tensor, steps: int, batch: int, classes_per_batch: int, generator: torch.Generator
+) -> torch.Tensor:
     """Indices [steps, P, K]: per step P = min(classes_per_batch, C) random classes (of those with >= 2
     items) and K = max(2, batch // P) random items of each (with replacement within the class)."""
     order = torch.argsort(y, stable=True)
@@ -123,10 +133,15 @@ class ProbabilisticFaceEmbedding(Method):
 
     reuses_base_model = True
     options = {
-        "pfe_variance": Option(str, "diag", "diag (Shi and Jain 2019) | isotropic: one variance per image",
-                               choices=VARIANCE_KINDS),
-        "pfe_steps": Option(int, 3000, "most head training steps (reference config: 3 epochs x 1000 batches)",
-                            minimum=1),
+        "pfe_variance": Option(
+            str,
+            "diag",
+            "diag (Shi and Jain 2019) | isotropic: one variance per image",
+            choices=VARIANCE_KINDS,
+        ),
+        "pfe_steps": Option(
+            int, 3000, "most head training steps (reference config: 3 epochs x 1000 batches)", minimum=1
+        ),
     }
 
     def fit(self, ctx: FitContext) -> None:
@@ -149,20 +164,28 @@ class ProbabilisticFaceEmbedding(Method):
             within = within_class_variance(mu.cpu(), y.cpu())
             init = within if kind == "diag" else within.mean().reshape(1)
             self.head.init_constant(init.to(ctx.device))
-            batches = class_balanced_batches(y.cpu(), steps, PFE_BATCH, PFE_CLASSES_PER_BATCH,
-                                             ctx.generator(BATCH_OFFSET)).to(ctx.device)
+            batches = class_balanced_batches(
+                y.cpu(), steps, PFE_BATCH, PFE_CLASSES_PER_BATCH, ctx.generator(BATCH_OFFSET)
+            ).to(ctx.device)
             losses = self._train_head(mu, feats, batches)
             self.head.eval()
         self.diagnostics = {
-            "variance": kind, "steps": steps, "batch": list(batches.shape[1:]), "feature_dim": int(feats.shape[1]),
-            "init_var": [float(v) for v in init], "loss_first": losses[0], "loss_last": losses[-1],
+            "variance": kind,
+            "steps": steps,
+            "batch": list(batches.shape[1:]),
+            "feature_dim": int(feats.shape[1]),
+            "init_var": [float(v) for v in init],
+            "loss_first": losses[0],
+            "loss_last": losses[-1],
             "loss_min": min(losses),
         }
 
     def _train_head(self, mu: torch.Tensor, feats: torch.Tensor, batches: torch.Tensor) -> list[float]:
         """Adam on -mean MLS over the genuine pairs of each class block; returns the per-step losses."""
         opt = torch.optim.Adam(self.head.parameters(), lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[round(PFE_LR_DROP_AT * len(batches))], gamma=0.1)
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones=[round(PFE_LR_DROP_AT * len(batches))], gamma=0.1
+        )
         k = batches.shape[2]
         i, j = torch.triu_indices(k, k, offset=1, device=batches.device)
         losses = torch.empty(len(batches), device=batches.device)  # (read once at the end: no sync per step)

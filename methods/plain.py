@@ -1,4 +1,5 @@
 """Plain deep metric learning: the deterministic MAP embedding network, no uncertainty."""
+
 from __future__ import annotations
 
 import torch

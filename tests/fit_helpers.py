@@ -1,4 +1,5 @@
 """Fitting one method outside the runner, wired the way the runner wires it (for unit tests)."""
+
 from __future__ import annotations
 
 import os
@@ -7,10 +8,10 @@ from pathlib import Path
 import torch
 
 from bench.method import Method
+from bench.model_cache import ModelCache
 from bench.registry import METHODS
 from bench.runner import fit_context
 from bench.timing import StageTimer
-from bench.model_cache import ModelCache
 
 CPU = torch.device("cpu")
 DEVICE_ENV = "BENCH_TEST_DEVICE"  # set by tests/conftest.py from `pytest --device`

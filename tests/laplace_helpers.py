@@ -1,10 +1,10 @@
 """Shared brute-force references and test-only curvature paths for the Laplace tests (float64, tiny nets)."""
+
 from __future__ import annotations
 
 import torch
-from torch.func import functional_call, jacrev
-
 from torch import nn
+from torch.func import functional_call, jacrev
 
 from backbones.mlp import EmbeddingNet
 from bench.config import preset_config
@@ -14,8 +14,9 @@ from bench.la.pairs import clamped_laplacians
 from bench.loss import make_loss_and_miner
 
 
-def tiny_net(in_dim: int = 5, hidden: tuple[int, ...] = (4, 3), d: int = 2, seed: int = 0,
-             smooth: bool = False) -> EmbeddingNet:
+def tiny_net(
+    in_dim: int = 5, hidden: tuple[int, ...] = (4, 3), d: int = 2, seed: int = 0, smooth: bool = False
+) -> EmbeddingNet:
     """A float64 EmbeddingNet; smooth=True swaps ReLU for Tanh (no kinks: the linearisation error of
     the GLM predictive is then second order in the posterior spread)."""
     torch.manual_seed(seed)
@@ -36,9 +37,15 @@ class TinyConvNet(nn.Module):
         super().__init__()
         torch.manual_seed(seed)
         act = nn.Tanh if smooth else nn.ReLU
-        self.trunk = nn.Sequential(nn.Conv2d(c_in, 3, 3, padding=1), nn.BatchNorm2d(3), act(),
-                                   nn.Conv2d(3, 4, 3, stride=2, bias=False), act(),
-                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.trunk = nn.Sequential(
+            nn.Conv2d(c_in, 3, 3, padding=1),
+            nn.BatchNorm2d(3),
+            act(),
+            nn.Conv2d(3, 4, 3, stride=2, bias=False),
+            act(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+        )
         self.head = nn.Linear(4, d)
         bn = self.trunk[1]
         bn.running_mean.uniform_(-0.5, 0.5)
@@ -52,9 +59,13 @@ class TinyConvNet(nn.Module):
         return self.head(self.trunk(x))
 
 
-def tiny_images(n: int = 24, c_in: int = 2, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def tiny_images(
+    n: int = 24, c_in: int = 2, classes: int = 3, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, c_in, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, c_in, 5, 5, generator=g, dtype=torch.float64), torch.randint(
+        0, classes, (n,), generator=g
+    )
 
 
 def kron_to_flat(model: nn.Module, curvature: Curvature) -> torch.Tensor:
@@ -65,7 +76,9 @@ def kron_to_flat(model: nn.Module, curvature: Curvature) -> torch.Tensor:
         out, k = layer.weight.shape[0], layer.weight[0].numel()
         cols = k + (layer.bias is not None)
         K = torch.kron(f.G, f.A)  # index o * cols + i
-        perm = [o * cols + i for o in range(out) for i in range(k)] + [o * cols + k for o in range(out) if cols > k]
+        perm = [o * cols + i for o in range(out) for i in range(k)] + [
+            o * cols + k for o in range(out) if cols > k
+        ]
         blocks.append(K[perm][:, perm])
     return torch.block_diag(*blocks)
 
@@ -78,9 +91,13 @@ class UniformKronGGN(KronGGN):
         return torch.ones(B.shape[:2], dtype=B.dtype, device=B.device)
 
 
-def tiny_data(n: int = 24, in_dim: int = 5, classes: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def tiny_data(
+    n: int = 24, in_dim: int = 5, classes: int = 3, seed: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, in_dim, generator=g, dtype=torch.float64), torch.randint(0, classes, (n,), generator=g)
+    return torch.randn(n, in_dim, generator=g, dtype=torch.float64), torch.randint(
+        0, classes, (n,), generator=g
+    )
 
 
 def full_jacobian(model: torch.nn.Module, x: torch.Tensor, names: list[str] | None = None) -> torch.Tensor:
@@ -92,7 +109,7 @@ def full_jacobian(model: torch.nn.Module, x: torch.Tensor, names: list[str] | No
     def f(theta: torch.Tensor) -> torch.Tensor:
         p, i = {}, 0
         for k in names:
-            p[k] = theta[i:i + params[k].numel()].reshape(params[k].shape)
+            p[k] = theta[i : i + params[k].numel()].reshape(params[k].shape)
             i += params[k].numel()
         return functional_call(model, {**{k: v.detach() for k, v in params.items()}, **p}, (x,))
 
@@ -100,7 +117,9 @@ def full_jacobian(model: torch.nn.Module, x: torch.Tensor, names: list[str] | No
     return J.reshape(-1, flat.numel())
 
 
-def autograd_output_hessian(F: torch.Tensor, y: torch.Tensor, part: str = "all", cfg=None, reducer=None) -> torch.Tensor:
+def autograd_output_hessian(
+    F: torch.Tensor, y: torch.Tensor, part: str = "all", cfg=None, reducer=None
+) -> torch.Tensor:
     """Hessian [B*d, B*d] of PML's ContrastiveLoss (AvgNonZeroReducer, or `reducer`, e.g. SumReducer())
     w.r.t. the embeddings, the pairs fixed to what the training miner yields; part='pos' keeps only
     the positive pairs."""
@@ -108,8 +127,10 @@ def autograd_output_hessian(F: torch.Tensor, y: torch.Tensor, part: str = "all",
     loss_fn, miner = make_loss_and_miner(cfg)
     if reducer is not None:
         from pytorch_metric_learning import losses
-        loss_fn = losses.ContrastiveLoss(pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin,
-                                         distance=loss_fn.distance, reducer=reducer)
+
+        loss_fn = losses.ContrastiveLoss(
+            pos_margin=cfg.pos_margin, neg_margin=cfg.neg_margin, distance=loss_fn.distance, reducer=reducer
+        )
     a, p, n = miner(F, y)
     if part == "pos":
         e = a[:0]
@@ -125,7 +146,7 @@ def brute_ggn(model, x, y, m: int, part: str = "all", names=None, cfg=None, redu
     `reducer` as in `autograd_output_hessian`)."""
     H = None
     for s in range(0, len(y) - 1, m):
-        xb, yb = x[s:s + m], y[s:s + m]
+        xb, yb = x[s : s + m], y[s : s + m]
         if len(yb) < 2:
             continue
         J = full_jacobian(model, xb, names)
@@ -167,8 +188,18 @@ class LastLayerDiagGGN(DiagGGN):
 
 # The paper preset's full GGN (D = 13,410, Fashion-MNIST, 15 epochs): count of eigenvalues above t,
 # from an exact eigvalsh; the marglik optimum there is delta = 1.638 (||theta||^2 = 462.9).
-PAPER_SPECTRUM_COUNTS = ((1e4, 1), (1e3, 15), (1e2, 63), (10, 207), (1, 673), (0.1, 2102), (1e-2, 4500),
-                         (1e-3, 6906), (1e-4, 8425), (1e-5, 9304))
+PAPER_SPECTRUM_COUNTS = (
+    (1e4, 1),
+    (1e3, 15),
+    (1e2, 63),
+    (10, 207),
+    (1, 673),
+    (0.1, 2102),
+    (1e-2, 4500),
+    (1e-3, 6906),
+    (1e-4, 8425),
+    (1e-5, 9304),
+)
 PAPER_D, PAPER_THETA_SQ = 13410, 462.9
 
 
@@ -176,6 +207,7 @@ def paper_like_spectrum(D: int) -> torch.Tensor:
     """D eigenvalues [descending, float64] with the paper GGN's shape: log lambda interpolated linearly in
     log(rank) through PAPER_SPECTRUM_COUNTS with ranks scaled by D / 13,410, zero below the last."""
     import numpy as np
+
     ranks = np.array([c for _, c in PAPER_SPECTRUM_COUNTS], dtype=float) * D / PAPER_D
     logs = np.log([t for t, _ in PAPER_SPECTRUM_COUNTS])
     i = np.arange(1, D + 1, dtype=float)

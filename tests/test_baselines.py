@@ -1,5 +1,6 @@
 """MC dropout and deep ensemble baselines: stochastic passes, member seeds and weights, Procrustes
 alignment, cache reuse, determinism, and an end-to-end smoke run."""
+
 from __future__ import annotations
 
 import copy
@@ -13,17 +14,16 @@ import torch
 
 from bench.alignment import Alignment, fit_procrustes
 from bench.config import apply_overrides, preset_config
-from bench.errors import BenchError
-from backbones.mlp import EmbeddingNet
 from bench.data import load_benchmark
+from bench.errors import BenchError
 from bench.method import EmbeddingPrediction, FitContext
 from bench.model import build_model
-from bench.registry import METHODS
-from bench.timing import StageTimer
 from bench.model_cache import ModelCache
+from bench.timing import StageTimer
 from methods.deep_ensemble import DeepEnsemble, member_seed, member_seeds
 from methods.mc_dropout import MASK_SEED_OFFSET, MCDropout, mc_samples, seeded_dropout
 from tests.fit_helpers import CPU, fit_method, predict_on, run_device
+
 
 def random_orthogonal(d: int, seed: int, det: float) -> torch.Tensor:
     """A random orthogonal d x d matrix with determinant `det` (+1 rotation, -1 reflection)."""
@@ -67,6 +67,7 @@ def test_mc_dropout_chunked_query_set_draws_one_mask_stream(smoke, cache_root):
     (one stream across the chunks, not one re-seeded per chunk), deterministically; the first chunk's
     draws equal those of the query set predicted in one call."""
     from bench.runner import predict_split
+
     cfg, data = smoke
     m, _, _ = fit_method("mc_dropout", cfg, data, cache_root)
     x = data.test_id.x[:40]
@@ -79,6 +80,7 @@ def test_mc_dropout_chunked_query_set_draws_one_mask_stream(smoke, cache_root):
     torch.testing.assert_close(p.samples[:, :20], whole.samples)
     assert not torch.allclose(p.samples[:, :20], p.samples[:, 20:])  # re-seeding per chunk made them equal
     assert m._stream is None  # the stream ends with the query set
+
 
 def test_stochastic_passes_differ_when_active_and_match_eval_mode_otherwise():
     net = build_model(preset_config("smoke"), (8,), seed=3, dropout=0.2).eval()
@@ -126,7 +128,9 @@ def test_moments_match_numpy():
 def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     cfg, data = smoke
     m1, cache1, timer1 = fit_method("mc_dropout", cfg, data, cache_root)
-    assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [MCDropout.option(cfg, "dropout")] * len(cfg.hidden)
+    assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [
+        MCDropout.option(cfg, "dropout")
+    ] * len(cfg.hidden)
     x = data.test_id.x
     with torch.no_grad():
         p1, p1b = predict_on(m1, x), predict_on(m1, x)
@@ -144,8 +148,12 @@ def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     assert m1.mask_seed == 0 * 1_000_003 + MASK_SEED_OFFSET
     with torch.no_grad():
         dev = run_device()
-        other = mc_samples(m1.model, x.to(dev), MCDropout.option(cfg, "dropout_passes"),
-                           torch.Generator(device=dev).manual_seed(1_000_003 + MASK_SEED_OFFSET)).cpu()
+        other = mc_samples(
+            m1.model,
+            x.to(dev),
+            MCDropout.option(cfg, "dropout_passes"),
+            torch.Generator(device=dev).manual_seed(1_000_003 + MASK_SEED_OFFSET),
+        ).cpu()
     assert not torch.equal(other.mean(0), p1.mean)
 
 
@@ -156,6 +164,7 @@ def test_mc_dropout_rejects_zero_rate(smoke, tmp_path):
 
 
 # ---------------------------------------------------------------- alignment
+
 
 @pytest.mark.parametrize("det", [1.0, -1.0])
 @pytest.mark.parametrize("d", [2, 5])
@@ -215,8 +224,15 @@ def test_ensemble_alignment_removes_isometric_disagreement(smoke, cache_root):
         copies.append(net)
     nets = dict(zip(member_seeds(0, 3), copies))
     timer = StageTimer(CPU)
-    ctx = FitContext(cfg=cfg, data=data, device=CPU, timer=timer, method="deep_ensemble",
-                     train_model=lambda seed, dropout=0.0, charge_to=None: nets[seed], seed=0)
+    ctx = FitContext(
+        cfg=cfg,
+        data=data,
+        device=CPU,
+        timer=timer,
+        method="deep_ensemble",
+        train_model=lambda seed, dropout=0.0, charge_to=None: nets[seed],
+        seed=0,
+    )
     ens = DeepEnsemble(cfg)
     ens.fit(ctx)
     x = data.test_id.x
@@ -233,13 +249,14 @@ def test_ensemble_alignment_removes_isometric_disagreement(smoke, cache_root):
 
 # ---------------------------------------------------------------- deep ensemble
 
+
 def test_member_seeds_deterministic_and_distinct():
     s = member_seeds(0, 5)
     assert s[0] == 0 and len(set(s)) == 5 and s == member_seeds(0, 5)
     assert member_seeds(3, 3)[0] == 3
     firsts = {member_seed(seed, m) for seed in range(20) for m in range(1, 6)}
     assert len(firsts) == 100 and not firsts & set(range(20))  # no collisions with small run seeds
-    assert all(0 <= v < 2 ** 31 for v in firsts)
+    assert all(0 <= v < 2**31 for v in firsts)
 
 
 def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke, cache_root):
@@ -255,8 +272,11 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
     # member 0 is the base model: same cache entry as plain's base
     base, _, _ = ModelCache(cache_root, cfg, data.train_id, run_device()).get(cfg.seed, 0.0)
     assert all(torch.equal(base.state_dict()[k], sd[0][k]) for k in sd[0])
-    seconds = [info["seconds"] for info in cache1.used.values() if info["key"]["dropout"] == 0.0
-               and info["key"]["seed"] in e1.seeds]
+    seconds = [
+        info["seconds"]
+        for info in cache1.used.values()
+        if info["key"]["dropout"] == 0.0 and info["key"]["seed"] in e1.seeds
+    ]
     assert len(seconds) == DeepEnsemble.option(cfg, "ensemble_size")
     assert timer1.for_method("deep_ensemble")["train"] >= sum(seconds)  # sum of members (+ alignment)
 
@@ -278,25 +298,47 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
 
 # ---------------------------------------------------------------- end to end
 
+
 def test_cli_smoke_run_plain_mc_dropout_deep_ensemble(tmp_path, capsys):
     from bench.cli import main
 
     out = tmp_path / "runs"
-    rc = main(["run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain,mc_dropout,deep_ensemble",
-               "--out", str(out), "--no-report", "--quiet"])
+    rc = main(
+        [
+            "run",
+            "--preset",
+            "smoke",
+            "--dataset",
+            "synthetic",
+            "--methods",
+            "plain,mc_dropout,deep_ensemble",
+            "--out",
+            str(out),
+            "--no-report",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     (run_dir,) = [d for d in out.iterdir() if d.is_dir() and d.name != "cache"]
     res = pd.read_csv(run_dir / "results.csv")
     assert set(res["method"]) == {"plain", "mc_dropout", "deep_ensemble"}
     tim = pd.read_csv(run_dir / "timings.csv")
     stages = {(m, s) for m, s in zip(tim["method"], tim["stage"])}
-    assert {("mc_dropout", "train"), ("mc_dropout", "predict"), ("deep_ensemble", "train"),
-            ("deep_ensemble", "predict"), ("base", "train")} <= stages
+    assert {
+        ("mc_dropout", "train"),
+        ("mc_dropout", "predict"),
+        ("deep_ensemble", "train"),
+        ("deep_ensemble", "predict"),
+        ("base", "train"),
+    } <= stages
     for name in ("mc_dropout", "deep_ensemble"):
         npz = np.load(run_dir / "perquery" / f"{name}-seed0.npz")
         assert npz["id_var"].shape == npz["id_mean"].shape
         assert all(f"ood_{k}_var" in npz for k in ("heldout", "noise"))
     # base + dropout net + the ensemble's members (trained side by side, member 0 as the base's twin)
     import json
+
     meta = json.loads((run_dir / "config.json").read_text())
-    assert meta["failures"] == [] and meta["models_trained"] == 1 + 1 + DeepEnsemble.option(preset_config("smoke"), "ensemble_size")
+    assert meta["failures"] == [] and meta["models_trained"] == 1 + 1 + DeepEnsemble.option(
+        preset_config("smoke"), "ensemble_size"
+    )

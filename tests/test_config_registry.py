@@ -1,4 +1,5 @@
 """Config presets, overrides and validation; the plugin registries."""
+
 import pytest
 
 from bench.cli import build_parser, config_from_args
@@ -25,9 +26,27 @@ def test_paper_preset_is_the_seed_protocol():
 
 
 def test_cli_flags_override_preset():
-    args = build_parser().parse_args(["run", "--preset", "paper", "--epochs", "3", "--batch-size", "8",
-                                      "--methods", "plain,full_la", "--seed", "4", "--device", "cpu",
-                                      "--set", "hidden=8,8", "--set", "prior_precision=2.5"])
+    args = build_parser().parse_args(
+        [
+            "run",
+            "--preset",
+            "paper",
+            "--epochs",
+            "3",
+            "--batch-size",
+            "8",
+            "--methods",
+            "plain,full_la",
+            "--seed",
+            "4",
+            "--device",
+            "cpu",
+            "--set",
+            "hidden=8,8",
+            "--set",
+            "prior_precision=2.5",
+        ]
+    )
     cfg = config_from_args(args)
     assert cfg.epochs == 3 and cfg.batch_size == 8 and cfg.seed == 4 and cfg.device == "cpu"
     assert cfg.methods == ("plain", "full_la") and cfg.hidden == (8, 8)
@@ -36,6 +55,7 @@ def test_cli_flags_override_preset():
 
 def test_every_field_can_be_set_from_the_command_line():
     from dataclasses import fields
+
     for f in fields(RunConfig):
         default = getattr(RunConfig(), f.name)
         text = ",".join(map(str, default)) if isinstance(default, tuple) else str(default)
@@ -44,16 +64,19 @@ def test_every_field_can_be_set_from_the_command_line():
         assert parse_value(f.name, text) == default, f.name
 
 
-@pytest.mark.parametrize("flags, fragment", [
-    (["--epochs", "-1"], "epochs must be >= 1"),
-    (["--epochs", "abc"], "bad value 'abc' for epochs"),
-    (["--batch-size", "1"], "batch-size must be >= 2"),
-    (["--set", "ks=0,5"], "every K must be >= 1"),
-    (["--set", "nonsense=1"], "unknown config field"),
-    (["--set", "far_ood=mnist_ood,synthetic_noise", "--set", "hidden=0"], "hidden widths must be >= 1"),
-    (["--preset", "huge"], "unknown preset 'huge'"),
-    (["--device", "tpu"], "device must be"),
-])
+@pytest.mark.parametrize(
+    "flags, fragment",
+    [
+        (["--epochs", "-1"], "epochs must be >= 1"),
+        (["--epochs", "abc"], "bad value 'abc' for epochs"),
+        (["--batch-size", "1"], "batch-size must be >= 2"),
+        (["--set", "ks=0,5"], "every K must be >= 1"),
+        (["--set", "nonsense=1"], "unknown config field"),
+        (["--set", "far_ood=mnist_ood,synthetic_noise", "--set", "hidden=0"], "hidden widths must be >= 1"),
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--device", "tpu"], "device must be"),
+    ],
+)
 def test_bad_flags_raise_one_line(flags, fragment):
     with pytest.raises(BenchError) as e:
         config_from_args(build_parser().parse_args(["run", *flags]))
@@ -96,12 +119,19 @@ def test_method_options_are_set_from_the_command_line():
     """A method declares its options; `--set` reaches them without RunConfig knowing the method."""
     from methods.hib import HedgedInstanceEmbedding
 
-    args = build_parser().parse_args(["run", "--preset", "smoke", "--set", "hib_samples=4", "--set", "epochs=2"])
+    args = build_parser().parse_args(
+        ["run", "--preset", "smoke", "--set", "hib_samples=4", "--set", "epochs=2"]
+    )
     cfg = config_from_args(args)
     assert dict(cfg.method_options)["hib_samples"] == 4 and cfg.epochs == 2
-    assert dict(cfg.method_options)["ensemble_size"] == 2  # the smoke preset sets deep_ensemble's option by name
+    assert (
+        dict(cfg.method_options)["ensemble_size"] == 2
+    )  # the smoke preset sets deep_ensemble's option by name
     assert HedgedInstanceEmbedding.option(cfg, "hib_samples") == 4
-    assert HedgedInstanceEmbedding.option(cfg, "hib_kl_weight") == HedgedInstanceEmbedding.options["hib_kl_weight"].default
+    assert (
+        HedgedInstanceEmbedding.option(cfg, "hib_kl_weight")
+        == HedgedInstanceEmbedding.options["hib_kl_weight"].default
+    )
     assert cfg.digest() != preset_config("smoke").replace(epochs=2).digest()
     with pytest.raises(BenchError, match="bad value 'x' for hib_samples"):
         config_from_args(build_parser().parse_args(["run", "--set", "hib_samples=x"]))

@@ -1,5 +1,6 @@
 """The Hessian hot path against brute force: explicit jacrev Jacobians and autograd Hessians of PML's
 ContrastiveLoss, float64 on tiny nets; laplace-torch for the JtJ option."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,14 +11,20 @@ from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import accumulate
 from bench.la.memory import check_full_memory
-from bench.la.rank_k import SymmetricAccumulator
-from bench.loss import PairLoss
 from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature, pair_hessians
-from bench.loss import mined_pair_counts
+from bench.la.rank_k import SymmetricAccumulator
 from bench.la.structures import compute_curvature
-from bench.loss import make_loss_and_miner
-from tests.laplace_helpers import (ExactGGN, LastLayerDiagGGN, autograd_output_hessian, brute_ggn, full_jacobian,
-                                   rel_err, tiny_data, tiny_net)
+from bench.loss import PairLoss, make_loss_and_miner, mined_pair_counts
+from tests.laplace_helpers import (
+    ExactGGN,
+    LastLayerDiagGGN,
+    autograd_output_hessian,
+    brute_ggn,
+    full_jacobian,
+    rel_err,
+    tiny_data,
+    tiny_net,
+)
 
 M = 8  # mining batch
 
@@ -34,8 +41,12 @@ def test_pair_counts_match_pml_miner(miner_type):
     _, miner = make_loss_and_miner(cfg)
     a, p, n = miner(F, y)
     Cp, Cn = mined_pair_counts(F[None], y[None], cfg.miner_margin, miner_type)
-    ref_p = torch.zeros(14, 14, dtype=torch.float64).index_put_((a, p), torch.ones(len(a), dtype=torch.float64), accumulate=True)
-    ref_n = torch.zeros(14, 14, dtype=torch.float64).index_put_((a, n), torch.ones(len(a), dtype=torch.float64), accumulate=True)
+    ref_p = torch.zeros(14, 14, dtype=torch.float64).index_put_(
+        (a, p), torch.ones(len(a), dtype=torch.float64), accumulate=True
+    )
+    ref_n = torch.zeros(14, 14, dtype=torch.float64).index_put_(
+        (a, n), torch.ones(len(a), dtype=torch.float64), accumulate=True
+    )
     assert torch.equal(Cp[0], ref_p) and torch.equal(Cn[0], ref_n)
 
 
@@ -129,11 +140,13 @@ def test_last_layer_closed_form_jacobian():
 
 def test_jtj_equals_laplace_torch_full_h():
     from laplace import Laplace
+
     model, (x, _) = tiny_net(), tiny_data(30)
     y = torch.zeros(30, dtype=torch.long)
     curv = compute_curvature(model, x, y, structure="full", hessian="jtj", mining_batch=M)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(30, 2, dtype=torch.float64)),
-                                         batch_size=7)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.zeros(30, 2, dtype=torch.float64)), batch_size=7
+    )
     la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="full")
     la.fit(loader)
     assert rel_err(curv.H, la.H.double()) < 1e-6  # laplace-torch accumulates partly in float32
@@ -196,7 +209,9 @@ def test_linear_closed_form_jacobian_declines_what_it_cannot_do():
     assert jac.linear_jacobian(model, x, names) is None
     ref = full_jacobian(model, x, names).reshape(6, 2, -1)
     assert rel_err(jac.subset_jacobian(model, x, "all", names), ref) < 1e-12  # falls back to jacrev
-    bn = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(4, 2))
+    bn = torch.nn.Sequential(
+        torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4, affine=False), torch.nn.Linear(4, 2)
+    )
     bn = bn.double()
     assert jac.linear_jacobian(bn, x, jac.subset_names(bn, "all")) is None  # items coupled in train mode
     assert jac.linear_jacobian(bn.eval(), x, jac.subset_names(bn, "all")) is not None
@@ -214,9 +229,11 @@ def test_normalised_pair_hessian_matches_autograd():
     pairs = [(0, 1), (2, 5), (3, 0), (4, 2)]
     H = normalised_pair_hessians(F[[i for i, _ in pairs]], F[[j for _, j in pairs]])
     for k, (i, j) in enumerate(pairs):
+
         def dist(z):
             a, b = z[:2], z[2:]
             return (a / a.norm() - b / b.norm()).norm()
+
         ref = torch.autograd.functional.hessian(dist, torch.cat([F[i], F[j]]))
         assert torch.allclose(H[k], ref, atol=1e-10)
     assert torch.linalg.eigvalsh(H).min() < -1e-6  # indefinite even as a positive pair's block
@@ -227,20 +244,25 @@ def test_cosine_block_laplacian_is_the_pml_loss_hessian(seed):
     """Kept + dropped (per-pair PSD / NSD parts of the 2d x 2d blocks) equals autograd's Hessian of
     PML's batch loss with its default (normalised) LpDistance; the kept part is PSD."""
     F, y = _emb(12, seed)
-    pc = contrastive_pair_curvature(F[None], y[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2,
-                                    distance="cosine")
+    pc = contrastive_pair_curvature(
+        F[None], y[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2, distance="cosine"
+    )
     Lp, Ld = clamped_laplacians(pc)
     H = autograd_output_hessian(F, y, cfg=COSINE)
     assert H.abs().max() > 0
     assert rel_err(Lp[0] + Ld[0], H) < 1e-10
     assert torch.linalg.eigvalsh(Lp[0]).min() > -1e-10 and torch.linalg.eigvalsh(Ld[0]).max() < 1e-10
     kept, dropped = pc.output_traces()
-    assert kept == pytest.approx(float(Lp[0].trace()) / 2) and dropped == pytest.approx(-float(Ld[0].trace()) / 2)
+    assert kept == pytest.approx(float(Lp[0].trace()) / 2) and dropped == pytest.approx(
+        -float(Ld[0].trace()) / 2
+    )
     # each pair's own kept block is the PSD part of s w hess d: check one pair against eigh of autograd's
     bi, ai, bj = (t[0] for t in pc.pair_index)
     w = float(pc.W_pos[bi, ai, bj] - pc.W_neg[bi, ai, bj])  # signed weight
     z = torch.cat([F[ai], F[bj]])
-    ref = w * torch.autograd.functional.hessian(lambda v: (v[:2] / v[:2].norm() - v[2:] / v[2:].norm()).norm(), z)
+    ref = w * torch.autograd.functional.hessian(
+        lambda v: (v[:2] / v[:2].norm() - v[2:] / v[2:].norm()).norm(), z
+    )
     ev, V = torch.linalg.eigh(ref)
     assert torch.allclose(pc.B_kept[0], (V * ev.clamp_min(0)) @ V.T, atol=1e-10)
 
@@ -258,7 +280,7 @@ def test_cosine_ggn_matches_brute_force():
     diag = compute_curvature(model, x, y, structure="diag", mining_batch=M, loss=loss).H
     assert rel_err(diag, full.H.diagonal()) < 1e-12
     ll = compute_curvature(model, x, y, structure="last_layer", mining_batch=M, loss=loss)
-    assert rel_err(ll.H, full.H[-ll.D:, -ll.D:]) < 1e-12
+    assert rel_err(ll.H, full.H[-ll.D :, -ll.D :]) < 1e-12
 
 
 def test_kron_refuses_the_cosine_ggn_in_one_line():
@@ -266,4 +288,6 @@ def test_kron_refuses_the_cosine_ggn_in_one_line():
     with pytest.raises(BenchError, match="distance=euclidean") as e:
         compute_curvature(model, x, y, structure="kron", mining_batch=M, loss=PairLoss(distance="cosine"))
     assert "\n" not in str(e.value)
-    compute_curvature(model, x, y, structure="kron", hessian="jtj", mining_batch=M, loss=PairLoss(distance="cosine"))
+    compute_curvature(
+        model, x, y, structure="kron", hessian="jtj", mining_batch=M, loss=PairLoss(distance="cosine")
+    )

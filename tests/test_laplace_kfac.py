@@ -2,6 +2,7 @@
 exactness where KFAC is exact (one item at one location; KFAC-reduce on a linear tail), curvlinops' KFAC
 where the conventions agree, the pair formula against an explicit loop over pairs, and the last layer's
 factors against the exact GGN block with many pairs."""
+
 from __future__ import annotations
 
 import pytest
@@ -11,11 +12,19 @@ from torch import nn
 from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import KronGGN, accumulate
-from bench.loss import PairLoss
 from bench.la.pairs import clamped_laplacians, contrastive_pair_curvature
 from bench.la.structures import compute_curvature
-from tests.laplace_helpers import (TinyConvNet, UniformKronGGN, full_jacobian, kron_to_flat, rel_err, tiny_data,
-                                   tiny_images, tiny_net)
+from bench.loss import PairLoss
+from tests.laplace_helpers import (
+    TinyConvNet,
+    UniformKronGGN,
+    full_jacobian,
+    kron_to_flat,
+    rel_err,
+    tiny_data,
+    tiny_images,
+    tiny_net,
+)
 
 M = 8  # mining batch
 
@@ -25,8 +34,16 @@ def _layer_mask(model, curv):
     return torch.block_diag(*[torch.ones(b, b, dtype=torch.float64) for b in sizes])
 
 
-@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2), dict(padding="same", dilation=2),
-                                dict(padding="same", kernel_size=2), dict(padding=(0, 1), stride=(1, 2))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(padding=1),
+        dict(stride=2),
+        dict(padding="same", dilation=2),
+        dict(padding="same", kernel_size=2),
+        dict(padding=(0, 1), stride=(1, 2)),
+    ],
+)
 def test_conv_patches_reproduce_the_convolution(kw):
     kw = {"kernel_size": 3, **kw}
     conv = nn.Conv2d(2, 3, **kw).double()
@@ -64,7 +81,9 @@ def test_kron_is_exact_for_one_item_jtj_mlp():
     """KFAC of J^T J is exact for a single item (G = B^T B, A = a a^T), block-diagonal over layers."""
     model, (x, _) = tiny_net(), tiny_data(1)
     x2, ref = _jtj_of_one_item(model, x)
-    kr = compute_curvature(model, x2, torch.zeros(2, dtype=torch.long), structure="kron", hessian="jtj", mining_batch=2)
+    kr = compute_curvature(
+        model, x2, torch.zeros(2, dtype=torch.long), structure="kron", hessian="jtj", mining_batch=2
+    )
     assert rel_err(kron_to_flat(model, kr), ref * _layer_mask(model, kr)) < 1e-10
 
 
@@ -73,7 +92,9 @@ def test_kron_is_exact_for_one_item_at_one_location_conv():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Tanh(), nn.Flatten(), nn.Linear(3, 2)).double().eval()
     x2, ref = _jtj_of_one_item(model, torch.randn(1, 2, 3, 3, dtype=torch.float64))
-    kr = compute_curvature(model, x2, torch.zeros(2, dtype=torch.long), structure="kron", hessian="jtj", mining_batch=2)
+    kr = compute_curvature(
+        model, x2, torch.zeros(2, dtype=torch.long), structure="kron", hessian="jtj", mining_batch=2
+    )
     assert rel_err(kron_to_flat(model, kr), ref * _layer_mask(model, kr)) < 1e-10
 
 
@@ -81,12 +102,16 @@ def test_kfac_reduce_is_exact_for_one_item_on_a_linear_tail():
     """Conv2d -> average pool -> Linear: B_s is the same at every location, J = (sum_s B_s) (x) mean_s U_s,
     so KFAC-reduce is exact for one item (Eschenhagen et al. 2023) while KFC-expand is not."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                          nn.Linear(3, 2)).double().eval()
+    model = (
+        nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+        .double()
+        .eval()
+    )
     x2, ref = _jtj_of_one_item(model, torch.randn(1, 2, 4, 4, dtype=torch.float64))
     y2 = torch.zeros(2, dtype=torch.long)
-    reduce = compute_curvature(model, x2, y2, structure="kron", hessian="jtj", mining_batch=2,
-                               accumulator_options={"reduce": True})
+    reduce = compute_curvature(
+        model, x2, y2, structure="kron", hessian="jtj", mining_batch=2, accumulator_options={"reduce": True}
+    )
     mask = _layer_mask(model, reduce)
     assert rel_err(kron_to_flat(model, reduce), ref * mask) < 1e-10
     expand = compute_curvature(model, x2, y2, structure="kron", hessian="jtj", mining_batch=2)
@@ -104,9 +129,16 @@ def test_uniform_weights_equal_curvlinops_kfac(approx):
     curv = accumulate(acc, x, y, hessian="jtj", mining_batch=M)
     assert curv.stats["excluded_params"] == 6  # BatchNorm's weight and bias stay at theta_MAP
     params = [p for n, p in model.named_parameters() if n in curv.names]
-    kfac = KFACLinearOperator(model, nn.MSELoss(reduction="sum"), params, [(x, torch.zeros(16, 2, dtype=torch.float64))],
-                              fisher_type=FisherType.TYPE2, separate_weight_and_bias=False, check_deterministic=False,
-                              kfac_approx=KFACType.EXPAND if approx == "expand" else KFACType.REDUCE)
+    kfac = KFACLinearOperator(
+        model,
+        nn.MSELoss(reduction="sum"),
+        params,
+        [(x, torch.zeros(16, 2, dtype=torch.float64))],
+        fisher_type=FisherType.TYPE2,
+        separate_weight_and_bias=False,
+        check_deterministic=False,
+        kfac_approx=KFACType.EXPAND if approx == "expand" else KFACType.REDUCE,
+    )
     kfac.compute_kronecker_factors()
     for name, f in zip(["trunk.0", "trunk.3", "head"], curv.kron):
         assert rel_err(f.G, kfac._gradient_covariances[name] / 2) < 1e-10
@@ -137,7 +169,7 @@ def test_ggn_factors_match_an_explicit_loop_over_pairs_and_locations():
     sums = [[0, 0, 0.0] for _ in layers]
     pairs = 0
     for b in range(0, 16, M):
-        xb, yb = x[b:b + M], y[b:b + M]
+        xb, yb = x[b : b + M], y[b : b + M]
         f, qs = jac.layer_quantities(model, xb, layers)
         pc = contrastive_pair_curvature(f[None], yb[None], pos_margin=0.0, neg_margin=1.0, miner_margin=0.2)
         Lk = clamped_laplacians(pc)[0][0].reshape(M, 2, M, 2)
@@ -175,8 +207,13 @@ def test_last_layer_factors_against_the_exact_block_with_many_pairs():
     phi = torch.cat([model.trunk(x), torch.ones(320, 1, dtype=torch.float64)], 1).detach()
     A_old, n = 0, 0
     for b in range(0, 320, 16):
-        pc = contrastive_pair_curvature(model(x[b:b + 16])[None].detach(), y[b:b + 16][None], pos_margin=0.0,
-                                        neg_margin=1.0, miner_margin=0.2)
+        pc = contrastive_pair_curvature(
+            model(x[b : b + 16])[None].detach(),
+            y[b : b + 16][None],
+            pos_margin=0.0,
+            neg_margin=1.0,
+            miner_margin=0.2,
+        )
         ia, ib = torch.nonzero(torch.triu(pc.W_pos[0] + pc.W_pos[0].T, 1) > 0, as_tuple=True)
         dU = phi[b + ia] - phi[b + ib]
         A_old, n = A_old + dU.T @ dU, n + len(ia)

@@ -1,4 +1,5 @@
 """The four registered Laplace methods fit and predict on the smoke preset (synthetic data)."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,8 +27,15 @@ def setup():
 
 def _fit(cfg, data, model, name):
     timer = StageTimer(run_device())
-    ctx = FitContext(cfg=cfg, data=data, device=run_device(), timer=timer, method=name,
-                     train_model=lambda seed, dropout: model, seed=0)
+    ctx = FitContext(
+        cfg=cfg,
+        data=data,
+        device=run_device(),
+        timer=timer,
+        method=name,
+        train_model=lambda seed, dropout: model,
+        seed=0,
+    )
     method = METHODS.get(name)(cfg)
     method.fit(ctx)
     return method, timer
@@ -41,7 +49,9 @@ def test_laplace_methods_fit_predict(setup, name):
     pred = predict_on(method, data.test_id.x)
     n, d = len(data.test_id), cfg.embed_dim
     assert pred.mean.shape == (n, d) and pred.var.shape == (n, d) and pred.cov.shape == (n, d, d)
-    assert torch.allclose(pred.mean, model(data.test_id.x.to(run_device())).cpu(), atol=1e-6)  # GLM mean is f_MAP
+    assert torch.allclose(
+        pred.mean, model(data.test_id.x.to(run_device())).cpu(), atol=1e-6
+    )  # GLM mean is f_MAP
     assert (pred.var > 0).all() and torch.isfinite(pred.cov).all()
     assert torch.linalg.eigvalsh(pred.cov.double()).min() > -1e-6 * pred.var.max()
     st = timer.for_method(name)
@@ -61,8 +71,13 @@ def test_mc_predictive_and_grid_prior(setup):
     assert a.var.shape == (len(data.test_id), cfg.embed_dim) and (a.var > 0).all()
     tuning = method.diagnostics["tuning"]
     assert method.diagnostics["prior_method"] == "grid" and len(tuning["points"]) >= 5
-    assert tuning["val_source"] == "train_id"  # no val_items: the grid falls back to a calibration split of train_id
-    assert method.diagnostics["prior_precision"] == max(tuning["points"], key=lambda p: p["objective"])["prior_precision"]
+    assert (
+        tuning["val_source"] == "train_id"
+    )  # no val_items: the grid falls back to a calibration split of train_id
+    assert (
+        method.diagnostics["prior_precision"]
+        == max(tuning["points"], key=lambda p: p["objective"])["prior_precision"]
+    )
 
 
 def test_fixed_prior_and_jtj(setup):
@@ -73,12 +88,18 @@ def test_fixed_prior_and_jtj(setup):
     assert method.diagnostics["dropped_curvature_output"] == 0.0
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("hessian", "exact", "hessian must be ggn or jtj"), ("predictive", "laplace", "predictive must be one of glm, lmc, mc"),
-    ("hessian_dtype", "float16", "hessian_dtype must be float32 or float64"),
-    ("prior_precision", "-1", "prior_precision must be a positive number, marglik or grid"),
-    ("prior_precision", "often", "prior_precision must be a positive number"),
-    ("posterior_samples", 1, "posterior_samples must be >= 2"), ("hessian_items", 1, "hessian_items must be >= 2")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("hessian", "exact", "hessian must be ggn or jtj"),
+        ("predictive", "laplace", "predictive must be one of glm, lmc, mc"),
+        ("hessian_dtype", "float16", "hessian_dtype must be float32 or float64"),
+        ("prior_precision", "-1", "prior_precision must be a positive number, marglik or grid"),
+        ("prior_precision", "often", "prior_precision must be a positive number"),
+        ("posterior_samples", 1, "posterior_samples must be >= 2"),
+        ("hessian_items", 1, "hessian_items must be >= 2"),
+    ],
+)
 def test_options_validated_by_the_method(field, value, message):
     cfg = preset_config("smoke").replace(**{field: value})  # the generic config accepts them
     for name in LA:
@@ -107,7 +128,9 @@ def test_full_la_low_rank_option(setup, monkeypatch):
         preds[tol] = predict_on(method, data.test_id.x).cov.double()
         assert method.diagnostics["posterior"] == ("lowrank" if tol else "cholesky")
     L = torch.linalg.cholesky(preds[0.0])
-    M = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, preds[0.3], upper=False).mT, upper=False)
+    M = torch.linalg.solve_triangular(
+        L, torch.linalg.solve_triangular(L, preds[0.3], upper=False).mT, upper=False
+    )
     ratio = torch.linalg.eigvalsh((M + M.mT) / 2)
     assert ratio.min() > 1 - 1e-4 and ratio.max() <= 1.3  # the tolerance bounds Sigma_k / Sigma
     with pytest.raises(BenchError, match="posterior_rank_tol must be"):

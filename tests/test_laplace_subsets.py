@@ -1,6 +1,7 @@
 """`la_subset`: the grammar, which parameters each subset names on an MLP and a CNN, the auto rules per
 structure, the subset Jacobians against columns of the whole net's jacrev Jacobian, and full_la's refusal
 of a matrix that will not fit."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,7 +22,9 @@ def test_la_subset_accepted(value):
     assert preset_config("smoke").replace(la_subset=value).la_subset == value
 
 
-@pytest.mark.parametrize("value", ["heads", "last_k:0", "last_k:", "last_k:-1", "last_k:x", "All", "last_k:2 "])
+@pytest.mark.parametrize(
+    "value", ["heads", "last_k:0", "last_k:", "last_k:-1", "last_k:x", "All", "last_k:2 "]
+)
 def test_la_subset_refused_in_one_line(value):
     with pytest.raises(BenchError, match="la_subset must be one of auto | all | head | last_k:<k>") as e:
         preset_config("smoke").replace(la_subset=value)
@@ -37,8 +40,13 @@ def test_subset_names_on_a_cnn():
     assert subset_names(model, "last_k:1") == ["head.weight", "head.bias"]
     # Linear/Conv2d layers in module order: conv0, conv3 (no bias), head; BatchNorm is not counted
     assert subset_names(model, "last_k:2") == ["trunk.3.weight", "head.weight", "head.bias"]
-    assert subset_names(model, "last_k:3") == ["trunk.0.weight", "trunk.0.bias", "trunk.3.weight",
-                                               "head.weight", "head.bias"]
+    assert subset_names(model, "last_k:3") == [
+        "trunk.0.weight",
+        "trunk.0.bias",
+        "trunk.3.weight",
+        "head.weight",
+        "head.bias",
+    ]
     with pytest.raises(BenchError, match="only 3 Linear/Conv2d layers"):
         subset_names(model, "last_k:4")
     model.trunk[0].weight.requires_grad_(False)  # 'all' = the trainable parameters
@@ -53,11 +61,17 @@ def test_a_model_without_head_uses_its_last_linear():
 @pytest.mark.parametrize("structure", list(STRUCTURES))
 def test_auto_rules(structure):
     cnn, mlp = TinyConvNet(), tiny_net()
-    want = {"full": ("all", "head"), "last_layer": ("last_layer", "last_layer"), "diag": ("all", "all"),
-            "kron": ("all", "all")}[structure]
+    want = {
+        "full": ("all", "head"),
+        "last_layer": ("last_layer", "last_layer"),
+        "diag": ("all", "all"),
+        "kron": ("all", "all"),
+    }[structure]
     assert (resolve_subset(structure, "auto", mlp), resolve_subset(structure, "auto", cnn)) == want
     explicit = resolve_subset(structure, "last_k:2", cnn)
-    assert explicit == ("last_layer" if structure == "last_layer" else "last_k:2")  # last_layer_la: the last Linear
+    assert explicit == (
+        "last_layer" if structure == "last_layer" else "last_k:2"
+    )  # last_layer_la: the last Linear
 
 
 @pytest.mark.parametrize("subset", ["all", "head", "last_k:2", "last_k:3", "last_layer"])
@@ -78,6 +92,7 @@ def test_subset_jacobian_is_columns_of_the_full_jacobian(subset):
 
 def test_last_layer_closed_form_declines_when_the_embedding_is_not_its_output():
     """An L2-normalised embedding: f is not the last Linear's output, so [I (x) phi^T, I] would be wrong."""
+
     class Normalised(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -100,7 +115,7 @@ def test_full_la_refuses_what_will_not_fit_naming_smaller_subsets(monkeypatch):
 
     model = TinyConvNet()
     D_all = sum(p.numel() for p in model.parameters())
-    monkeypatch.setattr(curvature, "available_memory", lambda device: 2 * D_all ** 2 * 8 // 2)  # half of need
+    monkeypatch.setattr(curvature, "available_memory", lambda device: 2 * D_all**2 * 8 // 2)  # half of need
     with pytest.raises(BenchError) as e:
         FullGGN(model, torch.float64, "all")
     msg = str(e.value)
@@ -118,6 +133,8 @@ def test_a_mining_batch_whose_jacobians_cannot_fit_is_one_line(monkeypatch):
 
     model, (x, y) = TinyConvNet(), tiny_images(16)
     monkeypatch.setattr(curvature, "available_memory", lambda device: 1000)
-    with pytest.raises(BenchError, match=r"one mining batch of 8 items needs .* use a smaller la_subset") as e:
+    with pytest.raises(
+        BenchError, match=r"one mining batch of 8 items needs .* use a smaller la_subset"
+    ) as e:
         compute_curvature(model, x, y, structure="diag", mining_batch=8)
     assert "\n" not in str(e.value)

@@ -1,6 +1,7 @@
 """Online Laplace (bench.la.online, methods/online_la.py) against the post-hoc family's curvature, the
 posterior it samples from, PML's miner, and the runner's caching and timing (the resume after a kill:
 tests/test_reliability.py)."""
+
 from __future__ import annotations
 
 import copy
@@ -16,22 +17,20 @@ from bench.data import Dataset, Split, load_benchmark
 from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN
-from bench.loss import PairLoss
 from bench.la.online import OnlineLaplaceNet, OnlineSettings, sample_deviations, steps_per_epoch
 from bench.la.online_batch import batch_curvature, cap_triplets
 from bench.la.online_heads import DiagonalPairs, single_linear
-from bench.la.subsets import la_head
 from bench.la.pairs import contrastive_pair_curvature, pair_hessians
-from bench.loss import mined_pair_counts, mined_triplets
 from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
 from bench.la.spectrum import exact_spectrum
 from bench.la.structures import compute_curvature, get_structure, online_structures
+from bench.la.subsets import la_head
+from bench.loss import PairLoss, make_loss_and_miner, mined_pair_counts, mined_triplets
 from bench.method import FitContext
+from bench.model_cache import model_key
 from bench.registry import METHODS
 from bench.timing import StageTimer
-from bench.loss import make_loss_and_miner
-from bench.model_cache import model_key
 from bench.train import train_net
 from methods.online_la import OnlineStep
 from tests.fit_helpers import fit_method, predict_on, run_device
@@ -63,23 +62,33 @@ def _with_head(net: torch.nn.Module, theta: dict[str, torch.Tensor]) -> torch.nn
     return net
 
 
-@pytest.mark.parametrize("structure, distance", [("diag", "euclidean"), ("last_layer", "euclidean"),
-                                                 ("diag", "cosine")])
+@pytest.mark.parametrize(
+    "structure, distance", [("diag", "euclidean"), ("last_layer", "euclidean"), ("diag", "cosine")]
+)
 def test_accumulated_curvature_is_the_post_hoc_ggn_of_the_same_weights_and_batches(structure, distance):
     """Zero learning rate, memory 1, a tiny posterior spread (samples = weights): after one epoch of the real
     training loop the online H is diag_la's / last_layer_la's GGN over the same batches (the training order;
     44 items, so the last batch has 4), restricted to the head."""
     x, y = tiny_data(n=44)
     cfg = _cfg(lr=1e-30, distance=distance)
-    s = OnlineSettings(structure=structure, memory=1.0, prior=1e16, marglik_every=0, dtype="float64",
-                       distance=distance)
+    s = OnlineSettings(
+        structure=structure, memory=1.0, prior=1e16, marglik_every=0, dtype="float64", distance=distance
+    )
     model = _online(s, len(y))
     before = copy.deepcopy(model.net)
     train_net(model, OnlineStep(cfg, s, len(y), seed=3), cfg, Split(x, y), CPU, seed=5)
     assert all(torch.equal(a, b) for a, b in zip(before.parameters(), model.net.parameters()))
     H = model.curvature(steps_per_epoch(len(y), B)).H
-    ref = compute_curvature(before, x, y, structure="diag" if structure == "diag" else "full", mining_batch=B,
-                            chunk=64, generator=torch.Generator().manual_seed(5), loss=PairLoss.from_config(cfg))
+    ref = compute_curvature(
+        before,
+        x,
+        y,
+        structure="diag" if structure == "diag" else "full",
+        mining_batch=B,
+        chunk=64,
+        generator=torch.Generator().manual_seed(5),
+        loss=PairLoss.from_config(cfg),
+    )
     expected = _head_entries(model, ref.H)
     assert expected.abs().sum() > 0
     torch.testing.assert_close(H, expected, rtol=1e-6, atol=1e-12)
@@ -96,8 +105,10 @@ def test_accumulated_kronecker_factors_are_the_post_hoc_factors_of_the_same_batc
     train_net(model, OnlineStep(cfg, s, len(y), seed=3), cfg, Split(x, y), CPU, seed=5)
     (f,) = model.curvature(steps_per_epoch(len(y), B)).kron
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(5))
-    per_batch = [compute_curvature(before, x[i], y[i], structure="kron", mining_batch=B).kron[-1]
-                 for i in perm.split(B)]
+    per_batch = [
+        compute_curvature(before, x[i], y[i], structure="kron", mining_batch=B).kron[-1]
+        for i in perm.split(B)
+    ]
     torch.testing.assert_close(f.G, sum(k.G for k in per_batch), rtol=1e-6, atol=1e-12)
     torch.testing.assert_close(f.A, sum(k.A for k in per_batch) / len(per_batch), rtol=1e-6, atol=1e-12)
 
@@ -109,7 +120,7 @@ def _pml_lam_factor(F: torch.Tensor, y: torch.Tensor, n_train: int) -> float:
     if len(a) <= 1:  # PML's zero loss: no curvature
         return 0.0
     active = int(((F[a] - F[p]).norm(dim=1) > 0).sum())
-    return active * n_train ** 2 / (2 * len(a))
+    return active * n_train**2 / (2 * len(a))
 
 
 @pytest.mark.parametrize("scaling", ["gibbs", "lam"])
@@ -124,17 +135,22 @@ def test_running_curvature_weights_each_batch_ggn_at_its_sample_by_the_memory_fa
     step = OnlineStep(_cfg(), s, n, seed=0)
     terms, at_mu = [], []
     for b in range(n // B):
-        xb, yb = x[b * B:(b + 1) * B], y[b * B:(b + 1) * B]
+        xb, yb = x[b * B : (b + 1) * B], y[b * B : (b + 1) * B]
         step(model, xb, yb)
         probe = _with_head(model.net, {k: v[0] for k, v in step.last_samples.items()})
         h = _head_entries(model, compute_curvature(probe, xb, yb, structure="diag", mining_batch=B).H)
         c = 1.0 if scaling == "gibbs" else _pml_lam_factor(probe(xb).detach(), yb, n)
         terms.append(c * h)
-        at_mu.append(c * _head_entries(model, compute_curvature(model.net, xb, yb, structure="diag", mining_batch=B).H))
+        at_mu.append(
+            c * _head_entries(model, compute_curvature(model.net, xb, yb, structure="diag", mining_batch=B).H)
+        )
     T = len(terms)
     w = torch.tensor([m ** (T - 1 - t) for t in range(T)], dtype=torch.float64)
-    combine = lambda hs: (steps_per_epoch(n, B) * sum(wt * h for wt, h in zip(w, hs)) / w.sum() if scaling == "gibbs"
-                          else m ** T * n + sum(wt * h for wt, h in zip(w, hs)))
+    combine = lambda hs: (
+        steps_per_epoch(n, B) * sum(wt * h for wt, h in zip(w, hs)) / w.sum()
+        if scaling == "gibbs"
+        else m**T * n + sum(wt * h for wt, h in zip(w, hs))
+    )
     H = model.curvature(steps_per_epoch(n, B)).H
     torch.testing.assert_close(H, combine(terms), rtol=1e-9, atol=1e-9)
     assert not torch.allclose(H, combine(at_mu), rtol=1e-3), "the curvature must be taken at the samples"
@@ -166,10 +182,10 @@ def test_sampling_uses_the_current_posterior(structure):
     step = OnlineStep(_cfg(), s, len(y), seed=1)
     nb = steps_per_epoch(len(y), B)
     for b in range(3):
-        step(model, x[b * B:(b + 1) * B], y[b * B:(b + 1) * B])
+        step(model, x[b * B : (b + 1) * B], y[b * B : (b + 1) * B])
     g = torch.Generator().set_state(step.generator.get_state())
     expected = model.posterior(nb).sample_params(1, g)
-    step(model, x[3 * B:4 * B], y[3 * B:4 * B])
+    step(model, x[3 * B : 4 * B], y[3 * B : 4 * B])
     for k, v in expected.items():
         torch.testing.assert_close(step.last_samples[k], v, rtol=0, atol=1e-15)
 
@@ -179,12 +195,16 @@ def test_sampling_uses_the_current_posterior(structure):
     cov_ref = torch.linalg.inv(_hand_precision(model, nb, s.prior))
     if structure != "kron":  # flat layouts are (weight, bias): permute to [W | b]
         head = la_head(model.net)
-        idx = _flat_kron_layout({"weight": torch.arange(head.weight.numel()).reshape(head.weight.shape),
-                                 "bias": head.weight.numel() + torch.arange(head.bias.numel())})
+        idx = _flat_kron_layout(
+            {
+                "weight": torch.arange(head.weight.numel()).reshape(head.weight.shape),
+                "bias": head.weight.numel() + torch.arange(head.bias.numel()),
+            }
+        )
         cov_ref = cov_ref[idx][:, idx]
     emp = torch.cov(flat.T)
     sd = cov_ref.diagonal().sqrt()
-    assert (flat.mean(0).abs() < 5 * sd / S ** 0.5).all()
+    assert (flat.mean(0).abs() < 5 * sd / S**0.5).all()
     assert ((emp - cov_ref).abs() / torch.outer(sd, sd)).max() < 0.05  # correlation-scale error, ~4 sigma
 
 
@@ -213,8 +233,11 @@ def test_marglik_retunes_the_prior_during_and_after_training(smoke_cfg, tmp_path
     d = method.diagnostics
     assert len(d["prior_history_in_training"]) == 2  # after epochs 1 and 2; the final one is fit's
     assert d["prior_precision"] == method.posterior.delta
-    lml = lambda delta: log_marglik(delta, exact_spectrum(method.posterior.curvature.H),
-                                    float(method.posterior.theta.double().pow(2).sum()))
+    lml = lambda delta: log_marglik(
+        delta,
+        exact_spectrum(method.posterior.curvature.H),
+        float(method.posterior.theta.double().pow(2).sum()),
+    )
     best = d["prior_precision"]
     assert lml(best) >= max(lml(best * 1.05), lml(best / 1.05))  # the maximiser at the trained weights
 
@@ -258,7 +281,9 @@ def test_head_predictive_on_features_is_the_full_net_glm_over_the_head(smoke_cfg
     method, _, _ = fit_method("online_la", smoke_cfg, data, tmp_path / "models")
     post = method.posterior
     names = [n for n, p in method.net.named_parameters() if any(p is q for q in method.model.parameters())]
-    full = DiagPosterior(method.net, Curvature("diag", "all", names, post.curvature.D, H=post.curvature.H), post.delta)
+    full = DiagPosterior(
+        method.net, Curvature("diag", "all", names, post.curvature.D, H=post.curvature.H), post.delta
+    )
     x = data.test_id.x[:20].to(run_device())
     with torch.no_grad():
         pred = method.predict(x)
@@ -266,13 +291,20 @@ def test_head_predictive_on_features_is_the_full_net_glm_over_the_head(smoke_cfg
     torch.testing.assert_close(pred.cov, full.glm_cov(x).to(pred.cov.dtype), rtol=1e-4, atol=1e-7)
 
 
-@pytest.mark.parametrize("options", [
-    (("online_structure", "kron"),), (("online_structure", "last_layer"), ("predictive", "mc")),
-    (("online_subset", "all"),), (("online_scaling", "lam"), ("online_marglik_every", 0), ("online_train_samples", 2)),
-])
+@pytest.mark.parametrize(
+    "options",
+    [
+        (("online_structure", "kron"),),
+        (("online_structure", "last_layer"), ("predictive", "mc")),
+        (("online_subset", "all"),),
+        (("online_scaling", "lam"), ("online_marglik_every", 0), ("online_train_samples", 2)),
+    ],
+)
 def test_every_structure_subset_and_scaling_fits_and_predicts(smoke_cfg, tmp_path, options):
     opts = dict(options)
-    cfg = smoke_cfg.replace(predictive=opts.pop("predictive", "glm"), method_options=tuple(sorted(opts.items())))
+    cfg = smoke_cfg.replace(
+        predictive=opts.pop("predictive", "glm"), method_options=tuple(sorted(opts.items()))
+    )
     METHODS.get("online_la").validate(cfg)
     data = load_benchmark(cfg)
     method, _, _ = fit_method("online_la", cfg, data, tmp_path / "models")
@@ -289,7 +321,9 @@ def test_training_time_is_split_into_train_hessian_and_prior_and_cached(smoke_cf
     rec = timer.for_method("online_la")
     assert rec["hessian"] > 0 and rec["train"] > 0
     assert rec["hessian"] == info["stages"]["hessian"]
-    assert rec["train"] + info["stages"]["hessian"] + info["stages"]["prior"] == pytest.approx(info["seconds"])
+    assert rec["train"] + info["stages"]["hessian"] + info["stages"]["prior"] == pytest.approx(
+        info["seconds"]
+    )
     again, cache2, timer2 = fit_method("online_la", smoke_cfg, data, tmp_path / "models")
     assert cache2.trained == 0 and timer2.for_method("online_la")["hessian"] == rec["hessian"]
 
@@ -301,8 +335,15 @@ def test_pair_form_head_curvature_equals_the_jacobian_rows(structure):
     model = _online(OnlineSettings(dtype="float64"), 16)
     head = la_head(model.net)
     phi = model.net.net[:-1](x).detach()
-    got = [batch_curvature(get_structure(structure).online_accumulator(head, pair_form)(head, torch.float64), phi, y, PairLoss())
-           for pair_form in (True, False)]
+    got = [
+        batch_curvature(
+            get_structure(structure).online_accumulator(head, pair_form)(head, torch.float64),
+            phi,
+            y,
+            PairLoss(),
+        )
+        for pair_form in (True, False)
+    ]
     assert got[1].curvature.H.abs().sum() > 0
     torch.testing.assert_close(got[0].curvature.H, got[1].curvature.H, rtol=1e-10, atol=1e-12)
 
@@ -318,10 +359,15 @@ def test_a_cnn_head_of_one_linear_takes_the_closed_form_and_matches_the_generic_
     generic = {"diag": DiagGGN, "last_layer": LastLayerGGN, "kron": KronGGN}[structure]
     assert cls is not generic  # the closed form, not torch.func Jacobian rows
     head = head.double()
-    phi, y = torch.randn(16, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64), torch.arange(16) % 4
+    phi, y = (
+        torch.randn(16, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64),
+        torch.arange(16) % 4,
+    )
     subset = "all" if structure != "last_layer" else "last_layer"
-    got, ref = (batch_curvature(c(head, torch.float64, **kw), phi, y, PairLoss()).curvature
-                for c, kw in ((cls, {}), (generic, {"subset": subset})))
+    got, ref = (
+        batch_curvature(c(head, torch.float64, **kw), phi, y, PairLoss()).curvature
+        for c, kw in ((cls, {}), (generic, {"subset": subset}))
+    )
     assert got.names == ref.names == [n for n, _ in head.named_parameters()]
     if structure == "kron":
         for a, b in zip(got.kron, ref.kron):
@@ -341,12 +387,20 @@ def test_diagonal_pairs_equal_the_full_pair_curvature_s_diagonals_and_traces():
     y = (torch.arange(12) % 3)[None]
     loss = PairLoss()
     counts = mined_pair_counts(F, y, loss.miner_margin)
-    full = contrastive_pair_curvature(F, y, pos_margin=loss.pos_margin, neg_margin=loss.neg_margin,
-                                      miner_margin=loss.miner_margin, counts=counts)
+    full = contrastive_pair_curvature(
+        F,
+        y,
+        pos_margin=loss.pos_margin,
+        neg_margin=loss.neg_margin,
+        miner_margin=loss.miner_margin,
+        counts=counts,
+    )
     light = DiagonalPairs.of(F, counts, loss)
     torch.testing.assert_close(light.W_pos, full.W_pos)
     torch.testing.assert_close(light.W_neg, full.W_neg)
-    A, _ = pair_hessians(F, 1.0)  # every pair's block, the duplicate pair (4, 5) (d = 0: a zero block) included
+    A, _ = pair_hessians(
+        F, 1.0
+    )  # every pair's block, the duplicate pair (4, 5) (d = 0: a zero block) included
     n, a, b = torch.ones_like(full.W_pos, dtype=torch.bool).nonzero(as_tuple=True)
     torch.testing.assert_close(light.diagonals(n, a, b), A[n, a, b].diagonal(dim1=-2, dim2=-1))
     assert float(light.diagonals(*(torch.tensor([i]) for i in (0, 4, 5))).abs().sum()) == 0.0
@@ -363,7 +417,10 @@ def test_a_head_registered_under_two_names_keeps_its_parameters():
     model = OnlineLaplaceNet(net, s, 1, 16)
     before = {n: p.detach().clone() for n, p in net.named_parameters()}
     loss = OnlineStep(_cfg(), s, 16, seed=0)(model, x, y)
-    assert all(isinstance(p, torch.nn.Parameter) and p.is_leaf for _, p in net.named_parameters(remove_duplicate=False))
+    assert all(
+        isinstance(p, torch.nn.Parameter) and p.is_leaf
+        for _, p in net.named_parameters(remove_duplicate=False)
+    )
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.parameters())
     shared = EmbeddingHead(6, 2, whiten_dim=6)
@@ -398,8 +455,14 @@ def test_online_la_on_a_cnn_with_a_head(subset):
     y = torch.arange(80) % 4
     x = (torch.randn(80, 2, 5, 5, generator=g) + y[:, None, None, None] * 0.5).float()
     data = Dataset("tiny_images", Split(x[:64], y[:64]), Split(x[64:], y[64:]))
-    cfg = preset_config("smoke").replace(quiet=True, batch_size=16, epochs=2, jacobian_chunk=32, posterior_samples=8,
-                                         method_options=(("online_subset", subset),))
+    cfg = preset_config("smoke").replace(
+        quiet=True,
+        batch_size=16,
+        epochs=2,
+        jacobian_chunk=32,
+        posterior_samples=8,
+        method_options=(("online_subset", subset),),
+    )
     cpu = torch.device("cpu")
 
     def train_model(seed, recipe, dropout=0.0):  # the recipe's training, on the CNN instead of the MLP
@@ -409,8 +472,17 @@ def test_online_la_on_a_cnn_with_a_head(subset):
         return model
 
     method = METHODS.get("online_la")(cfg)
-    method.fit(FitContext(cfg=cfg, data=data, device=cpu, timer=StageTimer(), method="online_la",
-                          train_model=train_model, seed=0))
+    method.fit(
+        FitContext(
+            cfg=cfg,
+            data=data,
+            device=cpu,
+            timer=StageTimer(),
+            method="online_la",
+            train_model=train_model,
+            seed=0,
+        )
+    )
     net = method.net
     assert not net.training and net.trunk[1].num_batches_tracked > 0  # BatchNorm trained, then eval
     with torch.no_grad():
@@ -421,7 +493,9 @@ def test_online_la_on_a_cnn_with_a_head(subset):
     if subset == "head":
         assert post.model is net.head and post.curvature.D == 4 * 2 + 2
         names = jac.subset_names(net, "head")
-        full = DiagPosterior(net, Curvature("diag", "head", names, post.curvature.D, H=post.curvature.H), post.delta)
+        full = DiagPosterior(
+            net, Curvature("diag", "head", names, post.curvature.D, H=post.curvature.H), post.delta
+        )
         torch.testing.assert_close(pred.cov, full.glm_cov(data.test_id.x), rtol=1e-4, atol=1e-7)
     else:
         assert post.curvature.D == sum(p.numel() for p in net.parameters())
@@ -437,19 +511,25 @@ def test_the_model_cache_key_covers_the_online_training_code(smoke_cfg):
     assert key(recipe) != key(dataclasses.replace(recipe, modules=()))
 
 
-@pytest.mark.parametrize("options, message", [
-    ((("online_structure", "kron"), ("online_subset", "all")), "eigendecomposition"),
-    ((("online_structure", "last_layer"), ("online_subset", "all")), "online_subset=head"),
-    ((("online_memory", 1.5),), "online_memory"),
-    ((("online_prior", 0.0),), "online_prior"),
-    ((("online_scaling", "bogus"),), "online_scaling"),
-    ((("online_structure", "kron"), ("distance", "cosine")), "distance=euclidean"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ((("online_structure", "kron"), ("online_subset", "all")), "eigendecomposition"),
+        ((("online_structure", "last_layer"), ("online_subset", "all")), "online_subset=head"),
+        ((("online_memory", 1.5),), "online_memory"),
+        ((("online_prior", 0.0),), "online_prior"),
+        ((("online_scaling", "bogus"),), "online_scaling"),
+        ((("online_structure", "kron"), ("distance", "cosine")), "distance=euclidean"),
+    ],
+)
 def test_bad_options_are_one_line(options, message):
     fields = {k: v for k, v in options if k == "distance"}
-    cfg = preset_config("smoke").replace(method_options=tuple(o for o in options if o[0] != "distance"), **fields)
+    cfg = preset_config("smoke").replace(
+        method_options=tuple(o for o in options if o[0] != "distance"), **fields
+    )
     with pytest.raises(BenchError, match=message):
         METHODS.get("online_la").validate(cfg)
     with pytest.raises(BenchError, match="hessian=ggn"):
-        METHODS.get("online_la").validate(preset_config("smoke").replace(
-            hessian="jtj", method_options=(("online_scaling", "lam"),)))
+        METHODS.get("online_la").validate(
+            preset_config("smoke").replace(hessian="jtj", method_options=(("online_scaling", "lam"),))
+        )

@@ -1,5 +1,6 @@
 """Method fits in forked worker processes (`workers`): the same results as a serial run, the shared base
 training charged once, failures isolated, and one-line errors where workers cannot run."""
+
 import json
 
 import pandas as pd
@@ -16,12 +17,23 @@ METHODS_UNDER_TEST = ("plain", "diag_la", "mc_dropout", "deep_ensemble")
 
 
 def _cfg(tmp_path, workers, **kw):
-    return preset_config("smoke").replace(dataset="synthetic", methods=METHODS_UNDER_TEST, out=str(tmp_path / f"w{workers}"),
-                                          quiet=True, report=False, workers=workers, **kw)
+    return preset_config("smoke").replace(
+        dataset="synthetic",
+        methods=METHODS_UNDER_TEST,
+        out=str(tmp_path / f"w{workers}"),
+        quiet=True,
+        report=False,
+        workers=workers,
+        **kw,
+    )
 
 
 def _tables(folder):
-    return pd.read_csv(folder / "results.csv"), pd.read_csv(folder / "timings.csv"), json.loads((folder / "config.json").read_text())
+    return (
+        pd.read_csv(folder / "results.csv"),
+        pd.read_csv(folder / "timings.csv"),
+        json.loads((folder / "config.json").read_text()),
+    )
 
 
 def test_two_workers_give_the_serial_results_and_charge_the_base_once(tmp_path):
@@ -36,7 +48,9 @@ def test_two_workers_give_the_serial_results_and_charge_the_base_once(tmp_path):
     t = par[1]
     assert len(t[(t.method == "base") & (t.stage == "train")]) == 1
     assert {"mc_dropout", "deep_ensemble"} <= set(t[t.stage == "train"].method)
-    assert par[2]["models_trained"] == serial[2]["models_trained"] == 1 + 1 + 2  # base, dropout net, 2 members
+    assert (
+        par[2]["models_trained"] == serial[2]["models_trained"] == 1 + 1 + 2
+    )  # base, dropout net, 2 members
 
 
 def test_a_failing_method_in_a_worker_is_recorded_and_the_others_complete(tmp_path, monkeypatch):
@@ -47,7 +61,9 @@ def test_a_failing_method_in_a_worker_is_recorded_and_the_others_complete(tmp_pa
     folder = run(_cfg(tmp_path, 2), log=lambda *_: None)
     res, tim, meta = _tables(folder)
     assert meta["status"] == "complete-with-failures"
-    assert [f["method"] for f in meta["failures"]] == ["mc_dropout"] and "boom" in meta["failures"][0]["error"]
+    assert [f["method"] for f in meta["failures"]] == ["mc_dropout"] and "boom" in meta["failures"][0][
+        "error"
+    ]
     assert set(res.method) == {"plain", "diag_la", "deep_ensemble"}
     assert len(tim[(tim.method == "base") & (tim.stage == "train")]) == 1
 

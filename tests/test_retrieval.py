@@ -1,4 +1,5 @@
 """Retrieval metrics against hand-computed cases and pytorch-metric-learning's AccuracyCalculator."""
+
 import numpy as np
 import pytest
 import torch
@@ -45,8 +46,10 @@ def test_matches_pml_accuracy_calculator(seed):
     g = torch.Generator().manual_seed(seed)
     lab = torch.randint(0, 6, (400,), generator=g)
     emb = torch.randn(400, 3, generator=g) + lab[:, None].float() * 0.7
-    calc = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                              knn_func=CustomKNN(LpDistance(normalize_embeddings=False)))
+    calc = AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"),
+        knn_func=CustomKNN(LpDistance(normalize_embeddings=False)),
+    )
     ref = calc.get_accuracy(emb, lab, ref_includes_query=True)
     pq = retrieval_per_query(emb, lab, ks=(1,))
     assert pq["mAP@1"].mean() == pytest.approx(ref["precision_at_1"], abs=1e-9)
@@ -78,8 +81,9 @@ def test_pml_map_hand_computed_and_rises_with_k():
 
 
 def _pml_calc(k: int) -> AccuracyCalculator:
-    return AccuracyCalculator(include=("mean_average_precision",), k=k,
-                              knn_func=CustomKNN(LpDistance(normalize_embeddings=False)))
+    return AccuracyCalculator(
+        include=("mean_average_precision",), k=k, knn_func=CustomKNN(LpDistance(normalize_embeddings=False))
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -104,8 +108,9 @@ def test_pml_map_against_accuracy_calculator(seed):
         if hits[q] == 0:
             assert pq[f"mAP_pml@{K}"][q] == 0.0
             continue
-        got = _pml_calc(K).get_accuracy(emb[q:q + 1], lab[q:q + 1], emb[top[q]], lab[top[q]],
-                                        ref_includes_query=False)["mean_average_precision"]
+        got = _pml_calc(K).get_accuracy(
+            emb[q : q + 1], lab[q : q + 1], emb[top[q]], lab[top[q]], ref_includes_query=False
+        )["mean_average_precision"]
         assert pq[f"mAP_pml@{K}"][q] == pytest.approx(got, abs=1e-9)
 
 
@@ -134,6 +139,7 @@ def test_kd_tree_knn_equals_brute_force(loo, monkeypatch):
     a float64 brute force, as the cdist + topk path does (float32 cdist: to 1e-4), never a query itself
     under leave-one-out, duplicates included."""
     from bench.metrics import retrieval as R
+
     g = torch.Generator().manual_seed(3)
     q = torch.randn(400, 2, generator=g)
     q[200:210] = q[100]  # duplicates: ties at distance 0
@@ -146,7 +152,9 @@ def test_kd_tree_knn_equals_brute_force(loo, monkeypatch):
     monkeypatch.setattr(R, "KD_TREE_MAX_DIM", 0)
     i_bf, d_bf = R.nearest(q, gal, 7, exclude_self=loo)
     torch.testing.assert_close(d_kd, ref, atol=1e-6, rtol=0)
-    torch.testing.assert_close(exact.gather(1, i_kd).float(), ref, atol=1e-6, rtol=0)  # the indices are the nearest
+    torch.testing.assert_close(
+        exact.gather(1, i_kd).float(), ref, atol=1e-6, rtol=0
+    )  # the indices are the nearest
     torch.testing.assert_close(d_bf, ref, atol=1e-4, rtol=0)
     if loo:
         assert not (i_kd == torch.arange(len(q))[:, None]).any()

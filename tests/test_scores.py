@@ -1,6 +1,7 @@
 """Uncertainty scores (bench/scores/) against brute-force versions on tiny data, the closed form
 against Monte Carlo, the candidate-set approximation, and the rule that a query's own label never
 reaches a score."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -12,8 +13,14 @@ import torch
 
 from bench.errors import BenchError
 from bench.method import EmbeddingPrediction
-from bench.metrics.uncertainty import (ScoreInputs, ScoreSettings, candidate_coverage, gaussian_draws, run_score,
-                                       score_inputs)
+from bench.metrics.uncertainty import (
+    ScoreInputs,
+    ScoreSettings,
+    candidate_coverage,
+    gaussian_draws,
+    run_score,
+    score_inputs,
+)
 from bench.registry import SCORES, register_score
 from bench.scores.knn_disagreement import TOPK as KNN_K
 from bench.scores.topk_entropy import TOPK as ENT_K
@@ -53,10 +60,15 @@ def _inputs(pg, po, y, distance="euclidean", candidates=0, samples=50):
     return score_inputs(pg, {"ood": po}, y, st)
 
 
-def _brute(zq: np.ndarray, mq: np.ndarray, zg: np.ndarray, mg: np.ndarray, y: np.ndarray, loo: bool, distance: str):
+def _brute(
+    zq: np.ndarray, mq: np.ndarray, zg: np.ndarray, mg: np.ndarray, y: np.ndarray, loo: bool, distance: str
+):
     """Every retrieval-level score by brute force over the whole gallery, in plain numpy."""
     S, N = zq.shape[:2]
-    out = {k: np.zeros(N) for k in ("top1_flip", "dist_var", "topk_entropy", "knn_disagreement", "dist_var_delta")}
+    out = {
+        k: np.zeros(N)
+        for k in ("top1_flip", "dist_var", "topk_entropy", "knn_disagreement", "dist_var_delta")
+    }
     for q in range(N):
         keep = np.array([g for g in range(len(mg)) if not (loo and g == q)])
         dm = _dist(mq[q], mg[keep], distance)
@@ -77,8 +89,12 @@ def _brute(zq: np.ndarray, mq: np.ndarray, zg: np.ndarray, mg: np.ndarray, y: np
         # delta method with the sample joint covariance; gradients by central differences
         eps = 1e-6
         f = lambda a, b: _dist(a, b, distance)  # noqa: E731
-        gq = np.array([(f(mq[q] + eps * e, mg[n1]) - f(mq[q] - eps * e, mg[n1])) / (2 * eps) for e in np.eye(2)])
-        gn = np.array([(f(mq[q], mg[n1] + eps * e) - f(mq[q], mg[n1] - eps * e)) / (2 * eps) for e in np.eye(2)])
+        gq = np.array(
+            [(f(mq[q] + eps * e, mg[n1]) - f(mq[q] - eps * e, mg[n1])) / (2 * eps) for e in np.eye(2)]
+        )
+        gn = np.array(
+            [(f(mq[q], mg[n1] + eps * e) - f(mq[q], mg[n1] - eps * e)) / (2 * eps) for e in np.eye(2)]
+        )
         joint = np.concatenate([zq[:, q], zg[:, n1]], axis=1)  # [S, 2d]
         cov = np.cov(joint, rowvar=False)
         g = np.concatenate([gq, gn])
@@ -91,12 +107,16 @@ def test_scores_equal_brute_force_over_the_whole_gallery(tiny, distance):
     pg, po, y = tiny
     inp_id, inp_ood = _inputs(pg, po, y, distance)
     zg, mg = pg.samples.double().numpy(), pg.mean.double().numpy()
-    for inp, zq, mq, loo in [(inp_id, zg, mg, True),
-                             (inp_ood["ood"], po.samples.double().numpy(), po.mean.double().numpy(), False)]:
+    for inp, zq, mq, loo in [
+        (inp_id, zg, mg, True),
+        (inp_ood["ood"], po.samples.double().numpy(), po.mean.double().numpy(), False),
+    ]:
         ref = _brute(zq, mq, zg, mg, y.numpy(), loo, distance)
         for name, want in ref.items():
             got = run_score(name, inp)
-            np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-6, err_msg=f"{name} ({distance}, loo={loo})")
+            np.testing.assert_allclose(
+                got, want, rtol=2e-4, atol=1e-6, err_msg=f"{name} ({distance}, loo={loo})"
+            )
         assert run_score("trace", inp) == pytest.approx(zq.var(0, ddof=1).sum(-1), rel=1e-4)
 
 
@@ -149,8 +169,9 @@ def test_delta_method_without_samples_is_the_independent_closed_form():
     """Independent Gaussian items (PFE-like: cov, no samples): dist_var_delta = g_q^T S_q g_q + g_n^T S_n g_n,
     and the Monte Carlo dist_var from score_samples independent draws approaches it."""
     mean = torch.tensor([[0.0, 0.0], [2.0, 0.0], [10.0, 10.0]])
-    cov = torch.stack([torch.tensor([[0.02, 0.01], [0.01, 0.03]]), torch.tensor([[0.04, 0.0], [0.0, 0.01]]),
-                       torch.eye(2)])
+    cov = torch.stack(
+        [torch.tensor([[0.02, 0.01], [0.01, 0.03]]), torch.tensor([[0.04, 0.0], [0.0, 0.01]]), torch.eye(2)]
+    )
     p = EmbeddingPrediction(mean=mean, cov=cov)
     inp, _ = score_inputs(p, {}, torch.tensor([0, 1, 0]), ScoreSettings(candidates=0, samples=40_000, seed=1))
     got = run_score("dist_var_delta", inp)
@@ -166,8 +187,11 @@ def test_gaussian_draws_have_the_predicted_moments_and_are_seeded():
     emp = torch.einsum("sni,snj->nij", z - z.mean(0), z - z.mean(0)) / (z.shape[0] - 1)
     assert torch.allclose(emp, cov, atol=0.02)
     assert torch.equal(z, gaussian_draws(p, 50_000, torch.Generator().manual_seed(0)))
-    d = gaussian_draws(EmbeddingPrediction(mean=p.mean, var=torch.tensor([[4.0, 0.0], [1.0, 1.0]])), 20_000,
-                       torch.Generator().manual_seed(1))
+    d = gaussian_draws(
+        EmbeddingPrediction(mean=p.mean, var=torch.tensor([[4.0, 0.0], [1.0, 1.0]])),
+        20_000,
+        torch.Generator().manual_seed(1),
+    )
     assert d.var(0) == pytest.approx(torch.tensor([[4.0, 0.0], [1.0, 1.0]]), abs=0.1)
 
 
@@ -247,6 +271,6 @@ def test_retrieval_space_and_nearest():
     assert torch.allclose(space_distance(z[:, None], z[None], "cosine") ** 2, 2 - 2 * cos, atol=1e-6)
     idx, dist = nearest(z, z, 5, "euclidean", exclude_self=True)
     assert idx.shape == (3, 2) and idx[2].tolist() == [1, 0]  # capped at N - 1, nearest first, never itself
-    assert dist[2].tolist() == pytest.approx([5 ** 0.5, 32 ** 0.5])
+    assert dist[2].tolist() == pytest.approx([5**0.5, 32**0.5])
     with pytest.raises(BenchError, match="distance must be one of euclidean, cosine, got 'manhattan'"):
         retrieval_space(z, "manhattan")

@@ -1,6 +1,7 @@
 """The curvature structures are classes registered by key (`bench.la.structures`): their names are compared
 nowhere else in the code, a new one is one class, and the per-structure operations agree with the
 curvature they act on."""
+
 from __future__ import annotations
 
 import ast
@@ -56,7 +57,9 @@ def structure_comparisons(path: Path, keys: set[str]) -> list[str]:
 
 def test_no_structure_name_is_compared_outside_its_class():
     keys = set(STRUCTURES)
-    files = [p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != REGISTRATION and p not in FOREIGN]
+    files = [
+        p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py") if p != REGISTRATION and p not in FOREIGN
+    ]
     assert len(files) > 50
     hits = [h for p in files for h in structure_comparisons(p, keys)]
     assert hits == []
@@ -65,8 +68,10 @@ def test_no_structure_name_is_compared_outside_its_class():
 def test_the_grep_finds_a_structure_comparison(tmp_path):
     """The check above can fail: it finds the kinds of comparison the structures replaced."""
     bad = tmp_path / "bad.py"
-    bad.write_text('if s.structure == "kron":\n    pass\nok = self.structure in ("diag", "full")\n'
-                   'fine = subset == "last_layer"\n')
+    bad.write_text(
+        'if s.structure == "kron":\n    pass\nok = self.structure in ("diag", "full")\n'
+        'fine = subset == "last_layer"\n'
+    )
     global ROOT
     old, ROOT = ROOT, tmp_path
     try:

@@ -1,10 +1,11 @@
 """The shared training loop and its on-disk model cache."""
+
 import pytest
 import torch
 
+from bench.data import load_benchmark
 from bench.model_cache import ModelCache, key_hash, model_key
 from bench.train import train_embedding
-from bench.data import load_benchmark
 
 
 def test_cache_reuses_trained_model(smoke_cfg, tmp_path):
@@ -38,8 +39,9 @@ def _key_with_edited_source(monkeypatch, cfg, module: str, edit, recipe=None) ->
     import bench.model_cache as cache
 
     real = inspect.getsource
-    monkeypatch.setattr(cache.inspect, "getsource",
-                        lambda m: edit(real(m)) if m.__name__ == module else real(m))
+    monkeypatch.setattr(
+        cache.inspect, "getsource", lambda m: edit(real(m)) if m.__name__ == module else real(m)
+    )
     try:
         return key_hash(model_key(cfg, (32,), 400, 0, 0.0, recipe))
     finally:
@@ -63,14 +65,15 @@ def test_cache_key_changes_with_the_training_code(smoke_cfg, monkeypatch, module
 def test_cache_key_of_a_recipe_covers_its_modules(smoke_cfg, monkeypatch):
     """A method's own net is keyed on the modules of its build and loss too (here HIB's)."""
     from bench.registry import METHODS
-
     from bench.train import Recipe
 
     method = METHODS.get("hib")(smoke_cfg)
     recipe = Recipe(name="hib", build=method.build, loss=method.batch_loss)  # as `fit` builds it
     base = key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0, recipe))
     for module in ("methods.hib", "methods._gaussian"):  # the loss's and the builder's modules
-        assert _key_with_edited_source(monkeypatch, smoke_cfg, module, lambda s: s + "\nY = 2\n", recipe) != base
+        assert (
+            _key_with_edited_source(monkeypatch, smoke_cfg, module, lambda s: s + "\nY = 2\n", recipe) != base
+        )
     assert base != key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0))
 
 
@@ -137,12 +140,21 @@ def test_vectorised_loss_equals_pml_loss_and_gradients(distance):
     cfg = preset_config("paper").replace(distance=distance)
     loss_fn, miner = make_loss_and_miner(cfg)
     if distance == "cosine":
-        loss_fn, miner = losses.ContrastiveLoss(), miners.TripletMarginMiner(margin=0.2, type_of_triplets="all")
+        loss_fn, miner = (
+            losses.ContrastiveLoss(),
+            miners.TripletMarginMiner(margin=0.2, type_of_triplets="all"),
+        )
     g = torch.Generator().manual_seed(0)
-    cases = [(torch.randn(b, 2, generator=g, dtype=torch.float64) * s, torch.randint(0, c, (b,), generator=g))
-             for b, s, c in [(16, 0.5, 7), (16, 2.0, 3), (64, 0.7, 7), (5, 0.1, 2), (4, 9.0, 4)]]
-    cases.append((torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.1], [5.0, 5.0]], dtype=torch.float64),
-                  torch.tensor([0, 0, 1, 2])))  # exactly one mined triplet
+    cases = [
+        (torch.randn(b, 2, generator=g, dtype=torch.float64) * s, torch.randint(0, c, (b,), generator=g))
+        for b, s, c in [(16, 0.5, 7), (16, 2.0, 3), (64, 0.7, 7), (5, 0.1, 2), (4, 9.0, 4)]
+    ]
+    cases.append(
+        (
+            torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.1], [5.0, 5.0]], dtype=torch.float64),
+            torch.tensor([0, 0, 1, 2]),
+        )
+    )  # exactly one mined triplet
     for F, y in cases:
         a = F.clone().requires_grad_()
         b = F.clone().requires_grad_()
@@ -179,5 +191,8 @@ def test_joint_group_is_cached(smoke_cfg, tmp_path):
     first = cache.get_joint([0, 1])
     again = ModelCache(tmp_path / "models", smoke_cfg, data.train_id, torch.device("cpu")).get_joint([0, 1])
     assert [c for _, _, c in first] == [False, False] and [c for _, _, c in again] == [True, True]
-    assert all(torch.equal(p, q) for (a, _, _), (b, _, _) in zip(first, again)
-               for p, q in zip(a.parameters(), b.parameters()))
+    assert all(
+        torch.equal(p, q)
+        for (a, _, _), (b, _, _) in zip(first, again)
+        for p, q in zip(a.parameters(), b.parameters())
+    )

@@ -1,6 +1,7 @@
 """The fast training step against its references: the shared loop (`train_net`: vectorised miner +
 loss, fused Adam) equals pytorch-metric-learning's miner + loss with the single-tensor Adam step by step,
 and the fused Adam equals the single-tensor one; plus the step-profile tool's command line."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 
 from bench.config import preset_config
 from bench.data import Split
-from bench.model import build_model
 from bench.loss import contrastive_loss, make_loss_and_miner
+from bench.model import build_model
 from bench.train import make_optimizer, train_net
 
 
@@ -23,7 +24,10 @@ def test_fused_adam_equals_single_tensor_adam(weight_decay):
     ours = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
     ref = [p.detach().clone().requires_grad_() for p in ours]
     start = [p.detach().clone() for p in ours]
-    opt, opt_ref = make_optimizer(ours, cfg), torch.optim.Adam(ref, lr=cfg.lr, weight_decay=weight_decay, foreach=False)
+    opt, opt_ref = (
+        make_optimizer(ours, cfg),
+        torch.optim.Adam(ref, lr=cfg.lr, weight_decay=weight_decay, foreach=False),
+    )
     for _ in range(5):
         for p, q in zip(ours, ref):
             p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
@@ -70,15 +74,26 @@ def test_step_profile_cli_prints_every_phase(cli):
     code, out, err = cli("step-profile", "--steps", "4", "--rounds", "1", "--no-profiler")
     assert code == 0, err
     from bench.tools.step_profile import PHASES
+
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     for phase in (*PHASES, "sum", "loop"):
-        assert phase in rows and float(rows[phase][1]) > 0 and float(rows[phase][-1 if phase in ("sum", "loop") else 3]) > 0
+        assert (
+            phase in rows
+            and float(rows[phase][1]) > 0
+            and float(rows[phase][-1 if phase in ("sum", "loop") else 3]) > 0
+        )
     assert "pml / fast loop" in out
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize("command", [["step-profile"], ["hessian-bench", "--data", "random", "--n", "32"],
-                                     ["run", "--preset", "smoke", "--dataset", "synthetic"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["step-profile"],
+        ["hessian-bench", "--data", "random", "--n", "32"],
+        ["run", "--preset", "smoke", "--dataset", "synthetic"],
+    ],
+)
 def test_cuda_without_cuda_is_one_line(cli, command):
     code, out, err = cli(*command, "--device", "cuda")
     assert code == 2 and err.strip().count("\n") == 0 and "CUDA is not available" in err, err

@@ -1,5 +1,6 @@
 """Executors behind one small interface (submit, poll, close): `local`, a pool of worker processes
 that survives the death of one, and `ray`, Ray core tasks on a local or remote Ray cluster."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -65,8 +66,12 @@ class Executor(Protocol):
 
 
 def _died(key: str, why: str) -> TaskResult:
-    return {"ok": False, "error": f"worker died while running {key} ({why}); `bench grid --resume` reruns it",
-            "traceback": "", "worker_died": True}
+    return {
+        "ok": False,
+        "error": f"worker died while running {key} ({why}); `bench grid --resume` reruns it",
+        "traceback": "",
+        "worker_died": True,
+    }
 
 
 def _worker_loop(conn) -> None:
@@ -97,7 +102,9 @@ class LocalExecutor:
 
     def __init__(self, opts: ExecutorOptions) -> None:
         self.slots = opts.jobs or max(1, int((os.cpu_count() or 1) // opts.cpus_per_job))
-        self._ctx = mp.get_context("forkserver")  # workers fork from one clean server that imported bench once
+        self._ctx = mp.get_context(
+            "forkserver"
+        )  # workers fork from one clean server that imported bench once
         self._ctx.set_forkserver_preload(["bench.grid.tasks", "bench.runner"])
         self._idle: list[_Worker] = []
         self._busy: dict[_Worker, str] = {}
@@ -163,10 +170,15 @@ class RayExecutor:
             if opts.address:
                 ray.init(address=opts.address, log_to_driver=False)
             else:
-                ray.init(num_cpus=int(opts.jobs * opts.cpus_per_job) if opts.jobs else None,
-                         include_dashboard=False, log_to_driver=False)
+                ray.init(
+                    num_cpus=int(opts.jobs * opts.cpus_per_job) if opts.jobs else None,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
         self.slots = opts.jobs
-        self._task = ray.remote(run_task).options(num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job, max_retries=0)
+        self._task = ray.remote(run_task).options(
+            num_cpus=opts.cpus_per_job, num_gpus=opts.gpus_per_job, max_retries=0
+        )
         self._refs: dict[Any, str] = {}
         self._opts = opts
 
@@ -187,7 +199,9 @@ class RayExecutor:
             try:
                 done.append((key, ray.get(ref)))
             except ray.exceptions.RayError as e:  # worker or node died, task lost
-                done.append((key, _died(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")))
+                done.append(
+                    (key, _died(key, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
+                )
         return done
 
     def close(self, cancel: bool = False) -> None:
@@ -200,9 +214,15 @@ class RayExecutor:
 
     def describe(self) -> dict[str, Any]:
         res = self._ray.cluster_resources()
-        return {"executor": "ray", "ray_version": self._ray.__version__, "address": self._opts.address,
-                "jobs": self.slots, "cluster_cpus": res.get("CPU"), "cluster_gpus": res.get("GPU", 0.0),
-                "nodes": len([n for n in self._ray.nodes() if n.get("Alive")])}
+        return {
+            "executor": "ray",
+            "ray_version": self._ray.__version__,
+            "address": self._opts.address,
+            "jobs": self.slots,
+            "cluster_cpus": res.get("CPU"),
+            "cluster_gpus": res.get("GPU", 0.0),
+            "nodes": len([n for n in self._ray.nodes() if n.get("Alive")]),
+        }
 
 
 EXECUTORS = {"local": LocalExecutor, "ray": RayExecutor}

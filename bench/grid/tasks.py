@@ -1,5 +1,6 @@
 """What a grid worker runs: a base-model training into the shared cache, or one cell (`runner.run`
 of one method and seed); errors come back as data, and a marker file shows the task is in flight."""
+
 from __future__ import annotations
 
 import os
@@ -17,6 +18,7 @@ def train_base(config: dict) -> dict:
     """Train (or find) the base model of config's dataset, weights and seed in the cache the cells
     read (`<cfg.out>/cache/models`, as `runner.run` does); returns how many models it trained."""
     import torch  # noqa: F401  (imported here: the driver never needs it)
+
     from bench.environment import resolve_device
     from bench.features import prepare_benchmark
     from bench.model_cache import ModelCache
@@ -37,8 +39,12 @@ def run_cell(config: dict) -> dict:
 
     path = run(config_from_dict(config), log=lambda *a, **k: None)
     meta = RunFolder(path).meta
-    return {"run_dir": str(path), "status": meta["status"], "failures": meta.get("failures", []),
-            "models_trained": meta.get("models_trained", 0)}
+    return {
+        "run_dir": str(path),
+        "status": meta["status"],
+        "failures": meta.get("failures", []),
+        "models_trained": meta.get("models_trained", 0),
+    }
 
 
 TASKS = {"base": train_base, "cell": run_cell}
@@ -49,11 +55,14 @@ def run_task(kind: str, config: dict, grid: str, task: str, threads: int = 0) ->
     seconds} or {"ok": False, error, traceback}. While it runs, `running/<task>.json` names this host
     and process (the marker is removed before the result is returned)."""
     marker = task_marker(grid, task)
-    atomic_write_json(marker, {"task": task, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()})
+    atomic_write_json(
+        marker, {"task": task, "host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
+    )
     start = time.perf_counter()
     try:
         if threads > 0:
             import torch
+
             torch.set_num_threads(threads)
         out = {"ok": True, **TASKS[kind](config)}
     except Exception as e:  # the grid records it; the other tasks go on

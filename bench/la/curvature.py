@@ -1,6 +1,7 @@
 """The GGN (or JtJ) of the contrastive loss: one accumulator per structure (full, last layer, diagonal,
 Kronecker) fed chunk by chunk by one driver, `accumulate` (memory budgets: `bench.la.memory`; the full
 matrix's rank-k update: `bench.la.rank_k`)."""
+
 from __future__ import annotations
 
 import math
@@ -58,6 +59,7 @@ class Curvature:
 # ---------------------------------------------------------------------------------------------
 # accumulators: one per structure
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass
 class Chunk:
@@ -256,10 +258,15 @@ class KronGGN(Accumulator):
     """
 
     structure = "kron"
-    GRAM_NUMEL = 2 ** 25  # entries of the per-location Grams B_s B_s^T computed at once
+    GRAM_NUMEL = 2**25  # entries of the per-location Grams B_s B_s^T computed at once
 
-    def __init__(self, model: nn.Module, dtype: torch.dtype | None = None, subset: str | None = None,
-                 reduce: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: torch.dtype | None = None,
+        subset: str | None = None,
+        reduce: bool = False,
+    ) -> None:
         super().__init__(model, dtype, subset)
         self.layers = jac.kron_layers(model, self.names)
         kept = jac.kron_names(model, self.layers)
@@ -277,8 +284,10 @@ class KronGGN(Accumulator):
         """The Kronecker factors assume a pair loss of u = f_a - f_b, which the cosine distance is not (its
         J^T J proxy is fine)."""
         if hessian == "ggn" and distance != "euclidean":
-            raise BenchError("kfac_la: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
-                             "with distance=cosine use hessian=jtj, or full_la, last_layer_la or diag_la")
+            raise BenchError(
+                "kfac_la: the Kronecker GGN needs distance=euclidean (a pair loss of f_a - f_b); "
+                "with distance=cosine use hessian=jtj, or full_la, last_layer_la or diag_la"
+            )
 
     def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         return jac.layer_quantities(self.model, x, self.layers, reduce=self.reduce)
@@ -287,7 +296,9 @@ class KronGGN(Accumulator):
         """U and B of one item (B four times: stacked copies, Q B and L B) plus its activations."""
         _, qs = self.jacobian(x1)
         _, act = forward_footprint(self.model, x1)
-        return (act + sum(U.numel() + 4 * B.numel() for U, B in qs)) * torch.empty((), dtype=self.dtype).element_size()
+        return (act + sum(U.numel() + 4 * B.numel() for U, B in qs)) * torch.empty(
+            (), dtype=self.dtype
+        ).element_size()
 
     def item_weights(self, B: torch.Tensor) -> torch.Tensor:
         """jtj's c_k = tr(B^T B) = ||B||_F^2 per item and location: [n, s] from B [n, s, d, out]."""
@@ -312,8 +323,10 @@ class KronGGN(Accumulator):
         Lr = L_kept.to(dtype).reshape(nb, m, d, m, d)
         tol = 64 * m * torch.finfo(dtype).eps * float(Lr.abs().max())
         if float(Lr.sum(3).abs().max()) > tol:  # the rows of blocks of a Laplacian sum to zero
-            raise BenchError("kfac_la: the kept pair curvature is not a block graph Laplacian (a pair loss of "
-                             "f_a - f_b); its Kronecker factors are undefined")
+            raise BenchError(
+                "kfac_la: the kept pair curvature is not a block graph Laplacian (a pair loss of "
+                "f_a - f_b); its Kronecker factors are undefined"
+            )
         same = torch.eye(m, dtype=torch.bool, device=Lr.device)
         Q = torch.where(same[None, :, None, :, None], Lr, -Lr).reshape(nb, m * d, m * d)
         S = (-Lr * ~same[None, :, None, :, None]).permute(0, 1, 3, 2, 4)  # [nb, a, b, d, d] pair blocks S_ab
@@ -322,7 +335,9 @@ class KronGGN(Accumulator):
             n_loc, out, inp = U.shape[1], B.shape[-1], U.shape[-1]
             Bs = B.to(dtype).reshape(nb, m, n_loc, d, out).transpose(1, 2).reshape(nb, n_loc, m * d, out)
             Us = U.to(dtype).reshape(nb, m, n_loc, inp).transpose(1, 2)  # [nb, s, m, in']
-            self.G[i] += Bs.reshape(-1, out).T @ (Q[:, None] @ Bs / 4 + L_kept.to(dtype)[:, None] @ Bs).reshape(-1, out)
+            self.G[i] += Bs.reshape(-1, out).T @ (
+                Q[:, None] @ Bs / 4 + L_kept.to(dtype)[:, None] @ Bs
+            ).reshape(-1, out)
             C1, C2 = self._pair_weights(Bs, S)  # [nb, s, m, m]
             lap = torch.diag_embed(C1.sum(-1)) - C1 + (torch.diag_embed(C2.sum(-1)) + C2) / 4
             self.A[i] += Us.reshape(-1, inp).T @ (lap @ Us).reshape(-1, inp)
@@ -337,7 +352,7 @@ class KronGGN(Accumulator):
         step = max(1, self.GRAM_NUMEL // (nb * md * md))
         C1, C2 = [], []
         for s0 in range(0, n_loc, step):
-            K = (Bs[:, s0:s0 + step] @ Bs[:, s0:s0 + step].transpose(-1, -2)).reshape(nb, -1, m, d, m, d)
+            K = (Bs[:, s0 : s0 + step] @ Bs[:, s0 : s0 + step].transpose(-1, -2)).reshape(nb, -1, m, d, m, d)
             Kaa = K.diagonal(dim1=2, dim2=4).permute(0, 1, 4, 2, 3)  # [nb, s, m, d, d]
             saa = torch.einsum("zabij,zsaij->zsab", S, Kaa)
             sab = torch.einsum("zabij,zsaibj->zsab", S, K)
@@ -361,6 +376,7 @@ class KronGGN(Accumulator):
 # the driver
 # ---------------------------------------------------------------------------------------------
 
+
 def _batches(n: int, m: int, gen: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mining batches like training: a seeded permutation cut into consecutive batches of m; a last
     batch of >= 2 items is padded (valid mask False). Returns (idx [nb, m], valid [nb, m])."""
@@ -369,7 +385,7 @@ def _batches(n: int, m: int, gen: torch.Generator | None) -> tuple[torch.Tensor,
     idx = perm[: nb_full * m].reshape(nb_full, m)
     valid = torch.ones(nb_full, m, dtype=torch.bool)
     if rest >= 2:
-        last = torch.cat([perm[nb_full * m:], perm[:m - rest]])
+        last = torch.cat([perm[nb_full * m :], perm[: m - rest]])
         idx = torch.cat([idx, last[None]])
         v = torch.zeros(1, m, dtype=torch.bool)
         v[0, :rest] = True
@@ -377,9 +393,18 @@ def _batches(n: int, m: int, gen: torch.Generator | None) -> tuple[torch.Tensor,
     return idx, valid
 
 
-def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
-               loss: PairLoss | None = None, mining_batch: int = 16, chunk: int = 256,
-               generator: torch.Generator | None = None, progress: bool = False) -> Curvature:
+def accumulate(
+    acc: Accumulator,
+    x,
+    y: torch.Tensor,
+    *,
+    hessian: str = "ggn",
+    loss: PairLoss | None = None,
+    mining_batch: int = 16,
+    chunk: int = 256,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+) -> Curvature:
     """Feed `acc` the curvature of the contrastive loss (hessian="ggn", in loss.distance's geometry)
     or JtJ ("jtj": sum_n J_n^T J_n, the regression GGN with sigma 1 summed over the N items, which is
     laplace-torch's `Laplace(model, "regression")` H; independent of the distance) of its model on
@@ -407,15 +432,17 @@ def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
     per_chunk = max(1, items_within(chunk, item_bytes, chunk_budget(acc.device)) // m)
     avail = available_memory(acc.device)
     if m * item_bytes > 0.9 * avail:
-        raise BenchError(f"{acc.structure} curvature over la_subset={acc.subset} (D={acc.D:,}): one mining batch of "
-                         f"{m} items needs about {m * item_bytes / 2**30:.1f} GiB of Jacobians but only "
-                         f"{avail / 2**30:.1f} GiB is free on {acc.device}; use a smaller la_subset (head, "
-                         f"last_k:<k>), kfac_la or a smaller batch_size")
+        raise BenchError(
+            f"{acc.structure} curvature over la_subset={acc.subset} (D={acc.D:,}): one mining batch of "
+            f"{m} items needs about {m * item_bytes / 2**30:.1f} GiB of Jacobians but only "
+            f"{avail / 2**30:.1f} GiB is free on {acc.device}; use a smaller la_subset (head, "
+            f"last_k:<k>), kfac_la or a smaller batch_size"
+        )
     stats = {"items": int(valid.sum()), "out_kept": 0.0, "out_dropped": 0.0}
 
     bar = tqdm(total=nb, desc=f"hessian {acc.structure}", disable=None if progress else True, leave=False)
     for c0 in range(0, nb, per_chunk):
-        bidx, bval = idx[c0:c0 + per_chunk], valid[c0:c0 + per_chunk].to(acc.device)
+        bidx, bval = idx[c0 : c0 + per_chunk], valid[c0 : c0 + per_chunk].to(acc.device)
         nbc = bidx.shape[0]
         xb = fetch(bidx.reshape(-1)).to(device=acc.device, dtype=pdtype)
         f, J = acc.jacobian(xb)
@@ -423,10 +450,17 @@ def accumulate(acc: Accumulator, x, y: torch.Tensor, *, hessian: str = "ggn",
             pairs = None
             if hessian == "ggn":
                 F = f.reshape(nbc, m, f.shape[1]).to(acc.dtype)
-                pairs = contrastive_pair_curvature(F, y[bidx].to(acc.device), pos_margin=loss.pos_margin,
-                                                   neg_margin=loss.neg_margin, miner_margin=loss.miner_margin,
-                                                   miner_type=loss.miner_type, valid=bval,
-                                                   distance=loss.distance, reduction=loss.reduction)
+                pairs = contrastive_pair_curvature(
+                    F,
+                    y[bidx].to(acc.device),
+                    pos_margin=loss.pos_margin,
+                    neg_margin=loss.neg_margin,
+                    miner_margin=loss.miner_margin,
+                    miner_type=loss.miner_type,
+                    valid=bval,
+                    distance=loss.distance,
+                    reduction=loss.reduction,
+                )
                 kept, dropped = pairs.output_traces()
                 stats["out_kept"] += kept
                 stats["out_dropped"] += dropped

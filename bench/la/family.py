@@ -12,11 +12,12 @@ covariance within 1 + t ||H - H_k|| / delta of the exact one: `bound`); diag: V 
 Kronecker: per layer V = Q_G (x) Q_A, lam = lam_G (x) lam_A (the Jacobian in that basis is
 (B Q_G) (x) (a^T Q_A), never J V).
 """
+
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -45,8 +46,9 @@ class Projection:
 
 def scaled_basis(basis: Eigenbasis, t: float) -> Eigenbasis:
     """The eigenbasis of t H from that of H (the same vectors)."""
-    return dataclasses.replace(basis, lam=basis.lam * t, trace=basis.trace * t, residual=basis.residual * t,
-                               nu=basis.nu * t)
+    return dataclasses.replace(
+        basis, lam=basis.lam * t, trace=basis.trace * t, residual=basis.residual * t, nu=basis.nu * t
+    )
 
 
 class ScaledFamily:
@@ -55,24 +57,39 @@ class ScaledFamily:
     `carried`: the temperature the curvature's H already carries (a caller may have scaled it in
     place); every t given to the family is relative to the accumulated H, i.e. divided by `carried`."""
 
-    def __init__(self, model: nn.Module, curvature: Curvature, lam: torch.Tensor, spectrum: Spectrum,
-                 project: Project, basis: Eigenbasis | None = None, carried: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        curvature: Curvature,
+        lam: torch.Tensor,
+        spectrum: Spectrum,
+        project: Project,
+        basis: Eigenbasis | None = None,
+        carried: float = 1.0,
+    ) -> None:
         self.model, self.curvature, self.lam, self._spectrum = model, curvature, lam.double(), spectrum
         self._project, self.basis, self.carried = project, basis, float(carried)
 
     # -- construction ----------------------------------------------------------------------
     @classmethod
-    def build(cls, model: nn.Module, curvature: Curvature,
-              smallest_ratio: Callable[[Spectrum], float] | None = None, tol: float = 0.2,
-              generator: torch.Generator | None = None, max_rank: int | None = None,
-              carried: float = 1.0) -> ScaledFamily:
+    def build(
+        cls,
+        model: nn.Module,
+        curvature: Curvature,
+        smallest_ratio: Callable[[Spectrum], float] | None = None,
+        tol: float = 0.2,
+        generator: torch.Generator | None = None,
+        max_rank: int | None = None,
+        carried: float = 1.0,
+    ) -> ScaledFamily:
         """The family of `curvature`'s structure, on the basis the structure gives
         (`bench.la.structures.Structure.family_basis`). A full H above EXACT_EIG_MAX_D gets a Krylov basis
         grown until t ||H - H_k|| <= tol delta at the smallest delta / t the caller will ask for
         (`smallest_ratio`(spectrum of the basis so far), relative to the curvature as it is), at most
         `max_rank` columns (default D * MAX_RANK_FRACTION; then the last basis, its `bound` recorded)."""
         lam, spectrum, project, basis = get_structure(curvature.structure).family_basis(
-            model, curvature, smallest_ratio, tol, generator, max_rank)
+            model, curvature, smallest_ratio, tol, generator, max_rank
+        )
         return cls(model, curvature, lam, spectrum, project, basis=basis, carried=carried)
 
     # -- queries ---------------------------------------------------------------------------
@@ -91,9 +108,11 @@ class ScaledFamily:
         per = max(1, CHUNK_ITEMS // m)
         fs, As, Ts = [], [], []
         dev = next(self.model.parameters()).device
-        fetch = x.inputs if hasattr(x, "inputs") else x.__getitem__  # a Split (images read in batches) or a tensor
+        fetch = (
+            x.inputs if hasattr(x, "inputs") else x.__getitem__
+        )  # a Split (images read in batches) or a tensor
         for g0 in range(0, nb, per):
-            idx = groups[g0:g0 + per]
+            idx = groups[g0 : g0 + per]
             f, A, J = self._project(fetch(idx.reshape(-1)).to(dev))
             k, d = idx.shape[0], f.shape[1]
             fs.append(f.reshape(k, m, d))

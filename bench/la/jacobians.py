@@ -5,18 +5,19 @@ per-layer quantities Kronecker factors need (Linear inputs and Conv2d's unfolded
 A flat parameter vector concatenates the subset's parameters in `named_parameters` order, each
 flattened row-major (Linear weight [out, in], Conv2d weight [out, in, kh, kw], then bias [out]).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
-from bench.errors import BenchError
 from bench.environment import cpu_threads
+from bench.errors import BenchError
 from bench.la.subsets import NEEDED_BY, param_layers, subset_names  # noqa: F401 (subset_names: jac.subset_names)
 from bench.model import last_linear
 
@@ -36,7 +37,7 @@ def unflatten(model: nn.Module, names: list[str], theta: torch.Tensor) -> dict[s
     lead = theta.shape[:-1]
     for n in names:
         k = params[n].numel()
-        out[n] = theta[..., i:i + k].reshape(*lead, *params[n].shape)
+        out[n] = theta[..., i : i + k].reshape(*lead, *params[n].shape)
         i += k
     return out
 
@@ -62,8 +63,9 @@ def _batchnorm_in_train_mode(model: nn.Module) -> bool:
     return any(m.training for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def linear_factors(model: nn.Module, x: torch.Tensor, names: list[str]
-                   ) -> list[tuple[torch.Tensor | None, torch.Tensor]] | None:
+def linear_factors(
+    model: nn.Module, x: torch.Tensor, names: list[str]
+) -> list[tuple[torch.Tensor | None, torch.Tensor]] | None:
     """Per named parameter (a [n, in] for a weight, None for a bias; B [n, d, out]) when every named
     parameter is the weight or bias of an nn.Linear layer that runs once per forward on [n, in] inputs
     and no BatchNorm in train mode couples the items: with a the layer's input and B = d f / d s for
@@ -103,8 +105,13 @@ def linear_jacobian(model: nn.Module, x: torch.Tensor, names: list[str]) -> torc
         return None
     n = x.shape[0]
     with small_op_threads(x.device):
-        return torch.cat([B if a is None else (B[:, :, :, None] * a[:, None, None, :]).reshape(n, B.shape[1], -1)
-                          for a, B in factors], dim=-1)
+        return torch.cat(
+            [
+                B if a is None else (B[:, :, :, None] * a[:, None, None, :]).reshape(n, B.shape[1], -1)
+                for a, B in factors
+            ],
+            dim=-1,
+        )
 
 
 def embedding_jacobian(model: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:
@@ -131,8 +138,10 @@ def _capture(layers: list[nn.Module]) -> Iterator[list[dict]]:
     store: list[dict] = [{"calls": 0} for _ in layers]
     hooks = []
     for i, layer in enumerate(layers):
+
         def hook(mod: nn.Module, inp: tuple, out: torch.Tensor, i: int = i) -> None:
             store[i].update(inp=inp[0], out=out, calls=store[i]["calls"] + 1)
+
         hooks.append(layer.register_forward_hook(hook))
     try:
         yield store
@@ -167,6 +176,7 @@ def last_layer_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor | Non
 # per-layer quantities of the Kronecker-factored structure (Linear and Conv2d)
 # ---------------------------------------------------------------------------------------------
 
+
 def kron_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     """The Linear and Conv2d layers whose weight is among `names`, in module order: the blocks of the
     Kronecker-factored structure (each covers its weight and bias). BenchError for a Conv2d that the
@@ -176,8 +186,10 @@ def kron_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     layers = [l for l in param_layers(model) if id(l.weight) in ids]
     for l in layers:
         if isinstance(l, nn.Conv2d) and (l.groups != 1 or l.padding_mode != "zeros"):
-            raise BenchError(f"kfac_la: Conv2d with groups={l.groups}, padding_mode={l.padding_mode!r} is not "
-                             "supported (groups=1, zero padding only); use diag_la or la_subset=head")
+            raise BenchError(
+                f"kfac_la: Conv2d with groups={l.groups}, padding_mode={l.padding_mode!r} is not "
+                "supported (groups=1, zero padding only); use diag_la or la_subset=head"
+            )
     if not layers:
         raise BenchError("kfac_la: the parameter subset has no Linear or Conv2d layer")
     return layers
@@ -196,14 +208,17 @@ def conv_patches(layer: nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
     if isinstance(pad, str):  # 'valid' or 'same' (stride 1): torch pads any odd excess at the end
         if pad == "same":
             total = [d * (k - 1) for k, d in zip(layer.kernel_size, layer.dilation)]
-            inp = F.pad(inp, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2))
+            inp = F.pad(
+                inp, (total[1] // 2, total[1] - total[1] // 2, total[0] // 2, total[0] - total[0] // 2)
+            )
         pad = 0
     U = F.unfold(inp, layer.kernel_size, dilation=layer.dilation, padding=pad, stride=layer.stride)
     return U.transpose(1, 2)
 
 
-def layer_quantities(model: nn.Module, x: torch.Tensor, layers: list[nn.Module], reduce: bool = False
-                     ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+def layer_quantities(
+    model: nn.Module, x: torch.Tensor, layers: list[nn.Module], reduce: bool = False
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """(f [n, d], per layer (U [n, L, in'], B [n, L, d, out])).
 
     U holds the layer's inputs at its L weight-sharing locations (a Conv2d's unfolded patches, L =
@@ -232,12 +247,14 @@ def layer_quantities(model: nn.Module, x: torch.Tensor, layers: list[nn.Module],
     return f, out
 
 
-def _layer_quantities(model: nn.Module, x: torch.Tensor, layers: list[nn.Module], strict: bool
-                      ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
+def _layer_quantities(
+    model: nn.Module, x: torch.Tensor, layers: list[nn.Module], strict: bool
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]] | None:
     """(f [n, d], [(input, B [n, d, *output shape]) per layer]): the embedding, each layer's input and
     d f / d (its output), by d backward passes of f[:, k].sum(). When they would be wrong or cannot be
     formed (BatchNorm in train mode couples the items, a layer runs more than once per forward, an
     output does not require grad): None, or with strict=True a BenchError saying which."""
+
     def fail(why: str) -> None:
         if strict:
             raise BenchError(f"Kronecker-factored Laplace: {why}")

@@ -31,6 +31,7 @@ c(t) the unknown normaliser of the Gibbs likelihood (exp(-t l) is not a density 
 identifies delta at a given t (the spectrum of H scaled by t, `bench.la.prior.optimize_marglik`) but
 not t itself: t needs held-out data.
 """
+
 from __future__ import annotations
 
 import math
@@ -79,8 +80,12 @@ def parse_scale(text: str) -> LikelihoodScale:
 def check_scale(cfg) -> LikelihoodScale:
     """The config's scale, with the combinations that cannot run refused in one line."""
     scale = parse_scale(cfg.likelihood_scale)
-    require(not (scale.observations == "pair" and cfg.hessian != "ggn"),
-            "likelihood_scale=pair needs hessian=ggn (the J^T J proxy has no pairs)")
-    require(not (scale.tuned and cfg.val_items <= 0),
-            "likelihood_scale=tuned needs a validation split: set --set val_items=N (e.g. 2000)")
+    require(
+        not (scale.observations == "pair" and cfg.hessian != "ggn"),
+        "likelihood_scale=pair needs hessian=ggn (the J^T J proxy has no pairs)",
+    )
+    require(
+        not (scale.tuned and cfg.val_items <= 0),
+        "likelihood_scale=tuned needs a validation split: set --set val_items=N (e.g. 2000)",
+    )
     return scale

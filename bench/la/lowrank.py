@@ -1,11 +1,12 @@
 """A low-rank eigenbasis of a PSD curvature H (Nyström on a block Krylov space), shared by the prior
 (a deflated spectrum) and the full posterior (Sigma in closed form, never D x D)."""
+
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -110,18 +111,27 @@ def _nystrom(Q: torch.Tensor, Y: torch.Tensor, B: torch.Tensor, Qn: torch.Tensor
     M = torch.cat([torch.cat([B + nu * eye, R.T], 1), torch.cat([R, S.T @ S], 1)], 0)
     w, V = torch.linalg.eigh((M + M.T) / 2)
     keep = (w - nu) > 0
-    return Eigenbasis(lam=(w - nu)[keep].flip(0), Z=torch.cat([Q, Qn], 1), V=V[:, keep].flip(1), trace=trace, nu=nu)
+    return Eigenbasis(
+        lam=(w - nu)[keep].flip(0), Z=torch.cat([Q, Qn], 1), V=V[:, keep].flip(1), trace=trace, nu=nu
+    )
 
 
-def residual_norm(H: torch.Tensor, basis: Eigenbasis, X: torch.Tensor | None = None, iters: int = 8,
-                  block: int = MIN_GEMM_COLUMNS, generator: torch.Generator | None = None
-                  ) -> tuple[float, torch.Tensor]:
+def residual_norm(
+    H: torch.Tensor,
+    basis: Eigenbasis,
+    X: torch.Tensor | None = None,
+    iters: int = 8,
+    block: int = MIN_GEMM_COLUMNS,
+    generator: torch.Generator | None = None,
+) -> tuple[float, torch.Tensor]:
     """(||H - H_k||_2, the iterate block): block subspace iteration on the residual, `iters` products
     with H (half as many from a given X [D, block], else from a random block); the largest Ritz value
     under-estimates the norm by a margin that shrinks with iters (checked against the exact norm in the tests)."""
     if X is None:
         g = generator
-        X = torch.randn(basis.D, block, generator=g, device=g.device if g is not None else "cpu", dtype=torch.float64)
+        X = torch.randn(
+            basis.D, block, generator=g, device=g.device if g is not None else "cpu", dtype=torch.float64
+        )
         X = X.to(basis.Z.device)
     else:
         iters = max(1, iters // 2)  # a warm start (the previous check's block) needs fewer
@@ -140,21 +150,31 @@ class _Columns:
 
     def append(self, X: torch.Tensor) -> None:
         if self.n + X.shape[1] > self.buf.shape[1]:
-            grown = torch.empty(self.buf.shape[0], 2 * self.buf.shape[1] + X.shape[1], dtype=self.buf.dtype,
-                                device=self.buf.device)
-            grown[:, :self.n] = self.buf[:, :self.n]
+            grown = torch.empty(
+                self.buf.shape[0],
+                2 * self.buf.shape[1] + X.shape[1],
+                dtype=self.buf.dtype,
+                device=self.buf.device,
+            )
+            grown[:, : self.n] = self.buf[:, : self.n]
             self.buf = grown
-        self.buf[:, self.n:self.n + X.shape[1]] = X
+        self.buf[:, self.n : self.n + X.shape[1]] = X
         self.n += X.shape[1]
 
     @property
     def view(self) -> torch.Tensor:
-        return self.buf[:, :self.n]
+        return self.buf[:, : self.n]
 
 
-def krylov_nystrom(H: torch.Tensor, delta_of: Callable[[Eigenbasis], float], tol: float, block: int | None = None,
-                   max_rank: int | None = None, generator: torch.Generator | None = None, keep_last: bool = False
-                   ) -> tuple[Eigenbasis | None, float]:
+def krylov_nystrom(
+    H: torch.Tensor,
+    delta_of: Callable[[Eigenbasis], float],
+    tol: float,
+    block: int | None = None,
+    max_rank: int | None = None,
+    generator: torch.Generator | None = None,
+    keep_last: bool = False,
+) -> tuple[Eigenbasis | None, float]:
     """(basis, delta): grows a block Krylov space of PSD H [D, D] (`block` products with H per step,
     default D / 50 within [16, 256]; full reorthogonalisation twice, float64 basis) until its Nyström
     approximation H_k satisfies ||H - H_k|| <= tol * delta with delta = delta_of(basis) (the prior
@@ -189,8 +209,13 @@ def krylov_nystrom(H: torch.Tensor, delta_of: Callable[[Eigenbasis], float], tol
             basis = _nystrom(Q.view, Y.view, B, X, trace)
             delta = float(delta_of(basis))
             basis.residual, probe = residual_norm(H, basis, probe, generator=g)
-            log.debug("krylov_nystrom: K=%d rank=%d delta=%.4g residual/delta=%.3g",
-                      Q.n, basis.rank, delta, basis.residual / delta)
+            log.debug(
+                "krylov_nystrom: K=%d rank=%d delta=%.4g residual/delta=%.3g",
+                Q.n,
+                basis.rank,
+                delta,
+                basis.residual / delta,
+            )
             if basis.rel_bound(delta) <= tol:
                 return basis, delta
             if last:

@@ -1,6 +1,7 @@
 """Memory budgeting of the curvature and posterior code: free memory on a device, the size of a full
 D x D posterior and the refusal (before allocating) of one that will not fit, and the items one Jacobian
 chunk may hold."""
+
 from __future__ import annotations
 
 import os
@@ -31,8 +32,15 @@ def full_memory_bytes(D: int, dtype: torch.dtype) -> int:
     return 2 * D * D * torch.empty((), dtype=dtype).element_size()
 
 
-def check_full_memory(D: int, dtype: torch.dtype, device: torch.device, method: str = "full_la",
-                      available: int | None = None, subset: str = "all", cheaper: list[str] | None = None) -> None:
+def check_full_memory(
+    D: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    method: str = "full_la",
+    available: int | None = None,
+    subset: str = "all",
+    cheaper: list[str] | None = None,
+) -> None:
     """BenchError (one line, before anything is allocated) when two D x D matrices will not fit in 90%
     of the free memory, naming the cheaper choices (`cheaper`, e.g. smaller la_subset values that fit)."""
     need = full_memory_bytes(D, dtype)
@@ -42,11 +50,17 @@ def check_full_memory(D: int, dtype: torch.dtype, device: torch.device, method: 
         raise BenchError(
             f"{method}: a full {D}x{D} {str(dtype).replace('torch.', '')} posterior over la_subset={subset} needs "
             f"about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
-            f"use {alt}last_layer_la, diag_la or kfac_la (or a smaller net)")
+            f"use {alt}last_layer_la, diag_la or kfac_la (or a smaller net)"
+        )
 
 
-def fitting_subsets(model: nn.Module, D: int, dtype: torch.dtype, available: int,
-                    candidates: tuple[str, ...] = ("head", "last_k:1")) -> list[str]:
+def fitting_subsets(
+    model: nn.Module,
+    D: int,
+    dtype: torch.dtype,
+    available: int,
+    candidates: tuple[str, ...] = ("head", "last_k:1"),
+) -> list[str]:
     """'la_subset=S (D=...)' for the candidate subsets smaller than D whose full matrix fits in 90% of `available`."""
     params, out, seen = dict(model.named_parameters()), [], {D}
     for s in candidates:
@@ -73,8 +87,10 @@ def forward_footprint(model: nn.Module, x1: torch.Tensor) -> tuple[int, int]:
     produces (outputs of the leaf modules), to size chunks on any backbone."""
     sizes: list[int] = []
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
-    hooks = [m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel() if torch.is_tensor(o) else 0))
-             for m in leaves]
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: sizes.append(o.numel() if torch.is_tensor(o) else 0))
+        for m in leaves
+    ]
     try:
         with torch.no_grad():
             f = model(x1)

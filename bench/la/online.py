@@ -40,14 +40,15 @@ Scaling of H (what H is the curvature of):
 Kronecker factors are kept the KFAC way: S_G as S above (scaled), the input factor A as the running mean
 S_A / Z (the identity before the first step).
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -87,15 +88,27 @@ class OnlineSettings:
     def check(self) -> None:
         """BenchError (one line) for values or combinations that cannot run."""
         structures = online_structures()
-        require(self.structure in structures,
-                f"online_structure must be one of {', '.join(structures)}, got {self.structure!r}")
-        require(self.subset in SUBSETS, f"online_subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}")
-        require(self.scaling in SCALINGS, f"online_scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}")
+        require(
+            self.structure in structures,
+            f"online_structure must be one of {', '.join(structures)}, got {self.structure!r}",
+        )
+        require(
+            self.subset in SUBSETS, f"online_subset must be one of {', '.join(SUBSETS)}, got {self.subset!r}"
+        )
+        require(
+            self.scaling in SCALINGS,
+            f"online_scaling must be one of {', '.join(SCALINGS)}, got {self.scaling!r}",
+        )
         require(0.0 < self.memory <= 1.0, f"online_memory must be in (0, 1], got {self.memory}")
-        require(self.prior > 0 and math.isfinite(self.prior), f"online_prior must be a positive number, got {self.prior}")
+        require(
+            self.prior > 0 and math.isfinite(self.prior),
+            f"online_prior must be a positive number, got {self.prior}",
+        )
         get_structure(self.structure).check_online(self.subset, self.hessian, self.distance)
-        require(self.scaling != "lam" or self.hessian == "ggn",
-                "online_scaling=lam counts Hessian pairs: it needs hessian=ggn")
+        require(
+            self.scaling != "lam" or self.hessian == "ggn",
+            "online_scaling=lam counts Hessian pairs: it needs hessian=ggn",
+        )
 
     def options(self) -> dict:
         return asdict(self)
@@ -125,8 +138,10 @@ def subset_inputs(model: nn.Module, subset: str, x: torch.Tensor, check: bool = 
     with _captured_calls(la_head(model)) as store:
         f = model(x)
     if len(store) != 1 or (check and not torch.equal(store[0][1], f)):
-        raise BenchError("online_la: the embedding must be the head's output, the head run once per forward pass; "
-                         "use --set online_subset=all for this backbone")
+        raise BenchError(
+            "online_la: the embedding must be the head's output, the head run once per forward pass; "
+            "use --set online_subset=all for this backbone"
+        )
     return store[0][0]
 
 
@@ -141,6 +156,7 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 # the running state (module buffers: cached with the net)
 # ---------------------------------------------------------------------------------------------
 
+
 class OnlineState(nn.Module):
     """The running curvature sums S (diag [D], full [D, D], or per Linear layer S_G [out, out] and S_A
     [in+1, in+1]), their weight Z, the prior precision, the step count, the measured seconds of the
@@ -148,8 +164,15 @@ class OnlineState(nn.Module):
     output-space curvature kept / dropped (negative pairs) summed over steps; all buffers, so they travel
     in the model cache."""
 
-    def __init__(self, structure: str, shapes: list[tuple[int, int]], epochs: int, prior: float,
-                 init: float = 0.0, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        structure: str,
+        shapes: list[tuple[int, int]],
+        epochs: int,
+        prior: float,
+        init: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         super().__init__()
         self.structure, self.kind = structure, get_structure(structure)
         self.n_layers = len(shapes)
@@ -228,20 +251,34 @@ def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) 
 # the curvature part of a training step
 # ---------------------------------------------------------------------------------------------
 
+
 class OnlineCurvature:
     """Steps 4-5 of a training step (module docstring) and the in-training marglik: the batch's curvature
     at each posterior draw, accumulated into the net's state; timed into the state ("hessian", "prior").
     The training step itself (draws, loss) is `methods.online_la.OnlineStep`."""
 
-    def __init__(self, settings: OnlineSettings, loss: PairLoss, n_train: int, batch_size: int, epochs: int,
-                 generator: torch.Generator) -> None:
+    def __init__(
+        self,
+        settings: OnlineSettings,
+        loss: PairLoss,
+        n_train: int,
+        batch_size: int,
+        epochs: int,
+        generator: torch.Generator,
+    ) -> None:
         self.settings, self.loss, self.n_train, self.epochs = settings, loss, n_train, epochs
         self.n_batches = steps_per_epoch(n_train, batch_size)
         self.generator = generator  # the pair cap's draws
         self._probe: nn.Module | None = None
 
-    def update(self, model: OnlineLaplaceNet, samples: dict[str, torch.Tensor], inputs: torch.Tensor,
-               y: torch.Tensor, counts: list | None = None) -> None:
+    def update(
+        self,
+        model: OnlineLaplaceNet,
+        samples: dict[str, torch.Tensor],
+        inputs: torch.Tensor,
+        y: torch.Tensor,
+        counts: list | None = None,
+    ) -> None:
         """Add the curvature of the batch (inputs of the Bayesian module [m, ...], y [m]) at the S draws
         `samples` (name -> [S, *shape]; counts: the training loss's mined pairs per draw) to the state;
         at the end of every marglik_every-th epoch but the last, re-tune the prior precision."""
@@ -263,9 +300,21 @@ class OnlineCurvature:
                     p.copy_(samples[n][k])
                 acc = acc_cls(self._probe, state.curvature_dtype)
                 acc.measure_dropped = False  # measured in output space instead (no extra eigh per step)
-                bc = batch_curvature(acc, inputs, y, self.loss, s.hessian, s.pair_cap or None, self.generator,
-                                     counts[k] if counts else None)
-                c = 1.0 if s.scaling == "gibbs" else (bc.pos_active * self.n_train ** 2 / bc.pairs if bc.pairs else 0.0)
+                bc = batch_curvature(
+                    acc,
+                    inputs,
+                    y,
+                    self.loss,
+                    s.hessian,
+                    s.pair_cap or None,
+                    self.generator,
+                    counts[k] if counts else None,
+                )
+                c = (
+                    1.0
+                    if s.scaling == "gibbs"
+                    else (bc.pos_active * self.n_train**2 / bc.pairs if bc.pairs else 0.0)
+                )
                 total = kind.mean_of_draws(total, kind.scale_(bc.curvature, c / S), S)
                 traces = [t + u / S for t, u in zip(traces, bc.output_traces())]
             state.add(total, s.memory, tuple(traces))

@@ -1,6 +1,7 @@
 """One mining batch's contrastive curvature at an accumulator's current weights (an online training step):
 the post-hoc family's mining, pair Hessians, PSD clamp and accumulator on one batch, with LAM's cap on
 the number of Hessian pairs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,7 +25,9 @@ def cap_triplets(trip: torch.Tensor, cap: int | None, generator: torch.Generator
     flat = trip.flatten(1)
     out = torch.zeros_like(flat)
     gen_device = generator.device if generator is not None else "cpu"
-    for b in range(flat.shape[0]):  # a random k of the mined positions (randperm: no key per possible triplet)
+    for b in range(
+        flat.shape[0]
+    ):  # a random k of the mined positions (randperm: no key per possible triplet)
         pos = flat[b].nonzero().squeeze(1)
         if pos.numel() > k:
             pos = pos[torch.randperm(pos.numel(), generator=generator, device=gen_device)[:k].to(pos.device)]
@@ -57,9 +60,16 @@ class BatchCurvature:
         return self.pair_curvature.output_traces() if self.pair_curvature is not None else (0.0, 0.0)
 
 
-def batch_curvature(acc: Accumulator, inputs: torch.Tensor, y: torch.Tensor, loss: PairLoss, hessian: str = "ggn",
-                    pair_cap: int | None = None, generator: torch.Generator | None = None,
-                    counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> BatchCurvature:
+def batch_curvature(
+    acc: Accumulator,
+    inputs: torch.Tensor,
+    y: torch.Tensor,
+    loss: PairLoss,
+    hessian: str = "ggn",
+    pair_cap: int | None = None,
+    generator: torch.Generator | None = None,
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> BatchCurvature:
     """The contrastive GGN (hessian=ggn) or JtJ of the accumulator's model on one mining batch (inputs
     [m, ...], y [m]), at the model's current weights: what the post-hoc `accumulate` adds for that batch
     (same mining, pair Hessians, PSD clamp and accumulator), with the mined triplets capped
@@ -81,8 +91,15 @@ def batch_curvature(acc: Accumulator, inputs: torch.Tensor, y: torch.Tensor, los
             if getattr(acc, "diagonal_blocks", False) and loss.distance == "euclidean":
                 pairs = DiagonalPairs.of(F, counts, loss)
             else:
-                pairs = contrastive_pair_curvature(F, yb, pos_margin=loss.pos_margin, neg_margin=loss.neg_margin,
-                                                   miner_margin=loss.miner_margin, miner_type=loss.miner_type,
-                                                   distance=loss.distance, counts=counts)
+                pairs = contrastive_pair_curvature(
+                    F,
+                    yb,
+                    pos_margin=loss.pos_margin,
+                    neg_margin=loss.neg_margin,
+                    miner_margin=loss.miner_margin,
+                    miner_type=loss.miner_type,
+                    distance=loss.distance,
+                    counts=counts,
+                )
         acc.add(Chunk(J, valid, pairs))
     return BatchCurvature(acc.result(), pairs, counts if pairs is not None else None)

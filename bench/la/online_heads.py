@@ -3,6 +3,7 @@ family's curvature (`bench.la.curvature`) on the head's closed-form Jacobian [I_
 mining batch per training step, and for the Euclidean GGN the diagonal or full block straight from the
 pairs (no Jacobian rows). Each curvature structure picks its accumulator here
 (`bench.la.structures.Structure.online_accumulator`)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,11 @@ class _LinearHeadKronGGN(KronGGN):
         with torch.no_grad():
             f = self.model(x)
         n, d = f.shape
-        U = torch.cat([x, torch.ones_like(x[:, :1])], dim=1) if last_linear(self.model, "online_la").bias is not None else x
+        U = (
+            torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+            if last_linear(self.model, "online_la").bias is not None
+            else x
+        )
         return f, [(U[:, None], torch.eye(d, dtype=f.dtype, device=f.device).expand(n, 1, d, d))]
 
 
@@ -69,16 +74,20 @@ class _LinearHeadPairDiag(_LinearHeadDiagGGN):
         """Only pairs with a weight (w_ab != 0: the mined positive pairs, a few hundred of a batch's m^2) are
         gathered: their differences dphi [P, h], then one product C^T dphi^2 with C_ab,o = w_ab A_ab[o, o]
         (all m^2 differences of a 1280-d head were 50 ms of a step)."""
-        if not isinstance(chunk.pairs, DiagonalPairs):  # what batch_curvature hands a diagonal_blocks accumulator
+        if not isinstance(
+            chunk.pairs, DiagonalPairs
+        ):  # what batch_curvature hands a diagonal_blocks accumulator
             raise BenchError("the pair-form head diagonal needs hessian=ggn and distance=euclidean")
         W, phi = chunk.pairs.W_pos, chunk.J.reshape(*chunk.valid.shape, -1)
         n, a, b = (W != 0).nonzero(as_tuple=True)
         C = W[n, a, b, None] * chunk.pairs.diagonals(n, a, b)  # [P, d]
         rows, m = phi.reshape(-1, phi.shape[-1]), phi.shape[1]
-        dphi = rows[n * m + a]  # [P, h], in place from here (fresh [P, h] buffers cost more than the arithmetic)
+        dphi = rows[
+            n * m + a
+        ]  # [P, h], in place from here (fresh [P, h] buffers cost more than the arithmetic)
         dphi -= rows[n * m + b]
         h = torch.mm(C.T.contiguous(), dphi.square_()).reshape(-1)
-        self.H[:h.numel()] += h
+        self.H[: h.numel()] += h
         self.stats["param_kept"] += float(h.sum())
 
 
@@ -96,7 +105,9 @@ class DiagonalPairs:
     dist: torch.Tensor  # [nb, m, m]
 
     @classmethod
-    def of(cls, F: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor], loss: PairLoss) -> "DiagonalPairs":
+    def of(
+        cls, F: torch.Tensor, counts: tuple[torch.Tensor, torch.Tensor], loss: PairLoss
+    ) -> "DiagonalPairs":
         dist = pairwise_distances(F)
         W_pos, W_neg = reducer_weights(counts[0], counts[1], dist, loss.pos_margin, loss.neg_margin)
         return cls(W_pos, W_neg, F, dist)

@@ -1,6 +1,7 @@
 """Output-space curvature of the contrastive loss (`bench.loss`): analytic pair Hessians of the mined
 pairs and the block graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs), for plain
 Euclidean distances and for distances between L2-normalised embeddings (distance=cosine)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -101,8 +102,10 @@ def normalised_pair_hessians(fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor
         nv = (n * v).sum(-1)
         w = v - n * nv[:, None]
         outer = n[:, :, None] * w[:, None, :]
-        return -(nv[:, None, None] * (eye - n[:, :, None] * n[:, None, :]) + outer + outer.transpose(1, 2)) \
+        return (
+            -(nv[:, None, None] * (eye - n[:, :, None] * n[:, None, :]) + outer + outer.transpose(1, 2))
             / (r * r)[:, None, None]
+        )
 
     Pa, Pb = proj(na, ra), proj(nb_, rb)
     H_ab = -Pa @ A @ Pb
@@ -121,10 +124,19 @@ def psd_split(B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return plus, minus
 
 
-def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: float, neg_margin: float,
-                               miner_margin: float, miner_type: str = "all",
-                               valid: torch.Tensor | None = None, distance: str = "euclidean",
-                               reduction: str = "mean", counts: tuple[torch.Tensor, torch.Tensor] | None = None) -> PairCurvature:
+def contrastive_pair_curvature(
+    F: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    pos_margin: float,
+    neg_margin: float,
+    miner_margin: float,
+    miner_type: str = "all",
+    valid: torch.Tensor | None = None,
+    distance: str = "euclidean",
+    reduction: str = "mean",
+    counts: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> PairCurvature:
     """Reducer weights and Hessian blocks of PML's ContrastiveLoss for F [nb, m, d], y [nb, m].
 
     The loss as trained (`bench.loss.make_loss_and_miner`): ContrastiveLoss on the distances
@@ -148,7 +160,9 @@ def contrastive_pair_curvature(F: torch.Tensor, y: torch.Tensor, *, pos_margin: 
     if distance == "cosine":
         G = retrieval_space(F, distance)
         dist = pairwise_distances(G)
-        C_pos, C_neg = mined_pair_counts(G, y, miner_margin, miner_type, valid, dist=dist) if counts is None else counts
+        C_pos, C_neg = (
+            mined_pair_counts(G, y, miner_margin, miner_type, valid, dist=dist) if counts is None else counts
+        )
         W_pos, W_neg = reducer_weights(C_pos, C_neg, dist, pos_margin, neg_margin, reduction)
         W = W_pos + W_neg  # an ordered pair is positive or negative, never both
         bi, ai, bj = torch.nonzero(W > 0, as_tuple=True)
@@ -183,14 +197,20 @@ def _laplacian(W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return L.permute(0, 1, 3, 2, 4).reshape(nb, m * d, m * d)
 
 
-def _pair_block_laplacian(shape: tuple[int, int, int], index: tuple[torch.Tensor, ...], B: torch.Tensor) -> torch.Tensor:
+def _pair_block_laplacian(
+    shape: tuple[int, int, int], index: tuple[torch.Tensor, ...], B: torch.Tensor
+) -> torch.Tensor:
     """sum over pairs p of E_p^T B_p E_p, E_p selecting (f_a, f_b) of pair p = (bi, ai, bj) of its batch:
     [nb, m*d, m*d] from pair blocks B [P, 2d, 2d] (scatter-added, no loop over pairs)."""
     nb, m, d = shape
     bi, ai, bj = index
     L = B.new_zeros(nb, m, m, d, d)
-    for (r, c), blk in (((ai, ai), B[:, :d, :d]), ((bj, bj), B[:, d:, d:]),
-                        ((ai, bj), B[:, :d, d:]), ((bj, ai), B[:, d:, :d])):
+    for (r, c), blk in (
+        ((ai, ai), B[:, :d, :d]),
+        ((bj, bj), B[:, d:, d:]),
+        ((ai, bj), B[:, :d, d:]),
+        ((bj, ai), B[:, d:, :d]),
+    ):
         L.index_put_((bi, r, c), blk, accumulate=True)
     return L.permute(0, 1, 3, 2, 4).reshape(nb, m * d, m * d)
 
@@ -238,11 +258,15 @@ def _eigh64(L: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """eigh in float64 (float32 LAPACK fails to converge on some badly scaled blocks), cast back;
     non-finite blocks are a BenchError rather than a LAPACK error."""
     if not bool(torch.isfinite(L).all()):
-        raise BenchError("non-finite pair curvature (an embedding or distance is inf/NaN); check the base model")
+        raise BenchError(
+            "non-finite pair curvature (an embedding or distance is inf/NaN); check the base model"
+        )
     try:
         evals, evecs = torch.linalg.eigh(L.double())
     except RuntimeError as e:  # torch.linalg.LinAlgError
-        raise BenchError(f"eigendecomposition of the pair-curvature blocks failed: {str(e).splitlines()[0]}") from None
+        raise BenchError(
+            f"eigendecomposition of the pair-curvature blocks failed: {str(e).splitlines()[0]}"
+        ) from None
     return evals.to(L.dtype), evecs.to(L.dtype)
 
 

@@ -1,11 +1,12 @@
 """Gaussian posteriors N(theta_MAP, (H + delta I)^-1) for full (Cholesky or low-rank), diagonal and
 Kronecker curvature: the spectrum of H, log det of the precision, sampling, the GLM predictive covariance."""
+
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -14,15 +15,18 @@ from torch.func import functional_call, jvp, vmap
 from bench.errors import BenchError
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature
-from bench.la.memory import chunk_budget, forward_footprint, items_within
 from bench.la.lowrank import Eigenbasis, krylov_nystrom
+from bench.la.memory import chunk_budget, forward_footprint, items_within
+
 with warnings.catch_warnings():  # torch's forward AD loads these on its first jvp, and they warn that
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)  # torch.jit.script
+    warnings.filterwarnings(
+        "ignore", message=".*torch.jit.script.*", category=FutureWarning
+    )  # torch.jit.script
     try:  # is deprecated: a torch-internal line in every run's log, loaded here once, quietly
         from torch._decomp import decompositions_for_jvp  # noqa: F401
     except ImportError:  # another torch layout: at worst the warning shows
         pass
-from bench.la.spectrum import EXACT_EIG_MAX_D, EXACT_EIGVALS_MAX_D, Spectrum, exact_spectrum, full_spectrum, slq_spectrum
+from bench.la.spectrum import EXACT_EIG_MAX_D, EXACT_EIGVALS_MAX_D, Spectrum, exact_spectrum, full_spectrum
 
 log = logging.getLogger("bench")
 
@@ -46,16 +50,22 @@ def jittered_cholesky(P: torch.Tensor, what: str = "posterior precision") -> tup
             P.diagonal().sub_(jitter * scale)
         if int(info) == 0 and bool(torch.isfinite(L).all()):
             if jitter > 0:
-                log.warning("%s was not positive definite; added jitter %.3g to its diagonal", what, jitter * scale)
+                log.warning(
+                    "%s was not positive definite; added jitter %.3g to its diagonal", what, jitter * scale
+                )
             return L, jitter * scale
-    raise BenchError(f"{what} is not positive definite even with jitter {1e-4 * scale:.3g}; "
-                     "try a larger prior precision or hessian_dtype=float64")
+    raise BenchError(
+        f"{what} is not positive definite even with jitter {1e-4 * scale:.3g}; "
+        "try a larger prior precision or hessian_dtype=float64"
+    )
 
 
-def _chunked(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int, dim: int = 0) -> torch.Tensor:
+def _chunked(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk: int, dim: int = 0
+) -> torch.Tensor:
     """fn over consecutive chunks of `chunk` rows of x, concatenated along `dim`."""
     step = max(1, int(chunk))
-    return torch.cat([fn(x[i:i + step]) for i in range(0, len(x), step)], dim=dim)
+    return torch.cat([fn(x[i : i + step]) for i in range(0, len(x), step)], dim=dim)
 
 
 class Posterior:
@@ -70,8 +80,14 @@ class Posterior:
         raise NotImplementedError
 
     @classmethod
-    def fit(cls, model: nn.Module, curvature: Curvature, prior: Prior | float, generator: torch.Generator | None = None,
-            rank_tol: float = 0.0) -> tuple["Posterior", float, dict]:
+    def fit(
+        cls,
+        model: nn.Module,
+        curvature: Curvature,
+        prior: Prior | float,
+        generator: torch.Generator | None = None,
+        rank_tol: float = 0.0,
+    ) -> tuple["Posterior", float, dict]:
         """(posterior, delta, info): the prior precision delta, info = prior(spectrum of H) (or prior
         itself when a number), then the posterior at delta. rank_tol > 0 lets a full posterior use a
         low-rank eigenbasis (`FullPosterior.fit`)."""
@@ -104,7 +120,9 @@ class Posterior:
         d, act = forward_footprint(self.model, x1)
         return 8 * d * (self.curvature.D + act)
 
-    def sampled_embeddings(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
+    def sampled_embeddings(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         """f(x) under each of S sampled parameter sets (from `sample_params`; the other parameters and
         the buffers at their MAP values): [S, n, d]. `chunk` items per vmapped forward of the S networks,
         fewer when S copies of their activations would exceed `chunk_budget`."""
@@ -114,8 +132,12 @@ class Posterior:
             return functional_call(self.model, {**base, **p}, (xc,))
 
         with torch.no_grad():
-            return _chunked(lambda xc: vmap(f, in_dims=(0, None))(params, xc), x,
-                            self._sample_items(params, x, chunk, copies=1), dim=1)
+            return _chunked(
+                lambda xc: vmap(f, in_dims=(0, None))(params, xc),
+                x,
+                self._sample_items(params, x, chunk, copies=1),
+                dim=1,
+            )
 
     def _sample_items(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int, copies: int) -> int:
         """Items per vmapped forward of the S parameter sets: `chunk`, fewer when `copies` x S copies of
@@ -124,7 +146,9 @@ class Posterior:
         _, act = forward_footprint(self.model, x[:1])
         return items_within(chunk, copies * S * act * x.element_size(), chunk_budget(x.device))
 
-    def linearized_embeddings(self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int) -> torch.Tensor:
+    def linearized_embeddings(
+        self, params: dict[str, torch.Tensor], x: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
         """Samples of the linearised (GLM) predictive, f_MAP(x) + J(x) (theta_s - theta_MAP), for the S
         parameter sets of `sample_params`: [S, n, d]. Exact samples of N(f_MAP(x), J Sigma J^T), jointly
         over the n items (one theta_s serves every item), unlike sampled networks f(x; theta_s), which
@@ -187,8 +211,14 @@ class FullPosterior(_FlatPosterior):
         return full_spectrum(curvature.H, generator=generator)  # type: ignore[arg-type]
 
     @classmethod
-    def fit(cls, model: nn.Module, curvature: Curvature, prior: Prior | float, generator: torch.Generator | None = None,
-            rank_tol: float = 0.0) -> tuple[Posterior, float, dict]:
+    def fit(
+        cls,
+        model: nn.Module,
+        curvature: Curvature,
+        prior: Prior | float,
+        generator: torch.Generator | None = None,
+        rank_tol: float = 0.0,
+    ) -> tuple[Posterior, float, dict]:
         """For D > EXACT_EIG_MAX_D one block Krylov basis of H serves the prior (its deflated spectrum)
         and, with rank_tol > 0, the posterior (`LowRankPosterior`, grown until every predictive covariance
         is within a factor 1 + rank_tol of the exact one); otherwise, or when that rank would not pay,
@@ -206,13 +236,20 @@ class FullPosterior(_FlatPosterior):
             if basis is not None:
                 delta, info = prior_of(basis.spectrum())
                 return LowRankPosterior(model, curvature, delta, basis), delta, {**info, **basis.info(delta)}
-            log.info("full posterior: tolerance %g needs a rank above the share of D where a low rank pays; "
-                     "using the exact Cholesky factor", rank_tol)
-        if callable(prior) and curvature.D <= EXACT_EIGVALS_MAX_D:  # a slowly decaying spectrum (J^T J): exact is cheaper
+            log.info(
+                "full posterior: tolerance %g needs a rank above the share of D where a low rank pays; "
+                "using the exact Cholesky factor",
+                rank_tol,
+            )
+        if (
+            callable(prior) and curvature.D <= EXACT_EIGVALS_MAX_D
+        ):  # a slowly decaying spectrum (J^T J): exact is cheaper
             delta, info = prior(full_spectrum(H, generator=generator))
         elif callable(prior):
             basis, _ = krylov_nystrom(H, delta_of, PRIOR_TOL, generator=generator)
-            delta, info = prior(basis.spectrum() if basis is not None else full_spectrum(H, generator=generator))
+            delta, info = prior(
+                basis.spectrum() if basis is not None else full_spectrum(H, generator=generator)
+            )
         else:
             delta, info = float(prior), {}
         return cls(model, curvature, delta), delta, {**info, "posterior": "cholesky"}
@@ -261,18 +298,26 @@ class LowRankPosterior(_FlatPosterior):
         self.basis, self.jitter = basis, 0.0
         self.dtype = curvature.H.dtype if curvature.H is not None else torch.float32
         self.lam, self.U = basis.lam, basis.eigenvectors(self.dtype)
-        self.w = (self.lam / (self.lam + self.delta))  # float64 [k]
+        self.w = self.lam / (self.lam + self.delta)  # float64 [k]
         params = dict(model.named_parameters())
-        self.U_layers, i = [], 0  # per parameter: a 2-d weight's [in, out * k] (a @ it = a U_l), else [numel, k]
+        self.U_layers, i = (
+            [],
+            0,
+        )  # per parameter: a 2-d weight's [in, out * k] (a @ it = a U_l), else [numel, k]
         for name in curvature.names:
             p, k = params[name], self.U.shape[1]
-            block = self.U[i:i + p.numel()]
+            block = self.U[i : i + p.numel()]
             i += p.numel()
-            self.U_layers.append(block.reshape(*p.shape, k).transpose(0, 1).reshape(p.shape[1], -1).contiguous()
-                                 if p.dim() == 2 else block)
+            self.U_layers.append(
+                block.reshape(*p.shape, k).transpose(0, 1).reshape(p.shape[1], -1).contiguous()
+                if p.dim() == 2
+                else block
+            )
 
     def logdet_precision(self) -> float:
-        return float((self.lam + self.delta).log().sum()) + (self.basis.D - self.basis.rank) * math.log(self.delta)
+        return float((self.lam + self.delta).log().sum()) + (self.basis.D - self.basis.rank) * math.log(
+            self.delta
+        )
 
     def sample_flat(self, S: int, generator: torch.Generator) -> torch.Tensor:
         """Sigma_k^(1/2) z = z / sqrt(delta) + U diag(1/sqrt(lam + delta) - 1/sqrt(delta)) U^T z."""
@@ -299,7 +344,7 @@ class LowRankPosterior(_FlatPosterior):
         JJ = torch.zeros(n, d, d, dtype=torch.float64, device=self.U.device)
         for (a, B), Ul in zip(factors, self.U_layers):
             B = B.to(self.dtype)
-            BB = (B.double() @ B.double().transpose(1, 2))
+            BB = B.double() @ B.double().transpose(1, 2)
             if a is None:
                 A += B @ Ul
                 JJ += BB
@@ -328,7 +373,9 @@ class DiagPosterior(_FlatPosterior):
         return float((self.curvature.H + self.delta).log().sum())  # type: ignore[operator]
 
     def sample_flat(self, S: int, generator: torch.Generator) -> torch.Tensor:
-        z = torch.randn(S, self.var.shape[0], generator=generator, device=generator.device, dtype=self.var.dtype)
+        z = torch.randn(
+            S, self.var.shape[0], generator=generator, device=generator.device, dtype=self.var.dtype
+        )
         return z.to(self.var.device) * self.var.sqrt()
 
     def _glm_cov(self, x: torch.Tensor) -> torch.Tensor:
@@ -362,7 +409,9 @@ def _eigh(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         try:
             sub_lam, sub_Q = torch.linalg.eigh(M[live][:, live].double())
         except RuntimeError as e:  # torch.linalg.LinAlgError
-            raise BenchError(f"eigendecomposition of a Kronecker factor failed: {str(e).splitlines()[0]}") from None
+            raise BenchError(
+                f"eigendecomposition of a Kronecker factor failed: {str(e).splitlines()[0]}"
+            ) from None
         cols = torch.arange(len(dead_idx), n, device=M.device)
         lam[cols] = sub_lam
         Q[live[:, None], cols[None, :]] = sub_Q
@@ -383,8 +432,9 @@ class KronPosterior(Posterior):
         super().__init__(model, curvature, delta)
         self.layers = jac.kron_layers(model, curvature.names)
         names = {id(p): n for n, p in model.named_parameters()}
-        self.layer_names = [(names[id(l.weight)], names[id(l.bias)] if l.bias is not None else None)
-                            for l in self.layers]
+        self.layer_names = [
+            (names[id(l.weight)], names[id(l.bias)] if l.bias is not None else None) for l in self.layers
+        ]
         self.eig = list(kron_eig(curvature))
         if self.delta <= 0:
             raise BenchError("the Kronecker posterior needs a positive prior precision")

@@ -2,6 +2,7 @@
 another plugin's private class): the configuration checks, the generator streams that must agree between
 them (the Hessian's item subset, the posterior draws) and the predictive of a fitted posterior (glm | lmc
 | mc). `methods/laplace.py` (post hoc) and `methods/online_la.py` (trained online) subclass it."""
+
 from __future__ import annotations
 
 import torch
@@ -43,14 +44,20 @@ class LaplacePredictive(Method):
         super().validate(cfg)
         require(cfg.hessian in ("ggn", "jtj"), f"hessian must be ggn or jtj, got {cfg.hessian!r}")
         cls.check_structure(cfg)
-        require(cfg.predictive in PREDICTIVES,
-                f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}")
+        require(
+            cfg.predictive in PREDICTIVES,
+            f"predictive must be one of {', '.join(PREDICTIVES)}, got {cfg.predictive!r}",
+        )
         require(cfg.hessian_dtype in ("float32", "float64"), "hessian_dtype must be float32 or float64")
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
-        require(cfg.hessian_items is None or cfg.hessian_items >= 2,
-                f"hessian_items must be >= 2, got {cfg.hessian_items}")
-        require(cfg.prior_precision in ("marglik", "grid") or positive_number(cfg.prior_precision),
-                f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}")
+        require(
+            cfg.hessian_items is None or cfg.hessian_items >= 2,
+            f"hessian_items must be >= 2, got {cfg.hessian_items}",
+        )
+        require(
+            cfg.prior_precision in ("marglik", "grid") or positive_number(cfg.prior_precision),
+            f"prior_precision must be a positive number, marglik or grid, got {cfg.prior_precision!r}",
+        )
         check_scale(cfg)
 
     @classmethod

@@ -1,5 +1,6 @@
 """Prior precision: Laplace marginal likelihood (default) or a grid scored on a validation split by the
 log-likelihood of its triplet orderings under the joint predictive (`triplet_log_score`, Monte Carlo)."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ from bench.la.pairs import small_eigh
 from bench.la.spectrum import Spectrum
 from bench.loss import retrieval_space
 
-DEFAULT_GRID = tuple(10.0 ** k for k in range(-3, 6))  # prior_precision=grid: scored by triplet_log_score
+DEFAULT_GRID = tuple(10.0**k for k in range(-3, 6))  # prior_precision=grid: scored by triplet_log_score
 
 
 def log_marglik(delta: float, spectrum: Spectrum, theta_sq: float) -> float:
@@ -29,7 +30,9 @@ def log_marglik(delta: float, spectrum: Spectrum, theta_sq: float) -> float:
     return -0.5 * delta * theta_sq + 0.5 * spectrum.D * math.log(delta) - 0.5 * spectrum.logdet(delta)
 
 
-def optimize_marglik(spectrum: Spectrum, theta_sq: float, lo: float = 1e-6, hi: float = 1e8) -> tuple[float, dict]:
+def optimize_marglik(
+    spectrum: Spectrum, theta_sq: float, lo: float = 1e-6, hi: float = 1e8
+) -> tuple[float, dict]:
     """(delta*, info): the maximiser of `log_marglik` over [lo, hi].
 
     It solves delta = gamma / ||theta_MAP||^2 with gamma = sum_i lam_i / (lam_i + delta) (MacKay's
@@ -37,11 +40,16 @@ def optimize_marglik(spectrum: Spectrum, theta_sq: float, lo: float = 1e-6, hi: 
     spectrum of H.
     """
     f = lambda t: -log_marglik(math.exp(t), spectrum, theta_sq)
-    res = minimize_scalar(f, bounds=(math.log(lo), math.log(hi)), method="bounded",
-                          options={"xatol": 1e-6, "maxiter": 500})
+    res = minimize_scalar(
+        f, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-6, "maxiter": 500}
+    )
     delta = float(math.exp(res.x))
-    info = {"log_marglik": float(-res.fun), "effective_params": spectrum.effective_params(delta),
-            "spectrum": spectrum.method, "theta_sq": theta_sq}
+    info = {
+        "log_marglik": float(-res.fun),
+        "effective_params": spectrum.effective_params(delta),
+        "spectrum": spectrum.method,
+        "theta_sq": theta_sq,
+    }
     return delta, info
 
 
@@ -72,8 +80,9 @@ SCORE_SAMPLES = 256  # joint draws per group for triplet_log_score
 SCORE_SAMPLE_CHUNK = 64  # joint draws per chunk (bounds the [S, nb, m, m] distance tensor)
 
 
-def triplet_log_score(f: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, z: torch.Tensor,
-                      distance: str = "euclidean") -> float:
+def triplet_log_score(
+    f: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, z: torch.Tensor, distance: str = "euclidean"
+) -> float:
     """Mean over the triplets of `mask` [nb, m, m, m] (`triplet_mask`) of log P(||e_a - e_p|| < ||e_a - e_n||)
     under the joint Gaussian predictive of each group of items: means f [nb, m, d], joint covariance
     C [nb, m d, m d] (item-major; cross-covariances included, since the items share the posterior's weights),
@@ -90,16 +99,22 @@ def triplet_log_score(f: torch.Tensor, C: torch.Tensor, mask: torch.Tensor, z: t
         return float("nan")
     nb, m, d = f.shape
     S = z.shape[0]
-    with cpu_threads(1, f.device):  # many small ops: extra threads only synchronise (5x slower on 2 busy cores)
+    with cpu_threads(
+        1, f.device
+    ):  # many small ops: extra threads only synchronise (5x slower on 2 busy cores)
         w, V = small_eigh(C.double())
         R = (V * w.clamp_min(0).sqrt()[:, None, :]).float()  # C = R R^T per group
         b, a, p, n = torch.nonzero(mask, as_tuple=True)
         ap, an = (b * m + a) * m + p, (b * m + a) * m + n  # into the flattened [nb, m, m] distances
         hits = torch.zeros(count, dtype=torch.float64, device=f.device)
         for s0 in range(0, S, SCORE_SAMPLE_CHUNK):
-            zc = z[s0:s0 + SCORE_SAMPLE_CHUNK].to(device=f.device, dtype=torch.float32)
-            e = f.float()[None] + (R @ zc.permute(1, 2, 0)).permute(2, 0, 1).reshape(-1, nb, m, d)  # [s, nb, m, d]
+            zc = z[s0 : s0 + SCORE_SAMPLE_CHUNK].to(device=f.device, dtype=torch.float32)
+            e = f.float()[None] + (R @ zc.permute(1, 2, 0)).permute(2, 0, 1).reshape(
+                -1, nb, m, d
+            )  # [s, nb, m, d]
             e = retrieval_space(e, distance)
-            sq = sum((e[..., k, None] - e[..., None, :, k]).pow(2) for k in range(d)).reshape(e.shape[0], -1)  # (a tiny last dim reduces slowly)
+            sq = sum((e[..., k, None] - e[..., None, :, k]).pow(2) for k in range(d)).reshape(
+                e.shape[0], -1
+            )  # (a tiny last dim reduces slowly)
             hits += (sq.index_select(1, ap) < sq.index_select(1, an)).sum(0)
         return float(torch.log((hits + 0.5) / (S + 1)).mean())

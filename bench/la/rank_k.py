@@ -1,5 +1,6 @@
 """The full curvature's hot path: H [D, D] += M^T M for row blocks M, a symmetric rank-k update on the
 upper triangle (BLAS syrk on CPU, blocked addmm elsewhere)."""
+
 from __future__ import annotations
 
 import math
@@ -16,15 +17,27 @@ class SymmetricAccumulator:
     `result()` mirrors the upper triangle into the lower one (in place, block by block).
     """
 
-    def __init__(self, D: int, dtype: torch.dtype, device: torch.device, block: int = 2048,
-                 use_blas: bool | None = None, flush_rows: int = 2048) -> None:
+    def __init__(
+        self,
+        D: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        block: int = 2048,
+        use_blas: bool | None = None,
+        flush_rows: int = 2048,
+    ) -> None:
         self.D, self.dtype, self.device = D, dtype, device
         self.flush_rows = flush_rows
         self._pending: list[torch.Tensor] = []
         self._pending_rows = 0
-        self.use_blas = (device.type == "cpu" and dtype in (torch.float32, torch.float64)) if use_blas is None else use_blas
+        self.use_blas = (
+            (device.type == "cpu" and dtype in (torch.float32, torch.float64))
+            if use_blas is None
+            else use_blas
+        )
         if self.use_blas:
             from scipy.linalg import blas
+
             self._np = np.zeros((D, D), dtype=np.float32 if dtype == torch.float32 else np.float64, order="F")
             self._syrk = blas.ssyrk if dtype == torch.float32 else blas.dsyrk
             self.H = torch.from_numpy(self._np)  # strides (1, D): H[i, j] is _np[i, j]
@@ -58,7 +71,7 @@ class SymmetricAccumulator:
             return
         for bi, (i0, i1) in enumerate(self.bounds):
             Mi = M[:, i0:i1].T
-            for (j0, j1) in self.bounds[bi:]:
+            for j0, j1 in self.bounds[bi:]:
                 self.H[i0:i1, j0:j1].addmm_(Mi, M[:, j0:j1])
 
     def result(self) -> torch.Tensor:
@@ -68,6 +81,6 @@ class SymmetricAccumulator:
         for bi, (i0, i1) in enumerate(self.bounds):
             blk = H[i0:i1, i0:i1]
             blk.copy_(blk.triu() + blk.triu(1).T)
-            for (j0, j1) in self.bounds[bi + 1:]:
+            for j0, j1 in self.bounds[bi + 1 :]:
                 H[j0:j1, i0:i1] = H[i0:i1, j0:j1].T
         return H

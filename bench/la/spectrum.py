@@ -1,5 +1,6 @@
 """Spectra of a curvature H for log det(H + delta I): exact eigenvalues, or stochastic Lanczos
 quadrature (SLQ) when an eigendecomposition of a large full H would take minutes on a CPU."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,8 +38,9 @@ def exact_spectrum(eigenvalues: torch.Tensor) -> Spectrum:
     return Spectrum(ev, np.ones_like(ev), ev.size, "exact")
 
 
-def slq_spectrum(H: torch.Tensor, steps: int = 40, probes: int = 16,
-                 generator: torch.Generator | None = None) -> Spectrum:
+def slq_spectrum(
+    H: torch.Tensor, steps: int = 40, probes: int = 16, generator: torch.Generator | None = None
+) -> Spectrum:
     """Stochastic Lanczos quadrature of symmetric H [D, D]: for Rademacher probes z (||z||^2 = D),
     z^T g(H) z ~= D * sum_j tau_j^2 g(theta_j) with (theta, tau) the Ritz values and first
     eigenvector components of the Lanczos tridiagonal matrix; averaged over probes. Few steps bias the

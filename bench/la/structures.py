@@ -14,6 +14,7 @@ structure with a `_key`). A structure owns everything in which structures differ
 No other code compares structure names: adding a structure is one new subclass here, decorated with
 `@register_structure`, plus its test (docs/architecture.md, "How to add a curvature structure").
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -44,7 +45,14 @@ from bench.la.online_heads import (
     _LinearHeadPairFull,
     single_linear,
 )
-from bench.la.posterior import EXACT_EIG_MAX_D, DiagPosterior, FullPosterior, KronPosterior, Posterior, kron_eig
+from bench.la.posterior import (
+    EXACT_EIG_MAX_D,
+    DiagPosterior,
+    FullPosterior,
+    KronPosterior,
+    Posterior,
+    kron_eig,
+)
 from bench.la.spectrum import Spectrum, exact_spectrum
 from bench.la.subsets import check_la_subset, declared_head
 
@@ -135,8 +143,15 @@ class Structure:
 
     # -- the scaled family's basis -------------------------------------------------------
     @classmethod
-    def family_basis(cls, model: nn.Module, curvature: Curvature, smallest_ratio: Callable[[Spectrum], float] | None,
-                     tol: float, generator: torch.Generator | None, max_rank: int | None) -> FamilyBasis:
+    def family_basis(
+        cls,
+        model: nn.Module,
+        curvature: Curvature,
+        smallest_ratio: Callable[[Spectrum], float] | None,
+        tol: float,
+        generator: torch.Generator | None,
+        max_rank: int | None,
+    ) -> FamilyBasis:
         """(lam, spectrum, project, basis or None) of H ~= V diag(lam) V^T (`bench.la.family`)."""
         raise NotImplementedError
 
@@ -145,7 +160,9 @@ class Structure:
     def check_online(cls, subset: str, hessian: str, distance: str) -> None:
         """BenchError (one line) for online settings this structure cannot run."""
         if not cls.online:
-            raise BenchError(f"online_structure must be one of {', '.join(online_structures())}, got {cls.key!r}")
+            raise BenchError(
+                f"online_structure must be one of {', '.join(online_structures())}, got {cls.key!r}"
+            )
 
     @classmethod
     def online_accumulator(cls, module: nn.Module, pair_form: bool = False) -> type[Accumulator]:
@@ -160,9 +177,11 @@ class Structure:
         return [(probe.D, probe.D)]
 
     @classmethod
-    def init_online(cls, state: nn.Module, shapes: list[tuple[int, int]], init: float, dtype: torch.dtype) -> None:
+    def init_online(
+        cls, state: nn.Module, shapes: list[tuple[int, int]], init: float, dtype: torch.dtype
+    ) -> None:
         """Register the running sum S as a buffer of `state` (init: its start, LAM's H_0 = N)."""
-        (D, _), = shapes
+        ((D, _),) = shapes
         state.register_buffer("S", torch.eye(D, dtype=dtype) * init)
 
     @classmethod
@@ -175,8 +194,9 @@ class Structure:
         state.S.mul_(memory).add_(curv.H.to(state.S.dtype))
 
     @classmethod
-    def online_curvature(cls, state: nn.Module, names: list[str], subset: str, D: int,
-                         scale: float | None) -> Curvature:
+    def online_curvature(
+        cls, state: nn.Module, names: list[str], subset: str, D: int, scale: float | None
+    ) -> Curvature:
         """The current H = scale * S / Z (S itself when scale is None; 0 before the first step)."""
         return Curvature(cls.key, subset, names, D, H=_running(state.S, scale, float(state.weight)))
 
@@ -196,7 +216,9 @@ def _running(S: torch.Tensor, scale: float | None, z: float) -> torch.Tensor:
     return S * (scale / z) if z > 0 else torch.zeros_like(S)
 
 
-def _subset_jacobian(model: nn.Module, curvature: Curvature, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _subset_jacobian(
+    model: nn.Module, curvature: Curvature, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(f [n, d], J [n, d, D]) over the curvature's parameters, in H's dtype."""
     with torch.no_grad():
         f = model(x)
@@ -227,8 +249,9 @@ class Full(Structure):
             return lam, exact_spectrum(lam), project, None
         ratio = smallest_ratio or (lambda spectrum: 1.0)
         limit = int(max_rank or curvature.D * MAX_RANK_FRACTION)
-        basis, _ = krylov_nystrom(H, lambda b: ratio(b.spectrum()), tol, max_rank=limit, generator=generator,
-                                  keep_last=True)
+        basis, _ = krylov_nystrom(
+            H, lambda b: ratio(b.spectrum()), tol, max_rank=limit, generator=generator, keep_last=True
+        )
         V = basis.eigenvectors(H.dtype)  # formed once; scaled copies share it
 
         def project_lowrank(x):
@@ -250,7 +273,9 @@ class LastLayer(Full):
     @classmethod
     def check_online(cls, subset, hessian, distance):
         if subset != "head":
-            raise BenchError("online_structure=last_layer is the full GGN over the last layer: use online_subset=head")
+            raise BenchError(
+                "online_structure=last_layer is the full GGN over the last layer: use online_subset=head"
+            )
 
     @classmethod
     def online_accumulator(cls, module, pair_form=False):
@@ -292,7 +317,7 @@ class Diag(Structure):
 
     @classmethod
     def init_online(cls, state, shapes, init, dtype):
-        (D, _), = shapes
+        ((D, _),) = shapes
         state.register_buffer("S", torch.full((D,), init, dtype=dtype))
 
 
@@ -308,12 +333,16 @@ class Kron(Structure):
     @classmethod
     def check_online(cls, subset, hessian, distance):
         if subset != "head":
-            raise BenchError("online_structure=kron over all layers samples through an eigendecomposition of every "
-                             "layer's factors each step (about 40x a plain step on the paper net): use "
-                             "online_subset=head or diag")
+            raise BenchError(
+                "online_structure=kron over all layers samples through an eigendecomposition of every "
+                "layer's factors each step (about 40x a plain step on the paper net): use "
+                "online_subset=head or diag"
+            )
         if hessian == "ggn" and distance != "euclidean":
-            raise BenchError("online_structure=kron: the Kronecker GGN needs distance=euclidean (a pair loss of "
-                             "f_a - f_b); with distance=cosine use diag or last_layer, or hessian=jtj")
+            raise BenchError(
+                "online_structure=kron: the Kronecker GGN needs distance=euclidean (a pair loss of "
+                "f_a - f_b); with distance=cosine use diag or last_layer, or hessian=jtj"
+            )
 
     @classmethod
     def trace(cls, curv):
@@ -322,7 +351,9 @@ class Kron(Structure):
     @classmethod
     def diagonal(cls, curv):
         """diag(G (x) A) = diag(G) diag(A)^T per layer, row-major."""
-        return torch.cat([(f.G.diagonal()[:, None] * f.A.diagonal()[None]).reshape(-1) for f in curv.kron or []])
+        return torch.cat(
+            [(f.G.diagonal()[:, None] * f.A.diagonal()[None]).reshape(-1) for f in curv.kron or []]
+        )
 
     @classmethod
     def scaled(cls, curv, t):
@@ -401,15 +432,24 @@ class Kron(Structure):
 
 # -- entry points by key --------------------------------------------------------------------
 
+
 def resolve_subset(structure: str, la_subset: str, model: nn.Module) -> str:
     """The parameter subset of `structure` for `la_subset`: auto gives full -> head on a model with a
     head (all otherwise), diag and kron -> all, last_layer -> the last Linear whatever la_subset says."""
     return get_structure(structure).resolve_subset(la_subset, model)
 
 
-def compute_curvature(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, structure: str = "full",
-                      dtype: torch.dtype | None = None, subset: str | None = None,
-                      accumulator_options: dict | None = None, **kw: Any) -> Curvature:
+def compute_curvature(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    structure: str = "full",
+    dtype: torch.dtype | None = None,
+    subset: str | None = None,
+    accumulator_options: dict | None = None,
+    **kw: Any,
+) -> Curvature:
     """The curvature of `structure` (full | last_layer | diag | kron) over `subset` (the structure's
     default when None): `accumulate` (its keywords) into that structure's accumulator; dtype: the
     accumulation dtype (default: the model's); accumulator_options: e.g. kron's reduce."""

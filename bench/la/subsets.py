@@ -4,6 +4,7 @@ last k Linear/Conv2d layers, or last_layer_la's last Linear; the rest stay at th
 Contract with the backbones: a CNN model exposes `model.trunk` and `model.head` (an nn.Module); a model
 without `head` (the MLP) uses its last nn.Linear as the head.
 """
+
 from __future__ import annotations
 
 import re

@@ -12,12 +12,14 @@ Search: for each t on TEMPERATURES the prior is marglik's delta(t) (its spectrum
 number, or every delta of DEFAULT_GRID (prior_precision=grid: a 2-d grid); with one delta per t the
 best grid point is refined by a bounded Brent search on log t between its neighbours.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from scipy.optimize import minimize_scalar
+
 from bench.la.prior import DEFAULT_GRID
 
 # likelihood_scale=tuned: temperatures on the batch scale, 0.1 .. 1e4 in half decades (pair counts
@@ -29,7 +31,9 @@ Score = Callable[[float, float], float]  # (t, delta) -> validation objective (l
 DeltaAt = Callable[[float], tuple[float, dict]]  # t -> (delta, info), e.g. marglik on the t-scaled spectrum
 
 
-def candidates(temperatures: tuple[float, ...], prior: str | float, delta_at: DeltaAt | None) -> list[tuple[float, float, dict]]:
+def candidates(
+    temperatures: tuple[float, ...], prior: str | float, delta_at: DeltaAt | None
+) -> list[tuple[float, float, dict]]:
     """(t, delta, info) to score: per t, marglik's delta(t) (prior "marglik"), every delta of DEFAULT_GRID
     ("grid") or the fixed number."""
     out = []
@@ -45,9 +49,14 @@ def candidates(temperatures: tuple[float, ...], prior: str | float, delta_at: De
     return out
 
 
-def search(score: Score, temperatures: tuple[float, ...], prior: str | float, delta_at: DeltaAt | None = None,
-           bound: Callable[[float, float], float] | None = None, max_bound: float = math.inf
-           ) -> tuple[float, float, dict]:
+def search(
+    score: Score,
+    temperatures: tuple[float, ...],
+    prior: str | float,
+    delta_at: DeltaAt | None = None,
+    bound: Callable[[float, float], float] | None = None,
+    max_bound: float = math.inf,
+) -> tuple[float, float, dict]:
     """(t, delta, info) maximising `score` over the candidates whose covariance `bound` (a low-rank
     basis's relative error there) is at most max_bound; the others are recorded unscored (objective
     None). info holds every point (temperature, prior_precision, objective, rank_bound, log_marglik),
@@ -59,12 +68,29 @@ def search(score: Score, temperatures: tuple[float, ...], prior: str | float, de
     rows = []
     for t, d, extra in candidates(temperatures, prior, delta_at):
         b = bound(t, d)
-        rows.append({"temperature": t, "prior_precision": d, "objective": score(t, d) if b <= max_bound else None,
-                     "rank_bound": b, **{k: v for k, v in extra.items() if v is not None}})
+        rows.append(
+            {
+                "temperature": t,
+                "prior_precision": d,
+                "objective": score(t, d) if b <= max_bound else None,
+                "rank_bound": b,
+                **{k: v for k, v in extra.items() if v is not None},
+            }
+        )
     finite = [r for r in rows if r["objective"] is not None and math.isfinite(r["objective"])]
     if not finite:  # nothing within max_bound (a caller may grow its basis): no best point
-        return math.nan, math.nan, {"objective": "val_triplet_loglik", "points": rows, "refined": False, "best": None,
-                                    "at_edge": False, "trust_edge": True}
+        return (
+            math.nan,
+            math.nan,
+            {
+                "objective": "val_triplet_loglik",
+                "points": rows,
+                "refined": False,
+                "best": None,
+                "at_edge": False,
+                "trust_edge": True,
+            },
+        )
     best = max(finite, key=lambda r: r["objective"])
     trusted = sorted({r["temperature"] for r in finite})
     info = {"objective": "val_triplet_loglik", "points": rows, "refined": False}
@@ -77,23 +103,38 @@ def search(score: Score, temperatures: tuple[float, ...], prior: str | float, de
     return best["temperature"], best["prior_precision"], info
 
 
-def _refine(score: Score, temperatures: tuple[float, ...], prior: str | float, delta_at: DeltaAt | None,
-            best: dict, bound: Callable[[float, float], float], max_bound: float) -> dict:
+def _refine(
+    score: Score,
+    temperatures: tuple[float, ...],
+    prior: str | float,
+    delta_at: DeltaAt | None,
+    best: dict,
+    bound: Callable[[float, float], float],
+    max_bound: float,
+) -> dict:
     """Bounded Brent on log t between the best scored point's neighbours (one delta per t); a point
     beyond max_bound counts as worst."""
     ts = sorted(temperatures)
     i = ts.index(best["temperature"])
     lo, hi = math.log(ts[max(i - 1, 0)]), math.log(ts[min(i + 1, len(ts) - 1)])
     delta_of = (lambda t: delta_at(t)[0]) if prior == "marglik" else (lambda t: float(prior))  # type: ignore[misc]
+
     def loss(u: float) -> float:
         t = math.exp(u)
         d = delta_of(t)
         return -score(t, d) if bound(t, d) <= max_bound else 1e300
 
-    res = minimize_scalar(loss, bounds=(lo, hi), method="bounded", options={"xatol": REFINE_XATOL, "maxiter": 25})
+    res = minimize_scalar(
+        loss, bounds=(lo, hi), method="bounded", options={"xatol": REFINE_XATOL, "maxiter": 25}
+    )
     t = float(math.exp(res.x))
     if -res.fun <= best["objective"]:
         return best
     d = delta_of(t)
-    return {"temperature": t, "prior_precision": d, "objective": float(-res.fun), "rank_bound": bound(t, d),
-            "refine_evaluations": int(res.nfev)}
+    return {
+        "temperature": t,
+        "prior_precision": d,
+        "objective": float(-res.fun),
+        "rank_bound": bound(t, d),
+        "refine_evaluations": int(res.nfev),
+    }

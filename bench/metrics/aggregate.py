@@ -1,10 +1,11 @@
 """Summaries over a run: across-seed means with t-intervals, paired differences against a reference
 method on the same queries, and the wall-time breakdown per stage."""
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,9 @@ def stage_breakdown(timings: pd.DataFrame) -> pd.DataFrame:
         return pd.DataFrame(columns=["method", *STAGES, "total", "share"])
     methods = list(dict.fromkeys(timings["method"]))
     extra = [s for s in dict.fromkeys(timings["stage"]) if s not in STAGES]
-    wide = timings.pivot_table(index="method", columns="stage", values="seconds", aggfunc="sum", fill_value=0.0)
+    wide = timings.pivot_table(
+        index="method", columns="stage", values="seconds", aggfunc="sum", fill_value=0.0
+    )
     wide = wide.reindex(index=methods, columns=[*STAGES, *extra], fill_value=0.0).astype(float)
     wide["total"] = wide.sum(axis=1)
     grand = float(wide["total"].sum())
@@ -75,8 +78,9 @@ def _ood_diff(ia, ib, oa, ob, axis=-1):
     return ood_statistics(ia, oa, axis=axis) - ood_statistics(ib, ob, axis=axis)
 
 
-def _score_vectors(arrs: dict[str, np.ndarray], id_score: str | None, ood_score: str | None
-                   ) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
+def _score_vectors(
+    arrs: dict[str, np.ndarray], id_score: str | None, ood_score: str | None
+) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
     """(ID vector of id_score, {OOD set: vector of ood_score}, ID vector of ood_score) from the saved
     score vectors; without them (older run folders) tr Sigma from id_var / ood_<s>_var."""
     saved = score_arrays(arrs)
@@ -91,8 +95,15 @@ def _score_vectors(arrs: dict[str, np.ndarray], id_score: str | None, ood_score:
     return u, ood, u
 
 
-def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples: int, level: float, seed: int,
-           id_score: str | None, ood_score: str | None) -> Iterable[tuple[str, float, float, float]]:
+def _pairs(
+    arrs: dict[str, np.ndarray],
+    ref: dict[str, np.ndarray],
+    n_resamples: int,
+    level: float,
+    seed: int,
+    id_score: str | None,
+    ood_score: str | None,
+) -> Iterable[tuple[str, float, float, float]]:
     """(metric, diff, lo, hi) for every metric both sides can be paired on."""
     boot = dict(n_resamples=n_resamples, level=level, seed=seed)
     for key, a in arrs.items():
@@ -108,7 +119,12 @@ def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples:
             g = (arrs["extra_confidence"], arrs[CORRECTNESS], ref["extra_confidence"], ref[CORRECTNESS])
             yield ("ECE", *grouped_bootstrap_ci([g], _ece_diff, **boot).triple())
         if have(CORRECTNESS):
-            yield ("AUSE", *grouped_bootstrap_ci([(ua, arrs[CORRECTNESS], ub, ref[CORRECTNESS])], _ause_diff, **boot).triple())
+            yield (
+                "AUSE",
+                *grouped_bootstrap_ci(
+                    [(ua, arrs[CORRECTNESS], ub, ref[CORRECTNESS])], _ause_diff, **boot
+                ).triple(),
+            )
     if va is None or vb is None or va.shape != vb.shape:
         return
     for s, oa in ood_a.items():
@@ -120,10 +136,16 @@ def _pairs(arrs: dict[str, np.ndarray], ref: dict[str, np.ndarray], n_resamples:
             yield (f"{name}[{s}]", *ci.triple(i))
 
 
-def paired_differences(perquery: dict[tuple[str, int], dict[str, np.ndarray]], reference: str,
-                       n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                       metrics: Iterable[str] | None = None, id_score: str | None = None,
-                       ood_score: str | None = None) -> pd.DataFrame:
+def paired_differences(
+    perquery: dict[tuple[str, int], dict[str, np.ndarray]],
+    reference: str,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    metrics: Iterable[str] | None = None,
+    id_score: str | None = None,
+    ood_score: str | None = None,
+) -> pd.DataFrame:
     """(method, reference, seed, metric, diff, ci_low, ci_high) for every method against `reference`
     on each seed both ran, in the order of `perquery` ({(method, seed): per-query arrays});
     `seed` seeds the bootstrap, `metrics` restricts the metric names (None: all that pair).
@@ -147,6 +169,15 @@ def paired_differences(perquery: dict[tuple[str, int], dict[str, np.ndarray]], r
             continue
         for metric, d, lo, hi in _pairs(arrs, ref, n_resamples, level, seed, id_score, ood_score):
             if wanted is None or metric in wanted:
-                rows.append({"method": m, "reference": reference, "seed": s, "metric": metric,
-                             "diff": d, "ci_low": lo, "ci_high": hi})
+                rows.append(
+                    {
+                        "method": m,
+                        "reference": reference,
+                        "seed": s,
+                        "metric": metric,
+                        "diff": d,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                )
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)

@@ -1,6 +1,7 @@
 """Leave-one-out retrieval metrics on a labelled test set (mAP@K, Recall@K, MAP@R and the seed's
 mAP_pml@K), as per-query vectors so a bootstrap over queries needs one kNN search; distances are
 measured in the loss's geometry (`bench.loss.retrieval_space`)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -11,11 +12,19 @@ from bench.loss import retrieval_space
 PML_MAP = "mAP_pml"  # name stem of the seed's AP@K (hits-normalised, pytorch-metric-learning <= 1.6.0)
 
 
-KD_TREE_MAX_DIM = 8  # up to this embedding width the exact kNN goes through a k-d tree (scipy), above it brute force
+KD_TREE_MAX_DIM = (
+    8  # up to this embedding width the exact kNN goes through a k-d tree (scipy), above it brute force
+)
 
 
-def nearest(query: torch.Tensor, gallery: torch.Tensor, k: int, distance: str = "euclidean",
-            exclude_self: bool = False, chunk: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(
+    query: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    distance: str = "euclidean",
+    exclude_self: bool = False,
+    chunk: int = 2048,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices [N, k], distances [N, k]) of each query's k nearest gallery items in the retrieval
     space, nearest first. exclude_self: the queries are the gallery (query i is gallery item i) and
     never retrieve themselves (leave-one-out). k is capped at the gallery size (minus one).
@@ -29,22 +38,26 @@ def nearest(query: torch.Tensor, gallery: torch.Tensor, k: int, distance: str = 
     idx = torch.empty(q.shape[0], k, dtype=torch.long)
     dist = torch.empty(q.shape[0], k)
     for s in range(0, q.shape[0], chunk):
-        d = torch.cdist(q[s:s + chunk], g)
+        d = torch.cdist(q[s : s + chunk], g)
         if exclude_self:
             rows = torch.arange(d.shape[0])
             d[rows, rows + s] = float("inf")  # a query never retrieves itself
         top = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        idx[s:s + chunk], dist[s:s + chunk] = top.indices.cpu(), top.values.cpu()
+        idx[s : s + chunk], dist[s : s + chunk] = top.indices.cpu(), top.values.cpu()
     return idx, dist
 
 
-def _nearest_kd_tree(q: torch.Tensor, g: torch.Tensor, k: int, exclude_self: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest_kd_tree(
+    q: torch.Tensor, g: torch.Tensor, k: int, exclude_self: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`nearest` through scipy's cKDTree (float64 distances, cast to float32). Leave-one-out asks for k + 1
     and drops each query's own index (or, when duplicates hide it beyond the k + 1, the last column)."""
     from scipy.spatial import cKDTree
 
     tree = cKDTree(g.numpy().astype(np.float64))
-    dist, idx = tree.query(q.numpy().astype(np.float64), k=k + int(exclude_self), workers=torch.get_num_threads())
+    dist, idx = tree.query(
+        q.numpy().astype(np.float64), k=k + int(exclude_self), workers=torch.get_num_threads()
+    )
     dist, idx = np.asarray(dist).reshape(len(q), -1), np.asarray(idx).reshape(len(q), -1)
     if exclude_self:
         own = idx == np.arange(len(q))[:, None]
@@ -74,7 +87,9 @@ def _ap_from_rel(rel: torch.Tensor, norm: torch.Tensor) -> np.ndarray:
     return torch.where(norm > 0, ap, torch.zeros_like(ap)).numpy()
 
 
-def retrieval_per_query(emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 3, 5, 7)) -> dict[str, np.ndarray]:
+def retrieval_per_query(
+    emb: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 3, 5, 7)
+) -> dict[str, np.ndarray]:
     """Per-query AP@K, Recall@K and AP_pml@K vectors [N] for each K, named `mAP@K`, `Recall@K` and
     `mAP_pml@K`; emb already in the retrieval space (`retrieval_space`).
 

@@ -3,14 +3,15 @@ D = 13,410), plus the floor GEMM of the same [N*d, D] shape. Slow: excluded from
 (pyproject addopts has --ignore=tests/perf). Run with:
     pytest -o addopts="" tests/perf --benchmark-only
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 from backbones.mlp import EmbeddingNet
-from bench.loss import PairLoss
 from bench.la.structures import STRUCTURES, compute_curvature
+from bench.loss import PairLoss
 from bench.model import num_params
 
 N = 512  # training items (the full set scales linearly)
@@ -31,9 +32,17 @@ def paper_setup():
 @pytest.mark.parametrize("hessian", ["ggn", "jtj"])
 def test_bench_hessian(benchmark, paper_setup, structure, hessian):
     model, x, y = paper_setup
-    run = lambda: compute_curvature(model, x, y, structure=structure, hessian=hessian,
-                                    loss=PairLoss(), mining_batch=16, chunk=256,
-                                    generator=torch.Generator().manual_seed(0))
+    run = lambda: compute_curvature(
+        model,
+        x,
+        y,
+        structure=structure,
+        hessian=hessian,
+        loss=PairLoss(),
+        mining_batch=16,
+        chunk=256,
+        generator=torch.Generator().manual_seed(0),
+    )
     curv = benchmark.pedantic(run, rounds=1, iterations=1, warmup_rounds=0)
     benchmark.extra_info.update(D=curv.D, rows=curv.stats["rows"])
     assert curv.D > 0

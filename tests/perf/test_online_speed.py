@@ -3,6 +3,7 @@ batch 16) next to its reference, the plain step of the same net (the issue's bou
 vectorised contrastive loss + fused Adam, and the same plus posterior sampling and the curvature
 at the sample (`bench.la.online.OnlineStep`) for each structure over the head, and diag over all weights.
 Run with `make perf` (excluded from the default test run)."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 
 from bench.config import preset_config
 from bench.la.online import OnlineLaplaceNet, OnlineSettings
-from bench.model import build_model
 from bench.loss import contrastive_loss
+from bench.model import build_model
 from bench.train import make_optimizer
 from methods.online_la import OnlineStep
 
@@ -36,8 +37,16 @@ def _steps(model, loss, opt, x, y):
         opt.step()
 
 
-@pytest.mark.parametrize("path", ["plain (reference)", "online diag head", "online kron head",
-                                  "online last_layer head", "online diag all"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "plain (reference)",
+        "online diag head",
+        "online kron head",
+        "online last_layer head",
+        "online diag all",
+    ],
+)
 def test_bench_online_step(benchmark, batches, path):
     torch.set_num_threads(1)
     x, y = batches

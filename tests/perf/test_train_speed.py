@@ -3,6 +3,7 @@ batch 16), each next to its reference: one step with pytorch-metric-learning's m
 plain Adam (the previous path) vs the vectorised loss + fused Adam; an ensemble of M = 5
 as M separate steps vs one step of the nets trained side by side; a dropout net's step.
 Run with `make perf` (excluded from the default test run)."""
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,8 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from bench.config import preset_config
-from bench.model import build_model
 from bench.loss import batched_contrastive_loss, contrastive_loss, make_loss_and_miner
+from bench.model import build_model
 from bench.train import make_optimizer
 
 STEPS = 200  # steps per timed round
@@ -35,6 +36,7 @@ def _pml_loss():
     def f(model, xb, yb):
         emb = model(xb)
         return loss_fn(emb, yb, miner(emb, yb))
+
     return f
 
 
@@ -84,4 +86,5 @@ def test_bench_ensemble_step(benchmark, batches, path):
             opt.zero_grad(set_to_none=True)
             losses.sum().backward()
             opt.step()
+
     benchmark.pedantic(joint, rounds=3, iterations=1, warmup_rounds=1)
