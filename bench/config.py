@@ -82,7 +82,8 @@ class RunConfig:
     bootstrap_resamples: int = 1000
     ci_level: float = 0.95
     # uncertainty scores (bench/scores/, `bench list`): every one in `scores` gets its metrics
-    # (`AUSE:<score>`, ...); the headline ECE/AUSE/AURG are id_score's, AUROC/AUPR/FPR95/var_ratio[set] ood_score's
+    # (`AUSE:<score>`, ...); the headline ECE/AUSE/AURG are id_score's, AUROC/AUPR/FPR95/var_ratio[set]
+    # ood_score's
     scores: tuple[str, ...] = (ALL_SCORES,)
     id_score: str = "top1_flip"
     ood_score: str = "trace"
@@ -203,17 +204,20 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             posterior_samples=100,
             dropout_passes=100,
             prior_precision="marglik",
-            # the J^T J spectrum decays slowly: no low rank reaches the tolerance, the exact Cholesky path is the fast one
+            # the J^T J spectrum decays slowly: no low rank reaches the tolerance, the exact Cholesky path is
+            # the fast one
             method_options=(("posterior_rank_tol", 0.0),),
         ),
     ),
     "paper": (
         "the seed paper's protocol: 5 Linear layers, 2-d embedding, batch 16, 15 epochs, 100 samples",
-        # curvature from 8192 of the 42,000 training items (scaled by N/n): AUROC within the all-items CIs (README)
+        # curvature from 8192 of the 42,000 training items (scaled by N/n): AUROC within the all-items CIs
+        # (README)
         dict(epochs=15, batch_size=16, posterior_samples=100, dropout_passes=100, hessian_items=8192),
     ),
     "cifar": (
-        "CIFAR-10 (0-6 ID, 7-9 near-OOD, MNIST/Fashion far-OOD): frozen ImageNet EfficientNet-Lite0 features at "
+        "CIFAR-10 (0-6 ID, 7-9 near-OOD, MNIST/Fashion far-OOD): frozen ImageNet EfficientNet-Lite0 "
+        "features at "
         "64 px + a trained Linear head to 8-d (weight decay 0.5); every method on a 2-core CPU",
         dict(
             dataset="cifar10",
@@ -235,7 +239,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         ),
     ),
     "cifar_scratch": (
-        "CIFAR-10 with the 32-64-64 conv net from scratch (flatten -> Linear(1024, 16)), augmented; meant for a GPU",
+        "CIFAR-10 with the 32-64-64 conv net from scratch (flatten -> Linear(1024, 16)), augmented; "
+        "meant for a GPU",
         dict(
             dataset="cifar10",
             backbone="convnet",
@@ -255,7 +260,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     **{
         name: (
-            f"{label}, zero-shot (train on the first half of the classes): ImageNet EfficientNet-Lite0 fine-tuned "
+            f"{label}, zero-shot (train on the first half of the classes): ImageNet "
+            f"EfficientNet-Lite0 fine-tuned "
             "at 224 px, GeM pooling, 128-d L2-normalised embedding; needs the data under --data-dir",
             dict(
                 dataset=ds,

@@ -87,7 +87,8 @@ def mined_triplets(
     """The triplets a TripletMarginMiner yields, as a mask trip [nb, a, p, n] (bool), per batch.
 
     F [nb, m, d], y [nb, m]; valid [nb, m] masks padding items; dist [nb, m, m] the distances to
-    mine with (default `pairwise_distances(F)`; training passes torch.cdist's, as PML does). A triplet (a, p, n) with y_a = y_p,
+    mine with (default `pairwise_distances(F)`; training passes torch.cdist's, as PML does). A triplet (a, p,
+    n) with y_a = y_p,
     a != p, y_a != y_n is mined when t = d_an - d_ap satisfies: all: t <= margin; hard: t <= min(margin, 0);
     semihard: 0 < t <= margin; easy: t > margin (PML's definitions).
     """

@@ -10,7 +10,8 @@ from bench.registry import BACKBONES
 
 
 def build_model(cfg, in_shape: tuple[int, ...], seed: int, dropout: float = 0.0) -> nn.Module:
-    """A freshly initialised `cfg.backbone` net for inputs [N, *in_shape] (initialisation seeded by `seed`)."""
+    """A freshly initialised `cfg.backbone` net for inputs [N, *in_shape] (initialisation seeded by
+    `seed`)."""
     builder = BACKBONES.get(cfg.backbone)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

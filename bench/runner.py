@@ -267,8 +267,10 @@ def run(cfg: RunConfig, log=print) -> Path:
     if features:
         ref = features["raw_features"].get(CORRECTNESS_METRIC, [float("nan")] * 3)
         log(
-            f"  frozen {cfg.backbone} trunk: {features['feature_dim']}-d features of {features['input_shape']} inputs "
-            f"({features['extracted']} splits extracted now, {features['seconds']:.1f} s recorded); raw-feature "
+            f"  frozen {cfg.backbone} trunk: {features['feature_dim']}-d features of "
+            f"{features['input_shape']} inputs "
+            f"({features['extracted']} splits extracted now, {features['seconds']:.1f} s recorded); "
+            f"raw-feature "
             f"{CORRECTNESS_METRIC} {ref[0]:.3f} [{ref[1]:.3f}, {ref[2]:.3f}]"
         )
     cache_root = Path(cfg.out) / "cache" / "models"

@@ -36,7 +36,8 @@ def offered(method: Method) -> bool:
 
 
 def points(cfg: RunConfig) -> list[dict[str, float | None]]:
-    """The grid: every (prior precision, temperature) of the two axes; an empty axis is [None] (the fitted value)."""
+    """The grid: every (prior precision, temperature) of the two axes; an empty axis is [None] (the fitted
+    value)."""
     priors = list(cfg.sensitivity_priors) or [None]
     scales = list(cfg.sensitivity_scales) or [None]
     return [dict(zip(AXES, p)) for p in itertools.product(priors, scales)]

@@ -15,7 +15,8 @@ as a log-mean-exp of log-sigmoids (exact, and finite where p underflows).
 
 Loss of a pair with match label m in {0, 1} (the paper's VIB objective):
 
-    L = -[ m log p(m|x1,x2) + (1 - m) log(1 - p(m|x1,x2)) ] + beta [ KL(N(mu1, s1^2) || N(0, I)) + KL(2 || N(0, I)) ]
+    L = -[ m log p(m|x1,x2) + (1 - m) log(1 - p(m|x1,x2)) ] + beta [ KL(N(mu1, s1^2) || N(0, I)) + KL(2 ||
+    N(0, I)) ]
 
 beta = 1e-4 (hib_kl_weight; the paper's value for its N-digit MNIST experiments). Pairs: every
 unordered pair in the batch; the paper samples pairs rather than mining them. Because a batch with

@@ -42,7 +42,8 @@ VAL_MAX = 1000  # prior_precision=grid without a validation split: items of trai
 TUNE_START_RANK = 1024
 TUNE_MAX_ITEMS = 2000  # validation items the search scores on (a seeded subset of larger splits)
 VAL_GROUP = 16  # validation items per group: every triplet within a group is scored
-# generator streams (FitContext.generator offsets; SUBSET_STREAM = 13 and SAMPLE_STREAM = 41 in bench.la.predictive)
+# generator streams (FitContext.generator offsets; SUBSET_STREAM = 13 and SAMPLE_STREAM = 41 in
+# bench.la.predictive)
 PERM_STREAM, LANCZOS_STREAM, VAL_STREAM, GRID_STREAM = 17, 29, 31, 37
 
 
@@ -225,14 +226,15 @@ class _Laplace(LaplacePredictive):
             proj = family.project(val, groups)
             if z is None:
                 z = standard_draws(SCORE_SAMPLES, groups.shape[0], proj.A.shape[1], gen)
-            score = lambda t, d: triplet_log_score(
-                proj.f,
-                family.joint_cov(proj, t, d),
-                trip.to(proj.f.device),
-                z,  # noqa: E731
-                cfg.distance,
-            )
-            delta_at = lambda t: optimize_marglik(family.spectrum(t), theta_sq)  # noqa: E731
+
+            def score(t, d, proj=proj, family=family, z=z):  # (bound now: the search runs in this iteration)
+                return triplet_log_score(
+                    proj.f, family.joint_cov(proj, t, d), trip.to(proj.f.device), z, cfg.distance
+                )
+
+            def delta_at(t, family=family):
+                return optimize_marglik(family.spectrum(t), theta_sq)
+
             t, delta, search_info = search(score, temps, prior, delta_at, family.bound, max_bound=tol)
             ranks.append(None if family.basis is None else family.basis.rank)
             if family.basis is None or not search_info["trust_edge"] or rank >= limit:
@@ -245,7 +247,8 @@ class _Laplace(LaplacePredictive):
         )
         if search_info["trust_edge"]:
             log.warning(
-                "%s: the best likelihood temperature %.3g is the largest the low-rank basis (rank %d) resolves "
+                "%s: the best likelihood temperature %.3g is the largest the low-rank basis (rank "
+                "%d) resolves "
                 "within %.2g; larger ones were not scored",
                 self.name,
                 t,
@@ -374,7 +377,8 @@ class KfacLaplace(_Laplace):
             str,
             "expand",
             "Conv2d factors: expand = KFC, one pseudo-sample per output location (Grosse & Martens "
-            "2016); reduce = per item, patches averaged and output gradients summed (Eschenhagen et al. 2023)",
+            "2016); reduce = per item, patches averaged and output gradients summed (Eschenhagen et "
+            "al. 2023)",
             choices=("expand", "reduce"),
         )
     }

@@ -161,7 +161,8 @@ class LaplaceTorch(Method):
         require(cfg.posterior_samples >= 2, f"posterior_samples must be >= 2, got {cfg.posterior_samples}")
         require(
             cfg.prior_precision == "marglik" or positive_number(cfg.prior_precision),
-            f"laplace_torch: prior_precision must be marglik or a positive number, got {cfg.prior_precision!r} "
+            f"laplace_torch: prior_precision must be marglik or a positive number, got "
+            f"{cfg.prior_precision!r} "
             "(laplace-torch's gridsearch needs validation targets a metric-learning net does not have)",
         )
         require(

@@ -72,7 +72,8 @@ def _forward(module: nn.Module, params: dict[str, torch.Tensor], inputs: torch.T
 
 
 def _check_unshared(module: nn.Module) -> None:
-    """BenchError when one parameter belongs to two different submodules (`_forward` would replace it in one)."""
+    """BenchError when one parameter belongs to two different submodules (`_forward` would replace it in
+    one)."""
     owners: dict[int, set[int]] = {}
     for name, p in module.named_parameters(remove_duplicate=False):
         owner = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
@@ -246,7 +247,8 @@ class OnlineLaplace(LaplacePredictive):
         }
 
     def predict(self, x: torch.Tensor) -> EmbeddingPrediction:
-        """The post-hoc family's predictive (`LaplacePredictive.predict`) of the Bayesian module on its inputs: the
+        """The post-hoc family's predictive (`LaplacePredictive.predict`) of the Bayesian module on its
+        inputs: the
         head's features of x (subset head) or x itself."""
         subset = self.settings(self.cfg).subset
         if subset == "head" and self.posterior is not None:

@@ -79,7 +79,8 @@ def embed_with_features(
 
 
 class VarianceHead(nn.Module):
-    """Features [N, F] -> variance [N, d]: Linear(F, F) - ReLU - Linear(F, k), sigma^2 = VAR_FLOOR + exp(out)."""
+    """Features [N, F] -> variance [N, d]: Linear(F, F) - ReLU - Linear(F, k), sigma^2 = VAR_FLOOR +
+    exp(out)."""
 
     def __init__(self, in_dim: int, embed_dim: int, kind: str) -> None:
         super().__init__()

@@ -128,7 +128,7 @@ def test_moments_match_numpy():
 def test_mc_dropout_fit_predict_deterministic_and_cached(smoke, cache_root):
     cfg, data = smoke
     m1, cache1, timer1 = fit_method("mc_dropout", cfg, data, cache_root)
-    assert [l.p for l in m1.model.modules() if isinstance(l, torch.nn.Dropout)] == [
+    assert [layer.p for layer in m1.model.modules() if isinstance(layer, torch.nn.Dropout)] == [
         MCDropout.option(cfg, "dropout")
     ] * len(cfg.hidden)
     x = data.test_id.x
@@ -268,7 +268,7 @@ def test_ensemble_members_differ_reuse_cache_and_predict_deterministically(smoke
         assert list(other) == list(sd[0])  # same architecture
         assert all(other[k].shape == sd[0][k].shape for k in sd[0])
         assert any(not torch.equal(other[k], sd[0][k]) for k in sd[0])  # different weights
-    assert not any(isinstance(l, torch.nn.Dropout) for m in e1.members for l in m.modules())
+    assert not any(isinstance(layer, torch.nn.Dropout) for m in e1.members for layer in m.modules())
     # member 0 is the base model: same cache entry as plain's base
     base, _, _ = ModelCache(cache_root, cfg, data.train_id, run_device()).get(cfg.seed, 0.0)
     assert all(torch.equal(base.state_dict()[k], sd[0][k]) for k in sd[0])

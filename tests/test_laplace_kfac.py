@@ -30,7 +30,8 @@ M = 8  # mining batch
 
 
 def _layer_mask(model, curv):
-    sizes = [sum(p.numel() for p in l.parameters(recurse=False)) for l in jac.kron_layers(model, curv.names)]
+    layers = jac.kron_layers(model, curv.names)
+    sizes = [sum(p.numel() for p in layer.parameters(recurse=False)) for layer in layers]
     return torch.block_diag(*[torch.ones(b, b, dtype=torch.float64) for b in sizes])
 
 
@@ -58,7 +59,7 @@ def test_layer_quantities_give_each_layers_exact_jacobian():
     """sum_s B_s (x) U_s^T over the locations equals jacrev's Jacobian for every Conv2d and Linear."""
     model, (x, _) = TinyConvNet(), tiny_images(4)
     layers = jac.kron_layers(model, jac.subset_names(model, "all"))
-    assert [type(l) for l in layers] == [nn.Conv2d, nn.Conv2d, nn.Linear]
+    assert [type(layer) for layer in layers] == [nn.Conv2d, nn.Conv2d, nn.Linear]
     _, qs = jac.layer_quantities(model, x, layers)
     for layer, (U, B) in zip(layers, qs):
         assert U.shape[1] == B.shape[1] == {0: 25, 1: 4, 2: 1}[layers.index(layer)]
@@ -146,7 +147,8 @@ def test_uniform_weights_equal_curvlinops_kfac(approx):
 
 
 def test_jtj_factors_weight_the_input_factor_by_the_output_trace():
-    """G = sum over items and locations of B^T B, A = sum c U U^T / sum c with c = ||B||_F^2 (explicit loop)."""
+    """G = sum over items and locations of B^T B, A = sum c U U^T / sum c with c = ||B||_F^2 (explicit
+    loop)."""
     model, (x, y) = TinyConvNet(), tiny_images(8)
     curv = compute_curvature(model, x, y, structure="kron", hessian="jtj", mining_batch=M)
     _, qs = jac.layer_quantities(model, x, jac.kron_layers(model, curv.names))

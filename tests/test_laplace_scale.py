@@ -247,7 +247,8 @@ def test_tuning_sees_only_the_validation_split(setup, name):
 def test_family_joint_covariance_is_the_direct_one_at_every_point(structure, monkeypatch):
     """The family's joint group covariance at (t, delta) equals J Sigma J^T of the posterior built directly
     at that point (dense Sigma = (t H + delta I)^-1; Kronecker: the block-diagonal G (x) A; a low-rank
-    basis: its Sigma_k = U diag(1 / (t lam + delta)) U^T + (I - U U^T) / delta, within its bound of the exact)."""
+    basis: its Sigma_k = U diag(1 / (t lam + delta)) U^T + (I - U U^T) / delta, within its bound of the
+    exact)."""
     from bench.la import lowrank
 
     model, (x, y) = tiny_net(), tiny_data(40)

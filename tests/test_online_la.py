@@ -95,7 +95,8 @@ def test_accumulated_curvature_is_the_post_hoc_ggn_of_the_same_weights_and_batch
 
 
 def test_accumulated_kronecker_factors_are_the_post_hoc_factors_of_the_same_batches():
-    """As above for kron: G = n_b x the mean of the batches' G (= their sum, the post-hoc G), A = the mean of the
+    """As above for kron: G = n_b x the mean of the batches' G (= their sum, the post-hoc G), A = the mean of
+    the
     batches' (pair-normalised) A, each batch's factors from kfac_la's accumulator on the training batches."""
     x, y = tiny_data(n=44)
     cfg = _cfg(lr=1e-30)
@@ -146,7 +147,7 @@ def test_running_curvature_weights_each_batch_ggn_at_its_sample_by_the_memory_fa
         )
     T = len(terms)
     w = torch.tensor([m ** (T - 1 - t) for t in range(T)], dtype=torch.float64)
-    combine = lambda hs: (
+    combine = lambda hs: (  # noqa: E731
         steps_per_epoch(n, B) * sum(wt * h for wt, h in zip(w, hs)) / w.sum()
         if scaling == "gibbs"
         else m**T * n + sum(wt * h for wt, h in zip(w, hs))
@@ -233,7 +234,7 @@ def test_marglik_retunes_the_prior_during_and_after_training(smoke_cfg, tmp_path
     d = method.diagnostics
     assert len(d["prior_history_in_training"]) == 2  # after epochs 1 and 2; the final one is fit's
     assert d["prior_precision"] == method.posterior.delta
-    lml = lambda delta: log_marglik(
+    lml = lambda delta: log_marglik(  # noqa: E731
         delta,
         exact_spectrum(method.posterior.curvature.H),
         float(method.posterior.theta.double().pow(2).sum()),
@@ -246,7 +247,7 @@ def test_steps_per_epoch_is_what_train_net_runs():
     for n in (32, 33, 34, 47):
         calls = []
 
-        def loss(model, xb, yb):
+        def loss(model, xb, yb, calls=calls):
             calls.append(len(yb))
             return model(xb).sum() * 0
 

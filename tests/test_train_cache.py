@@ -117,7 +117,8 @@ def _trained_in_child(args) -> int:
 
 
 def test_concurrent_processes_train_a_model_once(smoke_cfg, tmp_path):
-    """Two processes (e.g. two grid cells) asking for the same model: one trains, the other waits and loads."""
+    """Two processes (e.g. two grid cells) asking for the same model: one trains, the other waits and
+    loads."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 

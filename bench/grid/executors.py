@@ -49,7 +49,8 @@ class ExecutorOptions:
 
 
 class Executor(Protocol):
-    """Runs `tasks.run_task(*args)` for submitted keys; `slots` bounds the tasks in flight (None: no bound)."""
+    """Runs `tasks.run_task(*args)` for submitted keys; `slots` bounds the tasks in flight (None: no
+    bound)."""
 
     slots: int | None
 

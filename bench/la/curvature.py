@@ -93,7 +93,8 @@ class Accumulator:
 
     @classmethod
     def check_supported(cls, hessian: str, distance: str) -> None:
-        """BenchError (one line) when this accumulator cannot take the curvature (every one can by default)."""
+        """BenchError (one line) when this accumulator cannot take the curvature (every one can by
+        default)."""
 
     def _numel(self, names: list[str]) -> int:
         params = dict(self.model.named_parameters())
@@ -125,7 +126,8 @@ class _RowAccumulator(Accumulator):
     For a chunk of nb mining batches, with J_b [m*d, D] the stacked embedding Jacobian of batch b and
     L_b the (PSD-clamped) block Laplacian of its mined pairs (`bench.la.pairs`),
 
-        H = sum_b J_b^T L_b J_b = sum_b M_b^T M_b,     M_b = V_b^T J_b,  L_b = V_b V_b^T  (eigh, r <= m*d rows),
+        H = sum_b J_b^T L_b J_b = sum_b M_b^T M_b,     M_b = V_b^T J_b,  L_b = V_b V_b^T  (eigh, r <= m*d
+        rows),
 
     so the GGN costs one [B*d, D] Jacobian, one small batched product V^T J and one update per chunk,
     however many pairs the miner yields. For hessian="jtj" (the seed's proxy, identity output Hessian
@@ -218,7 +220,8 @@ class DiagGGN(_RowAccumulator):
 
 
 def kron_dims(layer: nn.Module) -> tuple[int, int]:
-    """(out, in') of a Linear/Conv2d's Kronecker factors: in' = in_features or C_in kh kw, plus 1 with a bias."""
+    """(out, in') of a Linear/Conv2d's Kronecker factors: in' = in_features or C_in kh kw, plus 1 with a
+    bias."""
     w = layer.weight
     return w.shape[0], w[0].numel() + (layer.bias is not None)
 
@@ -273,7 +276,7 @@ class KronGGN(Accumulator):
         self.stats["excluded_params"] = self.D - self._numel(kept)
         self.names, self.D, self.reduce = kept, self._numel(kept), reduce
         kw = dict(dtype=self.dtype, device=self.device)
-        dims = [kron_dims(l) for l in self.layers]
+        dims = [kron_dims(layer) for layer in self.layers]
         self.G = [torch.zeros(o, o, **kw) for o, _ in dims]
         self.A = [torch.zeros(i, i, **kw) for _, i in dims]
         self.weight = [0.0 for _ in dims]  # C = sum_k c_k per layer (A's denominator)
@@ -344,7 +347,8 @@ class KronGGN(Accumulator):
             self.weight[i] += float(C1.sum() + C2.sum()) / 2  # each unordered pair once
 
     def _pair_weights(self, Bs: torch.Tensor, S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C1, C2) [nb, s, m, m]: C1_ab = tr(Bbar^T S_ab Bbar) = (<S, K_aa> + <S, K_bb> + 2 <S, K_ab>) / 4 and
+        """(C1, C2) [nb, s, m, m]: C1_ab = tr(Bbar^T S_ab Bbar) = (<S, K_aa> + <S, K_bb> + 2 <S, K_ab>) / 4
+        and
         C2_ab = tr(dB^T S_ab dB) = <S, K_aa> + <S, K_bb> - 2 <S, K_ab> per location, with K = B_s B_s^T the
         batch's Gram ([m d, m d]; locations in blocks of GRAM_NUMEL entries)."""
         nb, n_loc, md, _ = Bs.shape

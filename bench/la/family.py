@@ -103,7 +103,8 @@ class ScaledFamily:
         return 0.0 if self.basis is None else scaled_basis(self.basis, t / self.carried).rel_bound(delta)
 
     def project(self, x: "torch.Tensor | Split", groups: torch.Tensor) -> Projection:
-        """The groups of items x[groups] (a tensor, or a Split's inputs) ([nb, m] indices) through the basis, CHUNK_ITEMS items per Jacobian."""
+        """The groups of items x[groups] (a tensor, or a Split's inputs) ([nb, m] indices) through the basis,
+        CHUNK_ITEMS items per Jacobian."""
         nb, m = groups.shape
         per = max(1, CHUNK_ITEMS // m)
         fs, As, Ts = [], [], []
@@ -123,7 +124,8 @@ class ScaledFamily:
         return Projection(torch.cat(fs), torch.cat(As), torch.cat(Ts) if Ts else None, groups)
 
     def joint_cov(self, proj: Projection, t: float, delta: float) -> torch.Tensor:
-        """[nb, m d, m d] float64: the joint linearised predictive covariance J Sigma(t, delta) J^T of each group."""
+        """[nb, m d, m d] float64: the joint linearised predictive covariance J Sigma(t, delta) J^T of each
+        group."""
         g = (1.0 / (self.lam * (t / self.carried) + delta)).to(proj.A.dtype)
         C = torch.bmm(proj.A * g, proj.A.mT).double()
         return C if proj.T is None else C + proj.T / delta

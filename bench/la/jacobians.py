@@ -183,11 +183,11 @@ def kron_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
     unfolded-patch factors do not describe (groups > 1, a padding mode other than zeros)."""
     params = dict(model.named_parameters())
     ids = {id(params[n]) for n in names}
-    layers = [l for l in param_layers(model) if id(l.weight) in ids]
-    for l in layers:
-        if isinstance(l, nn.Conv2d) and (l.groups != 1 or l.padding_mode != "zeros"):
+    layers = [layer for layer in param_layers(model) if id(layer.weight) in ids]
+    for layer in layers:
+        if isinstance(layer, nn.Conv2d) and (layer.groups != 1 or layer.padding_mode != "zeros"):
             raise BenchError(
-                f"kfac_la: Conv2d with groups={l.groups}, padding_mode={l.padding_mode!r} is not "
+                f"kfac_la: Conv2d with groups={layer.groups}, padding_mode={layer.padding_mode!r} is not "
                 "supported (groups=1, zero padding only); use diag_la or la_subset=head"
             )
     if not layers:
@@ -197,13 +197,14 @@ def kron_layers(model: nn.Module, names: list[str]) -> list[nn.Module]:
 
 def kron_names(model: nn.Module, layers: list[nn.Module]) -> list[str]:
     """The names of the layers' weights and biases, in `named_parameters` order."""
-    ids = {id(p) for l in layers for p in l.parameters(recurse=False)}
+    ids = {id(p) for layer in layers for p in layer.parameters(recurse=False)}
     return [n for n, p in model.named_parameters() if id(p) in ids]
 
 
 def conv_patches(layer: nn.Conv2d, inp: torch.Tensor) -> torch.Tensor:
     """Unfolded input patches U [n, L, C_in*kh*kw] of a Conv2d (L output locations, patch entries in the
-    weight's row-major order), so that the layer's output at location l is W.reshape(out, -1) @ U[:, l] + b."""
+    weight's row-major order), so that the layer's output at location l is W.reshape(out, -1) @ U[:, l] +
+    b."""
     pad = layer.padding
     if isinstance(pad, str):  # 'valid' or 'same' (stride 1): torch pads any odd excess at the end
         if pad == "same":

@@ -4,7 +4,8 @@ method (post hoc here, online Laplace later).
 
 The training objective read as a tempered Gibbs likelihood over the mining batches b,
 
-    p_t(D | theta) ∝ exp(-t sum_b l_b(theta)),    l_b = sum_{k in pos, neg} sum_{(a, c) active of kind k} w_ac l_ac,
+    p_t(D | theta) ∝ exp(-t sum_b l_b(theta)),    l_b = sum_{k in pos, neg} sum_{(a, c) active of kind k}
+    w_ac l_ac,
 
 with l_ac the pair loss (positive: relu(d - m_pos), negative: relu(m_neg - d)) and count_ac how often
 the miner yields the ordered pair (PML's `convert_to_pairs`, duplicates included). The posterior

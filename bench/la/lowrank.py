@@ -95,7 +95,8 @@ def _nystrom(Q: torch.Tensor, Y: torch.Tensor, B: torch.Tensor, Qn: torch.Tensor
     Krylov Q whose next block Qn [D, b] spans (I - Q Q^T) Y, so Y = Z G with Z = [Q, Qn],
     G = [B; R], B = Q^T Y, R = Qn^T Y. Then Y B^-1 Y^T = Z M Z^T with M = [[B, R^T], [R, R B^-1 R^T]]
     [(K + b)^2]: one small eigh instead of an SVD of a D-row matrix. B is shifted by the smallest nu
-    that makes its Cholesky factor C succeed (B is PSD up to H's rounding); R B^-1 R^T = S^T S, S = C^-1 R^T."""
+    that makes its Cholesky factor C succeed (B is PSD up to H's rounding); R B^-1 R^T = S^T S, S = C^-1
+    R^T."""
     K = B.shape[0]
     R = Qn.T @ Y  # [b, K]
     scale = float(B.diagonal().abs().max()) or 1.0
@@ -126,7 +127,8 @@ def residual_norm(
 ) -> tuple[float, torch.Tensor]:
     """(||H - H_k||_2, the iterate block): block subspace iteration on the residual, `iters` products
     with H (half as many from a given X [D, block], else from a random block); the largest Ritz value
-    under-estimates the norm by a margin that shrinks with iters (checked against the exact norm in the tests)."""
+    under-estimates the norm by a margin that shrinks with iters (checked against the exact norm in the
+    tests)."""
     if X is None:
         g = generator
         X = torch.randn(
@@ -181,7 +183,8 @@ def krylov_nystrom(
     precision it implies), checked at 8 blocks (fewer when max_rank is small), then every 2 blocks.
     (None, delta) when that needs more than `max_rank` (default D * MAX_RANK_FRACTION) columns: the
     low rank then stops paying against a Cholesky factor (keep_last: the last basis instead, its
-    `rel_bound` above tol, for callers that record the bound rather than refactorise). Krylov beats subspace iteration here: on the
+    `rel_bound` above tol, for callers that record the bound rather than refactorise). Krylov beats subspace
+    iteration here: on the
     paper's H, 3,000 products with H gave ||H - H_k|| / delta = 0.11 against 0.15 for 4,000 by
     subspace iteration (Nyström from orth(H Omega))."""
     D = H.shape[0]

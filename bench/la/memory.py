@@ -48,7 +48,8 @@ def check_full_memory(
     if need > 0.9 * avail:
         alt = "".join(f"{c}, " for c in (cheaper or []))
         raise BenchError(
-            f"{method}: a full {D}x{D} {str(dtype).replace('torch.', '')} posterior over la_subset={subset} needs "
+            f"{method}: a full {D}x{D} {str(dtype).replace('torch.', '')} posterior over "
+            f"la_subset={subset} needs "
             f"about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB is free on {device}; "
             f"use {alt}last_layer_la, diag_la or kfac_la (or a smaller net)"
         )
@@ -61,7 +62,8 @@ def fitting_subsets(
     available: int,
     candidates: tuple[str, ...] = ("head", "last_k:1"),
 ) -> list[str]:
-    """'la_subset=S (D=...)' for the candidate subsets smaller than D whose full matrix fits in 90% of `available`."""
+    """'la_subset=S (D=...)' for the candidate subsets smaller than D whose full matrix fits in 90% of
+    `available`."""
     params, out, seen = dict(model.named_parameters()), [], {D}
     for s in candidates:
         Ds = sum(params[n].numel() for n in jac.subset_names(model, s))

@@ -242,7 +242,8 @@ class OnlineLaplaceNet(nn.Module):
 
 
 def sample_deviations(posterior: Posterior, S: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """S draws theta_s of the posterior (its own sampler) as deviations eps_s = theta_s - mu: name -> [S, *shape]."""
+    """S draws theta_s of the posterior (its own sampler) as deviations eps_s = theta_s - mu: name -> [S,
+    *shape]."""
     params = dict(posterior.model.named_parameters())
     return {n: v - params[n].detach() for n, v in posterior.sample_params(S, generator).items()}
 

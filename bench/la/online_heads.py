@@ -97,7 +97,8 @@ class DiagonalPairs:
     W_neg [nb, m, m] and, for any pairs asked for, the diagonals of their Hessian blocks A_ab =
     (I - u u^T / d^2) / max(d, DIST_FLOOR) (`bench.la.pairs.pair_hessians`; 0 where d = 0), without
     building every [m, m, d, d] block (1.4 ms of a 10 ms CIFAR step). Stands in for `PairCurvature`
-    where an online step's accumulator takes diagonals (its output traces are analytic: tr A = (d - 1) / d)."""
+    where an online step's accumulator takes diagonals (its output traces are analytic: tr A = (d - 1) /
+    d)."""
 
     W_pos: torch.Tensor
     W_neg: torch.Tensor

@@ -1,5 +1,6 @@
 """Output-space curvature of the contrastive loss (`bench.loss`): analytic pair Hessians of the mined
-pairs and the block graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs), for plain
+pairs and the block graph Laplacian, vectorised over many mining batches at once (no Python loop over pairs),
+for plain
 Euclidean distances and for distances between L2-normalised embeddings (distance=cosine)."""
 
 from __future__ import annotations

@@ -223,14 +223,18 @@ class FullPosterior(_FlatPosterior):
         and, with rank_tol > 0, the posterior (`LowRankPosterior`, grown until every predictive covariance
         is within a factor 1 + rank_tol of the exact one); otherwise, or when that rank would not pay,
         the exact Cholesky posterior, its prior from the exact eigenvalues up to EXACT_EIGVALS_MAX_D (a J^T J
-        spectrum decays too slowly for a basis to pay), above it from the basis grown to PRIOR_TOL (delta within 1%)."""
+        spectrum decays too slowly for a basis to pay), above it from the basis grown to PRIOR_TOL (delta
+        within 1%)."""
         H = curvature.H
         assert H is not None and H.dim() == 2
         if curvature.D <= EXACT_EIG_MAX_D:
             post, delta, info = super().fit(model, curvature, prior, generator, rank_tol)
             return post, delta, {**info, "posterior": "cholesky"}
         prior_of = prior if callable(prior) else (lambda spec: (float(prior), {}))
-        delta_of = lambda b: prior_of(b.spectrum())[0]
+
+        def delta_of(b: Eigenbasis) -> float:
+            return prior_of(b.spectrum())[0]
+
         if rank_tol > 0:
             basis, _ = krylov_nystrom(H, delta_of, rank_tol, generator=generator)
             if basis is not None:
@@ -289,7 +293,8 @@ class LowRankPosterior(_FlatPosterior):
         J Sigma_k J^T = (J J^T - A diag(w) A^T) / delta,   A = J U [n, d, k],
 
     n d D k flops instead of the n d D^2 of triangular solves. For a stack of Linear layers A and J J^T
-    come from the layer factors (J_l = B (x) a^T): A = sum_l B_l (a_l U_l), J J^T = sum_l (B_l B_l^T)(a_l . a_l),
+    come from the layer factors (J_l = B (x) a^T): A = sum_l B_l (a_l U_l), J J^T = sum_l (B_l B_l^T)(a_l .
+    a_l),
     J never formed and the widest layer's product costs n in out k, not n d in out k (any subset of
     Linear layers, e.g. a CNN's head; other subsets form J by `jacobian`)."""
 
@@ -425,7 +430,8 @@ class KronPosterior(Posterior):
     J_l = sum_s B_s (x) U_s^T over the layer's locations s (`jacobians.layer_quantities`, whatever
     approximation built the factors): with P_s = B_s Q_G [d, out], q_s = Q_A^T U_s [in'] and
     M = sum_s P_s (x) q_s [d, out, in'], cov = sum_{o,i} M[:, o, i] M[:, o, i]^T / (lam_o mu_i + delta);
-    for one location (a Linear) that is sum_{o,i} P[:, o] P[:, o]^T q_i^2 / (lam_o mu_i + delta), M never formed."""
+    for one location (a Linear) that is sum_{o,i} P[:, o] P[:, o]^T q_i^2 / (lam_o mu_i + delta), M never
+    formed."""
 
     def __init__(self, model: nn.Module, curvature: Curvature, delta: float) -> None:
         assert curvature.kron is not None
@@ -433,7 +439,8 @@ class KronPosterior(Posterior):
         self.layers = jac.kron_layers(model, curvature.names)
         names = {id(p): n for n, p in model.named_parameters()}
         self.layer_names = [
-            (names[id(l.weight)], names[id(l.bias)] if l.bias is not None else None) for l in self.layers
+            (names[id(layer.weight)], names[id(layer.bias)] if layer.bias is not None else None)
+            for layer in self.layers
         ]
         self.eig = list(kron_eig(curvature))
         if self.delta <= 0:

@@ -39,7 +39,9 @@ def optimize_marglik(
     effective number of parameters); bounded Brent search on log delta, O(D) per evaluation on the
     spectrum of H.
     """
-    f = lambda t: -log_marglik(math.exp(t), spectrum, theta_sq)
+    def f(t: float) -> float:
+        return -log_marglik(math.exp(t), spectrum, theta_sq)
+
     res = minimize_scalar(
         f, bounds=(math.log(lo), math.log(hi)), method="bounded", options={"xatol": 1e-6, "maxiter": 500}
     )

@@ -136,7 +136,8 @@ class Structure:
 
     @classmethod
     def scale_(cls, curv: Curvature, factor: float) -> Curvature:
-        """Multiply `curv` by `factor` in place (e.g. N/n: the full-data GGN from a subset of n of N items)."""
+        """Multiply `curv` by `factor` in place (e.g. N/n: the full-data GGN from a subset of n of N
+        items)."""
         assert curv.H is not None
         curv.H.mul_(factor)
         return curv
@@ -409,7 +410,8 @@ class Kron(Structure):
 
     @classmethod
     def online_curvature(cls, state, names, subset, D, scale):
-        """G from S_G as `Structure.online_curvature` scales S; A = S_A / Z (the identity before the first step)."""
+        """G from S_G as `Structure.online_curvature` scales S; A = S_A / Z (the identity before the first
+        step)."""
         z = float(state.weight)
         factors = []
         for i in range(state.n_layers):

@@ -32,7 +32,7 @@ def paper_setup():
 @pytest.mark.parametrize("hessian", ["ggn", "jtj"])
 def test_bench_hessian(benchmark, paper_setup, structure, hessian):
     model, x, y = paper_setup
-    run = lambda: compute_curvature(
+    run = lambda: compute_curvature(  # noqa: E731
         model,
         x,
         y,

@@ -77,7 +77,8 @@ def feature_batches():
 
 @pytest.mark.parametrize("path", ["plain head (reference)", "online diag head"])
 def test_bench_online_step_on_the_cifar_head(benchmark, feature_batches, path):
-    """The cifar preset's EmbeddingHead (Linear 1280 -> 8, D = 10,248): the pair-form diagonal, all mined pairs."""
+    """The cifar preset's EmbeddingHead (Linear 1280 -> 8, D = 10,248): the pair-form diagonal, all mined
+    pairs."""
     from backbones._cnn import EmbeddingHead
 
     torch.set_num_threads(1)
