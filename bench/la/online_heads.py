@@ -18,13 +18,13 @@ from bench.loss import PairLoss, pairwise_distances, reducer_weights
 from bench.model import last_linear
 
 
-class _LinearHeadDiagGGN(DiagGGN):
+class LinearHeadDiagGGN(DiagGGN):
     """diag GGN of a head that is one nn.Linear, on its closed-form Jacobian [I_d (x) phi^T, I_d]."""
 
     subset = "last_layer"
 
 
-class _LinearHeadFullGGN(_LinearHeadDiagGGN):
+class LinearHeadFullGGN(LinearHeadDiagGGN):
     """Full H [D, D] of a head that is one nn.Linear (LastLayerGGN's matrix, one batch at a time): the same
     rows M, H += M^T M by one small product (no BLAS buffer and free-memory probe per step)."""
 
@@ -38,7 +38,7 @@ class _LinearHeadFullGGN(_LinearHeadDiagGGN):
         self.H += M.T @ M
 
 
-class _LinearHeadKronGGN(KronGGN):
+class LinearHeadKronGGN(KronGGN):
     """KronGGN of a head that is one nn.Linear on its closed-form layer quantities, one location:
     U = [phi, 1] (1 with a bias), B = I_d (what `jac.layer_quantities` finds with d backward passes)."""
 
@@ -54,8 +54,8 @@ class _LinearHeadKronGGN(KronGGN):
         return f, [(U[:, None], torch.eye(d, dtype=f.dtype, device=f.device).expand(n, 1, d, d))]
 
 
-class _LinearHeadPairDiag(_LinearHeadDiagGGN):
-    """The diagonal of `_LinearHeadDiagGGN` for the Euclidean GGN, without Jacobian rows: for a head
+class LinearHeadPairDiag(LinearHeadDiagGGN):
+    """The diagonal of `LinearHeadDiagGGN` for the Euclidean GGN, without Jacobian rows: for a head
     f = W phi + b, J_a - J_b = I_d (x) (phi_a - phi_b, 0)^T, so a pair (a, b) with reducer weight w and
     PSD block A (`bench.la.pairs`; the block Laplacian's term w (e_a - e_b)(e_a - e_b)^T (x) A) adds
     w A (x) dphi dphi^T to the weight block and nothing to the bias:
@@ -129,11 +129,11 @@ class DiagonalPairs:
         return float((self.W_pos * k).sum()), float((self.W_neg * k).sum())
 
 
-class _LinearHeadPairFull(_LinearHeadFullGGN):
-    """`_LinearHeadFullGGN` for the Euclidean GGN without Jacobian rows (`_LinearHeadPairDiag`'s pair
+class LinearHeadPairFull(LinearHeadFullGGN):
+    """`LinearHeadFullGGN` for the Euclidean GGN without Jacobian rows (`LinearHeadPairDiag`'s pair
     term in full): H_WW += sum_ab w_ab A_ab (x) dphi_ab dphi_ab^T, the bias rows and columns nothing."""
 
-    jacobian = _LinearHeadPairDiag.jacobian
+    jacobian = LinearHeadPairDiag.jacobian
 
     def add(self, chunk: Chunk) -> None:
         W, A, dphi = _pair_terms(chunk)

@@ -38,11 +38,11 @@ from bench.la.curvature import (
 )
 from bench.la.lowrank import MAX_RANK_FRACTION, Eigenbasis, krylov_nystrom
 from bench.la.online_heads import (
-    _LinearHeadDiagGGN,
-    _LinearHeadFullGGN,
-    _LinearHeadKronGGN,
-    _LinearHeadPairDiag,
-    _LinearHeadPairFull,
+    LinearHeadDiagGGN,
+    LinearHeadFullGGN,
+    LinearHeadKronGGN,
+    LinearHeadPairDiag,
+    LinearHeadPairFull,
     single_linear,
 )
 from bench.la.posterior import (
@@ -282,7 +282,7 @@ class LastLayer(Full):
     def online_accumulator(cls, module, pair_form=False):
         if not single_linear(module):
             return LastLayerGGN
-        return _LinearHeadPairFull if pair_form else _LinearHeadFullGGN
+        return LinearHeadPairFull if pair_form else LinearHeadFullGGN
 
 
 @register_structure
@@ -314,7 +314,7 @@ class Diag(Structure):
     def online_accumulator(cls, module, pair_form=False):
         if not single_linear(module):
             return DiagGGN
-        return _LinearHeadPairDiag if pair_form else _LinearHeadDiagGGN
+        return LinearHeadPairDiag if pair_form else LinearHeadDiagGGN
 
     @classmethod
     def init_online(cls, state, shapes, init, dtype):
@@ -385,7 +385,7 @@ class Kron(Structure):
 
     @classmethod
     def online_accumulator(cls, module, pair_form=False):
-        return _LinearHeadKronGGN if single_linear(module) else KronGGN
+        return LinearHeadKronGGN if single_linear(module) else KronGGN
 
     @classmethod
     def online_shapes(cls, probe):
