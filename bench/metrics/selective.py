@@ -70,25 +70,39 @@ class _Order:
         self.last = end[self.first]
 
 
-def _run_sums(ws: np.ndarray, ls: np.ndarray, o: _Order) -> tuple[np.ndarray, ...]:
-    """Per tie run of rows of weights ws [B, n] and losses ls [n] in sorted order: positions before
-    the run Wb, cumulative loss before it Lb, its weight Wr and mean loss m, each [B, runs]."""
-    W, L = np.cumsum(ws, -1), np.cumsum(ws * ls, -1)
-    Wb = np.where(o.first > 0, W[..., np.maximum(o.first - 1, 0)], 0.0)
-    Lb = np.where(o.first > 0, L[..., np.maximum(o.first - 1, 0)], 0.0)
-    Wr, Lr = W[..., o.last] - Wb, L[..., o.last] - Lb
-    m = np.divide(Lr, Wr, out=np.zeros_like(Lr), where=Wr > 0)
-    return Wb, Lb, Wr, m
+class _Runs:
+    """Tie runs of rows of weights ws [B, n] in an order's sorted order: positions before each run Wb
+    and its weight Wr, each [B, runs], and the harmonic sums of its positions (shared by every loss)."""
 
+    def __init__(self, ws: np.ndarray, o: _Order) -> None:
+        self.o = o
+        self.Wr = np.add.reduceat(ws, o.first, axis=-1)
+        self.Wb = np.cumsum(self.Wr, -1) - self.Wr
+        self.ws = ws
+        self._harmonic: np.ndarray | None = None
 
-def _areas(Wb: np.ndarray, Lb: np.ndarray, Wr: np.ndarray, m: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(AURC, AUGRC) [B]: positions k = Wb + j (j = 1..Wr) of a run hold the expected cumulative
-    loss CL = Lb + j m, so sum_j CL = Wr Lb + m Wr (Wr + 1) / 2 and
-    sum_j CL / k = Wr m + (Lb - Wb m) (psi(Wb + Wr + 1) - psi(Wb + 1))."""
-    sum_cl = Wr * Lb + m * Wr * (Wr + 1) / 2
-    harmonic = np.where(Wr > 0, digamma(Wb + Wr + 1) - digamma(Wb + 1), 0.0)
-    sum_r = Wr * m + (Lb - Wb * m) * harmonic
-    return sum_r.sum(-1) / n, sum_cl.sum(-1) / n ** 2
+    def loss(self, ls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(Lb, m) [B, runs] of losses ls [n] (sorted order): cumulative loss before each run, its mean loss."""
+        Lr = np.add.reduceat(self.ws * ls, self.o.first, axis=-1)
+        m = np.divide(Lr, self.Wr, out=np.zeros_like(Lr), where=self.Wr > 0)
+        return np.cumsum(Lr, -1) - Lr, m
+
+    @property
+    def harmonic(self) -> np.ndarray:
+        """sum over the run's positions k = Wb + 1 .. Wb + Wr of 1 / k = psi(Wb + Wr + 1) - psi(Wb + 1)."""
+        if self._harmonic is None:
+            h = digamma(self.Wb + self.Wr + 1) - digamma(self.Wb + 1)
+            self._harmonic = np.where(self.Wr > 0, h, 0.0)
+        return self._harmonic
+
+    def areas(self, Lb: np.ndarray, m: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """(AURC, AUGRC) [B]: positions k = Wb + j (j = 1..Wr) of a run hold the expected cumulative
+        loss CL = Lb + j m, so sum_j CL = Wr Lb + m Wr (Wr + 1) / 2 and
+        sum_j CL / k = Wr m + (Lb - Wb m) (psi(Wb + Wr + 1) - psi(Wb + 1))."""
+        Wb, Wr = self.Wb, self.Wr
+        sum_cl = Wr * Lb + m * Wr * (Wr + 1) / 2
+        sum_r = Wr * m + (Lb - Wb * m) * self.harmonic
+        return sum_r.sum(-1) / n, sum_cl.sum(-1) / n ** 2
 
 
 def _risk_at(Wb: np.ndarray, Lb: np.ndarray, Wr: np.ndarray, m: np.ndarray, ks: np.ndarray) -> np.ndarray:
@@ -121,11 +135,13 @@ class SelectiveSort:
     def weighted(self, w: np.ndarray) -> np.ndarray:
         w = np.atleast_2d(np.asarray(w, np.float64))
         out = []
+        runs = _Runs(w[..., self.by_u.order], self.by_u)
         for loss, oracle in zip(self.losses, self.oracles):
-            sums = _run_sums(w[..., self.by_u.order], loss[self.by_u.order], self.by_u)
-            aurc, augrc = _areas(*sums, self.n)
-            best, _ = _areas(*_run_sums(w[..., oracle.order], loss[oracle.order], oracle), self.n)
-            out += [aurc, aurc - best, augrc, *_risk_at(*sums, self.ks).T]
+            Lb, m = runs.loss(loss[self.by_u.order])
+            aurc, augrc = runs.areas(Lb, m, self.n)
+            best_runs = _Runs(w[..., oracle.order], oracle)
+            best, _ = best_runs.areas(*best_runs.loss(loss[oracle.order]), self.n)
+            out += [aurc, aurc - best, augrc, *_risk_at(runs.Wb, Lb, runs.Wr, m, self.ks).T]
         return np.stack(out)
 
 
@@ -140,7 +156,9 @@ def risk_coverage_curve(u: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np
     u, loss = np.asarray(u, np.float64), np.asarray(loss, np.float64)
     n = u.shape[0]
     o = _Order(u)
-    Wb, Lb, Wr, m = (a[0] for a in _run_sums(np.ones((1, n)), loss[o.order], o))
+    runs = _Runs(np.ones((1, n)), o)
+    Lb, m = (a[0] for a in runs.loss(loss[o.order]))
+    Wb, Wr = runs.Wb[0], runs.Wr[0]
     run_of = np.repeat(np.arange(len(o.first)), Wr.astype(np.int64))
     k = np.arange(1, n + 1, dtype=np.float64)
     cl = Lb[run_of] + (k - Wb[run_of]) * m[run_of]
