@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
     from bench.grid.spec import parse_seeds
-    from bench.run_folder import GridFolder
+    from bench.run_folder import GridFolder, verify
     from reports.grid_report import print_grid_summary, render_grid_report
 
     opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
@@ -151,6 +151,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         given = [f for f, v in spec_flags.items() if v is not None]
         if given:
             raise BenchError(f"--resume runs the grid's recorded spec; drop {', '.join(given)}")
+        verify(args.resume, outputs=False)  # the grid's files and every cell's run folder
         grid = GridFolder(args.resume)
     else:
         preset = args.preset or "default"
@@ -167,11 +168,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.run_folder import is_grid
+    from bench.run_folder import is_grid, verify
     from reports.render import render_report
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if is_grid(args.run_dir):
+        verify(args.run_dir, outputs=False)  # (a run folder verifies itself when it is read)
         from reports.grid_report import render_grid_report as render_report  # noqa: F811
     for path in render_report(args.run_dir, formats):
         print(f"wrote {path}")
