@@ -36,9 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description="Benchmark uncertainty methods for deep metric learning.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     r = sub.add_parser("run", help="train once, apply every method, score and report")
-    r.add_argument("--config", metavar="FILE", help="an experiment file (YAML or JSON: docs/experiment-files.md), "
-                   "or a run folder's config.json to rerun it; the flags below override it")
-    r.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: the file's, else default)")
+    r.add_argument("--config", metavar="FILE",
+                   help="an experiment file (YAML or JSON: docs/experiment-files.md), or a run folder's "
+                        "config.json to rerun it; the flags below override it")
+    r.add_argument("--preset", default=None,
+                   help=f"one of: {', '.join(PRESETS)} (default: the file's, else default)")
     for flag, (_, help_) in RUN_FLAGS.items():
         r.add_argument(flag, default=None, help=help_)
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -151,9 +153,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from reports.grid_report import print_grid_summary, render_grid_report
 
     opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
-    spec_flags = {"--config": args.config, "--datasets": args.datasets, "--methods": args.methods, "--seeds": args.seeds,
-                  "--preset": args.preset, "--set": args.set or None, "--device": args.device,
-                  "--data-dir": args.data_dir, "--out": args.out, "--name": args.name}
+    spec_flags = {"--config": args.config, "--datasets": args.datasets, "--methods": args.methods,
+                  "--seeds": args.seeds, "--preset": args.preset, "--set": args.set or None,
+                  "--device": args.device, "--data-dir": args.data_dir, "--out": args.out,
+                  "--name": args.name}
     if args.resume:
         given = [f for f, v in spec_flags.items() if v is not None]
         if given:

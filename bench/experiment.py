@@ -11,6 +11,7 @@ reruns that run (its resolved config and methods). Command-line flags override t
 Every value goes through the same parser as `--set` (bench.config.parse_value), so a file cannot
 express anything the command line cannot; an unknown key or a bad value is one line naming the file
 and the key (BenchError, exit 2)."""
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,9 @@ def _read(path: Path) -> dict[str, Any]:
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise BenchError(f"{path}: an experiment file must be a mapping of field: value, got {type(doc).__name__}")
+        raise BenchError(
+            f"{path}: an experiment file must be a mapping of field: value, got {type(doc).__name__}"
+        )
     return doc
 
 
@@ -87,15 +90,19 @@ def _known(extra: tuple[str, ...]) -> set[str]:
 
 
 def _unknown(path: Path, key: str) -> BenchError:
-    return BenchError(f"{path}: unknown key {key!r}: expected a config field or method option (as `--set` takes, "
-                      "see `python -m bench list` and bench/config.py), or preset, methods, seeds, datasets")
+    return BenchError(
+        f"{path}: unknown key {key!r}: expected a config field or method option (as `--set` takes, "
+        "see `python -m bench list` and bench/config.py), or preset, methods, seeds, datasets"
+    )
 
 
 def _parse(path: Path, key: str, value: Any) -> Any:
     try:
         text = as_set_text(value)
     except ValueError:
-        raise BenchError(f"{path}: bad value for {key}: {value!r} (expected a value as --set {key}=... takes)") from None
+        raise BenchError(
+            f"{path}: bad value for {key}: {value!r} (expected a value as --set {key}=... takes)"
+        ) from None
     try:
         return parse_value(key, text)
     except BenchError as e:
@@ -138,7 +145,9 @@ def _axis_text(path: Path, key: str, value: Any) -> str:
     the field is a tuple and the list holds scalars (one tuple value)."""
     from bench.grid.spec import AXIS_SEP, _is_tuple_field
 
-    several = isinstance(value, list) and (not _is_tuple_field(key) or any(isinstance(v, list) for v in value))
+    several = isinstance(value, list) and (
+        not _is_tuple_field(key) or any(isinstance(v, list) for v in value)
+    )
     values = value if several else [value]
     try:
         texts = [as_set_text(v) for v in values]

@@ -91,7 +91,7 @@ class Manifest:
                 raise ValueError
             return m
         except (ValueError, AttributeError, OSError):
-            raise BenchError(f"{self.root}: {MANIFEST} is damaged (not the checksum manifest bench wrote)") from None
+            raise BenchError(f"{self.root}: {MANIFEST} is damaged (not the manifest bench wrote)") from None
 
     def _save(self, m: dict) -> None:
         atomic_write_json(self.path, m)
@@ -124,7 +124,7 @@ class Manifest:
         self._save(m)
 
     def remove(self, rels: list[str]) -> None:
-        """Forget files, then delete them (a kill in between leaves an unrecorded file, never a missing one)."""
+        """Forget files, then delete them (a kill in between leaves an unrecorded file, not a missing one)."""
         if not rels:
             return
         m = self.load()
@@ -145,8 +145,8 @@ class Manifest:
             if not f.is_file():
                 if prev == ABSENT:
                     continue
-                raise BenchError(f"{self.root}: {rel} is missing (recorded in {MANIFEST}): the folder was damaged "
-                                 "after bench wrote it")
+                raise BenchError(f"{self.root}: {rel} is missing (recorded in {MANIFEST}): the folder "
+                                 "was damaged after bench wrote it")
             size = f.stat().st_size
             accepted = [e, *([prev] if isinstance(prev, dict) else [])]
             if not any(size == a.get("bytes") and sha256_of(f) == a.get("sha256") for a in accepted):
@@ -168,7 +168,8 @@ def verify(path: str | Path, outputs: bool = True) -> None:
         if meta is not None and meta.get("manifest"):
             raise BenchError(f"{root}: {MANIFEST} is missing: the folder was damaged after bench wrote it")
         if meta is not None:
-            logging.getLogger(__name__).warning(f"{root} has no {MANIFEST} (written before manifests): not verified")
+            logging.getLogger(__name__).warning(f"{root} has no {MANIFEST} (written before manifests): "
+                                                "not verified")
     else:
         man.check(outputs)
     if is_grid(root) and (root / CELLS).is_dir():
@@ -245,7 +246,8 @@ class RunWriter:
                     timings: list[dict], diagnostics: dict, sensitivity: list[dict] | None = None) -> None:
         """One finished (method, seed): its per-query arrays, then its result rows, timings,
         diagnostics and sensitivity-sweep rows (written last: their presence marks the method as done)."""
-        done = {"rows": rows, "timings": timings, "diagnostics": diagnostics, "sensitivity": sensitivity or []}
+        done = {"rows": rows, "timings": timings, "diagnostics": diagnostics,
+                "sensitivity": sensitivity or []}
         self.manifest.write({f"{PERQUERY}/{_stem(method, seed)}.npz": lambda p: atomic_savez(p, **arrays),
                              f"{METHODS}/{_stem(method, seed)}.json": lambda p: atomic_write_json(p, done)})
 
@@ -357,8 +359,10 @@ def _write_report(root: Path, texts: dict[str, str], figures: dict[str, bytes]) 
     plots = root / PLOTS
     kept = {plot_path(name) for name in figures}
     man = Manifest(root)
-    files = {plot_path(name): (lambda p, png=png: atomic_write_bytes(p, png)) for name, png in figures.items()}
-    files.update({REPORTS[fmt]: (lambda p, text=text: atomic_write_text(p, text)) for fmt, text in texts.items()})
+    files = {plot_path(name): (lambda p, png=png: atomic_write_bytes(p, png))
+             for name, png in figures.items()}
+    files.update({REPORTS[fmt]: (lambda p, text=text: atomic_write_text(p, text))
+                  for fmt, text in texts.items()})
     man.write(files)
     man.remove([f"{PLOTS}/{old.name}" for old in (plots.glob("*.png") if plots.is_dir() else [])
                 if f"{PLOTS}/{old.name}" not in kept])

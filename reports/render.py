@@ -207,7 +207,8 @@ def _fig(name: str, fig, caption: str) -> Figure:
 
 def build_report(run: RunFolder) -> list[Block]:
     """The whole report as blocks."""
-    return (header_blocks(run) + failure_blocks(run) + results_blocks(run) + score_blocks(run) + selective_blocks(run)
+    return (header_blocks(run) + failure_blocks(run) + results_blocks(run) + score_blocks(run)
+            + selective_blocks(run)
             + seed_comparison_blocks(run) + paired_blocks(run) + online_comparison_blocks(run)
             + timing_blocks(run) + figure_blocks(run) + sensitivity_blocks(run))
 

@@ -31,7 +31,8 @@ def run_seed_summary(run: "RunFolder") -> tuple[pd.DataFrame, str]:
 DIGITS = 3
 HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision", "AURG",
                  "error_AUROC", "R-AUROC")
-LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman", "AURC", "E-AURC", "AUGRC", "Risk@")  # other metrics are shown but never marked
+# other metrics are shown but never marked
+LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman", "AURC", "E-AURC", "AUGRC", "Risk@")
 
 
 def _isnan(x) -> bool:

@@ -1,6 +1,7 @@
 """The checksum manifest of run and grid folders: every written file recorded; a file cut, edited or
 deleted afterwards named in one line by `verify`, RunFolder (`bench report`) and resuming; a run
 killed in the middle of a write still verifies."""
+
 from __future__ import annotations
 
 import json
@@ -32,15 +33,23 @@ def test_every_written_file_is_recorded_with_its_hash(tmp_path):
     RunFolder(d).write_report({"md": "# r\n", "html": "<p>r</p>"}, {"fig": b"png-bytes"})
     files = json.loads((d / MANIFEST).read_text())["files"]
     assert set(files) == _files(d)  # nothing left out, nothing staged left behind
-    assert {"config.json", "results.csv", "perquery/a-seed0.npz", "methods/a-seed0.json", "report.md",
-            "plots/fig.png"} <= set(files)
+    assert {
+        "config.json",
+        "results.csv",
+        "perquery/a-seed0.npz",
+        "methods/a-seed0.json",
+        "report.md",
+        "plots/fig.png",
+    } <= set(files)
     for rel, e in files.items():
         assert e == {"sha256": sha256_of(d / rel), "bytes": (d / rel).stat().st_size}, rel
     verify(d)
 
 
 @pytest.mark.parametrize("damage", ["cut", "edit", "delete"])
-@pytest.mark.parametrize("rel", ["results.csv", "perquery/a-seed1.npz", "methods/b-seed0.json", "config.json"])
+@pytest.mark.parametrize(
+    "rel", ["results.csv", "perquery/a-seed1.npz", "methods/b-seed0.json", "config.json"]
+)
 def test_a_damaged_file_is_named_in_one_line(tmp_path, damage, rel):
     d = _finished(tmp_path).path
     f = d / rel
@@ -82,8 +91,9 @@ def test_a_run_killed_in_the_middle_of_a_write_still_verifies_and_resumes(tmp_pa
     d = w.path
     w.write_config({"config_digest": "abc"}, "running")
     old = (d / "results.csv").read_bytes()
-    new = pd.DataFrame({"method": ["a"], "seed": [0], "metric": ["m"], "value": [1.0], "ci_low": [0.0],
-                        "ci_high": [2.0]})
+    new = pd.DataFrame(
+        {"method": ["a"], "seed": [0], "metric": ["m"], "value": [1.0], "ci_low": [0.0], "ci_high": [2.0]}
+    )
 
     def killed(*a, **k):
         raise KeyboardInterrupt
@@ -143,8 +153,19 @@ def test_grid_folder_and_its_cells_are_verified(tmp_path):
 
 def test_cli_report_and_rerun_name_the_damaged_file(cli, tmp_path):
     out = tmp_path / "runs"
-    args = ("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain", "--out", str(out),
-            "--quiet", "--no-report")
+    args = (
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-report",
+    )
     code, _, err = cli(*args)
     assert code == 0, err
     run = next(d for d in out.iterdir() if d.name != "cache")
@@ -161,11 +182,15 @@ def test_cli_report_and_rerun_name_the_damaged_file(cli, tmp_path):
     assert cli("report", str(run), "--format", "md")[0] == 0
     # an unfinished run (status written through the writer, as a killed run leaves it) resumes when intact ...
     meta = json.loads((run / "config.json").read_text())
-    RunWriter(run).write_config({k: v for k, v in meta.items() if k not in ("format_version", "status")}, "running")
+    RunWriter(run).write_config(
+        {k: v for k, v in meta.items() if k not in ("format_version", "status")}, "running"
+    )
     code, stdout, err = cli(*args)
     assert code == 0 and "resuming" in stdout and "done earlier, reused" in stdout, err
     # ... and names the damaged file when not
-    RunWriter(run).write_config({k: v for k, v in meta.items() if k not in ("format_version", "status")}, "running")
+    RunWriter(run).write_config(
+        {k: v for k, v in meta.items() if k not in ("format_version", "status")}, "running"
+    )
     (run / "methods" / "plain-seed0.json").write_text("{}")
     code, _, err = cli(*args)
     assert code == 2 and "methods/plain-seed0.json" in err and len(err.strip().splitlines()) == 1

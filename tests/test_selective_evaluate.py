@@ -1,5 +1,6 @@
 """evaluate() gives every (method, score) the selective metrics, computed from the saved score vector
 and the per-query retrieval vectors, and keeps `error_AUROC` as an alias row of `R-AUROC`."""
+
 import numpy as np
 import pytest
 import torch
@@ -17,8 +18,12 @@ def toy():
     g = torch.Generator().manual_seed(0)
     y = torch.arange(120) % 4
     x = torch.randn(120, 2, generator=g) * 0.9 + torch.stack([y % 2, y // 2], 1).float() * 2
-    data = Dataset("toy", Split(x, y), Split(x, y), {"far": Split(torch.zeros(20, 2), torch.zeros(20, dtype=torch.long))})
-    cfg = preset_config("smoke").replace(bootstrap_resamples=50, ks=(1, 3), scores=("trace", "knn_disagreement"))
+    data = Dataset(
+        "toy", Split(x, y), Split(x, y), {"far": Split(torch.zeros(20, 2), torch.zeros(20, dtype=torch.long))}
+    )
+    cfg = preset_config("smoke").replace(
+        bootstrap_resamples=50, ks=(1, 3), scores=("trace", "knn_disagreement")
+    )
     return data, cfg, x
 
 
@@ -29,13 +34,20 @@ def test_losses():
 def test_every_score_gets_the_selective_metrics_of_its_vector(toy):
     data, cfg, x = toy
     var = 0.05 + torch.rand(120, 2, generator=torch.Generator().manual_seed(1))
-    ev = evaluate(EmbeddingPrediction(x, var=var), {"far": EmbeddingPrediction(torch.zeros(20, 2), var=var[:20])},
-                  data, cfg)
+    ev = evaluate(
+        EmbeddingPrediction(x, var=var),
+        {"far": EmbeddingPrediction(torch.zeros(20, 2), var=var[:20])},
+        data,
+        cfg,
+    )
     names = score_metric_names(["far"], cfg.ks)
     for score in ("trace", "knn_disagreement", "top1_flip"):
         u = ev.scores[("id", score)]
         want = selective_statistics(u, np.stack([1 - ev.per_query["mAP@1"], 1 - ev.per_query["mAP@3"]]))
-        got = [ev.scalars[score_metric(m, score)] for m in (*SELECTIVE_METRICS, *(f"{m}(mAP@3)" for m in SELECTIVE_METRICS))]
+        got = [
+            ev.scalars[score_metric(m, score)]
+            for m in (*SELECTIVE_METRICS, *(f"{m}(mAP@3)" for m in SELECTIVE_METRICS))
+        ]
         np.testing.assert_allclose([v for v, _, _ in got], want, rtol=1e-12)
         assert all(lo <= v <= hi for v, lo, hi in got)
         for old, new in ALIASES.items():

@@ -2,6 +2,7 @@
 an explicit loop over coverages for distinct scores, every order of tied queries enumerated for ties,
 the expanded resample for the sort-once bootstrap, and TorchUncertainty's implementation when it is
 importable."""
+
 import importlib.util
 import itertools
 import math
@@ -11,8 +12,16 @@ import numpy as np
 import pytest
 
 from bench.metrics.bootstrap import resample_counts
-from bench.metrics.selective import (COVERAGES, SELECTIVE_METRICS, SelectiveSort, coverage_count, risk_coverage_curve,
-                                     selective_metric_names, selective_metrics, selective_statistics)
+from bench.metrics.selective import (
+    COVERAGES,
+    SELECTIVE_METRICS,
+    SelectiveSort,
+    coverage_count,
+    risk_coverage_curve,
+    selective_metric_names,
+    selective_metrics,
+    selective_statistics,
+)
 
 
 def brute_in_order(loss_in_order: np.ndarray, oracle_aurc: float | None = None) -> np.ndarray:
@@ -105,6 +114,7 @@ def brute_expected(u: np.ndarray, loss: np.ndarray) -> np.ndarray:
     tie run holding position k contributes (positions of it taken) x (its mean loss), the expected loss
     of a uniformly random subset of the run (what every order of it averages to)."""
     n = len(u)
+
     def curve(key):
         cl = []
         for k in range(1, n + 1):
@@ -113,11 +123,14 @@ def brute_expected(u: np.ndarray, loss: np.ndarray) -> np.ndarray:
             run = key == s
             cl.append(loss[below].sum() + (k - below.sum()) * loss[run].mean())
         return np.array(cl)
+
     cl = curve(u)
     best = sum(np.sort(loss).cumsum() / np.arange(1, n + 1)) / n
     risk = cl / np.arange(1, n + 1)
     aurc = risk.mean()
-    return np.array([aurc, aurc - best, cl.sum() / n ** 2, *[risk[coverage_count(n, c) - 1] for c in COVERAGES]])
+    return np.array(
+        [aurc, aurc - best, cl.sum() / n**2, *[risk[coverage_count(n, c) - 1] for c in COVERAGES]]
+    )
 
 
 def test_ci_is_the_percentile_of_brute_force_resamples():
@@ -127,7 +140,9 @@ def test_ci_is_the_percentile_of_brute_force_resamples():
     u = rng.normal(size=n).round(1) + loss
     got = selective_metrics(u, {"mAP@1": loss}, n_resamples=200, level=0.9, seed=11)
     counts = resample_counts(n, 200, np.random.default_rng(11))  # one batch of n = 40: the same draws
-    reps = np.array([brute_expected(np.repeat(u, c.astype(int)), np.repeat(loss, c.astype(int))) for c in counts])
+    reps = np.array(
+        [brute_expected(np.repeat(u, c.astype(int)), np.repeat(loss, c.astype(int))) for c in counts]
+    )
     for i, m in enumerate(SELECTIVE_METRICS):
         v, lo, hi = got[m]
         assert v == pytest.approx(brute_expected(u, loss)[i], abs=1e-12)

@@ -1,5 +1,6 @@
 """The report's selective-retrieval section (reports/selective.py): tables from results.csv, the
 risk-coverage figure from the saved score vectors, and R-AUROC named in the score tables."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,18 +25,49 @@ def _run(tmp_path, with_selective: bool = True):
             arrays[score_array("id", "trace")] = rng.random(n)
         for s in ("knn_disagreement", "trace"):
             u = arrays.get(score_array("id", s))
-            vals = selective_metrics(u, {"mAP@1": 1 - correct}, n_resamples=50) if u is not None else \
-                {k: (np.nan,) * 3 for k in selective_metrics(np.zeros(2), {"mAP@1": np.zeros(2)}, n_resamples=0)}
+            vals = (
+                selective_metrics(u, {"mAP@1": 1 - correct}, n_resamples=50)
+                if u is not None
+                else {
+                    k: (np.nan,) * 3
+                    for k in selective_metrics(np.zeros(2), {"mAP@1": np.zeros(2)}, n_resamples=0)
+                }
+            )
             if with_selective:
-                rows += [{"method": m, "seed": 0, "metric": score_metric(k, s), "value": v, "ci_low": lo, "ci_high": hi}
-                         for k, (v, lo, hi) in vals.items()]
-            rows.append({"method": m, "seed": 0, "metric": score_metric("R-AUROC", s), "value": 0.6, "ci_low": 0.5,
-                         "ci_high": 0.7})
-        rows.append({"method": m, "seed": 0, "metric": "mAP@1", "value": correct.mean(), "ci_low": 0, "ci_high": 1})
+                rows += [
+                    {
+                        "method": m,
+                        "seed": 0,
+                        "metric": score_metric(k, s),
+                        "value": v,
+                        "ci_low": lo,
+                        "ci_high": hi,
+                    }
+                    for k, (v, lo, hi) in vals.items()
+                ]
+            rows.append(
+                {
+                    "method": m,
+                    "seed": 0,
+                    "metric": score_metric("R-AUROC", s),
+                    "value": 0.6,
+                    "ci_low": 0.5,
+                    "ci_high": 0.7,
+                }
+            )
+        rows.append(
+            {"method": m, "seed": 0, "metric": "mAP@1", "value": correct.mean(), "ci_low": 0, "ci_high": 1}
+        )
         w.save_method(m, 0, arrays, [], [], {})
-    w.write_tables(pd.DataFrame(rows, columns=RESULT_COLUMNS), pd.DataFrame(columns=TIMING_COLUMNS),
-                   pd.DataFrame(columns=["method", "metric", "mean"]), None)
-    w.write_config({"methods": ["plain", "diag_la"], "config": {"seed": 0}, "config_digest": "abc"}, "complete")
+    w.write_tables(
+        pd.DataFrame(rows, columns=RESULT_COLUMNS),
+        pd.DataFrame(columns=TIMING_COLUMNS),
+        pd.DataFrame(columns=["method", "metric", "mean"]),
+        None,
+    )
+    w.write_config(
+        {"methods": ["plain", "diag_la"], "config": {"seed": 0}, "config_digest": "abc"}, "complete"
+    )
     return RunFolder(w.path)
 
 
@@ -73,8 +105,20 @@ def test_figure_draws_each_methods_curve(tmp_path):
 
 def test_a_real_run_reports_selective_metrics_and_r_auroc(cli, tmp_path):
     out = tmp_path / "runs"
-    code, _, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain", "--out", str(out),
-                       "--quiet", "--set", "bootstrap_resamples=50")
+    code, _, err = cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "bootstrap_resamples=50",
+    )
     assert code == 0, err
     (d,) = [p for p in out.iterdir() if p.name != "cache"]
     res = pd.read_csv(d / "results.csv").set_index("metric")
@@ -82,6 +126,10 @@ def test_a_real_run_reports_selective_metrics_and_r_auroc(cli, tmp_path):
         assert np.isfinite(res.loc[score_metric(m, "knn_disagreement"), "value"]), m
     assert res.loc["R-AUROC:knn_disagreement", "value"] == res.loc["error_AUROC:knn_disagreement", "value"]
     md = (d / "report.md").read_text()
-    assert "## Selective retrieval" in md and "plots/risk_coverage.png" in md and (d / "plots/risk_coverage.png").is_file()
+    assert (
+        "## Selective retrieval" in md
+        and "plots/risk_coverage.png" in md
+        and (d / "plots/risk_coverage.png").is_file()
+    )
     assert "R-AUROC ↑" in md and "error_AUROC" not in md
     assert fmt_ci(*res.loc["AURC:knn_disagreement", ["value", "ci_low", "ci_high"]]) in md

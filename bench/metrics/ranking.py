@@ -18,7 +18,8 @@ def error_auroc_from_ranks(ranks: np.ndarray, m: np.ndarray) -> np.ndarray:
     """R-AUROC (formerly error_AUROC) = P(u_wrong > u_right) + 1/2 P(u_wrong = u_right): how well the
     score separates the wrong queries (m = 0) from the right ones (m = 1), from the mean ranks of u
     (Mann-Whitney: (R_wrong - n_w (n_w + 1) / 2) / (n_w n_r)). Independent of the error rate, unlike
-    AUSE and AURG, so it compares methods of different accuracy. NaN unless m is 0/1 with both values present."""
+    AUSE and AURG, so it compares methods of different accuracy. NaN unless m is 0/1 with both values
+    present."""
     wrong = 1.0 - m
     n_w, n_r = wrong.sum(-1), m.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):

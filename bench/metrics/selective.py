@@ -21,6 +21,7 @@ digamma function). The result does not depend on the order of the input, and a b
 where repeated queries are ties, is scored by the same rule (`SelectiveSort.weighted` equals the
 statistic of the expanded resample exactly).
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,7 @@ class _Runs:
         self._harmonic: np.ndarray | None = None
 
     def loss(self, ls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(Lb, m) [B, runs] of losses ls [n] (sorted order): cumulative loss before each run, its mean loss."""
+        """(Lb, m) [B, runs] of losses ls [n] (sorted order): the loss before each run, its mean loss."""
         Lr = np.add.reduceat(self.ws * ls, self.o.first, axis=-1)
         m = np.divide(Lr, self.Wr, out=np.zeros_like(Lr), where=self.Wr > 0)
         return np.cumsum(Lr, -1) - Lr, m
@@ -102,7 +103,7 @@ class _Runs:
         Wb, Wr = self.Wb, self.Wr
         sum_cl = Wr * Lb + m * Wr * (Wr + 1) / 2
         sum_r = Wr * m + (Lb - Wb * m) * self.harmonic
-        return sum_r.sum(-1) / n, sum_cl.sum(-1) / n ** 2
+        return sum_r.sum(-1) / n, sum_cl.sum(-1) / n**2
 
 
 def _risk_at(Wb: np.ndarray, Lb: np.ndarray, Wr: np.ndarray, m: np.ndarray, ks: np.ndarray) -> np.ndarray:
@@ -165,8 +166,9 @@ def risk_coverage_curve(u: np.ndarray, loss: np.ndarray) -> tuple[np.ndarray, np
     return k / n, cl / k, cl / n
 
 
-def selective_metrics(u: np.ndarray, losses: dict[str, np.ndarray], n_resamples: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def selective_metrics(
+    u: np.ndarray, losses: dict[str, np.ndarray], n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
     """{metric name: (value, ci_low, ci_high)} for score u [N] and each named loss [N] (`mAP@1` ->
     AURC, ...; `mAP@K` -> AURC(mAP@K), ...: `selective_metric_names`), percentile bootstrap over
     queries with (u, every loss) resampled together, as multiplicities on the data sorted once."""
