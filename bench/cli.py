@@ -170,6 +170,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
                         methods=parse_value("methods", args.methods or "all"), seeds=parse_seeds(args.seeds or "0"),
                         preset=preset, sets=tuple(args.set), device=args.device, data_dir=args.data_dir)
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
+        verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
     run_grid(grid, opts, quiet=args.quiet)
     print_grid_summary(grid.path)
     if not args.no_report:
