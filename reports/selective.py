@@ -61,7 +61,7 @@ def selective_tables(summ: pd.DataFrame, methods: list[str], how: str, suffix: s
         out.append(
             Table(
                 f"Selective retrieval: risk {'of the top-1 error' if not loss else 'of ' + loss}{suffix}",
-                ["method / score", *[f"{c} ↓" for c in SELECTIVE_METRICS]],
+                ["method / score", *[f"{c} ↓" for c in cols]],
                 body,
                 [note],
             )

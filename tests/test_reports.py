@@ -265,7 +265,8 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
     assert code == 0, err
     assert "report.html" in stdout
     assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
-                                                             "sparsification_scores"}  # plain: knn_disagreement
+                                                             "sparsification_scores",  # plain: knn_disagreement
+                                                             "risk_coverage"}
     res = pd.read_csv(d / "results.csv")
     assert check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()  # score cells shown too
     # run in-process, so no command was recorded: the report rebuilds one that gives the same config
