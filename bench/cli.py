@@ -36,7 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description="Benchmark uncertainty methods for deep metric learning.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     r = sub.add_parser("run", help="train once, apply every method, score and report")
-    r.add_argument("--preset", default="default", help=f"one of: {', '.join(PRESETS)}")
+    r.add_argument("--config", metavar="FILE",
+                   help="an experiment file (YAML or JSON: docs/experiment-files.md), or a run folder's "
+                        "config.json to rerun it; the flags below override it")
+    r.add_argument("--preset", default=None,
+                   help=f"one of: {', '.join(PRESETS)} (default: the file's, else default)")
     for flag, (_, help_) in RUN_FLAGS.items():
         r.add_argument(flag, default=None, help=help_)
     r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -66,6 +70,8 @@ def add_grid_parser(sub) -> None:
                                    "`--resume GRID_DIR` finishes what is missing or failed.")
     g.add_argument("--resume", metavar="GRID_DIR", help="finish an existing grid (its recorded spec; other spec flags refused)")
     spec = g.add_argument_group("what to run (not with --resume)")
+    spec.add_argument("--config", metavar="FILE", help="a grid experiment file (YAML or JSON: "
+                      "docs/experiment-files.md); the flags below override it")
     spec.add_argument("--datasets", help="comma-separated dataset names (default: the preset's)")
     spec.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default)")
     spec.add_argument("--seeds", default=None, help="seeds: 0-4, 0,1,2 or 0-2,7 (default: 0)")
@@ -89,9 +95,12 @@ def add_grid_parser(sub) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """Preset, then named flags, then --set FIELD=VALUE; every value parsed and validated."""
-    cfg = preset_config(args.preset)
-    overrides = {}
+    """Preset (--preset, else the experiment file's, else default), then the experiment file
+    (--config), then named flags, then --set FIELD=VALUE; every value parsed and validated."""
+    from bench.experiment import run_overrides
+
+    file_preset, overrides = run_overrides(args.config) if getattr(args, "config", None) else (None, {})
+    cfg = preset_config(args.preset or file_preset or "default")
     for flag, (field_, _) in RUN_FLAGS.items():
         val = getattr(args, flag.lstrip("-").replace("-", "_"))
         if val is not None:
@@ -140,24 +149,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_grid(args: argparse.Namespace) -> int:
     from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
     from bench.grid.spec import parse_seeds
-    from bench.run_folder import GridFolder
+    from bench.run_folder import GridFolder, verify
     from reports.grid_report import print_grid_summary, render_grid_report
 
     opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
-    spec_flags = {"--datasets": args.datasets, "--methods": args.methods, "--seeds": args.seeds, "--preset": args.preset,
-                  "--set": args.set or None, "--device": args.device, "--data-dir": args.data_dir,
-                  "--out": args.out, "--name": args.name}
+    spec_flags = {"--config": args.config, "--datasets": args.datasets, "--methods": args.methods,
+                  "--seeds": args.seeds, "--preset": args.preset, "--set": args.set or None,
+                  "--device": args.device, "--data-dir": args.data_dir, "--out": args.out,
+                  "--name": args.name}
     if args.resume:
         given = [f for f, v in spec_flags.items() if v is not None]
         if given:
             raise BenchError(f"--resume runs the grid's recorded spec; drop {', '.join(given)}")
+        verify(args.resume, outputs=False)  # the grid's files and every cell's run folder
         grid = GridFolder(args.resume)
     else:
+        _merge_grid_file(args)
         preset = args.preset or "default"
         spec = GridSpec(datasets=tuple(d.strip() for d in (args.datasets or preset_config(preset).dataset).split(",") if d.strip()),
                         methods=parse_value("methods", args.methods or "all"), seeds=parse_seeds(args.seeds or "0"),
                         preset=preset, sets=tuple(args.set), device=args.device, data_dir=args.data_dir)
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
+        verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
     run_grid(grid, opts, quiet=args.quiet)
     print_grid_summary(grid.path)
     if not args.no_report:
@@ -166,12 +179,28 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_grid_file(args: argparse.Namespace) -> None:
+    """Fill the grid flags the user left out from the experiment file (--config); its settings become
+    --set items, before the command line's (a field set on both: the command line's value)."""
+    if not args.config:
+        return
+    from bench.experiment import grid_arguments
+
+    found = grid_arguments(args.config)
+    for key in ("datasets", "methods", "seeds", "preset", "device", "data_dir", "name", "out"):
+        if getattr(args, key) is None and key in found:
+            setattr(args, key, found[key])
+    flagged = {item.split("=", 1)[0].strip().replace("-", "_") for item in args.set if "=" in item}
+    args.set = [f"{k}={v}" for k, v in found["sets"].items() if k not in flagged] + list(args.set)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from bench.run_folder import is_grid
+    from bench.run_folder import is_grid, verify
     from reports.render import render_report
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     if is_grid(args.run_dir):
+        verify(args.run_dir, outputs=False)  # (a run folder verifies itself when it is read)
         from reports.grid_report import render_grid_report as render_report  # noqa: F811
     for path in render_report(args.run_dir, formats):
         print(f"wrote {path}")

@@ -17,6 +17,7 @@ from reports.seed_comparison import seed_comparison_blocks
 from reports.sensitivity import sensitivity_blocks
 from reports.formats import Block, Cell, Code, Figure, Heading, Para, Table, to_html, to_latex, to_markdown, to_text
 from reports.scores import score_blocks
+from reports.selective import selective_blocks
 from reports.tables import (RESULTS_NOTE, ci_level as _level, paired_tables, results_tables, run_seed_summary as _seed_summary,
                             seeds_tables, stage_frame, timing_table)
 
@@ -207,6 +208,7 @@ def _fig(name: str, fig, caption: str) -> Figure:
 def build_report(run: RunFolder) -> list[Block]:
     """The whole report as blocks."""
     return (header_blocks(run) + failure_blocks(run) + results_blocks(run) + score_blocks(run)
+            + selective_blocks(run)
             + seed_comparison_blocks(run) + paired_blocks(run) + online_comparison_blocks(run)
             + timing_blocks(run) + figure_blocks(run) + sensitivity_blocks(run))
 

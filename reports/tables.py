@@ -30,8 +30,9 @@ def run_seed_summary(run: "RunFolder") -> tuple[pd.DataFrame, str]:
 
 DIGITS = 3
 HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision", "AURG",
-                 "error_AUROC")
-LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman")  # other metrics are shown but never marked
+                 "error_AUROC", "R-AUROC")
+# other metrics are shown but never marked
+LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman", "AURC", "E-AURC", "AUGRC", "Risk@")
 
 
 def _isnan(x) -> bool:

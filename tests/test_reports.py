@@ -16,7 +16,7 @@ from matplotlib import image as mpimg
 
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences
-from bench.run_folder import RunFolder
+from bench.run_folder import RunFolder, RunWriter
 from reports.render import render_report, reproduce_command
 from reports.tables import best_marks, direction
 from tests.reports_fixture import make_run
@@ -250,7 +250,7 @@ def test_class_names_come_from_config_json_only(tmp_path):
     assert RunFolder(d).class_names()[9] == "Ankle boot"
     meta = json.loads((d / "config.json").read_text())
     del meta["class_names"]  # no fallback to the dataset module: legends then say `class k`
-    (d / "config.json").write_text(json.dumps(meta))
+    RunWriter(d).write_config(meta, meta["status"])
     assert RunFolder(d).class_names() == []
 
 
@@ -265,7 +265,8 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
     assert code == 0, err
     assert "report.html" in stdout
     assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
-                                                             "sparsification_scores"}  # plain: knn_disagreement
+                                                             "sparsification_scores",  # plain: knn_disagreement
+                                                             "risk_coverage"}
     res = pd.read_csv(d / "results.csv")
     assert check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()  # score cells shown too
     # run in-process, so no command was recorded: the report rebuilds one that gives the same config
