@@ -29,7 +29,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise BenchError(f"{message} (see `python -m bench {self.prog.split()[-1]} --help`)")
+        sub = self.prog.split()[1:]  # "bench report" -> ["report"]; the top-level parser -> []
+        raise BenchError(f"{message} (see `python -m bench {' '.join([*sub, '--help'])}`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_parser(sub)
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
     rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
-    rep.add_argument("--format", default="md,html", help="comma-separated: md, html, latex")
+    rep.add_argument("--format", default="md,html",
+                     help="comma-separated: md, html, latex (files in the folder); text (every table, printed)")
+    rep.add_argument("--page", metavar="FILE.md", default=None,
+                     help="also write a results page (findings and detail tables; command, commit, machine on top)")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
         from bench.tools import hessian_bench
@@ -130,10 +134,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run_dir = run(cfg)
-    print_summary(run_dir)
+    report = None
     if cfg.report:
-        for path in render_report(run_dir, ["md", "html"]):
-            print(f"wrote {path}")
+        report = next(p for p in render_report(run_dir, ["md", "html"]) if p.suffix == ".html")
+    print_summary(run_dir, report)
+    if report is None:
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -171,10 +177,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.render import render_report
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    if is_grid(args.run_dir):
-        from reports.grid_report import render_grid_report as render_report  # noqa: F811
-    for path in render_report(args.run_dir, formats):
-        print(f"wrote {path}")
+    grid = is_grid(args.run_dir)
+    if grid:
+        from reports.grid_report import full_grid_text as full_text, render_grid_report as render_report  # noqa: F811
+    else:
+        from reports.render import full_text
+    files = [f for f in formats if f != "text"]
+    if files:
+        for path in render_report(args.run_dir, files):
+            print(f"wrote {path}")
+    if "text" in formats:
+        print(full_text(args.run_dir), end="")
+    if args.page:
+        from reports.page import write_page
+        print(f"wrote {write_page(args.run_dir, args.page)}")
     return 0
 
 

@@ -22,12 +22,14 @@ class Cell:
 
 @dataclass
 class Table:
-    """A titled table; `notes` are sentences printed under it."""
+    """A titled table; `notes` are sentences printed under it; `wrap`: its cells may wrap (HTML), for
+    tables of sentences or lists rather than numbers."""
 
     title: str
     headers: list[str]
     rows: list[list[Cell]]
     notes: list[str] = field(default_factory=list)
+    wrap: bool = False
 
     def to_text(self, tablefmt: str = "simple") -> str:
         """Plain text (console); marked cells get a trailing ` *`."""
@@ -138,7 +140,8 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1500px;margin:1.5em auto;padding:0 1em;color:#222}
+CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
+table.wrapcells td{white-space:normal;text-align:left;max-width:420px}
 table{border-collapse:collapse;margin:.4em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
 th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:4px 0}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto}.note{color:#555;font-size:13px}.wrap{overflow-x:auto}
@@ -162,7 +165,8 @@ def to_html(blocks: list[Block]) -> str:
                 out.append("<dl class=facts>" + "".join(f"<dt>{html.escape(r[0].text)}</dt><dd>{html.escape(r[1].text)}</dd>"
                                                         for r in b.rows) + "</dl>")
             else:
-                tab = b.to_html().replace("<table>", f"<table><caption>{html.escape(b.title)}</caption>", 1)
+                cls = " class=wrapcells" if b.wrap else ""
+                tab = b.to_html().replace("<table>", f"<table{cls}><caption>{html.escape(b.title)}</caption>", 1)
                 out.append(f"<div class=wrap>{tab}</div>" + "".join(f"<p class=note>{_inline_md_to_html(n)}</p>" for n in b.notes))
         elif isinstance(b, Figure):
             data = base64.b64encode(b.png).decode("ascii")
