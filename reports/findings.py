@@ -16,7 +16,7 @@ from reports.criteria import COST, Criterion, criteria, criterion_values, paired
 from reports.formats import Block, Cell, Figure, Heading, Para, Table
 from reports.tables import ci_level, fmt_ci, header, ordered, wide_cells
 
-from reports.tables import MAX_COLUMNS as MAX_DETAIL_COLUMNS  # metric columns per detail table
+from reports.tables import MAX_COLUMNS as MAX_DETAIL_COLUMNS, column_chunks  # metric columns per detail table
 
 
 @dataclass
@@ -209,7 +209,7 @@ def rank_heatmap(rk: pd.DataFrame):
     for (i, j), v in np.ndenumerate(rk.to_numpy(float)):
         if np.isfinite(v):
             ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7,
-                    color="white" if v <= len(rk) / 2 else "black")
+                    color="black" if v <= len(rk) / 2 else "white")
     ax.set_yticks(range(len(rk)), rk.index, fontsize=8)
     ax.set_xticks(range(rk.shape[1]), [t.replace(" (", "\n(") for t in rk.columns], fontsize=7, rotation=30,
                   ha="left")
@@ -280,13 +280,9 @@ def metric_tables(run: RunFolder, metrics: list[str], title: str) -> list[Table]
         df, value, lo, hi = r[r["seed"] == run.seeds[0]], "value", "ci_low", "ci_high"
     rows = ordered(df[df["metric"].isin(metrics)]["method"], run.methods)
     suffix = " (mean over seeds)" if multi else f" (seed {run.seeds[0]})"
-    out = []
-    for i in range(0, len(metrics), MAX_DETAIL_COLUMNS):
-        chunk = metrics[i:i + MAX_DETAIL_COLUMNS]
-        part = f" ({i // MAX_DETAIL_COLUMNS + 1})" if i else ""
-        out.append(Table(f"{title}{part}{suffix}", ["method", *map(header, chunk)],
-                         wide_cells(df, "method", chunk, rows, value=value, lo=lo, hi=hi)))
-    return out
+    return [Table(f"{title}{part}{suffix}", ["method", *map(header, chunk)],
+                  wide_cells(df, "method", chunk, rows, value=value, lo=lo, hi=hi))
+            for part, chunk in column_chunks(metrics, MAX_DETAIL_COLUMNS)]
 
 
 # ---- terminal summary ---------------------------------------------------------------------------

@@ -102,8 +102,11 @@ MAX_COLUMNS = 7  # metric columns per table (plus the row label): wider tables a
 
 
 def column_chunks(metrics: list[str], size: int = MAX_COLUMNS) -> list[tuple[str, list[str]]]:
-    """(title suffix, metrics) chunks of at most `size` metrics: `""` for the first, ` (2)`, ... after."""
-    return [("" if i == 0 else f" ({i // size + 1})", metrics[i:i + size]) for i in range(0, len(metrics), size)]
+    """(title suffix, metrics) chunks of at most `size` metrics, as even as possible (8 -> 4 + 4):
+    `""` for the first, ` (2)`, ` (3)`, ... after."""
+    n = -(-len(metrics) // size) if metrics else 0
+    bounds = [round(i * len(metrics) / n) for i in range(n + 1)] if n else []
+    return [("" if i == 0 else f" ({i + 1})", metrics[bounds[i]:bounds[i + 1]]) for i in range(n)]
 
 
 def ordered(values, preferred: list[str] | None = None) -> list[str]:
