@@ -165,10 +165,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
                         preset=preset, sets=tuple(args.set), device=args.device, data_dir=args.data_dir)
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
     run_grid(grid, opts, quiet=args.quiet)
-    print_grid_summary(grid.path)
+    report = None
     if not args.no_report:
-        for path in render_grid_report(grid.path, ["md", "html"]):
-            print(f"wrote {path}")
+        report = next(p for p in render_grid_report(grid.path, ["md", "html"]) if p.suffix == ".html")
+    print_grid_summary(grid.path, report)
+    if report is None:
+        print(f"grid folder: {grid.path}")
     return 0
 
 

@@ -32,7 +32,8 @@ class Criterion:
     paired: how two methods' difference is bootstrapped on the same queries (`mean`, `ranking`,
     `ood`, `ece`; None: no paired test); score: the uncertainty score the metric is of; ood_set: the
     OOD set of an OOD criterion; detail: metrics shown beside it in its detail table (prefixes of
-    results.csv names, matched with the same score / set)."""
+    results.csv names, matched with the same score / set); companion: a second metric whose value for
+    the best method the findings sentence quotes."""
 
     key: str
     title: str
@@ -44,6 +45,7 @@ class Criterion:
     score: str | None = None
     ood_set: str | None = None
     detail: tuple[str, ...] = field(default_factory=tuple)
+    companion: str | None = None
 
 
 def _present(run: RunFolder, metric: str) -> bool:
@@ -76,7 +78,8 @@ def criteria(run: RunFolder) -> list[Criterion]:
            Criterion("errors", "Predicting its own errors",
                      "Whose uncertainty best tells its wrong retrievals from its right ones?",
                      error_metric(run, "error_AUROC", id_score), True, "err AUROC", "ranking", id_score,
-                     detail=("error_AUROC", "AURG", "AUSE", "Spearman"))]
+                     detail=("error_AUROC", "AURG", "AUSE", "Spearman"),
+                     companion=error_metric(run, "AURG", id_score))]
     sets = ood_sets(run)
     far = [s for s in sets if s != NEAR_OOD_SET]
     for s in sets:

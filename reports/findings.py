@@ -5,6 +5,7 @@ criterion rank heat-map. Then the detail tables, one per criterion, and the term
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ class Finding:
     worse: list[str]
     missing: list[str]
     untested: list[str]  # no paired arrays (or no paired test for this criterion)
+    run_results: pd.DataFrame | None = None  # results.csv, for a companion metric's value
 
 
 def decide(run: RunFolder, c: Criterion, n_resamples: int | None = None) -> Finding:
@@ -57,7 +59,7 @@ def decide(run: RunFolder, c: Criterion, n_resamples: int | None = None) -> Find
             tied.append(m)
         else:
             worse.append(m)
-    return Finding(c, vals, best, co_best, tied, worse, missing, untested)
+    return Finding(c, vals, best, co_best, tied, worse, missing, untested, run.results)
 
 
 def findings(run: RunFolder, n_resamples: int | None = None) -> list[Finding]:
@@ -75,6 +77,21 @@ def _names(ms: list[str]) -> str:
     return ", ".join(f"`{m}`" for m in ms)
 
 
+def _companion(f: Finding) -> str | None:
+    """`AURG 0.081 [0.070, 0.093]` of the best method, for a criterion with a companion metric."""
+    c = f.criterion
+    r = f.run_results
+    if r is None or f.best is None:
+        return None
+    d = r[(r["metric"] == c.companion) & (r["method"] == f.best)]
+    if d.empty or not np.isfinite(d["value"].astype(float)).any():
+        return None
+    v = d["value"].astype(float)
+    if len(d) == 1:
+        return f"{c.companion} {fmt_ci(v.iloc[0], d['ci_low'].iloc[0], d['ci_high'].iloc[0])}"
+    return f"{c.companion} {v.mean():.3f} (mean over seeds)"
+
+
 def sentence(f: Finding) -> str:
     """One plain-language sentence (two at most) answering the criterion's question."""
     c = f.criterion
@@ -85,6 +102,10 @@ def sentence(f: Finding) -> str:
     what = "" if c.metric == COST else f"{c.metric} "
     s = f"{c.question} **{', '.join(f.co_best)}** ({what}{_fmt(c, row)}" + \
         (", the same value: they share one model)" if len(f.co_best) > 1 else ")")
+    if c.companion:
+        comp = _companion(f)
+        if comp:
+            s += f", {comp}"
     if c.paired is None:
         rest = v.drop(index=f.co_best).dropna(subset=["value"]).sort_values("value", ascending=not c.higher)
         nxt = ", ".join(f"`{m}` {_fmt(c, r)}" for m, r in rest.head(3).iterrows())
@@ -147,7 +168,7 @@ def findings_blocks(run: RunFolder, fs: list[Finding] | None = None) -> list[Blo
     if run.results.empty:
         return out + [Para("No results: every method failed (see Failures).")]
     seeds = run.seeds
-    how = (f"paired bootstrap over the same queries ({100 * ci_level(run):g}%)" if len(seeds) == 1 else
+    how = (f"paired bootstrap over the same queries, {100 * ci_level(run):g}%" if len(seeds) == 1 else
            f"paired bootstrap over the same queries, the difference averaged over {len(seeds)} seeds")
     out.append(Para(f"Best method per criterion by its value; methods whose difference from the best has a "
                     f"CI containing 0 ({how}) are not significantly different. Intervals: "
@@ -290,18 +311,16 @@ def metric_tables(run: RunFolder, metrics: list[str], title: str) -> list[Table]
 SUMMARY_WIDTH = 100
 
 
-def summary_text(run: RunFolder, report: str | None = None, fs: list[Finding] | None = None) -> str:
-    """One table, at most SUMMARY_WIDTH columns: a row per method, a column per criterion (value
-    only; the best in each column marked *), then where the full report is."""
-    crits = criteria(run) if not run.results.empty else []
-    vals = {c.key: criterion_values(run, c).set_index("method")["value"] for c in crits}
+def summary_table(methods: list[str], crits: list[Criterion], vals: dict[str, pd.Series]) -> str:
+    """Methods x criteria as plain text within SUMMARY_WIDTH columns (criteria that would not fit are
+    left out): the value only, `*` on the best of each column; `vals`: criterion key -> value per method."""
     best: dict[str, set[str]] = {}
     for c in crits:
         v = vals[c.key].dropna()
         if len(v) >= 2:
             top = v.max() if c.higher else v.min()
             best[c.key] = set(v.index[np.isclose(v, top, rtol=1e-12, atol=1e-12)])
-    name_w = max(8, min(20, max((len(m) for m in run.methods), default=8)))
+    name_w = max(8, min(20, max((len(m) for m in methods), default=8)))
     cols, width = [], name_w
     for c in crits:  # keep columns while the table fits
         w = max(len(c.label), 8) + 2
@@ -310,16 +329,34 @@ def summary_text(run: RunFolder, report: str | None = None, fs: list[Finding] | 
         cols.append(c)
         width += w
     rows = []
-    for m in run.methods:
+    for m in methods:
         row = [m[:name_w]]
         for c in cols:
             v = vals[c.key].get(m, np.nan)
             txt = "n/a" if not np.isfinite(v) else (f"{v:.3g}" if c.metric == COST else f"{v:.3f}")
             row.append(txt + ("*" if m in best.get(c.key, ()) else ""))
         rows.append(row)
-    table = tabulate(rows, headers=["method", *[c.label for c in cols]], tablefmt="simple", disable_numparse=True,
-                     colalign=("left", *["right"] * len(cols)))
-    lines = [table, "* best per column (ECE, seconds: lowest; others: highest). Intervals, tests: the report."]
+    return tabulate(rows, headers=["method", *[c.label for c in cols]], tablefmt="simple", disable_numparse=True,
+                    colalign=("left", *["right"] * len(cols)))
+
+
+def display_path(path: str | Path) -> str:
+    """`path` relative to the working directory when it lies under it (short terminal lines), else as is."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+SUMMARY_NOTE = "* best per column (ECE, seconds: lowest; others: highest). Intervals, tests: the report."
+
+
+def summary_text(run: RunFolder, report: str | None = None) -> str:
+    """One table, at most SUMMARY_WIDTH columns: a row per method, a column per criterion (value
+    only; the best in each column marked *), any failures, then where the full report is."""
+    crits = criteria(run) if not run.results.empty else []
+    vals = {c.key: criterion_values(run, c).set_index("method")["value"] for c in crits}
+    lines = [summary_table(run.methods, crits, vals), SUMMARY_NOTE]
     for f in run.meta.get("failures", []):
         lines.append(f"FAILED {f['method']} (seed {f['seed']}): {f['error']}"[:SUMMARY_WIDTH])
     if report:

@@ -307,9 +307,10 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
         p = "n/a" if math.isnan(v.p) else f"{v.p:.2g}"
         rows.append([Cell(c.title), Cell(header(c.metric) if c.metric != "seconds" else "seconds"), Cell(v.best, True),
                      Cell(f"{v.mean_ranks[v.best]:.2f}"), Cell(", ".join(v.tied) or "none"), Cell(p), Cell(str(v.n_blocks))])
-        why = ("the Friedman test finds no difference" if not v.p < 0.05 else
+        test = "Wilcoxon" if len(v.mean_ranks) == 2 else "Friedman"
+        why = (f"the {test} test finds no difference" if not v.p < 0.05 else
                f"within Nemenyi's critical difference {v.cd:.2f} of its mean rank") if not math.isnan(v.p) else \
-            "too few methods or blocks for a test"
+            "too few blocks for a test"
         tied = f"; not significantly different ({why}): {', '.join(f'`{t}`' for t in v.tied)}" if v.tied else \
             f"; every other method ranks significantly worse ({why})"
         sentences.append(Para(f"**{c.title}.** {c.question} **{v.best}** (mean rank {v.mean_ranks[v.best]:.2f} "
@@ -321,7 +322,7 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
                     "are not significantly different from the best. Blocks missing a method's value are left out.",
                     note=True))
     out.append(Table("Best method per criterion across the grid", ["criterion", "metric", "best", "mean rank",
-                                                                   "not significantly different", "Friedman p",
+                                                                   "not significantly different", "p (Friedman)",
                                                                    "blocks"], rows, wrap=True))
     out += sentences
     rk = pd.DataFrame(ranks).reindex(variants)
@@ -362,16 +363,33 @@ def full_grid_text(grid_dir: str | Path) -> str:
     return to_text(build_grid_report(GridFolder(grid_dir))[0])
 
 
-def print_grid_summary(grid_dir: str | Path) -> None:
-    """Print each dataset's method table (mean over seeds with t-intervals)."""
+def grid_summary_text(grid_dir: str | Path, report: str | Path | None = None) -> str:
+    """Per dataset one table of at most 100 columns: a row per method (variant), a column per criterion,
+    the mean over seeds; then where the report is."""
+    from types import SimpleNamespace
+
+    from reports.criteria import criteria
+    from reports.findings import SUMMARY_NOTE, display_path, summary_table
+
     grid = GridFolder(grid_dir)
     try:
-        res, _, _ = _merged(grid)
+        res, tim, _ = _merged(grid)
     except BenchError as e:
-        print(e)
-        return
+        return f"{e}\n"
+    out = []
     for d in grid.meta["spec"]["datasets"]:
-        r = res[res["dataset"] == d]
-        if not r.empty:
-            summ = seed_summary(r.assign(method=r["variant"]), _level(grid))
-            print(f"== {d} ==\n" + to_text(seeds_tables(summ, ordered(r["variant"]))), end="")
+        r, t = res[res["dataset"] == d], tim[tim["dataset"] == d] if not tim.empty else tim
+        if r.empty:
+            continue
+        crits = criteria(SimpleNamespace(results=r, config=grid.meta.get("base_config", {})))
+        vals = {c.key: _blocks_by_criterion(r, t, c).mean(axis=0) for c in crits}
+        out.append(f"== {d} (mean over seeds) ==\n" + summary_table(ordered(r["variant"]), crits, vals))
+    out.append(SUMMARY_NOTE)
+    if report is not None:
+        out.append(f"report: {display_path(report)}")
+    return "\n".join(out) + "\n"
+
+
+def print_grid_summary(grid_dir: str | Path, report: str | Path | None = None) -> None:
+    """Print `grid_summary_text`."""
+    print(grid_summary_text(grid_dir, report), end="")

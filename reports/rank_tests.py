@@ -1,5 +1,5 @@
 """Verdicts across blocks (datasets x seeds x settings) of a grid: the Friedman test that all methods
-rank alike, then the Nemenyi post-hoc test (Demsar 2006): two methods differ when their mean ranks
+rank alike (two methods: the Wilcoxon signed-rank test), then the Nemenyi post-hoc test (Demsar 2006): two methods differ when their mean ranks
 differ by more than the critical difference CD = q_alpha sqrt(k (k + 1) / (6 N)), q_alpha the
 studentized range quantile over sqrt(2), k methods, N blocks."""
 from __future__ import annotations
@@ -13,8 +13,8 @@ from scipy import stats
 
 @dataclass
 class RankVerdict:
-    """mean_ranks: method -> mean rank over blocks (1 = best); p: Friedman p-value (NaN when it cannot
-    be computed: fewer than 3 methods or 2 blocks); cd: Nemenyi critical difference at `alpha`;
+    """mean_ranks: method -> mean rank over blocks (1 = best); p: Friedman p-value, Wilcoxon's for two
+    methods (NaN when it cannot be computed: one method or one block); cd: Nemenyi critical difference at `alpha`;
     best: the best mean rank's method; tied: methods not significantly different from it."""
 
     mean_ranks: pd.Series
@@ -41,6 +41,10 @@ def friedman_nemenyi(values: pd.DataFrame, higher: bool, alpha: float = 0.05) ->
     mean = ranks.mean(axis=0).sort_values(kind="stable")
     best = str(mean.index[0])
     k, n = v.shape[1], v.shape[0]
+    if k == 2 and n >= 2:  # two methods: the Wilcoxon signed-rank test of their paired differences
+        diff = (v[best] - v[str(mean.index[1])]).to_numpy(float)
+        p = float(stats.wilcoxon(diff).pvalue) if np.any(diff != 0) else 1.0
+        return RankVerdict(mean, n, p, np.nan, best, [] if p < alpha else [str(mean.index[1])])
     if k < 3 or n < 2:
         return RankVerdict(mean, n, np.nan, np.nan, best, [str(m) for m in mean.index[1:]])
     arr = v.to_numpy(float)

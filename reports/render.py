@@ -230,13 +230,9 @@ def title_block(run: RunFolder) -> Heading:
 def summary(run_dir: str | Path, report: str | Path | None = None) -> str:
     """The terminal summary after a run: one table of at most 100 columns and the report's path
     (relative to the working directory when it lies under it)."""
-    run = RunFolder(run_dir)
-    if report is not None:
-        try:
-            report = Path(report).resolve().relative_to(Path.cwd())
-        except ValueError:
-            pass
-    return summary_text(run, None if report is None else str(report))
+    from reports.findings import display_path
+
+    return summary_text(RunFolder(run_dir), None if report is None else display_path(report))
 
 
 def print_summary(run_dir: str | Path, report: str | Path | None = None) -> None:

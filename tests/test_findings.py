@@ -143,3 +143,24 @@ def test_bench_report_text_page_and_bad_flag(tmp_path, cli):
     assert "![" not in text  # no figures on a page
     code, out, err = cli("report", str(d), "--bogus")
     assert code == 2 and "bench bench" not in err and re.search(r"`python -m bench (report )?--help`", err), err
+
+
+@pytest.mark.slow
+def test_grid_findings_summary_and_page(tmp_path, monkeypatch, capsys):
+    """A small real grid: its report opens with Findings from the rank tests, its terminal summary fits
+    100 columns, and `bench report GRID --page` writes a page with the command on top."""
+    from bench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["grid", "--preset", "smoke", "--datasets", "synthetic", "--methods", "plain,diag_la,mc_dropout",
+                 "--seeds", "0-2", "--out", "g", "--quiet", "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    summary_lines = out[out.index("== synthetic"):].splitlines()
+    assert max(map(len, summary_lines)) <= 100 and summary_lines[-1].startswith("report: g/")
+    (grid,) = (tmp_path / "g").iterdir()
+    md = (grid / "report.md").read_text()
+    assert re.findall(r"^## .*$", md, re.M)[0] == "## Findings"
+    assert "Best method per criterion across the grid" in md and "over 3 dataset x seed blocks" in md
+    assert main(["report", str(grid), "--format", "md", "--page", "results/grid.md"]) == 0
+    page = (tmp_path / "results" / "grid.md").read_text()
+    assert page.index("bench grid") < page.index("## Findings")
