@@ -3,6 +3,7 @@ question, its direction, and how two methods are compared on the same queries (p
 The findings, the rank heat-map, the quality-vs-cost plot, the per-criterion detail tables and the
 terminal summary all iterate over `criteria(run)`: a new criterion (e.g. a selective-risk metric) is
 one more entry in `criteria()` below, and needs no edit elsewhere."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -73,30 +74,75 @@ def criteria(run: RunFolder) -> list[Criterion]:
     Add a criterion here (and nowhere else)."""
     cfg = run.config
     id_score, ood_score = cfg.get("id_score"), cfg.get("ood_score")
-    out = [Criterion("retrieval", "Retrieval", "Which method puts a correct item first most often?", "mAP@1", True,
-                     "mAP@1", "mean", detail=("mAP@", "Recall@", "MAP@R")),
-           Criterion("errors", "Predicting its own errors",
-                     "Whose uncertainty best tells its wrong retrievals from its right ones?",
-                     error_metric(run, "error_AUROC", id_score), True, "err AUROC", "ranking", id_score,
-                     detail=("error_AUROC", "AURG", "AUSE", "Spearman"),
-                     companion=error_metric(run, "AURG", id_score))]
+    out = [
+        Criterion(
+            "retrieval",
+            "Retrieval",
+            "Which method puts a correct item first most often?",
+            "mAP@1",
+            True,
+            "mAP@1",
+            "mean",
+            detail=("mAP@", "Recall@", "MAP@R"),
+        ),
+        Criterion(
+            "errors",
+            "Predicting its own errors",
+            "Whose uncertainty best tells its wrong retrievals from its right ones?",
+            error_metric(run, "error_AUROC", id_score),
+            True,
+            "err AUROC",
+            "ranking",
+            id_score,
+            detail=("error_AUROC", "AURG", "AUSE", "Spearman"),
+            companion=error_metric(run, "AURG", id_score),
+        ),
+    ]
     sets = ood_sets(run)
     far = [s for s in sets if s != NEAR_OOD_SET]
     for s in sets:
         near = s == NEAR_OOD_SET
         label = "near AUROC" if near else ("far AUROC" if len(far) == 1 else f"far:{s}"[:10])
-        out.append(Criterion(f"ood_{s}", f"{'Near' if near else 'Far'}-OOD detection ({s})",
-                             f"Whose uncertainty best separates {'held-out classes' if near else s} from ID queries?",
-                             f"AUROC[{s}]", True, label, "ood", ood_score, s,
-                             detail=(f"AUROC[{s}]", f"AUPR[{s}]", f"FPR95[{s}]")))
-    out += [Criterion("calibration", "Calibration", "Whose confidence matches how often its top-1 is right?", "ECE",
-                      False, "ECE", "ece", id_score, detail=("ECE",)),
-            Criterion("cost", "Cost", "Which method is cheapest (wall time, its share of the base training included)?",
-                      COST, False, "seconds")]
+        out.append(
+            Criterion(
+                f"ood_{s}",
+                f"{'Near' if near else 'Far'}-OOD detection ({s})",
+                f"Whose uncertainty best separates {'held-out classes' if near else s} from ID queries?",
+                f"AUROC[{s}]",
+                True,
+                label,
+                "ood",
+                ood_score,
+                s,
+                detail=(f"AUROC[{s}]", f"AUPR[{s}]", f"FPR95[{s}]"),
+            )
+        )
+    out += [
+        Criterion(
+            "calibration",
+            "Calibration",
+            "Whose confidence matches how often its top-1 is right?",
+            "ECE",
+            False,
+            "ECE",
+            "ece",
+            id_score,
+            detail=("ECE",),
+        ),
+        Criterion(
+            "cost",
+            "Cost",
+            "Which method is cheapest (wall time, its share of the base training included)?",
+            COST,
+            False,
+            "seconds",
+        ),
+    ]
     return [c for c in out if c.metric == COST or _present(run, c.metric)]
 
 
 # ---- values -------------------------------------------------------------------------------------
+
 
 def cost_frame(run: RunFolder) -> pd.DataFrame:
     """(method, seed, value): wall seconds of each (method, seed), post-hoc methods including the base
@@ -142,12 +188,24 @@ def criterion_values(run: RunFolder, c: Criterion) -> pd.DataFrame:
         from scipy import stats
 
         v = v[np.isfinite(v)]
-        half = stats.t.ppf(0.5 + ci_level(run) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else np.nan
-        rows.append({"method": m, "value": float(v.mean()), "lo": float(v.mean() - half), "hi": float(v.mean() + half)})
+        half = (
+            stats.t.ppf(0.5 + ci_level(run) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
+            if len(v) > 1
+            else np.nan
+        )
+        rows.append(
+            {
+                "method": m,
+                "value": float(v.mean()),
+                "lo": float(v.mean() - half),
+                "hi": float(v.mean() + half),
+            }
+        )
     return pd.DataFrame(rows, columns=["method", "value", "lo", "hi"])
 
 
 # ---- paired comparison --------------------------------------------------------------------------
+
 
 def _score(arrs: dict[str, np.ndarray], query_set: str, score: str | None) -> np.ndarray | None:
     """The saved vector of `score` on a query set; older folders: tr Sigma from the variances."""
@@ -186,8 +244,9 @@ def _statistic(c: Criterion, *a: np.ndarray, axis: int = -1) -> np.ndarray:
     return auroc(a[0], a[1], axis=axis)
 
 
-def paired_difference(run: RunFolder, c: Criterion, a: str, b: str, n_resamples: int = 1000,
-                      level: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+def paired_difference(
+    run: RunFolder, c: Criterion, a: str, b: str, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """(diff, lo, hi) of value(a) - value(b), averaged over the seeds both ran, with a percentile
     bootstrap CI that resamples the same queries for both methods (ID and OOD queries separately,
     each seed's queries separately); NaNs when the run folder lacks the per-query arrays."""
@@ -209,12 +268,12 @@ def paired_difference(run: RunFolder, c: Criterion, a: str, b: str, n_resamples:
     def diff(*arrays: np.ndarray, axis: int = -1) -> np.ndarray:
         out, i = [], 0
         for _ in per_seed:
-            chunk = arrays[i:i + sum(sizes)]
+            chunk = arrays[i : i + sum(sizes)]
             i += sum(sizes)
             av, bv, j = [], [], 0
             for n in sizes:
-                av += chunk[j:j + n // 2]
-                bv += chunk[j + n // 2:j + n]
+                av += chunk[j : j + n // 2]
+                bv += chunk[j + n // 2 : j + n]
                 j += n
             out.append(_statistic(c, *av, axis=axis) - _statistic(c, *bv, axis=axis))
         return np.mean(out, axis=0)[None]

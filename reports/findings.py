@@ -2,6 +2,7 @@
 its interval, the methods not significantly different from it (paired bootstrap over the same
 queries), one plain-language sentence; a quality-against-cost plot with the Pareto front; a method x
 criterion rank heat-map. Then the detail tables, one per criterion, and the terminal summary."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -45,7 +46,9 @@ def decide(run: RunFolder, c: Criterion, n_resamples: int | None = None) -> Find
     if have.empty:
         return Finding(c, vals, None, [], [], [], missing, [])
     top = have["value"].max() if c.higher else have["value"].min()
-    co_best = [str(m) for m, v in zip(have["method"], have["value"]) if np.isclose(v, top, rtol=1e-12, atol=1e-12)]
+    co_best = [
+        str(m) for m, v in zip(have["method"], have["value"]) if np.isclose(v, top, rtol=1e-12, atol=1e-12)
+    ]
     best = co_best[0]
     n = int(n_resamples or min(int(run.config.get("bootstrap_resamples", 1000)), 1000))
     tied, worse, untested = [], [], []
@@ -100,8 +103,9 @@ def sentence(f: Finding) -> str:
     v = f.values.set_index("method")
     row = v.loc[f.best]
     what = "" if c.metric == COST else f"{c.metric} "
-    s = f"{c.question} **{', '.join(f.co_best)}** ({what}{_fmt(c, row)}" + \
-        (", the same value: they share one model)" if len(f.co_best) > 1 else ")")
+    s = f"{c.question} **{', '.join(f.co_best)}** ({what}{_fmt(c, row)}" + (
+        ", the same value: they share one model)" if len(f.co_best) > 1 else ")"
+    )
     if c.companion:
         comp = _companion(f)
         if comp:
@@ -113,8 +117,10 @@ def sentence(f: Finding) -> str:
     if f.tied:
         s += f"; not significantly different: {_names(f.tied)}"
     if f.worse:
-        s += f"; {len(f.worse)} other method{'s' if len(f.worse) > 1 else ''} significantly " \
-             f"{'worse' if c.metric != COST else 'slower'}"
+        s += (
+            f"; {len(f.worse)} other method{'s' if len(f.worse) > 1 else ''} significantly "
+            f"{'worse' if c.metric != COST else 'slower'}"
+        )
     if f.untested:
         s += f"; not tested (no paired per-query data): {_names(f.untested)}"
     s += "."
@@ -130,10 +136,21 @@ def findings_table(fs: list[Finding]) -> Table:
             continue
         row = f.values.set_index("method").loc[f.best]
         label = "seconds" if f.criterion.metric == COST else header(f.criterion.metric)
-        rows.append([Cell(f.criterion.title), Cell(label), Cell(", ".join(f.co_best), True), Cell(_fmt(f.criterion, row)),
-                     Cell(", ".join(f.tied) or "none" if f.criterion.paired else "(no paired test)")])
-    return Table("Best method per criterion", ["criterion", "metric", "best", "value [interval]",
-                                               "not significantly different"], rows, wrap=True)
+        rows.append(
+            [
+                Cell(f.criterion.title),
+                Cell(label),
+                Cell(", ".join(f.co_best), True),
+                Cell(_fmt(f.criterion, row)),
+                Cell(", ".join(f.tied) or "none" if f.criterion.paired else "(no paired test)"),
+            ]
+        )
+    return Table(
+        "Best method per criterion",
+        ["criterion", "metric", "best", "value [interval]", "not significantly different"],
+        rows,
+        wrap=True,
+    )
 
 
 def ranks(fs: list[Finding], methods: list[str]) -> pd.DataFrame:
@@ -154,7 +171,9 @@ def pareto_front(cost: np.ndarray, quality: np.ndarray, higher: bool = True) -> 
     ok = np.flatnonzero(np.isfinite(c) & np.isfinite(q))
     front = []
     for i in ok:
-        dominated = any((c[j] <= c[i]) and (q[j] >= q[i]) and ((c[j] < c[i]) or (q[j] > q[i])) for j in ok if j != i)
+        dominated = any(
+            (c[j] <= c[i]) and (q[j] >= q[i]) and ((c[j] < c[i]) or (q[j] > q[i])) for j in ok if j != i
+        )
         if not dominated:
             front.append(i)
     return np.array(sorted(front, key=lambda i: (c[i], -q[i])), dtype=int)
@@ -168,25 +187,46 @@ def findings_blocks(run: RunFolder, fs: list[Finding] | None = None) -> list[Blo
     if run.results.empty:
         return out + [Para("No results: every method failed (see Failures).")]
     seeds = run.seeds
-    how = (f"paired bootstrap over the same queries, {100 * ci_level(run):g}%" if len(seeds) == 1 else
-           f"paired bootstrap over the same queries, the difference averaged over {len(seeds)} seeds")
-    out.append(Para(f"Best method per criterion by its value; methods whose difference from the best has a "
-                    f"CI containing 0 ({how}) are not significantly different. Intervals: "
-                    + ("bootstrap CI over queries." if len(seeds) == 1 else
-                       f"Student-t interval across {len(seeds)} seeds."), note=True))
+    how = (
+        f"paired bootstrap over the same queries, {100 * ci_level(run):g}%"
+        if len(seeds) == 1
+        else f"paired bootstrap over the same queries, the difference averaged over {len(seeds)} seeds"
+    )
+    out.append(
+        Para(
+            f"Best method per criterion by its value; methods whose difference from the best has a "
+            f"CI containing 0 ({how}) are not significantly different. Intervals: "
+            + (
+                "bootstrap CI over queries."
+                if len(seeds) == 1
+                else f"Student-t interval across {len(seeds)} seeds."
+            ),
+            note=True,
+        )
+    )
     out.append(findings_table(fs))
     out += [Para(f"**{f.criterion.title}.** {sentence(f)}") for f in fs]
     cost = next((f for f in fs if f.criterion.metric == COST), None)
     quality = [f for f in fs if f.criterion.metric != COST and f.best is not None]
     if cost is not None and cost.best is not None and quality:
         fig = quality_cost_figure(cost, quality)
-        out.append(Figure("findings_cost", "Quality against wall time (log scale; post-hoc methods include the "
-                          "base training). Line: the Pareto front (no method is both cheaper and better).",
-                          P.png_bytes(fig, dpi=90)))
+        out.append(
+            Figure(
+                "findings_cost",
+                "Quality against wall time (log scale; post-hoc methods include the "
+                "base training). Line: the Pareto front (no method is both cheaper and better).",
+                P.png_bytes(fig, dpi=90),
+            )
+        )
     rk = ranks(fs, run.methods)
     if rk.shape[1] >= 2 and len(run.methods) >= 2:
-        out.append(Figure("findings_ranks", "Rank of each method per criterion (1 = best; blank: no value).",
-                          P.png_bytes(rank_heatmap(rk), dpi=90)))
+        out.append(
+            Figure(
+                "findings_ranks",
+                "Rank of each method per criterion (1 = best; blank: no value).",
+                P.png_bytes(rank_heatmap(rk), dpi=90),
+            )
+        )
     return out
 
 
@@ -202,8 +242,16 @@ def quality_cost_figure(cost: Finding, quality: list[Finding]):
         for i, m in enumerate(ms):
             st = P.method_style(i)
             err = np.array([[y[i] - v.loc[m, "lo"]], [v.loc[m, "hi"] - y[i]]])
-            ax.errorbar(x[i], y[i], yerr=None if not np.isfinite(err).all() else np.abs(err), fmt=st["marker"],
-                        color=st["color"], ms=5, capsize=2, label=m)
+            ax.errorbar(
+                x[i],
+                y[i],
+                yerr=None if not np.isfinite(err).all() else np.abs(err),
+                fmt=st["marker"],
+                color=st["color"],
+                ms=5,
+                capsize=2,
+                label=m,
+            )
         front = pareto_front(x, y, f.criterion.higher)
         if len(front):
             ax.plot(x[front], y[front], "-", color="#555", lw=1, zorder=0)
@@ -229,11 +277,19 @@ def rank_heatmap(rk: pd.DataFrame):
     ax.imshow(data, cmap="viridis_r", aspect="auto", vmin=1, vmax=max(len(rk), 2))
     for (i, j), v in np.ndenumerate(rk.to_numpy(float)):
         if np.isfinite(v):
-            ax.text(j, i, f"{v:g}", ha="center", va="center", fontsize=7,
-                    color="black" if v <= len(rk) / 2 else "white")
+            ax.text(
+                j,
+                i,
+                f"{v:g}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="black" if v <= len(rk) / 2 else "white",
+            )
     ax.set_yticks(range(len(rk)), rk.index, fontsize=8)
-    ax.set_xticks(range(rk.shape[1]), [t.replace(" (", "\n(") for t in rk.columns], fontsize=7, rotation=30,
-                  ha="left")
+    ax.set_xticks(
+        range(rk.shape[1]), [t.replace(" (", "\n(") for t in rk.columns], fontsize=7, rotation=30, ha="left"
+    )
     ax.xaxis.tick_top()
     return fig
 
@@ -249,10 +305,16 @@ def detail_blocks(run: RunFolder, fs: list[Finding] | None = None) -> list[Block
     r = run.results
     if r.empty:
         return out + [Para("No results.")]
-    out.append(Para(RESULTS_NOTE if len(run.seeds) == 1 else
-                    f"Cells: mean over {len(run.seeds)} seeds [Student-t {100 * ci_level(run):g}% interval across "
-                    "seeds]; **bold**: best per column. Each seed's bootstrap intervals: the per-seed tables below.",
-                    note=True))
+    out.append(
+        Para(
+            RESULTS_NOTE
+            if len(run.seeds) == 1
+            else f"Cells: mean over {len(run.seeds)} seeds "
+            f"[Student-t {100 * ci_level(run):g}% interval across "
+            "seeds]; **bold**: best per column. Each seed's bootstrap intervals: the per-seed tables below.",
+            note=True,
+        )
+    )
     all_metrics = ordered(r["metric"])
     shown: set[str] = set()
     for f in fs:
@@ -281,8 +343,12 @@ def detail_metrics(c: Criterion, metrics: list[str]) -> list[str]:
     from bench.conventions import split_score_metric
 
     want = split_score_metric(c.metric)[1]
-    out = [m for m in metrics if m == c.metric or (split_score_metric(m)[1] == want
-                                                   and split_score_metric(m)[0].startswith(c.detail))]
+    out = [
+        m
+        for m in metrics
+        if m == c.metric
+        or (split_score_metric(m)[1] == want and split_score_metric(m)[0].startswith(c.detail))
+    ]
     return ordered(out, [c.metric])
 
 
@@ -301,9 +367,14 @@ def metric_tables(run: RunFolder, metrics: list[str], title: str) -> list[Table]
         df, value, lo, hi = r[r["seed"] == run.seeds[0]], "value", "ci_low", "ci_high"
     rows = ordered(df[df["metric"].isin(metrics)]["method"], run.methods)
     suffix = " (mean over seeds)" if multi else f" (seed {run.seeds[0]})"
-    return [Table(f"{title}{part}{suffix}", ["method", *map(header, chunk)],
-                  wide_cells(df, "method", chunk, rows, value=value, lo=lo, hi=hi))
-            for part, chunk in column_chunks(metrics, MAX_DETAIL_COLUMNS)]
+    return [
+        Table(
+            f"{title}{part}{suffix}",
+            ["method", *map(header, chunk)],
+            wide_cells(df, "method", chunk, rows, value=value, lo=lo, hi=hi),
+        )
+        for part, chunk in column_chunks(metrics, MAX_DETAIL_COLUMNS)
+    ]
 
 
 # ---- terminal summary ---------------------------------------------------------------------------
@@ -336,8 +407,13 @@ def summary_table(methods: list[str], crits: list[Criterion], vals: dict[str, pd
             txt = "n/a" if not np.isfinite(v) else (f"{v:.3g}" if c.metric == COST else f"{v:.3f}")
             row.append(txt + ("*" if m in best.get(c.key, ()) else ""))
         rows.append(row)
-    return tabulate(rows, headers=["method", *[c.label for c in cols]], tablefmt="simple", disable_numparse=True,
-                    colalign=("left", *["right"] * len(cols)))
+    return tabulate(
+        rows,
+        headers=["method", *[c.label for c in cols]],
+        tablefmt="simple",
+        disable_numparse=True,
+        colalign=("left", *["right"] * len(cols)),
+    )
 
 
 def display_path(path: str | Path) -> str:
@@ -348,7 +424,7 @@ def display_path(path: str | Path) -> str:
         return str(path)
 
 
-SUMMARY_NOTE = "* best per column (ECE, seconds: lowest; others: highest). Intervals, tests: the report."
+SUMMARY_NOTE = "* best per column (ECE, seconds: lowest; others: highest). Intervals, tests: report."
 
 
 def summary_text(run: RunFolder, report: str | None = None) -> str:
@@ -356,7 +432,8 @@ def summary_text(run: RunFolder, report: str | None = None) -> str:
     only; the best in each column marked *), any failures, then where the full report is."""
     crits = criteria(run) if not run.results.empty else []
     vals = {c.key: criterion_values(run, c).set_index("method")["value"] for c in crits}
-    lines = [summary_table(run.methods, crits, vals), SUMMARY_NOTE]
+    seeds = f"Mean over {len(run.seeds)} seeds. " if len(run.seeds) > 1 else ""
+    lines = [summary_table(run.methods, crits, vals), seeds + SUMMARY_NOTE]
     for f in run.meta.get("failures", []):
         lines.append(f"FAILED {f['method']} (seed {f['seed']}): {f['error']}"[:SUMMARY_WIDTH])
     if report:

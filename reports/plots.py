@@ -10,7 +10,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from bench.conventions import NEAR_OOD_SET
 from bench.metrics.uncertainty import score_from_var
 
 DPI = 120
@@ -83,44 +82,6 @@ def project_2d(id_mean: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarra
     return proj(x), [proj(o) for o in others], f"PCA projection of the {d}-d embeddings (PC1, PC2: {100 * explained:.0f}% of ID variance)"
 
 
-
-
-def embedding_figure(arrs: dict[str, np.ndarray], method: str, class_names: list[str], seed: int) -> tuple[Figure, str]:
-    """The seed's Figs 1-2: mean embeddings of the ID test set coloured (and shaped) by class; OOD sets
-    as black/grey crosses (the held-out-class set coloured by its true class, drawn with crosses).
-    Returns (figure, axis note)."""
-    sets = ood_sets(arrs)
-    id2, ood2, note = project_2d(arrs["id_mean"], [arrs[f"ood_{s}_mean"] for s in sets])
-    y = np.asarray(arrs["id_labels"]).astype(int)
-    fig = Figure(figsize=(9.5, 6.0))
-    fig.subplots_adjust(left=0.08, right=0.68, top=0.93, bottom=0.09)
-    ax = fig.add_subplot()
-    name = lambda c: f"{c}: {class_names[c]}" if 0 <= c < len(class_names) else f"class {c}"  # noqa: E731
-    handles = []
-    for c in np.unique(y):
-        col, mk = class_style(int(c))
-        sel = y == c
-        ax.scatter(id2[sel, 0], id2[sel, 1], s=10, c=col, marker=mk, alpha=0.75, linewidths=0, rasterized=True)
-        handles.append(Line2D([], [], color=col, marker=mk, linestyle="", label=name(int(c))))
-    for i, (s, pts) in enumerate(zip(sets, ood2)):
-        labels = np.asarray(arrs.get(f"ood_{s}_labels", np.full(len(pts), -1))).astype(int)
-        colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
-        if s == NEAR_OOD_SET and len(labels) and (labels >= 0).all():  # held-out classes: colour by their class
-            # (other OOD sets, e.g. MNIST digits, have labels of another label space: one style each)
-            for c in np.unique(labels):
-                sel = labels == c
-                col, _ = class_style(int(c))
-                ax.scatter(pts[sel, 0], pts[sel, 1], s=22, c=col, marker="x", alpha=0.8, linewidths=1.0, rasterized=True)
-                handles.append(Line2D([], [], color=col, marker="x", linestyle="", label=f"OOD {s}: {name(int(c))}"))
-        else:
-            ax.scatter(pts[:, 0], pts[:, 1], s=18, c=colour, marker=mk, alpha=0.5, linewidths=0.8, rasterized=True)
-            handles.append(Line2D([], [], color=colour, marker=mk, linestyle="", label=f"OOD: {s}"))
-    ax.set_title(f"{method} (seed {seed}): ID test embeddings by class, OOD as crosses")
-    ax.set_xlabel("PC1" if "PCA" in note else "dim 1")
-    ax.set_ylabel("PC2" if "PCA" in note else "dim 2")
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.grid(alpha=0.3)
-    return fig, note
 
 
 def roc_points(score_id: np.ndarray, score_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -375,5 +336,6 @@ def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, 
     for ax in axes:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(top=1 - 0.75 / fig.get_figheight())
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / fig.get_figheight(), va="top")
     return fig, note

@@ -1,7 +1,9 @@
 """Verdicts across blocks (datasets x seeds x settings) of a grid: the Friedman test that all methods
-rank alike (two methods: the Wilcoxon signed-rank test), then the Nemenyi post-hoc test (Demsar 2006): two methods differ when their mean ranks
-differ by more than the critical difference CD = q_alpha sqrt(k (k + 1) / (6 N)), q_alpha the
-studentized range quantile over sqrt(2), k methods, N blocks."""
+rank alike (two methods: the Wilcoxon signed-rank test), then the Nemenyi post-hoc test (Demsar
+2006): two methods differ when their mean ranks differ by more than the critical difference
+CD = q_alpha sqrt(k (k + 1) / (6 N)), q_alpha the studentized range quantile over sqrt(2), k methods,
+N blocks."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +16,8 @@ from scipy import stats
 @dataclass
 class RankVerdict:
     """mean_ranks: method -> mean rank over blocks (1 = best); p: Friedman p-value, Wilcoxon's for two
-    methods (NaN when it cannot be computed: one method or one block); cd: Nemenyi critical difference at `alpha`;
-    best: the best mean rank's method; tied: methods not significantly different from it."""
+    methods (NaN when it cannot be computed: one method or one block); cd: Nemenyi critical difference
+    at `alpha`; best: the best mean rank's method; tied: methods not significantly different from it."""
 
     mean_ranks: pd.Series
     n_blocks: int

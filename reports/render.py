@@ -220,7 +220,8 @@ def build_report(run: RunFolder) -> list[Block]:
     fs = findings(run)
     return ([title_block(run)] + findings_blocks(run, fs) + failure_blocks(run) + detail_blocks(run, fs)
             + figure_blocks(run) + score_blocks(run) + seed_comparison_blocks(run)
-            + paired_blocks(run) + online_comparison_blocks(run) + sensitivity_blocks(run) + header_blocks(run)[1:])
+            + paired_blocks(run) + online_comparison_blocks(run) + sensitivity_blocks(run)
+            + [Heading("Run")] + header_blocks(run)[1:])
 
 
 def title_block(run: RunFolder) -> Heading:

@@ -1,6 +1,7 @@
 """The user documentation: README.md stays short (<= 150 lines) and every relative link in README.md,
 docs/ and results/ resolves to a file or folder of the repository (and an `#anchor` to a heading of
 the page it names)."""
+
 from __future__ import annotations
 
 import re

@@ -2,6 +2,7 @@
 differences against direct computations, tie / worse verdicts, the Pareto front, the grid rank test
 against scikit-posthocs, the terminal summary's width, the size of report.html, results pages and
 `bench report`'s text output and bad-flag message."""
+
 from __future__ import annotations
 
 import re
@@ -44,8 +45,10 @@ def test_paired_difference_equals_the_direct_difference(tmp_path):
     assert lo <= diff <= hi
     near = Criterion("n", "near", "?", "AUROC[heldout]", True, "n", "ood", "trace", "heldout")
     diff, lo, hi = paired_difference(run, near, "diag_la", "mc_dropout", 300)
-    auc = lambda x: roc_auc_score(np.r_[np.zeros(80), np.ones(40)],  # noqa: E731
-                                  np.r_[x[score_array("id", "trace")], x[score_array("heldout", "trace")]])
+    auc = lambda x: roc_auc_score(
+        np.r_[np.zeros(80), np.ones(40)],  # noqa: E731
+        np.r_[x[score_array("id", "trace")], x[score_array("heldout", "trace")]],
+    )
     assert diff == pytest.approx(auc(a) - auc(b))
     assert lo < diff < hi
     err = Criterion("e", "errors", "?", "error_AUROC:top1_flip", True, "e", "ranking", "top1_flip")
@@ -80,16 +83,23 @@ def test_pareto_front():
     quality = np.array([0.5, 0.7, 0.6, 0.9, 0.4, 1.0])
     assert pareto_front(cost, quality).tolist() == [0, 1, 3]  # 2 and 4 dominated, 5 has no cost
     assert pareto_front(cost, -quality, higher=False).tolist() == [0, 1, 3]  # lower-is-better mirrored
-    assert pareto_front(np.array([1.0, 1.0]), np.array([0.5, 0.5])).tolist() == [0, 1]  # equal points both kept
+    assert pareto_front(np.array([1.0, 1.0]), np.array([0.5, 0.5])).tolist() == [
+        0,
+        1,
+    ]  # equal points both kept
 
 
 def test_friedman_nemenyi_agrees_with_scikit_posthocs():
     sp = pytest.importorskip("scikit_posthocs")
     rng = np.random.default_rng(0)
     for shift in ([0, 0.3, 1.0, 1.5], [0, 0.2, 0.4, 0.6, 2.0]):
-        x = pd.DataFrame(rng.normal(size=(15, len(shift))) + np.array(shift), columns=[f"m{i}" for i in range(len(shift))])
+        x = pd.DataFrame(
+            rng.normal(size=(15, len(shift))) + np.array(shift), columns=[f"m{i}" for i in range(len(shift))]
+        )
         v = friedman_nemenyi(x, higher=True)
-        p = pd.DataFrame(sp.posthoc_nemenyi_friedman(x.to_numpy()).to_numpy(), index=x.columns, columns=x.columns)
+        p = pd.DataFrame(
+            sp.posthoc_nemenyi_friedman(x.to_numpy()).to_numpy(), index=x.columns, columns=x.columns
+        )
         assert v.best == x.columns[-1]
         assert v.p < 0.05
         assert sorted(v.tied) == sorted(m for m in x.columns if m != v.best and p.loc[v.best, m] >= 0.05)
@@ -117,7 +127,11 @@ def test_summary_is_one_table_within_100_columns(tmp_path, monkeypatch):
 def test_report_size_and_one_embedding_per_distinct_mean(tmp_path):
     """A 12-method run of 2000 queries: post-hoc methods sharing plain's mean get one figure, and
     report.html stays under 3 MB."""
-    methods = {"plain": False, **{f"post_hoc_{i}": True for i in range(6)}, **{f"trained_{i}": True for i in range(5)}}
+    methods = {
+        "plain": False,
+        **{f"post_hoc_{i}": True for i in range(6)},
+        **{f"trained_{i}": True for i in range(5)},
+    }
     d = make_run(tmp_path, methods=methods, n=2000, embed_dim=8, score_vectors=True)
     base = RunFolder(d).perquery("plain", 0)
     for i in range(6):
@@ -133,16 +147,20 @@ def test_bench_report_text_page_and_bad_flag(tmp_path, cli):
     d = make_run(tmp_path / "runs", score_vectors=True)
     code, out, err = cli("report", str(d), "--format", "text")
     assert code == 0, err
-    assert "Retrieval (seed 0)" in out and "Best method per criterion" in out and not (d / "report.md").exists()
+    assert (
+        "Retrieval (seed 0)" in out and "Best method per criterion" in out and not (d / "report.md").exists()
+    )
     page = tmp_path / "results" / "fixture.md"
     code, out, err = cli("report", str(d), "--format", "md", "--page", str(page))
     assert code == 0, err
     text = page.read_text()
-    top = text[:text.index("## Findings")]
+    top = text[: text.index("## Findings")]
     assert "python -m bench run" in top and "0123456789abcdef" in top and "cpu (fixture)" in top
     assert "![" not in text  # no figures on a page
     code, out, err = cli("report", str(d), "--bogus")
-    assert code == 2 and "bench bench" not in err and re.search(r"`python -m bench (report )?--help`", err), err
+    assert code == 2 and "bench bench" not in err and re.search(r"`python -m bench (report )?--help`", err), (
+        err
+    )
 
 
 @pytest.mark.slow
@@ -152,10 +170,29 @@ def test_grid_findings_summary_and_page(tmp_path, monkeypatch, capsys):
     from bench.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["grid", "--preset", "smoke", "--datasets", "synthetic", "--methods", "plain,diag_la,mc_dropout",
-                 "--seeds", "0-2", "--out", "g", "--quiet", "--jobs", "2"]) == 0
+    assert (
+        main(
+            [
+                "grid",
+                "--preset",
+                "smoke",
+                "--datasets",
+                "synthetic",
+                "--methods",
+                "plain,diag_la,mc_dropout",
+                "--seeds",
+                "0-2",
+                "--out",
+                "g",
+                "--quiet",
+                "--jobs",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    summary_lines = out[out.index("== synthetic"):].splitlines()
+    summary_lines = out[out.index("== synthetic") :].splitlines()
     assert max(map(len, summary_lines)) <= 100 and summary_lines[-1].startswith("report: g/")
     (grid,) = (tmp_path / "g").iterdir()
     md = (grid / "report.md").read_text()
@@ -164,3 +201,15 @@ def test_grid_findings_summary_and_page(tmp_path, monkeypatch, capsys):
     assert main(["report", str(grid), "--format", "md", "--page", "results/grid.md"]) == 0
     page = (tmp_path / "results" / "grid.md").read_text()
     assert page.index("bench grid") < page.index("## Findings")
+
+
+@pytest.mark.slow
+def test_a_real_tiny_run_prints_at_most_100_columns_and_a_small_report(tmp_path, monkeypatch, cli):
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain,diag_la,mc_dropout",
+                         "--out", "runs", "--quiet")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(map(len, lines)) <= 100, out
+    assert lines[-1].startswith("report: runs/") and lines[-1].endswith("report.html")
+    assert (tmp_path / lines[-1].removeprefix("report: ")).stat().st_size <= 3_000_000
