@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from bench.config import PRESETS, parse_value, preset_config, apply_overrides
@@ -49,9 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
     rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
     rep.add_argument("--format", default="md,html",
-                     help="comma-separated: md, html, latex (files in the folder); text (every table, printed)")
+                     help="comma-separated: md, html, latex (files in the folder); "
+                          "text (every table, printed)")
     rep.add_argument("--page", metavar="FILE.md", default=None,
-                     help="also write a results page (findings and detail tables; command, commit, machine on top)")
+                     help="also write a results page (findings and detail tables; "
+                          "command, commit, machine on top)")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
         from bench.tools import hessian_bench
@@ -181,7 +184,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
     grid = is_grid(args.run_dir)
     if grid:
-        from reports.grid_report import full_grid_text as full_text, render_grid_report as render_report  # noqa: F811
+        from reports.grid_report import full_grid_text as full_text  # noqa: F811
+        from reports.grid_report import render_grid_report as render_report  # noqa: F811
     else:
         from reports.render import full_text
     files = [f for f in formats if f != "text"]
@@ -191,8 +195,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if "text" in formats:
         print(full_text(args.run_dir), end="")
     if args.page:
-        from reports.page import write_page
-        print(f"wrote {write_page(args.run_dir, args.page)}")
+        from bench.atomic import atomic_write_text
+        from reports.page import page_text
+
+        atomic_write_text(Path(args.page), page_text(args.run_dir))
+        print(f"wrote {args.page}")
     return 0
 
 

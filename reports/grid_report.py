@@ -305,25 +305,30 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
             continue
         ranks[c.title] = v.mean_ranks
         p = "n/a" if math.isnan(v.p) else f"{v.p:.2g}"
-        rows.append([Cell(c.title), Cell(header(c.metric) if c.metric != "seconds" else "seconds"), Cell(v.best, True),
-                     Cell(f"{v.mean_ranks[v.best]:.2f}"), Cell(", ".join(v.tied) or "none"), Cell(p), Cell(str(v.n_blocks))])
+        label = header(c.metric) if c.metric != "seconds" else "seconds"
+        rows.append([Cell(c.title), Cell(label), Cell(v.best, True), Cell(f"{v.mean_ranks[v.best]:.2f}"),
+                     Cell(", ".join(v.tied) or "none"), Cell(p), Cell(str(v.n_blocks))])
         test = "Wilcoxon" if len(v.mean_ranks) == 2 else "Friedman"
-        why = (f"the {test} test finds no difference" if not v.p < 0.05 else
-               f"within Nemenyi's critical difference {v.cd:.2f} of its mean rank") if not math.isnan(v.p) else \
-            "too few blocks for a test"
-        tied = f"; not significantly different ({why}): {', '.join(f'`{t}`' for t in v.tied)}" if v.tied else \
-            f"; every other method ranks significantly worse ({why})"
-        sentences.append(Para(f"**{c.title}.** {c.question} **{v.best}** (mean rank {v.mean_ranks[v.best]:.2f} "
-                              f"over {v.n_blocks} dataset x seed blocks){tied}."))
+        if math.isnan(v.p):
+            why = "too few blocks for a test"
+        elif not v.p < 0.05:
+            why = f"the {test} test finds no difference"
+        else:
+            why = f"within Nemenyi's critical difference {v.cd:.2f} of its mean rank"
+        names = ", ".join(f"`{t}`" for t in v.tied)
+        tied = (f"; not significantly different ({why}): {names}" if v.tied
+                else f"; every other method ranks significantly worse ({why})")
+        sentences.append(Para(f"**{c.title}.** {c.question} **{v.best}** (mean rank "
+                              f"{v.mean_ranks[v.best]:.2f} over {v.n_blocks} dataset x seed blocks){tied}."))
     if not rows:
         return out + [Para("No criterion has values in every block.", note=True)]
-    out.append(Para("Methods ranked within each (dataset, seed) block (1 = best), ranks averaged; Friedman test "
-                    "that all methods rank alike, then Nemenyi's critical difference (alpha 0.05) for which methods "
-                    "are not significantly different from the best. Blocks missing a method's value are left out.",
-                    note=True))
-    out.append(Table("Best method per criterion across the grid", ["criterion", "metric", "best", "mean rank",
-                                                                   "not significantly different", "p (Friedman)",
-                                                                   "blocks"], rows, wrap=True))
+    out.append(Para("Methods ranked within each (dataset, seed) block (1 = best), ranks averaged; Friedman "
+                    "test that all methods rank alike (two methods: Wilcoxon), then Nemenyi's critical "
+                    "difference (alpha 0.05) for which methods are not significantly different from the "
+                    "best. Blocks missing a method's value are left out.", note=True))
+    heads = ["criterion", "metric", "best", "mean rank", "not significantly different", "p (Friedman)",
+             "blocks"]
+    out.append(Table("Best method per criterion across the grid", heads, rows, wrap=True))
     out += sentences
     rk = pd.DataFrame(ranks).reindex(variants)
     if rk.shape[1] >= 2 and len(rk) >= 2:
@@ -337,7 +342,8 @@ def build_grid_report(grid: GridFolder) -> tuple[list[Block], pd.DataFrame]:
     (pairwise.csv)."""
     res, tim, cells = _merged(grid)
     head = header_blocks(grid)
-    blocks = head[:1] + grid_findings_blocks(grid, res, tim) + [Heading("Grid")] + head[1:] + failure_blocks(grid)
+    blocks = (head[:1] + grid_findings_blocks(grid, res, tim) + [Heading("Grid")] + head[1:]
+              + failure_blocks(grid))
     frames = []
     for d in grid.meta["spec"]["datasets"]:
         b, pw = dataset_blocks(grid, d, res[res["dataset"] == d], tim[tim["dataset"] == d], cells)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bench.atomic import atomic_write_text
 from bench.run_folder import GridFolder, RunFolder, is_grid
 from reports.formats import Block, Code, Figure, Heading, Para, Table, to_markdown
 
@@ -107,9 +106,7 @@ def grid_page_blocks(grid: GridFolder) -> list[Block]:
     return head + body[first:]
 
 
-def write_page(folder: str | Path, page: str | Path) -> Path:
-    """Write the results page of a run or grid folder to `page` (markdown, atomically)."""
+def page_text(folder: str | Path) -> str:
+    """The results page (markdown) of a run or grid folder; the CLI writes it where asked."""
     blocks = grid_page_blocks(GridFolder(folder)) if is_grid(folder) else run_page_blocks(RunFolder(folder))
-    path = Path(page)
-    atomic_write_text(path, to_markdown(blocks))
-    return path
+    return to_markdown(blocks)

@@ -41,14 +41,16 @@ def class_style(c: int) -> tuple[str, str]:
 def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
     """The figure as PNG bytes at `dpi`, reduced to a 256-colour palette (plots use few colours; the
     palette makes each PNG about 3x smaller, which keeps report.html, where they are embedded, small)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from PIL import Image
 
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)  # fixed margins (subplots_adjust): a tight bbox costs a second draw
-    buf.seek(0)
-    img = Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    fig.set_dpi(dpi)  # fixed margins (subplots_adjust): a tight bbox would cost a second draw
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
     out = io.BytesIO()
-    img.save(out, format="PNG", optimize=True)
+    palette = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    palette.save(out, format="PNG", optimize=True)
     return out.getvalue()
 
 
@@ -309,8 +311,8 @@ def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, 
     for c in np.unique(y):
         col, mk = class_style(int(c))
         label = class_names[c] if 0 <= c < len(class_names) else f"class {c}"
-        ax.scatter(p[y == c, 0], p[y == c, 1], s=5, c=col, marker=mk, alpha=0.7, linewidths=0, rasterized=True,
-                   label=label)
+        ax.scatter(p[y == c, 0], p[y == c, 1], s=5, c=col, marker=mk, alpha=0.7, linewidths=0,
+                   rasterized=True, label=label)
     for i, s in enumerate(sets):
         colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
         q = pts[s][pick[s]]
@@ -327,8 +329,8 @@ def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, 
             u = sc[k][pick[k]]
             pct = 100 * np.searchsorted(np.sort(pooled), u, side="right") / max(len(pooled), 1)
             q = pts[k][pick[k]]
-            ax.scatter(q[:, 0], q[:, 1], c=pct, cmap="viridis", norm=norm, s=3 + 22 * pct / 100, marker=marker,
-                       alpha=0.7, linewidths=0.6 if marker == "x" else 0, rasterized=True)
+            ax.scatter(q[:, 0], q[:, 1], c=pct, cmap="viridis", norm=norm, s=3 + 22 * pct / 100,
+                       marker=marker, alpha=0.7, linewidths=0.6 if marker == "x" else 0, rasterized=True)
         ax.set_title(f"{m}: {score_name} (o ID, x OOD)", fontsize=9)
     if len(scores):
         fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes[1:], shrink=0.8,

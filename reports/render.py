@@ -174,7 +174,8 @@ def distinct_means(pq: dict[str, dict[str, np.ndarray]]) -> list[list[str]]:
     return groups
 
 
-def embedding_blocks(run: RunFolder, pq: dict[str, dict[str, np.ndarray]], seed: int, seed_note: str) -> list[Block]:
+def embedding_blocks(run: RunFolder, pq: dict[str, dict[str, np.ndarray]], seed: int, seed_note: str
+                     ) -> list[Block]:
     """One figure per distinct mean embedding, ID and OOD together, each method sharing it shown as a
     panel coloured by its OOD score (the seed paper's Fig. 3)."""
     from reports.criteria import _score
@@ -191,8 +192,9 @@ def embedding_blocks(run: RunFolder, pq: dict[str, dict[str, np.ndarray]], seed:
         fig, note = P.uncertainty_embedding_figure(a, scores, f"Mean embedding of {title}{seed_note}", names,
                                                    score or "uncertainty")
         shared = f"shared by {', '.join(group)}; " if len(group) > 1 else ""
-        out.append(_fig(f"embedding_{group[0]}", fig, f"Mean embedding of {group[0]} ({shared}axes: {note}). First "
-                        "panel by class, OOD as crosses; then per method each point coloured and sized by its "
+        out.append(_fig(f"embedding_{group[0]}", fig, f"Mean embedding of {group[0]} ({shared}axes: {note}). "
+                        "First panel by class, OOD as crosses; then per method each point coloured and sized "
+                        "by its "
                         f"uncertainty ({score or 'trace'}) percentile, ID (o) and OOD (x) together.", dpi=80))
     return out
 

@@ -201,8 +201,10 @@ def paired_tables(paired: pd.DataFrame, methods: list[str] | None = None) -> lis
     out = []
     for title, group in metric_groups(ordered(p["metric"])):
         for part, metrics in column_chunks(group):
-            cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True)
-            out.append(Table(f"{title}: paired difference{part}", ["difference", *map(header, metrics)], cells))
+            cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True,
+                               mark_nonzero=True)
+            out.append(Table(f"{title}: paired difference{part}", ["difference", *map(header, metrics)],
+                             cells))
     return out
 
 

@@ -209,7 +209,8 @@ def test_plain_only_run_and_missing_reference(tmp_path):
     d = make_run(tmp_path / "a", methods={"plain": False})
     render_report(d, ["md"])
     md = (d / "report.md").read_text()
-    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing", "findings_cost"}
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
+                                                             "findings_cost"}
     assert "No reliability data for plain" in md and "No sparsification data for plain" in md
     d2 = make_run(tmp_path / "b", methods={"diag_la": True})
     render_report(d2, ["md"])
@@ -267,7 +268,8 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
     code, stdout, err = cli("report", str(d), "--format", "md,html,latex")
     assert code == 0, err
     assert "report.html" in stdout
-    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing", "findings_cost",
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
+                                                             "findings_cost",
                                                              "sparsification_scores"}  # plain: knn_disagreement
     res = pd.read_csv(d / "results.csv")
     assert check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()  # score cells shown too

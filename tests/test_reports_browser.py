@@ -1,5 +1,6 @@
 """report.html in a real headless browser (Debian's `chromium`): "Findings" is the first section,
-every image decodes, nothing scrolls sideways in a 1280-px window, and a screenshot is not blank. Skipped when chromium is not installed; run on demand with
+every image decodes, nothing scrolls sideways in a 1280-px window, and a screenshot is not blank.
+Skipped when chromium is not installed; run on demand with
 `pytest -m browser tests/test_reports_browser.py`."""
 from __future__ import annotations
 
@@ -48,7 +49,8 @@ def test_html_report_opens_with_every_image(tmp_path):
     assert f'data-images="{n_png}"' in body, body
     assert 'data-broken="0"' in body, body
     assert 'data-first-h2="Findings"' in body, body
-    assert int(re.search(r'data-page-overflow="(-?\d+)"', body).group(1)) <= 0, body  # no horizontal scrollbar
+    overflow = int(re.search(r'data-page-overflow="(-?\d+)"', body).group(1))
+    assert overflow <= 0, body  # no horizontal scrollbar
     assert 'data-wide-tables="0"' in body, body
 
     shot = tmp_path / "screenshot.png"
