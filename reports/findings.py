@@ -230,28 +230,32 @@ def findings_blocks(run: RunFolder, fs: list[Finding] | None = None) -> list[Blo
     return out
 
 
+def point_style(i: int) -> dict:
+    """Colour and marker of the i-th method in a scatter: the colour cycles every 8 methods and the
+    marker shifts by 3 each cycle, so no two of up to 64 methods look alike."""
+    st = P.method_style(i)
+    return {"color": st["color"], "marker": P.METHOD_MARKERS[(i + 3 * (i // 8)) % len(P.METHOD_MARKERS)]}
+
+
 def quality_cost_figure(cost: Finding, quality: list[Finding]):
-    """One panel per quality criterion: value (with interval) against seconds, the Pareto front drawn."""
+    """One panel per quality criterion: value (with interval) against seconds, the Pareto front drawn.
+    Each method keeps its style in every panel (its index in the run's method order), one legend."""
     fig, axes = P._grid(len(quality), width=3.6, height=3.2, max_cols=3)
     secs = cost.values.set_index("method")["value"]
+    order = list(cost.values["method"])
+    handles: dict[str, object] = {}
     for ax, f in zip(axes, quality):
         v = f.values.set_index("method")
         ms = [m for m in v.index if np.isfinite(v.loc[m, "value"]) and np.isfinite(secs.get(m, np.nan))]
         x = np.array([secs[m] for m in ms])
         y = v.loc[ms, "value"].to_numpy(float)
         for i, m in enumerate(ms):
-            st = P.method_style(i)
+            st = point_style(order.index(m) if m in order else len(order) + i)
             err = np.array([[y[i] - v.loc[m, "lo"]], [v.loc[m, "hi"] - y[i]]])
-            ax.errorbar(
-                x[i],
-                y[i],
-                yerr=None if not np.isfinite(err).all() else np.abs(err),
-                fmt=st["marker"],
-                color=st["color"],
-                ms=5,
-                capsize=2,
-                label=m,
-            )
+            yerr = None if not np.isfinite(err).all() else np.abs(err)
+            h = ax.errorbar(x[i], y[i], yerr=yerr, fmt=st["marker"], color=st["color"], ms=5, capsize=2,
+                            label=m)
+            handles.setdefault(m, h)
         front = pareto_front(x, y, f.criterion.higher)
         if len(front):
             ax.plot(x[front], y[front], "-", color="#555", lw=1, zorder=0)
@@ -259,8 +263,9 @@ def quality_cost_figure(cost: Finding, quality: list[Finding]):
         ax.set_xlabel("seconds")
         ax.set_title(f"{f.criterion.title}\n{header(f.criterion.metric)}", fontsize=9)
         ax.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7, frameon=False)
+    labels = [m for m in order if m in handles] + [m for m in handles if m not in order]
+    fig.legend([handles[m] for m in labels], labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7,
+               frameon=False)
     fig.subplots_adjust(bottom=0.22 if len(quality) <= 3 else 0.14)
     return fig
 
