@@ -387,6 +387,11 @@ def metric_tables(run: RunFolder, metrics: list[str], title: str) -> list[Table]
 SUMMARY_WIDTH = 100
 
 
+def _seconds(v: float) -> str:
+    """3 significant digits below 1000 s, whole seconds above (no exponent in a terminal table)."""
+    return f"{v:.3g}" if v < 1000 else f"{v:.0f}"
+
+
 def summary_table(methods: list[str], crits: list[Criterion], vals: dict[str, pd.Series]) -> str:
     """Methods x criteria as plain text within SUMMARY_WIDTH columns (criteria that would not fit are
     left out): the value only, `*` on the best of each column; `vals`: criterion key -> value per method."""
@@ -409,7 +414,7 @@ def summary_table(methods: list[str], crits: list[Criterion], vals: dict[str, pd
         row = [m[:name_w]]
         for c in cols:
             v = vals[c.key].get(m, np.nan)
-            txt = "n/a" if not np.isfinite(v) else (f"{v:.3g}" if c.metric == COST else f"{v:.3f}")
+            txt = "n/a" if not np.isfinite(v) else (_seconds(v) if c.metric == COST else f"{v:.3f}")
             row.append(txt + ("*" if m in best.get(c.key, ()) else ""))
         rows.append(row)
     return tabulate(
