@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 from bench.config import PRESETS, parse_value, preset_config, apply_overrides
@@ -29,7 +30,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one line and exit code 2."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise BenchError(f"{message} (see `python -m bench {self.prog.split()[-1]} --help`)")
+        sub = self.prog.split()[1:]  # "bench report" -> ["report"]; the top-level parser -> []
+        raise BenchError(f"{message} (see `python -m bench {' '.join([*sub, '--help'])}`)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_parser(sub)
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
     rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
-    rep.add_argument("--format", default="md,html", help="comma-separated: md, html, latex")
+    rep.add_argument("--format", default="md,html",
+                     help="comma-separated: md, html, latex (files in the folder); "
+                          "text (every table, printed)")
+    rep.add_argument("--page", metavar="FILE.md", default=None,
+                     help="also write a results page (findings and detail tables; "
+                          "command, commit, machine on top)")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
         from bench.tools import hessian_bench
@@ -139,10 +146,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_from_args(args)
     run_dir = run(cfg)
-    print_summary(run_dir)
+    report = None
     if cfg.report:
-        for path in render_report(run_dir, ["md", "html"]):
-            print(f"wrote {path}")
+        report = next(p for p in render_report(run_dir, ["md", "html"]) if p.suffix == ".html")
+    print_summary(run_dir, report)
+    if report is None:
+        print(f"run folder: {run_dir}")
     return 0
 
 
@@ -172,10 +181,12 @@ def cmd_grid(args: argparse.Namespace) -> int:
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
         verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
     run_grid(grid, opts, quiet=args.quiet)
-    print_grid_summary(grid.path)
+    report = None
     if not args.no_report:
-        for path in render_grid_report(grid.path, ["md", "html"]):
-            print(f"wrote {path}")
+        report = next(p for p in render_grid_report(grid.path, ["md", "html"]) if p.suffix == ".html")
+    print_grid_summary(grid.path, report)
+    if report is None:
+        print(f"grid folder: {grid.path}")
     return 0
 
 
@@ -199,11 +210,25 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.render import render_report
 
     formats = [f.strip() for f in args.format.split(",") if f.strip()]
-    if is_grid(args.run_dir):
+    grid = is_grid(args.run_dir)
+    if grid:
         verify(args.run_dir, outputs=False)  # (a run folder verifies itself when it is read)
+        from reports.grid_report import full_grid_text as full_text  # noqa: F811
         from reports.grid_report import render_grid_report as render_report  # noqa: F811
-    for path in render_report(args.run_dir, formats):
-        print(f"wrote {path}")
+    else:
+        from reports.render import full_text
+    files = [f for f in formats if f != "text"]
+    if files:
+        for path in render_report(args.run_dir, files):
+            print(f"wrote {path}")
+    if "text" in formats:
+        print(full_text(args.run_dir), end="")
+    if args.page:
+        from bench.atomic import atomic_write_text
+        from reports.page import page_text
+
+        atomic_write_text(Path(args.page), page_text(args.run_dir))
+        print(f"wrote {args.page}")
     return 0
 
 
