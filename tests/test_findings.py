@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from bench.run_folder import RunFolder, score_array
+from bench.run_folder import RunFolder, RunWriter, score_array
 from reports.criteria import Criterion, criteria, paired_difference
 from reports.findings import decide, pareto_front, summary_text
 from reports.rank_tests import friedman_nemenyi
@@ -26,13 +26,18 @@ def _rewrite(d, method: str, **arrays: np.ndarray) -> None:
     with np.load(f) as z:
         a = {k: z[k] for k in z.files}
     a.update(arrays)
-    np.savez(f, **a)
+
+    def write(path):
+        with open(path, "wb") as fh:
+            np.savez(fh, **a)
+
+    RunWriter(d).manifest.write({f"perquery/{f.name}": write})  # recorded, as the run itself writes it
 
 
 def _set_result(d, method: str, metric: str, value: float) -> None:
     r = pd.read_csv(d / "results.csv")
     r.loc[(r["method"] == method) & (r["metric"] == metric), "value"] = value
-    r.to_csv(d / "results.csv", index=False)
+    RunWriter(d).manifest.write({"results.csv": lambda path: r.to_csv(path, index=False)})
 
 
 def test_paired_difference_equals_the_direct_difference(tmp_path):
@@ -51,7 +56,7 @@ def test_paired_difference_equals_the_direct_difference(tmp_path):
     )
     assert diff == pytest.approx(auc(a) - auc(b))
     assert lo < diff < hi
-    err = Criterion("e", "errors", "?", "error_AUROC:top1_flip", True, "e", "ranking", "top1_flip")
+    err = Criterion("e", "errors", "?", "R-AUROC:top1_flip", True, "e", "ranking", "top1_flip")
     diff, _, _ = paired_difference(run, err, "diag_la", "mc_dropout", 300)
     e = lambda x: roc_auc_score(1 - x["pq_mAP@1"], x[score_array("id", "top1_flip")])  # noqa: E731
     assert diff == pytest.approx(e(a) - e(b))
