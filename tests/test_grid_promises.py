@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.cli import main
 from bench.errors import BenchError
 from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
 from bench.run_folder import GridFolder
