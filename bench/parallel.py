@@ -124,9 +124,10 @@ def _pool_pass(failed: Callable, pending: list[tuple[str, int]], workers: int, r
                 except Exception as e:  # the outcome could not come back (e.g. it does not pickle)
                     out, seconds = failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"), None
                 record(out, seconds)
-    except BaseException:
+    except BaseException:  # Ctrl-C: stop the workers (shutdown forgets them, so they are taken first)
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(pool, "_processes", {}).values()):
+        for p in workers_now:
             p.terminate()
         raise
     pool.shutdown()
