@@ -24,6 +24,7 @@ def _tables(folder):
     return pd.read_csv(folder / "results.csv"), pd.read_csv(folder / "timings.csv"), json.loads((folder / "config.json").read_text())
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_serial_results_and_charge_the_base_once(tmp_path):
     serial = _tables(run(_cfg(tmp_path, 1), log=lambda *_: None))
     lines: list[str] = []

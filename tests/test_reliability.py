@@ -21,6 +21,7 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(d for d in out.iterdir() if d.is_dir() and d.name != "cache")
 
 
+@pytest.mark.slow
 def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
     methods = ",".join(m for m in ("plain", "diag_la", "mc_dropout") if m in METHODS.names())
     for out in ("a", "b"):  # separate --out: both train from scratch
@@ -29,6 +30,7 @@ def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     # killed in the second method's training: online_la's (curvature accumulated in training), then the rest
     methods = [m for m in ("plain", "online_la", "mc_dropout", "deep_ensemble") if m in METHODS.names()]
