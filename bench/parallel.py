@@ -116,13 +116,12 @@ def _pool_pass(failed: Callable, pending: list[tuple[str, int]], workers: int, r
             for f in sorted(finished, key=lambda f: pending.index(futures[f])):
                 try:
                     out, seconds = f.result()
-                except BrokenProcessPool as e:  # a worker process died: this fit, or another in the pool
-                    if not last_try:
+                except Exception as e:  # BrokenProcessPool: a worker died (this fit's or another's); else the
+                    if isinstance(e, BrokenProcessPool) and not last_try:  # outcome could not come back
                         lost.append(futures[f])
                         continue
-                    out, seconds = failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"), None
-                except Exception as e:  # the outcome could not come back (e.g. it does not pickle)
-                    out, seconds = failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"), None
+                    why = f"worker process failed: {type(e).__name__}: {e}"
+                    out, seconds = failed(*futures[f], why), None
                 record(out, seconds)
     except BaseException:  # Ctrl-C: stop the workers (shutdown forgets them, so they are taken first)
         workers_now = list((getattr(pool, "_processes", None) or {}).values())

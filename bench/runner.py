@@ -240,8 +240,9 @@ def run(cfg: RunConfig, log=print) -> Path:
         for name in methods:
             saved = folder.finished(name, seed)
             arrays = folder.arrays(name, seed) if saved is not None else None
-            if saved is not None and arrays is None:  # its marker without its per-query file: paired.csv needs it
-                log(f"  {name} (seed {seed}): its per-query arrays are missing or unreadable; fitting it again")
+            if saved is not None and arrays is None:  # a marker without its arrays: paired.csv needs them
+                log(f"  {name} (seed {seed}): its per-query arrays are missing or unreadable; "
+                    "fitting it again")
             if arrays is None:
                 pending.append((name, seed))
                 continue

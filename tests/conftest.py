@@ -1,5 +1,6 @@
-"""Shared fixtures: a private data cache per session, a smoke config on the synthetic dataset, a CLI runner, and the `--device` option
-(cpu by default; e.g. `pytest --device cuda`) of the tests that fit methods (`tests.fit_helpers.run_device`)."""
+"""Shared fixtures: a private data cache per session, a smoke config on the synthetic dataset, a CLI
+runner, and the `--device` option (cpu by default; e.g. `pytest --device cuda`) of the tests that fit
+methods (`tests.fit_helpers.run_device`)."""
 from __future__ import annotations
 
 import os

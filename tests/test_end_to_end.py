@@ -3,6 +3,7 @@
 metrics, scipy's Spearman and pytorch-metric-learning's AccuracyCalculator. A runner -> evaluate ->
 run-folder wiring bug (a score of one query set under another's name, arrays of one method saved under
 another, rows shifted between metrics) breaks it even where each metric alone is right."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +25,15 @@ KS = (1, 3, 5, 7)
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> RunFolder:
-    cfg = preset_config("smoke").replace(dataset="synthetic", methods=("plain", "diag_la"), quiet=True, report=False,
-                                         out=str(tmp_path_factory.mktemp("runs")), bootstrap_resamples=50, ks=KS)
+    cfg = preset_config("smoke").replace(
+        dataset="synthetic",
+        methods=("plain", "diag_la"),
+        quiet=True,
+        report=False,
+        out=str(tmp_path_factory.mktemp("runs")),
+        bootstrap_resamples=50,
+        ks=KS,
+    )
     return RunFolder(run(cfg, log=lambda *_: None))
 
 
@@ -57,10 +65,14 @@ def test_retrieval_rows_recomputed_from_the_saved_embeddings(tiny_run, method):
     for k in KS:
         hits = (prec[:, :k] * rel[:, :k]).sum(1)
         assert _close(_value(tiny_run, method, f"Recall@{k}"), (rel[:, :k].sum(1) > 0).mean()), k
-        assert _close(_value(tiny_run, method, f"mAP@{k}"), (hits / np.maximum(np.minimum(relevant, k), 1)).mean()), k
+        assert _close(
+            _value(tiny_run, method, f"mAP@{k}"), (hits / np.maximum(np.minimum(relevant, k), 1)).mean()
+        ), k
         pml = np.divide(hits, rel[:, :k].sum(1), out=np.zeros(len(hits)), where=rel[:, :k].sum(1) > 0)
         assert _close(_value(tiny_run, method, f"mAP_pml@{k}"), pml.mean()), k
-    calc = AccuracyCalculator(include=("precision_at_1",), knn_func=CustomKNN(LpDistance(normalize_embeddings=False)))
+    calc = AccuracyCalculator(
+        include=("precision_at_1",), knn_func=CustomKNN(LpDistance(normalize_embeddings=False))
+    )
     ref = calc.get_accuracy(torch.from_numpy(a["id_mean"]), torch.from_numpy(labels), ref_includes_query=True)
     assert _close(_value(tiny_run, method, "mAP@1"), ref["precision_at_1"])
 
@@ -79,17 +91,25 @@ def test_uncertainty_rows_recomputed_from_the_saved_score_vectors(tiny_run):
             sood = a[f"score__{ood}__{s}"]
             y, x = np.r_[np.zeros(len(sid)), np.ones(len(sood))], np.r_[sid, sood]
             fpr, tpr, _ = roc_curve(y, x)
-            for metric, ref in ((f"AUROC[{ood}]", roc_auc_score(y, x)), (f"AUPR[{ood}]", average_precision_score(y, x)),
-                                (f"FPR95[{ood}]", fpr[np.argmax(tpr >= 0.95)]), (f"var_ratio[{ood}]", sood.mean() / sid.mean())):
+            for metric, ref in (
+                (f"AUROC[{ood}]", roc_auc_score(y, x)),
+                (f"AUPR[{ood}]", average_precision_score(y, x)),
+                (f"FPR95[{ood}]", fpr[np.argmax(tpr >= 0.95)]),
+                (f"var_ratio[{ood}]", sood.mean() / sid.mean()),
+            ):
                 assert _close(_value(tiny_run, "diag_la", f"{metric}:{s}"), ref), (metric, s)
                 checked += 1
     assert checked == 8 * len(scores)
     # the headline (unsuffixed) OOD rows are the configured ood_score's, the ID rows the id_score's
     cfg = tiny_run.config
     for metric in ("AUROC[heldout]", "AUPR[noise]", "FPR95[heldout]"):
-        assert _value(tiny_run, "diag_la", metric) == _value(tiny_run, "diag_la", f"{metric}:{cfg['ood_score']}")
+        assert _value(tiny_run, "diag_la", metric) == _value(
+            tiny_run, "diag_la", f"{metric}:{cfg['ood_score']}"
+        )
     for metric in ("ECE", "AUSE", "AURG"):
-        assert _value(tiny_run, "diag_la", metric) == _value(tiny_run, "diag_la", f"{metric}:{cfg['id_score']}")
+        assert _value(tiny_run, "diag_la", metric) == _value(
+            tiny_run, "diag_la", f"{metric}:{cfg['id_score']}"
+        )
     # the embeddings saved for each OOD set are that set's: as many rows as its labels and score vectors
     for ood in ("heldout", "noise"):
         assert len(a[f"ood_{ood}_mean"]) == len(a[f"ood_{ood}_labels"]) == len(a[f"score__{ood}__trace"])

@@ -2,6 +2,7 @@
 model fails the cells waiting for it; a cell that finished but went unrecorded (the driver was killed) is
 adopted; a second driver on the same grid is refused; a "done" cell whose run folder is gone reruns; the
 grid-folder reader fails with one line. One-cell grids on the smoke preset, local executor."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,9 @@ def _quiet(*_):
 @pytest.fixture(scope="module")
 def finished_grid(tmp_path_factory) -> Path:
     """A complete one-cell grid (synthetic, plain, seed 0); tests work on copies of it."""
-    grid = create_grid(GridSpec(("synthetic",), ("plain",), (0,), "smoke", SETS), tmp_path_factory.mktemp("grid"))
+    grid = create_grid(
+        GridSpec(("synthetic",), ("plain",), (0,), "smoke", SETS), tmp_path_factory.mktemp("grid")
+    )
     run_grid(grid, LOCAL, quiet=True, log=_quiet)
     assert GridFolder(grid.path).meta["status"] == "complete"
     return grid.path
@@ -44,13 +47,18 @@ def _only_cell(grid: GridFolder) -> tuple[str, dict]:
 @pytest.mark.slow
 def test_a_failed_base_model_fails_the_cells_waiting_for_it(tmp_path):
     # lr=1e30: the shared base model's training diverges, in the base task, before either cell runs
-    grid = create_grid(GridSpec(("synthetic",), ("plain", "diag_la"), (0,), "smoke", SETS + ("lr=1e30",)), tmp_path)
+    grid = create_grid(
+        GridSpec(("synthetic",), ("plain", "diag_la"), (0,), "smoke", SETS + ("lr=1e30",)), tmp_path
+    )
     lines: list[str] = []
     run_grid(grid, LOCAL, quiet=True, log=lines.append)
     meta = GridFolder(grid.path).meta
     ((bid, base),) = meta["bases"].items()
     assert base["status"] == "failed" and "non-finite training loss" in base["error"]
-    assert {c["method"]: c["status"] for c in meta["cells"].values()} == {"plain": "failed", "diag_la": "failed"}
+    assert {c["method"]: c["status"] for c in meta["cells"].values()} == {
+        "plain": "failed",
+        "diag_la": "failed",
+    }
     for c in meta["cells"].values():
         assert c["error"].startswith(f"base model task {bid} failed: ") and "run_dir" not in c
     assert meta["status"] == "incomplete" and "0/2 cells done, 2 failed" in lines[-1]
@@ -67,7 +75,9 @@ def test_a_finished_but_unrecorded_cell_is_adopted_not_rerun(grid_copy):
     lines: list[str] = []
     run_grid(GridFolder(grid_copy.path), LOCAL, quiet=True, log=lines.append)
     meta = GridFolder(grid_copy.path).meta
-    assert meta["cells"][cid]["status"] == "done" and grid_copy.path / meta["cells"][cid]["run_dir"] == run_dir
+    assert (
+        meta["cells"][cid]["status"] == "done" and grid_copy.path / meta["cells"][cid]["run_dir"] == run_dir
+    )
     assert meta["invocations"][-1]["cells_to_run"] == 0 and meta["status"] == "complete"
     assert (run_dir / "results.csv").stat().st_mtime_ns == mtime, "adopted, not recomputed"
     assert "1/1 cells done" in lines[-1]
@@ -91,15 +101,23 @@ def test_a_done_cell_whose_run_folder_is_gone_reruns(grid_copy):
     run_grid(GridFolder(grid_copy.path), LOCAL, quiet=True, log=_quiet)
     meta = GridFolder(grid_copy.path).meta
     assert meta["invocations"][-1]["cells_to_run"] == 1 and meta["cells"][cid]["status"] == "done"
-    assert meta["cells"][cid]["attempts"] == 2 and (grid_copy.path / meta["cells"][cid]["run_dir"] / "results.csv").is_file()
-    assert (grid_copy.path / "results.csv").read_bytes() == results  # the same cell again: the same merged rows
+    assert (
+        meta["cells"][cid]["attempts"] == 2
+        and (grid_copy.path / meta["cells"][cid]["run_dir"] / "results.csv").is_file()
+    )
+    assert (
+        grid_copy.path / "results.csv"
+    ).read_bytes() == results  # the same cell again: the same merged rows
 
 
-@pytest.mark.parametrize("damage, fragment", [
-    ("no grid.json", "is not a grid folder (no grid.json)"),
-    ("bad json", "grid.json is not valid JSON"),
-    ("old format", "incompatible bench version (grid format 0, expected 1)"),
-])
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ("no grid.json", "is not a grid folder (no grid.json)"),
+        ("bad json", "grid.json is not valid JSON"),
+        ("old format", "incompatible bench version (grid format 0, expected 1)"),
+    ],
+)
 def test_the_grid_folder_reader_fails_with_one_line(grid_copy, cli, damage, fragment):
     g = grid_copy.path / "grid.json"
     if damage == "no grid.json":

@@ -29,7 +29,8 @@ def test_set_values_make_axes_and_tuple_fields_keep_their_commas():
 
 @pytest.mark.parametrize("item, why", [
     ("seed=1", r"--set seed=\.\.\. is not allowed in a grid: use --datasets"),
-    ("methods=plain", r"--set methods=\.\.\. is not allowed"), ("dataset=synthetic", r"--set dataset=\.\.\. is not allowed"),
+    ("methods=plain", r"--set methods=\.\.\. is not allowed"),
+    ("dataset=synthetic", r"--set dataset=\.\.\. is not allowed"),
     ("epochs", "--set expects FIELD=VALUE, got 'epochs'"), ("nonsense=1", "unknown config field 'nonsense'"),
     ("epochs=x", "bad value 'x' for epochs: expected int")])
 def test_bad_set_items_fail_with_one_line(item, why):

@@ -3,6 +3,7 @@
 net, whose H and theta_MAP our formula reads through an exact and a stochastic (SLQ) spectrum. Their
 difference is laplace-torch's log-likelihood term alone (the part that does not depend on the prior
 precision), and our optimum is laplace-torch's."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -44,13 +45,17 @@ def test_log_marglik_is_laplace_torch_s_up_to_the_log_likelihood(fitted):
 
 def test_the_marglik_optimum_is_laplace_torch_s(fitted):
     la, H, theta_sq = fitted
-    for spectrum, rel in ((exact_spectrum(torch.linalg.eigvalsh(H)), 1e-4),
-                          (slq_spectrum(H, steps=40, probes=64, generator=torch.Generator().manual_seed(1)), 0.1)):
+    for spectrum, rel in (
+        (exact_spectrum(torch.linalg.eigvalsh(H)), 1e-4),
+        (slq_spectrum(H, steps=40, probes=64, generator=torch.Generator().manual_seed(1)), 0.1),
+    ):
         delta, info = optimize_marglik(spectrum, theta_sq)
         grid = np.exp(np.linspace(np.log(delta) - 1, np.log(delta) + 1, 201))  # delta * e^[-1, 1]
         values = [_lt(la, d) for d in grid]
         assert grid[int(np.argmax(values))] == pytest.approx(delta, rel=max(rel, 0.011)), spectrum.method
         if spectrum.method == "exact":
-            assert info["log_marglik"] + float(la.log_likelihood.detach()) == pytest.approx(_lt(la, delta), rel=1e-10)
+            assert info["log_marglik"] + float(la.log_likelihood.detach()) == pytest.approx(
+                _lt(la, delta), rel=1e-10
+            )
             # MacKay's fixed point at the optimum: delta = gamma / ||theta||^2
             assert delta == pytest.approx(info["effective_params"] / theta_sq, rel=1e-4)

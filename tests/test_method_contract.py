@@ -83,9 +83,9 @@ def test_method_contract(name, smoke, tmp_path):
         assert p.mean.shape == (n, cfg.embed_dim) and torch.isfinite(p.mean).all(), k
         if p.var is not None:
             assert p.var.shape == (n, cfg.embed_dim) and torch.isfinite(p.var).all() and (p.var >= 0).all(), k
-            # a method with uncertainty has some: an all-zero variance (up to rounding) or the same one for every
-            # query scores nothing. On smoke every method's mean variance is >= 0.27x the spread of its means,
-            # and its per-query total varies by >= 5e-4 of its mean (pfe, the flattest)
+            # a method with uncertainty has some: an all-zero variance (up to rounding) or the same one for
+            # every query scores nothing. On smoke every method's mean variance is >= 0.27x the spread of its
+            # means, and its per-query total varies by >= 5e-4 of its mean (pfe, the flattest)
             total = p.var.sum(-1)
             assert p.var.mean() > 1e-3 * p.mean.var(0).mean(), f"{name}: (near) zero variance on {k}"
             assert total.std() > 1e-5 * total.mean(), f"{name}: the same variance for every query of {k}"

@@ -14,7 +14,9 @@ layer of 8 (D = 1.6k weights, so full Laplace over all of them is cheap); on Res
 Laplace family covers the head (`la_subset=head`; subsets through conv layers: the conv net, where diag and
 KFAC cover every weight); laplace-torch takes its diagonal structure
 where the head is wide (ResNet-50's 2048-d features, the MLP). The prior precision is fixed (1.0) to keep
-the factorisations cheap; marglik is tested in tests/test_laplace_* and tests/test_marglik_vs_laplace_torch.py."""
+the factorisations cheap; marglik is tested in tests/test_laplace_* and
+tests/test_marglik_vs_laplace_torch.py."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,17 +28,34 @@ from bench.registry import BACKBONES, METHODS
 from bench.runner import predict_split
 from tests.fit_helpers import fit_method, run_device
 
-LAPLACE = {m for m in METHODS.names() if METHODS.get(m).__module__ in ("methods.laplace", "methods.online_la")}
+LAPLACE = {
+    m for m in METHODS.names() if METHODS.get(m).__module__ in ("methods.laplace", "methods.online_la")
+}
 END_TO_END = ("mlp", "convnet", "resnet18")
 GLM_MEAN = {"full_la", "last_layer_la", "diag_la", "kfac_la"}  # post-hoc, GLM predictive: mean = f_MAP(x)
 
 
 def _cfg(backbone: str, frozen: bool, tmp_path) -> RunConfig:
     cfg = preset_config("smoke").replace(
-        dataset="synthetic_color", backbone=backbone, freeze_backbone=frozen, n_train=48, n_test=24, batch_size=16,
-        embed_dim=2, posterior_samples=4, dropout_passes=3, ensemble_size=2, hessian_items=32, jacobian_chunk=32,
-        image_size=16, data_workers=0, quiet=True, out=str(tmp_path), method_options=(("pfe_steps", 2),),
-        prior_precision="1.0")
+        dataset="synthetic_color",
+        backbone=backbone,
+        freeze_backbone=frozen,
+        n_train=48,
+        n_test=24,
+        batch_size=16,
+        embed_dim=2,
+        posterior_samples=4,
+        dropout_passes=3,
+        ensemble_size=2,
+        hessian_items=32,
+        jacobian_chunk=32,
+        image_size=16,
+        data_workers=0,
+        quiet=True,
+        out=str(tmp_path),
+        method_options=(("pfe_steps", 2),),
+        prior_precision="1.0",
+    )
     if backbone == "mlp":
         cfg = cfg.replace(image_size=8, hidden=(8,))
     return cfg
@@ -48,19 +67,27 @@ _DATA: dict = {}
 def _data(backbone: str, frozen: bool, tmp_path_factory):
     if (backbone, frozen) not in _DATA:
         cfg = _cfg(backbone, frozen, tmp_path_factory.mktemp("cache"))
-        _DATA[(backbone, frozen)] = (cfg, prepare_benchmark(cfg, run_device(), tmp_path_factory.mktemp("features"))[0])
+        _DATA[(backbone, frozen)] = (
+            cfg,
+            prepare_benchmark(cfg, run_device(), tmp_path_factory.mktemp("features"))[0],
+        )
     return _DATA[(backbone, frozen)]
 
 
 def _predict(name, cfg, data, root):
     method, _, _ = fit_method(name, cfg, data, root)
     with torch.no_grad():
-        return {k: predict_split(method, s, run_device()) for k, s in {"id": data.test_id, **data.test_ood}.items()}
+        return {
+            k: predict_split(method, s, run_device())
+            for k, s in {"id": data.test_id, **data.test_ood}.items()
+        }
 
 
 def _check(name, cfg, data, root):
     preds = _predict(name, cfg, data, root)
-    plain = _predict("plain", cfg, data, root) if name in GLM_MEAN else None  # the same cache: the same base net
+    plain = (
+        _predict("plain", cfg, data, root) if name in GLM_MEAN else None
+    )  # the same cache: the same base net
     for k, p in preds.items():
         n = len(data.test_id) if k == "id" else len(data.test_ood[k])
         assert p.mean.shape == (n, cfg.embed_dim) and torch.isfinite(p.mean).all(), k
@@ -70,7 +97,9 @@ def _check(name, cfg, data, root):
             assert p.var.mean() > 1e-3 * p.mean.var(0).mean(), f"{name}: (near) zero variance on {k}"
             assert total.std() > 1e-5 * total.mean(), f"{name}: the same variance for every query of {k}"
         if plain is not None:
-            assert torch.allclose(p.mean, plain[k].mean, rtol=1e-4, atol=1e-5), f"{name}: mean is not the base net's"
+            assert torch.allclose(p.mean, plain[k].mean, rtol=1e-4, atol=1e-5), (
+                f"{name}: mean is not the base net's"
+            )
 
 
 @pytest.mark.parametrize("backbone", [b for b in BACKBONES.names() if b != "mlp"])
@@ -92,6 +121,8 @@ def test_every_method_end_to_end(name, backbone, tmp_path, tmp_path_factory):
     assert data.test_id.in_shape[0] == 3 and not data.test_id.in_memory  # images through the DataLoader
     if name == "laplace_torch" and backbone == "mlp":
         cfg = cfg.replace(method_options=cfg.method_options + (("laplace_torch_structure", "diag"),))
-    if name in LAPLACE and backbone == "resnet18":  # 11M weights: the posterior covers the head (through the trunk)
+    if (
+        name in LAPLACE and backbone == "resnet18"
+    ):  # 11M weights: the posterior covers the head (through the trunk)
         cfg = cfg.replace(la_subset="head")
     _check(name, cfg, data, tmp_path / "models")

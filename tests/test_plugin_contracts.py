@@ -17,8 +17,9 @@ FASHION_INSTALLED = (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 
 
 # datasets whose files this machine may lack (a download, or a Debian package); every other one must load
-EXTERNAL_DATA = {"svhn", "cars196", "cub200", "sop"} | (set() if FASHION_INSTALLED else {"fashion_mnist", "fashion_ood"}) \
-    | (set() if cifar10.shared_archive() else {"cifar10"})
+EXTERNAL_DATA = ({"svhn", "cars196", "cub200", "sop"}
+                 | (set() if FASHION_INSTALLED else {"fashion_mnist", "fashion_ood"})
+                 | (set() if cifar10.shared_archive() else {"cifar10"}))
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10" else n

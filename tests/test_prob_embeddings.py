@@ -171,6 +171,7 @@ def test_btl_probability_exact_when_tau_is_gaussian():
     assert 0.05 < p < 0.95 and abs(p - p_mc) < Z * se
 
 
+@pytest.mark.slow  # 200k Monte Carlo draws at d = 256
 def test_btl_probability_close_to_monte_carlo_in_high_dimension():
     """In general tau is a sum of d independent non-Gaussian terms; the normal approximation's error
     shrinks like 1/sqrt(d) (Berry-Esseen). At d = 256 it is below 0.005 (measured: about 1e-3; at

@@ -112,14 +112,17 @@ def test_non_finite_training_loss_fails_the_method_clearly(cli, tmp_path):
 # flag -> [(value, expected)]: expected is (config field, recorded value) for an accepted value, else a
 # fragment of the one-line error that refuses it
 FLAG_POOL = {
-    "--methods": [("plain", ("methods", ["plain"])), ("", "empty method list"), ("nope", "unknown method 'nope'"),
-                  ("plain,plain", ("methods", ["plain", "plain"])), ("all_but_typo", "unknown method 'all_but_typo'")],
+    "--methods": [("plain", ("methods", ["plain"])), ("", "empty method list"),
+                  ("nope", "unknown method 'nope'"), ("plain,plain", ("methods", ["plain", "plain"])),
+                  ("all_but_typo", "unknown method 'all_but_typo'")],
     "--epochs": [("1", ("epochs", 1)), ("0", "epochs must be >= 1"), ("-3", "epochs must be >= 1"),
                  ("x", "bad value 'x' for epochs")],
     "--batch-size": [("2", ("batch_size", 2)), ("16", ("batch_size", 16)), ("1", "batch-size must be >= 2"),
                      ("abc", "bad value 'abc' for batch_size")],
-    "--seed": [("0", ("seed", 0)), ("7", ("seed", 7)), ("-1", "seeds must be >= 0"), ("1.5", "bad value '1.5' for seed")],
-    "--set ks": [("ks=1,2", ("ks", [1, 2])), ("ks=0", "every K must be >= 1"), ("ks=", "every K must be >= 1"),
+    "--seed": [("0", ("seed", 0)), ("7", ("seed", 7)), ("-1", "seeds must be >= 0"),
+               ("1.5", "bad value '1.5' for seed")],
+    "--set ks": [("ks=1,2", ("ks", [1, 2])), ("ks=0", "every K must be >= 1"),
+                 ("ks=", "every K must be >= 1"),
                  ("ks=a", "bad value 'a' for ks")],
     "--set heldout_classes": [("heldout_classes=9", ("heldout_classes", [9])),
                               ("heldout_classes=10", "heldout classes [10] are outside"),
@@ -127,9 +130,10 @@ FLAG_POOL = {
                               ("heldout_classes=1,1", "heldout_classes has duplicates")],
     "--set hidden": [("hidden=4", ("hidden", [4])), ("hidden=0", "hidden widths must be >= 1"),
                      ("hidden=8,8", ("hidden", [8, 8]))],
-    "--device": [("cpu", ("device", "cpu")), ("gpu", "device must be auto, cpu or cuda"), ("cuda:7", "cuda:7")],
+    "--device": [("cpu", ("device", "cpu")), ("gpu", "device must be auto, cpu or cuda"),
+                 ("cuda:7", "cuda:7")],
     "--dataset": [("synthetic", ("dataset", "synthetic")), ("imagenet", "unknown dataset 'imagenet'")],
-    "--data-dir": [(None, None), ("/nonexistent/dir", ("data_dir", "/nonexistent/dir"))],  # synthetic data ignores it
+    "--data-dir": [(None, None), ("/nonexistent/dir", ("data_dir", "/nonexistent/dir"))],  # synthetic: unused
 }
 
 
@@ -148,7 +152,8 @@ def test_random_flag_combinations_run_or_fail_clearly(cli, tmp_path):
             argv += ["--methods", "plain"]
         expected = []
         for flag in picks:
-            choices = [c for c in FLAG_POOL[flag] if trial % 2 == 0 or not isinstance(c[1], str)]  # odd: all valid
+            # odd trials draw valid values only
+            choices = [c for c in FLAG_POOL[flag] if trial % 2 == 0 or not isinstance(c[1], str)]
             val, expect = choices[rng.integers(len(choices))]
             if val is not None:
                 argv += ["--set", val] if flag.startswith("--set") else [flag, val]
@@ -166,7 +171,8 @@ def test_random_flag_combinations_run_or_fail_clearly(cli, tmp_path):
             assert code == 0, (argv, err)
             (config,) = (tmp_path / f"t{trial}").glob("*/config.json")
             folder, recorded = config.parent, json.loads(config.read_text())["config"]
-            assert (folder / "results.csv").is_file() and all(recorded[k] == v for k, v in expected), (argv, recorded)
+            assert (folder / "results.csv").is_file()
+            assert all(recorded[k] == v for k, v in expected), (argv, recorded)
     assert refused >= 3 and accepted >= 7
 
 

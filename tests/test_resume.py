@@ -2,6 +2,7 @@
 retries only its failed methods; a finished method whose per-query file is missing or corrupt is fitted
 again (never silently dropped from paired.csv); an atomic write that fails leaves the old file and no
 temporary file."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,15 @@ FLAKY = "_flaky_once"
 
 
 def _cfg(tmp_path: Path, methods: tuple[str, ...]):
-    return preset_config("smoke").replace(dataset="synthetic", quiet=True, report=False, methods=methods,
-                                          out=str(tmp_path), bootstrap_resamples=50, far_ood=())
+    return preset_config("smoke").replace(
+        dataset="synthetic",
+        quiet=True,
+        report=False,
+        methods=methods,
+        out=str(tmp_path),
+        bootstrap_resamples=50,
+        far_ood=(),
+    )
 
 
 @pytest.fixture
@@ -65,9 +73,15 @@ def test_a_run_with_failures_retries_only_the_failed_methods(tmp_path, flaky):
     again = run(cfg, log=lines.append)
     assert again == folder and "(resuming)" in lines[0]
     assert {ln.strip() for ln in lines if "done earlier, reused" in ln} == {
-        "plain (seed 0): done earlier, reused", "diag_la (seed 0): done earlier, reused"}
-    assert f"  {FLAKY} (seed 0) ..." in lines and not any(ln.startswith("  plain (seed 0) ...") for ln in lines)
-    assert {m: _marker(folder, m).stat().st_mtime_ns for m in kept} == kept, "finished methods are not refitted"
+        "plain (seed 0): done earlier, reused",
+        "diag_la (seed 0): done earlier, reused",
+    }
+    assert f"  {FLAKY} (seed 0) ..." in lines and not any(
+        ln.startswith("  plain (seed 0) ...") for ln in lines
+    )
+    assert {m: _marker(folder, m).stat().st_mtime_ns for m in kept} == kept, (
+        "finished methods are not refitted"
+    )
     meta = json.loads((folder / "config.json").read_text())
     assert meta["status"] == "complete" and meta["failures"] == []
     rf = RunFolder(folder)
@@ -105,10 +119,12 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     from bench import atomic
 
     target = tmp_path / "sub" / f"file.{kind}"
-    write = {"text": lambda v: atomic.atomic_write_text(target, str(v)),
-             "csv": lambda v: atomic.atomic_write_csv(target, pd.DataFrame({"v": [v]})),
-             "npz": lambda v: atomic.atomic_savez(target, v=np.array([v])),
-             "torch": lambda v: atomic.atomic_torch_save({"v": v}, target)}[kind]
+    write = {
+        "text": lambda v: atomic.atomic_write_text(target, str(v)),
+        "csv": lambda v: atomic.atomic_write_csv(target, pd.DataFrame({"v": [v]})),
+        "npz": lambda v: atomic.atomic_savez(target, v=np.array([v])),
+        "torch": lambda v: atomic.atomic_torch_save({"v": v}, target),
+    }[kind]
     write(1)
     old = target.read_bytes()
 
@@ -118,8 +134,12 @@ def test_a_failed_atomic_write_keeps_the_old_file_and_leaves_no_temporary(tmp_pa
     if when == "replacing":
         monkeypatch.setattr(atomic.os, "replace", boom)
     else:  # the serialiser fails after the temporary file exists
-        owner, name = {"text": (atomic, "open"), "csv": (pd.DataFrame, "to_csv"),
-                       "npz": (atomic.np, "savez_compressed"), "torch": (atomic.torch, "save")}[kind]
+        owner, name = {
+            "text": (atomic, "open"),
+            "csv": (pd.DataFrame, "to_csv"),
+            "npz": (atomic.np, "savez_compressed"),
+            "torch": (atomic.torch, "save"),
+        }[kind]
         monkeypatch.setattr(owner, name, boom, raising=False)  # bench.atomic's `open` shadows the builtin
     with pytest.raises(KeyboardInterrupt):
         write(2)

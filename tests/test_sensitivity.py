@@ -68,5 +68,6 @@ def test_the_runner_writes_the_sweep_and_the_report_draws_it(tmp_path):
     (folder / "results.csv").unlink()
     lines: list[str] = []
     again = run(cfg, log=lines.append)
-    assert again == folder and "(resuming)" in lines[0] and "  diag_la (seed 0): done earlier, reused" in lines
+    assert again == folder and "(resuming)" in lines[0]
+    assert "  diag_la (seed 0): done earlier, reused" in lines
     pd.testing.assert_frame_equal(RunFolder(again).sensitivity, df)
