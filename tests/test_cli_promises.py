@@ -121,7 +121,7 @@ def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(tmp_path):
             time.sleep(0.1)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signal.SIGINT)  # the terminal's Ctrl-C, mid-run (workers fitting)
-        out, err = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=180)  # generous: a loaded 2-core box
     finally:
         if proc.poll() is None:
             proc.kill()
