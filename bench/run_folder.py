@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+import zipfile
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -198,7 +199,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, truncated or not an npz
         return None
 
 

@@ -2,6 +2,8 @@
 the runner writes sensitivity.csv through the run folder, the report draws it, a resumed run keeps it."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -58,6 +60,14 @@ def test_the_runner_writes_the_sweep_and_the_report_draws_it(tmp_path):
     render_report(folder, ["md"])
     md = (folder / "report.md").read_text()
     assert "Sensitivity to the prior precision" in md and (folder / "plots" / "sensitivity_diag_la_seed0.png").is_file()
-    # a resumed run keeps the rows it saved with the method
-    again = run(cfg, log=lambda *_: None)
+    # a resumed run keeps the rows it saved with the method: the run killed before its final tables
+    # (status still "running", no sensitivity.csv) is reopened and diag_la is reused, not refitted
+    meta = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**meta, "status": "running"}))
+    (folder / "sensitivity.csv").unlink()
+    (folder / "results.csv").unlink()
+    lines: list[str] = []
+    again = run(cfg, log=lines.append)
+    assert again == folder and "(resuming)" in lines[0]
+    assert "  diag_la (seed 0): done earlier, reused" in lines
     pd.testing.assert_frame_equal(RunFolder(again).sensitivity, df)
