@@ -8,8 +8,9 @@ is a node, a dict with a "$" key naming its kind:
     list / tuple / set / dict / odict
                           containers; dict keys are encoded too (any encodable key)
     generator             a torch.Generator: its device and `get_state()` (draws continue where they were)
-    device / dtype / size / ndarray / npscalar
-                          torch.device, torch.dtype, torch.Size, numpy arrays and scalars
+    device / dtype / size / ndarray / npscalar / enum
+                          torch.device, torch.dtype, torch.Size, numpy arrays and scalars, enum members (by name);
+                          a subclass of str, int or float (torch's version string) is stored as its value
     class / function      a reference "module:qualname" to a class or a module-level function
     object                an instance: its class reference and its encoded `__dict__` (nn.Modules too:
                           parameters, buffers, submodules and flags are all in `__dict__`)
@@ -22,6 +23,7 @@ fills `__dict__` (nn.Module through its `__setstate__`), running no constructor 
 """
 from __future__ import annotations
 
+import enum
 import importlib
 import types
 from collections import OrderedDict
@@ -91,7 +93,7 @@ class _Encoder:
         return self.memo[id(obj)]
 
     def encode(self, obj: Any, where: str) -> Any:
-        if isinstance(obj, _PRIMITIVES):
+        if type(obj) in _PRIMITIVES:
             return obj
         if (ref := self._shared(obj)) is not None:
             return ref
@@ -105,6 +107,8 @@ class _Encoder:
             i = self._register(obj)
             kind = "param" if isinstance(obj, nn.Parameter) else "tensor"
             return {"$": kind, "id": i, "t": obj.detach(), "grad": bool(obj.requires_grad)}
+        if isinstance(obj, torch.Size):
+            return {"$": "size", "v": [int(n) for n in obj]}
         if isinstance(obj, (list, tuple, set, frozenset, dict)):
             return self._container(obj, where)
         if isinstance(obj, torch.Generator):
@@ -118,8 +122,12 @@ class _Encoder:
             if obj.dtype == object:
                 raise StateError(f"cannot export {where}: numpy array of Python objects")
             return {"$": "ndarray", "t": torch.from_numpy(np.ascontiguousarray(obj).copy())}
+        if isinstance(obj, enum.Enum):
+            return {"$": "enum", "class": reference(type(obj), where), "name": obj.name}
         if isinstance(obj, np.generic):
             return {"$": "npscalar", "dtype": obj.dtype.str, "v": obj.item()}
+        if isinstance(obj, _PRIMITIVES):  # a subclass of str / int / float (e.g. torch's TorchVersion): its value
+            return next(t for t in (bool, int, float, str) if isinstance(obj, t))(obj)
         if isinstance(obj, type):
             return {"$": "class", "ref": reference(obj, where)}
         if isinstance(obj, types.FunctionType):
@@ -208,6 +216,9 @@ class _Decoder:
     def _device(self, node: dict) -> torch.device:
         return torch.device(node["v"])
 
+    def _size(self, node: dict) -> torch.Size:
+        return torch.Size(node["v"])
+
     def _dtype(self, node: dict) -> torch.dtype:
         dt = getattr(torch, str(node["v"]), None)
         if not isinstance(dt, torch.dtype):
@@ -219,6 +230,12 @@ class _Decoder:
 
     def _npscalar(self, node: dict) -> np.generic:
         return np.dtype(node["dtype"]).type(node["v"])
+
+    def _enum(self, node: dict) -> enum.Enum:
+        cls = resolve(node["class"])
+        if not (isinstance(cls, type) and issubclass(cls, enum.Enum)):
+            raise StateError(f"artefact names {node['class']!r} as an enum, but it is not one")
+        return cls[node["name"]]
 
     def _class(self, node: dict) -> type:
         return resolve(node["ref"])
@@ -247,3 +264,26 @@ def decode(tree: Any) -> Any:
         raise
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise StateError(f"artefact state is malformed ({type(e).__name__}: {e})") from None
+
+
+def generators_in(obj: Any) -> list[torch.Generator]:
+    """Every torch.Generator reachable from `obj` through containers and instance attributes (values that
+    `encode` would refuse are walked where possible, never raised on): the exporter saves their states
+    before the check's predictions draw from them, and rewinds them after."""
+    seen: set[int] = set()
+    found: list[torch.Generator] = []
+    stack = [obj]
+    while stack:
+        o = stack.pop()
+        if isinstance(o, _PRIMITIVES + (torch.Tensor, np.ndarray, type, types.FunctionType)) or id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, torch.Generator):
+            found.append(o)
+        elif isinstance(o, dict):
+            stack.extend(o.values())
+        elif isinstance(o, (list, tuple, set, frozenset)):
+            stack.extend(o)
+        elif hasattr(o, "__dict__") and not isinstance(o, types.ModuleType):
+            stack.extend(vars(o).values())
+    return found
