@@ -1,4 +1,4 @@
-"""Command line: `python -m bench run|grid|list|report|export|hessian-bench|step-profile`."""
+"""Command line: `python -m bench run|grid|list|report|export|inspect|hessian-bench|step-profile`."""
 from __future__ import annotations
 
 import argparse
@@ -48,14 +48,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
     rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
     rep.add_argument("--format", default="md,html", help="comma-separated: md, html, latex")
-    ex = sub.add_parser("export", help="refit one method of a finished run, check it, and save it as one file",
-                        description="Refits METHOD from RUN's config.json and model cache, checks that it reproduces "
-                                    "the run's saved predictions and scores bit for bit, and writes one self-contained "
-                                    "file that `bench.load(FILE)` serves (docs/export.md).")
+    ex = sub.add_parser(
+        "export", help="refit one method of a finished run, check it, save it as one file",
+        description="Refits METHOD from RUN's config.json and model cache, checks that it reproduces the run's "
+                    "saved predictions and scores bit for bit, and writes one self-contained file that "
+                    "`bench.load(FILE)` serves (docs/export.md).")
     ex.add_argument("run_dir", metavar="RUN", help="a finished run folder")
     ex.add_argument("--method", required=True, help="the method to export (one the run has results of)")
     ex.add_argument("--seed", type=int, default=None, help="which of the run's seeds (default: its first)")
     ex.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. diag_la.pt)")
+    ins = sub.add_parser("inspect", help="what an exported file holds: method, seed, source, fit, sizes")
+    ins.add_argument("file", metavar="FILE", help="a file written by `bench export`")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
         from bench.tools import hessian_bench
@@ -190,9 +193,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     from bench.export import export
 
     res = export(args.run_dir, args.method, args.out, seed=args.seed)
+    retrained = f"; {res.trained} net(s) retrained (not cached)" if res.trained else ""
     print(f"wrote {res.path} ({res.bytes / 1e6:.2f} MB): {args.method}, state {', '.join(res.attributes)}; "
-          f"{len(res.checked)} arrays reproduced bit for bit" + (f"; {res.trained} net(s) retrained (not cached)"
-                                                                  if res.trained else ""))
+          f"{len(res.checked)} arrays reproduced bit for bit{retrained}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bench.export import describe
+
+    print(describe(args.file))
     return 0
 
 
@@ -211,6 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_report(args)
         if args.command == "export":
             return cmd_export(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
         if args.command == "hessian-bench":
             from bench.tools import hessian_bench
             return hessian_bench.main(args)

@@ -20,6 +20,7 @@ a uint8 tensor holding the bytes of a second `torch.save` of
 and sha256 is the SHA-256 of those payload bytes. Both levels load with `torch.load(weights_only=True)`;
 classes are resolved through `bench.state_codec`'s allowlist: the file holds no code.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,6 +46,7 @@ VERSION = 1
 
 
 # -- the loaded object -------------------------------------------------------------------------------
+
 
 @dataclass
 class Embedding:
@@ -100,8 +102,13 @@ class FittedMethod:
         u = uncertainty_score(p)
         return Embedding(p.mean, p.var, p.cov, p.samples, {} if u is None else {"trace": u})
 
-    def retrieve(self, queries: torch.Tensor, gallery: torch.Tensor, k: int = 10,
-                 gallery_labels: torch.Tensor | None = None) -> Neighbours:
+    def retrieve(
+        self,
+        queries: torch.Tensor,
+        gallery: torch.Tensor,
+        k: int = 10,
+        gallery_labels: torch.Tensor | None = None,
+    ) -> Neighbours:
         """Each query's k nearest gallery items (the run's distance, mean embeddings) and the queries'
         uncertainty scores against this gallery, computed as the run scores an OOD set against its ID
         test set. Scores about retrieved labels use `gallery_labels` [G]; without them every gallery item
@@ -113,10 +120,15 @@ class FittedMethod:
         require(k >= 1, f"k must be >= 1, got {k}")
         pg, pq = self.predict(gallery), self.predict(queries)
         labels = torch.arange(len(gallery)) if gallery_labels is None else torch.as_tensor(gallery_labels)
-        require(labels.shape == (len(gallery),), f"gallery_labels must have shape [{len(gallery)}], got {list(labels.shape)}")
+        require(
+            labels.shape == (len(gallery),),
+            f"gallery_labels must have shape [{len(gallery)}], got {list(labels.shape)}",
+        )
         idx, dist = nearest(pq.mean, pg.mean, k, self.config.distance)
         _, inp = score_inputs(pg, {"queries": pq}, labels, ScoreSettings.from_config(self.config))
-        scores = {n: u for n in resolve_scores(self.config) if (u := run_score(n, inp["queries"])) is not None}
+        scores = {
+            n: u for n in resolve_scores(self.config) if (u := run_score(n, inp["queries"])) is not None
+        }
         return Neighbours(idx, dist, labels[idx], scores)
 
 
@@ -134,6 +146,7 @@ def _device_of(method: Method) -> torch.device:
 
 # -- reading and writing the file --------------------------------------------------------------------
 
+
 def _config_json(cfg) -> str:
     return json.dumps(cfg.to_dict(), sort_keys=True)
 
@@ -150,8 +163,15 @@ def to_bytes(payload: dict[str, Any]) -> bytes:
     torch.save(payload, inner)
     data = inner.getvalue()
     outer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(data).hexdigest(),
-                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, outer)
+    torch.save(
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8),
+        },
+        outer,
+    )
     return outer.getvalue()
 
 
@@ -166,8 +186,10 @@ def read_payload(path: str | Path) -> dict[str, Any]:
     if not (isinstance(outer, dict) and outer.get("format") == FORMAT):
         raise BenchError(f"{path} is not a bench fitted-method artefact")
     if outer.get("version") != VERSION:
-        raise BenchError(f"{path} has artefact format version {outer.get('version')}; this bench {__version__} "
-                         f"reads version {VERSION}: export it again with this version")
+        raise BenchError(
+            f"{path} has artefact format version {outer.get('version')}; this bench {__version__} "
+            f"reads version {VERSION}: export it again with this version"
+        )
     data = outer.get("payload")
     require(isinstance(data, torch.Tensor) and data.dtype == torch.uint8, f"{path} is damaged (no payload)")
     raw = data.numpy().tobytes()
@@ -177,7 +199,9 @@ def read_payload(path: str | Path) -> dict[str, Any]:
         payload = torch.load(io.BytesIO(raw), map_location=None, weights_only=True)
     except Exception as e:
         raise BenchError(f"{path} is damaged: its payload does not load ({type(e).__name__})") from None
-    require(isinstance(payload, dict) and payload.get("version") == VERSION, f"{path} is damaged (bad payload)")
+    require(
+        isinstance(payload, dict) and payload.get("version") == VERSION, f"{path} is damaged (bad payload)"
+    )
     return payload
 
 
@@ -206,7 +230,57 @@ def load(path: str | Path) -> FittedMethod:
     return FittedMethod(method_from_payload(payload, str(path)), payload)
 
 
+def tensor_sizes(tree: Any, path: str = "") -> dict[str, tuple[list[int], int]]:
+    """path -> (shape, bytes) of every tensor in a state tree (the nets' weights, posterior factors, ...)."""
+    out: dict[str, tuple[list[int], int]] = {}
+    if isinstance(tree, torch.Tensor):
+        out[path] = (list(tree.shape), tree.numel() * tree.element_size())
+    elif isinstance(tree, dict):
+        kind = tree.get("$")
+        if kind in ("tensor", "param", "ndarray"):
+            out.update(tensor_sizes(tree["t"], path))
+        elif kind in ("dict", "odict"):
+            for k, v in tree["items"]:
+                key = str(k).lstrip("_") if str(k) in ("_parameters", "_buffers", "_modules") else k
+                out.update(
+                    tensor_sizes(
+                        v, f"{path}.{key}" if key not in ("parameters", "buffers", "modules") else path
+                    )
+                )
+        elif kind in ("list", "tuple", "set"):
+            for i, v in enumerate(tree["items"]):
+                out.update(tensor_sizes(v, f"{path}[{i}]"))
+        elif kind == "object":
+            out.update(tensor_sizes(tree["state"], path))
+    return out
+
+
+def describe(path: str | Path) -> str:
+    """A few lines about an artefact: method, seed, source, the fit's prior and temperature, its tensors."""
+    p = read_payload(path)
+    fitted = json.loads(p["fitted"])
+    facts = {
+        k: fitted[k]
+        for k in ("prior_precision", "temperature", "dropout", "member_seeds", "variance")
+        if k in fitted
+    }
+    sizes = tensor_sizes(p["state"])
+    lines = [
+        f"{path}: {p['method']} (seed {p['seed']}), artefact format {p['version']}, input "
+        f"{p['input']['kind']} of shape {p['input']['shape']}",
+        f"  from {p['source']['run']} (config {p['source']['config_digest']}, commit "
+        f"{p['source']['git_commit']}), bench {p['source']['bench_version']}",
+        f"  fitted: {json.dumps(facts)}" if facts else "  fitted: (no posterior scale)",
+        f"  checked bit for bit at export: {len(p['checked'])} arrays",
+        f"  {len(sizes)} tensors, {sum(b for _, b in sizes.values()) / 1e6:.2f} MB; largest:",
+    ]
+    for name, (shape, b) in sorted(sizes.items(), key=lambda kv: -kv[1][1])[:5]:
+        lines.append(f"    {name.lstrip('.')} {shape} ({b / 1e3:.1f} kB)")
+    return "\n".join(lines)
+
+
 # -- export -------------------------------------------------------------------------------------------
+
 
 @contextmanager
 def recording_reads(obj: Any) -> Iterator[set[str]]:
@@ -219,7 +293,9 @@ def recording_reads(obj: Any) -> Iterator[set[str]]:
             reads.add(name)
         return cls.__getattribute__(self, name)
 
-    obj.__class__ = type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__})
+    obj.__class__ = type(
+        cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__}
+    )
     try:
         yield reads
     finally:
@@ -263,15 +339,29 @@ def compare(got: dict[str, np.ndarray], saved: dict[str, np.ndarray], what: str)
     for k in names:
         a, b = np.asarray(got[k]), np.asarray(saved[k])
         if a.shape != b.shape or a.dtype != b.dtype or not np.array_equal(a, b, equal_nan=True):
-            diff = float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64)))) if a.shape == b.shape else None
-            raise BenchError(f"{what} does not reproduce the run's {k} bit for bit "
-                             + (f"(max abs difference {diff:.3g})" if diff is not None else f"(shape {a.shape} vs {b.shape})"))
+            diff = (
+                float(np.nanmax(np.abs(a.astype(np.float64) - b.astype(np.float64))))
+                if a.shape == b.shape
+                else None
+            )
+            raise BenchError(
+                f"{what} does not reproduce the run's {k} bit for bit "
+                + (
+                    f"(max abs difference {diff:.3g})"
+                    if diff is not None
+                    else f"(shape {a.shape} vs {b.shape})"
+                )
+            )
     return names
 
 
 def _comparable(saved: dict[str, np.ndarray]) -> set[str]:
-    return {k for k in saved if k.startswith("score__") or (k.endswith(("_mean", "_var")) and
-                                                            (k.startswith("id_") or k.startswith("ood_")))}
+    return {
+        k
+        for k in saved
+        if k.startswith("score__")
+        or (k.endswith(("_mean", "_var")) and (k.startswith("id_") or k.startswith("ood_")))
+    }
 
 
 @dataclass
@@ -294,7 +384,9 @@ def _verify_run_folder(run_dir: Path) -> None:
         verify(run_dir)
 
 
-def export(run_dir: str | Path, method: str, out: str | Path, seed: int | None = None, log=print) -> ExportResult:
+def export(
+    run_dir: str | Path, method: str, out: str | Path, seed: int | None = None, log=print
+) -> ExportResult:
     """Refit `method` (seed `seed`, default the run's first) of a finished run, check it against the run's
     saved arrays, and write the artefact to `out` (module docstring). BenchError, one line, on any failure."""
     from bench.features import prepare_benchmark
@@ -308,15 +400,23 @@ def export(run_dir: str | Path, method: str, out: str | Path, seed: int | None =
 
     run = RunFolder(run_dir)
     _verify_run_folder(run.path)
-    require(method in run.methods, f"{run.path} has no results of method {method!r}; it has {', '.join(run.methods)}")
+    require(
+        method in run.methods,
+        f"{run.path} has no results of method {method!r}; it has {', '.join(run.methods)}",
+    )
     seed = run.seeds[0] if seed is None else int(seed)
     require(seed in run.seeds, f"{run.path} has no seed {seed}; it has {', '.join(map(str, run.seeds))}")
     saved = run.perquery(method, seed)
-    require(saved is not None, f"{run.path}: the per-query arrays of {method} (seed {seed}) are missing or unreadable")
+    require(
+        saved is not None,
+        f"{run.path}: the per-query arrays of {method} (seed {seed}) are missing or unreadable",
+    )
     cfg = _config_from_json(json.dumps(run.config)).replace(seed=seed, quiet=True)
     device = resolve_device(cfg.device)
     if str(device) != str(run.meta.get("device", device)):
-        log(f"warning: the run used {run.meta.get('device')}, this refit {device}: the check may fail on rounding")
+        log(
+            f"warning: the run used {run.meta.get('device')}, this refit {device}: the check may fail"
+        )
     cache_root = run.path.parent / "cache"
     data, _ = prepare_benchmark(cfg, device, cache_root)
     cache = ModelCache(cache_root / "models", cfg, data.train_id, device)
@@ -339,19 +439,35 @@ def export(run_dir: str | Path, method: str, out: str | Path, seed: int | None =
     except StateError as e:
         raise BenchError(str(e)) from None
     payload = {
-        "format": FORMAT, "version": VERSION, "method": method, "seed": seed, "config": _config_json(cfg),
+        "format": FORMAT,
+        "version": VERSION,
+        "method": method,
+        "seed": seed,
+        "config": _config_json(cfg),
         "fitted": json.dumps(fitted.diagnostics, default=str),
-        "input": {"shape": list(data.test_id.in_shape), "kind": "trunk features" if cfg.freeze_backbone else "inputs"},
-        "source": {"run": str(run.path.resolve()), "config_digest": run.meta.get("config_digest"),
-                   "git_commit": run.meta.get("git_commit"), "bench_version": __version__,
-                   "torch_version": str(torch.__version__), "exported": datetime.now(timezone.utc).isoformat()},
+        "input": {
+            "shape": list(data.test_id.in_shape),
+            "kind": "standardised frozen-trunk features" if cfg.freeze_backbone else "dataset inputs",
+        },
+        "source": {
+            "run": str(run.path.resolve()),
+            "config_digest": run.meta.get("config_digest"),
+            "git_commit": run.meta.get("git_commit"),
+            "bench_version": __version__,
+            "torch_version": str(torch.__version__),
+            "exported": datetime.now(timezone.utc).isoformat(),
+        },
         "state": tree,
     }
     payload["checked"] = sorted(got)
     data_bytes = to_bytes(payload)
-    loaded = method_from_payload(torch.load(io.BytesIO(_inner(data_bytes)), weights_only=True), "the artefact")
+    loaded = method_from_payload(
+        torch.load(io.BytesIO(_inner(data_bytes)), weights_only=True), "the artefact"
+    )
     with _threads(threads), torch.random.fork_rng(devices=[]):
-        compare(prediction_arrays(loaded, data, cfg), saved, f"the exported {method} (seed {seed}), loaded back,")
+        compare(
+            prediction_arrays(loaded, data, cfg), saved, f"the exported {method} (seed {seed}), loaded back,"
+        )
     atomic_write_bytes(Path(out), data_bytes)
     return ExportResult(Path(out), len(data_bytes), sorted(got), sorted(kept), cache.trained)
 

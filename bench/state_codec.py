@@ -9,7 +9,8 @@ is a node, a dict with a "$" key naming its kind:
                           containers; dict keys are encoded too (any encodable key)
     generator             a torch.Generator: its device and `get_state()` (draws continue where they were)
     device / dtype / size / ndarray / npscalar / enum
-                          torch.device, torch.dtype, torch.Size, numpy arrays and scalars, enum members (by name);
+                          torch.device, torch.dtype, torch.Size, numpy arrays and scalars, enum
+                          members (by name);
                           a subclass of str, int or float (torch's version string) is stored as its value
     class / function      a reference "module:qualname" to a class or a module-level function
     object                an instance: its class reference and its encoded `__dict__` (nn.Modules too:
@@ -21,6 +22,7 @@ laplace-torch and curvlinops, whose objects laplace-torch's method holds), must 
 it names (no `bench.x:os.system` through an import), and decoding creates objects with `cls.__new__` and
 fills `__dict__` (nn.Module through its `__setstate__`), running no constructor or other code of the file.
 """
+
 from __future__ import annotations
 
 import enum
@@ -49,13 +51,15 @@ def _allowed(module: str) -> bool:
 
 
 def reference(obj: Any, where: str = "state") -> str:
-    """'module:qualname' of a class or module-level function from an allowed package (StateError otherwise)."""
+    """'module:qualname' of a class or module-level function of an allowed package (else StateError)."""
     module, qual = getattr(obj, "__module__", None) or "", getattr(obj, "__qualname__", "")
     if "<" in qual:
         raise StateError(f"cannot export {where}: {qual} is a lambda or a local function (not importable)")
     if not _allowed(module):
-        raise StateError(f"cannot export {where}: {module}.{qual} is not from an allowed package "
-                         f"({', '.join(ALLOWED_PACKAGES)})")
+        raise StateError(
+            f"cannot export {where}: {module}.{qual} is not from an allowed package "
+            f"({', '.join(ALLOWED_PACKAGES)})"
+        )
     return f"{module}:{qual}"
 
 
@@ -64,7 +68,9 @@ def resolve(ref: str) -> Any:
     in that module (StateError otherwise)."""
     module, _, qual = str(ref).partition(":")
     if not (qual and _allowed(module)):
-        raise StateError(f"artefact names {ref!r}, outside the allowed packages ({', '.join(ALLOWED_PACKAGES)})")
+        raise StateError(
+            f"artefact names {ref!r}, outside the allowed packages ({', '.join(ALLOWED_PACKAGES)})"
+        )
     try:
         obj: Any = importlib.import_module(module)
         for i, part in enumerate(qual.split(".")):
@@ -126,7 +132,9 @@ class _Encoder:
             return {"$": "enum", "class": reference(type(obj), where), "name": obj.name}
         if isinstance(obj, np.generic):
             return {"$": "npscalar", "dtype": obj.dtype.str, "v": obj.item()}
-        if isinstance(obj, _PRIMITIVES):  # a subclass of str / int / float (e.g. torch's TorchVersion): its value
+        if isinstance(
+            obj, _PRIMITIVES
+        ):  # a subclass of str / int / float (e.g. torch's TorchVersion): its value
             return next(t for t in (bool, int, float, str) if isinstance(obj, t))(obj)
         if isinstance(obj, type):
             return {"$": "class", "ref": reference(obj, where)}
@@ -135,9 +143,16 @@ class _Encoder:
         if hasattr(obj, "__dict__") and not isinstance(obj, (types.ModuleType, types.MethodType)):
             cls = reference(type(obj), where)
             i = self._register(obj)
-            return {"$": "object", "id": i, "class": cls, "state": self._container(vars(obj), where, register=False)}
-        raise StateError(f"cannot export {where}: a {type(obj).__module__}.{type(obj).__qualname__} "
-                         "is not a tensor, number, string, container or object")
+            return {
+                "$": "object",
+                "id": i,
+                "class": cls,
+                "state": self._container(vars(obj), where, register=False),
+            }
+        raise StateError(
+            f"cannot export {where}: a {type(obj).__module__}.{type(obj).__qualname__} "
+            "is not a tensor, number, string, container or object"
+        )
 
     def _container(self, obj: Any, where: str, register: bool = True) -> dict:
         i = self._register(obj) if register else None
