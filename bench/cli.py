@@ -50,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--format", default="md,html", help="comma-separated: md, html, latex")
     ex = sub.add_parser(
         "export", help="refit one method of a finished run, check it, save it as one file",
-        description="Refits METHOD from RUN's config.json and model cache, checks that it reproduces the run's "
-                    "saved predictions and scores bit for bit, and writes one self-contained file that "
+        description="Refits METHOD from RUN's config.json and model cache, checks that it reproduces the "
+                    "run's saved predictions and scores bit for bit, and writes one self-contained file that "
                     "`bench.load(FILE)` serves (docs/export.md).")
     ex.add_argument("run_dir", metavar="RUN", help="a finished run folder")
     ex.add_argument("--method", required=True, help="the method to export (one the run has results of)")
