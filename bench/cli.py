@@ -8,6 +8,7 @@ from typing import Sequence
 
 from bench.config import PRESETS, parse_value, preset_config, apply_overrides
 from bench.errors import BenchError
+from bench.tracking import check_tracker, default_uri
 
 # flag -> RunConfig field; each overrides the preset's value
 RUN_FLAGS = {
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config field, e.g. --set hidden=32,32 --set prior_precision=1.0")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="skip rendering report.md/report.html")
+    add_log_flags(r)
     sub.add_parser("list", help="registered methods, datasets and presets")
     add_grid_parser(sub)
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
@@ -97,6 +99,15 @@ def add_grid_parser(sub) -> None:
     ex.add_argument("--gpus-per-job", type=float, default=0.0, help="GPUs per task, fractions share a GPU (Ray only; default 0)")
     g.add_argument("--quiet", action="store_true", help="no live progress bar: a line per finished cell")
     g.add_argument("--no-report", action="store_true", help="skip rendering the grid report")
+    add_log_flags(g)
+
+
+def add_log_flags(p: argparse.ArgumentParser) -> None:
+    """--log TRACKER and --log-uri URI (bench/tracking.py; docs/tracking.md)."""
+    p.add_argument("--log", default=None, metavar="TRACKER", help="also log to an experiment tracker: mlflow "
+                   "(one run per method and seed, nested under the bench run; needs the tracking extra)")
+    p.add_argument("--log-uri", default=None, metavar="URI", help="the tracker's store or server (default: "
+                   "sqlite:///<out>/mlflow.db, a local store that `mlflow ui` opens)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -140,11 +151,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reports.render import print_summary, render_report
 
     cfg = config_from_args(args)
+    check_tracker(args.log)  # before any work: a missing MLflow is one line now, not after the run
     run_dir = run(cfg)
     print_summary(run_dir)
     if cfg.report:
         for path in render_report(run_dir, ["md", "html"]):
             print(f"wrote {path}")
+    if args.log:
+        from bench.tracking import log_run
+        print(f"logged to MLflow: run {log_run(run_dir, args.log_uri)} at {args.log_uri or default_uri(cfg.out)}")
     return 0
 
 
@@ -154,6 +169,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from bench.run_folder import GridFolder
     from reports.grid_report import print_grid_summary, render_grid_report
 
+    check_tracker(args.log)
     opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
     spec_flags = {"--datasets": args.datasets, "--methods": args.methods, "--seeds": args.seeds, "--preset": args.preset,
                   "--set": args.set or None, "--device": args.device, "--data-dir": args.data_dir,
@@ -174,6 +190,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     if not args.no_report:
         for path in render_grid_report(grid.path, ["md", "html"]):
             print(f"wrote {path}")
+    if args.log:
+        from bench.tracking import log_grid
+        uri = args.log_uri or default_uri(grid.path.parent)
+        print(f"logged to MLflow: grid run {log_grid(grid.path, uri)} at {uri}")
     return 0
 
 
