@@ -159,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
     if args.log:
         from bench.tracking import log_run
-        print(f"logged to MLflow: run {log_run(run_dir, args.log_uri)} at {args.log_uri or default_uri(cfg.out)}")
+        uri = args.log_uri or default_uri(cfg.out)
+        print(f"logged to MLflow: run {log_run(run_dir, uri)} at {uri}")
     return 0
 
 

@@ -15,6 +15,7 @@ names another store or a tracking server. Logging is idempotent: a run folder al
 experiment (tag `bench.run_dir`) is not logged again, so a resumed grid logs only the cells it adds.
 MLflow is an optional extra (`pip install 'bench[tracking]'`).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,7 +29,9 @@ from bench.errors import BenchError
 
 TRACKERS = ("mlflow",)
 EXPERIMENT = "bench"
-INSTALL_HINT = "--log mlflow needs MLflow, an optional extra: pip install 'bench[tracking]' (or: pip install mlflow)"
+INSTALL_HINT = (
+    "--log mlflow needs MLflow, an optional extra: pip install 'bench[tracking]' (or: pip install mlflow)"
+)
 RUN_DIR_TAG = "bench.run_dir"
 _BATCH = 500  # metrics per log_batch call (MLflow accepts up to 1000)
 _PARAMS_BATCH = 100  # params per log_batch call (MLflow's limit)
@@ -73,13 +76,14 @@ def _experiment(client, uri: str, name: str) -> str:
         return found.experiment_id
     artifacts = None
     if uri.startswith("sqlite:///"):  # a local store keeps its artifacts beside the database
-        artifacts = (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").resolve().as_uri()
+        artifacts = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts").resolve().as_uri()
     return client.create_experiment(name, artifact_location=artifacts)
 
 
 def _already_logged(client, experiment_id: str, run_dir: Path) -> str | None:
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'",
-                              max_results=1)
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1
+    )
     return runs[0].info.run_id if runs else None
 
 
@@ -94,8 +98,13 @@ def _scalar_params(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def _log(client, run_id: str, metrics: dict[str, float] | None = None, params: dict[str, str] | None = None,
-         tags: dict[str, str] | None = None) -> None:
+def _log(
+    client,
+    run_id: str,
+    metrics: dict[str, float] | None = None,
+    params: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
+) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     now = int(time.time() * 1000)
@@ -103,9 +112,9 @@ def _log(client, run_id: str, metrics: dict[str, float] | None = None, params: d
     ps = [Param(k, v[:6000]) for k, v in (params or {}).items()]
     ts = [RunTag(k, v) for k, v in (tags or {}).items()]
     for i in range(0, len(ms), _BATCH):
-        client.log_batch(run_id, metrics=ms[i:i + _BATCH])
+        client.log_batch(run_id, metrics=ms[i : i + _BATCH])
     for i in range(0, len(ps), _PARAMS_BATCH):
-        client.log_batch(run_id, params=ps[i:i + _PARAMS_BATCH])
+        client.log_batch(run_id, params=ps[i : i + _PARAMS_BATCH])
     if ts:
         client.log_batch(run_id, tags=ts)
 
@@ -143,11 +152,18 @@ def _log_children(client, experiment_id: str, parent: str, run, extra: dict[str,
             metrics = method_metrics(run.results, run.timings, method, seed)
             if not metrics:
                 continue
-            child = client.create_run(experiment_id, run_name=f"{method}-seed{seed}",
-                                      tags={"mlflow.parentRunId": parent, "bench.method": method})
+            child = client.create_run(
+                experiment_id,
+                run_name=f"{method}-seed{seed}",
+                tags={"mlflow.parentRunId": parent, "bench.method": method},
+            )
             cid = child.info.run_id
-            params = {"method": method, "seed": str(seed), **extra,
-                      **_scalar_params(diagnostics.get(f"{method}-seed{seed}", {}), "fit.")}
+            params = {
+                "method": method,
+                "seed": str(seed),
+                **extra,
+                **_scalar_params(diagnostics.get(f"{method}-seed{seed}", {}), "fit."),
+            }
             _log(client, cid, metrics, params)
             client.set_terminated(cid)
             ids.append(cid)
@@ -170,10 +186,17 @@ def log_run(run_dir: str | Path, uri: str | None = None, experiment: str = EXPER
     parent = client.create_run(exp, run_name=path.name, tags={RUN_DIR_TAG: str(path), "bench.kind": "run"})
     pid = parent.info.run_id
     base = run.timings[run.timings["method"] == "base"]
-    _log(client, pid, {f"time/base/seed{r.seed}/{r.stage}": r.seconds for r in base.itertuples(index=False)},
-         _scalar_params(run.config, ""),
-         {"bench.status": str(run.meta.get("status")), "bench.git_commit": str(run.meta.get("git_commit")),
-          "bench.config_digest": str(run.meta.get("config_digest"))})
+    _log(
+        client,
+        pid,
+        {f"time/base/seed{r.seed}/{r.stage}": r.seconds for r in base.itertuples(index=False)},
+        _scalar_params(run.config, ""),
+        {
+            "bench.status": str(run.meta.get("status")),
+            "bench.git_commit": str(run.meta.get("git_commit")),
+            "bench.config_digest": str(run.meta.get("config_digest")),
+        },
+    )
     _log_children(client, exp, pid, run, {})
     _artifacts(client, pid, path)
     client.set_terminated(pid)
@@ -193,7 +216,9 @@ def log_grid(grid_dir: str | Path, uri: str | None = None, experiment: str = EXP
     exp = _experiment(client, uri, experiment)
     pid = _already_logged(client, exp, path)
     if pid is None:
-        parent = client.create_run(exp, run_name=path.name, tags={RUN_DIR_TAG: str(path), "bench.kind": "grid"})
+        parent = client.create_run(
+            exp, run_name=path.name, tags={RUN_DIR_TAG: str(path), "bench.kind": "grid"}
+        )
         pid = parent.info.run_id
         _log(client, pid, params=_scalar_params(grid.meta.get("spec", {}), "spec."))
     for cell, info in sorted(grid.meta.get("cells", {}).items()):
@@ -204,8 +229,12 @@ def log_grid(grid_dir: str | Path, uri: str | None = None, experiment: str = EXP
         if _already_logged(client, exp, cell_dir) is not None:
             continue
         point = info.get("point") or {}
-        coords = {"cell": cell, "cell.dataset": str(info.get("dataset")), **_scalar_params(point, "cell.point."),
-                  **_scalar_params(run.config, "config.")}
+        coords = {
+            "cell": cell,
+            "cell.dataset": str(info.get("dataset")),
+            **_scalar_params(point, "cell.point."),
+            **_scalar_params(run.config, "config."),
+        }
         ids = _log_children(client, exp, pid, run, coords)
         for cid in ids:
             client.set_tag(cid, RUN_DIR_TAG, str(cell_dir))
