@@ -215,7 +215,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     res = export(args.run_dir, args.method, args.out, seed=args.seed)
     retrained = f"; {res.trained} net(s) retrained (not cached)" if res.trained else ""
-    print(f"wrote {res.path} ({res.bytes / 1e6:.2f} MB): {args.method}, state {', '.join(res.attributes)}; "
+    print(f"wrote {res.path} ({res.size / 1e6:.2f} MB): {args.method}, state {', '.join(res.attributes)}; "
           f"{len(res.checked)} arrays reproduced bit for bit{retrained}")
     return 0
 

@@ -12,10 +12,10 @@ mismatch at either check is a BenchError and no file is written.
 File format (FORMAT, VERSION): `torch.save` of {"format", "version", "sha256", "payload"}, where payload is
 a uint8 tensor holding the bytes of a second `torch.save` of
 
-    {"format", "version", "method", "seed", "config" (RunConfig as JSON), "fitted" (the fit's diagnostics
-     as JSON: prior precision, temperature, ...), "input" (shape and kind of one input), "source" (run
-     folder, config digest, commit, bench and torch versions), "checked" (the arrays compared bit for bit),
-     "state" (`bench.state_codec` tree: nets, posterior factors, generators, ...)}
+    {"format", "version", "method", "seed", "config" (RunConfig as JSON), "device" (where it was fitted),
+     "fitted" (the fit's diagnostics as JSON: prior precision, temperature, ...), "input" (shape and kind
+     of one input), "source" (run folder, config digest, commit, bench and torch versions), "checked" (the
+     arrays compared bit for bit), "state" (`bench.state_codec` tree: nets, posterior factors, generators, ...)}
 
 and sha256 is the SHA-256 of those payload bytes. Both levels load with `torch.load(weights_only=True)`;
 classes are resolved through `bench.state_codec`'s allowlist: the file holds no code.
@@ -86,13 +86,14 @@ class FittedMethod:
         self.fitted: dict[str, Any] = json.loads(meta["fitted"])
         self.input: dict[str, Any] = dict(meta["input"])
         self.source: dict[str, Any] = dict(meta["source"])
+        self.device = torch.device(meta["device"])  # where it was fitted, and its tensors lie
 
     def __repr__(self) -> str:
         return f"FittedMethod({self.name!r}, seed={self.seed}, input={self.input.get('shape')})"
 
     def predict(self, inputs: torch.Tensor) -> EmbeddingPrediction:
         """The method's prediction for `inputs` [N, *input shape], as in the run (one query set, on CPU)."""
-        return _predict(self.method, inputs)
+        return _predict(self.method, inputs, self.device)
 
     def embed(self, inputs: torch.Tensor) -> Embedding:
         """Mean, variance / covariance, joint samples and the gallery-free score (`trace`) of N inputs."""
@@ -132,16 +133,9 @@ class FittedMethod:
         return Neighbours(idx, dist, labels[idx], scores)
 
 
-def _predict(method: Method, x: torch.Tensor) -> EmbeddingPrediction:
-    device = _device_of(method)
+def _predict(method: Method, x: torch.Tensor, device: torch.device) -> EmbeddingPrediction:
     with torch.no_grad(), method.query_set():
         return method.predict(torch.as_tensor(x).to(device)).to("cpu")
-
-
-def _device_of(method: Method) -> torch.device:
-    from bench.environment import resolve_device
-
-    return resolve_device(method.cfg.device)
 
 
 # -- reading and writing the file --------------------------------------------------------------------
@@ -302,7 +296,7 @@ def recording_reads(obj: Any) -> Iterator[set[str]]:
         obj.__class__ = cls
 
 
-def prediction_arrays(method: Method, data, cfg) -> dict[str, np.ndarray]:
+def prediction_arrays(method: Method, data, cfg, device: torch.device) -> dict[str, np.ndarray]:
     """The arrays the run saves per (method, seed) that depend on the fitted method: `id_mean`, `id_var`,
     `ood_<set>_mean`, `ood_<set>_var` and every score vector `score__<set>__<score>`, computed as the
     runner computes them (`predict_split` per query set, then `score_inputs` / `run_score`)."""
@@ -311,7 +305,6 @@ def prediction_arrays(method: Method, data, cfg) -> dict[str, np.ndarray]:
     from bench.run_folder import score_array
     from bench.runner import predict_split
 
-    device = _device_of(method)
     with torch.no_grad():
         pid = predict_split(method, data.test_id, device)
         pood = {k: predict_split(method, s, device) for k, s in data.test_ood.items()}
@@ -366,10 +359,11 @@ def _comparable(saved: dict[str, np.ndarray]) -> set[str]:
 
 @dataclass
 class ExportResult:
-    """What `export` wrote: the file, its size, the arrays checked and the state's attributes."""
+    """What `export` wrote: the file, its size in bytes, the arrays checked, the state's attributes and
+    the nets the refit had to train (not in the model cache)."""
 
     path: Path
-    bytes: int
+    size: int
     checked: list[str]
     attributes: list[str]
     trained: int
@@ -389,14 +383,7 @@ def export(
 ) -> ExportResult:
     """Refit `method` (seed `seed`, default the run's first) of a finished run, check it against the run's
     saved arrays, and write the artefact to `out` (module docstring). BenchError, one line, on any failure."""
-    from bench.features import prepare_benchmark
-    from bench.environment import resolve_device
-    from bench.parallel import threads_per_worker
-    from bench.registry import METHODS
     from bench.run_folder import RunFolder
-    from bench.runner import fit_context
-    from bench.timing import StageTimer
-    from bench.train import ModelCache
 
     run = RunFolder(run_dir)
     _verify_run_folder(run.path)
@@ -411,13 +398,50 @@ def export(
         saved is not None,
         f"{run.path}: the per-query arrays of {method} (seed {seed}) are missing or unreadable",
     )
+    refit = _refit(run, method, seed, log)
+    compare(refit.arrays, saved, f"the refit of {method} (seed {seed})")
+    payload = _payload(run, refit)
+    data_bytes = to_bytes(payload)
+    inner = torch.load(io.BytesIO(_inner(data_bytes)), weights_only=True)
+    loaded = method_from_payload(inner, "the artefact")
+    with _threads(refit.threads), torch.random.fork_rng(devices=[]):
+        again = prediction_arrays(loaded, refit.data, refit.cfg, refit.device)
+    compare(again, saved, f"the exported {method} (seed {seed}), loaded back,")
+    atomic_write_bytes(Path(out), data_bytes)
+    return ExportResult(Path(out), len(data_bytes), sorted(refit.arrays), sorted(refit.state), refit.trained)
+
+
+@dataclass
+class _Refit:
+    """A method refitted as the run fitted it: its state right after the fit (the attributes predict
+    read), the arrays its predictions gave, and what the refit ran on."""
+
+    method: Method
+    cfg: Any
+    data: Any
+    device: torch.device
+    threads: int | None
+    state: dict[str, Any]
+    arrays: dict[str, np.ndarray]
+    trained: int
+
+
+def _refit(run, method: str, seed: int, log) -> _Refit:
+    """Fit `method` for `seed` as the runner did (data, config, model cache, seeds, thread count) and
+    predict every query set, recording which attributes predict reads; generators are rewound after."""
+    from bench.environment import resolve_device
+    from bench.features import prepare_benchmark
+    from bench.parallel import threads_per_worker
+    from bench.registry import METHODS
+    from bench.runner import fit_context
+    from bench.timing import StageTimer
+    from bench.train import ModelCache
+
     cfg = _config_from_json(json.dumps(run.config)).replace(seed=seed, quiet=True)
     device = resolve_device(cfg.device)
     if str(device) != str(run.meta.get("device", device)):
-        log(
-            f"warning: the run used {run.meta.get('device')}, this refit {device}: the check may fail"
-        )
-    cache_root = run.path.parent / "cache"
+        log(f"warning: the run used {run.meta.get('device')}, this refit {device}: the check may fail")
+    cache_root = run.path.parent / "cache"  # the runner's <out>/cache, beside the run folder
     data, _ = prepare_benchmark(cfg, device, cache_root)
     cache = ModelCache(cache_root / "models", cfg, data.train_id, device)
     threads = threads_per_worker(run.meta["workers"]) if int(run.meta.get("workers") or 1) > 1 else None
@@ -429,24 +453,30 @@ def export(
         snapshot = fitted.export_state()  # the values right after the fit (predict may reassign some)
         rewind = [(g, g.get_state()) for g in generators_in(snapshot)]
         with recording_reads(fitted) as reads:
-            got = prediction_arrays(fitted, data, cfg)
+            arrays = prediction_arrays(fitted, data, cfg, device)
     for g, state in rewind:  # the artefact starts where the run's predictions started
         g.set_state(state)
-    compare(got, saved, f"the refit of {method} (seed {seed})")
     kept = {k: v for k, v in snapshot.items() if k in reads}
+    return _Refit(fitted, cfg, data, device, threads, kept, arrays, cache.trained)
+
+
+def _payload(run, refit: _Refit) -> dict[str, Any]:
+    """The artefact's payload (module docstring) of a checked refit."""
+    cfg = refit.cfg
     try:
-        tree = encode(kept, f"{method}'s state")
+        tree = encode(refit.state, f"{refit.method.name}'s state")
     except StateError as e:
         raise BenchError(str(e)) from None
-    payload = {
+    return {
         "format": FORMAT,
         "version": VERSION,
-        "method": method,
-        "seed": seed,
+        "method": refit.method.name,
+        "seed": cfg.seed,
         "config": _config_json(cfg),
-        "fitted": json.dumps(fitted.diagnostics, default=str),
+        "device": str(refit.device),
+        "fitted": json.dumps(refit.method.diagnostics, default=str),
         "input": {
-            "shape": list(data.test_id.in_shape),
+            "shape": list(refit.data.test_id.in_shape),
             "kind": "standardised frozen-trunk features" if cfg.freeze_backbone else "dataset inputs",
         },
         "source": {
@@ -457,19 +487,9 @@ def export(
             "torch_version": str(torch.__version__),
             "exported": datetime.now(timezone.utc).isoformat(),
         },
+        "checked": sorted(refit.arrays),
         "state": tree,
     }
-    payload["checked"] = sorted(got)
-    data_bytes = to_bytes(payload)
-    loaded = method_from_payload(
-        torch.load(io.BytesIO(_inner(data_bytes)), weights_only=True), "the artefact"
-    )
-    with _threads(threads), torch.random.fork_rng(devices=[]):
-        compare(
-            prediction_arrays(loaded, data, cfg), saved, f"the exported {method} (seed {seed}), loaded back,"
-        )
-    atomic_write_bytes(Path(out), data_bytes)
-    return ExportResult(Path(out), len(data_bytes), sorted(got), sorted(kept), cache.trained)
 
 
 def _inner(file_bytes: bytes) -> bytes:
