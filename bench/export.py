@@ -15,7 +15,7 @@ a uint8 tensor holding the bytes of a second `torch.save` of
     {"format", "version", "method", "seed", "config" (RunConfig as JSON), "device" (where it was fitted),
      "fitted" (the fit's diagnostics as JSON: prior precision, temperature, ...), "input" (shape and kind
      of one input), "source" (run folder, config digest, commit, bench and torch versions), "checked" (the
-     arrays compared bit for bit), "state" (`bench.state_codec` tree: nets, posterior factors, generators, ...)}
+     arrays compared bit for bit), "state" (`bench.state_codec` tree: nets, posterior factors, ...)}
 
 and sha256 is the SHA-256 of those payload bytes. Both levels load with `torch.load(weights_only=True)`;
 classes are resolved through `bench.state_codec`'s allowlist: the file holds no code.
