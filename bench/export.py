@@ -23,6 +23,7 @@ classes are resolved through `bench.state_codec`'s allowlist: the file holds no 
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import json
@@ -34,12 +35,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch import nn
 
 from bench import __version__
 from bench.atomic import atomic_write_bytes
 from bench.errors import BenchError, require
 from bench.method import EmbeddingPrediction, Method
-from bench.state_codec import StateError, decode, encode, generators_in
+from bench.state_codec import StateError, decode, encode, objects_in, reference
 
 FORMAT = "bench-fitted-method"
 VERSION = 1
@@ -276,24 +278,52 @@ def describe(path: str | Path) -> str:
 # -- export -------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def recording_reads(obj: Any) -> Iterator[set[str]]:
-    """Within the block, the names of `obj`'s instance attributes that are read (through a subclass
-    swapped in for the block; the class is restored after)."""
-    cls, reads = type(obj), set()
+ALL_ATTRIBUTES = "*"  # recorded when an object's __dict__ itself was read (copy, vars): keep every attribute
 
-    def getattribute(self, name: str) -> Any:
-        if name in object.__getattribute__(self, "__dict__"):
-            reads.add(name)
-        return cls.__getattribute__(self, name)
 
-    obj.__class__ = type(
-        cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__}
-    )
+def recordable(obj: Any) -> bool:
+    """Whether `recording_reads` may watch `obj`: an instance with a __dict__ of a class the codec may
+    name, except nn.Modules (their weights are read through internal dicts: kept whole) and enums."""
+    if isinstance(obj, (type, nn.Module, enum.Enum)) or not hasattr(obj, "__dict__"):
+        return False
     try:
+        reference(type(obj))
+    except StateError:
+        return False
+    return True
+
+
+@contextmanager
+def recording_reads(objs: list[Any]) -> Iterator[dict[int, set[str]]]:
+    """Within the block, {id(obj): names of its instance attributes that were read} for every object of
+    `objs` (through a subclass swapped in for each class during the block, restored after; an object
+    whose `__dict__` is read as a whole records ALL_ATTRIBUTES)."""
+    reads: dict[int, set[str]] = {id(o): set() for o in objs}
+    swapped: dict[type, type] = {}
+
+    def recorder(cls: type) -> type:
+        def getattribute(self, name: str) -> Any:
+            seen = reads.get(id(self))
+            if seen is not None:
+                if name in ("__dict__", "__getstate__", "__reduce__", "__reduce_ex__"):
+                    seen.add(ALL_ATTRIBUTES)
+                elif name in object.__getattribute__(self, "__dict__"):
+                    seen.add(name)
+            return cls.__getattribute__(self, name)
+
+        return type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__,
+                                           "__qualname__": cls.__qualname__})
+
+    originals = [(o, type(o)) for o in objs]
+    try:
+        for o, cls in originals:
+            if cls not in swapped:
+                swapped[cls] = recorder(cls)
+            object.__setattr__(o, "__class__", swapped[cls])  # also for frozen dataclasses
         yield reads
     finally:
-        obj.__class__ = cls
+        for o, cls in originals:
+            object.__setattr__(o, "__class__", cls)
 
 
 def prediction_arrays(method: Method, data, cfg, device: torch.device) -> dict[str, np.ndarray]:
@@ -414,7 +444,8 @@ def export(
 @dataclass
 class _Refit:
     """A method refitted as the run fitted it: its state right after the fit (the attributes predict
-    read), the arrays its predictions gave, and what the refit ran on."""
+    read, of the method and of the objects inside it), the arrays its predictions gave, and what the
+    refit ran on."""
 
     method: Method
     cfg: Any
@@ -422,6 +453,7 @@ class _Refit:
     device: torch.device
     threads: int | None
     state: dict[str, Any]
+    nested: dict[int, set[str]]  # id(object) -> its attributes predict read (objects inside the state)
     arrays: dict[str, np.ndarray]
     trained: int
 
@@ -451,20 +483,23 @@ def _refit(run, method: str, seed: int, log) -> _Refit:
         torch.manual_seed(seed)
         fitted.fit(ctx)
         snapshot = fitted.export_state()  # the values right after the fit (predict may reassign some)
-        rewind = [(g, g.get_state()) for g in generators_in(snapshot)]
-        with recording_reads(fitted) as reads:
+        reachable = objects_in(snapshot)
+        rewind = [(g, g.get_state()) for g in reachable if isinstance(g, torch.Generator)]
+        watched = [fitted, *(o for o in reachable if o is not fitted and recordable(o))]
+        with recording_reads(watched) as reads:
             arrays = prediction_arrays(fitted, data, cfg, device)
     for g, state in rewind:  # the artefact starts where the run's predictions started
         g.set_state(state)
-    kept = {k: v for k, v in snapshot.items() if k in reads}
-    return _Refit(fitted, cfg, data, device, threads, kept, arrays, cache.trained)
+    kept = {k: v for k, v in snapshot.items() if k in reads[id(fitted)]}
+    nested = {i: names for i, names in reads.items() if i != id(fitted) and ALL_ATTRIBUTES not in names}
+    return _Refit(fitted, cfg, data, device, threads, kept, nested, arrays, cache.trained)
 
 
 def _payload(run, refit: _Refit) -> dict[str, Any]:
     """The artefact's payload (module docstring) of a checked refit."""
     cfg = refit.cfg
     try:
-        tree = encode(refit.state, f"{refit.method.name}'s state")
+        tree = encode(refit.state, f"{refit.method.name}'s state", only=refit.nested)
     except StateError as e:
         raise BenchError(str(e)) from None
     return {

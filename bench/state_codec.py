@@ -85,7 +85,8 @@ def resolve(ref: str) -> Any:
 
 
 class _Encoder:
-    def __init__(self) -> None:
+    def __init__(self, only: dict[int, set[str]] | None = None) -> None:
+        self.only = only or {}  # id(object) -> the attributes of it to encode (all when absent)
         self.memo: dict[int, int] = {}
         self.keep: list[Any] = []  # keeps encoded objects alive, so their ids stay unique
 
@@ -143,12 +144,11 @@ class _Encoder:
         if hasattr(obj, "__dict__") and not isinstance(obj, (types.ModuleType, types.MethodType)):
             cls = reference(type(obj), where)
             i = self._register(obj)
-            return {
-                "$": "object",
-                "id": i,
-                "class": cls,
-                "state": self._container(vars(obj), where, register=False),
-            }
+            state = vars(obj)
+            if id(obj) in self.only:
+                state = {k: v for k, v in state.items() if k in self.only[id(obj)]}
+            return {"$": "object", "id": i, "class": cls,
+                    "state": self._container(state, where, register=False)}
         raise StateError(
             f"cannot export {where}: a {type(obj).__module__}.{type(obj).__qualname__} "
             "is not a tensor, number, string, container or object"
@@ -166,9 +166,10 @@ class _Encoder:
         return {"$": kind, "id": i, "items": [self.encode(v, f"{where}[{j}]") for j, v in enumerate(obj)]}
 
 
-def encode(obj: Any, where: str = "state") -> Any:
-    """The tree of `obj` (module docstring); StateError naming the first value that cannot be encoded."""
-    return _Encoder().encode(obj, where)
+def encode(obj: Any, where: str = "state", only: dict[int, set[str]] | None = None) -> Any:
+    """The tree of `obj` (module docstring); StateError naming the first value that cannot be encoded.
+    `only`: id(object) -> the names of its attributes to keep (the others are left out)."""
+    return _Encoder(only).encode(obj, where)
 
 
 class _Decoder:
@@ -281,24 +282,24 @@ def decode(tree: Any) -> Any:
         raise StateError(f"artefact state is malformed ({type(e).__name__}: {e})") from None
 
 
-def generators_in(obj: Any) -> list[torch.Generator]:
-    """Every torch.Generator reachable from `obj` through containers and instance attributes (values that
-    `encode` would refuse are walked where possible, never raised on): the exporter saves their states
-    before the check's predictions draw from them, and rewinds them after."""
+def objects_in(obj: Any) -> list[Any]:
+    """Every object reachable from `obj` through containers and instance attributes (tensors, arrays,
+    classes and functions are leaves; values `encode` would refuse are walked where possible, never raised
+    on): the exporter saves the generators' states among them before the check's predictions draw, and
+    watches which attributes of the others predict reads."""
     seen: set[int] = set()
-    found: list[torch.Generator] = []
+    found: list[Any] = []
     stack = [obj]
     while stack:
         o = stack.pop()
         if isinstance(o, _PRIMITIVES + (torch.Tensor, np.ndarray, type, types.FunctionType)) or id(o) in seen:
             continue
         seen.add(id(o))
-        if isinstance(o, torch.Generator):
-            found.append(o)
-        elif isinstance(o, dict):
+        found.append(o)
+        if isinstance(o, dict):
             stack.extend(o.values())
         elif isinstance(o, (list, tuple, set, frozenset)):
             stack.extend(o)
-        elif hasattr(o, "__dict__") and not isinstance(o, types.ModuleType):
+        elif hasattr(o, "__dict__") and not isinstance(o, (types.ModuleType, torch.Generator)):
             stack.extend(vars(o).values())
     return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import re
 from pathlib import Path
 
@@ -94,6 +95,10 @@ def test_export_keeps_only_what_predict_reads(exported):
     state = decode(read_payload(exported("diag_la"))["state"])
     assert {"model", "posterior", "_sample_gen", "_samples"} <= set(state)
     assert "_curvature" not in state and "_family" not in state and "diagnostics" not in state
+    # full_la: the posterior's factor (D x D) is kept, the curvature H it was built from (D x D) is not
+    path = exported("full_la")
+    d = json.loads(read_payload(path)["fitted"])["D"]
+    assert d * d * 4 < path.stat().st_size < 1.5 * d * d * 4
 
 
 def test_export_refuses_a_run_whose_saved_predictions_it_cannot_reproduce(smoke_run, tmp_path):
