@@ -7,7 +7,8 @@ scalar diagnostics (prior precision, temperature, ...), and metrics: every metri
 `metric_key(name)` with its CI bounds as `<key>.ci_low` / `<key>.ci_high`, and the stage timings as
 `time/<stage>` (seconds). The shared base training and feature extraction go to the parent's
 `time/base/seed<seed>/<stage>`. `bench grid --log mlflow` logs one parent run for the grid and one nested
-run per finished cell (its coordinates and config as params, its method and seed as above).
+run per finished cell (its coordinates and config as params, its method and seed as above), with the
+grid's grid.json, merged results.csv / timings.csv and report as the parent's artifacts.
 
 The store is local by default: a SQLite database `<out>/mlflow.db` (open it with
 `mlflow ui --backend-store-uri sqlite:///<out>/mlflow.db`), artifacts in `<out>/mlartifacts/`; `--log-uri`
@@ -238,5 +239,8 @@ def log_grid(grid_dir: str | Path, uri: str | None = None, experiment: str = EXP
         ids = _log_children(client, exp, pid, run, coords)
         for cid in ids:
             client.set_tag(cid, RUN_DIR_TAG, str(cell_dir))
+    _artifacts(client, pid, path)  # the grid's merged results, timings and report (refreshed on resume)
+    if (path / "grid.json").is_file():
+        client.log_artifact(pid, str(path / "grid.json"))
     client.set_terminated(pid)
     return pid

@@ -178,6 +178,7 @@ def test_grid_logs_each_cell(tmp_path):
     exp = client.get_experiment_by_name("bench").experiment_id
     (grid_run,) = client.search_runs([exp], filter_string="tags.`bench.kind` = 'grid'")
     cells = _children(client, grid_run.info.run_id)
+    assert {"grid.json", "results.csv"} <= {a.path for a in client.list_artifacts(grid_run.info.run_id)}
     assert sorted(c.data.params["method"] for c in cells) == ["diag_la", "plain"]
     merged = pd.read_csv(next(p for p in tmp_path.iterdir() if (p / "grid.json").is_file()) / "results.csv")
     for c in cells:
