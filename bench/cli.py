@@ -1,4 +1,4 @@
-"""Command line: `python -m bench run|grid|list|report|hessian-bench|step-profile`."""
+"""Command line: `python -m bench run|grid|list|report|export|inspect|hessian-bench|step-profile`."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ from typing import Sequence
 
 from bench.config import PRESETS, parse_value, preset_config, apply_overrides
 from bench.errors import BenchError
+from bench.tracking import check_tracker, default_uri
 
 # flag -> RunConfig field; each overrides the preset's value
 RUN_FLAGS = {
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override any config field, e.g. --set hidden=32,32 --set prior_precision=1.0")
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="skip rendering report.md/report.html")
+    add_log_flags(r)
     sub.add_parser("list", help="registered methods, datasets and presets")
     add_grid_parser(sub)
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
@@ -59,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--page", metavar="FILE.md", default=None,
                      help="also write a results page (findings and detail tables; "
                           "command, commit, machine on top)")
+    ex = sub.add_parser(
+        "export", help="refit one method of a finished run, check it, save it as one file",
+        description="Refits METHOD from RUN's config.json and model cache, checks that it reproduces the "
+                    "run's saved predictions and scores bit for bit, and writes one self-contained file that "
+                    "`bench.load(FILE)` serves (docs/export.md).")
+    ex.add_argument("run_dir", metavar="RUN", help="a finished run folder")
+    ex.add_argument("--method", required=True, help="the method to export (one the run has results of)")
+    ex.add_argument("--seed", type=int, default=None, help="which of the run's seeds (default: its first)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. diag_la.pt)")
+    ins = sub.add_parser("inspect", help="what an exported file holds: method, seed, source, fit, sizes")
+    ins.add_argument("file", metavar="FILE", help="a file written by `bench export`")
     hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
     try:
         from bench.tools import hessian_bench
@@ -99,6 +112,15 @@ def add_grid_parser(sub) -> None:
     ex.add_argument("--gpus-per-job", type=float, default=0.0, help="GPUs per task, fractions share a GPU (Ray only; default 0)")
     g.add_argument("--quiet", action="store_true", help="no live progress bar: a line per finished cell")
     g.add_argument("--no-report", action="store_true", help="skip rendering the grid report")
+    add_log_flags(g)
+
+
+def add_log_flags(p: argparse.ArgumentParser) -> None:
+    """--log TRACKER and --log-uri URI (bench/tracking.py; docs/tracking.md)."""
+    p.add_argument("--log", default=None, metavar="TRACKER", help="also log to an experiment tracker: mlflow "
+                   "(one run per method and seed, nested under the bench run; needs the tracking extra)")
+    p.add_argument("--log-uri", default=None, metavar="URI", help="the tracker's store or server (default: "
+                   "sqlite:///<out>/mlflow.db, a local store that `mlflow ui` opens)")
 
 
 def config_from_args(args: argparse.Namespace):
@@ -145,6 +167,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reports.render import print_summary, render_report
 
     cfg = config_from_args(args)
+    check_tracker(args.log)  # before any work: a missing MLflow is one line now, not after the run
     run_dir = run(cfg)
     report = None
     if cfg.report:
@@ -152,6 +175,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print_summary(run_dir, report)
     if report is None:
         print(f"run folder: {run_dir}")
+    if args.log:
+        from bench.tracking import log_run
+        uri = args.log_uri or default_uri(cfg.out)
+        print(f"logged to MLflow: run {log_run(run_dir, uri)} at {uri}")
     return 0
 
 
@@ -161,6 +188,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
     from bench.run_folder import GridFolder, verify
     from reports.grid_report import print_grid_summary, render_grid_report
 
+    check_tracker(args.log)
     opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
     spec_flags = {"--config": args.config, "--datasets": args.datasets, "--methods": args.methods,
                   "--seeds": args.seeds, "--preset": args.preset, "--set": args.set or None,
@@ -187,6 +215,10 @@ def cmd_grid(args: argparse.Namespace) -> int:
     print_grid_summary(grid.path, report)
     if report is None:
         print(f"grid folder: {grid.path}")
+    if args.log:
+        from bench.tracking import log_grid
+        uri = args.log_uri or default_uri(grid.path.parent)
+        print(f"logged to MLflow: grid run {log_grid(grid.path, uri)} at {uri}")
     return 0
 
 
@@ -232,6 +264,23 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from bench.export import export
+
+    res = export(args.run_dir, args.method, args.out, seed=args.seed)
+    retrained = f"; {res.trained} net(s) retrained (not cached)" if res.trained else ""
+    print(f"wrote {res.path} ({res.size / 1e6:.2f} MB): {args.method}, state {', '.join(res.attributes)}; "
+          f"{len(res.checked)} arrays reproduced bit for bit{retrained}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from bench.export import describe
+
+    print(describe(args.file))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; BenchError becomes one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="warning: %(message)s")
@@ -245,6 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_list()
         if args.command == "report":
             return cmd_report(args)
+        if args.command == "export":
+            return cmd_export(args)
+        if args.command == "inspect":
+            return cmd_inspect(args)
         if args.command == "hessian-bench":
             from bench.tools import hessian_bench
             return hessian_bench.main(args)
