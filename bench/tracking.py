@@ -57,8 +57,9 @@ def default_uri(out: str | Path) -> str:
 
 def metric_key(name: str) -> str:
     """The MLflow key of a bench metric name (MLflow allows letters, digits, _ - . space : /):
-    `AUROC[noise]:trace` -> `AUROC/noise:trace`, `mAP@5` -> `mAP_at_5`."""
-    return re.sub(r"\[([^\]]*)\]", r"/\1", name).replace("@", "_at_")
+    `AUROC[noise]:trace` -> `AUROC/noise:trace`, `mAP@5` -> `mAP_at_5`,
+    `AURC(mAP@7):trace` -> `AURC/mAP_at_7:trace`."""
+    return re.sub(r"[\[(]([^\])]*)[\])]", r"/\1", name).replace("@", "_at_")
 
 
 def _client(uri: str):

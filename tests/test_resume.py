@@ -16,7 +16,7 @@ import pytest
 from bench.config import preset_config
 from bench.errors import BenchError
 from bench.registry import METHODS, register_method
-from bench.run_folder import RunFolder
+from bench.run_folder import RunFolder, RunWriter
 from bench.runner import run
 
 FLAKY = "_flaky_once"
@@ -88,21 +88,44 @@ def test_a_run_with_failures_retries_only_the_failed_methods(tmp_path, flaky):
     assert rf.methods == ["plain", FLAKY, "diag_la"] and set(rf.paired["method"]) == {FLAKY, "diag_la"}
 
 
-@pytest.mark.parametrize("damage", ["missing", "corrupt"])
-def test_a_finished_method_without_readable_arrays_is_fitted_again(tmp_path, damage):
-    cfg = _cfg(tmp_path / "runs", ("plain", "diag_la"))
-    folder = run(cfg, log=lambda *_: None)
-    paired = pd.read_csv(folder / "paired.csv")
-    assert set(paired["method"]) == {"diag_la"}
-    # the run stopped before its final tables, and diag_la's per-query file is lost or cut short
+def _stopped_before_final_tables(folder: Path, damage: str, legacy: bool) -> None:
+    """The run stopped before its final tables, and diag_la's per-query file is lost or cut short; a
+    `legacy` folder is one written before checksum manifests (no manifest.json, none in config.json)."""
     meta = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**meta, "status": "running"}))
-    (folder / "paired.csv").unlink()
+    if legacy:
+        meta.pop("manifest", None)
+        (folder / "manifest.json").unlink()
+        (folder / "config.json").write_text(json.dumps({**meta, "status": "running"}))
+        (folder / "paired.csv").unlink()
+    else:
+        writer = RunWriter(folder, resumed=True)
+        writer.write_config({k: v for k, v in meta.items() if k != "status"}, "running")
+        writer.manifest.remove(["paired.csv"])
     npz = folder / "perquery" / "diag_la-seed0.npz"
     if damage == "missing":
         npz.unlink()
     else:
         npz.write_bytes(npz.read_bytes()[:100])
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_damaged_per_query_file_is_named_on_resume(tmp_path, damage):
+    """With a checksum manifest, resuming names the damaged file in one line before building on it."""
+    cfg = _cfg(tmp_path / "runs", ("plain", "diag_la"))
+    folder = run(cfg, log=lambda *_: None)
+    _stopped_before_final_tables(folder, damage, legacy=False)
+    with pytest.raises(BenchError, match=r"perquery/diag_la-seed0\.npz (is missing|changed after bench wrote it)"):
+        run(cfg, log=lambda *_: None)
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_a_legacy_finished_method_without_readable_arrays_is_fitted_again(tmp_path, damage):
+    """A folder from before manifests: the method is fitted again with one line, never dropped from paired.csv."""
+    cfg = _cfg(tmp_path / "runs", ("plain", "diag_la"))
+    folder = run(cfg, log=lambda *_: None)
+    paired = pd.read_csv(folder / "paired.csv")
+    assert set(paired["method"]) == {"diag_la"}
+    _stopped_before_final_tables(folder, damage, legacy=True)
     lines: list[str] = []
     assert run(cfg, log=lines.append) == folder
     assert "  plain (seed 0): done earlier, reused" in lines
