@@ -200,8 +200,8 @@ class _SplitMaker:
         from bench.images import ImageSplit, ImageStore
 
         cfg = self.cfg
-        return ImageSplit(ImageStore(x, fingerprint, swap_red_blue), idx, labels, self.transform, cfg.data_workers,
-                          cfg.image_chunk, augments=augments)
+        return ImageSplit(ImageStore(x, fingerprint, swap_red_blue), idx, labels, self.transform,
+                          cfg.data_workers, cfg.image_chunk, augments=augments)
 
 
 def _fingerprint(src: DataSource, part: str, x: np.ndarray) -> str:
@@ -236,7 +236,8 @@ def load_benchmark(cfg) -> Dataset:
     val = None
     if cfg.val_items:  # carved before any subsampling or training: the base model never sees it
         held = stratified_holdout(src.train_y[train_idx], cfg.val_items)
-        val = make.split(src.train_x, src.train_y, train_idx[held], None, fp_train, swap_red_blue=src.swap_red_blue)
+        val = make.split(src.train_x, src.train_y, train_idx[held], None, fp_train,
+                         swap_red_blue=src.swap_red_blue)
         train_idx = train_idx[~held]
     swap = src.swap_red_blue
     data = Dataset(cfg.dataset, make.split(src.train_x, src.train_y, train_idx, cfg.n_train, fp_train,

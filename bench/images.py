@@ -92,7 +92,9 @@ class ImageStore:
         """Image i as uint8 [C, H, W] (RGB: channels reversed when stored as BGR)."""
         if not self.is_files:
             img = np.array(self.images[i])  # a copy: stored arrays may be read-only
-            return torch.from_numpy(np.ascontiguousarray(img[::-1]) if self.swap_red_blue and img.ndim == 3 else img)
+            if self.swap_red_blue and img.ndim == 3:
+                img = np.ascontiguousarray(img[::-1])
+            return torch.from_numpy(img)
         from PIL import Image
 
         path = str(self.images[i])

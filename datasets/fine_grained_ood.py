@@ -4,7 +4,7 @@ images are there (under --data-dir; the CUB subset also from the archive beside 
 falls back to the colour datasets' default (SVHN, else MNIST + Fashion-MNIST) when none is."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from bench.errors import BenchError
 from datasets._snapshots import CALTECH101, CARS_TRAIN, PACS, snapshot_present
