@@ -30,7 +30,7 @@ test: install data
 perf: install data
 	$(BIN)/python -m pytest tests/perf --benchmark-only -p no:randomly -o addopts=""
 
-# The prepared GPU check (scripts/gpu_check.sh; README "Performance"): gpu-prepare here, gpu-check there.
+# The prepared GPU check (scripts/gpu_check.sh; docs/performance.md): gpu-prepare here, gpu-check there.
 gpu-prepare: install data
 	PY=$(BIN)/python bash scripts/gpu_prepare.sh
 

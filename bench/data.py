@@ -32,6 +32,8 @@ class DataSource:
     checksum: names the stored content in cache keys (default: a hash of the arrays).
     seen_classes: the zero-shot protocol's training classes 0..seen_classes-1 (default: the first
     half). split_by_class: train and test hold disjoint classes (the source's own zero-shot split).
+    swap_red_blue: the stored images have red and blue swapped (e.g. written as BGR); every read
+    reverses the channels (`bench.images.ImageStore`).
     """
 
     name: str
@@ -48,6 +50,7 @@ class DataSource:
     checksum: str | None = None
     seen_classes: int | None = None
     split_by_class: bool = False
+    swap_red_blue: bool = False
 
 
 def is_images(x: np.ndarray) -> bool:
@@ -184,19 +187,21 @@ class _SplitMaker:
             self.transform = ImageTransform(size, cfg.crop_fraction, per(mean), per(std), channels)
 
     def split(self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, n: int | None, fingerprint: str,
-              stats: tuple | None = None, augments: bool = False) -> Split:
-        """A seeded subset of n of the items idx of (x, y), normalised (labels as int64)."""
+              stats: tuple | None = None, augments: bool = False, swap_red_blue: bool = False) -> Split:
+        """A seeded subset of n of the items idx of (x, y), normalised (labels as int64); swap_red_blue:
+        the stored images are BGR (reversed on read)."""
         sub = subset_indices(len(idx), n)
         if sub is not None:
             idx = idx[sub.numpy()]
         labels = torch.from_numpy(y[idx].astype(np.int64))
         if not self.lazy:
-            return Split(to_model_input(x[idx], stats or self.stats), labels)
+            xi = x[idx][:, ::-1] if swap_red_blue and x.ndim == 4 else x[idx]
+            return Split(to_model_input(xi, stats or self.stats), labels)
         from bench.images import ImageSplit, ImageStore
 
         cfg = self.cfg
-        return ImageSplit(ImageStore(x, fingerprint), idx, labels, self.transform, cfg.data_workers,
-                          cfg.image_chunk, augments=augments)
+        return ImageSplit(ImageStore(x, fingerprint, swap_red_blue), idx, labels, self.transform,
+                          cfg.data_workers, cfg.image_chunk, augments=augments)
 
 
 def _fingerprint(src: DataSource, part: str, x: np.ndarray) -> str:
@@ -226,15 +231,19 @@ def load_benchmark(cfg) -> Dataset:
     fp_test = _fingerprint(src, "test", src.test_x) if make.lazy else ""
     ood: dict[str, Split] = {}
     if near_idx is not None and len(near_idx):
-        ood[NEAR_OOD_SET] = make.split(src.test_x, src.test_y, near_idx, cfg.n_test, fp_test)
+        ood[NEAR_OOD_SET] = make.split(src.test_x, src.test_y, near_idx, cfg.n_test, fp_test,
+                                       swap_red_blue=src.swap_red_blue)
     val = None
     if cfg.val_items:  # carved before any subsampling or training: the base model never sees it
         held = stratified_holdout(src.train_y[train_idx], cfg.val_items)
-        val = make.split(src.train_x, src.train_y, train_idx[held], None, fp_train)
+        val = make.split(src.train_x, src.train_y, train_idx[held], None, fp_train,
+                         swap_red_blue=src.swap_red_blue)
         train_idx = train_idx[~held]
+    swap = src.swap_red_blue
     data = Dataset(cfg.dataset, make.split(src.train_x, src.train_y, train_idx, cfg.n_train, fp_train,
-                                           augments=cfg.augment),
-                   make.split(src.test_x, src.test_y, test_idx, cfg.n_test, fp_test), ood, list(src.class_names),
+                                           augments=cfg.augment, swap_red_blue=swap),
+                   make.split(src.test_x, src.test_y, test_idx, cfg.n_test, fp_test, swap_red_blue=swap), ood,
+                   list(src.class_names),
                    val_id=val, label=src.label or src.name)
     id_shape = data.test_id.in_shape
     for name in far_ood_names(cfg):
@@ -249,7 +258,8 @@ def load_benchmark(cfg) -> Dataset:
             raise BenchError(f"far-OOD dataset {name!r} holds feature vectors but {cfg.dataset!r} holds images; "
                              "choose matching --set far_ood=")
         fp = _fingerprint(far, "ood", fx) if make.lazy else ""
-        split = make.split(fx, fy, np.arange(len(fy)), cfg.n_test, fp, stats=make.stats or far.pixel_stats)
+        split = make.split(fx, fy, np.arange(len(fy)), cfg.n_test, fp, stats=make.stats or far.pixel_stats,
+                           swap_red_blue=far.swap_red_blue)
         if split.in_shape != id_shape:
             raise BenchError(f"far-OOD dataset {name!r} has inputs of shape {list(split.in_shape)} but "
                              f"{cfg.dataset!r} has {list(id_shape)}; choose matching --set far_ood=")

@@ -17,6 +17,7 @@ from bench.metrics.ranking import RANKING_METRICS, ranking_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
 from bench.loss import retrieval_space
 from bench.metrics.retrieval import retrieval_per_query
+from bench.metrics.selective import selective_metric_names, selective_metrics
 from bench.metrics.sparsification import sparsification_extras
 from bench.metrics.uncertainty import ScoreSettings, candidate_coverage, run_score, score_inputs
 from bench.registry import SCORES
@@ -24,6 +25,8 @@ from bench.registry import SCORES
 NAN3 = (float("nan"), float("nan"), float("nan"))
 ID_METRICS = ("ECE", "AUSE", "AURG")  # headline ID metrics (of cfg.id_score)
 SCORE_ID_METRICS = ("ECE", *RANKING_METRICS)  # every score's ID metrics: + Spearman, Spearman_within
+# old names kept as duplicate rows in results.csv for one version (bench 0.1 -> 0.2): old -> new
+ALIASES = {"error_AUROC": "R-AUROC"}
 
 
 @dataclass
@@ -75,20 +78,31 @@ def uncertainty_metric_names(ood_sets: list[str]) -> list[str]:
     return [*ID_METRICS, *ood_metric_names(ood_sets)]
 
 
-def score_metric_names(ood_sets: list[str]) -> list[str]:
-    """Metrics every score gets (suffixed `:<score>` in results), in results order."""
-    return [*SCORE_ID_METRICS, *ood_metric_names(ood_sets)]
+def selective_losses(ks: tuple[int, ...]) -> list[str]:
+    """The per-query metrics whose loss (1 - metric) the selective metrics use: precision@1 (`mAP@1`,
+    the headline: AURC, ...) and AP at the largest K (`mAP@K`: AURC(mAP@K), ...) when K > 1."""
+    return list(dict.fromkeys([CORRECTNESS_METRIC, f"mAP@{max(ks)}"]))
 
 
-def _id_metrics(u: np.ndarray | None, correct: np.ndarray, classes: np.ndarray, boot: dict
-                ) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
-    """ECE, AUSE, AURG and the two Spearman diagnostics of ID score u (NaN when u is None), and
-    the extras of the plots (reliability bins, confidence, sparsification curves)."""
+def score_metric_names(ood_sets: list[str], ks: tuple[int, ...] = RunConfig.ks) -> list[str]:
+    """Metrics every score gets (suffixed `:<score>` in results), in results order (the aliases of
+    ALIASES last)."""
+    return [*SCORE_ID_METRICS, *selective_metric_names(selective_losses(ks)), *ood_metric_names(ood_sets),
+            *ALIASES]
+
+
+def _id_metrics(u: np.ndarray | None, correct: np.ndarray, classes: np.ndarray, losses: dict[str, np.ndarray],
+                boot: dict) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
+    """ECE, AUSE, AURG, R-AUROC, the two Spearman diagnostics and the selective metrics (per loss
+    of `losses`) of ID score u (NaN when u is None), and the extras of the plots (reliability bins,
+    confidence, sparsification curves)."""
+    selective = selective_metric_names(list(losses))
     if u is None or u.size == 0:
-        return {n: NAN3 for n in SCORE_ID_METRICS}, {}
+        return {n: NAN3 for n in (*SCORE_ID_METRICS, *selective)}, {}
     out: dict[str, tuple[float, float, float]] = {}
     out["ECE"], cal_extras = calibration_metrics(u, correct, DEFAULT_BINS, **boot)
     out.update(ranking_metrics(u, correct, classes, **boot))
+    out.update(selective_metrics(u, losses, **boot))
     return out, {**cal_extras, **sparsification_extras(u, correct)}
 
 
@@ -112,7 +126,11 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
     geometry, never a query's own label):
     * `ECE:u` of u against precision@1 (cross-fitted isotonic confidence, equal-mass bins);
     * `AUSE:u` and `AURG:u`: sparsification of the correctness by u (AURG > 0: better than random);
-    * `error_AUROC:u`: P(u of a wrong query > u of a right one), the base-rate-free error detection;
+    * `R-AUROC:u`: P(u of a wrong query > u of a right one), the base-rate-free error detection
+      (URL-style benchmarks' R-AUROC; also written under its old name `error_AUROC:u` for one version);
+    * selective retrieval (bench.metrics.selective): `AURC:u`, `E-AURC:u`, `AUGRC:u`, `Risk@80Cov:u`,
+      `Risk@90Cov:u`, `Risk@95Cov:u` with loss 1 - precision@1, and the same suffixed `(mAP@K)` with
+      loss 1 - AP@K for the largest K of cfg.ks;
     * `Spearman:u` (overall) and `Spearman_within:u` (mean over the queries' true classes) of u with
       the correctness: the confound diagnostics (the class is used here only, never by u);
     * per OOD set s (ID test queries vs the queries of s): `AUROC[s]:u`, `AUPR[s]:u`, `FPR95[s]:u`,
@@ -131,6 +149,7 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
     classes = labels.cpu().numpy()  # for the within-class diagnostic only
     boot = dict(n_resamples=cfg.bootstrap_resamples, level=cfg.ci_level, seed=cfg.seed)
     names = resolve_scores(cfg)
+    losses = {m: 1.0 - (ev.per_query[m] if m in ev.per_query else correct) for m in selective_losses(cfg.ks)}
     inp_id, inp_ood = score_inputs(pred_id, pred_ood, labels, ScoreSettings.from_config(cfg))
     ood_sets = list(pred_ood)
     headline = {n: NAN3 for n in uncertainty_metric_names(ood_sets)}
@@ -141,9 +160,10 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
         for s, u in [(ID_SET, u_id), *u_ood.items()]:
             if u is not None:
                 ev.scores[(s, name)] = u
-        id_vals, extras = _id_metrics(u_id, correct, classes, boot)
+        id_vals, extras = _id_metrics(u_id, correct, classes, losses, boot)
         ood_vals = _ood_metrics(u_id, u_ood, boot)
-        per_score.update({score_metric(m, name): v for m, v in {**id_vals, **ood_vals}.items()})
+        aliases = {old: id_vals[new] for old, new in ALIASES.items()}
+        per_score.update({score_metric(m, name): v for m, v in {**id_vals, **ood_vals, **aliases}.items()})
         if name == cfg.id_score:
             headline.update({m: id_vals[m] for m in ID_METRICS})
             ev.extras.update(extras)

@@ -69,14 +69,15 @@ def conform_channels(img: torch.Tensor, channels: int) -> torch.Tensor:
 
 class ImageStore:
     """N stored images: a uint8 array [N, C, H, W] (or [N, H, W]) in memory, or N file paths
-    (JPEG/PNG, decoded as RGB when read). `fingerprint` names the content (cache keys)."""
+    (JPEG/PNG, decoded as RGB when read). `fingerprint` names the content (cache keys);
+    `swap_red_blue`: the stored images are BGR, so every read reverses the channel order."""
 
-    def __init__(self, images: np.ndarray, fingerprint: str) -> None:
+    def __init__(self, images: np.ndarray, fingerprint: str, swap_red_blue: bool = False) -> None:
         if images.dtype == np.uint8 and images.ndim == 3:
             images = images[:, None]
         if not (images.dtype == np.uint8 and images.ndim == 4) and images.dtype.kind not in "UO":
             raise BenchError(f"images must be uint8 [N, C, H, W] or file paths, got {images.dtype} {images.shape}")
-        self.images, self.fingerprint = images, fingerprint
+        self.images, self.fingerprint, self.swap_red_blue = images, fingerprint, bool(swap_red_blue)
         self.is_files = images.dtype.kind in "UO"
 
     def __len__(self) -> int:
@@ -88,17 +89,21 @@ class ImageStore:
         return 3 if self.is_files else int(self.images.shape[1])
 
     def get(self, i: int) -> torch.Tensor:
-        """Image i as uint8 [C, H, W]."""
+        """Image i as uint8 [C, H, W] (RGB: channels reversed when stored as BGR)."""
         if not self.is_files:
-            return torch.from_numpy(np.array(self.images[i]))  # a copy: stored arrays may be read-only
+            img = np.array(self.images[i])  # a copy: stored arrays may be read-only
+            if self.swap_red_blue and img.ndim == 3:
+                img = np.ascontiguousarray(img[::-1])
+            return torch.from_numpy(img)
         from PIL import Image
 
         path = str(self.images[i])
         try:
             with Image.open(path) as img:
-                return torch.from_numpy(np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy())
+                arr = np.asarray(img.convert("RGB")).transpose(2, 0, 1)
         except OSError as e:
             raise BenchError(f"cannot read image {path}: {e}") from None
+        return torch.from_numpy((arr[::-1] if self.swap_red_blue else arr).copy())
 
 
 class _Items(TorchDataset):

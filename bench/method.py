@@ -186,6 +186,20 @@ class Method:
         here, so items at the same offset of different chunks do not share draws (default: nothing)."""
         yield
 
+    def export_state(self) -> dict[str, Any]:
+        """The fitted state an exported artefact may keep (`bench.export`): attribute name -> value, by
+        default every instance attribute but the config (which the artefact stores on its own). Values
+        must be encodable by `bench.state_codec` (tensors, numbers, strings, containers, generators and
+        objects of this project's packages or torch.nn; no lambdas). The exporter keeps, of these, the
+        attributes that `predict` read while it checked the refit against the run. Override to give a
+        compact form (then override `load_state` too)."""
+        return {k: v for k, v in vars(self).items() if k != "cfg"}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore, on a method made with `__init__(cfg)`, what `export_state` gave (default: set the
+        attributes); `predict` must then give what the fitted method gave."""
+        self.__dict__.update(state)
+
     def variants(self, points: list[dict[str, float | None]]) -> Iterator[tuple[dict, "Method"]] | None:
         """For a sensitivity sweep (`bench.sensitivity`): a fitted copy of this method per point of
         settings (config field -> value; None: the fitted value), made without refitting, as

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 import torch
 
@@ -95,30 +96,45 @@ def run_pool(
     """fit(name, seed) -> outcome for every pending (method, seed) in `workers` forked processes (they
     inherit `fit` and what it closes over: the run state and the data); record(outcome, seconds) in the
     parent as each completes, failed(name, seed, message) standing in for a fit whose worker died.
-    Ctrl-C stops the workers."""
+    A dead worker (killed for memory, a crash) breaks the whole pool and every fit in it, without saying
+    whose worker died; so the fits it took down are retried one at a time, each in a pool of its own,
+    and only a fit whose own worker dies is failed. Ctrl-C stops the workers."""
     _SHARED["fit"] = fit
-    pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init, initargs=(WORKER_THREADS,)
-    )
     try:
-        futures = {pool.submit(_fit, n, s): (n, s) for n, s in schedule(pending)}
+        lost = _pool_pass(failed, schedule(pending), workers, record)
+        for item in lost:  # alone: a second death is this fit's own
+            _pool_pass(failed, [item], 1, record, last_try=True)
+    finally:
+        _SHARED.clear()
+
+
+def _pool_pass(failed: Callable, pending: list[tuple[str, int]], workers: int, record: Callable,
+               last_try: bool = False) -> list[tuple[str, int]]:
+    """One pool over `pending`: records what completes; returns the fits a dead worker took down (or,
+    on the `last_try`, records them as failed)."""
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init,
+                               initargs=(WORKER_THREADS,))
+    lost: list[tuple[str, int]] = []
+    try:
+        futures = {pool.submit(_fit, n, s): (n, s) for n, s in pending}
         remaining = set(futures)
         while remaining:
             finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
-            for f in finished:
+            for f in sorted(finished, key=lambda f: pending.index(futures[f])):
                 try:
                     out, seconds = f.result()
-                except Exception as e:  # the worker process died (e.g. killed for memory): this fit failed
-                    out, seconds = (
-                        failed(*futures[f], f"worker process failed: {type(e).__name__}: {e}"),
-                        None,
-                    )
+                except Exception as e:  # BrokenProcessPool: a worker died (this fit's or another's); else the
+                    if isinstance(e, BrokenProcessPool) and not last_try:  # outcome could not come back
+                        lost.append(futures[f])
+                        continue
+                    why = f"worker process failed: {type(e).__name__}: {e}"
+                    out, seconds = failed(*futures[f], why), None
                 record(out, seconds)
-    except BaseException:
+    except BaseException:  # Ctrl-C: stop the workers (shutdown forgets them, so they are taken first)
+        workers_now = list((getattr(pool, "_processes", None) or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
-        for p in list(getattr(pool, "_processes", {}).values()):
+        for p in workers_now:
             p.terminate()
         raise
-    finally:
-        _SHARED.clear()
     pool.shutdown()
+    return lost

@@ -1,15 +1,20 @@
 """The run folder, the only code that knows its file names and formats: `RunWriter` for the runner,
 `RunFolder` for reports and the CLI, `GridFolder` for a grid of run folders (`bench grid`).
-Every file is written atomically, so a killed run resumes."""
+Every file is written atomically, so a killed run resumes, and recorded in a checksum manifest
+(manifest.json, `Manifest`), so a file damaged afterwards is named by `verify` in one line."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
+import logging
+import os
 import re
+import zipfile
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -27,8 +32,142 @@ REPORTS = {"md": "report.md", "html": "report.html", "latex": "report.tex"}
 RESULT_COLUMNS = ["method", "seed", "metric", "value", "ci_low", "ci_high"]
 TIMING_COLUMNS = ["method", "seed", "stage", "seconds"]
 COMPLETE = "complete"  # config.json status of a finished run (else "running" or "complete-with-failures")
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+ABSENT = "absent"  # a manifest entry's `previous` while a file that did not exist yet is being written
 
 _PERQUERY_FILE = re.compile(r"^(?P<method>.+)-seed(?P<seed>-?\d+)\.npz$")
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _entry(path: Path) -> dict:
+    return {"sha256": sha256_of(path), "bytes": path.stat().st_size}
+
+
+def _is_output(rel: str) -> bool:
+    """Whether a recorded file is a rendered output (a report or a figure) that `bench report` rewrites."""
+    return rel in REPORTS.values() or rel.startswith(f"{PLOTS}/")
+
+
+class Manifest:
+    """manifest.json of a run or grid folder: {files: {relative path: {sha256, bytes}}} for every file
+    written through it, the manifest itself rewritten atomically after each change.
+
+    A write is staged so that a process killed at any point leaves a folder that verifies: each file
+    is first written (atomically) beside its target as `.<name>.staged`, the manifest then records its
+    hash with the file's current one as `previous` (or ABSENT when there was none), the staged file
+    replaces the target (os.replace), and the manifest drops `previous`. Between the steps either
+    version is accepted, so a run rewriting its own files (config.json, the tables) resumes cleanly."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.path = self.root / MANIFEST
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self) -> dict:
+        """The manifest's content (an empty one when there is none); BenchError when it is damaged."""
+        if not self.path.is_file():
+            return {"manifest_version": MANIFEST_VERSION, "algorithm": "sha256", "files": {}}
+        try:
+            m = json.loads(self.path.read_text())
+            if not isinstance(m.get("files"), dict):
+                raise ValueError
+            return m
+        except (ValueError, AttributeError, OSError):
+            raise BenchError(f"{self.root}: {MANIFEST} is damaged (not the manifest bench wrote)") from None
+
+    def _save(self, m: dict) -> None:
+        atomic_write_json(self.path, m)
+
+    @staticmethod
+    def _move(staged: Path, target: Path) -> None:
+        os.replace(staged, target)
+
+    def write(self, files: dict[str, Callable[[Path], None]]) -> None:
+        """Write each file (relative path -> a function that writes it atomically to the path it is
+        given) and record it: staged, recorded with its previous version, moved into place, recorded."""
+        staged = {}
+        for rel, write in files.items():
+            target = self.root / rel
+            tmp = target.with_name(f".{target.name}.staged")
+            write(tmp)
+            staged[rel] = tmp
+        m = self.load()
+        for rel, tmp in staged.items():
+            old = m["files"].get(rel)
+            target = self.root / rel
+            previous = ABSENT if not target.is_file() else \
+                {k: old[k] for k in ("sha256", "bytes")} if old else _entry(target)
+            m["files"][rel] = {**_entry(tmp), "previous": previous}
+        self._save(m)
+        for rel, tmp in staged.items():
+            self._move(tmp, self.root / rel)
+        for rel in staged:
+            m["files"][rel].pop("previous", None)
+        self._save(m)
+
+    def remove(self, rels: list[str]) -> None:
+        """Forget files, then delete them (a kill in between leaves an unrecorded file, not a missing one)."""
+        if not rels:
+            return
+        m = self.load()
+        for rel in rels:
+            m["files"].pop(rel, None)
+        self._save(m)
+        for rel in rels:
+            (self.root / rel).unlink(missing_ok=True)
+
+    def check(self, outputs: bool = True) -> None:
+        """BenchError naming the first recorded file that is missing or whose bytes changed (every file
+        when `outputs`, else all but the reports and figures that `bench report` rewrites)."""
+        for rel, e in sorted(self.load()["files"].items()):
+            if not outputs and _is_output(rel):
+                continue
+            f = self.root / rel
+            prev = e.get("previous")
+            if not f.is_file():
+                if prev == ABSENT:
+                    continue
+                raise BenchError(f"{self.root}: {rel} is missing (recorded in {MANIFEST}): the folder "
+                                 "was damaged after bench wrote it")
+            size = f.stat().st_size
+            accepted = [e, *([prev] if isinstance(prev, dict) else [])]
+            if not any(size == a.get("bytes") and sha256_of(f) == a.get("sha256") for a in accepted):
+                raise BenchError(f"{self.root}: {rel} changed after bench wrote it ({size} bytes, recorded "
+                                 f"{e.get('bytes')}; sha256 differs): the folder is damaged; rerun the run")
+
+
+def verify(path: str | Path, outputs: bool = True) -> None:
+    """Check a run folder (or a grid folder and every run folder under its cells/) against its checksum
+    manifest: BenchError, one line naming the file, when a recorded file is missing or changed, or when
+    the manifest itself is missing from a folder that was written with one. `outputs=False` skips the
+    rendered reports and figures. Folders from before manifests (no `manifest` in config.json / grid.json)
+    are not checked (a warning says so). For `bench report`, resuming and `bench export`."""
+    root = Path(path)
+    man = Manifest(root)
+    meta_file = root / (GRID if is_grid(root) else CONFIG)
+    if not man.exists():
+        meta = _read_json(meta_file) if meta_file.is_file() else None
+        if meta is not None and meta.get("manifest"):
+            raise BenchError(f"{root}: {MANIFEST} is missing: the folder was damaged after bench wrote it")
+        if meta is not None:
+            logging.getLogger(__name__).warning(f"{root} has no {MANIFEST} (written before manifests): "
+                                                "not verified")
+    else:
+        man.check(outputs)
+    if is_grid(root) and (root / CELLS).is_dir():
+        for d in sorted((root / CELLS).iterdir()):
+            if (d / CONFIG).is_file():
+                verify(d, outputs)
+
+
 def _stem(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
@@ -49,7 +188,7 @@ def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except (OSError, ValueError):
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):  # absent, truncated or not an npz
         return None
 
 
@@ -79,20 +218,28 @@ class RunWriter:
             meta = _read_json(d / CONFIG) if d.is_dir() and (d / CONFIG).is_file() else None
             if meta and meta.get("config_digest") == digest and meta.get("status") != COMPLETE \
                     and meta.get("format_version") == RUN_FORMAT_VERSION:
+                verify(d, outputs=False)  # a damaged file is named before the run builds on it
                 return cls(d, resumed=True)
         return cls(_new_folder(out, name))
 
+    @property
+    def manifest(self) -> Manifest:
+        return Manifest(self.path)
+
     def write_config(self, meta: dict, status: str) -> None:
-        """config.json: `meta` (config, versions, ...) with the format version and the run's status."""
-        atomic_write_json(self.path / CONFIG, {"format_version": RUN_FORMAT_VERSION, "status": status, **meta})
+        """config.json: `meta` (config, versions, ...) with the format version, the run's status and the
+        manifest's version (a folder that says it has a manifest must have one)."""
+        doc = {"format_version": RUN_FORMAT_VERSION, "status": status, "manifest": MANIFEST_VERSION, **meta}
+        self.manifest.write({CONFIG: lambda p: atomic_write_json(p, doc)})
 
     def save_method(self, method: str, seed: int, arrays: dict[str, np.ndarray], rows: list[dict],
                     timings: list[dict], diagnostics: dict, sensitivity: list[dict] | None = None) -> None:
         """One finished (method, seed): its per-query arrays, then its result rows, timings,
         diagnostics and sensitivity-sweep rows (written last: their presence marks the method as done)."""
-        atomic_savez(self.path / PERQUERY / f"{_stem(method, seed)}.npz", **arrays)
-        atomic_write_json(self.path / METHODS / f"{_stem(method, seed)}.json",
-                          {"rows": rows, "timings": timings, "diagnostics": diagnostics, "sensitivity": sensitivity or []})
+        done = {"rows": rows, "timings": timings, "diagnostics": diagnostics,
+                "sensitivity": sensitivity or []}
+        self.manifest.write({f"{PERQUERY}/{_stem(method, seed)}.npz": lambda p: atomic_savez(p, **arrays),
+                             f"{METHODS}/{_stem(method, seed)}.json": lambda p: atomic_write_json(p, done)})
 
     def finished(self, method: str, seed: int) -> dict | None:
         """{rows, timings, diagnostics} of a (method, seed) saved by an earlier invocation, else None."""
@@ -107,13 +254,9 @@ class RunWriter:
                      paired: pd.DataFrame | None, sensitivity: pd.DataFrame | None = None) -> None:
         """results.csv, timings.csv, seeds.csv, (when there is a reference method) paired.csv and (when a
         sensitivity sweep ran) sensitivity.csv."""
-        atomic_write_csv(self.path / RESULTS, results)
-        atomic_write_csv(self.path / TIMINGS, timings)
-        atomic_write_csv(self.path / SEEDS, seeds)
-        if paired is not None:
-            atomic_write_csv(self.path / PAIRED, paired)
-        if sensitivity is not None:
-            atomic_write_csv(self.path / SENSITIVITY, sensitivity)
+        tables = {RESULTS: results, TIMINGS: timings, SEEDS: seeds, PAIRED: paired, SENSITIVITY: sensitivity}
+        self.manifest.write({name: (lambda p, df=df: atomic_write_csv(p, df)) for name, df in tables.items()
+                             if df is not None})
 
 
 class RunFolder:
@@ -121,10 +264,12 @@ class RunFolder:
     sensitivity tables, per-query arrays on demand; and where its report and figures are written."""
 
     def __init__(self, path: str | Path) -> None:
-        """Read `path`; BenchError (one line) when it is not a finished run folder of this format."""
+        """Read `path`; BenchError (one line) when it is not a finished run folder of this format, or
+        when a file the run wrote is missing or changed (`verify`, reports and figures aside)."""
         d = self.path = Path(path)
         if not (d / CONFIG).is_file():
             raise BenchError(f"{d} is not a run folder (no {CONFIG})")
+        verify(d, outputs=False)
         try:
             self.meta: dict = json.loads((d / CONFIG).read_text())
         except ValueError:
@@ -199,19 +344,19 @@ class RunFolder:
 
 
 def _write_report(root: Path, texts: dict[str, str], figures: dict[str, bytes]) -> list[Path]:
-    """The reports (format -> text) and figures (name -> PNG, under plots/) of a run or grid folder."""
+    """The reports (format -> text) and figures (name -> PNG, under plots/) of a run or grid folder,
+    recorded in its manifest."""
     plots = root / PLOTS
-    kept = {root / plot_path(name) for name in figures}
-    for name, png in figures.items():
-        atomic_write_bytes(root / plot_path(name), png)
-    for old in plots.glob("*.png") if plots.is_dir() else []:
-        if old not in kept:
-            old.unlink(missing_ok=True)
-    written = []
-    for fmt, text in texts.items():
-        atomic_write_text(root / REPORTS[fmt], text)
-        written.append(root / REPORTS[fmt])
-    return written + ([plots] if figures else [])
+    kept = {plot_path(name) for name in figures}
+    man = Manifest(root)
+    files = {plot_path(name): (lambda p, png=png: atomic_write_bytes(p, png))
+             for name, png in figures.items()}
+    files.update({REPORTS[fmt]: (lambda p, text=text: atomic_write_text(p, text))
+                  for fmt, text in texts.items()})
+    man.write(files)
+    man.remove([f"{PLOTS}/{old.name}" for old in (plots.glob("*.png") if plots.is_dir() else [])
+                if f"{PLOTS}/{old.name}" not in kept])
+    return [root / REPORTS[fmt] for fmt in texts] + ([plots] if figures else [])
 
 
 GRID, CELLS, RUNNING, GRID_LOCK, PAIRWISE = "grid.json", "cells", "running", ".grid.lock", "pairwise.csv"
@@ -250,7 +395,8 @@ class GridFolder:
     def create(cls, out: str | Path, name: str, meta: dict) -> "GridFolder":
         """A new `<out>/<timestamp>-<name>/` holding grid.json = `meta` (plus the format version)."""
         d = _new_folder(Path(out), name)
-        atomic_write_json(d / GRID, {"format_version": GRID_FORMAT_VERSION, **meta})
+        doc = {"format_version": GRID_FORMAT_VERSION, "manifest": MANIFEST_VERSION, **meta}
+        Manifest(d).write({GRID: lambda p: atomic_write_json(p, doc)})
         return cls(d)
 
     @classmethod
@@ -266,8 +412,8 @@ class GridFolder:
         return None
 
     def save(self) -> None:
-        """Write grid.json from `meta` (atomically)."""
-        atomic_write_json(self.path / GRID, self.meta)
+        """Write grid.json from `meta` (atomically, recorded in the grid's manifest)."""
+        Manifest(self.path).write({GRID: lambda p: atomic_write_json(p, self.meta)})
 
     @property
     def cells_dir(self) -> Path:
@@ -315,8 +461,8 @@ class GridFolder:
 
     def write_merged(self, results: pd.DataFrame, timings: pd.DataFrame) -> None:
         """The merged results.csv and timings.csv (every finished cell, coordinates as extra columns)."""
-        atomic_write_csv(self.path / RESULTS, results)
-        atomic_write_csv(self.path / TIMINGS, timings)
+        Manifest(self.path).write({RESULTS: lambda p: atomic_write_csv(p, results),
+                                   TIMINGS: lambda p: atomic_write_csv(p, timings)})
 
     def merged(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(results, timings) as merged by the last invocation; empty frames when absent."""
@@ -325,7 +471,7 @@ class GridFolder:
 
     def write_pairwise(self, df: pd.DataFrame) -> None:
         """pairwise.csv: the grid report's method-vs-method significance counts."""
-        atomic_write_csv(self.path / PAIRWISE, df)
+        Manifest(self.path).write({PAIRWISE: lambda p: atomic_write_csv(p, df)})
 
     def write_report(self, texts: dict[str, str], figures: dict[str, bytes]) -> list[Path]:
         """Reports and figures of the whole grid, in the grid folder (as for a run folder)."""

@@ -281,7 +281,11 @@ def run(cfg: RunConfig, log=print) -> Path:
     for seed in cfg.resolved_seeds():
         for name in methods:
             saved = folder.finished(name, seed)
-            if saved is None:
+            arrays = folder.arrays(name, seed) if saved is not None else None
+            if saved is not None and arrays is None:  # a marker without its arrays: paired.csv needs them
+                log(f"  {name} (seed {seed}): its per-query arrays are missing or unreadable; "
+                    "fitting it again")
+            if arrays is None:
                 pending.append((name, seed))
                 continue
             charges.saw(saved["timings"], seed)
@@ -290,7 +294,7 @@ def run(cfg: RunConfig, log=print) -> Path:
                 "times": saved["timings"],
                 "sensitivity": saved.get("sensitivity", []),
                 "diagnostics": saved.get("diagnostics", {}),
-                "arrays": folder.arrays(name, seed) if pairing else None,
+                "arrays": arrays if pairing else None,
             }
             log(f"  {name} (seed {seed}): done earlier, reused")
     t0 = time.perf_counter()

@@ -30,12 +30,12 @@ HOW_TO_GET = (f"pass --data-dir DIR with DIR/cifar-10-batches-py (the official p
               "(or put it in ../shared/data beside the project)")
 
 
-def shared_archive() -> Path | None:
-    """../shared/data/cifar10-jpeg.tar.gz beside the project (looked for above the project root too,
-    so a git worktree nested below it finds the same shared folder)."""
+def shared_archive(name: str = ARCHIVE) -> Path | None:
+    """../shared/data/<name> (default: cifar10-jpeg.tar.gz) beside the project (looked for above the
+    project root too, so a git worktree nested below it finds the same shared folder)."""
     root = Path(__file__).resolve().parents[1]
     for parent in root.parents:
-        cand = parent / "shared" / "data" / ARCHIVE
+        cand = parent / "shared" / "data" / name
         if cand.is_file():
             return cand
     return None

@@ -52,6 +52,17 @@ class EigLogdetFullLaplace(FullLaplace):
         return torch.log(self._H_factor * self.evals + self.prior_precision).sum()
 
 
+class FormedCovarianceVariance:
+    """laplace-torch's full GLM variance J Sigma J^T with Sigma formed once: a class rather than a lambda,
+    so a fitted method holds no local function and can be exported (`bench.export`)."""
+
+    def __init__(self, cov: torch.Tensor) -> None:
+        self.cov = cov
+
+    def __call__(self, Js: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ncp,pq,nkq->nck", Js, self.cov, Js)
+
+
 def make_laplace(
     model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True, weights: str = "all"
 ):
@@ -217,8 +228,7 @@ class LaplaceTorch(Method):
                 # laplace-torch's full GLM variance forms Sigma = scale @ scale^T on every call
                 # (`FullLaplace.posterior_covariance`, 2 D^3 flops: 120 s a call at D = 13,410 on one
                 # thread); its own formula, with Sigma formed once (an instance attribute shadows the method)
-                cov = la.posterior_covariance
-                la.functional_variance = lambda Js, cov=cov: torch.einsum("ncp,pq,nkq->nck", Js, cov, Js)
+                la.functional_variance = FormedCovarianceVariance(la.posterior_covariance)
         self.la = la
         self._sample_seed = ctx.seed_for(SAMPLE_STREAM)
         self.diagnostics = {

@@ -22,12 +22,14 @@ class Cell:
 
 @dataclass
 class Table:
-    """A titled table; `notes` are sentences printed under it."""
+    """A titled table; `notes` are sentences printed under it; `wrap`: its cells may wrap (HTML), for
+    tables of sentences or lists rather than numbers."""
 
     title: str
     headers: list[str]
     rows: list[list[Cell]]
     notes: list[str] = field(default_factory=list)
+    wrap: bool = False
 
     def to_text(self, tablefmt: str = "simple") -> str:
         """Plain text (console); marked cells get a trailing ` *`."""
@@ -44,7 +46,8 @@ class Table:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
         rows = []
         for r in self.rows:
-            tds = "".join(f"<td>{'<b>' if c.bold else ''}{html.escape(c.text)}{'</b>' if c.bold else ''}</td>" for c in r)
+            tds = "".join(f"<td>{'<b>' if c.bold else ''}{_ci_html(c.text)}{'</b>' if c.bold else ''}</td>"
+                          for c in r)
             rows.append(f"<tr>{tds}</tr>")
         return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
 
@@ -59,6 +62,18 @@ class Table:
                                     for c in r) + r" \\")
         lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
         return "\n".join(lines)
+
+
+_CI = re.compile(r"^(\S+) (\[[^\]]+\])$")
+
+
+def _ci_html(text: str) -> str:
+    """`0.712 [0.701, 0.723]` as the value over its interval in smaller type (narrow columns, so a
+    table of intervals fits the window); other text escaped as is."""
+    m = _CI.match(text)
+    if not m:
+        return html.escape(text)
+    return f"{html.escape(m.group(1))}<br><span class=ci>{html.escape(m.group(2))}</span>"
 
 
 _LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -138,9 +153,11 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1500px;margin:1.5em auto;padding:0 1em;color:#222}
+CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
+table.wrapcells td{white-space:normal;text-align:left;max-width:420px}.ci{color:#666;font-size:11px}
 table{border-collapse:collapse;margin:.4em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#f0f0f0}td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:4px 0}
+th{background:#f0f0f0;white-space:normal}
+td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:4px 0}
 pre{background:#f6f6f6;padding:.6em;overflow-x:auto}.note{color:#555;font-size:13px}.wrap{overflow-x:auto}
 figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:13px}
 dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}dl.facts dt{font-weight:600}dl.facts dd{margin:0}"""
@@ -162,7 +179,9 @@ def to_html(blocks: list[Block]) -> str:
                 out.append("<dl class=facts>" + "".join(f"<dt>{html.escape(r[0].text)}</dt><dd>{html.escape(r[1].text)}</dd>"
                                                         for r in b.rows) + "</dl>")
             else:
-                tab = b.to_html().replace("<table>", f"<table><caption>{html.escape(b.title)}</caption>", 1)
+                cls = " class=wrapcells" if b.wrap else ""
+                caption = f"<table{cls}><caption>{html.escape(b.title)}</caption>"
+                tab = b.to_html().replace("<table>", caption, 1)
                 out.append(f"<div class=wrap>{tab}</div>" + "".join(f"<p class=note>{_inline_md_to_html(n)}</p>" for n in b.notes))
         elif isinstance(b, Figure):
             data = base64.b64encode(b.png).decode("ascii")

@@ -272,10 +272,79 @@ def _merged(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str
     return res.assign(variant=res["cell"].map(cells)), tim.assign(variant=tim["cell"].map(cells)), cells
 
 
+def _blocks_by_criterion(res: pd.DataFrame, tim: pd.DataFrame, c) -> pd.DataFrame:
+    """(dataset, seed) blocks x variants of one criterion's metric (cost: seconds per cell, base
+    training included)."""
+    from reports.criteria import COST
+
+    if c.metric == COST:
+        if tim.empty:
+            return pd.DataFrame()
+        cost = tim.groupby(["dataset", "seed", "variant"])["seconds"].sum().reset_index(name="value")
+        return cost.pivot_table(index=["dataset", "seed"], columns="variant", values="value", aggfunc="first")
+    d = res[res["metric"] == c.metric]
+    return d.pivot_table(index=["dataset", "seed"], columns="variant", values="value", aggfunc="first")
+
+
+def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame) -> list[Block]:
+    """Findings across the grid: per criterion (reports/criteria.py), the method with the best mean rank
+    over the (dataset, seed) blocks and those not significantly different from it (Friedman test,
+    then Nemenyi's critical difference; reports/rank_tests.py), one sentence each, the rank heat-map."""
+    from types import SimpleNamespace
+
+    from reports.criteria import criteria
+    from reports.findings import rank_heatmap
+    from reports.rank_tests import friedman_nemenyi
+
+    out: list[Block] = [Heading("Findings")]
+    crits = criteria(SimpleNamespace(results=res, config=grid.meta.get("base_config", {})))
+    variants = ordered(res["variant"])
+    rows, sentences, ranks = [], [], {}
+    for c in crits:
+        v = friedman_nemenyi(_blocks_by_criterion(res, tim, c), c.higher)
+        if v.best is None:
+            continue
+        ranks[c.title] = v.mean_ranks
+        p = "n/a" if math.isnan(v.p) else f"{v.p:.2g}"
+        label = header(c.metric) if c.metric != "seconds" else "seconds"
+        rows.append([Cell(c.title), Cell(label), Cell(v.best, True), Cell(f"{v.mean_ranks[v.best]:.2f}"),
+                     Cell(", ".join(v.tied) or "none"), Cell(p), Cell(str(v.n_blocks))])
+        test = "Wilcoxon" if len(v.mean_ranks) == 2 else "Friedman"
+        if math.isnan(v.p):
+            why = "too few blocks for a test"
+        elif not v.p < 0.05:
+            why = f"the {test} test finds no difference"
+        else:
+            why = f"within Nemenyi's critical difference {v.cd:.2f} of its mean rank"
+        names = ", ".join(f"`{t}`" for t in v.tied)
+        tied = (f"; not significantly different ({why}): {names}" if v.tied
+                else f"; every other method ranks significantly worse ({why})")
+        sentences.append(Para(f"**{c.title}.** {c.question} **{v.best}** (mean rank "
+                              f"{v.mean_ranks[v.best]:.2f} over {v.n_blocks} dataset x seed blocks){tied}."))
+    if not rows:
+        return out + [Para("No criterion has values in every block.", note=True)]
+    out.append(Para("Methods ranked within each (dataset, seed) block (1 = best), ranks averaged; Friedman "
+                    "test that all methods rank alike (two methods: Wilcoxon), then Nemenyi's critical "
+                    "difference (alpha 0.05) for which methods are not significantly different from the "
+                    "best. Blocks missing a method's value are left out.", note=True))
+    heads = ["criterion", "metric", "best", "mean rank", "not significantly different", "p (Friedman)",
+             "blocks"]
+    out.append(Table("Best method per criterion across the grid", heads, rows, wrap=True))
+    out += sentences
+    rk = pd.DataFrame(ranks).reindex(variants)
+    if rk.shape[1] >= 2 and len(rk) >= 2:
+        out.append(Figure("findings_ranks", "Mean rank over (dataset, seed) blocks per criterion (1 = best).",
+                          P.png_bytes(rank_heatmap(rk.round(2)), dpi=90)))
+    return out
+
+
 def build_grid_report(grid: GridFolder) -> tuple[list[Block], pd.DataFrame]:
-    """The whole report as blocks, and the pairwise significance frame (pairwise.csv)."""
+    """The whole report as blocks (the title, Findings first), and the pairwise significance frame
+    (pairwise.csv)."""
     res, tim, cells = _merged(grid)
-    blocks = header_blocks(grid) + failure_blocks(grid)
+    head = header_blocks(grid)
+    blocks = (head[:1] + grid_findings_blocks(grid, res, tim) + [Heading("Grid")] + head[1:]
+              + failure_blocks(grid))
     frames = []
     for d in grid.meta["spec"]["datasets"]:
         b, pw = dataset_blocks(grid, d, res[res["dataset"] == d], tim[tim["dataset"] == d], cells)
@@ -296,16 +365,38 @@ def render_grid_report(grid_dir: str | Path, formats: list[str]) -> list[Path]:
     return grid.write_report({fmt: WRITERS[fmt](blocks) for fmt in dict.fromkeys(formats)}, figures)
 
 
-def print_grid_summary(grid_dir: str | Path) -> None:
-    """Print each dataset's method table (mean over seeds with t-intervals)."""
+def full_grid_text(grid_dir: str | Path) -> str:
+    """Every table of the grid report as console text (`bench report GRID --format text`)."""
+    return to_text(build_grid_report(GridFolder(grid_dir))[0])
+
+
+def grid_summary_text(grid_dir: str | Path, report: str | Path | None = None) -> str:
+    """Per dataset one table of at most 100 columns: a row per method (variant), a column per criterion,
+    the mean over seeds; then where the report is."""
+    from types import SimpleNamespace
+
+    from reports.criteria import criteria
+    from reports.findings import SUMMARY_NOTE, display_path, summary_table
+
     grid = GridFolder(grid_dir)
     try:
-        res, _, _ = _merged(grid)
+        res, tim, _ = _merged(grid)
     except BenchError as e:
-        print(e)
-        return
+        return f"{e}\n"
+    out = []
     for d in grid.meta["spec"]["datasets"]:
-        r = res[res["dataset"] == d]
-        if not r.empty:
-            summ = seed_summary(r.assign(method=r["variant"]), _level(grid))
-            print(f"== {d} ==\n" + to_text(seeds_tables(summ, ordered(r["variant"]))), end="")
+        r, t = res[res["dataset"] == d], tim[tim["dataset"] == d] if not tim.empty else tim
+        if r.empty:
+            continue
+        crits = criteria(SimpleNamespace(results=r, config=grid.meta.get("base_config", {})))
+        vals = {c.key: _blocks_by_criterion(r, t, c).mean(axis=0) for c in crits}
+        out.append(f"== {d} (mean over seeds) ==\n" + summary_table(ordered(r["variant"]), crits, vals))
+    out.append(SUMMARY_NOTE)
+    if report is not None:
+        out.append(f"report: {display_path(report)}")
+    return "\n".join(out) + "\n"
+
+
+def print_grid_summary(grid_dir: str | Path, report: str | Path | None = None) -> None:
+    """Print `grid_summary_text`."""
+    print(grid_summary_text(grid_dir, report), end="")

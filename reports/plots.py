@@ -10,7 +10,6 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from bench.conventions import NEAR_OOD_SET
 from bench.metrics.uncertainty import score_from_var
 
 DPI = 120
@@ -39,11 +38,20 @@ def class_style(c: int) -> tuple[str, str]:
     return CLASS_COLOURS[c % len(CLASS_COLOURS)], CLASS_MARKERS[(c // 7) % len(CLASS_MARKERS)]
 
 
-def png_bytes(fig: Figure) -> bytes:
-    """The figure as PNG bytes at DPI."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)  # fixed margins (subplots_adjust): a tight bbox costs a second draw
-    return buf.getvalue()
+def png_bytes(fig: Figure, dpi: int = DPI) -> bytes:
+    """The figure as PNG bytes at `dpi`, reduced to a 256-colour palette (plots use few colours; the
+    palette makes each PNG about 3x smaller, which keeps report.html, where they are embedded, small)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from PIL import Image
+
+    fig.set_dpi(dpi)  # fixed margins (subplots_adjust): a tight bbox would cost a second draw
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    rgb = np.asarray(canvas.buffer_rgba())[..., :3]
+    out = io.BytesIO()
+    palette = Image.fromarray(rgb).quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    palette.save(out, format="PNG", optimize=True)
+    return out.getvalue()
 
 
 def uncertainty(arrs: dict[str, np.ndarray], prefix: str) -> np.ndarray | None:
@@ -76,44 +84,6 @@ def project_2d(id_mean: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarra
     return proj(x), [proj(o) for o in others], f"PCA projection of the {d}-d embeddings (PC1, PC2: {100 * explained:.0f}% of ID variance)"
 
 
-
-
-def embedding_figure(arrs: dict[str, np.ndarray], method: str, class_names: list[str], seed: int) -> tuple[Figure, str]:
-    """The seed's Figs 1-2: mean embeddings of the ID test set coloured (and shaped) by class; OOD sets
-    as black/grey crosses (the held-out-class set coloured by its true class, drawn with crosses).
-    Returns (figure, axis note)."""
-    sets = ood_sets(arrs)
-    id2, ood2, note = project_2d(arrs["id_mean"], [arrs[f"ood_{s}_mean"] for s in sets])
-    y = np.asarray(arrs["id_labels"]).astype(int)
-    fig = Figure(figsize=(9.5, 6.0))
-    fig.subplots_adjust(left=0.08, right=0.68, top=0.93, bottom=0.09)
-    ax = fig.add_subplot()
-    name = lambda c: f"{c}: {class_names[c]}" if 0 <= c < len(class_names) else f"class {c}"  # noqa: E731
-    handles = []
-    for c in np.unique(y):
-        col, mk = class_style(int(c))
-        sel = y == c
-        ax.scatter(id2[sel, 0], id2[sel, 1], s=10, c=col, marker=mk, alpha=0.75, linewidths=0, rasterized=True)
-        handles.append(Line2D([], [], color=col, marker=mk, linestyle="", label=name(int(c))))
-    for i, (s, pts) in enumerate(zip(sets, ood2)):
-        labels = np.asarray(arrs.get(f"ood_{s}_labels", np.full(len(pts), -1))).astype(int)
-        colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
-        if s == NEAR_OOD_SET and len(labels) and (labels >= 0).all():  # held-out classes: colour by their class
-            # (other OOD sets, e.g. MNIST digits, have labels of another label space: one style each)
-            for c in np.unique(labels):
-                sel = labels == c
-                col, _ = class_style(int(c))
-                ax.scatter(pts[sel, 0], pts[sel, 1], s=22, c=col, marker="x", alpha=0.8, linewidths=1.0, rasterized=True)
-                handles.append(Line2D([], [], color=col, marker="x", linestyle="", label=f"OOD {s}: {name(int(c))}"))
-        else:
-            ax.scatter(pts[:, 0], pts[:, 1], s=18, c=colour, marker=mk, alpha=0.5, linewidths=0.8, rasterized=True)
-            handles.append(Line2D([], [], color=colour, marker=mk, linestyle="", label=f"OOD: {s}"))
-    ax.set_title(f"{method} (seed {seed}): ID test embeddings by class, OOD as crosses")
-    ax.set_xlabel("PC1" if "PCA" in note else "dim 1")
-    ax.set_ylabel("PC2" if "PCA" in note else "dim 2")
-    ax.legend(handles=handles, loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    ax.grid(alpha=0.3)
-    return fig, note
 
 
 def roc_points(score_id: np.ndarray, score_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -311,3 +281,63 @@ def timing_figure(stages: pd.DataFrame) -> Figure | None:
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(0, max(bottom.max() * 1.15, 1e-3))
     return fig
+
+
+EMBED_POINTS = 2500  # at most this many points per query set in an embedding plot (a seeded subsample)
+
+
+def _subsample(n: int, k: int, seed: int = 0) -> np.ndarray:
+    return np.arange(n) if n <= k else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, dict[str, np.ndarray]],
+                                 title: str, class_names: list[str], score_name: str) -> tuple[Figure, str]:
+    """The seed's Fig. 3 for one mean embedding: the 2-d projection of the ID test queries and every OOD
+    set together; the first panel coloured by class (OOD as crosses), then one panel per method that
+    shares this mean, each point coloured by that method's uncertainty score (its percentile among
+    the ID and OOD queries shown, so methods with different score scales compare) and sized by it.
+    `scores`: method -> {query set (`id` or an OOD set): score vector}. Returns (figure, axis note)."""
+    from matplotlib import cm, colors
+
+    sets = ood_sets(arrs)
+    id2, ood2, note = project_2d(arrs["id_mean"], [arrs[f"ood_{s}_mean"] for s in sets])
+    pick = {"id": _subsample(len(id2), EMBED_POINTS)}
+    pick |= {s: _subsample(len(p), EMBED_POINTS // 2, i + 1) for i, (s, p) in enumerate(zip(sets, ood2))}
+    pts = {"id": id2} | dict(zip(sets, ood2))
+    fig, axes = _grid(1 + len(scores), width=4.2, height=3.9, max_cols=3)
+    ax = axes[0]
+    y = np.asarray(arrs["id_labels"]).astype(int)[pick["id"]]
+    p = id2[pick["id"]]
+    for c in np.unique(y):
+        col, mk = class_style(int(c))
+        label = class_names[c] if 0 <= c < len(class_names) else f"class {c}"
+        ax.scatter(p[y == c, 0], p[y == c, 1], s=5, c=col, marker=mk, alpha=0.7, linewidths=0,
+                   rasterized=True, label=label)
+    for i, s in enumerate(sets):
+        colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
+        q = pts[s][pick[s]]
+        ax.scatter(q[:, 0], q[:, 1], s=9, c=colour, marker=mk, alpha=0.45, linewidths=0.6, rasterized=True,
+                   label=f"OOD: {s}")
+    ax.set_title("by class; OOD as crosses", fontsize=9)
+    ax.legend(fontsize=6, markerscale=1.5, loc="best", frameon=False, ncol=2)
+    norm = colors.Normalize(0, 100)
+    for ax, (m, sc) in zip(axes[1:], scores.items()):
+        pooled = np.concatenate([sc[k][pick[k]] for k in pts if k in sc])
+        for k, marker in [(k, "o" if k == "id" else "x") for k in pts]:
+            if k not in sc:
+                continue
+            u = sc[k][pick[k]]
+            pct = 100 * np.searchsorted(np.sort(pooled), u, side="right") / max(len(pooled), 1)
+            q = pts[k][pick[k]]
+            ax.scatter(q[:, 0], q[:, 1], c=pct, cmap="viridis", norm=norm, s=3 + 22 * pct / 100,
+                       marker=marker, alpha=0.7, linewidths=0.6 if marker == "x" else 0, rasterized=True)
+        ax.set_title(f"{m}: {score_name} (o ID, x OOD)", fontsize=9)
+    if len(scores):
+        fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes[1:], shrink=0.8,
+                     label="uncertainty percentile (ID + OOD shown)")
+    for ax in axes:
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    fig.subplots_adjust(top=1 - 0.75 / fig.get_figheight())
+    fig.suptitle(title, fontsize=10, y=1 - 0.1 / fig.get_figheight(), va="top")
+    return fig, note

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from bench.config import bootstrap_resamples
@@ -18,8 +19,10 @@ from reports.seed_comparison import seed_comparison_blocks
 from reports.sensitivity import sensitivity_blocks
 from reports.formats import Block, Cell, Code, Figure, Heading, Para, Table, to_html, to_latex, to_markdown, to_text
 from reports.scores import score_blocks
-from reports.tables import (RESULTS_NOTE, ci_level as _level, paired_tables, results_tables, run_seed_summary as _seed_summary,
-                            seeds_tables, stage_frame, timing_table)
+from reports.selective import selective_blocks
+from reports.findings import detail_blocks, findings, findings_blocks, summary_text
+from reports.tables import (ci_level as _level, paired_tables, run_seed_summary as _seed_summary,
+                            stage_frame)
 
 WRITERS = {"md": to_markdown, "html": to_html, "latex": to_latex}
 
@@ -84,25 +87,6 @@ def failure_blocks(run: RunFolder) -> list[Block]:
     return out
 
 
-def results_blocks(run: RunFolder) -> list[Block]:
-    """Per-seed tables; with several seeds, the across-seed summary first."""
-    out: list[Block] = [Heading("Results")]
-    if run.results.empty:
-        return out + [Para("No results: every method failed (see Failures).")]
-    level = _level(run)
-    if len(run.seeds) > 1:
-        summ, src = _seed_summary(run)
-        out += [Heading("Across seeds", 3),
-                Para(f"Mean over {len(run.seeds)} seeds [Student-t {100 * level:g}% interval across seeds] ({src}); "
-                     "**bold**: best mean per column.", note=True)]
-        out += seeds_tables(summ, run.methods)
-        out.append(Heading("Per seed", 3))
-    out.append(Para(RESULTS_NOTE, note=True))
-    for s in run.seeds:
-        out += results_tables(run.results, s, run.methods)
-    return out
-
-
 def paired_blocks(run: RunFolder) -> list[Block]:
     out: list[Block] = [Heading(f"Paired differences vs {REFERENCE}")]
     if run.paired is not None and not run.paired.empty:
@@ -122,13 +106,6 @@ def paired_blocks(run: RunFolder) -> list[Block]:
     return out + paired_tables(df, run.methods)
 
 
-def timing_blocks(run: RunFolder) -> list[Block]:
-    t = timing_table(run.timings, run.methods, run.post_hoc_methods())
-    if t is None:
-        return [Heading("Wall time"), Para("No timings recorded.")]
-    return [Heading("Wall time"), t]
-
-
 def _metric_map(run: RunFolder, metric: str, seed: int) -> dict[str, float]:
     r = run.results
     d = r[(r["seed"] == seed) & (r["metric"] == metric)]
@@ -145,13 +122,7 @@ def figure_blocks(run: RunFolder) -> list[Block]:
     if missing:
         out.append(Para(f"No per-query arrays for {', '.join(missing)}{seed_note}: their embedding and uncertainty plots are skipped.", note=True))
 
-    out.append(Heading("Embeddings", 3))
-    names = run.class_names()
-    for m, a in pq.items():
-        if "id_mean" not in a:
-            continue
-        fig, note = P.embedding_figure(a, m, names, seed)
-        out.append(_fig(f"embedding_{m}", fig, f"{m}{seed_note}: ID test embeddings coloured by class; OOD points as crosses. Axes: {note}."))
+    out += embedding_blocks(run, pq, seed, seed_note)
 
     out.append(Heading("Uncertainty of ID vs OOD queries", 3))
     for m, a in pq.items():
@@ -188,6 +159,48 @@ def figure_blocks(run: RunFolder) -> list[Block]:
     return out
 
 
+def distinct_means(pq: dict[str, dict[str, np.ndarray]]) -> list[list[str]]:
+    """Methods grouped by identical ID and OOD mean embeddings (post-hoc methods share the base model's
+    mean), in method order."""
+    groups: list[list[str]] = []
+    for m, a in pq.items():
+        if "id_mean" not in a:
+            continue
+        for g in groups:
+            b = pq[g[0]]
+            if all(k in b and np.array_equal(a[k], b[k]) for k in a if k.endswith("_mean")):
+                g.append(m)
+                break
+        else:
+            groups.append([m])
+    return groups
+
+
+def embedding_blocks(run: RunFolder, pq: dict[str, dict[str, np.ndarray]], seed: int, seed_note: str
+                     ) -> list[Block]:
+    """One figure per distinct mean embedding, ID and OOD together, each method sharing it shown as a
+    panel coloured by its OOD score (the seed paper's Fig. 3)."""
+    from reports.criteria import _score
+
+    score = run.config.get("ood_score")
+    out: list[Block] = [Heading("Embeddings and their uncertainty", 3)]
+    names = run.class_names()
+    for group in distinct_means(pq):
+        a = pq[group[0]]
+        sets = ["id", *P.ood_sets(a)]
+        scores = {m: {s: v for s in sets if (v := _score(pq[m], s, score)) is not None} for m in group}
+        scores = {m: v for m, v in scores.items() if "id" in v}
+        title = ", ".join(group) if len(group) <= 4 else f"{group[0]} and {len(group) - 1} post-hoc methods"
+        fig, note = P.uncertainty_embedding_figure(a, scores, f"Mean embedding of {title}{seed_note}", names,
+                                                   score or "uncertainty")
+        shared = f"shared by {', '.join(group)}; " if len(group) > 1 else ""
+        out.append(_fig(f"embedding_{group[0]}", fig, f"Mean embedding of {group[0]} ({shared}axes: {note}). "
+                        "First panel by class, OOD as crosses; then per method each point coloured and sized "
+                        "by its "
+                        f"uncertainty ({score or 'trace'}) percentile, ID (o) and OOD (x) together.", dpi=80))
+    return out
+
+
 def _at_k_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
     """(method, metric, value, lo, hi) for the @K plot: the bootstrap CI of the single seed, or the
     mean and t-interval over seeds."""
@@ -200,25 +213,42 @@ def _at_k_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
     return s[["method", "metric", "value", "lo", "hi"]], f"t-interval over {len(run.seeds)} seeds"
 
 
-def _fig(name: str, fig, caption: str) -> Figure:
+def _fig(name: str, fig, caption: str, dpi: int = 90) -> Figure:
     name = re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)
-    return Figure(name, caption, P.png_bytes(fig))
+    return Figure(name, caption, P.png_bytes(fig, dpi=dpi))
 
 
 def build_report(run: RunFolder) -> list[Block]:
-    """The whole report as blocks."""
-    return (header_blocks(run) + failure_blocks(run) + results_blocks(run) + score_blocks(run)
-            + seed_comparison_blocks(run) + paired_blocks(run) + online_comparison_blocks(run)
-            + timing_blocks(run) + figure_blocks(run) + sensitivity_blocks(run))
+    """The whole report as blocks: the title, Findings first, then the details per criterion, the
+    figures, the uncertainty-score analysis, the comparisons, and the run's facts and command."""
+    fs = findings(run)
+    return ([title_block(run)] + findings_blocks(run, fs) + failure_blocks(run) + detail_blocks(run, fs)
+            + figure_blocks(run) + score_blocks(run) + selective_blocks(run)
+            + seed_comparison_blocks(run)
+            + paired_blocks(run) + online_comparison_blocks(run) + sensitivity_blocks(run)
+            + [Heading("Run")] + header_blocks(run)[1:])
 
 
-def print_summary(run_dir: str | Path) -> None:
-    """Print the report's result tables (with several seeds: the mean and t-interval across seeds,
-    then each seed's bootstrap CIs), the wall-time table and any failures."""
-    run = RunFolder(run_dir)
-    print(to_text(results_blocks(run) + timing_blocks(run)), end="")
-    for f in run.meta.get("failures", []):
-        print(f"FAILED {f['method']} (seed {f['seed']}): {f['error']}")
+def title_block(run: RunFolder) -> Heading:
+    return Heading(f"bench report: {run.config.get('name', run.path.name)}", 1)
+
+
+def summary(run_dir: str | Path, report: str | Path | None = None) -> str:
+    """The terminal summary after a run: one table of at most 100 columns and the report's path
+    (relative to the working directory when it lies under it)."""
+    from reports.findings import display_path
+
+    return summary_text(RunFolder(run_dir), None if report is None else display_path(report))
+
+
+def print_summary(run_dir: str | Path, report: str | Path | None = None) -> None:
+    """Print `summary()`."""
+    print(summary(run_dir, report), end="")
+
+
+def full_text(run_dir: str | Path) -> str:
+    """Every table of the report as console text (`bench report RUN --format text`)."""
+    return to_text(build_report(RunFolder(run_dir)))
 
 
 def render_report(run_dir: str | Path, formats: list[str]) -> list[Path]:

@@ -1,5 +1,5 @@
 """The uncertainty-score section of a run's report: for every method x score, whether the score
-predicts the method's own retrieval errors (AUSE, AURG, error_AUROC, ECE), the confound diagnostics
+predicts the method's own retrieval errors (AUSE, AURG, R-AUROC, ECE), the confound diagnostics
 (Spearman overall and within class), OOD separation per set, the best score of each method, which
 method predicts its own errors best, and sparsification curves per score. Read from results.csv
 and the saved score vectors alone; metric names follow `<metric>:<score>` (bench.conventions)."""
@@ -11,6 +11,7 @@ from matplotlib.figure import Figure as MplFigure
 
 from bench.config import bootstrap_resamples
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, split_score_metric
+from bench.evaluate import ALIASES
 from bench.metrics.aggregate import seed_summary
 from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.ranking import error_auroc_from_ranks, ranking_statistics
@@ -21,10 +22,10 @@ from reports import plots as P
 from reports.formats import Block, Cell, Figure, Heading, Para, Table
 from reports.tables import fmt_ci, ood_set, ordered
 
-ID_COLUMNS = ("AUSE", "AURG", "error_AUROC", "ECE", "Spearman", "Spearman_within")
+ID_COLUMNS = ("AUSE", "AURG", "R-AUROC", "ECE", "Spearman", "Spearman_within")
 OOD_COLUMNS = ("AUROC", "FPR95")
 SELECT_BY = "AURG"  # a method's best score: the largest gain over a random order (= the lowest AUSE)
-COMPARE_BY = "error_AUROC"  # methods compared by their best score's error-detection AUROC (base-rate free)
+COMPARE_BY = "R-AUROC"  # methods compared by their best score's error-detection AUROC (base-rate free)
 CORRECT = f"pq_{CORRECTNESS_METRIC}"
 
 
@@ -33,7 +34,10 @@ def score_frame(results: pd.DataFrame) -> pd.DataFrame:
     metric (e.g. `AUROC[heldout]`), score, value, ci_low, ci_high."""
     parts = [split_score_metric(m) for m in results["metric"]]
     df = results.assign(metric=[p[0] for p in parts], score=[p[1] for p in parts])
-    return df[df["score"].notna()].reset_index(drop=True)
+    df = df[df["score"].notna()]
+    for old, new in ALIASES.items():  # an alias row duplicates its new name; older folders have only the old
+        df = df[df["metric"] != old] if (df["metric"] == new).any() else df.replace({"metric": {old: new}})
+    return df.reset_index(drop=True)
 
 
 def score_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
@@ -68,7 +72,7 @@ def _negative(rec: dict) -> bool:
     return rec["hi"] < 0  # correlation CI below 0
 
 
-BOLD_RULES = {"AURG": _beats_random, "error_AUROC": lambda r: r["lo"] > 0.5, "Spearman": _negative,
+BOLD_RULES = {"AURG": _beats_random, "R-AUROC": lambda r: r["lo"] > 0.5, "Spearman": _negative,
               "Spearman_within": _negative}
 
 
@@ -85,13 +89,13 @@ def score_tables(summ: pd.DataFrame, methods: list[str], how: str, suffix: str =
     ood_cols = [f"{c}[{s}]" for s in sets for c in OOD_COLUMNS]
     ood_rows = [[Cell(f"{m} / {s}")] + [_cell(idx.get((m, s, c))) for c in ood_cols] for m, s in rows]
     notes = [f"Cells: {how}. AURG = AUSE of a random order - AUSE: **bold** when its interval lies above 0 "
-             "(the score's sparsification curve beats a random order); error_AUROC (P(score of a wrong query > "
+             "(the score's sparsification curve beats a random order); R-AUROC (P(score of a wrong query > "
              "score of a right one), chance 0.5, independent of the error rate): bold above 0.5; Spearman "
              "(score vs precision@1 correctness; negative = informative) overall and averaged within the "
              "queries' true classes: bold below 0. A score that is informative overall but not within class "
              "ranks classes, not queries."]
     return [Table(f"Uncertainty scores: do they predict the method's own retrieval errors? (ID test queries){suffix}",
-                  ["method / score", "AUSE ↓", "AURG ↑", "error_AUROC ↑", "ECE ↓", "Spearman ↓", "Spearman_within ↓"],
+                  ["method / score", "AUSE ↓", "AURG ↑", "R-AUROC ↑", "ECE ↓", "Spearman ↓", "Spearman_within ↓"],
                   id_rows, notes),
             Table(f"Uncertainty scores: OOD separation (ID test queries vs each OOD set; OOD positive){suffix}",
                   ["method / score", *[c + (" ↑" if c.startswith("AUROC") else " ↓") for c in ood_cols]], ood_rows)]
@@ -106,7 +110,7 @@ def _seeds_beating_random(frame: pd.DataFrame, method: str, score: str) -> str:
 def best_score_table(summ: pd.DataFrame, methods: list[str], frame: pd.DataFrame) -> Table | None:
     """Per method, the score with the largest AURG (lowest AUSE), whether it beats a random order (the
     interval of AURG above 0; and on how many seeds its bootstrap CI does, from `frame` =
-    score_frame(results)), and its error_AUROC and within-class Spearman."""
+    score_frame(results)), and its R-AUROC and within-class Spearman."""
     idx = {(r["method"], r["score"], r["metric"]): r for r in summ.to_dict("records")}
     out = []
     for m in ordered(summ["method"], methods):
@@ -125,7 +129,7 @@ def best_score_table(summ: pd.DataFrame, methods: list[str], frame: pd.DataFrame
     note = ("Chosen on the same queries it is scored on (the best of several scores: the interval of the chosen "
             "one is optimistic).")
     return Table("Best score per method (largest AURG = lowest AUSE)",
-                 ["method", "best score", "AUSE ↓", "AURG ↑", "beats random", "seeds: AURG CI > 0", "error_AUROC ↑",
+                 ["method", "best score", "AUSE ↓", "AURG ↑", "beats random", "seeds: AURG CI > 0", "R-AUROC ↑",
                   "Spearman_within ↓"], out, [note])
 
 
@@ -139,7 +143,7 @@ def _diff_error_auroc(ua, ca, ub, cb, axis=-1):
 
 
 def method_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) -> tuple[Table | None, str]:
-    """Methods ranked by the error_AUROC of their best score (by error_AUROC), and the paired bootstrap
+    """Methods ranked by the R-AUROC of their best score (by R-AUROC), and the paired bootstrap
     difference (same queries resampled for both; per seed) of the leader against every other method."""
     idx = {(r["method"], r["score"], r["metric"]): r for r in summ.to_dict("records")}
     best: dict[str, tuple[float, str]] = {}
@@ -181,7 +185,7 @@ BASELINE = "knn_disagreement"  # the score that needs no predictive (bench/score
 
 
 def _diff_ranking(ua, ub, c, axis=-1):
-    """[2, ...]: (AURG, error_AUROC) of score a minus score b on the same queries."""
+    """[2, ...]: (AURG, R-AUROC) of score a minus score b on the same queries."""
     a = ranking_statistics(ua, c, np.zeros(np.shape(c), np.int16), axis)
     b = ranking_statistics(ub, c, np.zeros(np.shape(c), np.int16), axis)
     return (a - b)[[1, 2]]
@@ -190,7 +194,7 @@ def _diff_ranking(ua, ub, c, axis=-1):
 def baseline_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) -> Table | None:
     """Per method and seed: its best predictive score (largest mean AURG among the scores that need a
     predictive) minus the predictive-free BASELINE on the same method's mean embedding, in AURG and
-    error_AUROC, paired bootstrap over the same queries (one resample for both scores)."""
+    R-AUROC, paired bootstrap over the same queries (one resample for both scores)."""
     idx = {(r["method"], r["score"], r["metric"]): r for r in summ.to_dict("records")}
     cfg = run.config
     boot = dict(n_resamples=bootstrap_resamples(cfg), level=float(cfg.get("ci_level", 0.95)),
@@ -216,7 +220,7 @@ def baseline_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) 
             "K nearest neighbours of the mean embedding), same method, same queries, paired bootstrap; **bold**: the "
             "interval excludes 0. Above 0: the predictive adds to what the mean embedding's neighbourhood already says.")
     return Table(f"Does the predictive beat the no-predictive baseline ({BASELINE})?",
-                 ["method", "seed", "score", "Δ AURG", "Δ error_AUROC"], rows, [note])
+                 ["method", "seed", "score", "Δ AURG", "Δ R-AUROC"], rows, [note])
 
 
 def score_sparsification_figure(per_method: dict[str, dict[str, np.ndarray]], scores: list[str]) -> MplFigure | None:

@@ -30,8 +30,9 @@ def run_seed_summary(run: "RunFolder") -> tuple[pd.DataFrame, str]:
 
 DIGITS = 3
 HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision", "AURG",
-                 "error_AUROC")
-LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman")  # other metrics are shown but never marked
+                 "error_AUROC", "R-AUROC")
+# other metrics are shown but never marked
+LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman", "AURC", "E-AURC", "AUGRC", "Risk@")
 
 
 def _isnan(x) -> bool:
@@ -98,6 +99,17 @@ def metric_groups(metrics: list[str]) -> list[tuple[str, list[str]]]:
     return [(k, groups[k]) for k in keys]
 
 
+MAX_COLUMNS = 7  # metric columns per table (plus the row label): wider tables are split
+
+
+def column_chunks(metrics: list[str], size: int = MAX_COLUMNS) -> list[tuple[str, list[str]]]:
+    """(title suffix, metrics) chunks of at most `size` metrics, as even as possible (8 -> 4 + 4):
+    `""` for the first, ` (2)`, ` (3)`, ... after."""
+    n = -(-len(metrics) // size) if metrics else 0
+    bounds = [round(i * len(metrics) / n) for i in range(n + 1)] if n else []
+    return [("" if i == 0 else f" ({i + 1})", metrics[bounds[i]:bounds[i + 1]]) for i in range(n)]
+
+
 def ordered(values, preferred: list[str] | None = None) -> list[str]:
     """Unique values in first-seen order, those in `preferred` first (in its order)."""
     seen = list(dict.fromkeys(values))
@@ -149,9 +161,10 @@ def results_tables(results: pd.DataFrame, seed: int, methods: list[str] | None =
         return []
     rows = ordered(df["method"], methods)
     tables = []
-    for title, metrics in metric_groups(ordered(df["metric"])):
-        t = Table(f"{title} (seed {seed})", ["method", *map(header, metrics)], wide_cells(df, "method", metrics, rows))
-        tables.append(t)
+    for title, group in metric_groups(ordered(df["metric"])):
+        for part, metrics in column_chunks(group):
+            tables.append(Table(f"{title} (seed {seed}){part}", ["method", *map(header, metrics)],
+                                wide_cells(df, "method", metrics, rows)))
     return tables
 
 
@@ -167,9 +180,10 @@ def seeds_tables(summary: pd.DataFrame, methods: list[str] | None = None) -> lis
         return []
     rows = ordered(summary["method"], methods)
     out = []
-    for title, metrics in metric_groups(ordered(summary["metric"])):
-        cells = wide_cells(summary, "method", metrics, rows, value="mean", lo="t_low", hi="t_high")
-        out.append(Table(f"{title} (mean over seeds)", ["method", *map(header, metrics)], cells))
+    for title, group in metric_groups(ordered(summary["metric"])):
+        for part, metrics in column_chunks(group):
+            cells = wide_cells(summary, "method", metrics, rows, value="mean", lo="t_low", hi="t_high")
+            out.append(Table(f"{title} (mean over seeds){part}", ["method", *map(header, metrics)], cells))
     return out
 
 
@@ -186,9 +200,12 @@ def paired_tables(paired: pd.DataFrame, methods: list[str] | None = None) -> lis
     p["_o"] = p["method"].map({m: i for i, m in enumerate(order_m)})
     rows = ordered(p.sort_values(["_o", "seed"], kind="stable")["row"])
     out = []
-    for title, metrics in metric_groups(ordered(p["metric"])):
-        cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True)
-        out.append(Table(f"{title}: paired difference", ["difference", *map(header, metrics)], cells))
+    for title, group in metric_groups(ordered(p["metric"])):
+        for part, metrics in column_chunks(group):
+            cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True,
+                               mark_nonzero=True)
+            out.append(Table(f"{title}: paired difference{part}", ["difference", *map(header, metrics)],
+                             cells))
     return out
 
 

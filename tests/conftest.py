@@ -1,5 +1,6 @@
-"""Shared fixtures: a smoke config on the synthetic dataset, a CLI runner, and the `--device` option
-(cpu by default; e.g. `pytest --device cuda`) of the tests that fit methods (`tests.fit_helpers.run_device`)."""
+"""Shared fixtures: a private data cache per session, a smoke config on the synthetic dataset, a CLI
+runner, and the `--device` option (cpu by default; e.g. `pytest --device cuda`) of the tests that fit
+methods (`tests.fit_helpers.run_device`)."""
 from __future__ import annotations
 
 import os
@@ -31,6 +32,16 @@ def pytest_configure(config):
         os.environ[DEVICE_ENV] = str(resolve_device(config.getoption("--device")))
     except BenchError as e:
         raise pytest.UsageError(str(e)) from None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_data_cache(tmp_path_factory):
+    """Datasets decoded or downloaded by the tests (CIFAR-10 from the shared archive, MNIST) go to a
+    folder of this test session, never into the user's cache (`$BENCH_DATA_CACHE`, else ~/.cache/bench).
+    Set in os.environ so worker processes (the grid's forkserver, Ray) inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BENCH_DATA_CACHE", str(tmp_path_factory.mktemp("data-cache")))
+        yield
 
 
 @pytest.fixture

@@ -9,10 +9,20 @@ from bench.model import build_model, num_params
 from bench.registry import BACKBONES, DATASETS, METHODS, Registry
 
 
-def test_presets_exist_and_validate():
-    for name in ("smoke", "default", "paper"):
-        cfg = preset_config(name)
-        assert cfg.preset == name
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_validates_and_names_registered_plugins(name):
+    """preset_config() builds without validating: each preset must pass the generic checks, every method's
+    own checks ("all" expanded by the runner) and name a registered dataset, backbone and far-OOD sets."""
+    from bench.config import validate
+    from bench.runner import resolve_methods
+
+    cfg = preset_config(name)
+    assert cfg.preset == name and all(getattr(cfg, k) == v for k, v in PRESETS[name][1].items())
+    validate(cfg)
+    assert resolve_methods(cfg)  # METHODS.get(m).validate(cfg) for each
+    DATASETS.get(cfg.dataset), BACKBONES.get(cfg.backbone)
+    for far in cfg.far_ood or ():
+        DATASETS.get(far)
 
 
 def test_paper_preset_is_the_seed_protocol():

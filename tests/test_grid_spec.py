@@ -9,8 +9,9 @@ def test_seed_ranges_and_lists():
     assert parse_seeds("0-4") == (0, 1, 2, 3, 4)
     assert parse_seeds("0,2,7") == (0, 2, 7)
     assert parse_seeds("0-2,7,1") == (0, 1, 2, 7)
-    for bad in ("a", "3-1", "1,,2", "-1"):
-        with pytest.raises(BenchError):
+    for bad, why in (("a", "expected e.g. 0-4"), ("3-1", "start after end"), ("1,,2", "expected e.g. 0-4"),
+                     ("-1", "expected e.g. 0-4")):
+        with pytest.raises(BenchError, match=f"bad seed.* '{bad}'.*{why}"):
             parse_seeds(bad)
 
 
@@ -26,10 +27,16 @@ def test_set_values_make_axes_and_tuple_fields_keep_their_commas():
     assert list(spec.axes) == ["epochs"] and spec.base_config().hidden == (32, 32)
 
 
-@pytest.mark.parametrize("item", ["seed=1", "methods=plain", "dataset=synthetic", "epochs", "nonsense=1", "epochs=x"])
-def test_bad_set_items_fail_with_one_line(item):
-    with pytest.raises(BenchError):
+@pytest.mark.parametrize("item, why", [
+    ("seed=1", r"--set seed=\.\.\. is not allowed in a grid: use --datasets"),
+    ("methods=plain", r"--set methods=\.\.\. is not allowed"),
+    ("dataset=synthetic", r"--set dataset=\.\.\. is not allowed"),
+    ("epochs", "--set expects FIELD=VALUE, got 'epochs'"), ("nonsense=1", "unknown config field 'nonsense'"),
+    ("epochs=x", "bad value 'x' for epochs: expected int")])
+def test_bad_set_items_fail_with_one_line(item, why):
+    with pytest.raises(BenchError, match=why) as e:
         GridSpec(("synthetic",), ("plain",), (0,), "smoke", (item,)).base_config()
+    assert "\n" not in str(e.value)
 
 
 def test_expansion_shares_one_base_per_dataset_weights_and_seed():

@@ -167,7 +167,7 @@ def test_memory_refusal_is_one_clear_line():
     with pytest.raises(BenchError, match="last_layer_la, diag_la or kfac_la") as e:
         check_full_memory(200_000, torch.float32, torch.device("cpu"))
     assert "GiB" in str(e.value) and "\n" not in str(e.value)
-    with pytest.raises(BenchError):
+    with pytest.raises(BenchError, match=r"full 1000x1000 float64 posterior .* only 0\.0 GiB is free"):
         check_full_memory(1000, torch.float64, torch.device("cpu"), available=10_000_000)
     check_full_memory(1000, torch.float64, torch.device("cpu"), available=10**9)
 

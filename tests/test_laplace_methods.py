@@ -152,5 +152,8 @@ def test_predictives_share_draws_across_query_sets_and_lmc_moments_approach_glm(
         # the same items in a second call (another query set, another chunk) get the same draws
         assert torch.allclose(predict_on(glm, x[10:]).samples, pg.samples[:, 10:], atol=1e-6)
     assert pg.samples.shape == (4000, 20, cfg.embed_dim) and torch.equal(pg.samples, pl.samples)
-    assert torch.allclose(pl.var, pg.var, rtol=0.15)  # 4000 draws: s.e. of a variance ~2.2%
+    # 4000 Gaussian draws: a sample variance's relative s.e. is sqrt(2 / 3999) = 2.2%; as z-scores the
+    # 40 entries stay within 4 (a 10% bias in the LMC variance puts every entry near 4.5) and average near 0
+    z = (pl.var / pg.var - 1) / (2 / 3999) ** 0.5
+    assert z.abs().max() < 4 and z.mean().abs() < 2, z
     assert torch.allclose(pl.mean, pg.mean, atol=float(3 * (pg.var / 4000).sqrt().max()))

@@ -35,7 +35,7 @@ def test_deterministic_method_gets_nan_uncertainty_metrics(toy):
     assert list(ev.scalars)[:len(names)] == names
     assert all(np.isnan(ev.scalars[n]).all() for n in names)
     for score in SCORES.names():  # predictive scores are n/a, the predictive-free baseline is not
-        vals = [ev.scalars[score_metric(m, score)] for m in score_metric_names(["far", "near"])]
+        vals = [ev.scalars[score_metric(m, score)] for m in score_metric_names(["far", "near"], cfg.ks)]
         assert np.isnan(vals).all() == SCORES.meta(score)["predictive"], score
     assert not ev.extras
     rows = {r["metric"]: r for r in ev.rows(cfg)}

@@ -92,7 +92,7 @@ def test_count_bootstrap_intervals_agree_with_the_resampling_bootstrap():
         return ranking_statistics(uu, mm, cc.astype(np.int64), axis)
 
     ref = bootstrap_ci((u, m, y.astype(float)), stat, n_resamples=2000, seed=0, paired=True)
-    for i, k in enumerate(("AUSE", "AURG", "error_AUROC", "Spearman", "Spearman_within")):
+    for i, k in enumerate(("AUSE", "AURG", "R-AUROC", "Spearman", "Spearman_within")):
         width = ref.high[i] - ref.low[i]
         assert got[k][0] == pytest.approx(ref.value[i])
         assert abs(got[k][1] - ref.low[i]) < 0.1 * width and abs(got[k][2] - ref.high[i]) < 0.1 * width

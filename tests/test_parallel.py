@@ -36,6 +36,7 @@ def _tables(folder):
     )
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_serial_results_and_charge_the_base_once(tmp_path):
     serial = _tables(run(_cfg(tmp_path, 1), log=lambda *_: None))
     lines: list[str] = []
@@ -91,3 +92,47 @@ def test_workers_stay_single_threaded():
 def test_negative_workers_is_a_one_line_error():
     with pytest.raises(BenchError, match="workers must be >= 0"):
         preset_config("smoke").replace(workers=-1)
+
+
+def test_a_dead_worker_fails_its_fit_in_one_line_and_the_same_command_finishes_the_rest(tmp_path):
+    """A worker killed mid-fit (the OOM killer, a segfault) breaks the whole process pool: the fits it took
+    down are retried alone, so only the dead fit fails, named in one line with nothing half-written kept,
+    and rerunning the command fits it."""
+    import os
+    import signal
+
+    from bench.registry import register_method
+    from methods.plain import PlainEmbedding
+
+    parent, switch = os.getpid(), tmp_path / "die"
+
+    @register_method("_dies_in_worker")
+    class DiesInWorker(PlainEmbedding):
+        """Test-only: SIGKILLs its own worker process while the switch file exists."""
+
+        def fit(self, ctx):
+            if switch.exists() and os.getpid() != parent:
+                os.kill(os.getpid(), signal.SIGKILL)
+            super().fit(ctx)
+
+    switch.touch()
+    methods = ("plain", "_dies_in_worker", "diag_la")
+    try:
+        cfg = _cfg(tmp_path, 2).replace(methods=methods, far_ood=(), bootstrap_resamples=50)
+        lines: list[str] = []
+        folder = run(cfg, log=lines.append)
+        res, _, meta = _tables(folder)
+        failed = {f["method"]: f["error"] for f in meta["failures"]}
+        assert meta["status"] == "complete-with-failures" and list(failed) == ["_dies_in_worker"]
+        assert failed["_dies_in_worker"].startswith("worker process failed: BrokenProcessPool")
+        assert "\n" not in failed["_dies_in_worker"] and "_dies_in_worker (seed 0) FAILED" in "\n".join(lines)
+        assert list(dict.fromkeys(res.method)) == ["plain", "diag_la"]  # the healthy fits, in the run's order
+        assert {p.stem for p in (folder / "methods").glob("*.json")} == {"plain-seed0", "diag_la-seed0"}
+        switch.unlink()
+        again = run(cfg, log=lines.append)
+        res, _, meta = _tables(again)
+        assert again == folder and meta["status"] == "complete"
+        assert list(dict.fromkeys(res.method)) == list(methods)
+        assert sum("done earlier, reused" in ln for ln in lines) == 2
+    finally:
+        METHODS.remove("_dies_in_worker")

@@ -21,6 +21,7 @@ def _run_dirs(out: Path) -> list[Path]:
     return sorted(d for d in out.iterdir() if d.is_dir() and d.name != "cache")
 
 
+@pytest.mark.slow
 def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
     methods = ",".join(m for m in ("plain", "diag_la", "mc_dropout") if m in METHODS.names())
     for out in ("a", "b"):  # separate --out: both train from scratch
@@ -29,6 +30,7 @@ def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     # killed in the second method's training: online_la's (curvature accumulated in training), then the rest
     methods = [m for m in ("plain", "online_la", "mc_dropout", "deep_ensemble") if m in METHODS.names()]
@@ -107,43 +109,71 @@ def test_non_finite_training_loss_fails_the_method_clearly(cli, tmp_path):
     assert meta["failures"] and "non-finite training loss" in meta["failures"][0]["error"]
 
 
+# flag -> [(value, expected)]: expected is (config field, recorded value) for an accepted value, else a
+# fragment of the one-line error that refuses it
 FLAG_POOL = {
-    "--methods": ["plain", "", "nope", "plain,plain", "all_but_typo"],
-    "--epochs": ["1", "0", "-3", "x"],
-    "--batch-size": ["2", "16", "1", "abc"],
-    "--seed": ["0", "7", "-1", "1.5"],
-    "--set ks": ["ks=1,2", "ks=0", "ks=", "ks=a"],
-    "--set heldout_classes": ["heldout_classes=9", "heldout_classes=10", "heldout_classes=0,1,2,3,4,5,6,7,8",
-                              "heldout_classes=1,1"],
-    "--set hidden": ["hidden=4", "hidden=0", "hidden=8,8"],
-    "--device": ["cpu", "gpu", "cuda:7"],
-    "--dataset": ["synthetic", "imagenet"],
-    "--data-dir": [None, "/nonexistent/dir"],
+    "--methods": [("plain", ("methods", ["plain"])), ("", "empty method list"),
+                  ("nope", "unknown method 'nope'"), ("plain,plain", ("methods", ["plain", "plain"])),
+                  ("all_but_typo", "unknown method 'all_but_typo'")],
+    "--epochs": [("1", ("epochs", 1)), ("0", "epochs must be >= 1"), ("-3", "epochs must be >= 1"),
+                 ("x", "bad value 'x' for epochs")],
+    "--batch-size": [("2", ("batch_size", 2)), ("16", ("batch_size", 16)), ("1", "batch-size must be >= 2"),
+                     ("abc", "bad value 'abc' for batch_size")],
+    "--seed": [("0", ("seed", 0)), ("7", ("seed", 7)), ("-1", "seeds must be >= 0"),
+               ("1.5", "bad value '1.5' for seed")],
+    "--set ks": [("ks=1,2", ("ks", [1, 2])), ("ks=0", "every K must be >= 1"),
+                 ("ks=", "every K must be >= 1"),
+                 ("ks=a", "bad value 'a' for ks")],
+    "--set heldout_classes": [("heldout_classes=9", ("heldout_classes", [9])),
+                              ("heldout_classes=10", "heldout classes [10] are outside"),
+                              ("heldout_classes=0,1,2,3,4,5,6,7,8", "fewer than 2 training classes"),
+                              ("heldout_classes=1,1", "heldout_classes has duplicates")],
+    "--set hidden": [("hidden=4", ("hidden", [4])), ("hidden=0", "hidden widths must be >= 1"),
+                     ("hidden=8,8", ("hidden", [8, 8]))],
+    "--device": [("cpu", ("device", "cpu")), ("gpu", "device must be auto, cpu or cuda"),
+                 ("cuda:7", "cuda:7")],
+    "--dataset": [("synthetic", ("dataset", "synthetic")), ("imagenet", "unknown dataset 'imagenet'")],
+    "--data-dir": [(None, None), ("/nonexistent/dir", ("data_dir", "/nonexistent/dir"))],  # synthetic: unused
 }
 
 
 def test_random_flag_combinations_run_or_fail_clearly(cli, tmp_path):
+    """Each bad value is refused with its own one-line error and no results; each accepted one is
+    recorded in the run's config.json."""
     rng = np.random.default_rng(2026)
+    refused = accepted = 0
     for trial in range(14):
-        argv = ["run", "--preset", "smoke", "--quiet", "--no-report", "--out", str(tmp_path / f"t{trial}")]
+        argv = ["run", "--preset", "smoke", "--quiet", "--no-report", "--out", str(tmp_path / f"t{trial}"),
+                "--set", "bootstrap_resamples=20"]
         picks = rng.choice(list(FLAG_POOL), size=rng.integers(1, 4), replace=False)
         if "--dataset" not in picks:
             argv += ["--dataset", "synthetic"]
         if "--methods" not in picks:
             argv += ["--methods", "plain"]
+        expected = []
         for flag in picks:
-            val = FLAG_POOL[flag][rng.integers(len(FLAG_POOL[flag]))]
-            if val is None:
-                continue
-            argv += ["--set", val] if flag.startswith("--set") else [flag, val]
+            # odd trials draw valid values only
+            choices = [c for c in FLAG_POOL[flag] if trial % 2 == 0 or not isinstance(c[1], str)]
+            val, expect = choices[rng.integers(len(choices))]
+            if val is not None:
+                argv += ["--set", val] if flag.startswith("--set") else [flag, val]
+                expected.append(expect)
+        errors = [e for e in expected if isinstance(e, str)]
         code, out, err = cli(*argv)
-        assert code in (0, 2), (argv, err)
-        if code == 2:
+        if errors:
+            refused += 1
             lines = err.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
+            assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), (argv, err)
+            assert any(e in lines[0] for e in errors), (argv, err)
             assert not list((tmp_path / f"t{trial}").glob("*/results.csv")), "no partial results on bad input"
         else:
-            assert list((tmp_path / f"t{trial}").glob("*/results.csv")), argv
+            accepted += 1
+            assert code == 0, (argv, err)
+            (config,) = (tmp_path / f"t{trial}").glob("*/config.json")
+            folder, recorded = config.parent, json.loads(config.read_text())["config"]
+            assert (folder / "results.csv").is_file()
+            assert all(recorded[k] == v for k, v in expected), (argv, recorded)
+    assert refused >= 3 and accepted >= 7
 
 
 def test_report_refuses_an_incompatible_run_folder(cli, tmp_path):
@@ -151,7 +181,8 @@ def test_report_refuses_an_incompatible_run_folder(cli, tmp_path):
     d = _run_dirs(tmp_path)[0]
     meta = json.loads((d / "config.json").read_text())
     meta["format_version"] = 999
-    (d / "config.json").write_text(json.dumps(meta))
+    from bench.run_folder import RunWriter
+    RunWriter(d).write_config(meta, meta["status"])  # rewritten by bench (recorded), not damaged
     code, _, err = cli("report", str(d))
     assert code == 2 and "incompatible" in err and len(err.strip().splitlines()) == 1
 

@@ -16,14 +16,15 @@ from matplotlib import image as mpimg
 
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences
-from bench.run_folder import RunFolder
+from bench.run_folder import RunFolder, RunWriter
 from reports.render import render_report, reproduce_command
 from reports.tables import best_marks, direction
 from tests.reports_fixture import make_run
 
 ALL = ["md", "html", "latex"]
 EXPECTED_PLOTS = {"embedding_plain", "embedding_diag_la", "embedding_mc_dropout", "uncertainty_diag_la",
-                  "uncertainty_mc_dropout", "reliability", "sparsification", "map_at_k", "timing"}
+                  "uncertainty_mc_dropout", "reliability", "sparsification", "map_at_k", "timing",
+                  "findings_cost", "findings_ranks"}
 
 
 @pytest.fixture(scope="module")
@@ -100,9 +101,11 @@ def test_render_creates_every_file(rendered):
     md = (d / "report.md").read_text()
     for name in EXPECTED_PLOTS:
         assert f"(plots/{name}.png)" in md
-    for section in ("## Results", "## Paired differences vs plain", "## Wall time", "### Embeddings",
-                    "### Reliability", "### Sparsification", "### Retrieval against K"):
+    for section in ("## Findings", "## Details per criterion", "## Paired differences vs plain", "### Cost",
+                    "### Embeddings and their uncertainty", "### Reliability", "### Sparsification",
+                    "### Retrieval against K"):
         assert section in md
+    assert re.findall(r"^## .*$", md, re.M)[0] == "## Findings"  # the first section
     assert "`plain`: no uncertainty" in md  # plots needing uncertainty are skipped with a note
     assert "counted once" in md
 
@@ -168,7 +171,7 @@ def test_several_seeds_pca_and_paired_csv(rendered_seeds):
     d, _ = rendered_seeds
     md = (d / "report.md").read_text()
     assert "PCA projection of the 8-d embeddings" in md
-    assert "### Across seeds" in md and "computed from results.csv" in md
+    assert "(mean over seeds)" in md and "### Per seed" in md
     assert "**+0.050 [0.010, 0.090]**" in md  # paired.csv: CI excludes 0 -> bold
     assert "-0.010 [-0.050, 0.030]" in md and "**-0.010" not in md
     assert "t-interval over 3 seeds" in md
@@ -206,7 +209,8 @@ def test_plain_only_run_and_missing_reference(tmp_path):
     d = make_run(tmp_path / "a", methods={"plain": False})
     render_report(d, ["md"])
     md = (d / "report.md").read_text()
-    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing"}
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
+                                                             "findings_cost"}
     assert "No reliability data for plain" in md and "No sparsification data for plain" in md
     d2 = make_run(tmp_path / "b", methods={"diag_la": True})
     render_report(d2, ["md"])
@@ -250,7 +254,7 @@ def test_class_names_come_from_config_json_only(tmp_path):
     assert RunFolder(d).class_names()[9] == "Ankle boot"
     meta = json.loads((d / "config.json").read_text())
     del meta["class_names"]  # no fallback to the dataset module: legends then say `class k`
-    (d / "config.json").write_text(json.dumps(meta))
+    RunWriter(d).write_config(meta, meta["status"])
     assert RunFolder(d).class_names() == []
 
 
@@ -265,6 +269,7 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
     assert code == 0, err
     assert "report.html" in stdout
     assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
+                                                             "findings_cost", "risk_coverage",
                                                              "sparsification_scores"}  # plain: knn_disagreement
     res = pd.read_csv(d / "results.csv")
     assert check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()  # score cells shown too
@@ -288,17 +293,16 @@ def test_run_where_every_method_failed(tmp_path):
 
 def test_far_ood_points_are_not_named_after_the_datasets_classes(tmp_path):
     """MNIST digits labelled 0-9 must not appear as 'OOD mnist: 0: T-shirt/top' in the legend."""
-    from reports.plots import embedding_figure
+    from reports.plots import uncertainty_embedding_figure
 
     rng = np.random.default_rng(0)
     arrs = {"id_mean": rng.normal(size=(30, 2)), "id_labels": np.arange(30) % 3,
             "ood_heldout_mean": rng.normal(size=(6, 2)), "ood_heldout_labels": np.full(6, 7),
             "ood_mnist_mean": rng.normal(size=(9, 2)), "ood_mnist_labels": np.arange(9) % 3}
     names = [f"c{i}" for i in range(10)]
-    fig, _ = embedding_figure(arrs, "m", names, 0)
+    fig, _ = uncertainty_embedding_figure(arrs, {}, "m", names, "trace")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert "OOD heldout: 7: c7" in labels and "OOD: mnist" in labels
-    assert not any(t.startswith("OOD mnist:") for t in labels)
+    assert labels == ["c0", "c1", "c2", "OOD: heldout", "OOD: mnist"]
 
 
 def test_with_base_column_follows_the_recorded_post_hoc_flag():

@@ -1,5 +1,6 @@
-"""report.html in a real headless browser (Debian's `chromium`): every image decodes, and a
-screenshot of the page is not blank. Skipped when chromium is not installed; run on demand with
+"""report.html in a real headless browser (Debian's `chromium`): "Findings" is the first section,
+every image decodes, nothing scrolls sideways in a 1280-px window, and a screenshot is not blank.
+Skipped when chromium is not installed; run on demand with
 `pytest -m browser tests/test_reports_browser.py`."""
 from __future__ import annotations
 
@@ -17,9 +18,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")]
 
 # appended to a copy of the report: after load, record how many <img> failed to decode
-PROBE = ("<script>window.addEventListener('load',()=>{const im=[...document.images];"
-         "document.body.setAttribute('data-images',im.length);"
-         "document.body.setAttribute('data-broken',im.filter(i=>!(i.complete&&i.naturalWidth>0)).length);});</script>")
+# and the first section's title, whether the page is wider than the window, and how many table
+# wrappers scroll sideways inside it
+PROBE = ("<script>window.addEventListener('load',()=>{const im=[...document.images],b=document.body;"
+         "b.setAttribute('data-images',im.length);"
+         "b.setAttribute('data-broken',im.filter(i=>!(i.complete&&i.naturalWidth>0)).length);"
+         "b.setAttribute('data-first-h2',document.querySelector('h2').textContent);"
+         "b.setAttribute('data-page-overflow',document.documentElement.scrollWidth-window.innerWidth);"
+         "b.setAttribute('data-wide-tables',[...document.querySelectorAll('.wrap')]"
+         ".filter(w=>w.scrollWidth>w.clientWidth+1).length);});</script>")
 
 
 def chromium(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -36,11 +43,15 @@ def test_html_report_opens_with_every_image(tmp_path):
     lone.write_text((d / "report.html").read_text().replace("</body>", PROBE + "</body>"))
     n_png = len(list((d / "plots").glob("*.png")))
 
-    r = chromium("--virtual-time-budget=10000", "--dump-dom", lone.as_uri())
+    r = chromium("--virtual-time-budget=10000", "--window-size=1280,900", "--dump-dom", lone.as_uri())
     assert r.returncode == 0, r.stderr[-2000:]
     body = re.search(r"<body[^>]*>", r.stdout).group(0)
     assert f'data-images="{n_png}"' in body, body
     assert 'data-broken="0"' in body, body
+    assert 'data-first-h2="Findings"' in body, body
+    overflow = int(re.search(r'data-page-overflow="(-?\d+)"', body).group(1))
+    assert overflow <= 0, body  # no horizontal scrollbar
+    assert 'data-wide-tables="0"' in body, body
 
     shot = tmp_path / "screenshot.png"
     r = chromium(f"--screenshot={shot}", "--window-size=1400,2400", "--virtual-time-budget=10000",

@@ -77,7 +77,13 @@ def test_report_files_and_stale_figures(tmp_path):
     ("bad_csv", "cannot read results.csv"),
 ])
 def test_reader_errors_are_one_line(tmp_path, breakage, fragment):
+    """The reader's own checks, on a folder from before checksum manifests (with one, the manifest names
+    the damaged file first: tests/test_manifest.py)."""
     d = _finished(tmp_path).path
+    (d / "manifest.json").unlink()
+    meta = json.loads((d / "config.json").read_text())
+    meta.pop("manifest")
+    (d / "config.json").write_text(json.dumps(meta))
     if breakage == "no_config":
         (d / "config.json").unlink()
     elif breakage == "bad_json":

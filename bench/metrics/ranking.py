@@ -11,14 +11,15 @@ from bench.metrics.correlation import as_rows, class_codes, is_binary, pearson_r
 from bench.metrics.sparsification import FRACTIONS, curves_from_order
 from bench.metrics.weighted import RankingSort
 
-RANKING_METRICS = ("AUSE", "AURG", "error_AUROC", "Spearman", "Spearman_within")
+RANKING_METRICS = ("AUSE", "AURG", "R-AUROC", "Spearman", "Spearman_within")
 
 
 def error_auroc_from_ranks(ranks: np.ndarray, m: np.ndarray) -> np.ndarray:
-    """error_AUROC = P(u_wrong > u_right) + 1/2 P(u_wrong = u_right): how well the score separates
-    the wrong queries (m = 0) from the right ones (m = 1), from the mean ranks of u (Mann-Whitney:
-    (R_wrong - n_w (n_w + 1) / 2) / (n_w n_r)). Independent of the error rate, unlike AUSE and AURG,
-    so it compares methods of different accuracy. NaN unless m is 0/1 with both values present."""
+    """R-AUROC (formerly error_AUROC) = P(u_wrong > u_right) + 1/2 P(u_wrong = u_right): how well the
+    score separates the wrong queries (m = 0) from the right ones (m = 1), from the mean ranks of u
+    (Mann-Whitney: (R_wrong - n_w (n_w + 1) / 2) / (n_w n_r)). Independent of the error rate, unlike
+    AUSE and AURG, so it compares methods of different accuracy. NaN unless m is 0/1 with both values
+    present."""
     wrong = 1.0 - m
     n_w, n_r = wrong.sum(-1), m.sum(-1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -27,7 +28,7 @@ def error_auroc_from_ranks(ranks: np.ndarray, m: np.ndarray) -> np.ndarray:
 
 
 def ranking_statistics(u: np.ndarray, m: np.ndarray, codes: np.ndarray, axis: int = -1) -> np.ndarray:
-    """[5, ...]: AUSE, AURG, error_AUROC, Spearman(u, m) and the within-class mean Spearman of score
+    """[5, ...]: AUSE, AURG, R-AUROC, Spearman(u, m) and the within-class mean Spearman of score
     u against the per-query metric m (higher is better), classes `codes` (class_codes), vectorised
     over leading axes. Equal to ause(), aurg(), sklearn's roc_auc_score(1 - m, u), spearman() and
     within_class_spearman() (tested); one stable sort of u serves all five (plus a radix sort of the
@@ -51,7 +52,7 @@ def ranking_statistics(u: np.ndarray, m: np.ndarray, codes: np.ndarray, axis: in
 
 def ranking_metrics(u: np.ndarray, metric: np.ndarray, classes: np.ndarray, n_resamples: int = 1000,
                     level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
-    """{AUSE, AURG, error_AUROC, Spearman, Spearman_within: (value, ci_low, ci_high)} of score u [N] against the
+    """{AUSE, AURG, R-AUROC, Spearman, Spearman_within: (value, ci_low, ci_high)} of score u [N] against the
     per-query metric [N] (the queries' true classes [N] only for the within-class mean); percentile
     bootstrap over queries, rows (u, metric, class) resampled together (for a 0/1 metric as item
     multiplicities on the data sorted once, `RankingSort`; else by recomputing on each resample)."""

@@ -1,5 +1,5 @@
 """Sort-once bootstrap statistics: AUROC / AUPR / FPR95 / var_ratio, ECE, and the ranking statistics
-(AUSE, AURG, error_AUROC, Spearman, Spearman_within) as functions of per-item multiplicities.
+(AUSE, AURG, R-AUROC, Spearman, Spearman_within) as functions of per-item multiplicities.
 
 A bootstrap resample of n items is the items repeated c_i times (c ~ Multinomial(n, 1/n)). Every
 statistic here depends on the resample only through the order of its values and the tie runs, both
@@ -86,7 +86,7 @@ class CalibrationSort:
 class RankingSort:
     """Score u [n], a 0/1 metric m [n] (higher is better) and classes [n], sorted once by u (and once by
     class, then u); `weighted(w)` [5, batch] is `bench.metrics.ranking.ranking_statistics` (AUSE, AURG,
-    error_AUROC, Spearman, Spearman_within) of the resample with multiplicities w [batch, n].
+    R-AUROC, Spearman, Spearman_within) of the resample with multiplicities w [batch, n].
 
     Ranks are mean ranks of tie runs, as on the expanded resample. The sparsification curve keeps the
     least uncertain queries first; among queries with *equal* u it takes them in the original order
