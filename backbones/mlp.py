@@ -1,4 +1,5 @@
 """The seed paper's embedding net: a Linear-ReLU stack on flattened images (5 Linear layers by default)."""
+
 from __future__ import annotations
 
 import math

@@ -17,6 +17,7 @@ the loss (pos_margin, neg_margin) fix it, so no scaling factor is fitted.
 
 R* may be a reflection (det -1) on purpose: reflections are symmetries of the loss too.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -61,8 +62,10 @@ def fit_procrustes(source: torch.Tensor, target: torch.Tensor, center: bool = Tr
     shapes, fewer than 2 points, or non-finite inputs.
     """
     if source.ndim != 2 or source.shape != target.shape:
-        raise BenchError(f"procrustes needs two [n, d] arrays of the same shape, got {tuple(source.shape)} "
-                         f"and {tuple(target.shape)}")
+        raise BenchError(
+            f"procrustes needs two [n, d] arrays of the same shape, got {tuple(source.shape)} "
+            f"and {tuple(target.shape)}"
+        )
     if source.shape[0] < 2:
         raise BenchError(f"procrustes needs at least 2 paired points, got {source.shape[0]}")
     s = source.detach().to("cpu", torch.float64)
@@ -77,6 +80,6 @@ def fit_procrustes(source: torch.Tensor, target: torch.Tensor, center: bool = Tr
     r = u @ vh
     aligned = sc @ r + mu_t
     rms = float(((aligned - t) ** 2).sum(1).mean().sqrt())
-    spread = float((tc ** 2).sum(1).mean().sqrt())
+    spread = float((tc**2).sum(1).mean().sqrt())
     dtype = source.dtype if source.is_floating_point() else torch.float32
     return Alignment(r.to(dtype), mu_s.to(dtype), mu_t.to(dtype), rms, rms / spread if spread > 0 else 0.0)

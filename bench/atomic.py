@@ -1,11 +1,13 @@
 """Atomic file writes: readers see the old file or the whole new one, never a part (killed runs stay clean)."""
+
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,17 +39,21 @@ def _atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write text so that readers see the old file or the whole new one, never a part."""
+
     def w(tmp: str) -> None:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
+
     _atomic(path, w)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write bytes atomically (images, archives)."""
+
     def w(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
+
     _atomic(path, w)
 
 
@@ -61,9 +67,11 @@ def atomic_write_csv(path: Path, df: pd.DataFrame) -> None:
 
 def atomic_savez(path: Path, compressed: bool = True, **arrays: np.ndarray) -> None:
     """Arrays into one .npz (zip-compressed unless `compressed=False`: large image arrays load faster raw)."""
+
     def w(tmp: str) -> None:
         with open(tmp, "wb") as f:
             (np.savez_compressed if compressed else np.savez)(f, **arrays)
+
     _atomic(path, w)
 
 

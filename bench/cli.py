@@ -1,13 +1,14 @@
 """Command line: `python -m bench run|grid|list|report|export|inspect|hessian-bench|step-profile`."""
+
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
-from bench.config import PRESETS, parse_value, preset_config, apply_overrides
+from bench.config import PRESETS, apply_overrides, parse_value, preset_config
 from bench.errors import BenchError
 from bench.tracking import check_tracker, default_uri
 
@@ -23,7 +24,10 @@ RUN_FLAGS = {
     "--data-dir": ("data_dir", "folder holding the dataset files (overrides the default search)"),
     "--out": ("out", "parent folder of run folders (default runs/)"),
     "--name": ("name", "run name, used in the run folder's name (default: the preset)"),
-    "--workers": ("workers", "method fits at once in CPU worker processes (0: one per core, the default; 1: serial)"),
+    "--workers": (
+        "workers",
+        "method fits at once in CPU worker processes (0: one per core, the default; 1: serial)",
+    ),
 }
 
 
@@ -39,15 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="bench", description="Benchmark uncertainty methods for deep metric learning.")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
     r = sub.add_parser("run", help="train once, apply every method, score and report")
-    r.add_argument("--config", metavar="FILE",
-                   help="an experiment file (YAML or JSON: docs/experiment-files.md), or a run folder's "
-                        "config.json to rerun it; the flags below override it")
-    r.add_argument("--preset", default=None,
-                   help=f"one of: {', '.join(PRESETS)} (default: the file's, else default)")
+    r.add_argument(
+        "--config",
+        metavar="FILE",
+        help="an experiment file (YAML or JSON: docs/experiment-files.md), or a run folder's "
+        "config.json to rerun it; the flags below override it",
+    )
+    r.add_argument(
+        "--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: the file's, else default)"
+    )
     for flag, (_, help_) in RUN_FLAGS.items():
         r.add_argument(flag, default=None, help=help_)
-    r.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any config field, e.g. --set hidden=32,32 --set prior_precision=1.0")
+    r.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override any config field, e.g. --set hidden=32,32 --set prior_precision=1.0",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="skip rendering report.md/report.html")
     add_log_flags(r)
@@ -55,61 +68,105 @@ def build_parser() -> argparse.ArgumentParser:
     add_grid_parser(sub)
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
     rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
-    rep.add_argument("--format", default="md,html",
-                     help="comma-separated: md, html, latex (files in the folder); "
-                          "text (every table, printed)")
-    rep.add_argument("--page", metavar="FILE.md", default=None,
-                     help="also write a results page (findings and detail tables; "
-                          "command, commit, machine on top)")
+    rep.add_argument(
+        "--format",
+        default="md,html",
+        help="comma-separated: md, html, latex (files in the folder); text (every table, printed)",
+    )
+    rep.add_argument(
+        "--page",
+        metavar="FILE.md",
+        default=None,
+        help="also write a results page (findings and detail tables; command, commit, machine on top)",
+    )
     ex = sub.add_parser(
-        "export", help="refit one method of a finished run, check it, save it as one file",
+        "export",
+        help="refit one method of a finished run, check it, save it as one file",
         description="Refits METHOD from RUN's config.json and model cache, checks that it reproduces the "
-                    "run's saved predictions and scores bit for bit, and writes one self-contained file that "
-                    "`bench.load(FILE)` serves (docs/export.md).")
+        "run's saved predictions and scores bit for bit, and writes one self-contained file that "
+        "`bench.load(FILE)` serves (docs/export.md).",
+    )
     ex.add_argument("run_dir", metavar="RUN", help="a finished run folder")
     ex.add_argument("--method", required=True, help="the method to export (one the run has results of)")
     ex.add_argument("--seed", type=int, default=None, help="which of the run's seeds (default: its first)")
     ex.add_argument("--out", required=True, metavar="FILE", help="the file to write (e.g. diag_la.pt)")
     ins = sub.add_parser("inspect", help="what an exported file holds: method, seed, source, fit, sizes")
     ins.add_argument("file", metavar="FILE", help="a file written by `bench export`")
-    hb = sub.add_parser("hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul")
+    hb = sub.add_parser(
+        "hessian-bench", help="time the Hessian hot path against laplace-torch and a bare matmul"
+    )
     try:
         from bench.tools import hessian_bench
+
         hessian_bench.add_arguments(hb)
     except ImportError:
         pass
-    sp = sub.add_parser("step-profile", help="where a training step's time goes (fast path vs PML), and torch.compile")
+    sp = sub.add_parser(
+        "step-profile", help="where a training step's time goes (fast path vs PML), and torch.compile"
+    )
     from bench.tools import step_profile
+
     step_profile.add_arguments(sp)
     return p
 
 
 def add_grid_parser(sub) -> None:
-    g = sub.add_parser("grid", help="many runs (datasets x methods x seeds x settings) on a local pool or Ray",
-                       description="Every cell (dataset, setting, method, seed) is one run folder in one grid folder; "
-                                   "`--resume GRID_DIR` finishes what is missing or failed.")
-    g.add_argument("--resume", metavar="GRID_DIR", help="finish an existing grid (its recorded spec; other spec flags refused)")
+    g = sub.add_parser(
+        "grid",
+        help="many runs (datasets x methods x seeds x settings) on a local pool or Ray",
+        description="Every cell (dataset, setting, method, seed) is one run folder in one grid folder; "
+        "`--resume GRID_DIR` finishes what is missing or failed.",
+    )
+    g.add_argument(
+        "--resume",
+        metavar="GRID_DIR",
+        help="finish an existing grid (its recorded spec; other spec flags refused)",
+    )
     spec = g.add_argument_group("what to run (not with --resume)")
-    spec.add_argument("--config", metavar="FILE", help="a grid experiment file (YAML or JSON: "
-                      "docs/experiment-files.md); the flags below override it")
+    spec.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a grid experiment file (YAML or JSON: docs/experiment-files.md); the flags below override it",
+    )
     spec.add_argument("--datasets", help="comma-separated dataset names (default: the preset's)")
     spec.add_argument("--methods", default=None, help="comma-separated method names, or 'all' (default)")
     spec.add_argument("--seeds", default=None, help="seeds: 0-4, 0,1,2 or 0-2,7 (default: 0)")
     spec.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: default)")
-    spec.add_argument("--set", action="append", default=[], metavar="FIELD=V[;V...]",
-                      help="a config field for every cell; several values make a grid axis: repeat --set, or "
-                           "separate values with ';' (and with ',' for non-tuple fields), e.g. --set prior_precision=marglik,grid "
-                           "--set 'hidden=32,32;64,64'")
+    spec.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=V[;V...]",
+        help="a config field for every cell; several values make a grid axis: repeat --set, or "
+        "separate values with ';' (and with ',' for non-tuple fields), e.g. --set prior_precision=marglik,grid "
+        "--set 'hidden=32,32;64,64'",
+    )
     spec.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda or cuda:N")
     spec.add_argument("--data-dir", default=None, help="folder holding the dataset files")
     spec.add_argument("--out", default=None, help="parent folder of the grid folder (default runs/)")
     spec.add_argument("--name", default=None, help="grid name, used in the grid folder's name (default grid)")
     ex = g.add_argument_group("where to run (may change on --resume)")
-    ex.add_argument("--executor", default="local", choices=["local", "ray"], help="local process pool (default) or Ray")
-    ex.add_argument("--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray on this machine")
-    ex.add_argument("--jobs", type=int, default=None, help="tasks at once (local default: CPUs / cpus-per-job; Ray: as resources allow)")
-    ex.add_argument("--cpus-per-job", type=float, default=1.0, help="CPUs (and torch threads) per task (default 1)")
-    ex.add_argument("--gpus-per-job", type=float, default=0.0, help="GPUs per task, fractions share a GPU (Ray only; default 0)")
+    ex.add_argument(
+        "--executor", default="local", choices=["local", "ray"], help="local process pool (default) or Ray"
+    )
+    ex.add_argument(
+        "--address", default=None, help="Ray cluster address (e.g. auto); default: start Ray on this machine"
+    )
+    ex.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="tasks at once (local default: CPUs / cpus-per-job; Ray: as resources allow)",
+    )
+    ex.add_argument(
+        "--cpus-per-job", type=float, default=1.0, help="CPUs (and torch threads) per task (default 1)"
+    )
+    ex.add_argument(
+        "--gpus-per-job",
+        type=float,
+        default=0.0,
+        help="GPUs per task, fractions share a GPU (Ray only; default 0)",
+    )
     g.add_argument("--quiet", action="store_true", help="no live progress bar: a line per finished cell")
     g.add_argument("--no-report", action="store_true", help="skip rendering the grid report")
     add_log_flags(g)
@@ -117,10 +174,20 @@ def add_grid_parser(sub) -> None:
 
 def add_log_flags(p: argparse.ArgumentParser) -> None:
     """--log TRACKER and --log-uri URI (bench/tracking.py; docs/tracking.md)."""
-    p.add_argument("--log", default=None, metavar="TRACKER", help="also log to an experiment tracker: mlflow "
-                   "(one run per method and seed, nested under the bench run; needs the tracking extra)")
-    p.add_argument("--log-uri", default=None, metavar="URI", help="the tracker's store or server (default: "
-                   "sqlite:///<out>/mlflow.db, a local store that `mlflow ui` opens)")
+    p.add_argument(
+        "--log",
+        default=None,
+        metavar="TRACKER",
+        help="also log to an experiment tracker: mlflow "
+        "(one run per method and seed, nested under the bench run; needs the tracking extra)",
+    )
+    p.add_argument(
+        "--log-uri",
+        default=None,
+        metavar="URI",
+        help="the tracker's store or server (default: "
+        "sqlite:///<out>/mlflow.db, a local store that `mlflow ui` opens)",
+    )
 
 
 def config_from_args(args: argparse.Namespace):
@@ -148,17 +215,25 @@ def config_from_args(args: argparse.Namespace):
 
 def cmd_list() -> int:
     from tabulate import tabulate
+
     from bench.registry import BACKBONES, DATASETS, METHODS, SCORES
 
     for reg in (METHODS, DATASETS, BACKBONES, SCORES):
         print(tabulate(reg.descriptions().items(), headers=[reg.kind, "description"]))
         print()
     print(tabulate([(n, d) for n, (d, _) in PRESETS.items()], headers=["preset", "description"]))
-    options = [(name, m, opt.type.__name__, opt.default, opt.help) for m in METHODS.names()
-               for name, opt in METHODS.get(m).options.items()]
+    options = [
+        (name, m, opt.type.__name__, opt.default, opt.help)
+        for m in METHODS.names()
+        for name, opt in METHODS.get(m).options.items()
+    ]
     if options:
         print()
-        print(tabulate(options, headers=["method option (--set NAME=VALUE)", "method", "type", "default", "what"]))
+        print(
+            tabulate(
+                options, headers=["method option (--set NAME=VALUE)", "method", "type", "default", "what"]
+            )
+        )
     return 0
 
 
@@ -177,6 +252,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"run folder: {run_dir}")
     if args.log:
         from bench.tracking import log_run
+
         uri = args.log_uri or default_uri(cfg.out)
         print(f"logged to MLflow: run {log_run(run_dir, uri)} at {uri}")
     return 0
@@ -190,10 +266,18 @@ def cmd_grid(args: argparse.Namespace) -> int:
 
     check_tracker(args.log)
     opts = ExecutorOptions(args.executor, args.address, args.jobs, args.cpus_per_job, args.gpus_per_job)
-    spec_flags = {"--config": args.config, "--datasets": args.datasets, "--methods": args.methods,
-                  "--seeds": args.seeds, "--preset": args.preset, "--set": args.set or None,
-                  "--device": args.device, "--data-dir": args.data_dir, "--out": args.out,
-                  "--name": args.name}
+    spec_flags = {
+        "--config": args.config,
+        "--datasets": args.datasets,
+        "--methods": args.methods,
+        "--seeds": args.seeds,
+        "--preset": args.preset,
+        "--set": args.set or None,
+        "--device": args.device,
+        "--data-dir": args.data_dir,
+        "--out": args.out,
+        "--name": args.name,
+    }
     if args.resume:
         given = [f for f, v in spec_flags.items() if v is not None]
         if given:
@@ -203,9 +287,17 @@ def cmd_grid(args: argparse.Namespace) -> int:
     else:
         _merge_grid_file(args)
         preset = args.preset or "default"
-        spec = GridSpec(datasets=tuple(d.strip() for d in (args.datasets or preset_config(preset).dataset).split(",") if d.strip()),
-                        methods=parse_value("methods", args.methods or "all"), seeds=parse_seeds(args.seeds or "0"),
-                        preset=preset, sets=tuple(args.set), device=args.device, data_dir=args.data_dir)
+        spec = GridSpec(
+            datasets=tuple(
+                d.strip() for d in (args.datasets or preset_config(preset).dataset).split(",") if d.strip()
+            ),
+            methods=parse_value("methods", args.methods or "all"),
+            seeds=parse_seeds(args.seeds or "0"),
+            preset=preset,
+            sets=tuple(args.set),
+            device=args.device,
+            data_dir=args.data_dir,
+        )
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
         verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
     run_grid(grid, opts, quiet=args.quiet)
@@ -217,6 +309,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         print(f"grid folder: {grid.path}")
     if args.log:
         from bench.tracking import log_grid
+
         uri = args.log_uri or default_uri(grid.path.parent)
         print(f"logged to MLflow: grid run {log_grid(grid.path, uri)} at {uri}")
     return 0
@@ -269,8 +362,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     res = export(args.run_dir, args.method, args.out, seed=args.seed)
     retrained = f"; {res.trained} net(s) retrained (not cached)" if res.trained else ""
-    print(f"wrote {res.path} ({res.size / 1e6:.2f} MB): {args.method}, state {', '.join(res.attributes)}; "
-          f"{len(res.checked)} arrays reproduced bit for bit{retrained}")
+    print(
+        f"wrote {res.path} ({res.size / 1e6:.2f} MB): {args.method}, state {', '.join(res.attributes)}; "
+        f"{len(res.checked)} arrays reproduced bit for bit{retrained}"
+    )
     return 0
 
 
@@ -300,9 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_inspect(args)
         if args.command == "hessian-bench":
             from bench.tools import hessian_bench
+
             return hessian_bench.main(args)
         if args.command == "step-profile":
             from bench.tools import step_profile
+
             return step_profile.main(args)
         build_parser().print_help()
         return 2

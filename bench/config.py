@@ -296,24 +296,59 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # (raw-feature R@1 on 600 cub100 test images: 96 px 0.475, 128 px 0.620, 160 px 0.685, at 35 / 91 /
     # 196 ms per image under load), cached features, a trained Linear head, every method; zero-shot on
     # half the classes, near-OOD the other fine-grained set, far-OOD Caltech-101 and PACS sketches
-    **{name: (f"{label}, zero-shot ({split}): frozen ImageNet EfficientNet-Lite0 features at 128 px + a "
-              "trained Linear head to 8-d (weight decay 0.5), 1000 items per test split; every method on a "
-              f"2-core CPU; near-OOD {near}, far-OOD Caltech-101 and PACS sketches (images under --data-dir)",
-              dict(dataset=name, protocol="zero_shot", backbone="efficientnet_lite0", freeze_backbone=True,
-                   image_size=128, crop_fraction=1.0, embed_dim=8, far_ood=(near, "caltech101", "pacs_sketch"),
-                   n_test=1000, epochs=20, batch_size=64, lr=3e-4, weight_decay=0.5,
-                   posterior_samples=30, dropout_passes=30, hessian_items=2048))
-       for name, label, split, near in FINE_GRAINED},
+    **{
+        name: (
+            f"{label}, zero-shot ({split}): frozen ImageNet EfficientNet-Lite0 features at 128 px + a "
+            "trained Linear head to 8-d (weight decay 0.5), 1000 items per test split; every method on a "
+            f"2-core CPU; near-OOD {near}, far-OOD Caltech-101 and PACS sketches (images under --data-dir)",
+            dict(
+                dataset=name,
+                protocol="zero_shot",
+                backbone="efficientnet_lite0",
+                freeze_backbone=True,
+                image_size=128,
+                crop_fraction=1.0,
+                embed_dim=8,
+                far_ood=(near, "caltech101", "pacs_sketch"),
+                n_test=1000,
+                epochs=20,
+                batch_size=64,
+                lr=3e-4,
+                weight_decay=0.5,
+                posterior_samples=30,
+                dropout_passes=30,
+                hessian_items=2048,
+            ),
+        )
+        for name, label, split, near in FINE_GRAINED
+    },
     # the same sets fine-tuned end to end (the cub/cars recipe: 224 px, augmented, GeM, 128-d on the sphere)
-    **{f"{name}_finetune": (f"{label}, zero-shot: ImageNet EfficientNet-Lite0 fine-tuned at 224 px with "
-                            "augmentation, GeM pooling, 128-d L2-normalised embedding, Adam 1e-4, 30 epochs; "
-                            "meant for a GPU (images under --data-dir)",
-                            dict(dataset=name, protocol="zero_shot", backbone="efficientnet_lite0",
-                                 pooling="gem", image_size=224, augment=True, embed_dim=128,
-                                 l2_normalize=True, epochs=30, batch_size=64, lr=1e-4,
-                                 far_ood=(near, "caltech101", "pacs_sketch"), n_test=1000,
-                                 posterior_samples=30, dropout_passes=30, hessian_items=4096))
-       for name, label, _, near in FINE_GRAINED},
+    **{
+        f"{name}_finetune": (
+            f"{label}, zero-shot: ImageNet EfficientNet-Lite0 fine-tuned at 224 px with "
+            "augmentation, GeM pooling, 128-d L2-normalised embedding, Adam 1e-4, 30 epochs; "
+            "meant for a GPU (images under --data-dir)",
+            dict(
+                dataset=name,
+                protocol="zero_shot",
+                backbone="efficientnet_lite0",
+                pooling="gem",
+                image_size=224,
+                augment=True,
+                embed_dim=128,
+                l2_normalize=True,
+                epochs=30,
+                batch_size=64,
+                lr=1e-4,
+                far_ood=(near, "caltech101", "pacs_sketch"),
+                n_test=1000,
+                posterior_samples=30,
+                dropout_passes=30,
+                hessian_items=4096,
+            ),
+        )
+        for name, label, _, near in FINE_GRAINED
+    },
 }
 
 

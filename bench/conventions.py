@@ -1,4 +1,5 @@
 """Names shared by the runner, metrics and reports: defined once here so they cannot drift apart."""
+
 from __future__ import annotations
 
 import re
@@ -31,7 +32,11 @@ def split_score_metric(name: str) -> tuple[str, str | None]:
     """`AUROC[heldout]:trace` -> (`AUROC[heldout]`, `trace`); a headline name -> (name, None)."""
     metric, sep, score = name.rpartition(SCORE_SEP)
     return (metric, score) if sep and metric else (name, None)
-FEATURE_VERSION = 2  # frozen-trunk features: bump when the features methods see change (also in the head's model-cache key)
+
+
+FEATURE_VERSION = (
+    2  # frozen-trunk features: bump when the features methods see change (also in the head's model-cache key)
+)
 
 
 # Per-query arrays of uncertainty scores (in a run folder's per-query files and in memory): one vector

@@ -4,6 +4,7 @@ subsampling, far-OOD sets from the dataset registry, and the one place images ar
 A dataset plugin (`datasets/`) only reads files: it returns a `DataSource` (raw train/test arrays,
 class names, pixel statistics). `load_benchmark(cfg)` does the rest the same way for every source.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +17,6 @@ from bench.conventions import NEAR_OOD_SET
 from bench.errors import BenchError
 from bench.registry import DATASETS
 from bench.splits import DATA_SEED, Dataset, Split, subset_indices  # noqa: F401  (the data types, re-exported)
-
 
 
 @dataclass
@@ -113,11 +113,15 @@ def protocol_indices(src: DataSource, cfg) -> tuple[np.ndarray, np.ndarray, np.n
     if cfg.protocol == "zero_shot":
         seen = src.seen_classes or n_classes // 2
         if not 2 <= seen <= n_classes - 2:
-            raise BenchError(f"zero_shot needs at least 2 seen and 2 unseen classes; {src.name} has {n_classes}")
+            raise BenchError(
+                f"zero_shot needs at least 2 seen and 2 unseen classes; {src.name} has {n_classes}"
+            )
         return np.flatnonzero(src.train_y < seen), np.flatnonzero(src.test_y >= seen), None
     if src.split_by_class:
-        raise BenchError(f"{src.name}'s train and test images hold disjoint classes (its standard zero-shot "
-                         "split); use --set protocol=zero_shot")
+        raise BenchError(
+            f"{src.name}'s train and test images hold disjoint classes (its standard zero-shot "
+            "split); use --set protocol=zero_shot"
+        )
     check_heldout(cfg.heldout_classes, n_classes, cfg.dataset)
     held = np.asarray(cfg.heldout_classes, dtype=src.train_y.dtype)
     train_out, test_out = np.isin(src.train_y, held), np.isin(src.test_y, held)
@@ -171,8 +175,10 @@ class _SplitMaker:
         images = is_images(src.train_x)
         self.lazy = images and (cfg.image_size is not None or cfg.augment or src.train_x.dtype.kind in "UO")
         if self.lazy and cfg.image_size is None and src.train_x.dtype.kind in "UO":
-            raise BenchError(f"{src.name}'s images are files of different sizes: choose an input size, "
-                             "e.g. --set image_size=224")
+            raise BenchError(
+                f"{src.name}'s images are files of different sizes: choose an input size, "
+                "e.g. --set image_size=224"
+            )
         if cfg.augment and not images:
             raise BenchError(f"augment needs image data; {src.name} holds feature vectors")
         self.transform = None
@@ -186,8 +192,17 @@ class _SplitMaker:
             per = lambda v: tuple(float(a) for a in v) if isinstance(v, (tuple, list)) else (float(v),)  # noqa: E731
             self.transform = ImageTransform(size, cfg.crop_fraction, per(mean), per(std), channels)
 
-    def split(self, x: np.ndarray, y: np.ndarray, idx: np.ndarray, n: int | None, fingerprint: str,
-              stats: tuple | None = None, augments: bool = False, swap_red_blue: bool = False) -> Split:
+    def split(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        idx: np.ndarray,
+        n: int | None,
+        fingerprint: str,
+        stats: tuple | None = None,
+        augments: bool = False,
+        swap_red_blue: bool = False,
+    ) -> Split:
         """A seeded subset of n of the items idx of (x, y), normalised (labels as int64); swap_red_blue:
         the stored images are BGR (reversed on read)."""
         sub = subset_indices(len(idx), n)
@@ -200,8 +215,15 @@ class _SplitMaker:
         from bench.images import ImageSplit, ImageStore
 
         cfg = self.cfg
-        return ImageSplit(ImageStore(x, fingerprint, swap_red_blue), idx, labels, self.transform,
-                          cfg.data_workers, cfg.image_chunk, augments=augments)
+        return ImageSplit(
+            ImageStore(x, fingerprint, swap_red_blue),
+            idx,
+            labels,
+            self.transform,
+            cfg.data_workers,
+            cfg.image_chunk,
+            augments=augments,
+        )
 
 
 def _fingerprint(src: DataSource, part: str, x: np.ndarray) -> str:
@@ -231,20 +253,34 @@ def load_benchmark(cfg) -> Dataset:
     fp_test = _fingerprint(src, "test", src.test_x) if make.lazy else ""
     ood: dict[str, Split] = {}
     if near_idx is not None and len(near_idx):
-        ood[NEAR_OOD_SET] = make.split(src.test_x, src.test_y, near_idx, cfg.n_test, fp_test,
-                                       swap_red_blue=src.swap_red_blue)
+        ood[NEAR_OOD_SET] = make.split(
+            src.test_x, src.test_y, near_idx, cfg.n_test, fp_test, swap_red_blue=src.swap_red_blue
+        )
     val = None
     if cfg.val_items:  # carved before any subsampling or training: the base model never sees it
         held = stratified_holdout(src.train_y[train_idx], cfg.val_items)
-        val = make.split(src.train_x, src.train_y, train_idx[held], None, fp_train,
-                         swap_red_blue=src.swap_red_blue)
+        val = make.split(
+            src.train_x, src.train_y, train_idx[held], None, fp_train, swap_red_blue=src.swap_red_blue
+        )
         train_idx = train_idx[~held]
     swap = src.swap_red_blue
-    data = Dataset(cfg.dataset, make.split(src.train_x, src.train_y, train_idx, cfg.n_train, fp_train,
-                                           augments=cfg.augment, swap_red_blue=swap),
-                   make.split(src.test_x, src.test_y, test_idx, cfg.n_test, fp_test, swap_red_blue=swap), ood,
-                   list(src.class_names),
-                   val_id=val, label=src.label or src.name)
+    data = Dataset(
+        cfg.dataset,
+        make.split(
+            src.train_x,
+            src.train_y,
+            train_idx,
+            cfg.n_train,
+            fp_train,
+            augments=cfg.augment,
+            swap_red_blue=swap,
+        ),
+        make.split(src.test_x, src.test_y, test_idx, cfg.n_test, fp_test, swap_red_blue=swap),
+        ood,
+        list(src.class_names),
+        val_id=val,
+        label=src.label or src.name,
+    )
     id_shape = data.test_id.in_shape
     for name in far_ood_names(cfg):
         far: DataSource = DATASETS.get(name)(cfg)
@@ -255,16 +291,29 @@ def load_benchmark(cfg) -> Dataset:
             if tuple(stored) != id_shape:
                 fx = conform_images(fx, id_shape)
         if make.lazy and not is_images(fx):
-            raise BenchError(f"far-OOD dataset {name!r} holds feature vectors but {cfg.dataset!r} holds images; "
-                             "choose matching --set far_ood=")
+            raise BenchError(
+                f"far-OOD dataset {name!r} holds feature vectors but {cfg.dataset!r} holds images; "
+                "choose matching --set far_ood="
+            )
         fp = _fingerprint(far, "ood", fx) if make.lazy else ""
-        split = make.split(fx, fy, np.arange(len(fy)), cfg.n_test, fp, stats=make.stats or far.pixel_stats,
-                           swap_red_blue=far.swap_red_blue)
+        split = make.split(
+            fx,
+            fy,
+            np.arange(len(fy)),
+            cfg.n_test,
+            fp,
+            stats=make.stats or far.pixel_stats,
+            swap_red_blue=far.swap_red_blue,
+        )
         if split.in_shape != id_shape:
-            raise BenchError(f"far-OOD dataset {name!r} has inputs of shape {list(split.in_shape)} but "
-                             f"{cfg.dataset!r} has {list(id_shape)}; choose matching --set far_ood=")
+            raise BenchError(
+                f"far-OOD dataset {name!r} has inputs of shape {list(split.in_shape)} but "
+                f"{cfg.dataset!r} has {list(id_shape)}; choose matching --set far_ood="
+            )
         set_name = far.ood_name or name
         if set_name in ood:
-            raise BenchError(f"far-OOD set name {set_name!r} is used twice; list each dataset once in far_ood")
+            raise BenchError(
+                f"far-OOD set name {set_name!r} is used twice; list each dataset once in far_ood"
+            )
         ood[set_name] = split
     return data

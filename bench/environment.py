@@ -1,19 +1,30 @@
 """Facts about where a run happened: device choice, package versions, git commit."""
+
 from __future__ import annotations
 
 import importlib.metadata as md
 import platform
 import subprocess
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from bench.errors import BenchError
 
-PACKAGES = ("torch", "torchvision", "pytorch-metric-learning", "laplace-torch", "numpy", "scipy",
-            "pandas", "scikit-learn", "matplotlib", "tabulate")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "pytorch-metric-learning",
+    "laplace-torch",
+    "numpy",
+    "scipy",
+    "pandas",
+    "scikit-learn",
+    "matplotlib",
+    "tabulate",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -22,7 +33,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise BenchError(f"--device {name} requested but CUDA is not available on this machine; use --device cpu")
+            raise BenchError(
+                f"--device {name} requested but CUDA is not available on this machine; use --device cpu"
+            )
         dev = torch.device(name)
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise BenchError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
@@ -48,8 +61,13 @@ def git_commit(path: Path | None = None) -> str:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=5)
         if sha.returncode != 0:
             return "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        ).stdout.strip()
         return sha.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"

@@ -1,4 +1,5 @@
 """User-facing errors: one clear line, printed by the CLI, exit code 2."""
+
 import traceback
 
 

@@ -1,6 +1,7 @@
 """Scoring one method's predictions the same way for every method: per-query retrieval vectors, and
 for every uncertainty score (bench/scores/) its calibration, sparsification, OOD and confound
 metrics, with bootstrap CIs."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,12 +11,12 @@ import numpy as np
 from bench.config import ALL_SCORES, RunConfig
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, score_metric
 from bench.data import Dataset
+from bench.loss import retrieval_space
 from bench.method import EmbeddingPrediction
 from bench.metrics.bootstrap import bootstrap_mean_ci
 from bench.metrics.calibration import DEFAULT_BINS, calibration_metrics
-from bench.metrics.ranking import RANKING_METRICS, ranking_metrics
 from bench.metrics.ood import OOD_METRICS, ood_metrics_ci
-from bench.loss import retrieval_space
+from bench.metrics.ranking import RANKING_METRICS, ranking_metrics
 from bench.metrics.retrieval import retrieval_per_query
 from bench.metrics.selective import selective_metric_names, selective_metrics
 from bench.metrics.sparsification import sparsification_extras
@@ -61,7 +62,7 @@ def resolve_scores(cfg: RunConfig) -> list[str]:
     name is a BenchError listing the registered ones."""
     names: list[str] = []
     for n in (*cfg.scores, cfg.id_score, cfg.ood_score):
-        for s in (sorted(SCORES.names()) if n == ALL_SCORES else [n]):
+        for s in sorted(SCORES.names()) if n == ALL_SCORES else [n]:
             SCORES.get(s)
             if s not in names:
                 names.append(s)
@@ -87,12 +88,17 @@ def selective_losses(ks: tuple[int, ...]) -> list[str]:
 def score_metric_names(ood_sets: list[str], ks: tuple[int, ...] = RunConfig.ks) -> list[str]:
     """Metrics every score gets (suffixed `:<score>` in results), in results order (the aliases of
     ALIASES last)."""
-    return [*SCORE_ID_METRICS, *selective_metric_names(selective_losses(ks)), *ood_metric_names(ood_sets),
-            *ALIASES]
+    return [
+        *SCORE_ID_METRICS,
+        *selective_metric_names(selective_losses(ks)),
+        *ood_metric_names(ood_sets),
+        *ALIASES,
+    ]
 
 
-def _id_metrics(u: np.ndarray | None, correct: np.ndarray, classes: np.ndarray, losses: dict[str, np.ndarray],
-                boot: dict) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
+def _id_metrics(
+    u: np.ndarray | None, correct: np.ndarray, classes: np.ndarray, losses: dict[str, np.ndarray], boot: dict
+) -> tuple[dict[str, tuple[float, float, float]], dict[str, np.ndarray]]:
     """ECE, AUSE, AURG, R-AUROC, the two Spearman diagnostics and the selective metrics (per loss
     of `losses`) of ID score u (NaN when u is None), and the extras of the plots (reliability bins,
     confidence, sparsification curves)."""
@@ -106,8 +112,9 @@ def _id_metrics(u: np.ndarray | None, correct: np.ndarray, classes: np.ndarray, 
     return out, {**cal_extras, **sparsification_extras(u, correct)}
 
 
-def _ood_metrics(u_id: np.ndarray | None, u_ood: dict[str, np.ndarray | None], boot: dict
-                 ) -> dict[str, tuple[float, float, float]]:
+def _ood_metrics(
+    u_id: np.ndarray | None, u_ood: dict[str, np.ndarray | None], boot: dict
+) -> dict[str, tuple[float, float, float]]:
     out = {}
     for s, u in u_ood.items():
         if u_id is None or u is None or u.size == 0 or u_id.size == 0:
@@ -118,8 +125,9 @@ def _ood_metrics(u_id: np.ndarray | None, u_ood: dict[str, np.ndarray | None], b
     return out
 
 
-def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], data: Dataset,
-             cfg: RunConfig) -> MethodEvaluation:
+def evaluate(
+    pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], data: Dataset, cfg: RunConfig
+) -> MethodEvaluation:
     """Retrieval on the ID test set (leave-one-out, mean embeddings in `retrieval_space` of
     cfg.distance; CIs resample queries with the gallery fixed) and, for every score u of
     `resolve_scores(cfg)` (bench/scores/; a score sees the ID test set as gallery, in the same
@@ -172,8 +180,11 @@ def evaluate(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPredicti
     ev.scalars.update(headline)
     ev.scalars.update(per_score)
     if not inp_id.deterministic:
-        ev.diagnostics["score_draws"] = {"kind": "joint samples" if inp_id.joint else "independent Gaussian draws",
-                                         "count": int(inp_id.draws()[0].shape[0])}
+        ev.diagnostics["score_draws"] = {
+            "kind": "joint samples" if inp_id.joint else "independent Gaussian draws",
+            "count": int(inp_id.draws()[0].shape[0]),
+        }
         ev.diagnostics["score_candidate_coverage"] = {
-            s: candidate_coverage(inp) for s, inp in [(ID_SET, inp_id), *inp_ood.items()]}
+            s: candidate_coverage(inp) for s, inp in [(ID_SET, inp_id), *inp_ood.items()]
+        }
     return ev

@@ -27,11 +27,12 @@ import enum
 import hashlib
 import io
 import json
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -311,8 +312,15 @@ def recording_reads(objs: list[Any]) -> Iterator[dict[int, set[str]]]:
                     seen.add(name)
             return cls.__getattribute__(self, name)
 
-        return type(cls.__name__, (cls,), {"__getattribute__": getattribute, "__module__": cls.__module__,
-                                           "__qualname__": cls.__qualname__})
+        return type(
+            cls.__name__,
+            (cls,),
+            {
+                "__getattribute__": getattribute,
+                "__module__": cls.__module__,
+                "__qualname__": cls.__qualname__,
+            },
+        )
 
     originals = [(o, type(o)) for o in objs]
     try:
@@ -461,11 +469,11 @@ def _refit(run, method: str, seed: int, log) -> _Refit:
     predict every query set, recording which attributes predict reads; generators are rewound after."""
     from bench.environment import resolve_device
     from bench.features import prepare_benchmark
-    from bench.parallel import threads_per_worker
+    from bench.model_cache import ModelCache
+    from bench.parallel import WORKER_THREADS
     from bench.registry import METHODS
     from bench.runner import fit_context
     from bench.timing import StageTimer
-    from bench.train import ModelCache
 
     cfg = _config_from_json(json.dumps(run.config)).replace(seed=seed, quiet=True)
     device = resolve_device(cfg.device)
@@ -474,9 +482,9 @@ def _refit(run, method: str, seed: int, log) -> _Refit:
     cache_root = run.path.parent / "cache"  # the runner's <out>/cache, beside the run folder
     data, _ = prepare_benchmark(cfg, device, cache_root)
     cache = ModelCache(cache_root / "models", cfg, data.train_id, device)
-    threads = threads_per_worker(run.meta["workers"]) if int(run.meta.get("workers") or 1) > 1 else None
+    threads = WORKER_THREADS if int(run.meta.get("workers") or 1) > 1 else None
     fitted = METHODS.get(method)(cfg)
-    ctx = fit_context(cfg, data, device, cache, StageTimer(device), method, fitted.post_hoc, set())
+    ctx = fit_context(cfg, data, device, cache, StageTimer(device), method, fitted.reuses_base_model, set())
     with _threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         fitted.fit(ctx)

@@ -8,6 +8,7 @@ items and transform: `Split.fingerprint`), the device type and EXTRACTION_VERSIO
 seeds and reruns reuse it. The trunk is built with the fixed seed FROZEN_TRUNK_SEED (it does not
 depend on the run seed, so seeds share the features; pretrained weights overwrite it anyway).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,10 +36,14 @@ def frozen_trunk(cfg, in_shape: tuple[int, ...]) -> nn.Module | None:
     if not cfg.freeze_backbone:
         return None
     if len(in_shape) != 3:
-        raise BenchError(f"freeze_backbone needs image inputs, {cfg.dataset} has inputs of shape {list(in_shape)}")
+        raise BenchError(
+            f"freeze_backbone needs image inputs, {cfg.dataset} has inputs of shape {list(in_shape)}"
+        )
     trunk = getattr(build_model(cfg, in_shape, FROZEN_TRUNK_SEED), "trunk", None)
     if trunk is None:
-        raise BenchError(f"freeze_backbone: backbone {cfg.backbone!r} has no trunk to freeze (use a CNN backbone)")
+        raise BenchError(
+            f"freeze_backbone: backbone {cfg.backbone!r} has no trunk to freeze (use a CNN backbone)"
+        )
     for p in trunk.parameters():
         p.requires_grad_(False)
     return trunk.eval()
@@ -53,16 +58,27 @@ def weights_hash(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def extract_features(trunk: nn.Module, split: Split, device: torch.device, chunk: int, desc: str = "features",
-                     quiet: bool = False) -> torch.Tensor:
+def extract_features(
+    trunk: nn.Module,
+    split: Split,
+    device: torch.device,
+    chunk: int,
+    desc: str = "features",
+    quiet: bool = False,
+) -> torch.Tensor:
     """trunk(test-time inputs) of every item of split, in order, as float32 [N, F] on CPU, in
     batches of `chunk` images."""
     n = len(split)
     batches = [torch.arange(i, min(i + chunk, n)) for i in range(0, n, chunk)]
     out = []
     with torch.no_grad():
-        for xb in tqdm(split.batches(batches), total=len(batches), desc=desc, disable=True if quiet else None,
-                       leave=False):
+        for xb in tqdm(
+            split.batches(batches),
+            total=len(batches),
+            desc=desc,
+            disable=True if quiet else None,
+            leave=False,
+        ):
             out.append(trunk(xb.to(device)).float().cpu())
     return torch.cat(out) if out else torch.zeros(0, 0)
 
@@ -78,8 +94,14 @@ class FeatureCache:
         self.extracted, self.seconds = 0, 0.0
 
     def key(self, split: Split) -> dict:
-        return {"backbone": self.cfg.backbone, "weights": self.weights, "pooling": self.cfg.pooling,
-                "split": split.fingerprint(), "device": self.device.type, "version": EXTRACTION_VERSION}
+        return {
+            "backbone": self.cfg.backbone,
+            "weights": self.weights,
+            "pooling": self.cfg.pooling,
+            "split": split.fingerprint(),
+            "device": self.device.type,
+            "version": EXTRACTION_VERSION,
+        }
 
     def get(self, split: Split, name: str) -> Split:
         """The split's features as an in-memory Split (same labels), from the cache or computed now."""
@@ -94,8 +116,14 @@ class FeatureCache:
                 blob = self._load(path)
                 if blob is None:
                     start = time.perf_counter()
-                    feats = extract_features(self.trunk, split, self.device, self.cfg.image_chunk,
-                                             f"features {name}", self.cfg.quiet)
+                    feats = extract_features(
+                        self.trunk,
+                        split,
+                        self.device,
+                        self.cfg.image_chunk,
+                        f"features {name}",
+                        self.cfg.quiet,
+                    )
                     blob = {"features": feats, "seconds": time.perf_counter() - start, "key": key}
                     atomic_torch_save(blob, path)
                     self.extracted += 1
@@ -123,15 +151,26 @@ def prepare_benchmark(cfg, device: torch.device, cache_root: Path) -> tuple[Data
     if trunk is None:
         return data, {}
     cache = FeatureCache(Path(cache_root) / "features", cfg, trunk.to(device), device)
-    raw = Dataset(data.name, cache.get(data.train_id, "train_id"), cache.get(data.test_id, "test_id"),
-                  {k: cache.get(s, k) for k, s in data.test_ood.items()}, data.class_names,
-                  None if data.val_id is None else cache.get(data.val_id, "val_id"), data.label)
+    raw = Dataset(
+        data.name,
+        cache.get(data.train_id, "train_id"),
+        cache.get(data.test_id, "test_id"),
+        {k: cache.get(s, k) for k, s in data.test_ood.items()},
+        data.class_names,
+        None if data.val_id is None else cache.get(data.val_id, "val_id"),
+        data.label,
+    )
     dim = raw.train_id.in_shape[0]
-    return standardize(raw), {"seconds": cache.seconds, "extracted": cache.extracted, "feature_dim": dim,
-                              "raw_features": raw_feature_reference(raw, cfg),
-                   "trunk_weights": cache.weights, "input_shape": list(data.train_id.in_shape),
-                   "note": f"frozen {cfg.backbone} trunk: methods see the head on cached {dim}-d features "
-                           "(the deep ensemble is M heads on the one frozen trunk)"}
+    return standardize(raw), {
+        "seconds": cache.seconds,
+        "extracted": cache.extracted,
+        "feature_dim": dim,
+        "raw_features": raw_feature_reference(raw, cfg),
+        "trunk_weights": cache.weights,
+        "input_shape": list(data.train_id.in_shape),
+        "note": f"frozen {cfg.backbone} trunk: methods see the head on cached {dim}-d features "
+        "(the deep ensemble is M heads on the one frozen trunk)",
+    }
 
 
 def standardize(data: Dataset) -> Dataset:
@@ -144,8 +183,15 @@ def standardize(data: Dataset) -> Dataset:
     mean, std = data.train_id.x.mean(0), data.train_id.x.std(0)
     std = std.clamp_min(STD_FLOOR * float(std.mean()) + 1e-12)
     fix = lambda s: Split((s.x - mean) / std, s.y)  # noqa: E731
-    return Dataset(data.name, fix(data.train_id), fix(data.test_id), {k: fix(s) for k, s in data.test_ood.items()},
-                   data.class_names, None if data.val_id is None else fix(data.val_id), data.label)
+    return Dataset(
+        data.name,
+        fix(data.train_id),
+        fix(data.test_id),
+        {k: fix(s) for k, s in data.test_ood.items()},
+        data.class_names,
+        None if data.val_id is None else fix(data.val_id),
+        data.label,
+    )
 
 
 def raw_feature_reference(data: Dataset, cfg) -> dict[str, list[float]]:
@@ -156,5 +202,7 @@ def raw_feature_reference(data: Dataset, cfg) -> dict[str, list[float]]:
     from bench.metrics.retrieval import retrieval_per_query
 
     per_query = retrieval_per_query(data.test_id.x, data.test_id.y, cfg.ks)
-    return {k: list(bootstrap_mean_ci(v, cfg.bootstrap_resamples, cfg.ci_level, seed=cfg.seed))
-            for k, v in per_query.items()}
+    return {
+        k: list(bootstrap_mean_ci(v, cfg.bootstrap_resamples, cfg.ci_level, seed=cfg.seed))
+        for k, v in per_query.items()
+    }

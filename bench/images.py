@@ -6,20 +6,22 @@ runs under `torch.manual_seed(that seed)` (the global RNG forked, so nothing lea
 gives the same batches whatever the number of workers and whichever worker makes the item.
 Test-time items (seed -1) are deterministic: resize to round(size / crop_fraction), centre crop.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset as TorchDataset
+from torch.utils.data import DataLoader
+from torch.utils.data import Dataset as TorchDataset
 from torchvision.transforms import v2
 
-from bench.splits import Split
 from bench.errors import BenchError
+from bench.splits import Split
 
 TEST_ITEM = -1  # the seed of an item that gets the deterministic test-time transform
 
@@ -41,10 +43,18 @@ class ImageTransform:
     channels: int
 
     def pipeline(self, train: bool) -> v2.Compose:
-        geo = ([v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()] if train else
-               [v2.Resize(round(self.size / self.crop_fraction), antialias=True), v2.CenterCrop(self.size)])
-        return v2.Compose([*geo, v2.ToDtype(torch.float32, scale=True),
-                           v2.Normalize(list(self._per_channel(self.mean)), list(self._per_channel(self.std)))])
+        geo = (
+            [v2.RandomResizedCrop(self.size, antialias=True), v2.RandomHorizontalFlip()]
+            if train
+            else [v2.Resize(round(self.size / self.crop_fraction), antialias=True), v2.CenterCrop(self.size)]
+        )
+        return v2.Compose(
+            [
+                *geo,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(self._per_channel(self.mean)), list(self._per_channel(self.std))),
+            ]
+        )
 
     def _per_channel(self, v: tuple[float, ...]) -> tuple[float, ...]:
         return v * self.channels if len(v) == 1 else v
@@ -76,7 +86,9 @@ class ImageStore:
         if images.dtype == np.uint8 and images.ndim == 3:
             images = images[:, None]
         if not (images.dtype == np.uint8 and images.ndim == 4) and images.dtype.kind not in "UO":
-            raise BenchError(f"images must be uint8 [N, C, H, W] or file paths, got {images.dtype} {images.shape}")
+            raise BenchError(
+                f"images must be uint8 [N, C, H, W] or file paths, got {images.dtype} {images.shape}"
+            )
         self.images, self.fingerprint, self.swap_red_blue = images, fingerprint, bool(swap_red_blue)
         self.is_files = images.dtype.kind in "UO"
 
@@ -129,7 +141,9 @@ class _Items(TorchDataset):
 def item_seeds(seed: int, epoch: int, step: int, n: int) -> torch.Tensor:
     """Seeds [n] of the n items of batch `step` of `epoch` in the stream of `seed` (distinct per
     item; from numpy's SeedSequence((seed, epoch, step)), so streams of nearby seeds do not overlap)."""
-    base = int(np.random.SeedSequence([int(seed), int(epoch), int(step)]).generate_state(1, dtype=np.uint32)[0])
+    base = int(
+        np.random.SeedSequence([int(seed), int(epoch), int(step)]).generate_state(1, dtype=np.uint32)[0]
+    )
     return base * 65_536 + torch.arange(n, dtype=torch.int64)
 
 
@@ -139,16 +153,31 @@ class ImageSplit(Split):
     and a batch comes with seeds), fed by a DataLoader with `workers` processes in batches of at most
     `chunk` images when the whole split is read (`chunks`)."""
 
-    def __init__(self, store: ImageStore, index: np.ndarray, y: torch.Tensor, transform: ImageTransform,
-                 workers: int = 0, chunk: int = 256, augments: bool = False) -> None:
-        self.store, self.index, self.y, self.transform = store, np.asarray(index, dtype=np.int64), y, transform
+    def __init__(
+        self,
+        store: ImageStore,
+        index: np.ndarray,
+        y: torch.Tensor,
+        transform: ImageTransform,
+        workers: int = 0,
+        chunk: int = 256,
+        augments: bool = False,
+    ) -> None:
+        self.store, self.index, self.y, self.transform = (
+            store,
+            np.asarray(index, dtype=np.int64),
+            y,
+            transform,
+        )
         self.workers, self.chunk, self.augments = int(workers), int(chunk), bool(augments)
         self._items = _Items(store, transform)
 
     @property
     def x(self) -> torch.Tensor:  # type: ignore[override]
-        raise BenchError("this split's images are read in batches: use split.inputs(idx), split.batches(...) "
-                         "or split.chunks(), not split.x")
+        raise BenchError(
+            "this split's images are read in batches: use split.inputs(idx), split.batches(...) "
+            "or split.chunks(), not split.x"
+        )
 
     @property
     def in_memory(self) -> bool:
@@ -161,8 +190,15 @@ class ImageSplit(Split):
 
     def take(self, idx: torch.Tensor) -> "ImageSplit":
         i = torch.as_tensor(idx).cpu().numpy()
-        return ImageSplit(self.store, self.index[i], self.y[torch.as_tensor(i)], self.transform, self.workers,
-                          self.chunk, self.augments)
+        return ImageSplit(
+            self.store,
+            self.index[i],
+            self.y[torch.as_tensor(i)],
+            self.transform,
+            self.workers,
+            self.chunk,
+            self.augments,
+        )
 
     def fingerprint(self) -> str:
         h = hashlib.sha256(self.store.fingerprint.encode())
@@ -170,8 +206,9 @@ class ImageSplit(Split):
         h.update(json.dumps(self.transform.spec(), sort_keys=True).encode())
         return h.hexdigest()[:16]
 
-    def batches(self, index_batches: Iterable[torch.Tensor], seeds: Iterable[torch.Tensor | None] | None = None
-                ) -> Iterator[torch.Tensor]:
+    def batches(
+        self, index_batches: Iterable[torch.Tensor], seeds: Iterable[torch.Tensor | None] | None = None
+    ) -> Iterator[torch.Tensor]:
         keys = []
         seed_iter = iter(seeds) if seeds is not None and self.augments else None
         for idx in index_batches:
@@ -181,8 +218,12 @@ class ImageSplit(Split):
             keys.append([(int(p), int(q)) for p, q in zip(pos, sv)])
         if not keys:
             return iter(())
-        loader = DataLoader(self._items, batch_sampler=keys, num_workers=self.workers,
-                            generator=torch.Generator().manual_seed(0))  # never draws from the global RNG
+        loader = DataLoader(
+            self._items,
+            batch_sampler=keys,
+            num_workers=self.workers,
+            generator=torch.Generator().manual_seed(0),
+        )  # never draws from the global RNG
         return iter(loader)
 
     def chunks(self) -> Iterator[torch.Tensor]:

@@ -1,20 +1,23 @@
 """The method plugin contract: Method, the context it fits in, and the prediction it returns."""
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from bench.errors import require
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from bench.config import RunConfig
     from bench.data import Dataset
     from bench.timing import StageTimer
-    from torch import nn
 
 SEED_STRIDE = 1_000_003  # generator seeds are seed * SEED_STRIDE + offset: distinct streams per offset
 
@@ -62,7 +65,7 @@ class EmbeddingPrediction:
         mean = z.mean(0)
         c = z - mean
         denom = max(z.shape[0] - 1, 1)
-        var = (c ** 2).sum(0) / denom
+        var = (c**2).sum(0) / denom
         cov = torch.einsum("tni,tnj->nij", c, c) / denom if with_cov else None
         return cls(mean=mean, var=var, cov=cov, samples=z if keep else None)
 
@@ -70,6 +73,7 @@ class EmbeddingPrediction:
     def cat(cls, parts: "list[EmbeddingPrediction]") -> "EmbeddingPrediction":
         """The predictions of consecutive chunks of items as one (items concatenated; a field is kept
         only when every part has it)."""
+
         def join(name: str, dim: int) -> torch.Tensor | None:
             ts = [getattr(p, name) for p in parts]
             return None if any(t is None for t in ts) else torch.cat(ts, dim=dim)
@@ -138,7 +142,10 @@ class Option:
     def check(self, name: str, value: Any) -> None:
         """BenchError (one line) unless `value` is allowed."""
         if self.choices is not None:
-            require(value in self.choices, f"{name} must be one of {', '.join(map(str, self.choices))}, got {value!r}")
+            require(
+                value in self.choices,
+                f"{name} must be one of {', '.join(map(str, self.choices))}, got {value!r}",
+            )
         if self.minimum is not None:
             ok = isinstance(value, (int, float)) and math.isfinite(value) and value >= self.minimum
             require(ok, f"{name} must be a finite number >= {self.minimum:g}, got {value!r}")

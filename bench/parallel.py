@@ -108,12 +108,14 @@ def run_pool(
         _SHARED.clear()
 
 
-def _pool_pass(failed: Callable, pending: list[tuple[str, int]], workers: int, record: Callable,
-               last_try: bool = False) -> list[tuple[str, int]]:
+def _pool_pass(
+    failed: Callable, pending: list[tuple[str, int]], workers: int, record: Callable, last_try: bool = False
+) -> list[tuple[str, int]]:
     """One pool over `pending`: records what completes; returns the fits a dead worker took down (or,
     on the `last_try`, records them as failed)."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init,
-                               initargs=(WORKER_THREADS,))
+    pool = ProcessPoolExecutor(
+        max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init, initargs=(WORKER_THREADS,)
+    )
     lost: list[tuple[str, int]] = []
     try:
         futures = {pool.submit(_fit, n, s): (n, s) for n, s in pending}

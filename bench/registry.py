@@ -3,11 +3,13 @@
 Each registry imports every module of its plugin package on first lookup, so adding a plugin is one
 new file and never an edit here. An unknown name is a BenchError listing the registered names.
 """
+
 from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any, Callable, Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 from bench.errors import BenchError
 

@@ -2,6 +2,7 @@
 `RunFolder` for reports and the CLI, `GridFolder` for a grid of run folders (`bench grid`).
 Every file is written atomically, so a killed run resumes, and recorded in a checksum manifest
 (manifest.json, `Manifest`), so a file damaged afterwards is named by `verify` in one line."""
+
 from __future__ import annotations
 
 import fcntl
@@ -11,16 +12,22 @@ import logging
 import os
 import re
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
 
 from bench import RUN_FORMAT_VERSION
-from bench.atomic import atomic_savez, atomic_write_bytes, atomic_write_csv, atomic_write_json, atomic_write_text
+from bench.atomic import (
+    atomic_savez,
+    atomic_write_bytes,
+    atomic_write_csv,
+    atomic_write_json,
+    atomic_write_text,
+)
 from bench.conventions import score_array, score_arrays  # noqa: F401  (the per-query file's score names)
 from bench.errors import BenchError
 
@@ -103,8 +110,13 @@ class Manifest:
         for rel, tmp in staged.items():
             old = m["files"].get(rel)
             target = self.root / rel
-            previous = ABSENT if not target.is_file() else \
-                {k: old[k] for k in ("sha256", "bytes")} if old else _entry(target)
+            previous = (
+                ABSENT
+                if not target.is_file()
+                else {k: old[k] for k in ("sha256", "bytes")}
+                if old
+                else _entry(target)
+            )
             m["files"][rel] = {**_entry(tmp), "previous": previous}
         self._save(m)
         for rel, tmp in staged.items():
@@ -135,13 +147,17 @@ class Manifest:
             if not f.is_file():
                 if prev == ABSENT:
                     continue
-                raise BenchError(f"{self.root}: {rel} is missing (recorded in {MANIFEST}): the folder "
-                                 "was damaged after bench wrote it")
+                raise BenchError(
+                    f"{self.root}: {rel} is missing (recorded in {MANIFEST}): the folder "
+                    "was damaged after bench wrote it"
+                )
             size = f.stat().st_size
             accepted = [e, *([prev] if isinstance(prev, dict) else [])]
             if not any(size == a.get("bytes") and sha256_of(f) == a.get("sha256") for a in accepted):
-                raise BenchError(f"{self.root}: {rel} changed after bench wrote it ({size} bytes, recorded "
-                                 f"{e.get('bytes')}; sha256 differs): the folder is damaged; rerun the run")
+                raise BenchError(
+                    f"{self.root}: {rel} changed after bench wrote it ({size} bytes, recorded "
+                    f"{e.get('bytes')}; sha256 differs): the folder is damaged; rerun the run"
+                )
 
 
 def verify(path: str | Path, outputs: bool = True) -> None:
@@ -158,8 +174,9 @@ def verify(path: str | Path, outputs: bool = True) -> None:
         if meta is not None and meta.get("manifest"):
             raise BenchError(f"{root}: {MANIFEST} is missing: the folder was damaged after bench wrote it")
         if meta is not None:
-            logging.getLogger(__name__).warning(f"{root} has no {MANIFEST} (written before manifests): "
-                                                "not verified")
+            logging.getLogger(__name__).warning(
+                f"{root} has no {MANIFEST} (written before manifests): not verified"
+            )
     else:
         man.check(outputs)
     if is_grid(root) and (root / CELLS).is_dir():
@@ -216,8 +233,12 @@ class RunWriter:
         out = Path(out)
         for d in sorted(out.iterdir(), reverse=True) if out.is_dir() else []:
             meta = _read_json(d / CONFIG) if d.is_dir() and (d / CONFIG).is_file() else None
-            if meta and meta.get("config_digest") == digest and meta.get("status") != COMPLETE \
-                    and meta.get("format_version") == RUN_FORMAT_VERSION:
+            if (
+                meta
+                and meta.get("config_digest") == digest
+                and meta.get("status") != COMPLETE
+                and meta.get("format_version") == RUN_FORMAT_VERSION
+            ):
                 verify(d, outputs=False)  # a damaged file is named before the run builds on it
                 return cls(d, resumed=True)
         return cls(_new_folder(out, name))
@@ -232,14 +253,30 @@ class RunWriter:
         doc = {"format_version": RUN_FORMAT_VERSION, "status": status, "manifest": MANIFEST_VERSION, **meta}
         self.manifest.write({CONFIG: lambda p: atomic_write_json(p, doc)})
 
-    def save_method(self, method: str, seed: int, arrays: dict[str, np.ndarray], rows: list[dict],
-                    timings: list[dict], diagnostics: dict, sensitivity: list[dict] | None = None) -> None:
+    def save_method(
+        self,
+        method: str,
+        seed: int,
+        arrays: dict[str, np.ndarray],
+        rows: list[dict],
+        timings: list[dict],
+        diagnostics: dict,
+        sensitivity: list[dict] | None = None,
+    ) -> None:
         """One finished (method, seed): its per-query arrays, then its result rows, timings,
         diagnostics and sensitivity-sweep rows (written last: their presence marks the method as done)."""
-        done = {"rows": rows, "timings": timings, "diagnostics": diagnostics,
-                "sensitivity": sensitivity or []}
-        self.manifest.write({f"{PERQUERY}/{_stem(method, seed)}.npz": lambda p: atomic_savez(p, **arrays),
-                             f"{METHODS}/{_stem(method, seed)}.json": lambda p: atomic_write_json(p, done)})
+        done = {
+            "rows": rows,
+            "timings": timings,
+            "diagnostics": diagnostics,
+            "sensitivity": sensitivity or [],
+        }
+        self.manifest.write(
+            {
+                f"{PERQUERY}/{_stem(method, seed)}.npz": lambda p: atomic_savez(p, **arrays),
+                f"{METHODS}/{_stem(method, seed)}.json": lambda p: atomic_write_json(p, done),
+            }
+        )
 
     def finished(self, method: str, seed: int) -> dict | None:
         """{rows, timings, diagnostics} of a (method, seed) saved by an earlier invocation, else None."""
@@ -250,13 +287,24 @@ class RunWriter:
         """The per-query arrays of a finished (method, seed), or None when absent or unreadable."""
         return _read_npz(self.path / PERQUERY / f"{_stem(method, seed)}.npz")
 
-    def write_tables(self, results: pd.DataFrame, timings: pd.DataFrame, seeds: pd.DataFrame,
-                     paired: pd.DataFrame | None, sensitivity: pd.DataFrame | None = None) -> None:
+    def write_tables(
+        self,
+        results: pd.DataFrame,
+        timings: pd.DataFrame,
+        seeds: pd.DataFrame,
+        paired: pd.DataFrame | None,
+        sensitivity: pd.DataFrame | None = None,
+    ) -> None:
         """results.csv, timings.csv, seeds.csv, (when there is a reference method) paired.csv and (when a
         sensitivity sweep ran) sensitivity.csv."""
         tables = {RESULTS: results, TIMINGS: timings, SEEDS: seeds, PAIRED: paired, SENSITIVITY: sensitivity}
-        self.manifest.write({name: (lambda p, df=df: atomic_write_csv(p, df)) for name, df in tables.items()
-                             if df is not None})
+        self.manifest.write(
+            {
+                name: (lambda p, df=df: atomic_write_csv(p, df))
+                for name, df in tables.items()
+                if df is not None
+            }
+        )
 
 
 class RunFolder:
@@ -275,8 +323,10 @@ class RunFolder:
         except ValueError:
             raise BenchError(f"{d}/{CONFIG} is not valid JSON") from None
         if self.meta.get("format_version") != RUN_FORMAT_VERSION:
-            raise BenchError(f"{d} was written by an incompatible bench version "
-                             f"(format {self.meta.get('format_version')}, expected {RUN_FORMAT_VERSION})")
+            raise BenchError(
+                f"{d} was written by an incompatible bench version "
+                f"(format {self.meta.get('format_version')}, expected {RUN_FORMAT_VERSION})"
+            )
         for f in (RESULTS, TIMINGS):
             if not (d / f).is_file():
                 raise BenchError(f"{d} has no {f}: the run did not finish; rerun its command to resume it")
@@ -311,7 +361,9 @@ class RunFolder:
         """Seeds with results, the configured ones first (the config's seed when none has results)."""
         s = [int(x) for x in self.config.get("seeds") or []]
         found = [int(x) for x in dict.fromkeys(self.results["seed"])] if not self.results.empty else []
-        return [x for x in s if x in found] + [x for x in found if x not in s] or [int(self.config.get("seed", 0))]
+        return [x for x in s if x in found] + [x for x in found if x not in s] or [
+            int(self.config.get("seed", 0))
+        ]
 
     def post_hoc_methods(self) -> set[str] | None:
         """Methods that reuse the shared base model (None for folders that did not record it)."""
@@ -331,8 +383,15 @@ class RunFolder:
 
     def all_perquery(self) -> dict[tuple[str, int], dict[str, np.ndarray]]:
         """{(method, seed): arrays} of every per-query file, in the run's method order, then by seed."""
-        found = [(m["method"], int(m["seed"])) for f in (self.path / PERQUERY).glob("*.npz")
-                 if (m := _PERQUERY_FILE.match(f.name))] if (self.path / PERQUERY).is_dir() else []
+        found = (
+            [
+                (m["method"], int(m["seed"]))
+                for f in (self.path / PERQUERY).glob("*.npz")
+                if (m := _PERQUERY_FILE.match(f.name))
+            ]
+            if (self.path / PERQUERY).is_dir()
+            else []
+        )
         rank = {m: i for i, m in enumerate(self.meta.get("methods", []))}
         keys = sorted(found, key=lambda k: (rank.get(k[0], len(rank)), k[0], k[1]))
         return {k: a for k in keys if (a := self.perquery(*k)) is not None}
@@ -349,13 +408,20 @@ def _write_report(root: Path, texts: dict[str, str], figures: dict[str, bytes]) 
     plots = root / PLOTS
     kept = {plot_path(name) for name in figures}
     man = Manifest(root)
-    files = {plot_path(name): (lambda p, png=png: atomic_write_bytes(p, png))
-             for name, png in figures.items()}
-    files.update({REPORTS[fmt]: (lambda p, text=text: atomic_write_text(p, text))
-                  for fmt, text in texts.items()})
+    files = {
+        plot_path(name): (lambda p, png=png: atomic_write_bytes(p, png)) for name, png in figures.items()
+    }
+    files.update(
+        {REPORTS[fmt]: (lambda p, text=text: atomic_write_text(p, text)) for fmt, text in texts.items()}
+    )
     man.write(files)
-    man.remove([f"{PLOTS}/{old.name}" for old in (plots.glob("*.png") if plots.is_dir() else [])
-                if f"{PLOTS}/{old.name}" not in kept])
+    man.remove(
+        [
+            f"{PLOTS}/{old.name}"
+            for old in (plots.glob("*.png") if plots.is_dir() else [])
+            if f"{PLOTS}/{old.name}" not in kept
+        ]
+    )
     return [root / REPORTS[fmt] for fmt in texts] + ([plots] if figures else [])
 
 
@@ -387,8 +453,10 @@ class GridFolder:
         if meta is None:
             raise BenchError(f"{d}/{GRID} is not valid JSON")
         if meta.get("format_version") != GRID_FORMAT_VERSION:
-            raise BenchError(f"{d} was written by an incompatible bench version "
-                             f"(grid format {meta.get('format_version')}, expected {GRID_FORMAT_VERSION})")
+            raise BenchError(
+                f"{d} was written by an incompatible bench version "
+                f"(grid format {meta.get('format_version')}, expected {GRID_FORMAT_VERSION})"
+            )
         self.meta: dict = meta
 
     @classmethod
@@ -406,8 +474,12 @@ class GridFolder:
         out = Path(out)
         for d in sorted(out.iterdir(), reverse=True) if out.is_dir() else []:
             meta = _read_json(d / GRID) if is_grid(d) else None
-            if meta and meta.get("spec") == spec and meta.get("status") != COMPLETE \
-                    and meta.get("format_version") == GRID_FORMAT_VERSION:
+            if (
+                meta
+                and meta.get("spec") == spec
+                and meta.get("status") != COMPLETE
+                and meta.get("format_version") == GRID_FORMAT_VERSION
+            ):
                 return cls(d)
         return None
 
@@ -426,7 +498,9 @@ class GridFolder:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                raise BenchError(f"{self.path} is being run by another `bench grid` process; wait for it or stop it") from None
+                raise BenchError(
+                    f"{self.path} is being run by another `bench grid` process; wait for it or stop it"
+                ) from None
             try:
                 yield
             finally:
@@ -439,7 +513,9 @@ class GridFolder:
 
     def running_tasks(self) -> list[str]:
         """Tasks whose worker has started and not yet finished (markers under running/)."""
-        return [f.stem for f in (self.path / RUNNING).glob("*.json")] if (self.path / RUNNING).is_dir() else []
+        return (
+            [f.stem for f in (self.path / RUNNING).glob("*.json")] if (self.path / RUNNING).is_dir() else []
+        )
 
     def complete_runs(self) -> dict[str, Path]:
         """{config digest: run folder} of every finished run folder under cells/ (finished cells
@@ -461,13 +537,16 @@ class GridFolder:
 
     def write_merged(self, results: pd.DataFrame, timings: pd.DataFrame) -> None:
         """The merged results.csv and timings.csv (every finished cell, coordinates as extra columns)."""
-        Manifest(self.path).write({RESULTS: lambda p: atomic_write_csv(p, results),
-                                   TIMINGS: lambda p: atomic_write_csv(p, timings)})
+        Manifest(self.path).write(
+            {RESULTS: lambda p: atomic_write_csv(p, results), TIMINGS: lambda p: atomic_write_csv(p, timings)}
+        )
 
     def merged(self) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(results, timings) as merged by the last invocation; empty frames when absent."""
-        return tuple(pd.read_csv(self.path / f) if (self.path / f).is_file() else pd.DataFrame()
-                     for f in (RESULTS, TIMINGS))  # type: ignore[return-value]
+        return tuple(
+            pd.read_csv(self.path / f) if (self.path / f).is_file() else pd.DataFrame()
+            for f in (RESULTS, TIMINGS)
+        )  # type: ignore[return-value]
 
     def write_pairwise(self, df: pd.DataFrame) -> None:
         """pairwise.csv: the grid report's method-vs-method significance counts."""

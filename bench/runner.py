@@ -283,8 +283,10 @@ def run(cfg: RunConfig, log=print) -> Path:
             saved = folder.finished(name, seed)
             arrays = folder.arrays(name, seed) if saved is not None else None
             if saved is not None and arrays is None:  # a marker without its arrays: paired.csv needs them
-                log(f"  {name} (seed {seed}): its per-query arrays are missing or unreadable; "
-                    "fitting it again")
+                log(
+                    f"  {name} (seed {seed}): its per-query arrays are missing or unreadable; "
+                    "fitting it again"
+                )
             if arrays is None:
                 pending.append((name, seed))
                 continue

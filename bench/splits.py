@@ -1,11 +1,12 @@
 """The data types every method and metric sees: a `Split` (labels and the inputs of each item, behind
 one small API that on-demand image splits, `bench.images.ImageSplit`, implement too) and the
 `Dataset` of ID/OOD splits a run works on. `bench.data` builds them from a data source."""
+
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -47,8 +48,9 @@ class Split:
         """Test-time model inputs [len(idx), *in_shape] of the items idx."""
         return next(iter(self.batches([idx])))
 
-    def batches(self, index_batches: Iterable[torch.Tensor], seeds: Iterable[torch.Tensor | None] | None = None
-                ) -> Iterator[torch.Tensor]:
+    def batches(
+        self, index_batches: Iterable[torch.Tensor], seeds: Iterable[torch.Tensor | None] | None = None
+    ) -> Iterator[torch.Tensor]:
         """Model inputs of each index batch in turn (x[idx]); `seeds` (one [len(idx)] tensor per
         batch, `bench.images.item_seeds`) seed random train-time transforms where the split has them."""
         return (self.x[idx] for idx in index_batches)

@@ -147,8 +147,12 @@ class _Encoder:
             state = vars(obj)
             if id(obj) in self.only:
                 state = {k: v for k, v in state.items() if k in self.only[id(obj)]}
-            return {"$": "object", "id": i, "class": cls,
-                    "state": self._container(state, where, register=False)}
+            return {
+                "$": "object",
+                "id": i,
+                "class": cls,
+                "state": self._container(state, where, register=False),
+            }
         raise StateError(
             f"cannot export {where}: a {type(obj).__module__}.{type(obj).__qualname__} "
             "is not a tensor, number, string, container or object"

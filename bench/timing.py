@@ -1,12 +1,14 @@
 """Wall-time per (method, stage), CUDA-synchronised so GPU work is charged to the right stage."""
+
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import torch
+
 
 def sync(device: torch.device | str | None) -> None:
     """Wait for queued CUDA work on `device` (no-op elsewhere), so wall times are charged correctly."""

@@ -1,6 +1,7 @@
 """Shared by the loaders of the file-based retrieval benchmarks (CUB-200-2011, Cars-196, SOP):
 finding the official layout under --data-dir, with one line saying what to put where, and
 turning (paths, 1-based class ids) into a zero-shot DataSource."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,8 +42,15 @@ def read_table(path: Path, columns: int, skip_header: bool = False) -> list[list
     return rows
 
 
-def zero_shot_source(name: str, root: Path, paths: list[str], class_ids: np.ndarray, n_train_classes: int,
-                     class_names: list[str], label: str) -> DataSource:
+def zero_shot_source(
+    name: str,
+    root: Path,
+    paths: list[str],
+    class_ids: np.ndarray,
+    n_train_classes: int,
+    class_names: list[str],
+    label: str,
+) -> DataSource:
     """A DataSource of image files with 1-based class ids: classes 1..n_train_classes are the
     training images, the rest the test images (the standard zero-shot split); labels 0-based."""
     files = np.array([str(root / p) for p in paths])
@@ -52,7 +60,19 @@ def zero_shot_source(name: str, root: Path, paths: list[str], class_ids: np.ndar
     y = class_ids.astype(np.int64) - 1
     train = y < n_train_classes
     if not train.any() or train.all():
-        raise BenchError(f"{name}: expected images of classes 1-{n_train_classes} and above, found classes "
-                         f"{int(y.min()) + 1}-{int(y.max()) + 1}")
-    return DataSource(name, files[train], y[train], files[~train], y[~train], class_names, IMAGENET_LIKE_STATS,
-                      label=label, seen_classes=n_train_classes, split_by_class=True)
+        raise BenchError(
+            f"{name}: expected images of classes 1-{n_train_classes} and above, found classes "
+            f"{int(y.min()) + 1}-{int(y.max()) + 1}"
+        )
+    return DataSource(
+        name,
+        files[train],
+        y[train],
+        files[~train],
+        y[~train],
+        class_names,
+        IMAGENET_LIKE_STATS,
+        label=label,
+        seen_classes=n_train_classes,
+        split_by_class=True,
+    )

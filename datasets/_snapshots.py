@@ -5,6 +5,7 @@ it is extracted to under --data-dir, and the one line that says so when it is mi
 Extraction (never into this repository): `git --git-dir=<snapshot git dir> archive <commit> | tar -x -C
 DIR/<folder>`, then `--data-dir DIR`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -24,18 +25,29 @@ class Snapshot:
     marker: str
 
     def how(self, dataset: str) -> str:
-        return (f"{dataset}: the images come from the public GitHub repository {self.repo} at commit "
-                f"{self.commit[:12]}; extract it with `git --git-dir=<its git dir> archive {self.commit[:12]} "
-                f"| tar -x -C DIR/{self.folder}` so that DIR/{self.folder}/{self.marker} exists, and pass "
-                "--data-dir DIR")
+        return (
+            f"{dataset}: the images come from the public GitHub repository {self.repo} at commit "
+            f"{self.commit[:12]}; extract it with `git --git-dir=<its git dir> archive {self.commit[:12]} "
+            f"| tar -x -C DIR/{self.folder}` so that DIR/{self.folder}/{self.marker} exists, and pass "
+            "--data-dir DIR"
+        )
 
 
-CARS_TRAIN = Snapshot("fmejbah/car_dataset1", "2ac6920297f51277ac4e24afd231c46d35077831", "cars_train",
-                      "train_perfect_preds.txt")
-CALTECH101 = Snapshot("MachineLearning2020/Homework2-Caltech101", "836044dd000296b2bb74d0aa4b4e462e459b01d7",
-                      "caltech101", "101_ObjectCategories")
-PACS = Snapshot("MachineLearning2020/Homework3-PACS", "d586a6cf3db84896fb6cc465c7bf51bdaf6d65d8", "pacs",
-                "PACS")
+CARS_TRAIN = Snapshot(
+    "fmejbah/car_dataset1",
+    "2ac6920297f51277ac4e24afd231c46d35077831",
+    "cars_train",
+    "train_perfect_preds.txt",
+)
+CALTECH101 = Snapshot(
+    "MachineLearning2020/Homework2-Caltech101",
+    "836044dd000296b2bb74d0aa4b4e462e459b01d7",
+    "caltech101",
+    "101_ObjectCategories",
+)
+PACS = Snapshot(
+    "MachineLearning2020/Homework3-PACS", "d586a6cf3db84896fb6cc465c7bf51bdaf6d65d8", "pacs", "PACS"
+)
 
 
 def find_snapshot(data_dir: str | None, dataset: str, snap: Snapshot) -> Path:

@@ -7,6 +7,7 @@ Every image is an OOD item, background included. Caveat: a few classes overlap t
 (car_side, 123 images, for cars; ibis, flamingo, flamingo_head, emu, rooster, pigeon, 339 images, for
 birds), 5% of the images; they are kept, as the set is used as published.
 """
+
 from __future__ import annotations
 
 from bench.data import DataSource
@@ -22,5 +23,15 @@ def load_caltech101(cfg) -> DataSource:
     """Caltech-101 images as a far-OOD set "caltech101" (all 102 folders; files under --data-dir)."""
     root = find_snapshot(cfg.data_dir, "caltech101", CALTECH101) / CALTECH101.marker
     x, y, names = class_folders(root, "caltech101")
-    return DataSource("caltech101", x, y, x, y, names, IMAGENET_LIKE_STATS, ood_name="caltech101",
-                      label="Caltech-101", checksum=tree_checksum(root, "*/*"))
+    return DataSource(
+        "caltech101",
+        x,
+        y,
+        x,
+        y,
+        names,
+        IMAGENET_LIKE_STATS,
+        ood_name="caltech101",
+        label="Caltech-101",
+        checksum=tree_checksum(root, "*/*"),
+    )

@@ -2,6 +2,7 @@
 cars_annos.mat + car_ims/ (all 16,185 images), or the devkit (devkit/cars_train_annos.mat,
 devkit/cars_test_annos_withlabels.mat, devkit/cars_meta.mat + cars_train/, cars_test/).
 Standard zero-shot split over all images: classes 1-98 train, 99-196 test."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,10 @@ from bench.registry import register_dataset
 from datasets._files import zero_shot_source
 from datasets.svhn import colour_far_ood
 
-HOW = ("download cars_annos.mat and car_ims.tgz (Stanford Cars) and extract them into a folder DIR "
-       "(or the devkit with cars_train/ and cars_test/)")
+HOW = (
+    "download cars_annos.mat and car_ims.tgz (Stanford Cars) and extract them into a folder DIR "
+    "(or the devkit with cars_train/ and cars_test/)"
+)
 
 
 def _loadmat(path: Path) -> dict:
@@ -40,14 +43,18 @@ def _names(raw) -> list[str]:
 
 def _find(data_dir: str | None) -> tuple[str, Path]:
     if data_dir is None:
-        raise BenchError(f"cars196: {HOW}, so that DIR/cars_annos.mat exists, and pass --data-dir DIR (no --data-dir given)")
+        raise BenchError(
+            f"cars196: {HOW}, so that DIR/cars_annos.mat exists, and pass --data-dir DIR (no --data-dir given)"
+        )
     root = Path(data_dir)
     for d in (root, root / "cars196", root / "stanford_cars"):
         if (d / "cars_annos.mat").is_file():
             return "annos", d
         if (d / "devkit" / "cars_train_annos.mat").is_file():
             return "devkit", d
-    raise BenchError(f"cars196: {HOW}, so that DIR/cars_annos.mat exists, and pass --data-dir DIR (not found under {root})")
+    raise BenchError(
+        f"cars196: {HOW}, so that DIR/cars_annos.mat exists, and pass --data-dir DIR (not found under {root})"
+    )
 
 
 @register_dataset("cars196", far_ood=colour_far_ood)
@@ -63,9 +70,14 @@ def load_cars196(cfg) -> DataSource:
     else:
         dev = root / "devkit"
         paths, cls = [], []
-        for part, folder in (("cars_train_annos.mat", "cars_train"), ("cars_test_annos_withlabels.mat", "cars_test")):
+        for part, folder in (
+            ("cars_train_annos.mat", "cars_train"),
+            ("cars_test_annos_withlabels.mat", "cars_test"),
+        ):
             if not (dev / part).is_file():
-                raise BenchError(f"cars196: {dev / part} is missing; the devkit layout needs both annotation files")
+                raise BenchError(
+                    f"cars196: {dev / part} is missing; the devkit layout needs both annotation files"
+                )
             for r in _records(_loadmat(dev / part), "annotations", dev / part):
                 paths.append(f"{folder}/{r.fname}")
                 cls.append(int(getattr(r, "class")))

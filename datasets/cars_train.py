@@ -10,6 +10,7 @@ The snapshot's JPEGs store red and blue swapped (a BGR write): the loader marks 
 read reverses the channels (`DataSource.swap_red_blue`). Zero-shot, as the standard Cars196 split:
 classes 1-98 train, 99-196 test. Results are labelled "Cars196 (training half, 196 classes)".
 """
+
 from __future__ import annotations
 
 import numpy as np

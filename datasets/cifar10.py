@@ -6,6 +6,7 @@
 Trees and archives are decoded once into a uint8 array file in the user cache
 (~/.cache/bench/cifar10/<source>-<checksum>.npz), never per run.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,9 +26,11 @@ from datasets.svhn import colour_far_ood
 CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 ARCHIVE = "cifar10-jpeg.tar.gz"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-HOW_TO_GET = (f"pass --data-dir DIR with DIR/cifar-10-batches-py (the official python release), an ImageFolder "
-              f"tree DIR/train/<class>/*.jpg + DIR/test/<class>/*.jpg, or the archive {ARCHIVE} "
-              "(or put it in ../shared/data beside the project)")
+HOW_TO_GET = (
+    f"pass --data-dir DIR with DIR/cifar-10-batches-py (the official python release), an ImageFolder "
+    f"tree DIR/train/<class>/*.jpg + DIR/test/<class>/*.jpg, or the archive {ARCHIVE} "
+    "(or put it in ../shared/data beside the project)"
+)
 
 
 def shared_archive(name: str = ARCHIVE) -> Path | None:
@@ -101,7 +104,9 @@ def decode_tree(root: Path) -> dict[str, np.ndarray]:
 
 def _finish(items: dict[str, list], where: Path) -> dict[str, np.ndarray]:
     if not items["train"] or not items["test"]:
-        raise BenchError(f"{where} has no train/<class>/ and test/<class>/ images of CIFAR-10's classes; {HOW_TO_GET}")
+        raise BenchError(
+            f"{where} has no train/<class>/ and test/<class>/ images of CIFAR-10's classes; {HOW_TO_GET}"
+        )
     (trx, try_), (tex, tey) = _arrays(items["train"]), _arrays(items["test"])
     return {"train_x": trx, "train_y": try_, "test_x": tex, "test_y": tey}
 
@@ -136,8 +141,12 @@ def _official(root: Path) -> dict[str, np.ndarray]:
     from torchvision.datasets import CIFAR10
 
     tr, te = CIFAR10(str(root), train=True, download=False), CIFAR10(str(root), train=False, download=False)
-    return {"train_x": tr.data.transpose(0, 3, 1, 2).copy(), "train_y": np.asarray(tr.targets, dtype=np.int64),
-            "test_x": te.data.transpose(0, 3, 1, 2).copy(), "test_y": np.asarray(te.targets, dtype=np.int64)}
+    return {
+        "train_x": tr.data.transpose(0, 3, 1, 2).copy(),
+        "train_y": np.asarray(tr.targets, dtype=np.int64),
+        "test_x": te.data.transpose(0, 3, 1, 2).copy(),
+        "test_y": np.asarray(te.targets, dtype=np.int64),
+    }
 
 
 def locate_cifar10(data_dir: str | None) -> tuple[str, str, callable]:
@@ -145,8 +154,11 @@ def locate_cifar10(data_dir: str | None) -> tuple[str, str, callable]:
     if data_dir is not None:
         p = Path(data_dir)
         if p.is_file():
-            return "CIFAR-10 (JPEG)", file_sha256(p), lambda: cached_decode("archive", file_sha256(p),
-                                                                              lambda: decode_archive(p))
+            return (
+                "CIFAR-10 (JPEG)",
+                file_sha256(p),
+                lambda: cached_decode("archive", file_sha256(p), lambda: decode_archive(p)),
+            )
         if not p.is_dir():
             raise BenchError(f"data dir {p} does not exist; {HOW_TO_GET}")
         if (p / "cifar-10-batches-py" / "data_batch_1").is_file():
@@ -167,8 +179,8 @@ def pixel_statistics(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...
     """Per-channel mean and std of uint8 images [N, C, H, W] in [0, 1] (float64 sums)."""
     v = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
     mean = v.mean(1, dtype=np.float64) / 255.0
-    sq = (v.astype(np.float64) ** 2).mean(1) / 255.0 ** 2
-    return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(sq - mean ** 2))
+    sq = (v.astype(np.float64) ** 2).mean(1) / 255.0**2
+    return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(sq - mean**2))
 
 
 @register_dataset("cifar10", far_ood=colour_far_ood)
@@ -177,5 +189,14 @@ def load_cifar10(cfg) -> DataSource:
     far-OOD: SVHN when in --data-dir, else MNIST and Fashion-MNIST made 3x32x32."""
     label, checksum, load = locate_cifar10(cfg.data_dir)
     a = load()
-    return DataSource("cifar10", a["train_x"], a["train_y"], a["test_x"], a["test_y"], list(CLASS_NAMES),
-                      pixel_statistics(a["train_x"]), label=label, checksum=checksum)
+    return DataSource(
+        "cifar10",
+        a["train_x"],
+        a["train_y"],
+        a["test_x"],
+        a["test_y"],
+        list(CLASS_NAMES),
+        pixel_statistics(a["train_x"]),
+        label=label,
+        checksum=checksum,
+    )

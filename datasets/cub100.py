@@ -20,6 +20,7 @@ not used: its flag is inverted against the official file (0 marks the ~30 traini
 2,999 in all; the official file marks training images with 1); see docs/fine-grained.md.
 Results are labelled "CUB-200-2011 (100-species subset, 227 px)": not comparable to full-CUB figures.
 """
+
 from __future__ import annotations
 
 import os
@@ -43,8 +44,10 @@ ARCHIVE = "cub200-subset100.tar.gz"
 FOLDER = "cub200-subset100"
 LABEL = "CUB-200-2011 (100-species subset, 227 px)"
 SEEN_SPECIES = 50
-HOW = (f"cub100: pass --data-dir DIR with DIR/{FOLDER}/ (extract {ARCHIVE} there: tar -xzf {ARCHIVE} -C DIR) "
-       f"or the archive itself, or put {ARCHIVE} in ../shared/data beside the project")
+HOW = (
+    f"cub100: pass --data-dir DIR with DIR/{FOLDER}/ (extract {ARCHIVE} there: tar -xzf {ARCHIVE} -C DIR) "
+    f"or the archive itself, or put {ARCHIVE} in ../shared/data beside the project"
+)
 
 
 def _is_subset(d: Path) -> bool:
@@ -116,7 +119,9 @@ def read_subset(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     for name in species.values():
         oid = official_id(name)
         if oid is None:
-            raise BenchError(f"cub100: species {name!r} of {root / 'classes.txt'} is not one of CUB-200-2011's 200")
+            raise BenchError(
+                f"cub100: species {name!r} of {root / 'classes.txt'} is not one of CUB-200-2011's 200"
+            )
         official[name] = oid
     order = sorted(official, key=official.get)
     rank = {name: i + 1 for i, name in enumerate(order)}
@@ -125,7 +130,9 @@ def read_subset(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     for image_id, rel in sorted(_pairs(root / "images.txt"), key=lambda r: int(r[0])):
         name = rel.split("/", 1)[0]
         if name not in rank or species.get(labels.get(image_id, "")) != name:
-            raise BenchError(f"cub100: image {image_id} ({rel}) disagrees with classes.txt/image_class_labels.txt")
+            raise BenchError(
+                f"cub100: image {image_id} ({rel}) disagrees with classes.txt/image_class_labels.txt"
+            )
         paths.append(rel)
         ids.append(rank[name])
     names = [f"{official[n]:03d}.{n}" for n in order]
@@ -144,4 +151,3 @@ def load_cub100(cfg) -> DataSource:
     src = zero_shot_source("cub100", root / "images", paths, ids, seen, names, LABEL)
     src.checksum = checksum
     return src
-

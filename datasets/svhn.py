@@ -2,6 +2,7 @@
 torchvision's loader from --data-dir (test_32x32.mat, download=False); and the default far-OOD
 choice of colour datasets: SVHN when its file is there, else MNIST and Fashion-MNIST (real data
 that is always offline here), made to the ID images' shape by `bench.data.conform_images`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -36,10 +37,14 @@ def load_svhn(cfg) -> DataSource:
     """SVHN 32x32 house-number digits (far-OOD set "svhn"), torchvision's test_32x32.mat from --data-dir."""
     d = svhn_dir(cfg.data_dir)
     if d is None:
-        raise BenchError(f"SVHN not found: put {SVHN_FILE} (ufldl.stanford.edu/housenumbers) in --data-dir "
-                         "or its svhn/ subfolder")
+        raise BenchError(
+            f"SVHN not found: put {SVHN_FILE} (ufldl.stanford.edu/housenumbers) in --data-dir "
+            "or its svhn/ subfolder"
+        )
     from torchvision.datasets import SVHN
 
     te = SVHN(str(d), split="test", download=False)
     y = np.asarray(te.labels, dtype=np.int64) % 10
-    return DataSource("svhn", te.data, y, te.data, y, [str(i) for i in range(10)], SVHN_STATS, ood_name="svhn")
+    return DataSource(
+        "svhn", te.data, y, te.data, y, [str(i) for i in range(10)], SVHN_STATS, ood_name="svhn"
+    )

@@ -1,4 +1,5 @@
 """A tiny synthetic dataset for tests: Gaussian class blobs in 32-d, and uniform noise as far-OOD."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -16,9 +16,8 @@ from bench.run_folder import RunFolder
 from reports import plots as P
 from reports.criteria import COST, Criterion, criteria, criterion_values, paired_difference
 from reports.formats import Block, Cell, Figure, Heading, Para, Table
-from reports.tables import ci_level, fmt_ci, header, ordered, wide_cells
-
-from reports.tables import MAX_COLUMNS as MAX_DETAIL_COLUMNS, column_chunks  # metric columns per detail table
+from reports.tables import MAX_COLUMNS as MAX_DETAIL_COLUMNS  # metric columns per detail table
+from reports.tables import ci_level, column_chunks, fmt_ci, header, ordered, wide_cells
 
 
 @dataclass
@@ -253,8 +252,9 @@ def quality_cost_figure(cost: Finding, quality: list[Finding]):
             st = point_style(order.index(m) if m in order else len(order) + i)
             err = np.array([[y[i] - v.loc[m, "lo"]], [v.loc[m, "hi"] - y[i]]])
             yerr = None if not np.isfinite(err).all() else np.abs(err)
-            h = ax.errorbar(x[i], y[i], yerr=yerr, fmt=st["marker"], color=st["color"], ms=5, capsize=2,
-                            label=m)
+            h = ax.errorbar(
+                x[i], y[i], yerr=yerr, fmt=st["marker"], color=st["color"], ms=5, capsize=2, label=m
+            )
             handles.setdefault(m, h)
         front = pareto_front(x, y, f.criterion.higher)
         if len(front):
@@ -264,8 +264,14 @@ def quality_cost_figure(cost: Finding, quality: list[Finding]):
         ax.set_title(f"{f.criterion.title}\n{header(f.criterion.metric)}", fontsize=9)
         ax.grid(alpha=0.3)
     labels = [m for m in order if m in handles] + [m for m in handles if m not in order]
-    fig.legend([handles[m] for m in labels], labels, loc="lower center", ncol=min(len(labels), 6), fontsize=7,
-               frameon=False)
+    fig.legend(
+        [handles[m] for m in labels],
+        labels,
+        loc="lower center",
+        ncol=min(len(labels), 6),
+        fontsize=7,
+        frameon=False,
+    )
     fig.subplots_adjust(bottom=0.22 if len(quality) <= 3 else 0.14)
     return fig
 

@@ -1,5 +1,6 @@
 """Report blocks (headings, paragraphs, tables, figures) and their renderings as console text,
 markdown, self-contained HTML and LaTeX, so every format shows the same numbers and marks."""
+
 from __future__ import annotations
 
 import base64
@@ -46,20 +47,34 @@ class Table:
         head = "".join(f"<th>{html.escape(h)}</th>" for h in self.headers)
         rows = []
         for r in self.rows:
-            tds = "".join(f"<td>{'<b>' if c.bold else ''}{_ci_html(c.text)}{'</b>' if c.bold else ''}</td>"
-                          for c in r)
+            tds = "".join(
+                f"<td>{'<b>' if c.bold else ''}{_ci_html(c.text)}{'</b>' if c.bold else ''}</td>" for c in r
+            )
             rows.append(f"<tr>{tds}</tr>")
-        return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
+        return (
+            f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody>\n</table>"
+        )
 
     def to_latex(self) -> str:
         """A booktabs tabular (scaled to the text width); marked cells are \\textbf."""
         cols = "l" + "r" * (len(self.headers) - 1)
-        lines = [r"\begin{table}[ht]", r"\centering", f"\\caption{{{latex_escape(self.title)}}}",
-                 r"\resizebox{\textwidth}{!}{%", f"\\begin{{tabular}}{{{cols}}}", r"\toprule",
-                 " & ".join(latex_escape(h) for h in self.headers) + r" \\", r"\midrule"]
+        lines = [
+            r"\begin{table}[ht]",
+            r"\centering",
+            f"\\caption{{{latex_escape(self.title)}}}",
+            r"\resizebox{\textwidth}{!}{%",
+            f"\\begin{{tabular}}{{{cols}}}",
+            r"\toprule",
+            " & ".join(latex_escape(h) for h in self.headers) + r" \\",
+            r"\midrule",
+        ]
         for r in self.rows:
-            lines.append(" & ".join(f"\\textbf{{{latex_escape(c.text)}}}" if c.bold else latex_escape(c.text)
-                                    for c in r) + r" \\")
+            lines.append(
+                " & ".join(
+                    f"\\textbf{{{latex_escape(c.text)}}}" if c.bold else latex_escape(c.text) for c in r
+                )
+                + r" \\"
+            )
         lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}"]
         return "\n".join(lines)
 
@@ -76,9 +91,20 @@ def _ci_html(text: str) -> str:
     return f"{html.escape(m.group(1))}<br><span class=ci>{html.escape(m.group(2))}</span>"
 
 
-_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
-                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
-                  "↑": r"$\uparrow$", "↓": r"$\downarrow$"}
+_LATEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "↑": r"$\uparrow$",
+    "↓": r"$\downarrow$",
+}
 
 
 def latex_escape(text: str) -> str:
@@ -95,6 +121,7 @@ class Heading:
 @dataclass
 class Para:
     """A paragraph; `code` and **bold** spans are rendered in every format."""
+
     text: str
     note: bool = False
 
@@ -107,6 +134,7 @@ class Code:
 @dataclass
 class Figure:
     """A figure, saved by the run folder as `plot_path(name)` and linked (or embedded) from there."""
+
     name: str
     caption: str
     png: bytes
@@ -165,8 +193,12 @@ dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-s
 
 def to_html(blocks: list[Block]) -> str:
     title = next((b.text for b in blocks if isinstance(b, Heading)), "bench report")
-    out = ["<!doctype html>", "<html lang='en'><head><meta charset='utf-8'>", f"<title>{html.escape(title)}</title>",
-           f"<style>{CSS}</style></head><body>"]
+    out = [
+        "<!doctype html>",
+        "<html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{CSS}</style></head><body>",
+    ]
     for b in blocks:
         if isinstance(b, Heading):
             out.append(f"<h{b.level}>{html.escape(b.text)}</h{b.level}>")
@@ -176,25 +208,42 @@ def to_html(blocks: list[Block]) -> str:
             out.append(f"<pre><code>{html.escape(b.text)}</code></pre>")
         elif isinstance(b, Table):
             if b.headers == ["", ""]:
-                out.append("<dl class=facts>" + "".join(f"<dt>{html.escape(r[0].text)}</dt><dd>{html.escape(r[1].text)}</dd>"
-                                                        for r in b.rows) + "</dl>")
+                out.append(
+                    "<dl class=facts>"
+                    + "".join(
+                        f"<dt>{html.escape(r[0].text)}</dt><dd>{html.escape(r[1].text)}</dd>" for r in b.rows
+                    )
+                    + "</dl>"
+                )
             else:
                 cls = " class=wrapcells" if b.wrap else ""
                 caption = f"<table{cls}><caption>{html.escape(b.title)}</caption>"
                 tab = b.to_html().replace("<table>", caption, 1)
-                out.append(f"<div class=wrap>{tab}</div>" + "".join(f"<p class=note>{_inline_md_to_html(n)}</p>" for n in b.notes))
+                out.append(
+                    f"<div class=wrap>{tab}</div>"
+                    + "".join(f"<p class=note>{_inline_md_to_html(n)}</p>" for n in b.notes)
+                )
         elif isinstance(b, Figure):
             data = base64.b64encode(b.png).decode("ascii")
-            out.append(f"<figure><img alt='{html.escape(b.caption, quote=True)}' src='data:image/png;base64,{data}'>"
-                       f"<figcaption>{html.escape(b.caption)}</figcaption></figure>")
+            out.append(
+                f"<figure><img alt='{html.escape(b.caption, quote=True)}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(b.caption)}</figcaption></figure>"
+            )
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 
 
 def to_latex(blocks: list[Block]) -> str:
-    out = [r"\documentclass[10pt]{article}", r"\usepackage[margin=2cm]{geometry}", r"\usepackage{booktabs,graphicx}",
-           r"\usepackage[T1]{fontenc}", r"\usepackage[utf8]{inputenc}", r"\DeclareUnicodeCharacter{2212}{-}",
-           r"\DeclareUnicodeCharacter{2013}{--}", r"\begin{document}"]
+    out = [
+        r"\documentclass[10pt]{article}",
+        r"\usepackage[margin=2cm]{geometry}",
+        r"\usepackage{booktabs,graphicx}",
+        r"\usepackage[T1]{fontenc}",
+        r"\usepackage[utf8]{inputenc}",
+        r"\DeclareUnicodeCharacter{2212}{-}",
+        r"\DeclareUnicodeCharacter{2013}{--}",
+        r"\begin{document}",
+    ]
     for b in blocks:
         if isinstance(b, Heading):
             cmd = {1: "section*", 2: "subsection*", 3: "subsubsection*"}.get(b.level, "paragraph")
@@ -205,13 +254,22 @@ def to_latex(blocks: list[Block]) -> str:
             out.append(r"\begin{verbatim}" + "\n" + b.text + "\n" + r"\end{verbatim}")
         elif isinstance(b, Table):
             if b.headers == ["", ""]:
-                out.append(r"\begin{description}" + "".join(f"\n\\item[{latex_escape(r[0].text)}] {latex_escape(r[1].text)}"
-                                                              for r in b.rows) + "\n" + r"\end{description}")
+                out.append(
+                    r"\begin{description}"
+                    + "".join(
+                        f"\n\\item[{latex_escape(r[0].text)}] {latex_escape(r[1].text)}" for r in b.rows
+                    )
+                    + "\n"
+                    + r"\end{description}"
+                )
             else:
                 out.append(b.to_latex() + "".join(f"\n{_inline_md_to_latex(n)}\n" for n in b.notes))
         elif isinstance(b, Figure):
-            out.append(r"\begin{figure}[ht]\centering" + f"\n\\includegraphics[width=\\linewidth]{{{plot_path(b.name)}}}\n"
-                       f"\\caption{{{_inline_md_to_latex(b.caption)}}}\n" + r"\end{figure}")
+            out.append(
+                r"\begin{figure}[ht]\centering"
+                + f"\n\\includegraphics[width=\\linewidth]{{{plot_path(b.name)}}}\n"
+                f"\\caption{{{_inline_md_to_latex(b.caption)}}}\n" + r"\end{figure}"
+            )
     out.append(r"\end{document}")
     return "\n".join(out) + "\n"
 

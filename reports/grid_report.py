@@ -1,5 +1,6 @@
 """The report of a grid folder: per dataset the method table across seeds, mean ranks, how often each
 pairwise difference is significant (paired bootstrap per seed, Wilcoxon across seeds) and cost vs quality."""
+
 from __future__ import annotations
 
 import math
@@ -11,7 +12,8 @@ from matplotlib.figure import Figure as MplFigure
 from scipy import stats
 
 from bench.config import bootstrap_resamples
-from bench.conventions import BASE_METHOD as BASE, NEAR_OOD_SET, STAGES, split_score_metric
+from bench.conventions import BASE_METHOD as BASE
+from bench.conventions import NEAR_OOD_SET, STAGES, split_score_metric
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.run_folder import GridFolder
@@ -21,14 +23,27 @@ from reports.render import WRITERS
 from reports.tables import base_metric, direction, header, ordered, seeds_tables
 
 HEADLINE = ("mAP@1", "ECE", "AUSE")  # plus AUROC and FPR95 of every OOD set (Recall@1 equals mAP@1)
-PAIRWISE_COLUMNS = ["dataset", "metric", "a", "b", "n_seeds", "mean_diff", "a_better", "b_better", "wilcoxon_p"]
+PAIRWISE_COLUMNS = [
+    "dataset",
+    "metric",
+    "a",
+    "b",
+    "n_seeds",
+    "mean_diff",
+    "a_better",
+    "b_better",
+    "wilcoxon_p",
+]
 
 
 def headline(metrics) -> list[str]:
     """The metrics ranked and tested pairwise: mAP@1, ECE, AUSE, AUROC[s], FPR95[s] (the default
     scores'; per-score metrics such as `AUROC[s]:trace` are not headline)."""
-    return [m for m in ordered(metrics) if split_score_metric(m)[1] is None
-            and (m in HEADLINE or base_metric(m) in ("AUROC", "FPR95"))]
+    return [
+        m
+        for m in ordered(metrics)
+        if split_score_metric(m)[1] is None and (m in HEADLINE or base_metric(m) in ("AUROC", "FPR95"))
+    ]
 
 
 def variant_names(grid: GridFolder) -> dict[str, str]:
@@ -54,31 +69,60 @@ def header_blocks(grid: GridFolder) -> list[Block]:
     cells = m["cells"]
     status = pd.Series([c["status"] for c in cells.values()]).value_counts().to_dict()
     last = (m.get("invocations") or [{}])[-1]
-    facts = [("preset", spec.get("preset")), ("datasets", ", ".join(spec.get("datasets", []))),
-             ("methods", ", ".join(dict.fromkeys(c["method"] for c in cells.values()))),
-             ("seeds", ", ".join(map(str, spec.get("seeds", [])))),
-             ("axes", "; ".join(f"{k} = {' | '.join(v)}" for k, v in (m.get("axes") or {}).items()) or "none"),
-             ("cells", f"{len(cells)} ({', '.join(f'{v} {k}' for k, v in status.items())})"),
-             ("status", m.get("status")), ("created", m.get("created")), ("git commit", m.get("git_commit")),
-             ("bench version", m.get("bench_version")), ("invocations", len(m.get("invocations", []))),
-             ("last invocation", ", ".join(f"{k} {last[k]}" for k in ("executor", "jobs", "nodes", "wall_seconds")
-                                           if last.get(k) is not None) or None),
-             ("packages", ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items()) or None)]
+    facts = [
+        ("preset", spec.get("preset")),
+        ("datasets", ", ".join(spec.get("datasets", []))),
+        ("methods", ", ".join(dict.fromkeys(c["method"] for c in cells.values()))),
+        ("seeds", ", ".join(map(str, spec.get("seeds", [])))),
+        ("axes", "; ".join(f"{k} = {' | '.join(v)}" for k, v in (m.get("axes") or {}).items()) or "none"),
+        ("cells", f"{len(cells)} ({', '.join(f'{v} {k}' for k, v in status.items())})"),
+        ("status", m.get("status")),
+        ("created", m.get("created")),
+        ("git commit", m.get("git_commit")),
+        ("bench version", m.get("bench_version")),
+        ("invocations", len(m.get("invocations", []))),
+        (
+            "last invocation",
+            ", ".join(
+                f"{k} {last[k]}"
+                for k in ("executor", "jobs", "nodes", "wall_seconds")
+                if last.get(k) is not None
+            )
+            or None,
+        ),
+        ("packages", ", ".join(f"{k} {v}" for k, v in (m.get("packages") or {}).items()) or None),
+    ]
     t = Table("Grid", ["", ""], [[Cell(k), Cell(str(v))] for k, v in facts if v not in (None, "")])
     cmds = [m["command"]] if m.get("command") else []
-    return [Heading(f"bench grid report: {grid.path.name}", 1), t,
-            Para("Commands: the grid as created, and how to finish it (reruns failed or missing cells only):"),
-            Code("\n".join(cmds + [f"python -m bench grid --resume {grid.path}"]))]
+    return [
+        Heading(f"bench grid report: {grid.path.name}", 1),
+        t,
+        Para("Commands: the grid as created, and how to finish it (reruns failed or missing cells only):"),
+        Code("\n".join(cmds + [f"python -m bench grid --resume {grid.path}"])),
+    ]
 
 
 def failure_blocks(grid: GridFolder) -> list[Block]:
     bad = [(cid, c) for cid, c in grid.meta["cells"].items() if c["status"] != "done"]
     if not bad:
         return []
-    rows = [[Cell(cid), Cell(c["status"]), Cell(str(c.get("error") or "").splitlines()[0] if c.get("error") else "")]
-            for cid, c in bad]
-    return [Heading("Unfinished cells"), Table("Cells not done", ["cell", "status", "error"], rows,
-                                               ["Tracebacks are in grid.json; `bench grid --resume` reruns these cells."])]
+    rows = [
+        [
+            Cell(cid),
+            Cell(c["status"]),
+            Cell(str(c.get("error") or "").splitlines()[0] if c.get("error") else ""),
+        ]
+        for cid, c in bad
+    ]
+    return [
+        Heading("Unfinished cells"),
+        Table(
+            "Cells not done",
+            ["cell", "status", "error"],
+            rows,
+            ["Tracebacks are in grid.json; `bench grid --resume` reruns these cells."],
+        ),
+    ]
 
 
 def rank_table(res: pd.DataFrame, variants: list[str], metrics: list[str]) -> Table | None:
@@ -98,15 +142,32 @@ def rank_table(res: pd.DataFrame, variants: list[str], metrics: list[str]) -> Ta
     rows = []
     for v in variants:
         vals = {m: mean.get((v, m), math.nan) for m in cols}
-        rows.append([Cell(v)] + [Cell("n/a" if math.isnan(x) else f"{x:.2f}", not math.isnan(x) and x == best[m])
-                                 for m, x in vals.items()])
-    return Table("Mean rank over seeds (1 = best)", ["method", *map(header, cols)], rows,
-                 ["Ranked per seed among the methods that have the metric (n/a: no uncertainty), then averaged; "
-                  "**bold**: the best mean rank."])
+        rows.append(
+            [Cell(v)]
+            + [
+                Cell("n/a" if math.isnan(x) else f"{x:.2f}", not math.isnan(x) and x == best[m])
+                for m, x in vals.items()
+            ]
+        )
+    return Table(
+        "Mean rank over seeds (1 = best)",
+        ["method", *map(header, cols)],
+        rows,
+        [
+            "Ranked per seed among the methods that have the metric (n/a: no uncertainty), then averaged; "
+            "**bold**: the best mean rank."
+        ],
+    )
 
 
-def pairwise_frame(grid: GridFolder, dataset: str, res: pd.DataFrame, variants: list[str], metrics: list[str],
-                   cells: dict[str, str]) -> pd.DataFrame:
+def pairwise_frame(
+    grid: GridFolder,
+    dataset: str,
+    res: pd.DataFrame,
+    variants: list[str],
+    metrics: list[str],
+    cells: dict[str, str],
+) -> pd.DataFrame:
     """Every pair (a, b) of variants per metric: seeds both ran (n_seeds), mean of value(a) - value(b)
     over seeds, seeds on which a (b) is significantly better (the paired bootstrap CI of the difference
     over the same queries excludes 0), and the Wilcoxon signed-rank p-value of the per-seed differences."""
@@ -120,26 +181,48 @@ def pairwise_frame(grid: GridFolder, dataset: str, res: pd.DataFrame, variants: 
     boot = []
     for i, ref in enumerate(variants):
         sub = {k: a for k, a in pq.items() if k[0] in variants[i:]}
-        boot.append(paired_differences(sub, ref, bootstrap_resamples(cfg), _level(grid),
-                                       int(cfg.get("seed", 0)), metrics))
+        boot.append(
+            paired_differences(
+                sub, ref, bootstrap_resamples(cfg), _level(grid), int(cfg.get("seed", 0)), metrics
+            )
+        )
     boot_df = pd.concat(boot, ignore_index=True) if boot else pd.DataFrame()
     vals = res.pivot_table(index=["metric", "seed"], columns="variant", values="value", aggfunc="first")
     rows = []
     for metric in metrics:
         d = direction(metric)
         for i, a in enumerate(variants):
-            for b in variants[i + 1:]:
-                per_seed = vals.loc[metric][[a, b]].dropna() if metric in vals.index and {a, b} <= set(vals.columns) else None
+            for b in variants[i + 1 :]:
+                per_seed = (
+                    vals.loc[metric][[a, b]].dropna()
+                    if metric in vals.index and {a, b} <= set(vals.columns)
+                    else None
+                )
                 if per_seed is None or per_seed.empty:
                     continue
                 diff = (per_seed[a] - per_seed[b]).to_numpy(float)
-                bt = boot_df[(boot_df["metric"] == metric) & (boot_df["method"] == a) & (boot_df["reference"] == b)] \
-                    if not boot_df.empty else boot_df
+                bt = (
+                    boot_df[
+                        (boot_df["metric"] == metric) & (boot_df["method"] == a) & (boot_df["reference"] == b)
+                    ]
+                    if not boot_df.empty
+                    else boot_df
+                )
                 a_better = int(((d * bt["ci_low"] > 0) & (d * bt["ci_high"] > 0)).sum()) if len(bt) else 0
                 b_better = int(((d * bt["ci_low"] < 0) & (d * bt["ci_high"] < 0)).sum()) if len(bt) else 0
-                rows.append({"dataset": dataset, "metric": metric, "a": a, "b": b, "n_seeds": len(diff),
-                             "mean_diff": float(diff.mean()), "a_better": a_better, "b_better": b_better,
-                             "wilcoxon_p": _wilcoxon(diff)})
+                rows.append(
+                    {
+                        "dataset": dataset,
+                        "metric": metric,
+                        "a": a,
+                        "b": b,
+                        "n_seeds": len(diff),
+                        "mean_diff": float(diff.mean()),
+                        "a_better": a_better,
+                        "b_better": b_better,
+                        "wilcoxon_p": _wilcoxon(diff),
+                    }
+                )
     return pd.DataFrame(rows, columns=PAIRWISE_COLUMNS)
 
 
@@ -154,7 +237,9 @@ def significance_tables(pw: pd.DataFrame, variants: list[str]) -> list[Table]:
     """One matrix per metric: row a, column b holds `k/n` = seeds on which a is significantly better
     than b, and the Wilcoxon p across seeds; bold when a is better on every seed."""
     out = []
-    for metric, g in pw[pw["metric"].map(base_metric) != "FPR95"].groupby("metric", sort=False):  # FPR95: pairwise.csv
+    for metric, g in pw[pw["metric"].map(base_metric) != "FPR95"].groupby(
+        "metric", sort=False
+    ):  # FPR95: pairwise.csv
         cell = {}
         for r in g.to_dict("records"):
             p = "" if math.isnan(r["wilcoxon_p"]) else f", p={r['wilcoxon_p']:.2g}"
@@ -162,13 +247,20 @@ def significance_tables(pw: pd.DataFrame, variants: list[str]) -> list[Table]:
             cell[(r["b"], r["a"])] = Cell(f"{r['b_better']}/{r['n_seeds']}{p}", r["b_better"] == r["n_seeds"])
         shown = [v for v in variants if any(v in k for k in cell)]
         rows = [[Cell(a)] + [cell.get((a, b), Cell("–")) for b in shown] for a in shown]
-        out.append(Table(f"{header(metric)}: seeds on which the row beats the column significantly",
-                         ["row vs column", *shown], rows))
+        out.append(
+            Table(
+                f"{header(metric)}: seeds on which the row beats the column significantly",
+                ["row vs column", *shown],
+                rows,
+            )
+        )
     if out:
-        out[-1].notes.append("k/n: on k of the n seeds both methods ran, the paired bootstrap CI of the difference "
-                             "(same queries resampled for both) excludes 0 in the row's favour; p: two-sided Wilcoxon "
-                             "signed-rank test of the n per-seed differences (it cannot go below 0.05 with fewer than "
-                             "6 seeds). **bold**: significant on every seed.")
+        out[-1].notes.append(
+            "k/n: on k of the n seeds both methods ran, the paired bootstrap CI of the difference "
+            "(same queries resampled for both) excludes 0 in the row's favour; p: two-sided Wilcoxon "
+            "signed-rank test of the n per-seed differences (it cannot go below 0.05 with fewer than "
+            "6 seeds). **bold**: significant on every seed."
+        )
     return out
 
 
@@ -178,9 +270,13 @@ def cost_frame(tim: pd.DataFrame) -> pd.DataFrame:
     if tim.empty:
         return pd.DataFrame()
     t = tim.assign(stage=np.where(tim["method"] == BASE, "base train", tim["stage"]))
-    per_cell = t.pivot_table(index=["variant", "seed"], columns="stage", values="seconds", aggfunc="sum", fill_value=0.0)
+    per_cell = t.pivot_table(
+        index=["variant", "seed"], columns="stage", values="seconds", aggfunc="sum", fill_value=0.0
+    )
     mean = per_cell.groupby(level="variant").mean()
-    cols = [c for c in ("base train", *STAGES) if c in mean.columns] + sorted(c for c in mean.columns if c not in STAGES and c != "base train")
+    cols = [c for c in ("base train", *STAGES) if c in mean.columns] + sorted(
+        c for c in mean.columns if c not in STAGES and c != "base train"
+    )
     mean = mean[cols]
     mean["total"] = mean.sum(axis=1)
     return mean
@@ -189,13 +285,23 @@ def cost_frame(tim: pd.DataFrame) -> pd.DataFrame:
 def cost_table(cost: pd.DataFrame, variants: list[str]) -> Table | None:
     if cost.empty:
         return None
-    rows = [[Cell(v)] + [Cell(f"{cost.loc[v, c]:.2f}") for c in cost.columns] for v in variants if v in cost.index]
-    return Table("Wall time per seed (s, mean over seeds)", ["method", *cost.columns], rows,
-                 ["\"base train\": the shared base model's training, counted in every post-hoc method that uses it "
-                  "(in the grid it was trained once per dataset, setting and seed)."])
+    rows = [
+        [Cell(v)] + [Cell(f"{cost.loc[v, c]:.2f}") for c in cost.columns] for v in variants if v in cost.index
+    ]
+    return Table(
+        "Wall time per seed (s, mean over seeds)",
+        ["method", *cost.columns],
+        rows,
+        [
+            '"base train": the shared base model\'s training, counted in every post-hoc method that uses it '
+            "(in the grid it was trained once per dataset, setting and seed)."
+        ],
+    )
 
 
-def cost_quality_figure(cost: pd.DataFrame, summ: pd.DataFrame, variants: list[str], metrics: list[str]) -> MplFigure | None:
+def cost_quality_figure(
+    cost: pd.DataFrame, summ: pd.DataFrame, variants: list[str], metrics: list[str]
+) -> MplFigure | None:
     """Wall time per seed (x, log) against each metric's mean over seeds with its t-interval (y)."""
     metrics = [m for m in metrics if not summ[summ["metric"] == m].empty]
     if cost.empty or not metrics:
@@ -211,7 +317,9 @@ def cost_quality_figure(cost: pd.DataFrame, summ: pd.DataFrame, variants: list[s
             y, lo, hi = s.loc[v, ["mean", "t_low", "t_high"]].astype(float)
             err = None if not np.isfinite(lo) else [[y - lo], [hi - y]]
             st = P.method_style(i)
-            ax.errorbar([cost.loc[v, "total"]], [y], yerr=err, fmt=st["marker"], color=st["color"], capsize=3, label=v)
+            ax.errorbar(
+                [cost.loc[v, "total"]], [y], yerr=err, fmt=st["marker"], color=st["color"], capsize=3, label=v
+            )
         ax.set_xscale("log")
         ax.set_xlabel("wall seconds per seed (incl. base training)")
         ax.set_ylabel(header(metric))
@@ -229,8 +337,9 @@ def quality_metrics(metrics) -> list[str]:
     return [m for m in ["mAP@1", near if near in aurocs else next(iter(aurocs), None)] if m in metrics]
 
 
-def dataset_blocks(grid: GridFolder, dataset: str, res: pd.DataFrame, tim: pd.DataFrame,
-                   cells: dict[str, str]) -> tuple[list[Block], pd.DataFrame]:
+def dataset_blocks(
+    grid: GridFolder, dataset: str, res: pd.DataFrame, tim: pd.DataFrame, cells: dict[str, str]
+) -> tuple[list[Block], pd.DataFrame]:
     """Heading, method table across seeds, ranks, significance, cost table and plot of one dataset."""
     variants = ordered([cells[c] for c in cells if grid.meta["cells"][c]["dataset"] == dataset])
     out: list[Block] = [Heading(f"Dataset: {dataset}")]
@@ -238,14 +347,21 @@ def dataset_blocks(grid: GridFolder, dataset: str, res: pd.DataFrame, tim: pd.Da
         return out + [Para("No finished cells.")], pd.DataFrame(columns=PAIRWISE_COLUMNS)
     n_seeds = res["seed"].nunique()
     summ = seed_summary(res.assign(method=res["variant"]), _level(grid))
-    out += [Heading("Methods across seeds", 3),
-            Para(f"Mean over {n_seeds} seed(s) [Student-t {100 * _level(grid):g}% interval across seeds]; "
-                 "**bold**: best mean per column.", note=True)]
+    out += [
+        Heading("Methods across seeds", 3),
+        Para(
+            f"Mean over {n_seeds} seed(s) [Student-t {100 * _level(grid):g}% interval across seeds]; "
+            "**bold**: best mean per column.",
+            note=True,
+        ),
+    ]
     out += seeds_tables(summ, variants)
     metrics = headline(res["metric"])
     out.append(Heading("Ranks and significance", 3))
     rt = rank_table(res, variants, metrics)
-    out += [rt] if rt is not None else [Para("Fewer than two methods per metric: nothing to rank.", note=True)]
+    out += (
+        [rt] if rt is not None else [Para("Fewer than two methods per metric: nothing to rank.", note=True)]
+    )
     pw = pairwise_frame(grid, dataset, res, variants, metrics, cells)
     out += significance_tables(pw, variants)
     cost = cost_frame(tim)
@@ -254,9 +370,14 @@ def dataset_blocks(grid: GridFolder, dataset: str, res: pd.DataFrame, tim: pd.Da
     out += [ct] if ct is not None else [Para("No timings recorded.", note=True)]
     fig = cost_quality_figure(cost, summ, variants, quality_metrics(summ["metric"]))
     if fig is not None:
-        out.append(Figure(f"cost_quality_{_safe(dataset)}", f"{dataset}: wall time per seed against quality "
-                          "(mean over seeds, t-interval bars); methods without uncertainty have no AUROC point.",
-                          P.png_bytes(fig)))
+        out.append(
+            Figure(
+                f"cost_quality_{_safe(dataset)}",
+                f"{dataset}: wall time per seed against quality "
+                "(mean over seeds, t-interval bars); methods without uncertainty have no AUROC point.",
+                P.png_bytes(fig),
+            )
+        )
     return out, pw
 
 
@@ -268,7 +389,9 @@ def _merged(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str
     res, tim = grid.merged()
     cells = variant_names(grid)
     if res.empty:
-        raise BenchError(f"{grid.path} has no finished cells yet (no merged results.csv); run `bench grid --resume {grid.path}`")
+        raise BenchError(
+            f"{grid.path} has no finished cells yet (no merged results.csv); run `bench grid --resume {grid.path}`"
+        )
     return res.assign(variant=res["cell"].map(cells)), tim.assign(variant=tim["cell"].map(cells)), cells
 
 
@@ -307,8 +430,17 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
         ranks[c.title] = v.mean_ranks
         p = "n/a" if math.isnan(v.p) else f"{v.p:.2g}"
         label = header(c.metric) if c.metric != "seconds" else "seconds"
-        rows.append([Cell(c.title), Cell(label), Cell(v.best, True), Cell(f"{v.mean_ranks[v.best]:.2f}"),
-                     Cell(", ".join(v.tied) or "none"), Cell(p), Cell(str(v.n_blocks))])
+        rows.append(
+            [
+                Cell(c.title),
+                Cell(label),
+                Cell(v.best, True),
+                Cell(f"{v.mean_ranks[v.best]:.2f}"),
+                Cell(", ".join(v.tied) or "none"),
+                Cell(p),
+                Cell(str(v.n_blocks)),
+            ]
+        )
         test = "Wilcoxon" if len(v.mean_ranks) == 2 else "Friedman"
         if math.isnan(v.p):
             why = "too few blocks for a test"
@@ -317,24 +449,48 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
         else:
             why = f"within Nemenyi's critical difference {v.cd:.2f} of its mean rank"
         names = ", ".join(f"`{t}`" for t in v.tied)
-        tied = (f"; not significantly different ({why}): {names}" if v.tied
-                else f"; every other method ranks significantly worse ({why})")
-        sentences.append(Para(f"**{c.title}.** {c.question} **{v.best}** (mean rank "
-                              f"{v.mean_ranks[v.best]:.2f} over {v.n_blocks} dataset x seed blocks){tied}."))
+        tied = (
+            f"; not significantly different ({why}): {names}"
+            if v.tied
+            else f"; every other method ranks significantly worse ({why})"
+        )
+        sentences.append(
+            Para(
+                f"**{c.title}.** {c.question} **{v.best}** (mean rank "
+                f"{v.mean_ranks[v.best]:.2f} over {v.n_blocks} dataset x seed blocks){tied}."
+            )
+        )
     if not rows:
         return out + [Para("No criterion has values in every block.", note=True)]
-    out.append(Para("Methods ranked within each (dataset, seed) block (1 = best), ranks averaged; Friedman "
-                    "test that all methods rank alike (two methods: Wilcoxon), then Nemenyi's critical "
-                    "difference (alpha 0.05) for which methods are not significantly different from the "
-                    "best. Blocks missing a method's value are left out.", note=True))
-    heads = ["criterion", "metric", "best", "mean rank", "not significantly different", "p (Friedman)",
-             "blocks"]
+    out.append(
+        Para(
+            "Methods ranked within each (dataset, seed) block (1 = best), ranks averaged; Friedman "
+            "test that all methods rank alike (two methods: Wilcoxon), then Nemenyi's critical "
+            "difference (alpha 0.05) for which methods are not significantly different from the "
+            "best. Blocks missing a method's value are left out.",
+            note=True,
+        )
+    )
+    heads = [
+        "criterion",
+        "metric",
+        "best",
+        "mean rank",
+        "not significantly different",
+        "p (Friedman)",
+        "blocks",
+    ]
     out.append(Table("Best method per criterion across the grid", heads, rows, wrap=True))
     out += sentences
     rk = pd.DataFrame(ranks).reindex(variants)
     if rk.shape[1] >= 2 and len(rk) >= 2:
-        out.append(Figure("findings_ranks", "Mean rank over (dataset, seed) blocks per criterion (1 = best).",
-                          P.png_bytes(rank_heatmap(rk.round(2)), dpi=90)))
+        out.append(
+            Figure(
+                "findings_ranks",
+                "Mean rank over (dataset, seed) blocks per criterion (1 = best).",
+                P.png_bytes(rank_heatmap(rk.round(2)), dpi=90),
+            )
+        )
     return out
 
 
@@ -343,8 +499,9 @@ def build_grid_report(grid: GridFolder) -> tuple[list[Block], pd.DataFrame]:
     (pairwise.csv)."""
     res, tim, cells = _merged(grid)
     head = header_blocks(grid)
-    blocks = (head[:1] + grid_findings_blocks(grid, res, tim) + [Heading("Grid")] + head[1:]
-              + failure_blocks(grid))
+    blocks = (
+        head[:1] + grid_findings_blocks(grid, res, tim) + [Heading("Grid")] + head[1:] + failure_blocks(grid)
+    )
     frames = []
     for d in grid.meta["spec"]["datasets"]:
         b, pw = dataset_blocks(grid, d, res[res["dataset"] == d], tim[tim["dataset"] == d], cells)

@@ -3,6 +3,7 @@ the same structure on the same backbone (same data and seeds): paired difference
 same queries (bootstrap CIs, `bench.metrics.aggregate.paired_differences`) on mAP@1, AUROC, AUSE and ECE
 per seed, their mean over seeds with a Student-t interval and a plain verdict per metric, and the wall
 time of each, with online training's cost against the plain training of the same backbone and epochs."""
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,8 @@ import pandas as pd
 from scipy import stats
 
 from bench.config import RunConfig, bootstrap_resamples
-from bench.conventions import BASE_METHOD as BASE, CORRECTNESS_METRIC
+from bench.conventions import BASE_METHOD as BASE
+from bench.conventions import CORRECTNESS_METRIC
 from bench.metrics.aggregate import paired_differences
 from bench.run_folder import RunFolder
 from reports.formats import Block, Cell, Heading, Para, Table
@@ -28,8 +30,12 @@ def _facts(run: RunFolder) -> dict[str, dict]:
     for key, d in (run.meta.get("diagnostics") or {}).items():
         method = key.rpartition("-seed")[0]
         if isinstance(d, dict) and "structure" in d and method not in out:
-            out[method] = {"online": bool(d.get("online")), "structure": d["structure"], "subset": d.get("subset"),
-                           "D": d.get("D")}
+            out[method] = {
+                "online": bool(d.get("online")),
+                "structure": d["structure"],
+                "subset": d.get("subset"),
+                "D": d.get("D"),
+            }
     return out
 
 
@@ -37,8 +43,13 @@ def laplace_pairs(run: RunFolder) -> list[tuple[str, str]]:
     """(online, post-hoc) method pairs of the same structure in the run, in the run's method order."""
     facts = _facts(run)
     ms = [m for m in run.methods if m in facts]
-    return [(o, p) for o in ms if facts[o]["online"] for p in ms
-            if not facts[p]["online"] and facts[p]["structure"] == facts[o]["structure"]]
+    return [
+        (o, p)
+        for o in ms
+        if facts[o]["online"]
+        for p in ms
+        if not facts[p]["online"] and facts[p]["structure"] == facts[o]["structure"]
+    ]
 
 
 def _wanted(metric: str) -> bool:
@@ -49,9 +60,15 @@ def pair_differences(run: RunFolder, online: str, post_hoc: str) -> pd.DataFrame
     """paired_differences rows (online − post-hoc) of the headline metrics for every seed both ran."""
     cfg = run.config
     pq = {(m, s): a for s in run.seeds for m in (online, post_hoc) if (a := run.perquery(m, s)) is not None}
-    df = paired_differences(pq, post_hoc, bootstrap_resamples(cfg),
-                            float(cfg.get("ci_level", 0.95)), int(cfg.get("seed", 0)),
-                            id_score=cfg.get("id_score", RunConfig.id_score), ood_score=cfg.get("ood_score", RunConfig.ood_score))
+    df = paired_differences(
+        pq,
+        post_hoc,
+        bootstrap_resamples(cfg),
+        float(cfg.get("ci_level", 0.95)),
+        int(cfg.get("seed", 0)),
+        id_score=cfg.get("id_score", RunConfig.id_score),
+        ood_score=cfg.get("ood_score", RunConfig.ood_score),
+    )
     return df[df["metric"].map(_wanted)].reset_index(drop=True)
 
 
@@ -62,8 +79,14 @@ def seed_means(df: pd.DataFrame, level: float) -> pd.DataFrame:
         v = g["diff"].to_numpy(float)
         v = v[np.isfinite(v)]
         mean = float(v.mean()) if v.size else math.nan
-        half = float(stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size)) if v.size >= 2 else math.nan
-        rows.append({"metric": metric, "diff": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(v.size)})
+        half = (
+            float(stats.t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
+            if v.size >= 2
+            else math.nan
+        )
+        rows.append(
+            {"metric": metric, "diff": mean, "ci_low": mean - half, "ci_high": mean + half, "n": int(v.size)}
+        )
     return pd.DataFrame(rows, columns=["metric", "diff", "ci_low", "ci_high", "n"])
 
 
@@ -104,15 +127,22 @@ def wall_time_table(run: RunFolder, online: str, post_hoc: str) -> Table:
         if not per_seed:
             continue
         mean = {st: float(np.mean([p.get(st, 0.0) for p in per_seed])) for st in stages}
-        rows.append([Cell(m + (" (+ base training)" if m == post_hoc else ""))]
-                    + [Cell(f"{mean[st]:.2f}") for st in stages] + [Cell(f"{sum(mean.values()):.2f}")])
-    notes = [f"Seconds per seed, mean over {len(run.seeds)} seed(s). {online}'s train is its own training without the "
-             "curvature (hessian) and marglik (part of prior) computed inside it; the post-hoc method's train is the "
-             "shared base training."]
+        rows.append(
+            [Cell(m + (" (+ base training)" if m == post_hoc else ""))]
+            + [Cell(f"{mean[st]:.2f}") for st in stages]
+            + [Cell(f"{sum(mean.values()):.2f}")]
+        )
+    notes = [
+        f"Seconds per seed, mean over {len(run.seeds)} seed(s). {online}'s train is its own training without the "
+        "curvature (hessian) and marglik (part of prior) computed inside it; the post-hoc method's train is the "
+        "shared base training."
+    ]
     if ratios:
-        notes.append(f"Online training / plain training of the same backbone and epochs: "
-                     f"{', '.join(f'{r:.2f}x' for r in ratios)} (per seed; base training as recorded in the model cache); "
-                     f"curvature (hessian) share of online training: {', '.join(f'{100 * x:.0f}%' for x in shares)}.")
+        notes.append(
+            f"Online training / plain training of the same backbone and epochs: "
+            f"{', '.join(f'{r:.2f}x' for r in ratios)} (per seed; base training as recorded in the model cache); "
+            f"curvature (hessian) share of online training: {', '.join(f'{100 * x:.0f}%' for x in shares)}."
+        )
     return Table(f"Wall time: {online} vs {post_hoc} (s)", ["method", *stages, "total"], rows, notes)
 
 
@@ -128,21 +158,28 @@ def comparison_blocks(run: RunFolder) -> list[Block]:
         same = fo["subset"] == fp["subset"] or (fo["D"] is not None and fo["D"] == fp["D"])
         subset = lambda f: f["subset"] + (f" (D = {f['D']})" if f["D"] is not None else "")  # noqa: E731
         out.append(Heading(f"{online} − {post} ({fo['structure']})", 3))
-        out.append(Para(f"Structure {fo['structure']}; Bayesian subset: {online} {subset(fo)}, {post} {subset(fp)}"
-                        + ("" if same else " (different subsets: the difference includes that choice)")
-                        + ". Rows: paired difference on the same queries with its bootstrap CI, per seed; last row: "
-                        f"mean over seeds with a Student-t {100 * level:g}% interval. **bold**: the interval excludes 0.",
-                        note=True))
+        out.append(
+            Para(
+                f"Structure {fo['structure']}; Bayesian subset: {online} {subset(fo)}, {post} {subset(fp)}"
+                + ("" if same else " (different subsets: the difference includes that choice)")
+                + ". Rows: paired difference on the same queries with its bootstrap CI, per seed; last row: "
+                f"mean over seeds with a Student-t {100 * level:g}% interval. **bold**: the interval excludes 0.",
+                note=True,
+            )
+        )
         df = pair_differences(run, online, post)
         if df.empty:
             out.append(Para("No per-query arrays to pair.", note=True))
             continue
         means = seed_means(df, level)
         metrics = list(dict.fromkeys(df["metric"]))
-        frame = pd.concat([df.assign(row=[f"seed {s}" for s in df["seed"]]),
-                           means.assign(row=MEAN_ROW)], ignore_index=True)
+        frame = pd.concat(
+            [df.assign(row=[f"seed {s}" for s in df["seed"]]), means.assign(row=MEAN_ROW)], ignore_index=True
+        )
         rows = list(dict.fromkeys(frame["row"]))
-        cells = wide_cells(frame, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True)
+        cells = wide_cells(
+            frame, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True
+        )
         out.append(Table(f"{online} − {post}", ["difference", *map(header, metrics)], cells))
         multi = len(df["seed"].unique()) > 1
         src = means if multi else df
@@ -151,8 +188,13 @@ def comparison_blocks(run: RunFolder) -> list[Block]:
             r = src[src["metric"] == metric].iloc[0]
             text = f"{verdict(metric, r['ci_low'], r['ci_high'])} on {metric} ({fmt_ci(r['diff'], r['ci_low'], r['ci_high'], signed=True)}"
             if multi:
-                per = [verdict(metric, lo, hi) for lo, hi in df.loc[df["metric"] == metric, ["ci_low", "ci_high"]].to_numpy()]
-                text += "; seeds: " + ", ".join(f"{per.count(v)} {v}" for v in ("wins", "loses", "ties") if per.count(v))
+                per = [
+                    verdict(metric, lo, hi)
+                    for lo, hi in df.loc[df["metric"] == metric, ["ci_low", "ci_high"]].to_numpy()
+                ]
+                text += "; seeds: " + ", ".join(
+                    f"{per.count(v)} {v}" for v in ("wins", "loses", "ties") if per.count(v)
+                )
             said.append(text + ")")
         basis = "the t-interval over seeds" if multi else "the bootstrap CI of the one seed"
         out.append(Para(f"{online} against {post}, by {basis}: " + "; ".join(said) + "."))

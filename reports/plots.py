@@ -1,5 +1,6 @@
 """Report figures from a run's per-query arrays and tables, drawn on matplotlib's Agg canvas (no
 pyplot, no display, no global state); each returns a `Figure`, or None when there is no data for it."""
+
 from __future__ import annotations
 
 import io
@@ -21,16 +22,24 @@ CLASS_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "p", "h"]
 METHOD_COLOURS = [OKABE_ITO[i] for i in (4, 5, 2, 0, 6, 1, 7, 3)]
 LINESTYLES = ["-", "--", "-.", ":"]
 METHOD_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
-STAGE_COLOURS = {"train": "#0072B2", "hessian": "#D55E00", "prior": "#009E73", "predict": "#E69F00",
-                 "evaluate": "#CC79A7"}
+STAGE_COLOURS = {
+    "train": "#0072B2",
+    "hessian": "#D55E00",
+    "prior": "#009E73",
+    "predict": "#E69F00",
+    "evaluate": "#CC79A7",
+}
 STAGE_HATCHES = {"train": "", "hessian": "//", "prior": "..", "predict": "\\\\", "evaluate": "xx"}
 OOD_STYLES = [("#000000", "x"), ("#555555", "+"), ("#888888", "1"), ("#222222", "4")]
 
 
 def method_style(i: int) -> dict:
     """Colour, line style and marker of the i-th method."""
-    return {"color": METHOD_COLOURS[i % len(METHOD_COLOURS)], "linestyle": LINESTYLES[(i // len(METHOD_COLOURS)) % 4],
-            "marker": METHOD_MARKERS[i % len(METHOD_MARKERS)]}
+    return {
+        "color": METHOD_COLOURS[i % len(METHOD_COLOURS)],
+        "linestyle": LINESTYLES[(i // len(METHOD_COLOURS)) % 4],
+        "marker": METHOD_MARKERS[i % len(METHOD_MARKERS)],
+    }
 
 
 def class_style(c: int) -> tuple[str, str]:
@@ -79,11 +88,13 @@ def project_2d(id_mean: np.ndarray, others: list[np.ndarray]) -> tuple[np.ndarra
     mu = x.mean(axis=0)
     _, s, vt = np.linalg.svd(x - mu, full_matrices=False)
     w = vt[:2].T
-    explained = float((s[:2] ** 2).sum() / max((s ** 2).sum(), 1e-300))
+    explained = float((s[:2] ** 2).sum() / max((s**2).sum(), 1e-300))
     proj = lambda a: (np.asarray(a, np.float64).reshape(len(a), -1) - mu) @ w  # noqa: E731
-    return proj(x), [proj(o) for o in others], f"PCA projection of the {d}-d embeddings (PC1, PC2: {100 * explained:.0f}% of ID variance)"
-
-
+    return (
+        proj(x),
+        [proj(o) for o in others],
+        f"PCA projection of the {d}-d embeddings (PC1, PC2: {100 * explained:.0f}% of ID variance)",
+    )
 
 
 def roc_points(score_id: np.ndarray, score_ood: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
@@ -114,7 +125,9 @@ def uncertainty_figure(arrs: dict[str, np.ndarray], method: str, seed: int) -> F
     rng = np.random.default_rng(0)  # jitter only
     for i, (label, u) in enumerate(groups):
         col = colours[i % len(colours)]
-        a.scatter(i + rng.uniform(-0.3, 0.3, len(u)), u, s=6, alpha=0.5, color=col, linewidths=0, rasterized=True)
+        a.scatter(
+            i + rng.uniform(-0.3, 0.3, len(u)), u, s=6, alpha=0.5, color=col, linewidths=0, rasterized=True
+        )
         a.plot([i - 0.38, i + 0.38], [np.median(u)] * 2, color="black", lw=2)
     a.set_xticks(range(len(groups)), [g for g, _ in groups])
     a.set_ylabel("uncertainty = sum of embedding variance")
@@ -126,8 +139,16 @@ def uncertainty_figure(arrs: dict[str, np.ndarray], method: str, seed: int) -> F
     else:
         edges = np.linspace(allv.min(), allv.max() if allv.max() > allv.min() else allv.min() + 1, 41)
     for i, (label, u) in enumerate(groups):
-        b.hist(u, bins=edges, weights=np.full(len(u), 1.0 / len(u)), histtype="step", lw=1.8,
-               color=colours[i % len(colours)], linestyle=LINESTYLES[i % 4], label=f"{label} (n={len(u)})")
+        b.hist(
+            u,
+            bins=edges,
+            weights=np.full(len(u), 1.0 / len(u)),
+            histtype="step",
+            lw=1.8,
+            color=colours[i % len(colours)],
+            linestyle=LINESTYLES[i % 4],
+            label=f"{label} (n={len(u)})",
+        )
     b.set_xlabel("uncertainty" + (" (log bins)" if logscale else ""))
     b.set_ylabel("fraction of the set's queries per bin")
     b.set_title("(b) uncertainty histogram")
@@ -135,7 +156,14 @@ def uncertainty_figure(arrs: dict[str, np.ndarray], method: str, seed: int) -> F
     c.plot([0, 1], [0, 1], color="grey", lw=1, linestyle=":", label="chance")
     for i, s in enumerate(sets, start=1):
         fpr, tpr, auc = roc_points(u_id, uncertainty(arrs, f"ood_{s}"))
-        c.plot(fpr, tpr, color=colours[i % len(colours)], linestyle=LINESTYLES[i % 4], lw=1.8, label=f"{s} (AUROC {auc:.3f})")
+        c.plot(
+            fpr,
+            tpr,
+            color=colours[i % len(colours)],
+            linestyle=LINESTYLES[i % 4],
+            lw=1.8,
+            label=f"{s} (AUROC {auc:.3f})",
+        )
     c.set_xlabel("false positive rate (ID flagged as OOD)")
     c.set_ylabel("true positive rate (OOD flagged)")
     c.set_title("(c) OOD detection ROC")
@@ -150,8 +178,14 @@ def _grid(n: int, width: float = 4.0, height: float = 3.8, max_cols: int = 4) ->
     cols = min(n, max_cols)
     rows = -(-n // cols)
     fig = Figure(figsize=(width * cols, height * rows))
-    fig.subplots_adjust(left=0.8 / (width * cols), right=1 - 0.2 / (width * cols), bottom=0.6 / (height * rows),
-                        top=1 - 0.4 / (height * rows), wspace=0.3, hspace=0.45)
+    fig.subplots_adjust(
+        left=0.8 / (width * cols),
+        right=1 - 0.2 / (width * cols),
+        bottom=0.6 / (height * rows),
+        top=1 - 0.4 / (height * rows),
+        wspace=0.3,
+        hspace=0.45,
+    )
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False).ravel())
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -162,7 +196,9 @@ def reliability_figure(per_method: dict[str, dict[str, np.ndarray]], ece: dict[s
     """Reliability diagram per method from `extra_reliability_{conf,acc,count}` (equal-mass bins):
     mean correctness (precision@1) against mean confidence per bin, marker area ∝ bin count; the
     diagonal is perfect calibration, vertical lines show each bin's gap. None without data."""
-    have = [m for m, a in per_method.items() if "extra_reliability_conf" in a and "extra_reliability_acc" in a]
+    have = [
+        m for m, a in per_method.items() if "extra_reliability_conf" in a and "extra_reliability_acc" in a
+    ]
     if not have:
         return None
     fig, axes = _grid(len(have))
@@ -174,11 +210,27 @@ def reliability_figure(per_method: dict[str, dict[str, np.ndarray]], ece: dict[s
         ok = np.isfinite(conf) & np.isfinite(acc)
         st = method_style(list(per_method).index(m))
         ax.plot([0, 1], [0, 1], color="grey", linestyle=":", lw=1, label="perfect calibration")
-        ax.vlines(conf[ok], np.minimum(conf[ok], acc[ok]), np.maximum(conf[ok], acc[ok]), color="#555555", lw=1.2, label="gap to diagonal")
+        ax.vlines(
+            conf[ok],
+            np.minimum(conf[ok], acc[ok]),
+            np.maximum(conf[ok], acc[ok]),
+            color="#555555",
+            lw=1.2,
+            label="gap to diagonal",
+        )
         ax.plot(conf[ok], acc[ok], color=st["color"], lw=1.2)
         size = 12 + 90 * cnt[ok] / max(cnt[ok].max(), 1) if ok.any() else 12
-        ax.scatter(conf[ok], acc[ok], s=size, color=st["color"], marker=st["marker"], edgecolors="white", linewidths=0.5,
-                   zorder=3, label="bins (area ∝ count)")
+        ax.scatter(
+            conf[ok],
+            acc[ok],
+            s=size,
+            color=st["color"],
+            marker=st["marker"],
+            edgecolors="white",
+            linewidths=0.5,
+            zorder=3,
+            label="bins (area ∝ count)",
+        )
         e = ece.get(m, float("nan"))
         ax.set_title(f"{m}" + (f" (ECE {e:.3f})" if np.isfinite(e) else ""))
         ax.set_xlim(-0.02, 1.02)
@@ -192,11 +244,17 @@ def reliability_figure(per_method: dict[str, dict[str, np.ndarray]], ece: dict[s
     return fig
 
 
-def sparsification_figure(per_method: dict[str, dict[str, np.ndarray]], ause: dict[str, float]) -> Figure | None:
+def sparsification_figure(
+    per_method: dict[str, dict[str, np.ndarray]], ause: dict[str, float]
+) -> Figure | None:
     """Sparsification curves of all methods on one axis: mAP@1 of the queries left after removing the
     most uncertain fraction (solid), the oracle that removes the worst queries first (dashed, same
     colour), and random removal (dotted) when recorded. None without data."""
-    have = [m for m, a in per_method.items() if "extra_sparsification_curve" in a and "extra_sparsification_frac" in a]
+    have = [
+        m
+        for m, a in per_method.items()
+        if "extra_sparsification_curve" in a and "extra_sparsification_frac" in a
+    ]
     if not have:
         return None
     fig = Figure(figsize=(10.5, 5.2))
@@ -207,15 +265,24 @@ def sparsification_figure(per_method: dict[str, dict[str, np.ndarray]], ause: di
         st = method_style(list(per_method).index(m))
         frac = np.asarray(a["extra_sparsification_frac"], float)
         e = ause.get(m, float("nan"))
-        ax.plot(frac, a["extra_sparsification_curve"], color=st["color"], lw=2, marker=st["marker"], ms=4,
-                label=f"{m}" + (f" (AUSE {e:.3f})" if np.isfinite(e) else ""))
+        ax.plot(
+            frac,
+            a["extra_sparsification_curve"],
+            color=st["color"],
+            lw=2,
+            marker=st["marker"],
+            ms=4,
+            label=f"{m}" + (f" (AUSE {e:.3f})" if np.isfinite(e) else ""),
+        )
         if "extra_sparsification_oracle" in a:
             ax.plot(frac, a["extra_sparsification_oracle"], color=st["color"], lw=1.3, linestyle="--")
         if "extra_sparsification_random" in a:
             ax.plot(frac, a["extra_sparsification_random"], color=st["color"], lw=1, linestyle=":")
     handles, _ = ax.get_legend_handles_labels()
-    handles += [Line2D([], [], color="black", lw=2, label="by uncertainty (solid)"),
-                Line2D([], [], color="black", lw=1.3, linestyle="--", label="oracle (dashed)")]
+    handles += [
+        Line2D([], [], color="black", lw=2, label="by uncertainty (solid)"),
+        Line2D([], [], color="black", lw=1.3, linestyle="--", label="oracle (dashed)"),
+    ]
     if any("extra_sparsification_random" in per_method[m] for m in have):
         handles.append(Line2D([], [], color="black", lw=1, linestyle=":", label="random (dotted)"))
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
@@ -229,7 +296,7 @@ def sparsification_figure(per_method: dict[str, dict[str, np.ndarray]], ause: di
 def at_k_figure(summary: pd.DataFrame, methods: list[str], band: str) -> Figure | None:
     """mAP@K and Recall@K against K, all methods on one axis each, with their interval as a band.
     `summary` has columns method, metric, value, lo, hi. None when there is no @K metric."""
-    fams = [f for f in ("mAP", "Recall") if summary["metric"].str.fullmatch(fr"{f}@\d+").any()]
+    fams = [f for f in ("mAP", "Recall") if summary["metric"].str.fullmatch(rf"{f}@\d+").any()]
     if not fams:
         return None
     fig = Figure(figsize=(6.2 * len(fams), 4.6))
@@ -237,19 +304,35 @@ def at_k_figure(summary: pd.DataFrame, methods: list[str], band: str) -> Figure 
     axes = np.atleast_1d(fig.subplots(1, len(fams)))
     for ax, fam in zip(axes, fams):
         for i, m in enumerate(methods):
-            d = summary[(summary["method"] == m) & summary["metric"].str.fullmatch(fr"{fam}@\d+")].copy()
+            d = summary[(summary["method"] == m) & summary["metric"].str.fullmatch(rf"{fam}@\d+")].copy()
             if d.empty:
                 continue
             d["k"] = d["metric"].str.split("@").str[1].astype(int)
             d = d.sort_values("k")
             st = method_style(i)
-            ax.plot(d["k"], d["value"], color=st["color"], linestyle=st["linestyle"], marker=st["marker"], lw=1.8, label=m)
+            ax.plot(
+                d["k"],
+                d["value"],
+                color=st["color"],
+                linestyle=st["linestyle"],
+                marker=st["marker"],
+                lw=1.8,
+                label=m,
+            )
             if d["lo"].notna().any():
                 ax.fill_between(d["k"], d["lo"], d["hi"], color=st["color"], alpha=0.18, linewidth=0)
         ax.set_xlabel("K")
         ax.set_ylabel(f"{fam}@K")
         ax.set_title(f"{fam}@K vs K (band: {band})")
-        ax.set_xticks(sorted(summary["metric"][summary["metric"].str.fullmatch(fr"{fam}@\d+")].str.split("@").str[1].astype(int).unique()))
+        ax.set_xticks(
+            sorted(
+                summary["metric"][summary["metric"].str.fullmatch(rf"{fam}@\d+")]
+                .str.split("@")
+                .str[1]
+                .astype(int)
+                .unique()
+            )
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return fig
@@ -269,14 +352,22 @@ def timing_figure(stages: pd.DataFrame) -> Figure | None:
     extra = iter(OKABE_ITO[1:])
     for s in stages.columns:
         v = stages[s].to_numpy(float)
-        ax.bar(x, v, bottom=bottom, color=STAGE_COLOURS.get(s) or next(extra, "#999999"), hatch=STAGE_HATCHES.get(s, ""),
-               edgecolor="white", linewidth=0.5, label=s)
+        ax.bar(
+            x,
+            v,
+            bottom=bottom,
+            color=STAGE_COLOURS.get(s) or next(extra, "#999999"),
+            hatch=STAGE_HATCHES.get(s, ""),
+            edgecolor="white",
+            linewidth=0.5,
+            label=s,
+        )
         bottom += v
     for xi, t in zip(x, bottom):
         ax.text(xi, t, f"{t:.2f}s", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(x, list(stages.index), rotation=20, ha="right")
     ax.set_ylabel("seconds (summed over seeds)")
-    ax.set_title("Wall time per stage (\"base\": shared base training, counted once)")
+    ax.set_title('Wall time per stage ("base": shared base training, counted once)')
     ax.legend(fontsize=8, title="stage")
     ax.grid(axis="y", alpha=0.3)
     ax.set_ylim(0, max(bottom.max() * 1.15, 1e-3))
@@ -290,8 +381,13 @@ def _subsample(n: int, k: int, seed: int = 0) -> np.ndarray:
     return np.arange(n) if n <= k else np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
 
 
-def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, dict[str, np.ndarray]],
-                                 title: str, class_names: list[str], score_name: str) -> tuple[Figure, str]:
+def uncertainty_embedding_figure(
+    arrs: dict[str, np.ndarray],
+    scores: dict[str, dict[str, np.ndarray]],
+    title: str,
+    class_names: list[str],
+    score_name: str,
+) -> tuple[Figure, str]:
     """The seed's Fig. 3 for one mean embedding: the 2-d projection of the ID test queries and every OOD
     set together; the first panel coloured by class (OOD as crosses), then one panel per method that
     shares this mean, each point coloured by that method's uncertainty score (its percentile among
@@ -311,13 +407,31 @@ def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, 
     for c in np.unique(y):
         col, mk = class_style(int(c))
         label = class_names[c] if 0 <= c < len(class_names) else f"class {c}"
-        ax.scatter(p[y == c, 0], p[y == c, 1], s=5, c=col, marker=mk, alpha=0.7, linewidths=0,
-                   rasterized=True, label=label)
+        ax.scatter(
+            p[y == c, 0],
+            p[y == c, 1],
+            s=5,
+            c=col,
+            marker=mk,
+            alpha=0.7,
+            linewidths=0,
+            rasterized=True,
+            label=label,
+        )
     for i, s in enumerate(sets):
         colour, mk = OOD_STYLES[i % len(OOD_STYLES)]
         q = pts[s][pick[s]]
-        ax.scatter(q[:, 0], q[:, 1], s=9, c=colour, marker=mk, alpha=0.45, linewidths=0.6, rasterized=True,
-                   label=f"OOD: {s}")
+        ax.scatter(
+            q[:, 0],
+            q[:, 1],
+            s=9,
+            c=colour,
+            marker=mk,
+            alpha=0.45,
+            linewidths=0.6,
+            rasterized=True,
+            label=f"OOD: {s}",
+        )
     ax.set_title("by class; OOD as crosses", fontsize=9)
     ax.legend(fontsize=6, markerscale=1.5, loc="best", frameon=False, ncol=2)
     norm = colors.Normalize(0, 100)
@@ -329,12 +443,26 @@ def uncertainty_embedding_figure(arrs: dict[str, np.ndarray], scores: dict[str, 
             u = sc[k][pick[k]]
             pct = 100 * np.searchsorted(np.sort(pooled), u, side="right") / max(len(pooled), 1)
             q = pts[k][pick[k]]
-            ax.scatter(q[:, 0], q[:, 1], c=pct, cmap="viridis", norm=norm, s=3 + 22 * pct / 100,
-                       marker=marker, alpha=0.7, linewidths=0.6 if marker == "x" else 0, rasterized=True)
+            ax.scatter(
+                q[:, 0],
+                q[:, 1],
+                c=pct,
+                cmap="viridis",
+                norm=norm,
+                s=3 + 22 * pct / 100,
+                marker=marker,
+                alpha=0.7,
+                linewidths=0.6 if marker == "x" else 0,
+                rasterized=True,
+            )
         ax.set_title(f"{m}: {score_name} (o ID, x OOD)", fontsize=9)
     if len(scores):
-        fig.colorbar(cm.ScalarMappable(norm=norm, cmap="viridis"), ax=axes[1:], shrink=0.8,
-                     label="uncertainty percentile (ID + OOD shown)")
+        fig.colorbar(
+            cm.ScalarMappable(norm=norm, cmap="viridis"),
+            ax=axes[1:],
+            shrink=0.8,
+            label="uncertainty percentile (ID + OOD shown)",
+        )
     for ax in axes:
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)

@@ -1,5 +1,6 @@
 """The seed paper's Table 1 (mAP@K without and with LA, Fashion-MNIST) beside this run's numbers with
 their CIs, in both AP@K definitions: the seed's hits-normalised mAP_pml@K and the headline mAP@K."""
+
 from __future__ import annotations
 
 import pandas as pd
@@ -13,18 +14,25 @@ from reports.tables import fmt_ci, run_seed_summary
 SEED_KS = (1, 3, 5, 7)
 METHODS_PER_TABLE = 3
 # Table 1 of the seed (Mikkelsen, Illum, Olsen: Uncertainty in image retrieval with Laplace approximation)
-SEED_TABLE1 = {"ML without LA": (0.5337, 0.6832, 0.7002, 0.7015), "ML with LA": (0.5683, 0.7020, 0.7103, 0.6987)}
-SEED_NOTE = ("Seed: its Table 1 (no interval given; pytorch-metric-learning's `mean_average_precision`, which up to "
-             "v1.6.0 divides by the hits in the top K, hence `mAP_pml@K`). Ours: value [95% bootstrap CI over queries] "
-             "(several seeds: mean [t-interval across seeds]); `mAP@K` divides by min(K, R) (the headline). "
-             "Retrieval is leave-one-out on the ID test set, in the run's distance.")
+SEED_TABLE1 = {
+    "ML without LA": (0.5337, 0.6832, 0.7002, 0.7015),
+    "ML with LA": (0.5683, 0.7020, 0.7103, 0.6987),
+}
+SEED_NOTE = (
+    "Seed: its Table 1 (no interval given; pytorch-metric-learning's `mean_average_precision`, which up to "
+    "v1.6.0 divides by the hits in the top K, hence `mAP_pml@K`). Ours: value [95% bootstrap CI over queries] "
+    "(several seeds: mean [t-interval across seeds]); `mAP@K` divides by min(K, R) (the headline). "
+    "Retrieval is leave-one-out on the ID test set, in the run's distance."
+)
 
 
 def _values(run: RunFolder) -> pd.DataFrame:
     """method, metric, value, lo, hi: one seed's bootstrap CIs, or the across-seed t-interval."""
     if len(run.seeds) > 1:
         s, _ = run_seed_summary(run)
-        return s.rename(columns={"mean": "value", "t_low": "lo", "t_high": "hi"})[["method", "metric", "value", "lo", "hi"]]
+        return s.rename(columns={"mean": "value", "t_low": "lo", "t_high": "hi"})[
+            ["method", "metric", "value", "lo", "hi"]
+        ]
     r = run.results[run.results["seed"] == run.seeds[0]]
     return r.rename(columns={"ci_low": "lo", "ci_high": "hi"})[["method", "metric", "value", "lo", "hi"]]
 
@@ -35,8 +43,11 @@ def seed_comparison_table(values: pd.DataFrame, methods: list[str]) -> Table | N
     need = {f"{PML_MAP}@{k}" for k in SEED_KS}
     if not need <= set(values["metric"]):
         return None
-    methods = [m for m in ([REFERENCE_METHOD] + [m for m in methods if m != REFERENCE_METHOD])
-               if m in set(values["method"])]
+    methods = [
+        m
+        for m in ([REFERENCE_METHOD] + [m for m in methods if m != REFERENCE_METHOD])
+        if m in set(values["method"])
+    ]
     cell = {(r.method, r.metric): fmt_ci(r.value, r.lo, r.hi) for r in values.itertuples()}
     headers = ["K", *(f"seed: {name}" for name in SEED_TABLE1)]
     headers += [f"{m} {stem}@K" for m in methods for stem in (PML_MAP, "mAP")]
@@ -45,7 +56,9 @@ def seed_comparison_table(values: pd.DataFrame, methods: list[str]) -> Table | N
         row = [Cell(str(k)), *(Cell(f"{v[i]:.4f}") for v in SEED_TABLE1.values())]
         row += [Cell(cell.get((m, f"{stem}@{k}"), "n/a")) for m in methods for stem in (PML_MAP, "mAP")]
         rows.append(row)
-    return Table("Seed comparison: mAP@K of the seed's Table 1 and this run", headers, rows, notes=[SEED_NOTE])
+    return Table(
+        "Seed comparison: mAP@K of the seed's Table 1 and this run", headers, rows, notes=[SEED_NOTE]
+    )
 
 
 def seed_comparison_blocks(run: RunFolder) -> list[Block]:
@@ -53,17 +66,24 @@ def seed_comparison_blocks(run: RunFolder) -> list[Block]:
     if run.results.empty or run.config.get("dataset") != "fashion_mnist":
         return []
     values = _values(run)
-    methods = [m for m in ([REFERENCE_METHOD] + [m for m in run.methods if m != REFERENCE_METHOD])
-               if m in set(values["method"])]
-    tables = [seed_comparison_table(values, methods[i:i + METHODS_PER_TABLE])
-              for i in range(0, len(methods), METHODS_PER_TABLE)]  # <= 9 columns a table
+    methods = [
+        m
+        for m in ([REFERENCE_METHOD] + [m for m in run.methods if m != REFERENCE_METHOD])
+        if m in set(values["method"])
+    ]
+    tables = [
+        seed_comparison_table(values, methods[i : i + METHODS_PER_TABLE])
+        for i in range(0, len(methods), METHODS_PER_TABLE)
+    ]  # <= 9 columns a table
     tables = [t for t in tables if t is not None]
     if not tables:
         return []
     cfg = run.config
-    facts = (f"This run: distance={cfg.get('distance', 'euclidean')}, hessian={cfg.get('hessian')}, "
-             f"predictive={cfg.get('predictive')}, prior_precision={cfg.get('prior_precision')}, "
-             f"{cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}.")
+    facts = (
+        f"This run: distance={cfg.get('distance', 'euclidean')}, hessian={cfg.get('hessian')}, "
+        f"predictive={cfg.get('predictive')}, prior_precision={cfg.get('prior_precision')}, "
+        f"{cfg.get('epochs')} epochs, batch {cfg.get('batch_size')}."
+    )
     for t in tables[1:]:
         t.notes = []
     tables[-1].notes = [SEED_NOTE]

@@ -1,5 +1,6 @@
 """Result, seed, paired and timing tables from a run's frames, as `Table`s of `Cell`s: cells print
 `value [ci_low, ci_high]` (NaN as n/a) and the best value per column is marked by its direction."""
+
 from __future__ import annotations
 
 import math
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
-from bench.conventions import BASE_METHOD as BASE, STAGES, split_score_metric
+from bench.conventions import BASE_METHOD as BASE
+from bench.conventions import STAGES, split_score_metric
 from bench.metrics.aggregate import seed_summary, stage_breakdown
 from reports.formats import Cell, Table
 
@@ -28,9 +30,21 @@ def run_seed_summary(run: "RunFolder") -> tuple[pd.DataFrame, str]:
         return run.seed_table, "seeds.csv"
     return seed_summary(run.results, ci_level(run)), "computed from results.csv"
 
+
 DIGITS = 3
-HIGHER_BETTER = ("mAP@", "mAP_pml@", "Recall@", "AUROC", "AUPR", "var_ratio", "MAP@R", "precision", "AURG",
-                 "error_AUROC", "R-AUROC")
+HIGHER_BETTER = (
+    "mAP@",
+    "mAP_pml@",
+    "Recall@",
+    "AUROC",
+    "AUPR",
+    "var_ratio",
+    "MAP@R",
+    "precision",
+    "AURG",
+    "error_AUROC",
+    "R-AUROC",
+)
 # other metrics are shown but never marked
 LOWER_BETTER = ("ECE", "AUSE", "FPR95", "Spearman", "AURC", "E-AURC", "AUGRC", "Risk@")
 
@@ -107,7 +121,7 @@ def column_chunks(metrics: list[str], size: int = MAX_COLUMNS) -> list[tuple[str
     `""` for the first, ` (2)`, ` (3)`, ... after."""
     n = -(-len(metrics) // size) if metrics else 0
     bounds = [round(i * len(metrics) / n) for i in range(n + 1)] if n else []
-    return [("" if i == 0 else f" ({i + 1})", metrics[bounds[i]:bounds[i + 1]]) for i in range(n)]
+    return [("" if i == 0 else f" ({i + 1})", metrics[bounds[i] : bounds[i + 1]]) for i in range(n)]
 
 
 def ordered(values, preferred: list[str] | None = None) -> list[str]:
@@ -128,9 +142,18 @@ def best_marks(values: dict[str, float], metric: str, digits: int = DIGITS) -> s
     return {k for k, v in finite.items() if round(v, digits) == round(best, digits)}
 
 
-def wide_cells(df: pd.DataFrame, row_key: str, metrics: list[str], rows: list[str], value: str = "value",
-               lo: str = "ci_low", hi: str = "ci_high", mark_best: bool = True, signed: bool = False,
-               mark_nonzero: bool = False) -> list[list[Cell]]:
+def wide_cells(
+    df: pd.DataFrame,
+    row_key: str,
+    metrics: list[str],
+    rows: list[str],
+    value: str = "value",
+    lo: str = "ci_low",
+    hi: str = "ci_high",
+    mark_best: bool = True,
+    signed: bool = False,
+    mark_nonzero: bool = False,
+) -> list[list[Cell]]:
     """Rows x metrics cells from a tidy frame with columns row_key, metric, value, lo, hi."""
     idx = {(r[row_key], r["metric"]): r for r in df.to_dict("records")}
     out = []
@@ -163,15 +186,22 @@ def results_tables(results: pd.DataFrame, seed: int, methods: list[str] | None =
     tables = []
     for title, group in metric_groups(ordered(df["metric"])):
         for part, metrics in column_chunks(group):
-            tables.append(Table(f"{title} (seed {seed}){part}", ["method", *map(header, metrics)],
-                                wide_cells(df, "method", metrics, rows)))
+            tables.append(
+                Table(
+                    f"{title} (seed {seed}){part}",
+                    ["method", *map(header, metrics)],
+                    wide_cells(df, "method", metrics, rows),
+                )
+            )
     return tables
 
 
-RESULTS_NOTE = ("Cells are value [lower, upper] of the bootstrap confidence interval over queries "
-                "(stratified ID/OOD resampling for OOD metrics); **bold** marks the best method per column "
-                "(↑ higher is better, ↓ lower is better; ties at the printed precision are all marked). "
-                "n/a: the method has no uncertainty, so the metric does not apply.")
+RESULTS_NOTE = (
+    "Cells are value [lower, upper] of the bootstrap confidence interval over queries "
+    "(stratified ID/OOD resampling for OOD metrics); **bold** marks the best method per column "
+    "(↑ higher is better, ↓ lower is better; ties at the printed precision are all marked). "
+    "n/a: the method has no uncertainty, so the metric does not apply."
+)
 
 
 def seeds_tables(summary: pd.DataFrame, methods: list[str] | None = None) -> list[Table]:
@@ -194,18 +224,22 @@ def paired_tables(paired: pd.DataFrame, methods: list[str] | None = None) -> lis
         return []
     p = paired.copy()
     multi_seed = p["seed"].nunique() > 1
-    p["row"] = [f"{m} − {r}" + (f" (seed {s})" if multi_seed else "")
-                for m, r, s in zip(p["method"], p["reference"], p["seed"])]
+    p["row"] = [
+        f"{m} − {r}" + (f" (seed {s})" if multi_seed else "")
+        for m, r, s in zip(p["method"], p["reference"], p["seed"])
+    ]
     order_m = ordered(p["method"], methods)
     p["_o"] = p["method"].map({m: i for i, m in enumerate(order_m)})
     rows = ordered(p.sort_values(["_o", "seed"], kind="stable")["row"])
     out = []
     for title, group in metric_groups(ordered(p["metric"])):
         for part, metrics in column_chunks(group):
-            cells = wide_cells(p, "row", metrics, rows, value="diff", mark_best=False, signed=True,
-                               mark_nonzero=True)
-            out.append(Table(f"{title}: paired difference{part}", ["difference", *map(header, metrics)],
-                             cells))
+            cells = wide_cells(
+                p, "row", metrics, rows, value="diff", mark_best=False, signed=True, mark_nonzero=True
+            )
+            out.append(
+                Table(f"{title}: paired difference{part}", ["difference", *map(header, metrics)], cells)
+            )
     return out
 
 
@@ -220,8 +254,9 @@ def stage_frame(timings: pd.DataFrame, methods: list[str] | None = None) -> pd.D
     return wide.reindex(index=rows, columns=stages)
 
 
-def timing_table(timings: pd.DataFrame, methods: list[str] | None = None, post_hoc: set[str] | None = None
-                 ) -> Table | None:
+def timing_table(
+    timings: pd.DataFrame, methods: list[str] | None = None, post_hoc: set[str] | None = None
+) -> Table | None:
     """Wall time per stage per method (s, summed over seeds), total, share of the run's total, and for
     post-hoc methods (those in `post_hoc`; when unknown, those that trained nothing themselves) the
     total including the shared base training."""
@@ -242,6 +277,10 @@ def timing_table(timings: pd.DataFrame, methods: list[str] | None = None, post_h
         cells.append(Cell(f"{total[m] + base_total:.2f}" if shares_base else "–"))
         rows.append(cells)
     n_seeds = timings["seed"].nunique()
-    notes = [f"Seconds summed over {n_seeds} seed(s). Post-hoc methods share the base training, counted once "
-             f"under \"{BASE}\"; \"with base\" adds it to each post-hoc method."]
-    return Table("Wall time per stage (s)", ["method", *wide.columns, "total", "share", "with base"], rows, notes)
+    notes = [
+        f"Seconds summed over {n_seeds} seed(s). Post-hoc methods share the base training, counted once "
+        f'under "{BASE}"; "with base" adds it to each post-hoc method.'
+    ]
+    return Table(
+        "Wall time per stage (s)", ["method", *wide.columns, "total", "share", "with base"], rows, notes
+    )

@@ -8,6 +8,7 @@ of the zero-shot test split, and seconds per image of extraction (decode + resiz
 --swap-check (cars_train) also runs the first size with the red/blue reversal turned off, to show
 which channel order the ImageNet trunk retrieves better with.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,7 +31,9 @@ def measure(src, idx, size: int, swap: bool) -> tuple[float, dict]:
     cfg = RunConfig(backbone="efficientnet_lite0", pooling="avg")
     trunk = lite_trunk(cfg, 3, size).eval()
     t = ImageTransform(size, 1.0, *LITE_STATS, 3)
-    split = ImageSplit(ImageStore(src.test_x, "probe", swap), idx, torch.from_numpy(src.test_y[idx]), t, workers=1)
+    split = ImageSplit(
+        ImageStore(src.test_x, "probe", swap), idx, torch.from_numpy(src.test_y[idx]), t, workers=1
+    )
     start = time.perf_counter()
     feats = extract_features(trunk, split, torch.device("cpu"), 100, quiet=True)
     sec = (time.perf_counter() - start) / len(idx)

@@ -1,6 +1,7 @@
 """Shared fixtures: a private data cache per session, a smoke config on the synthetic dataset, a CLI
 runner, and the `--device` option (cpu by default; e.g. `pytest --device cuda`) of the tests that fit
 methods (`tests.fit_helpers.run_device`)."""
+
 from __future__ import annotations
 
 import os
@@ -17,13 +18,18 @@ from bench.errors import BenchError  # noqa: E402
 from tests.fit_helpers import DEVICE_ENV  # noqa: E402
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
-                                   reason="Debian package dataset-fashion-mnist not installed")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+    reason="Debian package dataset-fashion-mnist not installed",
+)
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default="cpu",
-                     help="device of the tests that fit and predict methods: cpu (default), cuda or cuda:N")
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="device of the tests that fit and predict methods: cpu (default), cuda or cuda:N",
+    )
 
 
 def pytest_configure(config):
@@ -47,14 +53,18 @@ def private_data_cache(tmp_path_factory):
 @pytest.fixture
 def smoke_cfg(tmp_path):
     """Smoke preset on the synthetic dataset, writing under tmp_path."""
-    return preset_config("smoke").replace(dataset="synthetic", out=str(tmp_path / "runs"), quiet=True, report=False)
+    return preset_config("smoke").replace(
+        dataset="synthetic", out=str(tmp_path / "runs"), quiet=True, report=False
+    )
 
 
 @pytest.fixture
 def cli(capsys):
     """Run the CLI in-process; returns (exit code, stdout, stderr)."""
+
     def run(*args: str):
         code = main(list(args))
         out = capsys.readouterr()
         return code, out.out, out.err
+
     return run

@@ -1,5 +1,6 @@
 """Miniature fake trees in the official layouts of CUB-200-2011, Cars-196 (both layouts), SOP and a
 CIFAR-10 ImageFolder / python-batches folder: a few tiny JPEGs each, for the loaders' tests."""
+
 from __future__ import annotations
 
 import pickle
@@ -47,7 +48,9 @@ def _annotations(records: list[dict]) -> np.ndarray:
     return arr
 
 
-def cars_tree(root: Path, layout: str = "annos", classes: int = 196, per_class: int = 2, seed: int = 0) -> Path:
+def cars_tree(
+    root: Path, layout: str = "annos", classes: int = 196, per_class: int = 2, seed: int = 0
+) -> Path:
     """root with cars_annos.mat + car_ims/ ("annos") or devkit/*.mat + cars_train/, cars_test/ ("devkit")."""
     from scipy.io import savemat
 
@@ -61,12 +64,30 @@ def cars_tree(root: Path, layout: str = "annos", classes: int = 196, per_class: 
             if layout == "annos":
                 rel = f"car_ims/{i:06d}.jpg"
                 write_jpeg(root / rel, rng)
-                recs.append({"relative_im_path": rel, "bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 10, "bbox_y2": 10,
-                             "class": c, "test": k % 2})
+                recs.append(
+                    {
+                        "relative_im_path": rel,
+                        "bbox_x1": 1,
+                        "bbox_y1": 1,
+                        "bbox_x2": 10,
+                        "bbox_y2": 10,
+                        "class": c,
+                        "test": k % 2,
+                    }
+                )
             else:
                 folder, dest = ("cars_train", train) if k % 2 == 0 else ("cars_test", test)
                 write_jpeg(root / folder / f"{i:05d}.jpg", rng)
-                dest.append({"bbox_x1": 1, "bbox_y1": 1, "bbox_x2": 10, "bbox_y2": 10, "class": c, "fname": f"{i:05d}.jpg"})
+                dest.append(
+                    {
+                        "bbox_x1": 1,
+                        "bbox_y1": 1,
+                        "bbox_x2": 10,
+                        "bbox_y2": 10,
+                        "class": c,
+                        "fname": f"{i:05d}.jpg",
+                    }
+                )
     if layout == "annos":
         savemat(str(root / "cars_annos.mat"), {"annotations": _annotations(recs), "class_names": names[None]})
     else:
@@ -77,14 +98,22 @@ def cars_tree(root: Path, layout: str = "annos", classes: int = 196, per_class: 
     return root
 
 
-def sop_tree(root: Path, train_classes: int = 11318, test_classes: int = 11316, used: int = 4, per_class: int = 2,
-             seed: int = 0) -> Path:
+def sop_tree(
+    root: Path,
+    train_classes: int = 11318,
+    test_classes: int = 11316,
+    used: int = 4,
+    per_class: int = 2,
+    seed: int = 0,
+) -> Path:
     """root/Stanford_Online_Products with Ebay_train.txt / Ebay_test.txt whose class ids span the
     official ranges (1..11318 train, 11319..22634 test); only `used` classes per side have images."""
     rng = np.random.default_rng(seed)
     sop = root / "Stanford_Online_Products"
-    ids = {"train": list(range(1, used + 1)) + [train_classes],
-           "test": [train_classes + k for k in range(1, used + 1)] + [train_classes + test_classes]}
+    ids = {
+        "train": list(range(1, used + 1)) + [train_classes],
+        "test": [train_classes + k for k in range(1, used + 1)] + [train_classes + test_classes],
+    }
     i = 0
     for part, classes in ids.items():
         lines = ["image_id class_id super_class_id path"]
@@ -117,8 +146,10 @@ def cifar_batches(root: Path, per_batch: int = 20, seed: int = 0) -> Path:
     d = root / "cifar-10-batches-py"
     d.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        blob = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                "labels": list(rng.integers(0, 10, per_batch))}
+        blob = {
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "labels": list(rng.integers(0, 10, per_batch)),
+        }
         with open(d / name, "wb") as f:
             pickle.dump(blob, f)
     with open(d / "batches.meta", "wb") as f:

@@ -1,4 +1,5 @@
 """End-to-end: the CLI on the smoke preset, the run folder it writes, and one-line errors."""
+
 import json
 import subprocess
 import sys
@@ -21,8 +22,19 @@ def _run_dir(out):
 
 def test_smoke_run_writes_a_complete_run_folder(cli, tmp_path):
     out = tmp_path / "runs"
-    code, stdout, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain",
-                            "--out", str(out), "--quiet", "--no-report")
+    code, stdout, err = cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-report",
+    )
     assert code == 0, err
     assert "mAP@1" in stdout and "plain" in stdout
     d = _run_dir(out)
@@ -43,8 +55,19 @@ def test_smoke_run_writes_a_complete_run_folder(cli, tmp_path):
 
 def test_second_run_reuses_the_cached_model(cli, tmp_path):
     out = tmp_path / "runs"
-    args = ("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain", "--out", str(out),
-            "--quiet", "--no-report")
+    args = (
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain",
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-report",
+    )
     assert cli(*args)[0] == 0
     assert cli(*args, "--name", "again")[0] == 0
     runs = sorted(d for d in out.iterdir() if d.name != "cache")
@@ -55,7 +78,9 @@ def test_second_run_reuses_the_cached_model(cli, tmp_path):
 
 
 def test_unknown_method_is_one_line_and_exit_2():
-    p = subprocess.run([sys.executable, "-m", "bench", "run", "--methods", "nope"], capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "run", "--methods", "nope"], capture_output=True, text=True
+    )
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "known methods:" in lines[0] and "plain" in lines[0]
@@ -70,16 +95,26 @@ def test_bad_flag_is_one_line(cli):
 def test_list_shows_methods_datasets_presets(cli):
     code, out, _ = cli("list")
     assert code == 0
-    for word in [*METHODS.names(), *SCORES.names(), "fashion_mnist", "mnist_ood", "synthetic", "smoke", "paper"]:
+    for word in [
+        *METHODS.names(),
+        *SCORES.names(),
+        "fashion_mnist",
+        "mnist_ood",
+        "synthetic",
+        "smoke",
+        "paper",
+    ]:
         assert word in out
 
 
 def test_cuda_without_cuda_is_a_clear_error(cli, tmp_path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("machine has CUDA")
-    code, _, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--device", "cuda",
-                       "--out", str(tmp_path))
+    code, _, err = cli(
+        "run", "--preset", "smoke", "--dataset", "synthetic", "--device", "cuda", "--out", str(tmp_path)
+    )
     assert code == 2 and "CUDA is not available" in err
 
 
@@ -89,8 +124,19 @@ def test_every_registered_method_runs_the_smoke_preset(cli, tmp_path, method):
     method with a predictive gets every score, a deterministic one only the predictive-free ones),
     with the score vectors saved per query set."""
     out = tmp_path / "runs"
-    code, stdout, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", method,
-                            "--out", str(out), "--quiet", "--no-report")
+    code, stdout, err = cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        method,
+        "--out",
+        str(out),
+        "--quiet",
+        "--no-report",
+    )
     assert code == 0, err
     run = _run_dir(out)
     meta = json.loads((run / "config.json").read_text())
@@ -103,15 +149,30 @@ def test_every_registered_method_runs_the_smoke_preset(cli, tmp_path, method):
         applies = predictive or not SCORES.meta(score)["predictive"]
         vals = {m: res[score_metric(m, score)] for m in score_metric_names(["heldout", "noise"])}
         if applies:  # always defined (a Spearman is NaN for a constant score, var_ratio for a zero mean)
-            assert all(np.isfinite(vals[m]) for m in ("ECE", "AUSE", "AURG", "AUROC[heldout]", "AUROC[noise]")), score
+            assert all(
+                np.isfinite(vals[m]) for m in ("ECE", "AUSE", "AURG", "AUROC[heldout]", "AUROC[noise]")
+            ), score
         else:
             assert all(np.isnan(v) for v in vals.values()), score
         assert all((score_array(s, score) in arrays) == applies for s in ("id", "heldout", "noise")), score
 
 
 def test_several_seeds_print_the_across_seed_mean_and_each_seed(cli, tmp_path):
-    code, out, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain",
-                         "--seeds", "0,1", "--out", str(tmp_path), "--quiet", "--no-report")
+    code, out, err = cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--no-report",
+    )
     assert code == 0, err
     assert "Mean over 2 seeds." in out  # the summary's one table holds the means over seeds
     seeds = pd.read_csv(_run_dir(tmp_path) / "seeds.csv")

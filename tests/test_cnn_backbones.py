@@ -1,12 +1,13 @@
 """CNN backbones: the trunk/head contract, pooling, the head's layers (whitening, dropout places,
 L2), offline ImageNet weights for EfficientNet-Lite0 and local weights for ResNets."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
-from backbones._cnn import GeM, CNNEmbedding, EmbeddingHead
+from backbones._cnn import CNNEmbedding, EmbeddingHead, GeM
 from bench.config import preset_config
 from bench.errors import BenchError
 from bench.model import build_model
@@ -37,7 +38,7 @@ def test_cnn_exposes_trunk_and_head(name):
 def test_gem_pooling_formula():
     x = torch.rand(2, 3, 4, 5) + 0.1
     g = GeM(p=3.0)
-    assert torch.allclose(g(x), (x ** 3).mean((2, 3)) ** (1 / 3))
+    assert torch.allclose(g(x), (x**3).mean((2, 3)) ** (1 / 3))
     assert isinstance(g.p, nn.Parameter)
 
 
@@ -72,7 +73,9 @@ def test_efficientnet_lite0_loads_the_shipped_imagenet_weights_offline():
     grey = build_model(_cfg(backbone="efficientnet_lite0"), (1, 32, 32), seed=0)
     assert grey(torch.randn(2, 1, 32, 32)).shape == (2, 4)
     with pytest.raises(BenchError, match="not found"):
-        build_model(_cfg(backbone="efficientnet_lite0", backbone_weights="/nonexistent.pth"), (3, 32, 32), seed=0)
+        build_model(
+            _cfg(backbone="efficientnet_lite0", backbone_weights="/nonexistent.pth"), (3, 32, 32), seed=0
+        )
 
 
 def test_resnet_local_weights_file(tmp_path):
@@ -80,12 +83,16 @@ def test_resnet_local_weights_file(tmp_path):
 
     net = torchvision.models.resnet18(weights=None)
     torch.save(net.state_dict(), tmp_path / "r18.pth")
-    m = build_model(_cfg(backbone="resnet18", backbone_weights=str(tmp_path / "r18.pth")), (3, 32, 32), seed=5)
+    m = build_model(
+        _cfg(backbone="resnet18", backbone_weights=str(tmp_path / "r18.pth")), (3, 32, 32), seed=5
+    )
     assert torch.equal(m.trunk.body[0].weight, net.conv1.weight)
     torch.save({"nope": torch.zeros(1)}, tmp_path / "bad.pth")
     with pytest.raises(BenchError, match="does not fit"):
-        build_model(_cfg(backbone="resnet18", backbone_weights=str(tmp_path / "bad.pth")), (3, 32, 32), seed=0)
-    from bench.data import input_stats
+        build_model(
+            _cfg(backbone="resnet18", backbone_weights=str(tmp_path / "bad.pth")), (3, 32, 32), seed=0
+        )
     from backbones._cnn import IMAGENET_STATS
+    from bench.data import input_stats
 
     assert input_stats(_cfg(backbone="resnet18", backbone_weights="w.pth"), None) == IMAGENET_STATS

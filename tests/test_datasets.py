@@ -1,11 +1,11 @@
 """Dataset loaders and the benchmark protocol: real Fashion-MNIST splits, far-OOD sets from the
 registry, IDX parsing and clear errors for bad data dirs."""
+
 import gzip
 import shutil
 
 import numpy as np
 import pytest
-
 import torch
 
 from bench.config import preset_config
@@ -96,9 +96,14 @@ def test_fashion_mnist_id_ood_split(tmp_path):
     assert set(d.test_ood["heldout"].y.unique().tolist()) == {7, 8, 9}
     assert len(d.test_ood["mnist"]) > 0 and d.train_id.in_shape == (1, 28, 28)
     assert abs(float(d.train_id.x.mean())) < 0.1 and d.class_names[9] == "Ankle boot"
-    mnist = DATASETS.get("mnist_ood")(cfg)  # far-OOD digits get Fashion-MNIST's scaling, like any unseen image
+    mnist = DATASETS.get("mnist_ood")(
+        cfg
+    )  # far-OOD digits get Fashion-MNIST's scaling, like any unseen image
     n = len(d.test_ood["mnist"])
-    assert torch.equal(d.test_ood["mnist"].x, to_model_input((mnist.ood_x if mnist.ood_x is not None else mnist.test_x)[:n], PIXEL_STATS))
+    assert torch.equal(
+        d.test_ood["mnist"].x,
+        to_model_input((mnist.ood_x if mnist.ood_x is not None else mnist.test_x)[:n], PIXEL_STATS),
+    )
 
 
 def test_validation_split_is_stratified_and_disjoint_from_training():

@@ -274,6 +274,15 @@ def test_cifar_smoke_example_runs(cli, tmp_path):
 def test_a_recorded_config_reads_back_to_the_same_config(tmp_path, preset):
     """Every field of a run folder's config.json (None, tuples, method options, floats) round-trips."""
     cfg = preset_config(preset).replace(seeds=(0, 3), sensitivity_priors=(0.5, 2.0), n_train=None, lr=3.3e-05)
-    f = _write(tmp_path / "config.json", json.dumps({"format_version": 1, "config": cfg.to_dict(),
-                                                      "methods": ["plain", "diag_la"], "status": "complete"}))
+    f = _write(
+        tmp_path / "config.json",
+        json.dumps(
+            {
+                "format_version": 1,
+                "config": cfg.to_dict(),
+                "methods": ["plain", "diag_la"],
+                "status": "complete",
+            }
+        ),
+    )
     assert _cfg("--config", str(f)) == cfg.replace(methods=("plain", "diag_la"))

@@ -211,9 +211,18 @@ def test_grid_findings_summary_and_page(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_a_real_tiny_run_prints_at_most_100_columns_and_a_small_report(tmp_path, monkeypatch, cli):
     monkeypatch.chdir(tmp_path)
-    code, out, err = cli("run", "--preset", "smoke", "--dataset", "synthetic",
-                         "--methods", "plain,diag_la,mc_dropout",
-                         "--out", "runs", "--quiet")
+    code, out, err = cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain,diag_la,mc_dropout",
+        "--out",
+        "runs",
+        "--quiet",
+    )
     assert code == 0, err
     lines = out.splitlines()
     assert max(map(len, lines)) <= 100, out

@@ -7,6 +7,7 @@ non-image). Real-data contract tests run when the data is there (the CUB archive
 the snapshots under $BENCH_FINE_GRAINED_DIR, default /work/data) and skip with the loader's one line
 when it is not. One small real-data run of cub100 goes end to end through the CLI.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,16 @@ from tests.image_trees import write_jpeg
 
 REAL_DIR = os.environ.get("BENCH_FINE_GRAINED_DIR", "/work/data")
 # official ids 1, 4, 7, 10, 100, 101, 150, 200 (the subset's order is scrambled on purpose)
-SPECIES = ["Brown_Pelican", "Black_footed_Albatross", "Common_Yellowthroat", "Groove_billed_Ani",
-           "White_Pelican", "Parakeet_Auklet", "Sage_Thrasher", "Red_winged_Blackbird"]
+SPECIES = [
+    "Brown_Pelican",
+    "Black_footed_Albatross",
+    "Common_Yellowthroat",
+    "Groove_billed_Ani",
+    "White_Pelican",
+    "Parakeet_Auklet",
+    "Sage_Thrasher",
+    "Red_winged_Blackbird",
+]
 
 
 def _cfg(**kw):
@@ -54,8 +63,12 @@ def cub100_tree(root: Path, species: list[str] = SPECIES, per_class: int = 3, se
             labels.append(f"{i}, {c}")
             split.append(f"{i}, {int(k == per_class - 1)}")
             i += 1
-    for fname, rows in (("classes.txt", classes), ("images.txt", images), ("image_class_labels.txt", labels),
-                        ("train_test_split.txt", split)):
+    for fname, rows in (
+        ("classes.txt", classes),
+        ("images.txt", images),
+        ("image_class_labels.txt", labels),
+        ("train_test_split.txt", split),
+    ):
         (d / fname).write_text("\n".join(rows) + "\n")
     return root
 
@@ -72,12 +85,16 @@ def cars_snapshot_tree(root: Path, classes: int = 196, per_class: int = 2, seed:
     for i, j in enumerate(order, start=1):
         write_jpeg(d / "cars_train" / f"{i:05d}.jpg", rng, colour=(0, 0, 250))  # red, stored as BGR
     (d / "train_perfect_preds.txt").write_text("\n".join(str(labels[j]) for j in order) + "\n")
-    savemat(str(d / "cars_meta.mat"), {"class_names": np.array([f"Car {c}" for c in range(1, classes + 1)],
-                                                                dtype=object)[None]})
+    savemat(
+        str(d / "cars_meta.mat"),
+        {"class_names": np.array([f"Car {c}" for c in range(1, classes + 1)], dtype=object)[None]},
+    )
     return root
 
 
-def folder_tree(root: Path, classes: list[str], per_class: int = 2, suffix: str = ".jpg", seed: int = 0) -> None:
+def folder_tree(
+    root: Path, classes: list[str], per_class: int = 2, suffix: str = ".jpg", seed: int = 0
+) -> None:
     rng = np.random.default_rng(seed)
     for c in classes:
         for k in range(per_class):
@@ -93,7 +110,9 @@ def caltech_tree(root: Path) -> Path:
 
 def pacs_tree(root: Path) -> Path:
     for style in ("photo", "art_painting", "cartoon", "sketch"):
-        folder_tree(root / "pacs" / "PACS" / style, ["dog", "horse"], suffix=".png" if style == "sketch" else ".jpg")
+        folder_tree(
+            root / "pacs" / "PACS" / style, ["dog", "horse"], suffix=".png" if style == "sketch" else ".jpg"
+        )
     return root
 
 
@@ -117,8 +136,17 @@ def test_cub100_gets_official_ids_by_name_and_splits_by_them(tmp_path, monkeypat
         for path, label in zip(x, y):
             assert Path(path).parent.name == want[label] and Path(path).is_file()
     assert sorted(set(src.train_y)) == [0, 1, 2, 3] and sorted(set(src.test_y)) == [4, 5, 6, 7]
-    data = load_benchmark(_cfg(dataset="cub100", data_dir=str(root), protocol="zero_shot", image_size=16,
-                               data_workers=0, n_train=None, n_test=None))
+    data = load_benchmark(
+        _cfg(
+            dataset="cub100",
+            data_dir=str(root),
+            protocol="zero_shot",
+            image_size=16,
+            data_workers=0,
+            n_train=None,
+            n_test=None,
+        )
+    )
     assert data.label == src.label and data.test_id.inputs(torch.arange(2)).shape == (2, 3, 16, 16)
 
 
@@ -152,15 +180,27 @@ def test_cub100_rejects_inconsistent_tables_in_one_line(tmp_path, monkeypatch):
 def test_cars_train_labels_and_reversed_channels(tmp_path):
     root = cars_snapshot_tree(tmp_path)
     src = DATASETS.get("cars_train")(_cfg(dataset="cars_train", data_dir=str(root)))
-    assert src.label == "Cars196 (training half, 196 classes)" and src.swap_red_blue and src.seen_classes == 98
+    assert (
+        src.label == "Cars196 (training half, 196 classes)" and src.swap_red_blue and src.seen_classes == 98
+    )
     assert len(src.class_names) == 196 and src.class_names[0] == "Car 1"
     lines = (root / "cars_train" / "train_perfect_preds.txt").read_text().split()
     for x, y in ((src.train_x, src.train_y), (src.test_x, src.test_y)):
         for path, label in zip(x[:20], y[:20]):
             assert int(lines[int(Path(path).stem) - 1]) == label + 1  # line i is image i's 1-based class
     assert src.train_y.max() == 97 and src.test_y.min() == 98
-    data = load_benchmark(_cfg(dataset="cars_train", data_dir=str(root), protocol="zero_shot", image_size=16,
-                               crop_fraction=1.0, data_workers=0, n_train=None, n_test=None))
+    data = load_benchmark(
+        _cfg(
+            dataset="cars_train",
+            data_dir=str(root),
+            protocol="zero_shot",
+            image_size=16,
+            crop_fraction=1.0,
+            data_workers=0,
+            n_train=None,
+            n_test=None,
+        )
+    )
     stored = np.asarray(Image.open(src.test_x[0]).convert("RGB"))
     assert stored[..., 2].mean() > 200 and stored[..., 0].mean() < 50  # blue as stored
     read = data.test_id.store.get(int(data.test_id.index[0])).float()
@@ -185,25 +225,49 @@ def test_default_ood_sets_are_the_other_fine_grained_set_and_caltech_pacs(tmp_pa
     monkeypatch.setenv("BENCH_DATA_CACHE", str(tmp_path / "cache"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert far_ood_names(_cfg(dataset="cars_train", data_dir=str(empty), far_ood=None)) == ("mnist_ood", "fashion_ood")
+    assert far_ood_names(_cfg(dataset="cars_train", data_dir=str(empty), far_ood=None)) == (
+        "mnist_ood",
+        "fashion_ood",
+    )
     d = cub100_tree(tmp_path / "data")
     cars_snapshot_tree(d)
     caltech_tree(d)
     pacs_tree(d)
     assert far_ood_names(_cfg(dataset="cub100", data_dir=str(d), far_ood=None)) == (
-        "cars_train", "caltech101", "pacs_sketch")
+        "cars_train",
+        "caltech101",
+        "pacs_sketch",
+    )
     assert far_ood_names(_cfg(dataset="cars_train", data_dir=str(d), far_ood=None)) == (
-        "cub100", "caltech101", "pacs_sketch")
-    data = load_benchmark(_cfg(dataset="cub100", data_dir=str(d), protocol="zero_shot", image_size=16,
-                               data_workers=0, n_train=None, n_test=None, far_ood=None))
+        "cub100",
+        "caltech101",
+        "pacs_sketch",
+    )
+    data = load_benchmark(
+        _cfg(
+            dataset="cub100",
+            data_dir=str(d),
+            protocol="zero_shot",
+            image_size=16,
+            data_workers=0,
+            n_train=None,
+            n_test=None,
+            far_ood=None,
+        )
+    )
     assert set(data.test_ood) == {"cars_train", "caltech101", "pacs_sketch"}
     assert len(data.test_ood["cars_train"]) == 196  # the cars' unseen classes 99-196, two images each
     assert data.test_ood["cars_train"].store.swap_red_blue and not data.test_id.store.swap_red_blue
 
 
-@pytest.mark.parametrize("name,repo", [("cars_train", "fmejbah/car_dataset1"),
-                                       ("caltech101", "MachineLearning2020/Homework2-Caltech101"),
-                                       ("pacs_sketch", "MachineLearning2020/Homework3-PACS")])
+@pytest.mark.parametrize(
+    "name,repo",
+    [
+        ("cars_train", "fmejbah/car_dataset1"),
+        ("caltech101", "MachineLearning2020/Homework2-Caltech101"),
+        ("pacs_sketch", "MachineLearning2020/Homework3-PACS"),
+    ],
+)
 def test_missing_snapshot_says_where_the_images_come_from(tmp_path, name, repo):
     for data_dir in (None, str(tmp_path)):
         with pytest.raises(BenchError, match=repo) as e:
@@ -233,6 +297,7 @@ def test_fine_grained_presets_are_zero_shot_frozen_and_labelled():
 
 # ---- real data: run when present, skip with the loader's one line when not ----
 
+
 def _real(name: str, data_dir: str | None = REAL_DIR):
     try:
         return DATASETS.get(name)(_cfg(dataset=name, data_dir=data_dir))
@@ -261,10 +326,14 @@ def test_real_cars_train():
     assert len(src.train_x) + len(src.test_x) == 8144 and len(src.class_names) == 196 and src.swap_red_blue
     assert src.class_names[0] == "AM General Hummer SUV 2000" and len(src.train_x) == 4052
     first = sorted(zip(src.train_x, src.train_y))[0]
-    assert first[0].endswith("00001.jpg") and src.class_names[first[1]] == "Audi TTS Coupe 2012"  # official class 14
+    assert (
+        first[0].endswith("00001.jpg") and src.class_names[first[1]] == "Audi TTS Coupe 2012"
+    )  # official class 14
 
 
-@pytest.mark.parametrize("name,n,classes", [("caltech101", 9144, 102), ("pacs", 9991, 7), ("pacs_sketch", 3929, 7)])
+@pytest.mark.parametrize(
+    "name,n,classes", [("caltech101", 9144, 102), ("pacs", 9991, 7), ("pacs_sketch", 3929, 7)]
+)
 def test_real_ood_sets(name, n, classes):
     src = _real(name)
     assert len(src.test_x) == n and len(src.class_names) == classes
@@ -277,11 +346,31 @@ def test_real_cub100_run_from_the_shipped_archive(cli, tmp_path):
     raw-feature reference."""
     _real("cub100", None)
     out = tmp_path / "runs"
-    sets = ["image_size=32", "n_train=120", "n_test=60", "far_ood=", "epochs=1", "bootstrap_resamples=20",
-            "posterior_samples=5", "report=false", "score_samples=5", "data_workers=0", "quiet=true", "workers=1",
-            "hessian_items=120"]
-    code, _, stderr = cli("run", "--preset", "cub100", "--out", str(out), "--methods", "plain,diag_la",
-                               *[a for kv in sets for a in ("--set", kv)])
+    sets = [
+        "image_size=32",
+        "n_train=120",
+        "n_test=60",
+        "far_ood=",
+        "epochs=1",
+        "bootstrap_resamples=20",
+        "posterior_samples=5",
+        "report=false",
+        "score_samples=5",
+        "data_workers=0",
+        "quiet=true",
+        "workers=1",
+        "hessian_items=120",
+    ]
+    code, _, stderr = cli(
+        "run",
+        "--preset",
+        "cub100",
+        "--out",
+        str(out),
+        "--methods",
+        "plain,diag_la",
+        *[a for kv in sets for a in ("--set", kv)],
+    )
     assert code == 0, stderr
     (folder,) = [p for p in out.iterdir() if p.is_dir() and p.name != "cache"]
     blob = json.dumps([json.loads(f.read_text()) for f in folder.rglob("*.json")])

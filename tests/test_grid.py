@@ -1,6 +1,7 @@
 """`bench grid` end to end on each executor (local pool; a real local Ray cluster when Ray is
 installed): 2 datasets x 2 methods x 2 seeds on the smoke preset, one cell's worker killed mid-task,
 `--resume`, every model trained once, results bit-identical to the same cells run one by one."""
+
 import json
 import os
 import signal
@@ -18,11 +19,17 @@ from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
 from bench.run_folder import GridFolder, RunFolder
 from tests.conftest import FASHION_DIR
 
-SECOND = "fashion_mnist" if (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file() else "mnist_ood"  # both offline
+SECOND = (
+    "fashion_mnist" if (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file() else "mnist_ood"
+)  # both offline
 DATASETS, METHODS, SEEDS = ("synthetic", SECOND), ("plain", "diag_la"), (0, 1)
-SETS = ("bootstrap_resamples=50", "far_ood=,")  # the smoke preset, cheaper: a smaller bootstrap, no far-OOD set
+SETS = (
+    "bootstrap_resamples=50",
+    "far_ood=,",
+)  # the smoke preset, cheaper: a smaller bootstrap, no far-OOD set
 try:
     import ray  # noqa: F401
+
     HAVE_RAY = True
 except ImportError:
     HAVE_RAY = False
@@ -33,6 +40,7 @@ EXECUTORS = ["local", pytest.param("ray", marks=pytest.mark.skipif(not HAVE_RAY,
 def ray_cluster():
     """A real local Ray cluster with 2 CPUs for one test, shut down after."""
     import ray
+
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
@@ -49,8 +57,21 @@ def one_by_one(tmp_path_factory):
         for m in METHODS:
             for s in SEEDS:
                 before = set(out.iterdir())
-                args = ["run", "--preset", "smoke", "--dataset", d, "--methods", m, "--seed", str(s),
-                        "--out", str(out), "--quiet", "--no-report"] + [a for x in SETS for a in ("--set", x)]
+                args = [
+                    "run",
+                    "--preset",
+                    "smoke",
+                    "--dataset",
+                    d,
+                    "--methods",
+                    m,
+                    "--seed",
+                    str(s),
+                    "--out",
+                    str(out),
+                    "--quiet",
+                    "--no-report",
+                ] + [a for x in SETS for a in ("--set", x)]
                 assert main(args) == 0
                 (folders[(d, m, s)],) = [p for p in set(out.iterdir()) - before if p.name != "cache"]
     torch.set_num_threads(threads)
@@ -84,13 +105,17 @@ def _assert_each_model_trained_once(grid: GridFolder) -> None:
     files = list((grid.cells_dir / "cache" / "models").glob("*.pt"))
     keys = [torch.load(f, weights_only=False)["info"]["key"] for f in files]
     bases = [(k["dataset"], k["seed"]) for k in keys if k["dropout"] == 0.0 and "recipe" not in k]
-    assert sorted(bases) == sorted((d, s) for d in DATASETS for s in SEEDS), "one base model per (dataset, seed)"
+    assert sorted(bases) == sorted((d, s) for d in DATASETS for s in SEEDS), (
+        "one base model per (dataset, seed)"
+    )
     assert _trainings(grid) == len(files), "every training the grid did left its own cache file: none twice"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("executor", EXECUTORS)
-def test_grid_survives_a_killed_worker_and_resumes_to_the_one_by_one_results(executor, request, tmp_path, one_by_one):
+def test_grid_survives_a_killed_worker_and_resumes_to_the_one_by_one_results(
+    executor, request, tmp_path, one_by_one
+):
     if executor == "ray":
         request.getfixturevalue("ray_cluster")
     grid = create_grid(GridSpec(DATASETS, METHODS, SEEDS, "smoke", SETS), tmp_path / "runs")
@@ -108,10 +133,31 @@ def test_grid_survives_a_killed_worker_and_resumes_to_the_one_by_one_results(exe
     assert "worker died" in meta["cells"][killed["cell"]]["error"] and meta["status"] == "incomplete"
     assert all(b["status"] == "done" for b in meta["bases"].values()) and len(meta["bases"]) == 4
     assert any("FAILED" in ln for ln in lines) and "7/8 cells done, 1 failed" in lines[-1]
-    kept = {c: (meta["cells"][c]["run_dir"], (grid.path / meta["cells"][c]["run_dir"] / "config.json").stat().st_mtime_ns)
-            for c in status if c != killed["cell"]}
+    kept = {
+        c: (
+            meta["cells"][c]["run_dir"],
+            (grid.path / meta["cells"][c]["run_dir"] / "config.json").stat().st_mtime_ns,
+        )
+        for c in status
+        if c != killed["cell"]
+    }
 
-    assert main(["grid", "--resume", str(grid.path), "--executor", executor, "--jobs", "2", "--quiet", "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "grid",
+                "--resume",
+                str(grid.path),
+                "--executor",
+                executor,
+                "--jobs",
+                "2",
+                "--quiet",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     grid = GridFolder(grid.path)
     assert grid.meta["status"] == "complete" and grid.meta["invocations"][-1]["cells_to_run"] == 1
     for c, (run_dir, mtime) in kept.items():  # finished cells were not recomputed
@@ -127,7 +173,9 @@ def test_grid_survives_a_killed_worker_and_resumes_to_the_one_by_one_results(exe
         mine = results[results["cell"] == cid].drop(columns=["cell", "dataset"]).reset_index(drop=True)
         pd.testing.assert_frame_equal(mine, single.results, check_exact=True)
         a, b = grid.cell_run(cid).perquery(c["method"], c["seed"]), single.perquery(c["method"], c["seed"])
-        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a), f"{cid} differs from bench run"
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a), (
+            f"{cid} differs from bench run"
+        )
 
     if executor == "local":  # the grid report, from the grid folder alone
         assert main(["report", str(grid.path), "--format", "md"]) == 0

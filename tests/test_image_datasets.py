@@ -1,6 +1,7 @@
 """Loaders of the colour datasets: CIFAR-10 from the shared JPEG archive (decoded once into the
 cache), an ImageFolder tree and the official batches; CUB-200-2011, Cars-196 (both layouts) and SOP
 on miniature fake trees of their official layouts; SVHN / MNIST / Fashion as colour far-OOD."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -39,7 +40,9 @@ def test_cifar10_from_the_shared_archive_is_decoded_once_and_labelled_jpeg(monke
 
     with tarfile.open(ARCHIVE) as tar:
         member = next(m for m in tar if m.name.endswith(".jpg") and "/test/" in f"/{m.name}")
-        img = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")).transpose(2, 0, 1)
+        img = np.asarray(Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")).transpose(
+            2, 0, 1
+        )
     cls = cifar10.CLASS_NAMES.index(member.name.split("/")[-2])
     same_class = src.test_x[src.test_y == cls]
     assert any(np.array_equal(img, x) for x in same_class), "an archived test image decodes under its label"
@@ -70,7 +73,11 @@ def test_cifar10_official_batches_come_first(tmp_path, monkeypatch):
     root = cifar_batches(tmp_path)
     cifar_tree(tmp_path)  # also an image tree: the official folder wins
     src = DATASETS.get("cifar10")(_cfg(dataset="cifar10", data_dir=str(root)))
-    assert src.label == "CIFAR-10" and src.train_x.shape == (100, 3, 32, 32) and src.test_x.shape == (20, 3, 32, 32)
+    assert (
+        src.label == "CIFAR-10"
+        and src.train_x.shape == (100, 3, 32, 32)
+        and src.test_x.shape == (20, 3, 32, 32)
+    )
 
 
 def test_cifar10_missing_data_is_one_line(tmp_path):
@@ -80,12 +87,15 @@ def test_cifar10_missing_data_is_one_line(tmp_path):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name,make,seen,n_classes", [
-    ("cub200", cub_tree, 100, 200),
-    ("cars196", lambda r: cars_tree(r, "annos"), 98, 196),
-    ("cars196", lambda r: cars_tree(r, "devkit"), 98, 196),
-    ("sop", sop_tree, 11318, 22634),
-])
+@pytest.mark.parametrize(
+    "name,make,seen,n_classes",
+    [
+        ("cub200", cub_tree, 100, 200),
+        ("cars196", lambda r: cars_tree(r, "annos"), 98, 196),
+        ("cars196", lambda r: cars_tree(r, "devkit"), 98, 196),
+        ("sop", sop_tree, 11318, 22634),
+    ],
+)
 def test_file_datasets_on_fake_official_trees(tmp_path, name, make, seen, n_classes):
     root = make(tmp_path)
     src = DATASETS.get(name)(_cfg(dataset=name, data_dir=str(root)))
@@ -93,8 +103,17 @@ def test_file_datasets_on_fake_official_trees(tmp_path, name, make, seen, n_clas
     assert src.train_y.max() == seen - 1 and src.test_y.min() == seen  # the standard zero-shot split
     assert src.test_y.max() == n_classes - 1
     assert src.train_x.dtype.kind == "U" and all(map(lambda p: p.endswith((".jpg", ".JPG")), src.train_x))
-    data = load_benchmark(_cfg(dataset=name, data_dir=str(root), protocol="zero_shot", image_size=16,
-                               data_workers=0, n_train=None, n_test=None))
+    data = load_benchmark(
+        _cfg(
+            dataset=name,
+            data_dir=str(root),
+            protocol="zero_shot",
+            image_size=16,
+            data_workers=0,
+            n_train=None,
+            n_test=None,
+        )
+    )
     x = data.test_id.inputs(torch.arange(3))
     assert x.shape == (3, 3, 16, 16) and x.dtype == torch.float32
     assert set(data.test_ood) == set() and int(data.train_id.y.max()) < seen <= int(data.test_id.y.min())
@@ -102,8 +121,14 @@ def test_file_datasets_on_fake_official_trees(tmp_path, name, make, seen, n_clas
         load_benchmark(_cfg(dataset=name, data_dir=str(root), image_size=16))
 
 
-@pytest.mark.parametrize("name,hint", [("cub200", "CUB_200_2011/images.txt"), ("cars196", "cars_annos.mat"),
-                                       ("sop", "Stanford_Online_Products/Ebay_train.txt")])
+@pytest.mark.parametrize(
+    "name,hint",
+    [
+        ("cub200", "CUB_200_2011/images.txt"),
+        ("cars196", "cars_annos.mat"),
+        ("sop", "Stanford_Online_Products/Ebay_train.txt"),
+    ],
+)
 def test_missing_file_dataset_says_what_to_put_where(tmp_path, name, hint):
     for data_dir in (None, str(tmp_path)):
         with pytest.raises(BenchError, match=hint) as e:

@@ -1,6 +1,7 @@
 """The image data layer: the Split API (in memory it is plain slicing of x), ImageSplit's DataLoader
 batches (seeded per item: the same under a seed whatever the worker count), the train/test
 transforms and channel conforming."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,7 +21,9 @@ MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
 def _split(workers=0, augments=True, size=8, chunk=7, crop=1.0):
     t = ImageTransform(size, crop, MEAN, STD, 3)
     idx = np.arange(5, 35)
-    return ImageSplit(ImageStore(IMAGES, "fake"), idx, torch.arange(30), t, workers=workers, chunk=chunk, augments=augments)
+    return ImageSplit(
+        ImageStore(IMAGES, "fake"), idx, torch.arange(30), t, workers=workers, chunk=chunk, augments=augments
+    )
 
 
 def _epoch(split, seed):
@@ -42,13 +45,21 @@ def test_in_memory_split_api_is_plain_slicing():
 def test_test_time_inputs_equal_the_written_pipeline():
     s = _split(augments=False, size=8, crop=0.8)
     got = s.inputs(torch.tensor([0, 3]))
-    ref = v2.Compose([v2.Resize(10, antialias=True), v2.CenterCrop(8), v2.ToDtype(torch.float32, scale=True),
-                      v2.Normalize(list(MEAN), list(STD))])
+    ref = v2.Compose(
+        [
+            v2.Resize(10, antialias=True),
+            v2.CenterCrop(8),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(list(MEAN), list(STD)),
+        ]
+    )
     want = torch.stack([ref(torch.from_numpy(IMAGES[i])) for i in (5, 8)])
     assert got.shape == (2, 3, 8, 8) and torch.allclose(got, want)
     # by hand for a resize to the stored size: (x / 255 - mean) / std
     full = _split(augments=False, size=12).inputs(torch.tensor([0]))[0]
-    hand = (torch.from_numpy(IMAGES[5]).float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+    hand = (torch.from_numpy(IMAGES[5]).float() / 255 - torch.tensor(MEAN)[:, None, None]) / torch.tensor(
+        STD
+    )[:, None, None]
     assert torch.allclose(full, hand, atol=1e-6)
 
 
@@ -73,8 +84,9 @@ def test_a_split_without_augmentation_ignores_seeds_and_chunks_cover_every_item(
     assert [len(c) for c in chunks] == [7, 7, 7, 7, 2]
     assert torch.equal(torch.cat(chunks), s.inputs(torch.arange(30)))
     sub = s.subset(10)
-    assert len(sub) == 10 and torch.equal(sub.inputs(torch.arange(10)), s.inputs(torch.as_tensor(
-        np.flatnonzero(np.isin(s.index, sub.index)))))
+    assert len(sub) == 10 and torch.equal(
+        sub.inputs(torch.arange(10)), s.inputs(torch.as_tensor(np.flatnonzero(np.isin(s.index, sub.index))))
+    )
     with pytest.raises(BenchError, match="split.inputs"):
         s.x  # noqa: B018
 

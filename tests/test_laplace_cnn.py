@@ -1,6 +1,7 @@
 """Laplace on a CNN backbone (Conv2d, BatchNorm in eval mode, a `head`): every posterior (Cholesky,
 low-rank, diagonal, Kronecker) on parameter subsets against dense references, sampling and the GLM
 predictive against Monte Carlo, and the four registered methods fitting and predicting with la_subset."""
+
 from __future__ import annotations
 
 import math
@@ -32,9 +33,19 @@ def _dense_sigma(model, curv):
     return torch.linalg.inv(H + DELTA * torch.eye(curv.D, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("structure,subset", [("full", "all"), ("full", "last_k:2"), ("full", "head"),
-                                              ("diag", "all"), ("diag", "last_k:2"), ("kron", "all"),
-                                              ("kron", "last_k:2"), ("last_layer", None)])
+@pytest.mark.parametrize(
+    "structure,subset",
+    [
+        ("full", "all"),
+        ("full", "last_k:2"),
+        ("full", "head"),
+        ("diag", "all"),
+        ("diag", "last_k:2"),
+        ("kron", "all"),
+        ("kron", "last_k:2"),
+        ("last_layer", None),
+    ],
+)
 def test_glm_covariance_on_a_cnn_subset_is_j_sigma_jt(structure, subset):
     model, (x, y) = TinyConvNet(), tiny_images(32)
     curv = compute_curvature(model, x, y, structure=structure, subset=subset, hessian="ggn", mining_batch=8)
@@ -82,11 +93,15 @@ def test_glm_variance_matches_mc_on_a_cnn(structure, subset):
     convolutions with S batched float64 weights take the slow reference path), float64 curvature."""
     model, (x, y) = TinyConvNet(smooth=True).float(), tiny_images(32)
     x = x.float()
-    curv = compute_curvature(model, x, y, structure=structure, subset=subset, mining_batch=8, dtype=torch.float64)
+    curv = compute_curvature(
+        model, x, y, structure=structure, subset=subset, mining_batch=8, dtype=torch.float64
+    )
     post = make_posterior(model, curv, 4000.0)
     glm = torch.diagonal(post.glm_cov(x[:2]), dim1=-2, dim2=-1)
     S = 4000
-    mc = post.sampled_embeddings(post.sample_params(S, torch.Generator().manual_seed(0)), x[:2], chunk=2).var(0)
+    mc = post.sampled_embeddings(post.sample_params(S, torch.Generator().manual_seed(0)), x[:2], chunk=2).var(
+        0
+    )
     assert ((mc - glm).abs() <= 4 * math.sqrt(2 / S) * glm).all(), mc / glm
 
 
@@ -116,6 +131,7 @@ def test_curvature_is_the_same_under_a_tiny_chunk_budget(monkeypatch):
 
 # -- the registered methods on a CNN backbone ----------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def cnn_setup():
     g = torch.Generator().manual_seed(0)
@@ -128,8 +144,15 @@ def cnn_setup():
 
 
 def _fit(cfg, data, model, name):
-    ctx = FitContext(cfg=cfg, data=data, device=torch.device("cpu"), timer=StageTimer(), method=name,
-                     train_model=lambda seed, dropout: model, seed=0)
+    ctx = FitContext(
+        cfg=cfg,
+        data=data,
+        device=torch.device("cpu"),
+        timer=StageTimer(),
+        method=name,
+        train_model=lambda seed, dropout: model,
+        seed=0,
+    )
     method = METHODS.get(name)(cfg)
     method.fit(ctx)
     return method
@@ -141,8 +164,10 @@ def test_laplace_methods_on_a_cnn(cnn_setup, name, la_subset):
     cfg, data, model = cnn_setup
     method = _fit(cfg.replace(la_subset=la_subset), data, model, name)
     dg = method.diagnostics
-    want = {"full_la": {"auto": "head"}, "last_layer_la": {"auto": "last_layer", "all": "last_layer",
-                                                            "last_k:2": "last_layer"}}.get(name, {})
+    want = {
+        "full_la": {"auto": "head"},
+        "last_layer_la": {"auto": "last_layer", "all": "last_layer", "last_k:2": "last_layer"},
+    }.get(name, {})
     assert dg["subset"] == want.get(la_subset, "all" if la_subset == "auto" else la_subset)
     assert dg["la_subset"] == la_subset and dg["D_model"] == sum(p.numel() for p in model.parameters())
     names = jac.subset_names(model, dg["subset"])
@@ -163,8 +188,11 @@ def test_laplace_methods_on_a_cnn(cnn_setup, name, la_subset):
 @pytest.mark.parametrize("predictive", ["mc", "lmc"])
 def test_sampled_predictives_on_a_cnn(cnn_setup, name, predictive):
     cfg, data, model = cnn_setup
-    cfg = cfg.replace(predictive=predictive, la_subset="last_k:2",
-                      method_options=(("kfac_conv", "reduce"),) if name == "kfac_la" else ())
+    cfg = cfg.replace(
+        predictive=predictive,
+        la_subset="last_k:2",
+        method_options=(("kfac_conv", "reduce"),) if name == "kfac_la" else (),
+    )
     method = _fit(cfg, data, model, name)
     pred = method.predict(data.test_id.x)
     assert pred.var.shape == (len(data.test_id), 2) and (pred.var > 0).all()

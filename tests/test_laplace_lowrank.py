@@ -1,5 +1,6 @@
 """The low-rank (block Krylov Nyström) basis against brute force: its Loewner error bound, the GLM
 covariance, samples and log det of the low-rank posterior, and the marglik optimum within 1%."""
+
 from __future__ import annotations
 
 import math
@@ -7,7 +8,6 @@ import math
 import pytest
 import torch
 
-from methods.laplace import FullLaplace
 from bench.la import jacobians as jac
 from bench.la import lowrank
 from bench.la import posterior as posterior_module
@@ -17,8 +17,17 @@ from bench.la.posterior import PRIOR_TOL, FullPosterior, LowRankPosterior
 from bench.la.prior import optimize_marglik
 from bench.la.spectrum import exact_spectrum
 from bench.la.structures import compute_curvature
-from tests.laplace_helpers import (PAPER_D, PAPER_THETA_SQ, full_jacobian, paper_like_spectrum, psd_with_spectrum,
-                                   rel_err, tiny_data, tiny_net)
+from methods.laplace import FullLaplace
+from tests.laplace_helpers import (
+    PAPER_D,
+    PAPER_THETA_SQ,
+    full_jacobian,
+    paper_like_spectrum,
+    psd_with_spectrum,
+    rel_err,
+    tiny_data,
+    tiny_net,
+)
 
 DEFAULT_TOL = FullLaplace.options["posterior_rank_tol"].default
 
@@ -96,8 +105,9 @@ def test_lowrank_posterior_against_brute_force():
 def test_lowrank_generic_jacobian_path_matches_linear_factors(monkeypatch):
     model, (x, y) = tiny_net(), tiny_data(60)
     curv = compute_curvature(model, x, y, structure="full", hessian="jtj", mining_batch=8)
-    basis, _ = krylov_nystrom(curv.H, lambda b: 1.0, 0.5, block=4, max_rank=curv.D,
-                              generator=torch.Generator().manual_seed(0))
+    basis, _ = krylov_nystrom(
+        curv.H, lambda b: 1.0, 0.5, block=4, max_rank=curv.D, generator=torch.Generator().manual_seed(0)
+    )
     post = LowRankPosterior(model, curv, 1.0, basis)
     fast = post.glm_cov(x[:7])
     monkeypatch.setattr(jac, "linear_factors", lambda *a: None)
@@ -114,7 +124,11 @@ def test_full_posterior_fit_dispatch(monkeypatch):
     marglik = lambda spec: optimize_marglik(spec, theta_sq)
     exact_delta, _ = optimize_marglik(exact_spectrum(torch.linalg.eigvalsh(curv.H)), theta_sq)
     post, delta, info = FullPosterior.fit(model, curv, marglik, rank_tol=0.0)
-    assert type(post) is FullPosterior and info["spectrum"] == "exact" and delta == pytest.approx(exact_delta, rel=1e-9)
+    assert (
+        type(post) is FullPosterior
+        and info["spectrum"] == "exact"
+        and delta == pytest.approx(exact_delta, rel=1e-9)
+    )
     monkeypatch.setattr(spectrum_module, "EXACT_EIGVALS_MAX_D", 10)
     monkeypatch.setattr(posterior_module, "EXACT_EIGVALS_MAX_D", 10)
     monkeypatch.setattr(lowrank, "MAX_RANK_FRACTION", 1.0)  # a tiny net needs a large share of its D
@@ -123,11 +137,19 @@ def test_full_posterior_fit_dispatch(monkeypatch):
     theta_sq = float(jac.flat_params(model, curv.names).pow(2).sum())
     marglik = lambda spec: optimize_marglik(spec, theta_sq)
     exact_delta, _ = optimize_marglik(exact_spectrum(torch.linalg.eigvalsh(curv.H)), theta_sq)
-    post, delta, info = FullPosterior.fit(model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=0.3)
+    post, delta, info = FullPosterior.fit(
+        model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=0.3
+    )
     assert isinstance(post, LowRankPosterior) and info["posterior"] == "lowrank" and info["rank_bound"] <= 0.3
     assert abs(delta / exact_delta - 1) < 0.01
-    exact, delta0, info0 = FullPosterior.fit(model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=0.0)
-    assert type(exact) is FullPosterior and info0["spectrum"] == "nystrom" and abs(delta0 / exact_delta - 1) < 0.01
+    exact, delta0, info0 = FullPosterior.fit(
+        model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=0.0
+    )
+    assert (
+        type(exact) is FullPosterior
+        and info0["spectrum"] == "nystrom"
+        and abs(delta0 / exact_delta - 1) < 0.01
+    )
     fixed, d, _ = FullPosterior.fit(model, curv, 2.0, rank_tol=0.0)
     assert type(fixed) is FullPosterior and d == 2.0
     # a rank beyond D * MAX_RANK_FRACTION does not pay: the exact factor instead (its prior from SLQ)

@@ -1,9 +1,9 @@
 """Posteriors (Cholesky / diag / Kronecker), the GLM predictive against Monte Carlo, prior tuning."""
+
 from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,7 +48,10 @@ def test_full_samples_have_the_posterior_covariance():
     assert ((emp.diagonal() - Sigma.diagonal()).abs() <= 5 * math.sqrt(2 / S) * Sigma.diagonal()).all()
     v = torch.randn(curv.D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     assert abs(float(v @ emp @ v - v @ Sigma @ v)) <= 5 * math.sqrt(2 / S) * float(v @ Sigma @ v)
-    assert abs(post.logdet_precision() - torch.logdet(curv.H + 3.0 * torch.eye(curv.D, dtype=torch.float64))) < 1e-8
+    assert (
+        abs(post.logdet_precision() - torch.logdet(curv.H + 3.0 * torch.eye(curv.D, dtype=torch.float64)))
+        < 1e-8
+    )
     # GLM covariance by triangular solves equals J Sigma J^T with an explicit inverse
     J = jac.embedding_jacobian(model, x[:4], curv.names)
     assert rel_err(post.glm_cov(x[:4]), J @ Sigma @ J.transpose(1, 2)) < 1e-10
@@ -152,6 +155,7 @@ def test_kron_factor_eigh_splits_off_zero_rows():
     """A conv patch factor with exactly-zero rows (padding taps) decomposes exactly: the zero rows become
     eigenvalue-0 unit vectors and the rest is the eigendecomposition of the live block."""
     from bench.la.posterior import _eigh
+
     g = torch.Generator().manual_seed(0)
     X = torch.randn(30, 8, generator=g, dtype=torch.float64)
     live = torch.tensor([0, 3, 4, 7, 8, 9, 10, 11])

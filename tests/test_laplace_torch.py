@@ -1,5 +1,6 @@
 """The laplace_torch method (laplace-torch run as-is) against this project's full LA with hessian=jtj,
 and its one speed-up (the eigenvalue log-determinant) against laplace-torch's own path."""
+
 from __future__ import annotations
 
 import copy
@@ -16,7 +17,7 @@ from bench.la.structures import compute_curvature
 from bench.registry import METHODS
 from methods.laplace_torch import EigLogdetFullLaplace, make_laplace, scale_fit
 from tests.laplace_helpers import rel_err, tiny_data, tiny_net
-from tests.test_laplace_methods import _fit as fit, setup  # noqa: F401  (the module's fixture)
+from tests.test_laplace_methods import _fit as fit  # noqa: F401  (the module's fixture)
 
 
 def _fit(cfg, data, model, name):
@@ -30,8 +31,13 @@ def test_same_h_and_glm_covariance_as_our_full_la_with_jtj(setup):
     cfg = cfg.replace(hessian="jtj", prior_precision="2.0")
     lt = _fit(cfg, data, model, "laplace_torch")
     ours = _fit(cfg, data, model, "full_la")
-    H = compute_curvature(copy.deepcopy(model).requires_grad_(True), data.train_id.x, data.train_id.y,
-                          structure="full", hessian="jtj").H
+    H = compute_curvature(
+        copy.deepcopy(model).requires_grad_(True),
+        data.train_id.x,
+        data.train_id.y,
+        structure="full",
+        hessian="jtj",
+    ).H
     assert rel_err(lt.la.H, H) < 1e-5
     assert lt.diagnostics["prior_precision"] == 2.0 and lt.diagnostics["targets"] == "f_MAP"
     a, b = lt.predict(data.test_id.x), ours.predict(data.test_id.x)
@@ -46,7 +52,9 @@ def test_eigenvalue_logdet_marglik_equals_laplace_torchs_own():
     with torch.no_grad():
         t = model(x)
     loader = DataLoader(TensorDataset(x, t), batch_size=16)
-    plain = Laplace(model, "regression", subset_of_weights="all", hessian_structure="full", backend=GGNInterface)
+    plain = Laplace(
+        model, "regression", subset_of_weights="all", hessian_structure="full", backend=GGNInterface
+    )
     fast = EigLogdetFullLaplace(model, "regression", backend=GGNInterface)
     for la in (plain, fast):
         la.fit(loader)
@@ -56,7 +64,9 @@ def test_eigenvalue_logdet_marglik_equals_laplace_torchs_own():
     assert float(fast.prior_precision) == pytest.approx(float(plain.prior_precision), rel=1e-9)
     assert float(plain.prior_precision) != pytest.approx(1.0)  # the loop moved it
     with torch.no_grad():
-        assert float(fast.log_marginal_likelihood()) == pytest.approx(float(plain.log_marginal_likelihood()), rel=1e-9)
+        assert float(fast.log_marginal_likelihood()) == pytest.approx(
+            float(plain.log_marginal_likelihood()), rel=1e-9
+        )
 
 
 @pytest.mark.parametrize("structure", ["full", "diag", "kron"])
@@ -79,8 +89,9 @@ def test_structures_and_the_mc_predictive(setup, structure):
     """Every structure fits with its marglik; the MC predictive reuses the same networks for every
     query set, keeps them as joint samples, and its mean is the mean of those networks."""
     cfg, data, model = setup
-    cfg = cfg.replace(predictive="mc", posterior_samples=20,
-                      method_options=(("laplace_torch_structure", structure),))
+    cfg = cfg.replace(
+        predictive="mc", posterior_samples=20, method_options=(("laplace_torch_structure", structure),)
+    )
     lt = _fit(cfg, data, model, "laplace_torch")
     assert lt.diagnostics["structure"] == structure and lt.diagnostics["prior_precision"] > 0
     a, b = lt.predict(data.test_id.x), lt.predict(data.test_id.x)
@@ -90,10 +101,18 @@ def test_structures_and_the_mc_predictive(setup, structure):
     assert torch.allclose(a.mean, a.samples.mean(0)) and (a.var > 0).all()
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("prior_precision", "grid", "prior_precision must be marglik or a positive number"),
-    ("predictive", "lmc", "laplace_torch: predictive must be glm or mc"),
-    ("method_options", (("laplace_torch_structure", "lowrank"),), "laplace_torch_structure must be one of")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("prior_precision", "grid", "prior_precision must be marglik or a positive number"),
+        ("predictive", "lmc", "laplace_torch: predictive must be glm or mc"),
+        (
+            "method_options",
+            (("laplace_torch_structure", "lowrank"),),
+            "laplace_torch_structure must be one of",
+        ),
+    ],
+)
 def test_options_refused_in_one_line(field, value, message):
     cfg = preset_config("smoke").replace(**{field: value})
     with pytest.raises(BenchError, match=message) as e:

@@ -1,5 +1,6 @@
 """The joint triplet-ordering score (Monte Carlo over joint draws of each validation group) against an
 independent Monte Carlo of the explicit joint Gaussian; why the cross-covariances matter; where it peaks."""
+
 from __future__ import annotations
 
 import math
@@ -24,7 +25,9 @@ def _reference(f, C, mask, S=100_000, seed=11, cosine=False):
     logs = []
     for b in range(nb):
         L = torch.linalg.cholesky(C[b] + 1e-12 * torch.eye(m * d, dtype=torch.float64))
-        e = (f[b].reshape(-1) + torch.randn(S, m * d, generator=g, dtype=torch.float64) @ L.T).reshape(S, m, d)
+        e = (f[b].reshape(-1) + torch.randn(S, m * d, generator=g, dtype=torch.float64) @ L.T).reshape(
+            S, m, d
+        )
         e = e / e.norm(dim=-1, keepdim=True) if cosine else e
         for a, p, n in torch.nonzero(mask[b]).tolist():
             P = float(((e[:, a] - e[:, p]).norm(dim=-1) < (e[:, a] - e[:, n]).norm(dim=-1)).double().mean())
@@ -79,7 +82,10 @@ def test_score_peaks_at_a_calibrated_spread():
     f, mask = noisy[groups], triplet_mask(y[groups])
     z = standard_draws(256, len(groups), m * d, torch.Generator().manual_seed(2))
     eye = torch.eye(m * d, dtype=torch.float64)
-    score = {s: triplet_log_score(f, (s * eye).expand(len(groups), -1, -1), mask, z) for s in (1e-4, 0.1, 0.64, 4.0, 100.0)}
+    score = {
+        s: triplet_log_score(f, (s * eye).expand(len(groups), -1, -1), mask, z)
+        for s in (1e-4, 0.1, 0.64, 4.0, 100.0)
+    }
     best = max(score, key=score.get)
     assert best in (0.1, 0.64, 4.0) and score[1e-4] < score[best] and score[100.0] < score[best]
     assert abs(score[100.0] - math.log(0.5)) < 0.1  # very wide: every ordering a coin flip

@@ -2,14 +2,14 @@
 it validates the default config, fits on the smoke preset without reading any test item (ID or OOD),
 predicts well-formed finite moments for every query set (a variance, when it has one, that is not all
 zero and varies across queries), reports JSON-safe diagnostics, and is deterministic under a seed."""
+
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
-
-from dataclasses import replace
 
 from bench.config import preset_config
 from bench.data import load_benchmark
@@ -53,8 +53,11 @@ class WatchedSplit:
 
 def watched(data, reads: list):
     """`data` with every test split (ID and OOD) replaced by a WatchedSplit that logs into `reads`."""
-    return replace(data, test_id=WatchedSplit(data.test_id, "test_id", reads),
-                   test_ood={k: WatchedSplit(s, f"test_ood[{k}]", reads) for k, s in data.test_ood.items()})
+    return replace(
+        data,
+        test_id=WatchedSplit(data.test_id, "test_id", reads),
+        test_ood={k: WatchedSplit(s, f"test_ood[{k}]", reads) for k, s in data.test_ood.items()},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +97,9 @@ def test_method_contract(name, smoke, tmp_path):
             assert torch.allclose(torch.diagonal(p.cov, dim1=-2, dim2=-1), p.var, atol=1e-5), k
         if p.samples is not None:  # joint draws [S, n, d], as many for every query set
             assert p.samples.dim() == 3 and p.samples.shape[1:] == (n, cfg.embed_dim), k
-            assert p.samples.shape[0] == preds["id"].samples.shape[0] >= 2 and torch.isfinite(p.samples).all(), k
+            assert (
+                p.samples.shape[0] == preds["id"].samples.shape[0] >= 2 and torch.isfinite(p.samples).all()
+            ), k
     reads: list = []  # cached nets, same seed; the test splits watched: fit may not read a single test item
     again, _, _ = fit_method(name, cfg, watched(data, reads), tmp_path / "models")
     assert reads == [], f"{name}.fit read test data: {reads[:5]}"

@@ -36,26 +36,29 @@ GLM_MEAN = {"full_la", "last_layer_la", "diag_la", "kfac_la"}  # post-hoc, GLM p
 
 
 def _cfg(backbone: str, frozen: bool, tmp_path) -> RunConfig:
-    cfg = apply_overrides(preset_config("smoke"), dict(
-        dataset="synthetic_color",
-        backbone=backbone,
-        freeze_backbone=frozen,
-        n_train=48,
-        n_test=24,
-        batch_size=16,
-        embed_dim=2,
-        posterior_samples=4,
-        dropout_passes=3,
-        ensemble_size=2,
-        hessian_items=32,
-        jacobian_chunk=32,
-        image_size=16,
-        data_workers=0,
-        quiet=True,
-        out=str(tmp_path),
-        pfe_steps=2,
-        prior_precision="1.0",
-    ))
+    cfg = apply_overrides(
+        preset_config("smoke"),
+        dict(
+            dataset="synthetic_color",
+            backbone=backbone,
+            freeze_backbone=frozen,
+            n_train=48,
+            n_test=24,
+            batch_size=16,
+            embed_dim=2,
+            posterior_samples=4,
+            dropout_passes=3,
+            ensemble_size=2,
+            hessian_items=32,
+            jacobian_chunk=32,
+            image_size=16,
+            data_workers=0,
+            quiet=True,
+            out=str(tmp_path),
+            pfe_steps=2,
+            prior_precision="1.0",
+        ),
+    )
     if backbone == "mlp":
         cfg = cfg.replace(image_size=8, hidden=(8,))
     return cfg

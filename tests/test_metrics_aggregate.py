@@ -1,4 +1,5 @@
 """Across-seed summaries, paired differences from per-query arrays, and the stage breakdown."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,8 +10,14 @@ from bench.metrics.ood import auroc
 
 
 def test_seed_summary_t_interval():
-    res = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 2, "seed": [0, 1, 2, 0, 1],
-                        "metric": ["mAP@1"] * 3 + ["ECE"] * 2, "value": [1.0, 2.0, 3.0, 0.5, np.nan]})
+    res = pd.DataFrame(
+        {
+            "method": ["a"] * 3 + ["b"] * 2,
+            "seed": [0, 1, 2, 0, 1],
+            "metric": ["mAP@1"] * 3 + ["ECE"] * 2,
+            "value": [1.0, 2.0, 3.0, 0.5, np.nan],
+        }
+    )
     s = seed_summary(res).set_index(["method", "metric"])
     half = stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)
     assert s.loc[("a", "mAP@1"), "mean"] == 2.0 and s.loc[("a", "mAP@1"), "n_seeds"] == 3
@@ -22,8 +29,14 @@ def test_seed_summary_t_interval():
 
 
 def test_stage_breakdown():
-    t = pd.DataFrame({"method": ["base", "la", "la", "la", "la"], "seed": [0, 0, 0, 1, 0],
-                      "stage": ["train", "hessian", "predict", "hessian", "custom"], "seconds": [2.0, 1.0, 0.5, 1.5, 1.0]})
+    t = pd.DataFrame(
+        {
+            "method": ["base", "la", "la", "la", "la"],
+            "seed": [0, 0, 0, 1, 0],
+            "stage": ["train", "hessian", "predict", "hessian", "custom"],
+            "seconds": [2.0, 1.0, 0.5, 1.5, 1.0],
+        }
+    )
     b = stage_breakdown(t).set_index("method")
     assert list(b.columns) == ["train", "hessian", "prior", "predict", "evaluate", "custom", "total", "share"]
     assert b.loc["la", "hessian"] == 2.5 and b.loc["la", "prior"] == 0.0 and b.loc["la", "total"] == 4.0
@@ -37,10 +50,18 @@ def perquery():
     n, n_ood = 60, 40
     corr = lambda: (rng.random(n) < 0.6).astype(float)
     base = dict(id_labels=np.arange(n) % 3, ood_far_labels=np.zeros(n_ood))
-    plain = dict(base, id_mean=rng.random((n, 2)), ood_far_mean=rng.random((n_ood, 2)), **{"pq_mAP@1": corr()})
-    mk = lambda shift: dict(base, id_mean=rng.random((n, 2)), id_var=rng.random((n, 2)),
-                            ood_far_mean=rng.random((n_ood, 2)), ood_far_var=rng.random((n_ood, 2)) + shift,
-                            extra_confidence=rng.random(n), **{"pq_mAP@1": corr()})
+    plain = dict(
+        base, id_mean=rng.random((n, 2)), ood_far_mean=rng.random((n_ood, 2)), **{"pq_mAP@1": corr()}
+    )
+    mk = lambda shift: dict(
+        base,
+        id_mean=rng.random((n, 2)),
+        id_var=rng.random((n, 2)),
+        ood_far_mean=rng.random((n_ood, 2)),
+        ood_far_var=rng.random((n_ood, 2)) + shift,
+        extra_confidence=rng.random(n),
+        **{"pq_mAP@1": corr()},
+    )
     arrs = {"plain": plain, "la": mk(0.5), "ens": mk(0.1)}
     return {(m, 0): a for m, a in arrs.items()}, arrs
 
@@ -56,9 +77,12 @@ def test_paired_differences_from_per_query_arrays(perquery):
 
     q = paired_differences(pq, reference="ens", n_resamples=200)
     la = q[q["method"] == "la"].set_index("metric")
-    assert {"mAP@1", "ECE", "AUSE", "AUROC[far]", "AUPR[far]", "FPR95[far]", "var_ratio[far]"} <= set(la.index)
-    expect = auroc(arrs["la"]["id_var"].sum(1), arrs["la"]["ood_far_var"].sum(1)) - \
-        auroc(arrs["ens"]["id_var"].sum(1), arrs["ens"]["ood_far_var"].sum(1))
+    assert {"mAP@1", "ECE", "AUSE", "AUROC[far]", "AUPR[far]", "FPR95[far]", "var_ratio[far]"} <= set(
+        la.index
+    )
+    expect = auroc(arrs["la"]["id_var"].sum(1), arrs["la"]["ood_far_var"].sum(1)) - auroc(
+        arrs["ens"]["id_var"].sum(1), arrs["ens"]["ood_far_var"].sum(1)
+    )
     assert la.loc["AUROC[far]", "diff"] == pytest.approx(expect)
     assert la.loc["AUROC[far]", "ci_low"] <= expect <= la.loc["AUROC[far]", "ci_high"]
     only = paired_differences(pq, reference="ens", metrics=["AUROC[far]"], n_resamples=50)
@@ -67,8 +91,12 @@ def test_paired_differences_from_per_query_arrays(perquery):
 
 def test_method_against_itself_is_zero():
     rng = np.random.default_rng(1)
-    a = dict(id_var=rng.random((30, 2)), ood_x_var=rng.random((20, 2)) + 1, extra_confidence=rng.random(30),
-             **{"pq_mAP@1": (rng.random(30) < 0.5).astype(float)})
+    a = dict(
+        id_var=rng.random((30, 2)),
+        ood_x_var=rng.random((20, 2)) + 1,
+        extra_confidence=rng.random(30),
+        **{"pq_mAP@1": (rng.random(30) < 0.5).astype(float)},
+    )
     p = paired_differences({("a", 3): a, ("b", 3): a}, reference="b", n_resamples=100)
     assert len(p) == 1 + 2 + 4 and (p["seed"] == 3).all()
     assert np.allclose(p[["diff", "ci_low", "ci_high"]].to_numpy(), 0.0)

@@ -1,4 +1,5 @@
 """Bootstrap CIs: coverage at about the nominal rate in simulation, multi-output statistics, paired groups."""
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -62,9 +63,13 @@ def test_grouped_keeps_pairs_and_strata():
     a = rng.random(100)
     diff = lambda x, y, axis=-1: (x - y).mean(axis=axis)[None]
     # paired: a constant per-query difference survives every resample exactly
-    assert grouped_bootstrap_ci([(a + 0.1, a)], diff, n_resamples=200).triple() == pytest.approx((0.1, 0.1, 0.1))
+    assert grouped_bootstrap_ci([(a + 0.1, a)], diff, n_resamples=200).triple() == pytest.approx(
+        (0.1, 0.1, 0.1)
+    )
     # strata: each group keeps its own size (a statistic returning the sizes never varies)
-    sizes = lambda x, y, axis=-1: np.stack([np.full(x.shape[:-1], x.shape[-1]), np.full(y.shape[:-1], y.shape[-1])])
+    sizes = lambda x, y, axis=-1: np.stack(
+        [np.full(x.shape[:-1], x.shape[-1]), np.full(y.shape[:-1], y.shape[-1])]
+    )
     r = grouped_bootstrap_ci([(a,), (a[:30],)], sizes, n_resamples=50)
     assert list(r.low) == [100, 30] and list(r.high) == [100, 30]
     with pytest.raises(ValueError):

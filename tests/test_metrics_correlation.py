@@ -1,5 +1,6 @@
 """The confound diagnostics against scipy.stats.spearmanr: overall, averaged within class, vectorised
 rows, undefined classes skipped; the fused ranking statistics against the separate functions; CIs."""
+
 import numpy as np
 import pytest
 from scipy import stats
@@ -44,7 +45,9 @@ def test_vectorised_rows_equal_one_by_one():
     rows = [_data(s, n=90) for s in range(4)]
     U, C, Y = (np.stack([r[i] for r in rows]) for i in range(3))
     assert spearman(U, C) == pytest.approx([float(spearman(*r[:2])) for r in rows], abs=1e-12)
-    assert within_class_spearman(U, C, Y) == pytest.approx([float(within_class_spearman(*r)) for r in rows], abs=1e-12)
+    assert within_class_spearman(U, C, Y) == pytest.approx(
+        [float(within_class_spearman(*r)) for r in rows], abs=1e-12
+    )
 
 
 def test_confound_between_classes_shows_overall_not_within():

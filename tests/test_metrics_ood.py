@@ -1,4 +1,5 @@
 """OOD separation metrics: hand-built cases with known answers and cross-checks against sklearn."""
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve

@@ -1,4 +1,5 @@
 """Sparsification curves and AUSE: a perfect uncertainty is the oracle, hand-computed areas."""
+
 import numpy as np
 import pytest
 
@@ -45,7 +46,12 @@ def test_extras_and_ci():
     m = (rng.random(300) < p).astype(float)
     (v, lo, hi), ex = sparsification_metrics(-p, m, n_resamples=200, seed=3)
     assert lo <= v <= hi
-    assert set(ex) == {"sparsification_frac", "sparsification_curve", "sparsification_oracle", "sparsification_random"}
+    assert set(ex) == {
+        "sparsification_frac",
+        "sparsification_curve",
+        "sparsification_oracle",
+        "sparsification_random",
+    }
     assert all(a.shape == (20,) for a in ex.values())
     assert ex["sparsification_random"] == pytest.approx(np.full(20, m.mean()))
     assert np.all(ex["sparsification_oracle"] >= ex["sparsification_curve"] - 1e-12)

@@ -1,5 +1,6 @@
 """The sort-once bootstrap statistics equal the statistics of the expanded resample (items repeated by
 their multiplicities), ties included, and the count bootstrap draws Multinomial(n, 1/n) resamples."""
+
 import numpy as np
 import pytest
 
@@ -28,9 +29,11 @@ def test_ood_weighted_equals_the_statistics_of_the_expanded_resample(ties):
     ca, cb = _counts(rng, 7, 60), _counts(rng, 7, 40)
     got = OODSort(a, b).weighted(ca, cb)
     for r in range(7):
-        ea, eb = _expand(ca[r:r + 1], a)[0][0], _expand(cb[r:r + 1], b)[0][0]
+        ea, eb = _expand(ca[r : r + 1], a)[0][0], _expand(cb[r : r + 1], b)[0][0]
         np.testing.assert_allclose(got[:, r], ood_statistics(ea, eb), rtol=1e-12)
-    np.testing.assert_allclose(OODSort(a, b).weighted(np.ones((1, 60)), np.ones((1, 40)))[:, 0], ood_statistics(a, b))
+    np.testing.assert_allclose(
+        OODSort(a, b).weighted(np.ones((1, 60)), np.ones((1, 40)))[:, 0], ood_statistics(a, b)
+    )
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -61,7 +64,9 @@ def test_ranking_weighted_equals_the_statistics_of_the_expanded_resample():
     for scores, check in ((u, slice(0, 5)), (np.round(u), slice(2, 5))):
         got = RankingSort(scores, m, y).weighted(w)
         for r, (eu, em, ey) in enumerate(_expand(w, scores, m, y)):
-            np.testing.assert_allclose(got[check, r], ranking_statistics(eu, em, ey)[check], rtol=1e-10, atol=1e-12)
+            np.testing.assert_allclose(
+                got[check, r], ranking_statistics(eu, em, ey)[check], rtol=1e-10, atol=1e-12
+            )
     point = RankingSort(np.round(u), m, y).weighted(np.ones((1, n)))[:, 0]
     np.testing.assert_allclose(point, ranking_statistics(np.round(u), m, y), rtol=1e-12)
 
@@ -69,7 +74,9 @@ def test_ranking_weighted_equals_the_statistics_of_the_expanded_resample():
 def test_resample_counts_are_multinomial_resamples():
     w = resample_counts(50, 4000, np.random.default_rng(3))
     assert w.shape == (4000, 50) and (w.sum(1) == 50).all()
-    assert w.mean() == pytest.approx(1.0) and w.var() == pytest.approx(1 - 1 / 50, rel=0.05)  # Binomial(50, 1/50)
+    assert w.mean() == pytest.approx(1.0) and w.var() == pytest.approx(
+        1 - 1 / 50, rel=0.05
+    )  # Binomial(50, 1/50)
 
 
 def test_count_bootstrap_intervals_agree_with_the_resampling_bootstrap():
@@ -105,4 +112,6 @@ def test_count_bootstrap_is_reproducible_and_keeps_strata():
     mean = lambda c: (c * np.arange(20.0)).sum(-1)[None] / 20  # noqa: E731
     r1, r2 = count_bootstrap_ci((20,), mean, 300, seed=5), count_bootstrap_ci((20,), mean, 300, seed=5)
     assert r1.triple() == r2.triple() and r1.low[0] < 9.5 < r1.high[0]
-    assert np.isnan(count_bootstrap_ci((1,), mean, 100).low[0]) and np.isnan(count_bootstrap_ci((20,), mean, 0).high[0])
+    assert np.isnan(count_bootstrap_ci((1,), mean, 100).low[0]) and np.isnan(
+        count_bootstrap_ci((20,), mean, 0).high[0]
+    )

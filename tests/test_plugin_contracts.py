@@ -1,4 +1,5 @@
 """Contracts of the dataset and backbone plugins, checked for every registered one."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -17,13 +18,16 @@ FASHION_INSTALLED = (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 
 
 # datasets whose files this machine may lack (a download, or a Debian package); every other one must load
-EXTERNAL_DATA = ({"svhn", "cars196", "cub200", "sop"}
-                 | (set() if FASHION_INSTALLED else {"fashion_mnist", "fashion_ood"})
-                 | (set() if cifar10.shared_archive() else {"cifar10"}))
+EXTERNAL_DATA = (
+    {"svhn", "cars196", "cub200", "sop"}
+    | (set() if FASHION_INSTALLED else {"fashion_mnist", "fashion_ood"})
+    | (set() if cifar10.shared_archive() else {"cifar10"})
+)
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10" else n
-                                  for n in DATASETS.names()])  # cifar10: decodes 60k JPEGs (15-35 s)
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "cifar10" else n for n in DATASETS.names()]
+)  # cifar10: decodes 60k JPEGs (15-35 s)
 def test_dataset_contract(name):
     cfg = preset_config("smoke")
     try:
@@ -38,7 +42,9 @@ def test_dataset_contract(name):
     for x, y in ((src.train_x, src.train_y), (src.test_x, src.test_y)):
         assert len(x) == len(y) > 0
         assert y.min() >= -1 and y.max() < len(src.class_names)
-        assert x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating) or x.dtype.kind == "U"  # images, features, paths
+        assert (
+            x.dtype == np.uint8 or np.issubdtype(x.dtype, np.floating) or x.dtype.kind == "U"
+        )  # images, features, paths
     if src.train_x.dtype == np.uint8 or src.train_x.dtype.kind == "U":
         assert src.pixel_stats is not None and 0 < np.min(src.pixel_stats[1])  # a std, or one per channel
     far_ood = DATASETS.meta(name).get("far_ood", ())

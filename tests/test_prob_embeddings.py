@@ -2,6 +2,7 @@
 quantity against an independent reference (scipy's Gaussian density, brute-force Monte Carlo, an
 independent derivation of the moments), and each method fitted on the smoke preset: deterministic
 under a seed, seconds to train, options honoured."""
+
 from __future__ import annotations
 
 import math
@@ -15,9 +16,9 @@ from bench.config import apply_overrides, preset_config
 from bench.data import load_benchmark
 from bench.errors import BenchError
 from methods import pfe
+from methods._gaussian import kl_to_isotropic_prior
 from methods.btl import BayesianTripletLoss, distance_difference_moments, triplet_log_probability
 from methods.hib import HedgedInstanceEmbedding, match_log_probs, match_probability
-from methods._gaussian import kl_to_isotropic_prior
 from tests.fit_helpers import fit_method, predict_on
 
 F64 = torch.float64
@@ -27,16 +28,21 @@ Z = 4.0  # tolerance in standard errors for the Monte-Carlo comparisons
 def _gaussians(seed: int, n: int, d: int, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Means [n, d] and variances [n, d] (float64) of n random Gaussians."""
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, d, generator=g, dtype=F64) * scale, 0.1 + torch.rand(n, d, generator=g, dtype=F64) * scale
+    return torch.randn(n, d, generator=g, dtype=F64) * scale, 0.1 + torch.rand(
+        n, d, generator=g, dtype=F64
+    ) * scale
 
 
 # ---------------------------------------------------------------- PFE: mutual likelihood score
+
 
 def test_mls_equals_gaussian_convolution_closed_form():
     """MLS = log N(mu1 - mu2; 0, diag(s1 + s2)), the closed form of log int N(z; mu1, s1) N(z; mu2, s2) dz."""
     mu, var = _gaussians(0, 2, 3)
     mls = pfe.mutual_likelihood_score(mu[0], var[0], mu[1], var[1])
-    ref = stats.multivariate_normal(mean=np.zeros(3), cov=np.diag((var[0] + var[1]).numpy())).logpdf((mu[0] - mu[1]).numpy())
+    ref = stats.multivariate_normal(mean=np.zeros(3), cov=np.diag((var[0] + var[1]).numpy())).logpdf(
+        (mu[0] - mu[1]).numpy()
+    )
     assert float(mls) == pytest.approx(ref, abs=1e-12)
     rep = [t.expand(4, 3) for t in (mu[:1], var[:1], mu[1:], var[1:])]
     batched = pfe.mutual_likelihood_score(*rep)
@@ -62,15 +68,20 @@ def test_variance_head_starts_at_constant_and_pairs_are_genuine():
     v = head(torch.randn(7, 5))
     assert v.shape == (7, 3) and torch.allclose(v, torch.full((7, 3), 0.25 + pfe.VAR_FLOOR))
     y = torch.tensor([0, 0, 1, 1, 1, 2, 3, 3, 3, 3])  # class 2 has one item: never drawn
-    b = pfe.class_balanced_batches(y, steps=5, batch=8, classes_per_batch=64, generator=torch.Generator().manual_seed(0))
+    b = pfe.class_balanced_batches(
+        y, steps=5, batch=8, classes_per_batch=64, generator=torch.Generator().manual_seed(0)
+    )
     assert b.shape == (5, 3, 2)
     assert (y[b] == y[b][..., :1]).all() and not (y[b] == 2).any()
-    again = pfe.class_balanced_batches(y, steps=5, batch=8, classes_per_batch=64, generator=torch.Generator().manual_seed(0))
+    again = pfe.class_balanced_batches(
+        y, steps=5, batch=8, classes_per_batch=64, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(b, again)
 
 
 def test_penultimate_features_are_the_last_linear_input():
     from backbones.mlp import EmbeddingNet
+
     net = EmbeddingNet(6, (5, 4), 2)
     x = torch.randn(11, 6)
     emb, feats = pfe.embed_with_features(net, x, chunk=4)
@@ -78,6 +89,7 @@ def test_penultimate_features_are_the_last_linear_input():
 
 
 # ---------------------------------------------------------------- HIB: sampled match probability
+
 
 @pytest.mark.parametrize("a, b", [(2.0, 1.0), (0.5, -1.0)])
 def test_hib_match_probability_agrees_with_brute_force_monte_carlo(a, b):
@@ -87,9 +99,16 @@ def test_hib_match_probability_agrees_with_brute_force_monte_carlo(a, b):
     mu, var = _gaussians(2, 6, 2, scale=0.8)  # 3 pairs: (0, 1), (2, 3), (4, 5)
     mu1, var1, mu2, var2 = mu[0::2], var[0::2], mu[1::2], var[1::2]
     r = 20_000
-    est = match_probability(mu1.repeat(r, 1), var1.repeat(r, 1), mu2.repeat(r, 1), var2.repeat(r, 1),
-                            torch.tensor(a, dtype=F64), torch.tensor(b, dtype=F64), samples=8,
-                            generator=torch.Generator().manual_seed(3)).reshape(r, 3)
+    est = match_probability(
+        mu1.repeat(r, 1),
+        var1.repeat(r, 1),
+        mu2.repeat(r, 1),
+        var2.repeat(r, 1),
+        torch.tensor(a, dtype=F64),
+        torch.tensor(b, dtype=F64),
+        samples=8,
+        generator=torch.Generator().manual_seed(3),
+    ).reshape(r, 3)
     rng = np.random.default_rng(4)
     n = 400_000
     for k in range(3):
@@ -103,8 +122,16 @@ def test_hib_match_probability_agrees_with_brute_force_monte_carlo(a, b):
 def test_hib_log_probabilities_are_complementary_and_finite():
     mu, var = _gaussians(5, 4, 3)
     g = torch.Generator().manual_seed(0)
-    log_p, log_q = match_log_probs(mu[:2], var[:2], mu[2:] + 50.0, var[2:], torch.tensor(10.0, dtype=F64),
-                                   torch.tensor(0.0, dtype=F64), samples=8, generator=g)
+    log_p, log_q = match_log_probs(
+        mu[:2],
+        var[:2],
+        mu[2:] + 50.0,
+        var[2:],
+        torch.tensor(10.0, dtype=F64),
+        torch.tensor(0.0, dtype=F64),
+        samples=8,
+        generator=g,
+    )
     assert torch.isfinite(log_p).all() and (log_p < -100).all()  # p underflows in float64, log p does not
     assert torch.allclose(log_p.exp() + log_q.exp(), torch.ones(2, dtype=F64))
 
@@ -113,19 +140,22 @@ def test_kl_to_isotropic_prior_matches_torch_distributions():
     mu, var = _gaussians(6, 3, 4)
     q = torch.distributions.Normal(mu, var.sqrt())
     p = torch.distributions.Normal(torch.zeros_like(mu), torch.full_like(var, 0.5).sqrt())
-    assert torch.allclose(kl_to_isotropic_prior(mu, var, 0.5), torch.distributions.kl_divergence(q, p).sum(-1))
+    assert torch.allclose(
+        kl_to_isotropic_prior(mu, var, 0.5), torch.distributions.kl_divergence(q, p).sum(-1)
+    )
 
 
 # ---------------------------------------------------------------- BTL: moment-matched triplet probability
+
 
 def _compact_moments(mu_a, var_a, mu_p, var_p, mu_n, var_n):
     """Independent derivation: per dimension u = a - p, v = a - n are jointly Gaussian with
     Var u = A + P, Var v = A + N, Cov(u, v) = A; tau = sum (u^2 - v^2), and for jointly Gaussian
     (u, v): E u^2 = m_u^2 + s_u, Var u^2 = 2 s_u^2 + 4 m_u^2 s_u, Cov(u^2, v^2) = 2 c^2 + 4 m_u m_v c."""
     mu_u, mu_v, s_u, s_v, c = mu_a - mu_p, mu_a - mu_n, var_a + var_p, var_a + var_n, var_a
-    mean = (mu_u ** 2 + s_u - mu_v ** 2 - s_v).sum(-1)
-    var_u2, var_v2 = 2 * s_u ** 2 + 4 * mu_u ** 2 * s_u, 2 * s_v ** 2 + 4 * mu_v ** 2 * s_v
-    cov_u2_v2 = 2 * c ** 2 + 4 * mu_u * mu_v * c
+    mean = (mu_u**2 + s_u - mu_v**2 - s_v).sum(-1)
+    var_u2, var_v2 = 2 * s_u**2 + 4 * mu_u**2 * s_u, 2 * s_v**2 + 4 * mu_v**2 * s_v
+    cov_u2_v2 = 2 * c**2 + 4 * mu_u * mu_v * c
     var = (var_u2 + var_v2 - 2 * cov_u2_v2).sum(-1)
     return mean, var
 
@@ -147,12 +177,14 @@ def test_btl_moments_match_monte_carlo_moments():
     """Sample mean and variance of tau within sampling error of E[tau], Var[tau] (the standard error
     of a sample variance is sqrt((m4 - s^4) / n), m4 the fourth central moment)."""
     mu, var = _gaussians(8, 3, 3, scale=0.6)
-    mean, v = (t.item() for t in distance_difference_moments(mu[:1], var[:1], mu[1:2], var[1:2], mu[2:], var[2:]))
+    mean, v = (
+        t.item() for t in distance_difference_moments(mu[:1], var[:1], mu[1:2], var[1:2], mu[2:], var[2:])
+    )
     n = 400_000
     tau = _tau_samples(mu, var, n, seed=9)
     assert abs(tau.mean().item() - mean) < Z * math.sqrt(v / n)
     m4 = ((tau - tau.mean()) ** 4).mean().item()
-    assert abs(tau.var().item() - v) < Z * math.sqrt((m4 - v ** 2) / n)
+    assert abs(tau.var().item() - v) < Z * math.sqrt((m4 - v**2) / n)
 
 
 def _prob_vs_mc(mu, var, margin: float, n: int, seed: int) -> tuple[float, float, float]:
@@ -190,6 +222,7 @@ def test_btl_log_probability_finite_far_in_the_tail():
 
 # ---------------------------------------------------------------- the three methods on the smoke preset
 
+
 @pytest.fixture(scope="module")
 def smoke():
     cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True)
@@ -226,20 +259,25 @@ def test_pfe_keeps_the_base_embedding(smoke, tmp_path):
 
 def test_variance_structure_options(smoke, tmp_path):
     cfg, data = smoke
-    cfg = apply_overrides(cfg, {"pfe_variance": "isotropic", "btl_variance": "diag", "hib_variance": "isotropic"})
+    cfg = apply_overrides(
+        cfg, {"pfe_variance": "isotropic", "btl_variance": "diag", "hib_variance": "isotropic"}
+    )
     for name, iso in (("pfe", True), ("btl", False), ("hib", True)):
         var = _predict(fit_method(name, cfg, data, tmp_path)[0], data)[0].var
         assert torch.equal(var[:, 0], var[:, 1]) == iso, name
 
 
-@pytest.mark.parametrize("cls, field, bad", [
-    (pfe.ProbabilisticFaceEmbedding, "pfe_variance", "full"),
-    (pfe.ProbabilisticFaceEmbedding, "pfe_steps", 0),
-    (HedgedInstanceEmbedding, "hib_samples", 0),
-    (HedgedInstanceEmbedding, "hib_kl_weight", -1.0),
-    (BayesianTripletLoss, "btl_margin", -0.1),
-    (BayesianTripletLoss, "btl_variance", "full"),
-])
+@pytest.mark.parametrize(
+    "cls, field, bad",
+    [
+        (pfe.ProbabilisticFaceEmbedding, "pfe_variance", "full"),
+        (pfe.ProbabilisticFaceEmbedding, "pfe_steps", 0),
+        (HedgedInstanceEmbedding, "hib_samples", 0),
+        (HedgedInstanceEmbedding, "hib_kl_weight", -1.0),
+        (BayesianTripletLoss, "btl_margin", -0.1),
+        (BayesianTripletLoss, "btl_variance", "full"),
+    ],
+)
 def test_bad_options_fail_with_one_line(cls, field, bad):
     cfg = apply_overrides(preset_config("smoke"), {field: bad})
     with pytest.raises(BenchError, match=field):

@@ -1,11 +1,11 @@
 """The two protocols on the same data: closed (train and retrieve on the classes not held out,
 held-out classes as near-OOD) and zero_shot (train on the first half of the classes, retrieve among
 the unseen classes' test images); both give the same metric table."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from bench.config import preset_config
 from bench.data import DataSource, load_benchmark, protocol_indices
@@ -16,8 +16,15 @@ from bench.runner import run
 
 def _src(**kw):
     y = np.arange(40) % 8
-    return DataSource("toy", np.zeros((40, 2), np.float32), y, np.zeros((40, 2), np.float32), y,
-                      [str(c) for c in range(8)], **kw)
+    return DataSource(
+        "toy",
+        np.zeros((40, 2), np.float32),
+        y,
+        np.zeros((40, 2), np.float32),
+        y,
+        [str(c) for c in range(8)],
+        **kw,
+    )
 
 
 def test_zero_shot_indices_split_the_classes_in_half():
@@ -29,7 +36,10 @@ def test_zero_shot_indices_split_the_classes_in_half():
     assert set(src.train_y[tr]) == set(range(6)) and set(src.test_y[te]) == {6, 7}
     closed = preset_config("smoke").replace(heldout_classes=(1, 5))
     tr, te, near = protocol_indices(src, closed)
-    assert set(src.train_y[tr]) == set(src.test_y[te]) == {0, 2, 3, 4, 6, 7} and set(src.test_y[near]) == {1, 5}
+    assert set(src.train_y[tr]) == set(src.test_y[te]) == {0, 2, 3, 4, 6, 7} and set(src.test_y[near]) == {
+        1,
+        5,
+    }
     with pytest.raises(BenchError, match="protocol=zero_shot"):
         protocol_indices(_src(split_by_class=True), closed)
 
@@ -44,8 +54,15 @@ def test_zero_shot_benchmark_has_no_heldout_set():
 def test_both_protocols_report_the_same_metric_table(tmp_path):
     tables = {}
     for protocol in ("closed", "zero_shot"):
-        cfg = preset_config("smoke").replace(dataset="synthetic", protocol=protocol, methods=("plain", "diag_la"),
-                                             out=str(tmp_path / protocol), quiet=True, report=False, far_ood=())
+        cfg = preset_config("smoke").replace(
+            dataset="synthetic",
+            protocol=protocol,
+            methods=("plain", "diag_la"),
+            out=str(tmp_path / protocol),
+            quiet=True,
+            report=False,
+            far_ood=(),
+        )
         res = RunFolder(run(cfg, log=lambda *a: None)).results
         tables[protocol] = set(res["metric"])
     # the closed protocol's held-out set adds its OOD rows; every other metric is shared

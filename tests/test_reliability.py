@@ -1,4 +1,5 @@
 """Reliability: resume after a kill, determinism, failure isolation, and fuzzed flag combinations."""
+
 import json
 import os
 import signal
@@ -38,8 +39,14 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
         pytest.skip("needs at least two methods")
     args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "60", "--out", str(tmp_path / "killed")]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     marker = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -57,8 +64,9 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     cached_models = {p: p.stat().st_mtime_ns for p in (tmp_path / "killed" / "cache" / "models").glob("*.pt")}
     assert cached_models, "the first method's base model must be cached before the kill"
 
-    resumed = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "bench", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "(resuming)" in resumed.stdout and f"{methods[0]} (seed 0): done earlier, reused" in resumed.stdout
     assert _run_dirs(tmp_path / "killed") == [run_dir]
@@ -68,21 +76,28 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     meta = json.loads((run_dir / "config.json").read_text())
     assert meta["status"] == "complete"
 
-    fresh = subprocess.run([sys.executable, "-m", "bench", *args[:-1], str(tmp_path / "fresh")], cwd=ROOT,
-                           env=env, capture_output=True, text=True, timeout=300)
+    fresh = subprocess.run(
+        [sys.executable, "-m", "bench", *args[:-1], str(tmp_path / "fresh")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert fresh.returncode == 0, fresh.stderr
     for f in ("results.csv", "paired.csv"):  # paired: the resumed run pairs with the reloaded arrays
         assert (run_dir / f).read_bytes() == (_run_dirs(tmp_path / "fresh")[0] / f).read_bytes(), f
 
 
 def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
-    from methods.plain import PlainEmbedding
     from bench.errors import BenchError
     from bench.registry import register_method
+    from methods.plain import PlainEmbedding
 
     @register_method("_always_fails")
     class AlwaysFails(PlainEmbedding):
         """Test-only method whose fit fails."""
+
         def fit(self, ctx):
             ctx.base_model()  # charges the shared base training, then fails
             raise BenchError("non-finite Hessian (test)")
@@ -103,7 +118,9 @@ def test_a_failing_method_does_not_lose_the_others(cli, tmp_path, monkeypatch):
 
 
 def test_non_finite_training_loss_fails_the_method_clearly(cli, tmp_path):
-    code, out, _ = cli(*SMOKE, "--methods", "plain", "--set", "lr=1e30", "--epochs", "3", "--out", str(tmp_path))
+    code, out, _ = cli(
+        *SMOKE, "--methods", "plain", "--set", "lr=1e30", "--epochs", "3", "--out", str(tmp_path)
+    )
     assert code == 0
     meta = json.loads((_run_dirs(tmp_path)[0] / "config.json").read_text())
     assert meta["failures"] and "non-finite training loss" in meta["failures"][0]["error"]
@@ -112,26 +129,53 @@ def test_non_finite_training_loss_fails_the_method_clearly(cli, tmp_path):
 # flag -> [(value, expected)]: expected is (config field, recorded value) for an accepted value, else a
 # fragment of the one-line error that refuses it
 FLAG_POOL = {
-    "--methods": [("plain", ("methods", ["plain"])), ("", "empty method list"),
-                  ("nope", "unknown method 'nope'"), ("plain,plain", ("methods", ["plain", "plain"])),
-                  ("all_but_typo", "unknown method 'all_but_typo'")],
-    "--epochs": [("1", ("epochs", 1)), ("0", "epochs must be >= 1"), ("-3", "epochs must be >= 1"),
-                 ("x", "bad value 'x' for epochs")],
-    "--batch-size": [("2", ("batch_size", 2)), ("16", ("batch_size", 16)), ("1", "batch-size must be >= 2"),
-                     ("abc", "bad value 'abc' for batch_size")],
-    "--seed": [("0", ("seed", 0)), ("7", ("seed", 7)), ("-1", "seeds must be >= 0"),
-               ("1.5", "bad value '1.5' for seed")],
-    "--set ks": [("ks=1,2", ("ks", [1, 2])), ("ks=0", "every K must be >= 1"),
-                 ("ks=", "every K must be >= 1"),
-                 ("ks=a", "bad value 'a' for ks")],
-    "--set heldout_classes": [("heldout_classes=9", ("heldout_classes", [9])),
-                              ("heldout_classes=10", "heldout classes [10] are outside"),
-                              ("heldout_classes=0,1,2,3,4,5,6,7,8", "fewer than 2 training classes"),
-                              ("heldout_classes=1,1", "heldout_classes has duplicates")],
-    "--set hidden": [("hidden=4", ("hidden", [4])), ("hidden=0", "hidden widths must be >= 1"),
-                     ("hidden=8,8", ("hidden", [8, 8]))],
-    "--device": [("cpu", ("device", "cpu")), ("gpu", "device must be auto, cpu or cuda"),
-                 ("cuda:7", "cuda:7")],
+    "--methods": [
+        ("plain", ("methods", ["plain"])),
+        ("", "empty method list"),
+        ("nope", "unknown method 'nope'"),
+        ("plain,plain", ("methods", ["plain", "plain"])),
+        ("all_but_typo", "unknown method 'all_but_typo'"),
+    ],
+    "--epochs": [
+        ("1", ("epochs", 1)),
+        ("0", "epochs must be >= 1"),
+        ("-3", "epochs must be >= 1"),
+        ("x", "bad value 'x' for epochs"),
+    ],
+    "--batch-size": [
+        ("2", ("batch_size", 2)),
+        ("16", ("batch_size", 16)),
+        ("1", "batch-size must be >= 2"),
+        ("abc", "bad value 'abc' for batch_size"),
+    ],
+    "--seed": [
+        ("0", ("seed", 0)),
+        ("7", ("seed", 7)),
+        ("-1", "seeds must be >= 0"),
+        ("1.5", "bad value '1.5' for seed"),
+    ],
+    "--set ks": [
+        ("ks=1,2", ("ks", [1, 2])),
+        ("ks=0", "every K must be >= 1"),
+        ("ks=", "every K must be >= 1"),
+        ("ks=a", "bad value 'a' for ks"),
+    ],
+    "--set heldout_classes": [
+        ("heldout_classes=9", ("heldout_classes", [9])),
+        ("heldout_classes=10", "heldout classes [10] are outside"),
+        ("heldout_classes=0,1,2,3,4,5,6,7,8", "fewer than 2 training classes"),
+        ("heldout_classes=1,1", "heldout_classes has duplicates"),
+    ],
+    "--set hidden": [
+        ("hidden=4", ("hidden", [4])),
+        ("hidden=0", "hidden widths must be >= 1"),
+        ("hidden=8,8", ("hidden", [8, 8])),
+    ],
+    "--device": [
+        ("cpu", ("device", "cpu")),
+        ("gpu", "device must be auto, cpu or cuda"),
+        ("cuda:7", "cuda:7"),
+    ],
     "--dataset": [("synthetic", ("dataset", "synthetic")), ("imagenet", "unknown dataset 'imagenet'")],
     "--data-dir": [(None, None), ("/nonexistent/dir", ("data_dir", "/nonexistent/dir"))],  # synthetic: unused
 }
@@ -143,8 +187,17 @@ def test_random_flag_combinations_run_or_fail_clearly(cli, tmp_path):
     rng = np.random.default_rng(2026)
     refused = accepted = 0
     for trial in range(14):
-        argv = ["run", "--preset", "smoke", "--quiet", "--no-report", "--out", str(tmp_path / f"t{trial}"),
-                "--set", "bootstrap_resamples=20"]
+        argv = [
+            "run",
+            "--preset",
+            "smoke",
+            "--quiet",
+            "--no-report",
+            "--out",
+            str(tmp_path / f"t{trial}"),
+            "--set",
+            "bootstrap_resamples=20",
+        ]
         picks = rng.choice(list(FLAG_POOL), size=rng.integers(1, 4), replace=False)
         if "--dataset" not in picks:
             argv += ["--dataset", "synthetic"]
@@ -182,14 +235,15 @@ def test_report_refuses_an_incompatible_run_folder(cli, tmp_path):
     meta = json.loads((d / "config.json").read_text())
     meta["format_version"] = 999
     from bench.run_folder import RunWriter
+
     RunWriter(d).write_config(meta, meta["status"])  # rewritten by bench (recorded), not damaged
     code, _, err = cli("report", str(d))
     assert code == 2 and "incompatible" in err and len(err.strip().splitlines()) == 1
 
 
 def test_truncated_data_dir_fails_with_one_line_and_no_run_folder(cli, tmp_path):
-    from tests.conftest import FASHION_DIR
     from datasets.idx import FILES
+    from tests.conftest import FASHION_DIR
 
     if not (FASHION_DIR / FILES["test_labels"]).is_file():
         pytest.skip("Debian package dataset-fashion-mnist not installed")

@@ -1,5 +1,6 @@
 """Reports: every file rendered, valid non-blank PNGs, table numbers equal results.csv, best-per-column
 marks in the right direction, a self-contained HTML, and rendering without model files."""
+
 from __future__ import annotations
 
 import base64
@@ -22,9 +23,19 @@ from reports.tables import best_marks, direction
 from tests.reports_fixture import make_run
 
 ALL = ["md", "html", "latex"]
-EXPECTED_PLOTS = {"embedding_plain", "embedding_diag_la", "embedding_mc_dropout", "uncertainty_diag_la",
-                  "uncertainty_mc_dropout", "reliability", "sparsification", "map_at_k", "timing",
-                  "findings_cost", "findings_ranks"}
+EXPECTED_PLOTS = {
+    "embedding_plain",
+    "embedding_diag_la",
+    "embedding_mc_dropout",
+    "uncertainty_diag_la",
+    "uncertainty_mc_dropout",
+    "reliability",
+    "sparsification",
+    "map_at_k",
+    "timing",
+    "findings_cost",
+    "findings_ranks",
+}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +48,9 @@ def rendered(tmp_path_factory):
 @pytest.fixture(scope="module")
 def rendered_seeds(tmp_path_factory):
     """Three seeds, 8-d embeddings (PCA), with paired.csv and no seeds.csv."""
-    d = make_run(tmp_path_factory.mktemp("three"), seeds=(0, 1, 2), embed_dim=8, with_paired_csv=True, command=None)
+    d = make_run(
+        tmp_path_factory.mktemp("three"), seeds=(0, 1, 2), embed_dim=8, with_paired_csv=True, command=None
+    )
     return d, render_report(d, ["md", "html"])
 
 
@@ -46,7 +59,10 @@ def parse_md_tables(md: str) -> list[tuple[str, list[str], list[list[str]]]]:
     out, lines, i = [], md.splitlines(), 0
     while i < len(lines):
         if lines[i].startswith("|") and i + 1 < len(lines) and set(lines[i + 1]) <= set("|-: "):
-            title = next((lines[j].strip("*") for j in range(i - 1, max(i - 4, -1), -1) if lines[j].startswith("**")), "")
+            title = next(
+                (lines[j].strip("*") for j in range(i - 1, max(i - 4, -1), -1) if lines[j].startswith("**")),
+                "",
+            )
             split = lambda s: [c.strip() for c in s.strip().strip("|").split("|")]  # noqa: E731
             headers, rows, i = split(lines[i]), [], i + 2
             while i < len(lines) and lines[i].startswith("|"):
@@ -85,12 +101,17 @@ def check_md_matches_csv(run_dir: Path) -> int:
                     g = CELL.match(cell)
                     assert g, cell
                     # Python's round, as the report's format (numpy's rounds 0.8935 up: x * 1000 = 893.5)
-                    assert float(g.group(2)) == pytest.approx(round(float(ref["value"]), 3), abs=1e-9), (method, metric)
+                    assert float(g.group(2)) == pytest.approx(round(float(ref["value"]), 3), abs=1e-9), (
+                        method,
+                        metric,
+                    )
                     assert float(g.group(3)) == pytest.approx(round(float(ref["ci_low"]), 3), abs=1e-9)
                     assert float(g.group(4)) == pytest.approx(round(float(ref["ci_high"]), 3), abs=1e-9)
                 seen.add((method, seed, metric))
     headline = res[~res["metric"].str.contains(":", regex=False)]
-    assert {k for k in seen if ":" not in k[2]} == set(zip(headline["method"], headline["seed"], headline["metric"]))
+    assert {k for k in seen if ":" not in k[2]} == set(
+        zip(headline["method"], headline["seed"], headline["metric"])
+    )
     return len(seen)
 
 
@@ -101,9 +122,16 @@ def test_render_creates_every_file(rendered):
     md = (d / "report.md").read_text()
     for name in EXPECTED_PLOTS:
         assert f"(plots/{name}.png)" in md
-    for section in ("## Findings", "## Details per criterion", "## Paired differences vs plain", "### Cost",
-                    "### Embeddings and their uncertainty", "### Reliability", "### Sparsification",
-                    "### Retrieval against K"):
+    for section in (
+        "## Findings",
+        "## Details per criterion",
+        "## Paired differences vs plain",
+        "### Cost",
+        "### Embeddings and their uncertainty",
+        "### Reliability",
+        "### Sparsification",
+        "### Retrieval against K",
+    ):
         assert section in md
     assert re.findall(r"^## .*$", md, re.M)[0] == "## Findings"  # the first section
     assert "`plain`: no uncertainty" in md  # plots needing uncertainty are skipped with a note
@@ -159,7 +187,9 @@ def test_html_is_self_contained(rendered):
     d, _ = rendered
     text = (d / "report.html").read_text()
     srcs = re.findall(r"""\b(?:src|href)\s*=\s*['"]([^'"]*)""", text)
-    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), [s[:40] for s in srcs if not s.startswith("data:")]
+    assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs), [
+        s[:40] for s in srcs if not s.startswith("data:")
+    ]
     rest = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", text).lower()
     assert "url(" not in rest and "@import" not in rest and "http" not in rest and "<link" not in rest
     embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
@@ -209,8 +239,12 @@ def test_plain_only_run_and_missing_reference(tmp_path):
     d = make_run(tmp_path / "a", methods={"plain": False})
     render_report(d, ["md"])
     md = (d / "report.md").read_text()
-    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
-                                                             "findings_cost"}
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {
+        "embedding_plain",
+        "map_at_k",
+        "timing",
+        "findings_cost",
+    }
     assert "No reliability data for plain" in md and "No sparsification data for plain" in md
     d2 = make_run(tmp_path / "b", methods={"diag_la": True})
     render_report(d2, ["md"])
@@ -218,8 +252,11 @@ def test_plain_only_run_and_missing_reference(tmp_path):
 
 
 def test_stale_plots_removed_and_failures_listed(tmp_path):
-    d = make_run(tmp_path, methods={"plain": False},
-                 failures=[{"method": "full_la", "seed": 0, "error": "out of memory", "traceback": ""}])
+    d = make_run(
+        tmp_path,
+        methods={"plain": False},
+        failures=[{"method": "full_la", "seed": 0, "error": "out of memory", "traceback": ""}],
+    )
     (d / "plots").mkdir()
     (d / "plots" / "embedding_gone.png").write_bytes(b"old")
     render_report(d, ["md"])
@@ -231,11 +268,20 @@ def test_latex_report(rendered):
     d, _ = rendered
     tex = (d / "report.tex").read_text()
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") >= 4
-    assert r"\textbf{" in tex and r"$\uparrow$" in tex and r"\includegraphics[width=\linewidth]{plots/timing.png}" in tex
+    assert (
+        r"\textbf{" in tex
+        and r"$\uparrow$" in tex
+        and r"\includegraphics[width=\linewidth]{plots/timing.png}" in tex
+    )
     assert "mAP@1" in tex and "var\\_ratio[heldout]" in tex
     if shutil.which("pdflatex"):
-        r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"], cwd=d,
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "report.tex"],
+            cwd=d,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert r.returncode == 0, r.stdout[-2000:]
 
 
@@ -260,19 +306,37 @@ def test_class_names_come_from_config_json_only(tmp_path):
 
 def test_real_run_renders_without_model_files(tmp_path, cli):
     out = tmp_path / "runs"
-    code, _, err = cli("run", "--preset", "smoke", "--dataset", "synthetic", "--methods", "plain",
-                       "--out", str(out), "--no-report", "--quiet")
+    code, _, err = cli(
+        "run",
+        "--preset",
+        "smoke",
+        "--dataset",
+        "synthetic",
+        "--methods",
+        "plain",
+        "--out",
+        str(out),
+        "--no-report",
+        "--quiet",
+    )
     assert code == 0, err
     (d,) = [p for p in out.iterdir() if p.name != "cache"]
     shutil.rmtree(out / "cache" / "models")
     code, stdout, err = cli("report", str(d), "--format", "md,html,latex")
     assert code == 0, err
     assert "report.html" in stdout
-    assert {p.stem for p in (d / "plots").glob("*.png")} == {"embedding_plain", "map_at_k", "timing",
-                                                             "findings_cost", "risk_coverage",
-                                                             "sparsification_scores"}  # plain: knn_disagreement
+    assert {p.stem for p in (d / "plots").glob("*.png")} == {
+        "embedding_plain",
+        "map_at_k",
+        "timing",
+        "findings_cost",
+        "risk_coverage",
+        "sparsification_scores",
+    }  # plain: knn_disagreement
     res = pd.read_csv(d / "results.csv")
-    assert check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()  # score cells shown too
+    assert (
+        check_md_matches_csv(d) > (~res["metric"].str.contains(":", regex=False)).sum()
+    )  # score cells shown too
     # run in-process, so no command was recorded: the report rebuilds one that gives the same config
     from bench.cli import build_parser, config_from_args
 
@@ -283,8 +347,12 @@ def test_real_run_renders_without_model_files(tmp_path, cli):
 
 
 def test_run_where_every_method_failed(tmp_path):
-    d = make_run(tmp_path, methods={"plain": False}, all_failed=True,
-                 failures=[{"method": "plain", "seed": 0, "error": "boom", "traceback": ""}])
+    d = make_run(
+        tmp_path,
+        methods={"plain": False},
+        all_failed=True,
+        failures=[{"method": "plain", "seed": 0, "error": "boom", "traceback": ""}],
+    )
     written = render_report(d, ALL)
     assert written == [d / "report.md", d / "report.html", d / "report.tex"]
     md = (d / "report.md").read_text()
@@ -296,9 +364,14 @@ def test_far_ood_points_are_not_named_after_the_datasets_classes(tmp_path):
     from reports.plots import uncertainty_embedding_figure
 
     rng = np.random.default_rng(0)
-    arrs = {"id_mean": rng.normal(size=(30, 2)), "id_labels": np.arange(30) % 3,
-            "ood_heldout_mean": rng.normal(size=(6, 2)), "ood_heldout_labels": np.full(6, 7),
-            "ood_mnist_mean": rng.normal(size=(9, 2)), "ood_mnist_labels": np.arange(9) % 3}
+    arrs = {
+        "id_mean": rng.normal(size=(30, 2)),
+        "id_labels": np.arange(30) % 3,
+        "ood_heldout_mean": rng.normal(size=(6, 2)),
+        "ood_heldout_labels": np.full(6, 7),
+        "ood_mnist_mean": rng.normal(size=(9, 2)),
+        "ood_mnist_labels": np.arange(9) % 3,
+    }
     names = [f"c{i}" for i in range(10)]
     fig, _ = uncertainty_embedding_figure(arrs, {}, "m", names, "trace")
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
@@ -308,10 +381,13 @@ def test_far_ood_points_are_not_named_after_the_datasets_classes(tmp_path):
 def test_with_base_column_follows_the_recorded_post_hoc_flag():
     """A post-hoc method that trains a head of its own (PFE) still shares the base training."""
     import pandas as pd
+
     from reports.tables import timing_table
 
-    t = pd.DataFrame([("base", 0, "train", 10.0), ("pfe", 0, "train", 2.0), ("hib", 0, "train", 7.0)],
-                     columns=["method", "seed", "stage", "seconds"])
+    t = pd.DataFrame(
+        [("base", 0, "train", 10.0), ("pfe", 0, "train", 2.0), ("hib", 0, "train", 7.0)],
+        columns=["method", "seed", "stage", "seconds"],
+    )
     rows = {r[0].text: r[-1].text for r in timing_table(t, ["pfe", "hib"], post_hoc={"pfe"}).rows}
     assert rows == {"base": "–", "pfe": "12.00", "hib": "–"}
     legacy = {r[0].text: r[-1].text for r in timing_table(t, ["pfe", "hib"]).rows}
@@ -327,10 +403,24 @@ def test_seed_comparison_table_sits_beside_the_seeds_table1(tmp_path):
     from reports.seed_comparison import SEED_TABLE1, seed_comparison_blocks, seed_comparison_table
     from tests.reports_fixture import make_run
 
-    rows = [{"method": m, "metric": f"{stem}@{k}", "value": 0.5 + 0.01 * k + (0.1 if m == "plain" else 0),
-             "lo": 0.4, "hi": 0.9} for m in ("full_la", "plain") for stem in ("mAP_pml", "mAP") for k in (1, 3, 5, 7)]
+    rows = [
+        {
+            "method": m,
+            "metric": f"{stem}@{k}",
+            "value": 0.5 + 0.01 * k + (0.1 if m == "plain" else 0),
+            "lo": 0.4,
+            "hi": 0.9,
+        }
+        for m in ("full_la", "plain")
+        for stem in ("mAP_pml", "mAP")
+        for k in (1, 3, 5, 7)
+    ]
     t = seed_comparison_table(pd.DataFrame(rows), ["full_la", "plain"])
-    assert [c.text for c in t.rows[0][:3]] == ["1", f"{SEED_TABLE1['ML without LA'][0]:.4f}", f"{SEED_TABLE1['ML with LA'][0]:.4f}"]
+    assert [c.text for c in t.rows[0][:3]] == [
+        "1",
+        f"{SEED_TABLE1['ML without LA'][0]:.4f}",
+        f"{SEED_TABLE1['ML with LA'][0]:.4f}",
+    ]
     assert t.headers[3:] == ["plain mAP_pml@K", "plain mAP@K", "full_la mAP_pml@K", "full_la mAP@K"]
     assert t.rows[3][3].text == "0.670 [0.400, 0.900]" and t.rows[3][5].text == "0.570 [0.400, 0.900]"
     assert seed_comparison_table(pd.DataFrame(rows[:3]), ["full_la"]) is None

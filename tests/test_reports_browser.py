@@ -2,6 +2,7 @@
 every image decodes, nothing scrolls sideways in a 1280-px window, and a screenshot is not blank.
 Skipped when chromium is not installed; run on demand with
 `pytest -m browser tests/test_reports_browser.py`."""
+
 from __future__ import annotations
 
 import re
@@ -15,23 +16,41 @@ from reports.render import render_report
 from tests.reports_fixture import make_run
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)"),
+]
 
 # appended to a copy of the report: after load, record how many <img> failed to decode
 # and the first section's title, whether the page is wider than the window, and how many table
 # wrappers scroll sideways inside it
-PROBE = ("<script>window.addEventListener('load',()=>{const im=[...document.images],b=document.body;"
-         "b.setAttribute('data-images',im.length);"
-         "b.setAttribute('data-broken',im.filter(i=>!(i.complete&&i.naturalWidth>0)).length);"
-         "b.setAttribute('data-first-h2',document.querySelector('h2').textContent);"
-         "b.setAttribute('data-page-overflow',document.documentElement.scrollWidth-window.innerWidth);"
-         "b.setAttribute('data-wide-tables',[...document.querySelectorAll('.wrap')]"
-         ".filter(w=>w.scrollWidth>w.clientWidth+1).length);});</script>")
+PROBE = (
+    "<script>window.addEventListener('load',()=>{const im=[...document.images],b=document.body;"
+    "b.setAttribute('data-images',im.length);"
+    "b.setAttribute('data-broken',im.filter(i=>!(i.complete&&i.naturalWidth>0)).length);"
+    "b.setAttribute('data-first-h2',document.querySelector('h2').textContent);"
+    "b.setAttribute('data-page-overflow',document.documentElement.scrollWidth-window.innerWidth);"
+    "b.setAttribute('data-wide-tables',[...document.querySelectorAll('.wrap')]"
+    ".filter(w=>w.scrollWidth>w.clientWidth+1).length);});</script>"
+)
 
 
 def chromium(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                           "--hide-scrollbars", *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+    return subprocess.run(
+        [
+            CHROMIUM,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
 def test_html_report_opens_with_every_image(tmp_path):
@@ -54,8 +73,13 @@ def test_html_report_opens_with_every_image(tmp_path):
     assert 'data-wide-tables="0"' in body, body
 
     shot = tmp_path / "screenshot.png"
-    r = chromium(f"--screenshot={shot}", "--window-size=1400,2400", "--virtual-time-budget=10000",
-                 (d / "report.html").as_uri(), cwd=tmp_path)
+    r = chromium(
+        f"--screenshot={shot}",
+        "--window-size=1400,2400",
+        "--virtual-time-budget=10000",
+        (d / "report.html").as_uri(),
+        cwd=tmp_path,
+    )
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
     img = mpimg.imread(shot)[..., :3]
     assert img.shape[:2] == (2400, 1400)

@@ -1,6 +1,7 @@
 """The report's online vs post-hoc Laplace section (reports/online_comparison.py) on a fixture run folder:
 pairing by structure from the diagnostics, differences equal to the per-query vectors' own, the verdict
 by the metric's direction, and the training-cost ratio from the timings."""
+
 from __future__ import annotations
 
 import re
@@ -25,10 +26,21 @@ def _with_online_facts(d, online_structure: str = "diag") -> None:
     times = [run.timings]
     for s in run.seeds:
         meta["diagnostics"][f"diag_la-seed{s}"] = {"structure": "diag", "subset": "all", "D": 100}
-        meta["diagnostics"][f"online_la-seed{s}"] = {"online": True, "structure": online_structure, "subset": "head",
-                                                     "D": 10, "prior_seconds_in_training": 0.5}
-        times.append(pd.DataFrame([{"method": "online_la", "seed": s, "stage": "train", "seconds": 5.0 + s},
-                                   {"method": "online_la", "seed": s, "stage": "hessian", "seconds": 2.0}]))
+        meta["diagnostics"][f"online_la-seed{s}"] = {
+            "online": True,
+            "structure": online_structure,
+            "subset": "head",
+            "D": 10,
+            "prior_seconds_in_training": 0.5,
+        }
+        times.append(
+            pd.DataFrame(
+                [
+                    {"method": "online_la", "seed": s, "stage": "train", "seconds": 5.0 + s},
+                    {"method": "online_la", "seed": s, "stage": "hessian", "seconds": 2.0},
+                ]
+            )
+        )
     writer = RunWriter(d)
     writer.write_config(meta, run.meta["status"])
     writer.write_tables(run.results, pd.concat(times, ignore_index=True), run.seed_table, run.paired)
@@ -45,7 +57,7 @@ def test_online_vs_post_hoc_section(tmp_path, score_vectors):
     render_report(d, ["md"])
     md = (d / "report.md").read_text()
     start = md.index("## Online vs post-hoc Laplace")
-    section = md[start:md.index("\n## ", start + 1)]
+    section = md[start : md.index("\n## ", start + 1)]
     for s in (0, 1):
         a, b = run.perquery("online_la", s)["pq_mAP@1"], run.perquery("diag_la", s)["pq_mAP@1"]
         assert f"| seed {s} " in section and f"{float(np.mean(a - b)):+.3f} [" in section
@@ -54,7 +66,10 @@ def test_online_vs_post_hoc_section(tmp_path, score_vectors):
     for col in ("AUSE", "AUROC[heldout]", "AUROC[noise]"):
         assert col in section
     # (online train + hessian + in-training marglik) / base train, per seed; base = 3 + seed in the fixture
-    assert re.search(r"\| online_la +\| 5\.50 ", section) and f"{(5 + 2 + 0.5) / 3:.2f}x, {(6 + 2 + 0.5) / 4:.2f}x" in section
+    assert (
+        re.search(r"\| online_la +\| 5\.50 ", section)
+        and f"{(5 + 2 + 0.5) / 3:.2f}x, {(6 + 2 + 0.5) / 4:.2f}x" in section
+    )
     assert f"share of online training: {100 * 2 / 7.5:.0f}%, {100 * 2 / 8.5:.0f}%" in section
 
 

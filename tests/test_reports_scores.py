@@ -1,6 +1,7 @@
 """The uncertainty-score section of the report: names `<metric>:<score>` parsed everywhere, the score
 tables equal results.csv, the best score per method, the method comparison, the per-score figure,
 and per-score metrics kept out of the headline tables and the grid's headline metrics."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -25,11 +26,22 @@ def test_names_parse():
     assert split_score_metric("AUSE") == ("AUSE", None)
     assert score_metric("Spearman_within", "dist_var") == "Spearman_within:dist_var"
     assert base_metric("AUROC[heldout]:trace") == "AUROC" and ood_set("FPR95[mnist]:top1_flip") == "mnist"
-    assert direction("AUSE:top1_flip") == -1 and direction("AURG:trace") == 1 and direction("Spearman_within:x") == -1
+    assert (
+        direction("AUSE:top1_flip") == -1
+        and direction("AURG:trace") == 1
+        and direction("Spearman_within:x") == -1
+    )
     assert direction("error_AUROC:x") == 1
-    assert metric_groups(["mAP@1", "AUSE", "AUSE:trace", "AUROC[a]:trace", "AUROC[a]"]) == \
-        [("Retrieval", ["mAP@1"]), ("Calibration and sparsification", ["AUSE"]), ("OOD detection: a", ["AUROC[a]"])]
-    assert headline(["mAP@1", "AUSE", "AUSE:trace", "AUROC[a]", "AUROC[a]:trace"]) == ["mAP@1", "AUSE", "AUROC[a]"]
+    assert metric_groups(["mAP@1", "AUSE", "AUSE:trace", "AUROC[a]:trace", "AUROC[a]"]) == [
+        ("Retrieval", ["mAP@1"]),
+        ("Calibration and sparsification", ["AUSE"]),
+        ("OOD detection: a", ["AUROC[a]"]),
+    ]
+    assert headline(["mAP@1", "AUSE", "AUSE:trace", "AUROC[a]", "AUROC[a]:trace"]) == [
+        "mAP@1",
+        "AUSE",
+        "AUROC[a]",
+    ]
 
 
 def _with_scores(root, seeds=(0,)) -> RunFolder:
@@ -46,12 +58,22 @@ def _with_scores(root, seeds=(0,)) -> RunFolder:
             n = len(arrs["pq_mAP@1"])
             for score in SCORES:
                 avail = m != "plain" or score == "knn_disagreement"
-                best = {"diag_la": "trace", "mc_dropout": "top1_flip", "plain": "knn_disagreement"}[m] == score
+                best = {"diag_la": "trace", "mc_dropout": "top1_flip", "plain": "knn_disagreement"}[
+                    m
+                ] == score
                 for met in score_metric_names(list(OOD_SETS)):
                     v = (0.2 if best else 0.05) + 0.01 * rng.random() if met == "AURG" else rng.random()
                     v = v if avail else np.nan
-                    rows.append({"method": m, "seed": s, "metric": score_metric(met, score), "value": v,
-                                 "ci_low": v - 0.02, "ci_high": v + 0.02})
+                    rows.append(
+                        {
+                            "method": m,
+                            "seed": s,
+                            "metric": score_metric(met, score),
+                            "value": v,
+                            "ci_low": v - 0.02,
+                            "ci_high": v + 0.02,
+                        }
+                    )
                 if avail:
                     arrs[score_array("id", score)] = rng.random(n) - (arrs["pq_mAP@1"] if best else 0)
             w.save_method(m, s, arrs, [], [], {})
@@ -85,7 +107,9 @@ def test_several_seeds_summarise_across_seeds(tmp_path):
     assert "3 seeds" in how and set(summ["n"]) <= {0, 3}
     frame = score_frame(run.results)
     got = summ[(summ.method == "diag_la") & (summ.score == "trace") & (summ.metric == "AURG")]["value"].item()
-    want = frame[(frame.method == "diag_la") & (frame.score == "trace") & (frame.metric == "AURG")]["value"].mean()
+    want = frame[(frame.method == "diag_la") & (frame.score == "trace") & (frame.metric == "AURG")][
+        "value"
+    ].mean()
     assert got == pytest.approx(want)
     t = best_score_table(summ, run.methods, frame)
     assert {r[0].text: r[5].text for r in t.rows}["mc_dropout"] == "3/3"

@@ -114,7 +114,9 @@ def test_a_damaged_per_query_file_is_named_on_resume(tmp_path, damage):
     cfg = _cfg(tmp_path / "runs", ("plain", "diag_la"))
     folder = run(cfg, log=lambda *_: None)
     _stopped_before_final_tables(folder, damage, legacy=False)
-    with pytest.raises(BenchError, match=r"perquery/diag_la-seed0\.npz (is missing|changed after bench wrote it)"):
+    with pytest.raises(
+        BenchError, match=r"perquery/diag_la-seed0\.npz (is missing|changed after bench wrote it)"
+    ):
         run(cfg, log=lambda *_: None)
 
 

@@ -1,5 +1,6 @@
 """The run folder: writer and reader round trip, resuming, one-line errors for what is not a finished
 run of this format, and no code under reports/ or bench/metrics/ that opens a path itself."""
+
 from __future__ import annotations
 
 import json
@@ -22,14 +23,29 @@ def _finished(tmp_path: Path) -> RunWriter:
     rng = np.random.default_rng(0)
     for seed in (1, 0):
         for m in ("b", "a"):
-            rows = [{"method": m, "seed": seed, "metric": "mAP@1", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}]
+            rows = [
+                {"method": m, "seed": seed, "metric": "mAP@1", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6}
+            ]
             times = [{"method": m, "seed": seed, "stage": "predict", "seconds": 0.1}]
-            w.save_method(m, seed, {"id_mean": rng.random((4, 2)), "pq_mAP@1": np.ones(4)}, rows, times, {"k": seed})
-    results = pd.DataFrame([r for m in ("b", "a") for s in (1, 0) for r in w.finished(m, s)["rows"]], columns=RESULT_COLUMNS)
-    timings = pd.DataFrame([t for m in ("b", "a") for s in (1, 0) for t in w.finished(m, s)["timings"]], columns=TIMING_COLUMNS)
+            w.save_method(
+                m, seed, {"id_mean": rng.random((4, 2)), "pq_mAP@1": np.ones(4)}, rows, times, {"k": seed}
+            )
+    results = pd.DataFrame(
+        [r for m in ("b", "a") for s in (1, 0) for r in w.finished(m, s)["rows"]], columns=RESULT_COLUMNS
+    )
+    timings = pd.DataFrame(
+        [t for m in ("b", "a") for s in (1, 0) for t in w.finished(m, s)["timings"]], columns=TIMING_COLUMNS
+    )
     w.write_tables(results, timings, pd.DataFrame(columns=["method", "metric", "mean"]), None)
-    w.write_config({"methods": ["b", "a"], "config": {"seeds": [1, 0]}, "class_names": ["x", "y"],
-                    "config_digest": "abc"}, "complete")
+    w.write_config(
+        {
+            "methods": ["b", "a"],
+            "config": {"seeds": [1, 0]},
+            "class_names": ["x", "y"],
+            "config_digest": "abc",
+        },
+        "complete",
+    )
     return w
 
 
@@ -69,13 +85,16 @@ def test_report_files_and_stale_figures(tmp_path):
     assert not list((run.path / "plots").iterdir())
 
 
-@pytest.mark.parametrize("breakage, fragment", [
-    ("no_config", "is not a run folder"),
-    ("bad_json", "is not valid JSON"),
-    ("other_format", "incompatible bench version"),
-    ("unfinished", "the run did not finish"),
-    ("bad_csv", "cannot read results.csv"),
-])
+@pytest.mark.parametrize(
+    "breakage, fragment",
+    [
+        ("no_config", "is not a run folder"),
+        ("bad_json", "is not valid JSON"),
+        ("other_format", "incompatible bench version"),
+        ("unfinished", "the run did not finish"),
+        ("bad_csv", "cannot read results.csv"),
+    ],
+)
 def test_reader_errors_are_one_line(tmp_path, breakage, fragment):
     """The reader's own checks, on a folder from before checksum manifests (with one, the manifest names
     the damaged file first: tests/test_manifest.py)."""
@@ -101,15 +120,21 @@ def test_reader_errors_are_one_line(tmp_path, breakage, fragment):
 
 
 # what opening, listing or writing a path looks like in code (a buffer, `savefig(buf`, is fine)
-OPENS_A_PATH = re.compile(r"\bopen\(|\.read_(text|bytes)\(|\.write_(text|bytes)\(|read_csv|to_csv|np\.load|"
-                          r"np\.save|savez|\bglob\b|iterdir|mkdir|unlink|rmtree|json\.load\(|json\.dump\(|"
-                          r"atomic_|torch\.(load|save)|os\.(path|remove|replace|listdir|scandir)|savefig\((?!buf\b)")
+OPENS_A_PATH = re.compile(
+    r"\bopen\(|\.read_(text|bytes)\(|\.write_(text|bytes)\(|read_csv|to_csv|np\.load|"
+    r"np\.save|savez|\bglob\b|iterdir|mkdir|unlink|rmtree|json\.load\(|json\.dump\(|"
+    r"atomic_|torch\.(load|save)|os\.(path|remove|replace|listdir|scandir)|savefig\((?!buf\b)"
+)
 
 
 def test_reports_and_metrics_never_open_a_path():
     """Only bench/run_folder.py knows the run folder: reports and metrics get frames and arrays."""
     files = sorted((ROOT / "reports").rglob("*.py")) + sorted((ROOT / "bench" / "metrics").rglob("*.py"))
     assert len(files) >= 8
-    hits = [f"{f.relative_to(ROOT)}:{i}: {line.strip()}" for f in files
-            for i, line in enumerate(f.read_text().splitlines(), 1) if OPENS_A_PATH.search(line)]
+    hits = [
+        f"{f.relative_to(ROOT)}:{i}: {line.strip()}"
+        for f in files
+        for i, line in enumerate(f.read_text().splitlines(), 1)
+        if OPENS_A_PATH.search(line)
+    ]
     assert not hits, "\n".join(hits)

@@ -1,5 +1,6 @@
 """The sensitivity sweep: Laplace variants from one factorisation equal direct fits at the same settings;
 the runner writes sensitivity.csv through the run folder, the report draws it, a resumed run keeps it."""
+
 from __future__ import annotations
 
 import json
@@ -22,11 +23,16 @@ def test_points_cover_the_grid_and_empty_axes_hold_the_fitted_value():
     cfg = preset_config("smoke").replace(sensitivity_priors=(0.1, 1.0), sensitivity_scales=(1.0, 10.0, 100.0))
     pts = sensitivity.points(cfg)
     assert len(pts) == 6 and {(p["prior_precision"], p["likelihood_scale"]) for p in pts} == {
-        (a, b) for a in (0.1, 1.0) for b in (1.0, 10.0, 100.0)}
+        (a, b) for a in (0.1, 1.0) for b in (1.0, 10.0, 100.0)
+    }
     assert sensitivity.points(cfg.replace(sensitivity_scales=())) == [
-        {"prior_precision": 0.1, "likelihood_scale": None}, {"prior_precision": 1.0, "likelihood_scale": None}]
+        {"prior_precision": 0.1, "likelihood_scale": None},
+        {"prior_precision": 1.0, "likelihood_scale": None},
+    ]
     assert not preset_config("smoke").sensitivity_requested() and cfg.sensitivity_requested()
-    assert sensitivity.offered(METHODS.get("diag_la")(cfg)) and not sensitivity.offered(METHODS.get("plain")(cfg))
+    assert sensitivity.offered(METHODS.get("diag_la")(cfg)) and not sensitivity.offered(
+        METHODS.get("plain")(cfg)
+    )
 
 
 @pytest.mark.parametrize("name", ["full_la", "kfac_la"])
@@ -36,18 +42,33 @@ def test_a_variant_is_the_direct_fit_at_its_settings(tmp_path, name):
     fitted, _, _ = fit_method(name, cfg, data, tmp_path)
     delta, t = fitted.diagnostics["prior_precision"], fitted.diagnostics["temperature"]
     x = data.test_id.x[:40]
-    (same, v0), (other, v1) = list(fitted.variants([{}, {"prior_precision": 2 * delta, "likelihood_scale": 3.0}]))
+    (same, v0), (other, v1) = list(
+        fitted.variants([{}, {"prior_precision": 2 * delta, "likelihood_scale": 3.0}])
+    )
     assert same == {"prior_precision": delta, "likelihood_scale": t, "rank_bound": 0.0}
     a, b = predict_on(v0, x), predict_on(fitted, x)
-    assert torch.allclose(a.cov, b.cov, rtol=1e-5) and torch.allclose(a.samples, b.samples, rtol=1e-4, atol=1e-6)
-    direct, _, _ = fit_method(name, cfg.replace(prior_precision=repr(2 * delta), likelihood_scale="3.0"), data, tmp_path)
+    assert torch.allclose(a.cov, b.cov, rtol=1e-5) and torch.allclose(
+        a.samples, b.samples, rtol=1e-4, atol=1e-6
+    )
+    direct, _, _ = fit_method(
+        name, cfg.replace(prior_precision=repr(2 * delta), likelihood_scale="3.0"), data, tmp_path
+    )
     a, b = predict_on(v1, x), predict_on(direct, x)
-    assert torch.allclose(a.cov, b.cov, rtol=1e-4, atol=1e-8) and torch.allclose(a.samples, b.samples, rtol=1e-3, atol=1e-5)
+    assert torch.allclose(a.cov, b.cov, rtol=1e-4, atol=1e-8) and torch.allclose(
+        a.samples, b.samples, rtol=1e-3, atol=1e-5
+    )
 
 
 def test_the_runner_writes_the_sweep_and_the_report_draws_it(tmp_path):
-    cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True, methods=("plain", "diag_la"), out=str(tmp_path),
-                                         sensitivity_priors=(0.1, 10.0), bootstrap_resamples=50, report=False)
+    cfg = preset_config("smoke").replace(
+        dataset="synthetic",
+        quiet=True,
+        methods=("plain", "diag_la"),
+        out=str(tmp_path),
+        sensitivity_priors=(0.1, 10.0),
+        bootstrap_resamples=50,
+        report=False,
+    )
     folder = run(cfg, log=lambda *_: None)
     rf = RunFolder(folder)
     df = rf.sensitivity
@@ -59,7 +80,10 @@ def test_the_runner_writes_the_sweep_and_the_report_draws_it(tmp_path):
     assert rf.meta["diagnostics"]["diag_la-seed0"]["temperature"] == 1.0
     render_report(folder, ["md"])
     md = (folder / "report.md").read_text()
-    assert "Sensitivity to the prior precision" in md and (folder / "plots" / "sensitivity_diag_la_seed0.png").is_file()
+    assert (
+        "Sensitivity to the prior precision" in md
+        and (folder / "plots" / "sensitivity_diag_la_seed0.png").is_file()
+    )
     # a resumed run keeps the rows it saved with the method: the run killed before its final tables
     # (status still "running", no sensitivity.csv) is reopened and diag_la is reused, not refitted
     meta = json.loads((folder / "config.json").read_text())

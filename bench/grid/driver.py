@@ -1,14 +1,15 @@
 """The grid driver: creates the grid folder, schedules base-model tasks before the cells that need
 them, records every outcome in grid.json, shows one progress line, and merges the cells' tables."""
+
 from __future__ import annotations
 
 import heapq
 import itertools
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
@@ -33,11 +34,20 @@ def create_grid(spec: GridSpec, out: str | Path, name: str = "grid") -> GridFold
     found = GridFolder.unfinished(out, spec.to_dict())
     if found is not None:
         return found
-    meta = {"bench_version": __version__, "packages": package_versions(), "git_commit": git_commit(),
-            "created": datetime.now().isoformat(timespec="seconds"), "command": _command(),
-            "spec": spec.to_dict(), "axes": {k: [show(v) for v in vals] for k, vals in spec.axes.items()},
-            "base_config": spec.base_config().to_dict(), "status": PENDING, "cells": cells, "bases": bases,
-            "invocations": []}
+    meta = {
+        "bench_version": __version__,
+        "packages": package_versions(),
+        "git_commit": git_commit(),
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "command": _command(),
+        "spec": spec.to_dict(),
+        "axes": {k: [show(v) for v in vals] for k, vals in spec.axes.items()},
+        "base_config": spec.base_config().to_dict(),
+        "status": PENDING,
+        "cells": cells,
+        "bases": bases,
+        "invocations": [],
+    }
     return GridFolder.create(out, name, meta)
 
 
@@ -57,7 +67,9 @@ def merge_tables(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
             co = coordinates(grid, cid)
             res.append(run.results.assign(**co))
             tim.append(run.timings.assign(**co))
-    frame = lambda parts, cols: (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols))[cols]  # noqa: E731
+    frame = lambda parts, cols: (
+        pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+    )[cols]  # noqa: E731
     return frame(res, coord_cols + RESULT_COLUMNS), frame(tim, coord_cols + TIMING_COLUMNS)
 
 
@@ -69,11 +81,20 @@ class Progress:
         from tqdm.auto import tqdm
 
         self.log, self.total = log, total
-        self.bar = tqdm(total=total, initial=done, desc="grid", unit="cell", disable=True if quiet else None,
-                        dynamic_ncols=True, smoothing=0.1)
+        self.bar = tqdm(
+            total=total,
+            initial=done,
+            desc="grid",
+            unit="cell",
+            disable=True if quiet else None,
+            dynamic_ncols=True,
+            smoothing=0.1,
+        )
         self.lines = bool(self.bar.disable)
 
-    def update(self, done: int, failed: int, running: int, finished: str | None = None, error: str | None = None) -> None:
+    def update(
+        self, done: int, failed: int, running: int, finished: str | None = None, error: str | None = None
+    ) -> None:
         if self.lines:
             if finished:
                 what = f"FAILED: {error.splitlines()[0]}" if error else "done"
@@ -115,7 +136,9 @@ class _Scheduler:
                 continue
             found = adopt.get(self._config(cid).digest())
             if found is not None:
-                c.update(status=DONE, error=None, traceback=None, run_dir=str(found.relative_to(self.grid.path)))
+                c.update(
+                    status=DONE, error=None, traceback=None, run_dir=str(found.relative_to(self.grid.path))
+                )
                 continue
             c.update(status=PENDING, error=None, traceback=None)
             todo.append(cid)
@@ -134,7 +157,9 @@ class _Scheduler:
 
     def task_args(self, kind: str, tid: str, threads: int) -> tuple:
         if kind == "base":
-            cfg = task_config(self.meta["base_config"], self.meta["bases"][tid], tid, str(self.grid.cells_dir))
+            cfg = task_config(
+                self.meta["base_config"], self.meta["bases"][tid], tid, str(self.grid.cells_dir)
+            )
         else:
             cfg = self._config(tid)
         return (kind, cfg.to_dict(), str(self.grid.path), f"{kind}-{tid}", threads)
@@ -149,7 +174,9 @@ class _Scheduler:
         if out.get("ok") and kind == "cell":
             rec["run_dir"] = str(Path(out["run_dir"]).relative_to(self.grid.path))
             if out["status"] != COMPLETE:
-                error = "; ".join(f["error"] for f in out["failures"]) or f"run ended with status {out['status']}"
+                error = (
+                    "; ".join(f["error"] for f in out["failures"]) or f"run ended with status {out['status']}"
+                )
                 out = {**out, "traceback": "\n".join(f.get("traceback", "") for f in out["failures"])}
         rec.update(status=FAILED if error else DONE, error=error, traceback=out.get("traceback") or None)
         if kind == "cell":
@@ -157,14 +184,20 @@ class _Scheduler:
         dependents = self.waiting.pop(tid, [])
         for cid in dependents:
             if error:
-                self.meta["cells"][cid].update(status=FAILED, error=f"base model task {tid} failed: {error}", traceback=None)
+                self.meta["cells"][cid].update(
+                    status=FAILED, error=f"base model task {tid} failed: {error}", traceback=None
+                )
             else:
                 self.push("cell", cid)
         return (dependents if error else []), error
 
 
-def run_grid(grid: GridFolder, opts: ExecutorOptions = ExecutorOptions(), quiet: bool = False,
-             log: Callable[[str], None] = print) -> GridFolder:
+def run_grid(
+    grid: GridFolder,
+    opts: ExecutorOptions = ExecutorOptions(),
+    quiet: bool = False,
+    log: Callable[[str], None] = print,
+) -> GridFolder:
     """Run every unfinished cell of `grid` (and the base models they need) on the executor, record
     each outcome in grid.json as it comes, and write the merged results.csv / timings.csv. Finished
     cells are never recomputed; failed, killed or interrupted ones are rerun by the next call."""
@@ -175,10 +208,17 @@ def run_grid(grid: GridFolder, opts: ExecutorOptions = ExecutorOptions(), quiet:
         todo = sched.plan()
         cells = meta["cells"]
         count = lambda s: sum(c["status"] == s for c in cells.values())  # noqa: E731
-        invocation = {"started": datetime.now().isoformat(timespec="seconds"), "bench_version": __version__,
-                      "git_commit": git_commit(), "command": _command(), "cells_to_run": len(todo)}
+        invocation = {
+            "started": datetime.now().isoformat(timespec="seconds"),
+            "bench_version": __version__,
+            "git_commit": git_commit(),
+            "command": _command(),
+            "cells_to_run": len(todo),
+        }
         again = " (resuming)" if meta["invocations"] else ""
-        log(f"grid {grid.path}{again}: {len(todo)} of {len(cells)} cells to run, {len(sched.waiting)} base models first")
+        log(
+            f"grid {grid.path}{again}: {len(todo)} of {len(cells)} cells to run, {len(sched.waiting)} base models first"
+        )
         meta["invocations"].append(invocation)
         meta["status"] = "running"
         grid.save()
@@ -202,7 +242,9 @@ def run_grid(grid: GridFolder, opts: ExecutorOptions = ExecutorOptions(), quiet:
                     task_marker(grid.path, key).unlink(missing_ok=True)  # a killed worker leaves its marker
                     finished, error = sched.finish(kind, tid, out)
                     for cid in finished:
-                        progress.update(count(DONE), count(FAILED), len(grid.running_tasks()), cid, cells[cid]["error"])
+                        progress.update(
+                            count(DONE), count(FAILED), len(grid.running_tasks()), cid, cells[cid]["error"]
+                        )
                 progress.update(count(DONE), count(FAILED), len(grid.running_tasks()))
                 if time.perf_counter() - last_save > SAVE_EVERY:
                     grid.save()
@@ -213,12 +255,19 @@ def run_grid(grid: GridFolder, opts: ExecutorOptions = ExecutorOptions(), quiet:
             if executor is not None:
                 executor.close(cancel=interrupted)
             for kind, tid in sched.flight.values():
-                (meta["bases"] if kind == "base" else cells)[tid].update(status="interrupted", error="interrupted")
+                (meta["bases"] if kind == "base" else cells)[tid].update(
+                    status="interrupted", error="interrupted"
+                )
             results, timings = merge_tables(grid)
             grid.write_merged(results, timings)
             invocation["wall_seconds"] = round(time.perf_counter() - t0, 3)
-            meta["status"] = "interrupted" if interrupted else COMPLETE if count(DONE) == len(cells) else "incomplete"
+            meta["status"] = (
+                "interrupted" if interrupted else COMPLETE if count(DONE) == len(cells) else "incomplete"
+            )
             grid.save()
-        log(f"grid {grid.path}: {count(DONE)}/{len(cells)} cells done, {count(FAILED)} failed "
-            f"({invocation['wall_seconds']:.1f} s)" + ("; `bench grid --resume` reruns the failed ones" if count(FAILED) else ""))
+        log(
+            f"grid {grid.path}: {count(DONE)}/{len(cells)} cells done, {count(FAILED)} failed "
+            f"({invocation['wall_seconds']:.1f} s)"
+            + ("; `bench grid --resume` reruns the failed ones" if count(FAILED) else "")
+        )
         return grid

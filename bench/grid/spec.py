@@ -1,5 +1,6 @@
 """What a grid is: its spec (datasets, methods, seeds, fixed settings and setting axes) and its
 expansion into cells (one run folder each) and the base-model tasks that post-hoc cells depend on."""
+
 from __future__ import annotations
 
 import itertools
@@ -9,8 +10,8 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 from bench.config import RunConfig, apply_overrides, jsonable, parse_value, preset_config
 from bench.errors import require
-from bench.registry import DATASETS, METHODS
 from bench.model_cache import key_hash, model_key
+from bench.registry import DATASETS, METHODS
 
 AXIS_SEP = ";"  # separates the values of one setting axis: --set hidden="32,32;64,64"
 GRID_FIELDS = ("dataset", "methods", "seed", "seeds", "name", "out", "quiet", "report")  # the grid sets these
@@ -44,8 +45,10 @@ def parse_sets(items: list[str]) -> dict[str, list[Any]]:
         require("=" in item, f"--set expects FIELD=VALUE, got {item!r}")
         key, text = (s.strip() for s in item.split("=", 1))
         key = key.replace("-", "_")
-        require(key not in GRID_FIELDS, f"--set {key}=... is not allowed in a grid: use --datasets, --methods, "
-                                        "--seeds, --name or --out")
+        require(
+            key not in GRID_FIELDS,
+            f"--set {key}=... is not allowed in a grid: use --datasets, --methods, --seeds, --name or --out",
+        )
         alts = text.split(AXIS_SEP)
         if not _is_tuple_field(key):
             alts = [a for alt in alts for a in alt.split(",")]
@@ -85,8 +88,10 @@ class GridSpec:
     values: dict[str, list[Any]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        require(len(self.datasets) > 0 and len(self.methods) > 0 and len(self.seeds) > 0,
-                "a grid needs at least one dataset, method and seed")
+        require(
+            len(self.datasets) > 0 and len(self.methods) > 0 and len(self.seeds) > 0,
+            "a grid needs at least one dataset, method and seed",
+        )
         object.__setattr__(self, "values", parse_sets(list(self.sets)))
 
     @property
@@ -97,17 +102,30 @@ class GridSpec:
     def base_config(self) -> RunConfig:
         """The preset with the fixed settings: what every cell shares (cells write under cells/)."""
         fixed = {k: v[0] for k, v in self.values.items() if len(v) == 1}
-        fixed.update({k: v for k, v in (("device", self.device), ("data_dir", self.data_dir)) if v is not None})
-        return apply_overrides(preset_config(self.preset), {**fixed, "quiet": True, "report": False, "out": "cells",
-                                                             "name": "cell"})
+        fixed.update(
+            {k: v for k, v in (("device", self.device), ("data_dir", self.data_dir)) if v is not None}
+        )
+        return apply_overrides(
+            preset_config(self.preset),
+            {**fixed, "quiet": True, "report": False, "out": "cells", "name": "cell"},
+        )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"datasets": list(self.datasets), "methods": list(self.methods), "seeds": list(self.seeds),
-                "preset": self.preset, "set": list(self.sets), "device": self.device, "data_dir": self.data_dir}
+        return {
+            "datasets": list(self.datasets),
+            "methods": list(self.methods),
+            "seeds": list(self.seeds),
+            "preset": self.preset,
+            "set": list(self.sets),
+            "device": self.device,
+            "data_dir": self.data_dir,
+        }
 
 
 def _label(point: dict[str, Any]) -> str:
-    return "_".join(re.sub(r"[^A-Za-z0-9_.+=@-]", "_", f"{k}={show(v)}".replace(",", "x")) for k, v in point.items())
+    return "_".join(
+        re.sub(r"[^A-Za-z0-9_.+=@-]", "_", f"{k}={show(v)}".replace(",", "x")) for k, v in point.items()
+    )
 
 
 def weights_id(cfg: RunConfig, seed: int) -> str:
@@ -141,17 +159,36 @@ def expand(spec: GridSpec) -> tuple[dict[str, dict], dict[str, dict]]:
             base_id = None
             if METHODS.get(method).reuses_base_model:
                 base_id = f"{dataset}-seed{seed}-{weights_id(cfg, seed)}"
-                bases.setdefault(base_id, {"dataset": dataset, "seed": seed, "point": coords, "status": "pending"})
+                bases.setdefault(
+                    base_id, {"dataset": dataset, "seed": seed, "point": coords, "status": "pending"}
+                )
             cid = "-".join([dataset, method, f"seed{seed}"] + ([label] if label else []))
-            cells[cid] = {"dataset": dataset, "method": method, "seed": seed, "point": coords, "base": base_id,
-                          "status": "pending"}
+            cells[cid] = {
+                "dataset": dataset,
+                "method": method,
+                "seed": seed,
+                "point": coords,
+                "base": base_id,
+                "status": "pending",
+            }
     return cells, bases
 
 
-def task_config(base_config: dict[str, Any], record: dict, name: str, out: str, method: str | None = None) -> RunConfig:
+def task_config(
+    base_config: dict[str, Any], record: dict, name: str, out: str, method: str | None = None
+) -> RunConfig:
     """The RunConfig of a cell or base task from grid.json: the shared config, the task's dataset,
     seed and axis point, one method (a cell's), writing run folders under `out`."""
     point = {k: tuplify(v) for k, v in record["point"].items()}
-    return apply_overrides(config_from_dict(base_config), {
-        "dataset": record["dataset"], "seed": int(record["seed"]), "seeds": (), "name": name, "out": out,
-        **({"methods": (method,)} if method else {}), **point})
+    return apply_overrides(
+        config_from_dict(base_config),
+        {
+            "dataset": record["dataset"],
+            "seed": int(record["seed"]),
+            "seeds": (),
+            "name": name,
+            "out": out,
+            **({"methods": (method,)} if method else {}),
+            **point,
+        },
+    )

@@ -39,6 +39,7 @@ def optimize_marglik(
     effective number of parameters); bounded Brent search on log delta, O(D) per evaluation on the
     spectrum of H.
     """
+
     def f(t: float) -> float:
         return -log_marglik(math.exp(t), spectrum, theta_sq)
 

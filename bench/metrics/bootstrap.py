@@ -1,10 +1,11 @@
 """Percentile bootstrap confidence intervals over queries (fixed seed, vectorised): plain means,
 recomputed statistics (stratified or paired), and method differences on the same queries."""
+
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import stats
@@ -12,8 +13,9 @@ from scipy import stats
 DEFAULT_BATCH_ELEMENTS = 262_144  # 2 MB of float64 per array of a vectorised call: cache-sized, and below glibc's mmap threshold (32 MB arrays were fresh pages, page-faulted, on every call)
 
 
-def bootstrap_mean_ci(values: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                      seed: int = 0) -> tuple[float, float, float]:
+def bootstrap_mean_ci(
+    values: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, ci_low, ci_high) of a per-query metric (mAP@K, Recall@K): queries are resampled with
     the gallery fixed (the kNN search ran once), so the statistic is a plain mean.
 
@@ -30,8 +32,15 @@ def bootstrap_mean_ci(values: np.ndarray, n_resamples: int = 1000, level: float 
         return mean, mean, mean
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = stats.bootstrap((v,), np.mean, n_resamples=n_resamples, confidence_level=level,
-                              method="percentile", vectorized=True, random_state=np.random.default_rng(seed))
+        res = stats.bootstrap(
+            (v,),
+            np.mean,
+            n_resamples=n_resamples,
+            confidence_level=level,
+            method="percentile",
+            vectorized=True,
+            random_state=np.random.default_rng(seed),
+        )
     return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -54,8 +63,14 @@ def _batch_size(n: int) -> int:
     return max(1, DEFAULT_BATCH_ELEMENTS // max(n, 1))
 
 
-def bootstrap_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndarray],
-                 n_resamples: int = 1000, level: float = 0.95, seed: int = 0, paired: bool = False) -> BootstrapCI:
+def bootstrap_ci(
+    samples: Sequence[np.ndarray],
+    statistic: Callable[..., np.ndarray],
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    paired: bool = False,
+) -> BootstrapCI:
     """Percentile bootstrap CI of `statistic(*samples, axis=-1)`, for a statistic that is not a mean
     of per-query values (AUROC, ECE, AUSE, ...) and is recomputed on every resample. It must be
     vectorised: given arrays [..., n_i] it returns [k, ...] (k outputs, reduced along the last axis).
@@ -78,16 +93,16 @@ def bootstrap_ci(samples: Sequence[np.ndarray], statistic: Callable[..., np.ndar
     if n_resamples <= 0 or min(s.shape[-1] for s in samples) < 2 or not np.isfinite(value).any():
         return BootstrapCI(value, nan.copy(), nan.copy())
     n_total = sum(s.shape[-1] for s in samples) if not paired else samples[0].shape[-1] * len(samples)
-    kw = dict(vectorized=True, paired=paired, axis=-1, confidence_level=level,
-              batch=_batch_size(n_total))
+    kw = dict(vectorized=True, paired=paired, axis=-1, confidence_level=level, batch=_batch_size(n_total))
 
     def stat(*xs, axis=-1):
         return np.asarray(statistic(*xs, axis=axis), dtype=np.float64).reshape(k, *xs[0].shape[:-1])
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = stats.bootstrap(samples, stat, n_resamples=n_resamples, method="percentile",
-                              rng=np.random.default_rng(seed), **kw)
+        res = stats.bootstrap(
+            samples, stat, n_resamples=n_resamples, method="percentile", rng=np.random.default_rng(seed), **kw
+        )
         dist = np.asarray(res.bootstrap_distribution, dtype=np.float64).reshape(k, -1)
     low, high = _percentile(dist, level)
     bad = ~np.isfinite(value)
@@ -114,8 +129,14 @@ def resample_counts(n: int, rows: int, rng: np.random.Generator) -> np.ndarray:
     return np.bincount(idx.ravel(), minlength=rows * n).reshape(rows, n).astype(np.float64)
 
 
-def count_bootstrap_ci(sizes: Sequence[int], weighted: Callable[..., np.ndarray], n_resamples: int = 1000,
-                       level: float = 0.95, seed: int = 0, max_elements: int | None = None) -> BootstrapCI:
+def count_bootstrap_ci(
+    sizes: Sequence[int],
+    weighted: Callable[..., np.ndarray],
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    max_elements: int | None = None,
+) -> BootstrapCI:
     """Percentile bootstrap of a statistic written as a function of item multiplicities: `weighted(*counts)`
     with counts[g] [batch, sizes[g]] (how often each item of group g is in a resample) returns [k, batch].
     Groups are resampled independently (stratified, each keeps its size); arrays that share a group are
@@ -132,17 +153,23 @@ def count_bootstrap_ci(sizes: Sequence[int], weighted: Callable[..., np.ndarray]
     dist = np.empty((k, n_resamples))
     for s in range(0, n_resamples, batch):
         rows = min(batch, n_resamples - s)
-        dist[:, s:s + rows] = np.asarray(weighted(*[resample_counts(n, rows, rng) for n in sizes]),
-                                         np.float64).reshape(k, rows)
+        dist[:, s : s + rows] = np.asarray(
+            weighted(*[resample_counts(n, rows, rng) for n in sizes]), np.float64
+        ).reshape(k, rows)
     low, high = _percentile(dist, level)
     bad = ~np.isfinite(value)
     low[bad], high[bad] = np.nan, np.nan
     return BootstrapCI(value, low, high, dist)
 
 
-def grouped_bootstrap_ci(groups: Sequence[Sequence[np.ndarray]], statistic: Callable[..., np.ndarray],
-                         n_resamples: int = 1000, level: float = 0.95, seed: int = 0,
-                         max_elements: int = DEFAULT_BATCH_ELEMENTS) -> BootstrapCI:
+def grouped_bootstrap_ci(
+    groups: Sequence[Sequence[np.ndarray]],
+    statistic: Callable[..., np.ndarray],
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    max_elements: int = DEFAULT_BATCH_ELEMENTS,
+) -> BootstrapCI:
     """Percentile bootstrap where each group is a tuple of equally long arrays resampled *together*
     (the same indices for every array of the group) and the groups are resampled independently.
 
@@ -169,8 +196,8 @@ def grouped_bootstrap_ci(groups: Sequence[Sequence[np.ndarray]], statistic: Call
     batch = max(1, max_elements // max(sum(len(g) * n for g, n in zip(groups, sizes)), 1))
     dist = np.empty((k, n_resamples))
     for s in range(0, n_resamples, batch):
-        args = [a[i[s:s + batch]] for g, i in zip(groups, idx) for a in g]
-        dist[:, s:s + batch] = np.asarray(statistic(*args, axis=-1), dtype=np.float64).reshape(k, -1)
+        args = [a[i[s : s + batch]] for g, i in zip(groups, idx) for a in g]
+        dist[:, s : s + batch] = np.asarray(statistic(*args, axis=-1), dtype=np.float64).reshape(k, -1)
     low, high = _percentile(dist, level)
     bad = ~np.isfinite(value)
     low[bad], high[bad] = np.nan, np.nan

@@ -1,5 +1,6 @@
 """Retrieval calibration: expected calibration error (ECE) of an uncertainty score against
 retrieval correctness (precision@1 in {0, 1}), with the data of a reliability diagram."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -40,7 +41,9 @@ def confidence_map(u: np.ndarray, correct: np.ndarray, seed: int = 0, folds: int
     return np.clip(p, 0.0, 1.0)
 
 
-def _binned_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _binned_sums(
+    conf: np.ndarray, correct: np.ndarray, n_bins: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-bin sums of confidence and of correctness, and counts, along the last axis ([..., B]).
 
     Sorted by confidence, a query at position i of a run of tied confidences starting at position
@@ -59,7 +62,11 @@ def _binned_sums(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> tuple[np
     flat = (start * b // n).reshape(rows, n) + (np.arange(rows) * n_bins)[:, None]
     out_shape = (*cs.shape[:-1], n_bins)
     sums = lambda w: np.bincount(flat.ravel(), w.reshape(-1), minlength=rows * n_bins).reshape(out_shape)
-    return sums(cs), sums(ys), np.bincount(flat.ravel(), minlength=rows * n_bins).reshape(out_shape).astype(np.float64)
+    return (
+        sums(cs),
+        sums(ys),
+        np.bincount(flat.ravel(), minlength=rows * n_bins).reshape(out_shape).astype(np.float64),
+    )
 
 
 def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS, axis: int = -1) -> np.ndarray:
@@ -71,8 +78,9 @@ def ece(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS, axis:
     return np.abs(sy - sc).sum(axis=-1) / conf.shape[-1]
 
 
-def reliability_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS
-                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def reliability_bins(
+    conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean confidence [B], mean correctness [B], count [B]) per equal-mass bin; an empty bin
     (possible when tied confidences fill more than one bin) has count 0 and NaN means."""
     sc, sy, cnt = _binned_sums(conf, correct, n_bins)
@@ -80,9 +88,14 @@ def reliability_bins(conf: np.ndarray, correct: np.ndarray, n_bins: int = DEFAUL
         return sc / cnt, sy / cnt, cnt
 
 
-def calibration_metrics(u: np.ndarray, correct: np.ndarray, n_bins: int = DEFAULT_BINS,
-                        n_resamples: int = 1000, level: float = 0.95, seed: int = 0
-                        ) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
+def calibration_metrics(
+    u: np.ndarray,
+    correct: np.ndarray,
+    n_bins: int = DEFAULT_BINS,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
     """((ECE, ci_low, ci_high), extras) for uncertainties u [N] and correctness [N] in {0, 1}.
 
     The bootstrap CI (paired (p, c) rows resampled; sorted once, bench.metrics.weighted) is conditional
@@ -97,6 +110,10 @@ def calibration_metrics(u: np.ndarray, correct: np.ndarray, n_bins: int = DEFAUL
     conf_b, acc_b, cnt_b = reliability_bins(p, c, n_bins)
 
     ci = count_bootstrap_ci((p.shape[0],), CalibrationSort(p, c, n_bins).weighted, n_resamples, level, seed)
-    extras = {"reliability_conf": conf_b, "reliability_acc": acc_b, "reliability_count": cnt_b,
-              "confidence": p}
+    extras = {
+        "reliability_conf": conf_b,
+        "reliability_acc": acc_b,
+        "reliability_count": cnt_b,
+        "confidence": p,
+    }
     return ci.triple(0), extras

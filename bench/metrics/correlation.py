@@ -5,10 +5,10 @@ A useful score is negatively correlated with correctness (more uncertain, less o
 that correlates overall but not within a class ranks *classes* (e.g. by how far their cluster lies
 from the origin), not the queries of a class. The query's class is used here only, never by a score.
 """
+
 from __future__ import annotations
 
 import numpy as np
-
 
 
 def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -53,8 +53,9 @@ def _scatter(sorted_vals: np.ndarray, order: np.ndarray) -> np.ndarray:
     return out
 
 
-def sorted_ranks(v: np.ndarray, classes: np.ndarray | None = None
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def sorted_ranks(
+    v: np.ndarray, classes: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(order, ranks, within) along the last axis of v [..., n] from one stable float sort: the
     stable order of v (ties by position), the mean ranks of v (ties at their mean rank, as
     scipy.stats.rankdata) and, given integer classes [..., n] (small codes: a radix sort), each
@@ -85,7 +86,7 @@ def class_codes(y: np.ndarray) -> np.ndarray:
     """Labels as codes 0..C-1 in the smallest integer type (int16 for up to 32767 classes: radix sorts)."""
     _, codes = np.unique(np.asarray(y), return_inverse=True)
     codes = codes.reshape(np.shape(y))
-    return codes.astype(np.int16) if codes.size == 0 or codes.max() < 2 ** 15 else codes
+    return codes.astype(np.int16) if codes.size == 0 or codes.max() < 2**15 else codes
 
 
 def within_class_pearson(a: np.ndarray, b: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -99,14 +100,22 @@ def within_class_pearson(a: np.ndarray, b: np.ndarray, codes: np.ndarray) -> np.
     return mean_class_pearson(count, s(a), s(b), s(a * b), s(a * a), s(b * b), is_binary(a), is_binary(b))
 
 
-def mean_class_pearson(count: np.ndarray, sa: np.ndarray, sb: np.ndarray, sab: np.ndarray, saa: np.ndarray,
-                       sbb: np.ndarray, binary_a: bool = False, binary_b: bool = False) -> np.ndarray:
+def mean_class_pearson(
+    count: np.ndarray,
+    sa: np.ndarray,
+    sb: np.ndarray,
+    sab: np.ndarray,
+    saa: np.ndarray,
+    sbb: np.ndarray,
+    binary_a: bool = False,
+    binary_b: bool = False,
+) -> np.ndarray:
     """`within_class_pearson` from the per-class sums [R, K] (count, sum a, sum b, sum ab, sum a^2, sum b^2):
     classes with fewer than 2 items or a (numerically) constant side skipped; NaN when none is left."""
     with np.errstate(invalid="ignore", divide="ignore"):
         ma, mb = sa / count, sb / count
         cov = sab / count - ma * mb
-        va, vb = saa / count - ma ** 2, sbb / count - mb ** 2
+        va, vb = saa / count - ma**2, sbb / count - mb**2
         tol_a = 1e-9 * np.maximum(count, 1.0) ** 2 * (1e-3 if binary_a else 1.0)
         tol_b = 1e-9 * np.maximum(count, 1.0) ** 2 * (1e-3 if binary_b else 1.0)
         ok = (count >= 2) & (va > tol_a) & (vb > tol_b)
@@ -119,7 +128,9 @@ def as_rows(*arrays: np.ndarray, axis: int) -> tuple[tuple[int, ...], list[np.nd
     """Arrays moved to [R, n] rows (broadcast to the first one's shape) and the leading shape."""
     first = np.moveaxis(np.asarray(arrays[0]), axis, -1)
     lead, n = first.shape[:-1], first.shape[-1]
-    return lead, [np.broadcast_to(np.moveaxis(np.asarray(a), axis, -1), first.shape).reshape(-1, n) for a in arrays]
+    return lead, [
+        np.broadcast_to(np.moveaxis(np.asarray(a), axis, -1), first.shape).reshape(-1, n) for a in arrays
+    ]
 
 
 def spearman(u: np.ndarray, c: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -1,8 +1,10 @@
 """OOD separation by an uncertainty score (OOD positive, larger = more likely OOD): AUROC, AUPR,
 FPR at 95% TPR and the variance ratio, vectorised over leading axes so a bootstrap is one call."""
+
 from __future__ import annotations
 
 import numpy as np
+
 from bench.metrics.bootstrap import BootstrapCI, count_bootstrap_ci
 from bench.metrics.correlation import tie_runs
 from bench.metrics.weighted import OODSort
@@ -22,11 +24,15 @@ def _pooled(id_scores: np.ndarray, ood_scores: np.ndarray) -> tuple[np.ndarray, 
 
 
 def _moved(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    return (np.moveaxis(np.asarray(id_scores, np.float64), axis, -1),
-            np.moveaxis(np.asarray(ood_scores, np.float64), axis, -1))
+    return (
+        np.moveaxis(np.asarray(id_scores, np.float64), axis, -1),
+        np.moveaxis(np.asarray(ood_scores, np.float64), axis, -1),
+    )
 
 
-def _threshold_stats(a: np.ndarray, b: np.ndarray, tpr_level: float = TPR_LEVEL) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _threshold_stats(
+    a: np.ndarray, b: np.ndarray, tpr_level: float = TPR_LEVEL
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(AUROC, AUPR, FPR at tpr_level) from one descending sort of the pooled scores [..., n0 + n1].
 
     After sorting, tp_i / fp_i count the OOD / ID items at positions <= i. A run of tied scores
@@ -70,7 +76,9 @@ def aupr(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1) -> np.nd
     return _threshold_stats(*_moved(id_scores, ood_scores, axis))[1]
 
 
-def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1, tpr_level: float = TPR_LEVEL) -> np.ndarray:
+def fpr_at_tpr(
+    id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1, tpr_level: float = TPR_LEVEL
+) -> np.ndarray:
     """FPR at the largest threshold whose TPR is >= tpr_level: the share of ID queries flagged when
     95% of the OOD queries are caught (sklearn: fpr[argmax(tpr >= 0.95)])."""
     return _threshold_stats(*_moved(id_scores, ood_scores, axis), tpr_level)[2]
@@ -90,11 +98,14 @@ def ood_statistics(id_scores: np.ndarray, ood_scores: np.ndarray, axis: int = -1
     return np.stack([*_threshold_stats(a, b), var_ratio(a, b)])
 
 
-def ood_metrics_ci(id_scores: np.ndarray, ood_scores: np.ndarray, n_resamples: int = 1000,
-                   level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def ood_metrics_ci(
+    id_scores: np.ndarray, ood_scores: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> dict[str, tuple[float, float, float]]:
     """{metric: (value, ci_low, ci_high)} for OOD_METRICS; stratified bootstrap (ID and OOD
     queries resampled separately, group sizes kept), see bench.metrics.bootstrap; the scores sorted once
     (bench.metrics.weighted.OODSort)."""
     a, b = np.asarray(id_scores, np.float64), np.asarray(ood_scores, np.float64)
-    ci: BootstrapCI = count_bootstrap_ci((a.shape[-1], b.shape[-1]), OODSort(a, b).weighted, n_resamples, level, seed)
+    ci: BootstrapCI = count_bootstrap_ci(
+        (a.shape[-1], b.shape[-1]), OODSort(a, b).weighted, n_resamples, level, seed
+    )
     return {m: ci.triple(i) for i, m in enumerate(OOD_METRICS)}

@@ -2,12 +2,20 @@
 score per bootstrap resample: AUSE and AURG (sparsification, bench.metrics.sparsification), the
 error-detection AUROC, and the confound diagnostics Spearman and Spearman_within
 (bench.metrics.correlation)."""
+
 from __future__ import annotations
 
 import numpy as np
 
 from bench.metrics.bootstrap import bootstrap_ci, count_bootstrap_ci
-from bench.metrics.correlation import as_rows, class_codes, is_binary, pearson_rows, sorted_ranks, within_class_pearson
+from bench.metrics.correlation import (
+    as_rows,
+    class_codes,
+    is_binary,
+    pearson_rows,
+    sorted_ranks,
+    within_class_pearson,
+)
 from bench.metrics.sparsification import FRACTIONS, curves_from_order
 from bench.metrics.weighted import RankingSort
 
@@ -33,8 +41,10 @@ def ranking_statistics(u: np.ndarray, m: np.ndarray, codes: np.ndarray, axis: in
     over leading axes. Equal to ause(), aurg(), sklearn's roc_auc_score(1 - m, u), spearman() and
     within_class_spearman() (tested); one stable sort of u serves all five (plus a radix sort of the
     class codes)."""
-    lead, (u, m, codes) = as_rows(np.asarray(u, np.float64), np.asarray(m, np.float64), np.asarray(codes), axis=axis)
-    codes = codes.astype(np.int16) if codes.size and codes.max() < 2 ** 15 else codes.astype(np.int64)
+    lead, (u, m, codes) = as_rows(
+        np.asarray(u, np.float64), np.asarray(m, np.float64), np.asarray(codes), axis=axis
+    )
+    codes = codes.astype(np.int16) if codes.size and codes.max() < 2**15 else codes.astype(np.int64)
     order, ranks, within = sorted_ranks(u, codes)
     curve, oracle = curves_from_order(np.take_along_axis(m, order, axis=-1), m)
     f = np.asarray(FRACTIONS, np.float64)
@@ -50,15 +60,23 @@ def ranking_statistics(u: np.ndarray, m: np.ndarray, codes: np.ndarray, axis: in
     return np.stack([ause, aurg, err, rho, rho_within]).reshape(len(RANKING_METRICS), *lead)
 
 
-def ranking_metrics(u: np.ndarray, metric: np.ndarray, classes: np.ndarray, n_resamples: int = 1000,
-                    level: float = 0.95, seed: int = 0) -> dict[str, tuple[float, float, float]]:
+def ranking_metrics(
+    u: np.ndarray,
+    metric: np.ndarray,
+    classes: np.ndarray,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, tuple[float, float, float]]:
     """{AUSE, AURG, R-AUROC, Spearman, Spearman_within: (value, ci_low, ci_high)} of score u [N] against the
     per-query metric [N] (the queries' true classes [N] only for the within-class mean); percentile
     bootstrap over queries, rows (u, metric, class) resampled together (for a 0/1 metric as item
     multiplicities on the data sorted once, `RankingSort`; else by recomputing on each resample)."""
     u, metric = np.asarray(u, np.float64), np.asarray(metric, np.float64)
     if is_binary(metric):  # sorted once (bench.metrics.weighted): no sort per resample
-        ci = count_bootstrap_ci((u.shape[0],), RankingSort(u, metric, classes).weighted, n_resamples, level, seed)
+        ci = count_bootstrap_ci(
+            (u.shape[0],), RankingSort(u, metric, classes).weighted, n_resamples, level, seed
+        )
         return {m: ci.triple(i) for i, m in enumerate(RANKING_METRICS)}
     codes = class_codes(classes).astype(np.float64)
 

@@ -1,5 +1,6 @@
 """Sparsification: does removing the most uncertain queries raise the retrieval score? Curves and
 the area between them and the oracle's (AUSE)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -20,8 +21,9 @@ def _curve_from_order(m_sorted: np.ndarray, kept: np.ndarray) -> np.ndarray:
     return cs[..., kept - 1] / kept
 
 
-def sparsification_curves(u: np.ndarray, metric: np.ndarray, fractions: np.ndarray = FRACTIONS,
-                          axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+def sparsification_curves(
+    u: np.ndarray, metric: np.ndarray, fractions: np.ndarray = FRACTIONS, axis: int = -1
+) -> tuple[np.ndarray, np.ndarray]:
     """(curve, oracle), each [..., F], vectorised over leading axes. With n_f = N - round(f N) (at
     least 1) queries kept after removing a fraction f (0, 0.05, ..., 0.95):
     S(f) = mean of the per-query metric m_q (higher is better) over the n_f least uncertain queries
@@ -32,7 +34,9 @@ def sparsification_curves(u: np.ndarray, metric: np.ndarray, fractions: np.ndarr
     return curves_from_order(by_u, m, fractions)
 
 
-def curves_from_order(m_by_u: np.ndarray, m: np.ndarray, fractions: np.ndarray = FRACTIONS) -> tuple[np.ndarray, np.ndarray]:
+def curves_from_order(
+    m_by_u: np.ndarray, m: np.ndarray, fractions: np.ndarray = FRACTIONS
+) -> tuple[np.ndarray, np.ndarray]:
     """(curve, oracle) [..., F] from the metric sorted most certain first, m_by_u [..., N], and the
     metric itself (for the oracle order; a 0/1 metric needs no sort: its oracle keeps the ones first)."""
     kept = _kept(m.shape[-1], np.asarray(fractions))
@@ -60,8 +64,9 @@ def aurg(u: np.ndarray, metric: np.ndarray, fractions: np.ndarray = FRACTIONS, a
     return np.trapezoid(curve - m.mean(-1, keepdims=True), np.asarray(fractions, np.float64), axis=-1)
 
 
-def sparsification_metrics(u: np.ndarray, metric: np.ndarray, n_resamples: int = 1000, level: float = 0.95,
-                           seed: int = 0) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
+def sparsification_metrics(
+    u: np.ndarray, metric: np.ndarray, n_resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[tuple[float, float, float], dict[str, np.ndarray]]:
     """((AUSE, ci_low, ci_high), extras) with the extras of `sparsification_extras`. The CI resamples
     paired (u, m) rows and recomputes the whole curve. (Evaluation gets AUSE, AURG and the Spearman
     diagnostics from one bootstrap: bench.metrics.ranking.)"""
@@ -80,5 +85,9 @@ def sparsification_extras(u: np.ndarray, metric: np.ndarray) -> dict[str, np.nda
     mean of all m_q, in expectation)."""
     m = np.asarray(metric, np.float64)
     curve, oracle = sparsification_curves(u, m)
-    return {"sparsification_frac": FRACTIONS.copy(), "sparsification_curve": curve,
-            "sparsification_oracle": oracle, "sparsification_random": np.full(FRACTIONS.shape, m.mean())}
+    return {
+        "sparsification_frac": FRACTIONS.copy(),
+        "sparsification_curve": curve,
+        "sparsification_oracle": oracle,
+        "sparsification_random": np.full(FRACTIONS.shape, m.mean()),
+    }

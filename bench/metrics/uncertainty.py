@@ -25,17 +25,18 @@ often that holds (a whole-gallery search on a subset of queries). It can be far 
 default preset with K_c = 100 of 2000, only 10-40% of the Laplace / dropout / PFE / BTL draws
 retrieved a candidate (their predictive moves a query past many neighbours).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
 from bench.errors import BenchError
-from bench.method import EmbeddingPrediction, stream_seed
 from bench.loss import space_distance
+from bench.method import EmbeddingPrediction, stream_seed
 from bench.metrics.retrieval import nearest
 
 SCORE_DRAW_STREAM = 0x5C0E  # generator offset of the independent Gaussian draws (query set k: + k)
@@ -80,7 +81,9 @@ class ScoreSettings:
 
     @classmethod
     def from_config(cls, cfg) -> "ScoreSettings":
-        return cls(distance=cfg.distance, candidates=cfg.score_candidates, samples=cfg.score_samples, seed=cfg.seed)
+        return cls(
+            distance=cfg.distance, candidates=cfg.score_candidates, samples=cfg.score_samples, seed=cfg.seed
+        )
 
 
 def gaussian_draws(pred: EmbeddingPrediction, n: int, generator: torch.Generator) -> torch.Tensor:
@@ -175,8 +178,10 @@ class ScoreInputs:
             self._query_draws = draws_of(self.query, self.settings, self._stream)
         zq = self._query_draws
         if zq.shape[0] != zg.shape[0]:
-            raise BenchError(f"query set has {zq.shape[0]} joint samples but the gallery {zg.shape[0]}: "
-                             "a method must attach the same draws to every query set")
+            raise BenchError(
+                f"query set has {zq.shape[0]} joint samples but the gallery {zg.shape[0]}: "
+                "a method must attach the same draws to every query set"
+            )
         return zq, zg
 
     def sampled(self) -> Retrieval:
@@ -191,38 +196,58 @@ class ScoreInputs:
                 k = min(k, self.settings.candidates)
                 idx, dist = self._search_candidates(zq, zg, k)
             else:
-                found = [nearest(zq[s], zg[s], k, self.settings.distance, exclude_self=self.leave_one_out)
-                         for s in range(zq.shape[0])]
+                found = [
+                    nearest(zq[s], zg[s], k, self.settings.distance, exclude_self=self.leave_one_out)
+                    for s in range(zq.shape[0])
+                ]
                 idx, dist = torch.stack([f[0] for f in found]), torch.stack([f[1] for f in found])
             self._sampled = Retrieval(idx, self._labels_of(idx), dist)
         return self._sampled
 
-    def _search_candidates(self, zq: torch.Tensor, zg: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search_candidates(
+        self, zq: torch.Tensor, zg: torch.Tensor, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per draw, the k nearest of each query's K_c candidates (the first K_c mean neighbours)."""
-        cand = self.neighbours.index[:, :self.settings.candidates]
+        cand = self.neighbours.index[:, : self.settings.candidates]
         S, K, d = zq.shape[0], cand.shape[1], zq.shape[2]
         idx = torch.empty(S, self.n, k, dtype=torch.long)
         dist = torch.empty(S, self.n, k)
         step = max(1, CHUNK_ELEMENTS // max(S * K * d, 1))
         for s in range(0, self.n, step):
             rows = slice(s, min(s + step, self.n))
-            dd = space_distance(zq[:, rows, None, :], zg[:, cand[rows]], self.settings.distance)  # [S, n, K_c]
+            dd = space_distance(
+                zq[:, rows, None, :], zg[:, cand[rows]], self.settings.distance
+            )  # [S, n, K_c]
             top = dd.topk(k, dim=-1, largest=False, sorted=True)
             idx[:, rows] = torch.gather(cand[rows].expand(S, *cand[rows].shape), 2, top.indices)
             dist[:, rows] = top.values
         return idx, dist
 
 
-def neighbours_for(query: EmbeddingPrediction, gallery: EmbeddingPrediction, labels_of: Callable,
-                   leave_one_out: bool, settings: ScoreSettings) -> Retrieval:
+def neighbours_for(
+    query: EmbeddingPrediction,
+    gallery: EmbeddingPrediction,
+    labels_of: Callable,
+    leave_one_out: bool,
+    settings: ScoreSettings,
+) -> Retrieval:
     """Each query's max(NEIGHBOURS, K_c) nearest gallery items under the mean embeddings."""
-    idx, dist = nearest(query.mean.detach().cpu(), gallery.mean.detach().cpu(), max(NEIGHBOURS, settings.candidates),
-                        settings.distance, exclude_self=leave_one_out)
+    idx, dist = nearest(
+        query.mean.detach().cpu(),
+        gallery.mean.detach().cpu(),
+        max(NEIGHBOURS, settings.candidates),
+        settings.distance,
+        exclude_self=leave_one_out,
+    )
     return Retrieval(idx, labels_of(idx), dist)
 
 
-def score_inputs(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPrediction], labels_id: torch.Tensor,
-                 settings: ScoreSettings) -> tuple[ScoreInputs, dict[str, ScoreInputs]]:
+def score_inputs(
+    pred_id: EmbeddingPrediction,
+    pred_ood: dict[str, EmbeddingPrediction],
+    labels_id: torch.Tensor,
+    settings: ScoreSettings,
+) -> tuple[ScoreInputs, dict[str, ScoreInputs]]:
     """ScoreInputs of the ID queries (leave-one-out against the ID test set) and of each OOD set
     (against the whole ID test set), sharing one set of gallery draws. BenchError when a predicted
     variance is non-finite or negative (score_from_var), before any score runs."""
@@ -234,8 +259,16 @@ def score_inputs(pred_id: EmbeddingPrediction, pred_ood: dict[str, EmbeddingPred
     labels_of = labels.__getitem__  # labels of retrieved gallery items only (a query never retrieves itself)
 
     def make(pred: EmbeddingPrediction, loo: bool, stream: int) -> ScoreInputs:
-        return ScoreInputs(pred, pred_id, neighbours_for(pred, pred_id, labels_of, loo, settings), loo, settings,
-                           shared, labels_of, stream)
+        return ScoreInputs(
+            pred,
+            pred_id,
+            neighbours_for(pred, pred_id, labels_of, loo, settings),
+            loo,
+            settings,
+            shared,
+            labels_of,
+            stream,
+        )
 
     return make(pred_id, True, 0), {s: make(p, False, k + 1) for k, (s, p) in enumerate(pred_ood.items())}
 
@@ -254,7 +287,9 @@ def run_score(name: str, inputs: ScoreInputs) -> np.ndarray | None:
     if u.shape != (inputs.n,):
         raise BenchError(f"score {name} returned shape {u.shape}, expected ({inputs.n},)")
     if not np.isfinite(u).all():
-        raise BenchError(f"score {name}: non-finite value for {int((~np.isfinite(u)).sum())} of {inputs.n} queries")
+        raise BenchError(
+            f"score {name}: non-finite value for {int((~np.isfinite(u)).sum())} of {inputs.n} queries"
+        )
     return u
 
 
@@ -269,13 +304,15 @@ def candidate_coverage(inputs: ScoreInputs, max_queries: int = COVERAGE_QUERIES)
     if K <= 0 or K >= g:
         return 1.0
     idx = inputs.neighbours.index[:, :K]
-    rows = torch.from_numpy(np.unique(np.linspace(0, inputs.n - 1, min(inputs.n, max_queries)).round().astype(np.int64)))
+    rows = torch.from_numpy(
+        np.unique(np.linspace(0, inputs.n - 1, min(inputs.n, max_queries)).round().astype(np.int64))
+    )
     zq, zg = inputs.draws()
     S, G = zq.shape[0], zg.shape[1]
     hits = 0
     step = max(1, CHUNK_ELEMENTS // max(S * G * zq.shape[2], 1))
     for s in range(0, len(rows), step):
-        r = rows[s:s + step]
+        r = rows[s : s + step]
         d = space_distance(zq[:, r, None, :], zg[:, None, :, :], inputs.settings.distance)  # [S, r, G]
         if inputs.leave_one_out:
             d[:, torch.arange(len(r)), r] = float("inf")

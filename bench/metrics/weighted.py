@@ -9,6 +9,7 @@ its statistic is a few cumulative sums, O(n) per resample instead of a sort, O(n
 `ranking`) on the expanded resample (tested), with one exception stated at
 `RankingSort`: queries with tied scores are taken in a fixed order in the sparsification curve.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -77,7 +78,9 @@ class CalibrationSort:
         ws = w[..., self.order]
         rows = ws.shape[0]
         start = _before(np.cumsum(ws, axis=-1), self.start)  # the run's first position in the resample
-        b = np.minimum(start * self.bins // self.n, self.bins - 1).astype(np.int64)  # a run of weight 0 at the end: n
+        b = np.minimum(start * self.bins // self.n, self.bins - 1).astype(
+            np.int64
+        )  # a run of weight 0 at the end: n
         b += (np.arange(rows) * self.bins)[:, None]
         sums = lambda v: np.bincount(b.ravel(), (ws * v).ravel(), minlength=rows * self.bins)  # noqa: E731
         return (np.abs(sums(self.c) - sums(self.p)).reshape(rows, self.bins).sum(-1) / self.n)[None]
@@ -147,8 +150,16 @@ class RankingSort:
         within = self._mean_ranks(W2, self.start2, self.end2) - _before(W2, self.class_start)
         seg = lambda v: np.add.reduceat(v, self.class_starts, axis=-1)  # noqa: E731  (classes are contiguous here)
         wm2 = ws2 * self.m2
-        rho_within = mean_class_pearson(seg(ws2), seg(ws2 * within), seg(wm2), seg(wm2 * within),
-                                        seg(ws2 * within * within), seg(wm2), binary_a=False, binary_b=True)
+        rho_within = mean_class_pearson(
+            seg(ws2),
+            seg(ws2 * within),
+            seg(wm2),
+            seg(wm2 * within),
+            seg(ws2 * within * within),
+            seg(wm2),
+            binary_a=False,
+            binary_b=True,
+        )
         return np.stack([ause, aurg, err, rho, rho_within])
 
 
@@ -161,4 +172,3 @@ def _weighted_pearson(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray
     den = np.sqrt((w * a * a).sum(-1) * (w * b * b).sum(-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (w * a * b).sum(-1) / np.where(den > 0, den, 1.0), np.nan)
-

@@ -5,6 +5,7 @@ query to its retrieved neighbour n = r_1^mu(q) (nearest gallery item under the m
 
 with query and neighbour drawn jointly (so the query-gallery cross-covariance counts) when the method
 has joint samples; unbiased sample variance (1/(S-1)) sum_s (d_s - mean d)^2."""
+
 from __future__ import annotations
 
 import numpy as np

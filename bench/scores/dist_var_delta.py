@@ -10,6 +10,7 @@ f_MAP + J(theta_s - theta_MAP) have Sigma_qn -> J_q Sigma J_n^T); the formula is
 exactly as (1/(S-1)) sum_s (g_q.(z_q^s - zbar_q) + g_n.(z_n^s - zbar_n))^2. Without samples the
 items are independent (Sigma_qn = 0) and Sigma_qq, Sigma_nn are the predicted cov (or diag var).
 Differs from `dist_var` only by the curvature of d (first order; at mu_q = mu_n the gradient is 0)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -47,7 +48,7 @@ def dist_var_delta(inputs: ScoreInputs) -> np.ndarray:
         zq, zg = inputs.draws()
         zq, zn = zq.double(), zg.double()[:, n_idx]
         lin = ((zq - zq.mean(0)) * gq).sum(-1) + ((zn - zn.mean(0)) * gn).sum(-1)  # [S, N]
-        return ((lin ** 2).sum(0) / max(lin.shape[0] - 1, 1)).numpy()
+        return ((lin**2).sum(0) / max(lin.shape[0] - 1, 1)).numpy()
     q, g = inputs.query, inputs.gallery
     cov_n = None if g.cov is None else g.cov[n_idx]
     return (_quadratic(gq, q.cov, q.var) + _quadratic(gn, cov_n, g.var[n_idx])).numpy()

@@ -4,6 +4,7 @@ nearest gallery items (under the mean embeddings) whose label differs from the t
 Needs no predictive at all (plain gets it too): the baseline any Bayesian score must beat. A
 retrieved label that its neighbourhood contradicts is likely wrong, whatever the method's
 variance says; a benchmark without this row cannot tell whether a predictive adds anything."""
+
 from __future__ import annotations
 
 import numpy as np

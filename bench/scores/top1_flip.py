@@ -5,6 +5,7 @@ r_1^mu(q) is the gallery item nearest to q under the mean embeddings; r_1^s(q) t
 draw s (query and gallery drawn jointly when the method has joint samples; the whole gallery is
 searched unless `score_candidates` > 0). Estimated as (1/S) sum_s 1[...]. Gallery labels only: the
 score asks whether the *retrieved* label is stable, not whether it is right."""
+
 from __future__ import annotations
 
 import numpy as np

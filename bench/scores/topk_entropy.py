@@ -7,6 +7,7 @@ r_k^s(q) the k-th nearest gallery item under draw s (joint draws when the method
 score: high when the retrieved neighbourhood mixes labels, or when draws retrieve different
 labels. With a single draw at the mean it is the entropy of the mean embedding's K-NN labels (the
 Bayesian counterpart of `knn_disagreement`)."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,6 +1,7 @@
 """u_q = tr Sigma_q = sum_j Var[z_qj]: the total variance of the query's embedding (the seed paper's
 score). Blind to retrieval: it does not look at the gallery, so it is confounded with where a class
 sits in the embedding (outlying classes have the largest variance); a strong OOD score."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,5 +1,6 @@
 """`python -m bench hessian-bench`: time this project's Hessians against laplace-torch and the floor
 (one process, one net, one data set; the rows are described in `run_bench`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,8 +12,8 @@ import torch
 from backbones.mlp import EmbeddingNet
 from bench.environment import resolve_device
 from bench.errors import BenchError
-from bench.loss import PairLoss
 from bench.la.structures import compute_curvature
+from bench.loss import PairLoss
 from bench.model import num_params
 from bench.timing import sync
 
@@ -22,9 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1024, help="training items in the Hessian (default 1024)")
     parser.add_argument("--hidden", default="16,16,16,16", help="hidden widths (paper net: 16,16,16,16)")
     parser.add_argument("--embed-dim", type=int, default=2)
-    parser.add_argument("--data", choices=["fashion_mnist", "random"], default="fashion_mnist",
-                        help="real Fashion-MNIST training images or random inputs of the same shape")
-    parser.add_argument("--data-dir", default=None, help="folder holding the Fashion-MNIST files (default: the usual search)")
+    parser.add_argument(
+        "--data",
+        choices=["fashion_mnist", "random"],
+        default="fashion_mnist",
+        help="real Fashion-MNIST training images or random inputs of the same shape",
+    )
+    parser.add_argument(
+        "--data-dir", default=None, help="folder holding the Fashion-MNIST files (default: the usual search)"
+    )
     parser.add_argument("--chunk", type=int, default=256, help="items per Jacobian chunk")
     parser.add_argument("--mining-batch", type=int, default=16, help="pairs are mined per batch of this size")
     parser.add_argument("--lt-n", type=int, default=512, help="items for laplace-torch (time scaled to --n)")
@@ -48,6 +55,7 @@ def _load(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.rand(args.n, 784, generator=g), torch.randint(0, 7, (args.n,), generator=g)
     from bench.config import preset_config
     from bench.data import load_benchmark
+
     data = load_benchmark(preset_config("paper").replace(far_ood=(), data_dir=args.data_dir)).train_id
     if len(data) < args.n:
         raise BenchError(f"--n {args.n} exceeds the {len(data)} training items")
@@ -81,21 +89,35 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
     torch.mm(J[:256].T, J[:256])  # warm the BLAS
     t_floor, _ = _time(lambda: torch.mm(J.T, J), device)
     del J
-    rows.append({"what": "floor: torch.mm(J^T, J)", "rows": N * d, "seconds": t_floor, "note": f"J [{N * d}, {D}]"})
+    rows.append(
+        {"what": "floor: torch.mm(J^T, J)", "rows": N * d, "seconds": t_floor, "note": f"J [{N * d}, {D}]"}
+    )
 
     gen = lambda: torch.Generator().manual_seed(args.seed)
     kw = dict(mining_batch=args.mining_batch, chunk=args.chunk, dtype=dtype, loss=PairLoss())
-    for what, structure, hessian in [("ours full ggn", "full", "ggn"), ("ours full jtj", "full", "jtj"),
-                                     ("ours diag ggn", "diag", "ggn"), ("ours kfac ggn", "kron", "ggn")]:
-        t, curv = _time(lambda: compute_curvature(model, x, y, structure=structure, hessian=hessian,
-                                                  generator=gen(), **kw), device)
+    for what, structure, hessian in [
+        ("ours full ggn", "full", "ggn"),
+        ("ours full jtj", "full", "jtj"),
+        ("ours diag ggn", "diag", "ggn"),
+        ("ours kfac ggn", "kron", "ggn"),
+    ]:
+        t, curv = _time(
+            lambda: compute_curvature(
+                model, x, y, structure=structure, hessian=hessian, generator=gen(), **kw
+            ),
+            device,
+        )
         note, st = "", curv.stats
         if structure == "kron":
-            note = (f"{st['pseudo_samples']} pair pseudo-samples; dropped curvature "
-                    f"{100 * st['dropped_fraction_output']:.1f}% (output space)")
+            note = (
+                f"{st['pseudo_samples']} pair pseudo-samples; dropped curvature "
+                f"{100 * st['dropped_fraction_output']:.1f}% (output space)"
+            )
         elif hessian == "ggn":
-            note = (f"dropped curvature {100 * st['dropped_fraction_param']:.1f}% (param space), "
-                    f"{100 * st['dropped_fraction_output']:.1f}% (output space)")
+            note = (
+                f"dropped curvature {100 * st['dropped_fraction_param']:.1f}% (param space), "
+                f"{100 * st['dropped_fraction_output']:.1f}% (output space)"
+            )
         rows.append({"what": what, "rows": st["rows"], "seconds": t, "note": note})
         del curv
 
@@ -109,6 +131,7 @@ def run_bench(args: argparse.Namespace) -> list[dict]:
 def _laplace_torch_rows(model, x, y, args, kw, N, device) -> list[dict]:
     from laplace import Laplace
     from laplace.curvature import AsdlGGN, CurvlinopsGGN
+
     n = min(args.lt_n, N)
     xs = x[:n]
     ys = torch.zeros(n, args.embed_dim, device=device, dtype=x.dtype)
@@ -119,8 +142,14 @@ def _laplace_torch_rows(model, x, y, args, kw, N, device) -> list[dict]:
         la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="full", backend=backend)
         t, _ = _time(lambda: la.fit(loader), device)
         err = float((la.H.to(ours.dtype) - ours).norm() / ours.norm())
-        rows.append({"what": f"laplace-torch {name}", "rows": N * args.embed_dim, "seconds": t * N / n,
-                     "note": f"jtj; measured on {n} items x{N / n:g}; rel diff to ours {err:.1e}"})
+        rows.append(
+            {
+                "what": f"laplace-torch {name}",
+                "rows": N * args.embed_dim,
+                "seconds": t * N / n,
+                "note": f"jtj; measured on {n} items x{N / n:g}; rel diff to ours {err:.1e}",
+            }
+        )
         del la
     return rows
 
@@ -138,8 +167,11 @@ def main(args: argparse.Namespace) -> int:
     """Run the bench and print the table; returns the exit code."""
     hidden = str(args.hidden)
     resolve_device(args.device)  # a missing CUDA is one line, before any work
-    print(f"hessian-bench: net 784-{hidden.replace(',', '-')}-{args.embed_dim}, N={args.n} ({args.data}), "
-          f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"hessian-bench: net 784-{hidden.replace(',', '-')}-{args.embed_dim}, N={args.n} ({args.data}), "
+        f"{args.dtype} on {args.device}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     rows = run_bench(args)
     D = num_params(EmbeddingNet(784, tuple(int(h) for h in hidden.split(",")), args.embed_dim))
     print(f"D = {D}")

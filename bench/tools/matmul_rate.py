@@ -1,6 +1,7 @@
 """`python -m bench.tools.matmul_rate`: a device's matrix-product floor, the rate of a bare torch.mm of two
 n x n float32 matrices (2 n^3 flops a product; the median of `--repeats` timed products after warm-up),
 with TF32 off (`torch.backends.cuda.matmul.allow_tf32 = False`, true fp32) and, on CUDA, on."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ def matmul_tflops(n: int, device: torch.device, repeats: int = 10, tf32: bool = 
             times.append(time.perf_counter() - t)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
-    return 2 * n ** 3 / statistics.median(times) / 1e12
+    return 2 * n**3 / statistics.median(times) / 1e12
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,8 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     rows = [("fp32 (tf32 off)", matmul_tflops(args.n, device, args.repeats, tf32=False))]
     if device.type == "cuda":
         rows.append(("tf32 on", matmul_tflops(args.n, device, args.repeats, tf32=True)))
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
-    print(f"matmul floor: torch.mm of {args.n} x {args.n} float32 on {device} ({name}), median of {args.repeats}")
+    name = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu, {torch.get_num_threads()} threads"
+    )
+    print(
+        f"matmul floor: torch.mm of {args.n} x {args.n} float32 on {device} ({name}), median of {args.repeats}"
+    )
     for what, tflops in rows:
         print(f"  {what:<16} {tflops:9.2f} TFLOP/s")
     return 0

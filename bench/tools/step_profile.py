@@ -15,13 +15,14 @@ Each step is cut into phases timed with perf_counter (CUDA-synchronised at every
 `loop` - sum(phases) is what the cuts cost. A torch.profiler pass gives the share of the step spent
 inside ATen operators (self time) and the operators per step: the rest is Python and autograd glue.
 """
+
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import torch
 
@@ -35,18 +36,26 @@ PHASES = ("data", "forward", "mining", "loss", "backward", "optimiser", "bookkee
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of the step-profile subcommand."""
-    parser.add_argument("--batch", type=int, default=16, help="batch size (paper preset: 16, default preset: 64)")
+    parser.add_argument(
+        "--batch", type=int, default=16, help="batch size (paper preset: 16, default preset: 64)"
+    )
     parser.add_argument("--hidden", default="16,16,16,16", help="hidden widths (paper net: 16,16,16,16)")
     parser.add_argument("--embed-dim", type=int, default=2)
     parser.add_argument("--steps", type=int, default=400, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds (the median is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (train_threads; default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    parser.add_argument("--compile", choices=["off", "loss", "step"], default="off",
-                        help="also time torch.compile of forward + loss (loss) or of forward + loss and "
-                             "the optimiser step (step) against eager")
+    parser.add_argument(
+        "--compile",
+        choices=["off", "loss", "step"],
+        default="off",
+        help="also time torch.compile of forward + loss (loss) or of forward + loss and "
+        "the optimiser step (step) against eager",
+    )
     parser.add_argument("--no-profiler", action="store_true", help="skip the torch.profiler pass")
-    parser.add_argument("--no-phases", action="store_true", help="skip the phase table (e.g. to time --compile alone)")
+    parser.add_argument(
+        "--no-phases", action="store_true", help="skip the phase table (e.g. to time --compile alone)"
+    )
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -69,8 +78,9 @@ def make_setup(args: argparse.Namespace) -> Setup:
 
     device = resolve_device(args.device)
     hidden = tuple(int(h) for h in str(args.hidden).split(",") if h.strip())
-    cfg = preset_config("paper").replace(batch_size=args.batch, hidden=hidden, embed_dim=args.embed_dim, quiet=True,
-                                         train_threads=args.threads)
+    cfg = preset_config("paper").replace(
+        batch_size=args.batch, hidden=hidden, embed_dim=args.embed_dim, quiet=True, train_threads=args.threads
+    )
     g = torch.Generator().manual_seed(args.seed)
     n = args.steps * args.batch
     x = torch.randn(n, 1, 28, 28, generator=g).to(device)
@@ -168,8 +178,14 @@ def fast_loop(s: Setup, model, opt=None) -> None:
     from bench.train import train_net
 
     cfg = s.cfg
-    train_net(model, lambda m, xb, yb: batched_contrastive_loss(m(xb)[None], yb[None], cfg)[0],
-              replace(cfg, epochs=1), Split(s.x, s.y), s.device, seed=0)
+    train_net(
+        model,
+        lambda m, xb, yb: batched_contrastive_loss(m(xb)[None], yb[None], cfg)[0],
+        replace(cfg, epochs=1),
+        Split(s.x, s.y),
+        s.device,
+        seed=0,
+    )
     sync(s.device)
 
 
@@ -192,7 +208,11 @@ def _optimizer(path: str, model, cfg) -> torch.optim.Optimizer:
     """The fast path's optimiser (`make_optimizer`), or the reference's: torch's default Adam."""
     from bench.train import make_optimizer
 
-    return make_optimizer(model.parameters(), cfg) if path == "fast" else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return (
+        make_optimizer(model.parameters(), cfg)
+        if path == "fast"
+        else torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    )
 
 
 def profile_path(s: Setup, path: str, rounds: int) -> dict:
@@ -228,7 +248,11 @@ def aten_share(s: Setup, path: str, steps: int = 100) -> dict:
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     self_us = sum(e.self_cpu_time_total for e in events)
     calls = sum(e.count for e in events)
-    return {"aten_share": self_us / (wall * 1e6), "ops_per_step": calls / steps, "profiled_us_per_step": 1e6 * wall / steps}
+    return {
+        "aten_share": self_us / (wall * 1e6),
+        "ops_per_step": calls / steps,
+        "profiled_us_per_step": 1e6 * wall / steps,
+    }
 
 
 def _plain_fast_loop(s: Setup, model, opt) -> None:
@@ -280,8 +304,10 @@ def compiled_vs_eager(s: Setup, mode: str, rounds: int) -> dict:
     loss_e = objective(eager, x0, y0)
     loss_e.backward()
     g_c, g_e = (torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (compiled, eager))
-    same_batch = max(abs(float(loss_c.detach() - loss_e.detach())) / max(abs(float(loss_e.detach())), 1e-12),
-                     float((g_c - g_e).norm() / g_e.norm().clamp_min(1e-30)))
+    same_batch = max(
+        abs(float(loss_c.detach() - loss_e.detach())) / max(abs(float(loss_e.detach())), 1e-12),
+        float((g_c - g_e).norm() / g_e.norm().clamp_min(1e-30)),
+    )
     t = time.perf_counter()
     opt_step()  # (mode step: compiles the optimiser step)
     sync(s.device)
@@ -296,17 +322,29 @@ def compiled_vs_eager(s: Setup, mode: str, rounds: int) -> dict:
         t_e.append(_median_round(lambda: run(eager, opt_e, opt_e.step, objective, s.batches), 1))
         t_c.append(_median_round(lambda: run(compiled, opt_c, opt_step, fwd_loss, s.batches), 1))
     t_e, t_c = statistics.median(t_e), statistics.median(t_c)
-    return {"compile_s": compile_s, "eager_us": 1e6 * t_e / steps, "compiled_us": 1e6 * t_c / steps,
-            "speedup": t_e / t_c, "same_batch_rel_diff": same_batch, "max_param_diff_after_epoch": diff}
+    return {
+        "compile_s": compile_s,
+        "eager_us": 1e6 * t_e / steps,
+        "compiled_us": 1e6 * t_c / steps,
+        "speedup": t_e / t_c,
+        "same_batch_rel_diff": same_batch,
+        "max_param_diff_after_epoch": diff,
+    }
 
 
 def format_table(results: dict[str, dict]) -> str:
     """Phases as rows, paths as columns: µs per step and share of the sum of phases."""
     paths = list(results)
-    lines = [f"{'phase':<12}" + "".join(f" {p + ' µs':>12} {'share':>6}" for p in paths), "-" * (12 + 20 * len(paths))]
+    lines = [
+        f"{'phase':<12}" + "".join(f" {p + ' µs':>12} {'share':>6}" for p in paths),
+        "-" * (12 + 20 * len(paths)),
+    ]
     sums = {p: sum(results[p][k] for k in PHASES) for p in paths}
     for k in PHASES:
-        lines.append(f"{k:<12}" + "".join(f" {results[p][k]:>12.1f} {100 * results[p][k] / sums[p]:>5.1f}%" for p in paths))
+        lines.append(
+            f"{k:<12}"
+            + "".join(f" {results[p][k]:>12.1f} {100 * results[p][k] / sums[p]:>5.1f}%" for p in paths)
+        )
     lines.append(f"{'sum':<12}" + "".join(f" {sums[p]:>12.1f} {'':>6}" for p in paths))
     lines.append(f"{'loop':<12}" + "".join(f" {results[p]['loop']:>12.1f} {'':>6}" for p in paths))
     return "\n".join(lines)
@@ -316,8 +354,11 @@ def main(args: argparse.Namespace) -> int:
     """Profile, print the tables; returns the exit code."""
     s = make_setup(args)
     torch.set_num_threads(args.threads) if args.threads > 0 and s.device.type == "cpu" else None
-    print(f"step-profile: net 784-{str(args.hidden).replace(',', '-')}-{args.embed_dim}, batch {args.batch}, "
-          f"{args.steps} steps x {args.rounds} rounds on {s.device}, torch threads {torch.get_num_threads()}", flush=True)
+    print(
+        f"step-profile: net 784-{str(args.hidden).replace(',', '-')}-{args.embed_dim}, batch {args.batch}, "
+        f"{args.steps} steps x {args.rounds} rounds on {s.device}, torch threads {torch.get_num_threads()}",
+        flush=True,
+    )
     if not args.no_phases:
         results = {"fast": profile_path(s, "fast", args.rounds), "pml": profile_path(s, "pml", args.rounds)}
         print(format_table(results))
@@ -325,13 +366,17 @@ def main(args: argparse.Namespace) -> int:
     if not args.no_profiler:
         for path in ("fast", "pml"):
             a = aten_share(s, path, min(100, args.steps))
-            print(f"{path}: {100 * a['aten_share']:.0f}% of the step inside ATen operators (self time), "
-                  f"{a['ops_per_step']:.0f} operators per step (profiled {a['profiled_us_per_step']:.0f} µs/step)")
+            print(
+                f"{path}: {100 * a['aten_share']:.0f}% of the step inside ATen operators (self time), "
+                f"{a['ops_per_step']:.0f} operators per step (profiled {a['profiled_us_per_step']:.0f} µs/step)"
+            )
     if args.compile != "off":
         c = compiled_vs_eager(s, args.compile, args.rounds)
-        print(f"torch.compile ({args.compile}): compile {c['compile_s']:.1f} s; eager {c['eager_us']:.0f} µs/step, "
-              f"compiled {c['compiled_us']:.0f} µs/step ({c['speedup']:.2f}x); "
-              f"same batch, same weights: loss and gradients within {c['same_batch_rel_diff']:.1e} (relative); "
-              f"after an epoch the nets differ by up to {c['max_param_diff_after_epoch']:.1e} (a rounding "
-              f"difference flips a mined triplet now and then, and training amplifies it)")
+        print(
+            f"torch.compile ({args.compile}): compile {c['compile_s']:.1f} s; eager {c['eager_us']:.0f} µs/step, "
+            f"compiled {c['compiled_us']:.0f} µs/step ({c['speedup']:.2f}x); "
+            f"same batch, same weights: loss and gradients within {c['same_batch_rel_diff']:.1e} (relative); "
+            f"after an epoch the nets differ by up to {c['max_param_diff_after_epoch']:.1e} (a rounding "
+            f"difference flips a mined triplet now and then, and training amplifies it)"
+        )
     return 0

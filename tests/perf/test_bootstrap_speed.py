@@ -2,6 +2,7 @@
 (7,000 ID queries, 5,000 OOD queries, 1,000 resamples): the sort-once count bootstrap
 (`bench.metrics.weighted`) next to its reference, scipy's resampling bootstrap that re-sorts every
 resample. Run with `make perf` (excluded from the default test run)."""
+
 from __future__ import annotations
 
 import numpy as np

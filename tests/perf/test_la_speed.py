@@ -4,6 +4,7 @@ matrix products of the same shapes. Net 256-16-16-16-16-2 (D = 4,962 > EXACT_EIG
 paths run) with an H of the paper GGN's spectral shape; 2,048 queries. Excluded from the default run:
     pytest -o addopts="" tests/perf --benchmark-only
 """
+
 from __future__ import annotations
 
 import pytest
@@ -31,11 +32,22 @@ def setup():
     theta_sq = PAPER_THETA_SQ * D / PAPER_D
     x = torch.rand(N_QUERIES, 256, generator=torch.Generator().manual_seed(1))
     marglik = lambda spec: optimize_marglik(spec, theta_sq)
-    lowrank, delta, _ = FullPosterior.fit(model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=TOL)
+    lowrank, delta, _ = FullPosterior.fit(
+        model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=TOL
+    )
     assert isinstance(lowrank, LowRankPosterior)
     exact_delta, _ = marglik(exact_spectrum(torch.linalg.eigvalsh(H.double())))
-    return dict(model=model, curv=curv, H=H, x=x, marglik=marglik, delta=delta, exact_delta=exact_delta,
-                lowrank=lowrank, exact=FullPosterior(model, curv, delta))
+    return dict(
+        model=model,
+        curv=curv,
+        H=H,
+        x=x,
+        marglik=marglik,
+        delta=delta,
+        exact_delta=exact_delta,
+        lowrank=lowrank,
+        exact=FullPosterior(model, curv, delta),
+    )
 
 
 def _once(benchmark, fn):
@@ -46,8 +58,9 @@ def _once(benchmark, fn):
 def test_bench_glm_predictive(benchmark, setup, path):
     post = setup["lowrank" if path == "lowrank" else "exact"]
     cov = _once(benchmark, lambda: post.glm_cov(setup["x"], 256))
-    benchmark.extra_info.update(D=setup["curv"].D, queries=N_QUERIES,
-                                rank=getattr(post, "basis", None) and post.basis.rank)
+    benchmark.extra_info.update(
+        D=setup["curv"].D, queries=N_QUERIES, rank=getattr(post, "basis", None) and post.basis.rank
+    )
     assert cov.shape == (N_QUERIES, 2, 2)
 
 
@@ -73,10 +86,12 @@ def test_bench_prior(benchmark, setup, path):
         delta, _ = marglik(slq_spectrum(H, generator=gen()))
         return delta, jittered_cholesky(H + delta * torch.eye(curv.D))
 
-    run = {"krylov_lowrank": lambda: FullPosterior.fit(model, curv, marglik, gen(), rank_tol=TOL)[1],
-           "krylov_cholesky": lambda: FullPosterior.fit(model, curv, marglik, gen(), rank_tol=0.0)[1],
-           "slq_cholesky": lambda: slq_cholesky()[0],
-           "exact_eigvalsh": lambda: marglik(exact_spectrum(torch.linalg.eigvalsh(H.double())))[0]}[path]
+    run = {
+        "krylov_lowrank": lambda: FullPosterior.fit(model, curv, marglik, gen(), rank_tol=TOL)[1],
+        "krylov_cholesky": lambda: FullPosterior.fit(model, curv, marglik, gen(), rank_tol=0.0)[1],
+        "slq_cholesky": lambda: slq_cholesky()[0],
+        "exact_eigvalsh": lambda: marglik(exact_spectrum(torch.linalg.eigvalsh(H.double())))[0],
+    }[path]
     delta = _once(benchmark, run)
     benchmark.extra_info.update(D=curv.D, delta=delta, delta_rel_err=delta / setup["exact_delta"] - 1)
     assert delta > 0
