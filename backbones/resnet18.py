@@ -1,4 +1,5 @@
-"""ResNet-18 (torchvision) trunk + the embedding head; from scratch unless `backbone_weights` names a local file."""
+"""ResNet-18 (torchvision) trunk + the embedding head; from scratch unless `backbone_weights`
+names a local file."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Atomic file writes: readers see the old file or the whole new one, never a part (killed runs stay clean)."""
+"""Atomic file writes: readers see the old file or the whole new one, never a part
+(killed runs stay clean)."""
 
 from __future__ import annotations
 

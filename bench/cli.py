@@ -138,8 +138,8 @@ def add_grid_parser(sub) -> None:
         default=[],
         metavar="FIELD=V[;V...]",
         help="a config field for every cell; several values make a grid axis: repeat --set, or "
-        "separate values with ';' (and with ',' for non-tuple fields), e.g. --set prior_precision=marglik,grid "
-        "--set 'hidden=32,32;64,64'",
+        "separate values with ';' (and with ',' for non-tuple fields), e.g. "
+        "--set prior_precision=marglik,grid --set 'hidden=32,32;64,64'",
     )
     spec.add_argument("--device", default=None, help="auto (cuda when available), cpu, cuda or cuda:N")
     spec.add_argument("--data-dir", default=None, help="folder holding the dataset files")

@@ -1,4 +1,5 @@
-"""Plugin registries: methods, datasets, backbones and uncertainty scores register themselves by name with a decorator.
+"""Plugin registries: methods, datasets, backbones and uncertainty scores register themselves by name
+with a decorator.
 
 Each registry imports every module of its plugin package on first lookup, so adding a plugin is one
 new file and never an edit here. An unknown name is a BenchError listing the registered names.

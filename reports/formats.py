@@ -181,14 +181,20 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-CSS = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:1.5em auto;padding:0 1em;color:#222}
-table.wrapcells td{white-space:normal;text-align:left;max-width:420px}.ci{color:#666;font-size:11px}
-table{border-collapse:collapse;margin:.4em 0 1.2em;font-size:13px}th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}
-th{background:#f0f0f0;white-space:normal}
-td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:4px 0}
-pre{background:#f6f6f6;padding:.6em;overflow-x:auto}.note{color:#555;font-size:13px}.wrap{overflow-x:auto}
-figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555;font-size:13px}
-dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}dl.facts dt{font-weight:600}dl.facts dd{margin:0}"""
+CSS = (
+    "body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;max-width:1200px;margin:1.5em auto;"
+    "padding:0 1em;color:#222}\n"
+    "table.wrapcells td{white-space:normal;text-align:left;max-width:420px}.ci{color:#666;font-size:11px}\n"
+    "table{border-collapse:collapse;margin:.4em 0 1.2em;font-size:13px}"
+    "th,td{border:1px solid #ccc;padding:3px 7px;text-align:right;white-space:nowrap}\n"
+    "th{background:#f0f0f0;white-space:normal}\n"
+    "td:first-child,th:first-child{text-align:left}caption{text-align:left;font-weight:600;padding:4px 0}\n"
+    "pre{background:#f6f6f6;padding:.6em;overflow-x:auto}.note{color:#555;font-size:13px}.wrap{overflow-x:auto}\n"
+    "figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}"
+    "figcaption{color:#555;font-size:13px}\n"
+    "dl.facts{display:grid;grid-template-columns:max-content auto;gap:2px 14px;font-size:14px}"
+    "dl.facts dt{font-weight:600}dl.facts dd{margin:0}"
+)
 
 
 def to_html(blocks: list[Block]) -> str:

@@ -390,7 +390,8 @@ def _merged(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str
     cells = variant_names(grid)
     if res.empty:
         raise BenchError(
-            f"{grid.path} has no finished cells yet (no merged results.csv); run `bench grid --resume {grid.path}`"
+            f"{grid.path} has no finished cells yet (no merged results.csv); "
+            f"run `bench grid --resume {grid.path}`"
         )
     return res.assign(variant=res["cell"].map(cells)), tim.assign(variant=tim["cell"].map(cells)), cells
 

@@ -133,14 +133,15 @@ def wall_time_table(run: RunFolder, online: str, post_hoc: str) -> Table:
             + [Cell(f"{sum(mean.values()):.2f}")]
         )
     notes = [
-        f"Seconds per seed, mean over {len(run.seeds)} seed(s). {online}'s train is its own training without the "
-        "curvature (hessian) and marglik (part of prior) computed inside it; the post-hoc method's train is the "
-        "shared base training."
+        f"Seconds per seed, mean over {len(run.seeds)} seed(s). {online}'s train is its own training "
+        "without the curvature (hessian) and marglik (part of prior) computed inside it; the post-hoc "
+        "method's train is the shared base training."
     ]
     if ratios:
         notes.append(
             f"Online training / plain training of the same backbone and epochs: "
-            f"{', '.join(f'{r:.2f}x' for r in ratios)} (per seed; base training as recorded in the model cache); "
+            f"{', '.join(f'{r:.2f}x' for r in ratios)} "
+            "(per seed; base training as recorded in the model cache); "
             f"curvature (hessian) share of online training: {', '.join(f'{100 * x:.0f}%' for x in shares)}."
         )
     return Table(f"Wall time: {online} vs {post_hoc} (s)", ["method", *stages, "total"], rows, notes)
@@ -163,7 +164,8 @@ def comparison_blocks(run: RunFolder) -> list[Block]:
                 f"Structure {fo['structure']}; Bayesian subset: {online} {subset(fo)}, {post} {subset(fp)}"
                 + ("" if same else " (different subsets: the difference includes that choice)")
                 + ". Rows: paired difference on the same queries with its bootstrap CI, per seed; last row: "
-                f"mean over seeds with a Student-t {100 * level:g}% interval. **bold**: the interval excludes 0.",
+                f"mean over seeds with a Student-t {100 * level:g}% interval. "
+                "**bold**: the interval excludes 0.",
                 note=True,
             )
         )
@@ -186,7 +188,10 @@ def comparison_blocks(run: RunFolder) -> list[Block]:
         said = []
         for metric in metrics:
             r = src[src["metric"] == metric].iloc[0]
-            text = f"{verdict(metric, r['ci_low'], r['ci_high'])} on {metric} ({fmt_ci(r['diff'], r['ci_low'], r['ci_high'], signed=True)}"
+            text = (
+                f"{verdict(metric, r['ci_low'], r['ci_high'])} on {metric} "
+                f"({fmt_ci(r['diff'], r['ci_low'], r['ci_high'], signed=True)}"
+            )
             if multi:
                 per = [
                     verdict(metric, lo, hi)

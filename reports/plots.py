@@ -109,8 +109,9 @@ def roc_points(score_id: np.ndarray, score_ood: np.ndarray) -> tuple[np.ndarray,
 
 def uncertainty_figure(arrs: dict[str, np.ndarray], method: str, seed: int) -> Figure | None:
     """The seed's Fig 3 and OOD detection, three panels: (a) uncertainty per query, ID vs each OOD set
-    (jittered strips with medians); (b) histograms of the uncertainty per set (fraction of each set per bin, so sets of different sizes compare); (c) ROC curves of
-    OOD-vs-ID detection by uncertainty. None when the method has no uncertainty."""
+    (jittered strips with medians); (b) histograms of the uncertainty per set (fraction of each set per
+    bin, so sets of different sizes compare); (c) ROC curves of OOD-vs-ID detection by uncertainty.
+    None when the method has no uncertainty."""
     u_id = uncertainty(arrs, "id")
     if u_id is None:
         return None
@@ -123,7 +124,7 @@ def uncertainty_figure(arrs: dict[str, np.ndarray], method: str, seed: int) -> F
     fig.subplots_adjust(left=0.06, right=0.985, top=0.86, bottom=0.12, wspace=0.25)
     a, b, c = fig.subplots(1, 3)
     rng = np.random.default_rng(0)  # jitter only
-    for i, (label, u) in enumerate(groups):
+    for i, (_, u) in enumerate(groups):
         col = colours[i % len(colours)]
         a.scatter(
             i + rng.uniform(-0.3, 0.3, len(u)), u, s=6, alpha=0.5, color=col, linewidths=0, rasterized=True

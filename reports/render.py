@@ -135,8 +135,8 @@ def paired_blocks(run: RunFolder) -> list[Block]:
     if run.paired is not None and not run.paired.empty:
         out.append(
             Para(
-                "Method − reference on the same queries (paired.csv), with the bootstrap CI of the difference; "
-                "**bold**: the CI excludes 0.",
+                "Method − reference on the same queries (paired.csv), "
+                "with the bootstrap CI of the difference; **bold**: the CI excludes 0.",
                 note=True,
             )
         )
@@ -150,7 +150,8 @@ def paired_blocks(run: RunFolder) -> list[Block]:
     if df.empty:
         return out + [
             Para(
-                f"Not available: no paired.csv and no other method with per-query vectors to pair with `{REFERENCE}`."
+                "Not available: no paired.csv and no other method with per-query vectors "
+                f"to pair with `{REFERENCE}`."
             )
         ]
     out.append(
@@ -180,7 +181,8 @@ def figure_blocks(run: RunFolder) -> list[Block]:
     if missing:
         out.append(
             Para(
-                f"No per-query arrays for {', '.join(missing)}{seed_note}: their embedding and uncertainty plots are skipped.",
+                f"No per-query arrays for {', '.join(missing)}{seed_note}: "
+                "their embedding and uncertainty plots are skipped.",
                 note=True,
             )
         )
@@ -198,7 +200,8 @@ def figure_blocks(run: RunFolder) -> list[Block]:
                     f"uncertainty_{m}",
                     fig,
                     f"{m}{seed_note}: uncertainty (sum of the embedding variance over "
-                    "dimensions) per query for ID and each OOD set; histograms; ROC of OOD detection by uncertainty.",
+                    "dimensions) per query for ID and each OOD set; histograms; "
+                    "ROC of OOD detection by uncertainty.",
                 )
             )
 

@@ -113,7 +113,8 @@ def score_tables(summ: pd.DataFrame, methods: list[str], how: str, suffix: str =
     ]
     return [
         Table(
-            f"Uncertainty scores: do they predict the method's own retrieval errors? (ID test queries){suffix}",
+            "Uncertainty scores: do they predict the method's own retrieval errors? "
+            f"(ID test queries){suffix}",
             ["method / score", "AUSE ↓", "AURG ↑", "R-AUROC ↑", "ECE ↓", "Spearman ↓", "Spearman_within ↓"],
             id_rows,
             notes,
@@ -238,9 +239,9 @@ def method_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) ->
             ]
         )
     note = (
-        f"Each method with its best score by {COMPARE_BY} (chosen on the same queries: optimistic). Last column: "
-        f"{COMPARE_BY} of {leader} / {lscore} minus this row's, paired bootstrap over the same queries per seed; "
-        "an interval above 0 means the leader predicts its own errors better."
+        f"Each method with its best score by {COMPARE_BY} (chosen on the same queries: optimistic). "
+        f"Last column: {COMPARE_BY} of {leader} / {lscore} minus this row's, paired bootstrap over the "
+        "same queries per seed; an interval above 0 means the leader predicts its own errors better."
     )
     return Table(
         f"Which method predicts its own retrieval errors best ({COMPARE_BY} of its best score)",
@@ -297,9 +298,10 @@ def baseline_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) 
     if not rows:
         return None
     note = (
-        f"Best predictive score (by mean AURG) minus `{BASELINE}` (no predictive: the label disagreement of the "
-        "K nearest neighbours of the mean embedding), same method, same queries, paired bootstrap; **bold**: the "
-        "interval excludes 0. Above 0: the predictive adds to what the mean embedding's neighbourhood already says."
+        f"Best predictive score (by mean AURG) minus `{BASELINE}` (no predictive: the label disagreement "
+        "of the K nearest neighbours of the mean embedding), same method, same queries, paired bootstrap; "
+        "**bold**: the interval excludes 0. Above 0: the predictive adds to what the mean embedding's "
+        "neighbourhood already says."
     )
     return Table(
         f"Does the predictive beat the no-predictive baseline ({BASELINE})?",

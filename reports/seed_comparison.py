@@ -20,7 +20,8 @@ SEED_TABLE1 = {
 }
 SEED_NOTE = (
     "Seed: its Table 1 (no interval given; pytorch-metric-learning's `mean_average_precision`, which up to "
-    "v1.6.0 divides by the hits in the top K, hence `mAP_pml@K`). Ours: value [95% bootstrap CI over queries] "
+    "v1.6.0 divides by the hits in the top K, hence `mAP_pml@K`). "
+    "Ours: value [95% bootstrap CI over queries] "
     "(several seeds: mean [t-interval across seeds]); `mAP@K` divides by min(K, R) (the headline). "
     "Retrieval is leave-one-out on the ID test set, in the run's distance."
 )

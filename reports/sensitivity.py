@@ -1,6 +1,7 @@
 """The sensitivity figure of a run folder's sensitivity.csv (`bench.sensitivity`): per method and seed,
 mAP@1, AUSE, ECE and AUROC[<set>] against the prior precision, one line per likelihood temperature
-(or against the temperature when only that axis was swept), bootstrap CIs as bands, the fitted point marked."""
+(or against the temperature when only that axis was swept), bootstrap CIs as bands, the fitted point
+marked."""
 
 from __future__ import annotations
 
@@ -89,7 +90,8 @@ def sensitivity_figure(
 
 
 def sensitivity_blocks(run: RunFolder) -> list[Block]:
-    """The Sensitivity section: one figure per (method, seed) in sensitivity.csv; nothing when no sweep ran."""
+    """The Sensitivity section: one figure per (method, seed) in sensitivity.csv;
+    nothing when no sweep ran."""
     df = run.sensitivity
     if df is None or df.empty:
         return []

@@ -119,7 +119,10 @@ def test_validation_split_is_stratified_and_disjoint_from_training():
     cfg = preset_config("smoke").replace(dataset="synthetic", val_items=60)
     data, plain = load_benchmark(cfg), load_benchmark(cfg.replace(val_items=0))
     assert data.val_id is not None and len(data.val_id) == 60 and plain.val_id is None
-    rows = lambda s: {tuple(r) for r in s.x.numpy().round(6)}
+
+    def rows(s):
+        return {tuple(r) for r in s.x.numpy().round(6)}
+
     assert not rows(data.val_id) & rows(data.train_id)  # never trained on
     assert not rows(data.val_id) & rows(data.test_id)  # never test data
     assert set(data.val_id.y.tolist()) <= set(data.train_id.y.tolist())  # training classes only

@@ -50,10 +50,13 @@ def test_paired_difference_equals_the_direct_difference(tmp_path):
     assert lo <= diff <= hi
     near = Criterion("n", "near", "?", "AUROC[heldout]", True, "n", "ood", "trace", "heldout")
     diff, lo, hi = paired_difference(run, near, "diag_la", "mc_dropout", 300)
-    auc = lambda x: roc_auc_score(
-        np.r_[np.zeros(80), np.ones(40)],  # noqa: E731
-        np.r_[x[score_array("id", "trace")], x[score_array("heldout", "trace")]],
-    )
+
+    def auc(x):
+        return roc_auc_score(
+            np.r_[np.zeros(80), np.ones(40)],
+            np.r_[x[score_array("id", "trace")], x[score_array("heldout", "trace")]],
+        )
+
     assert diff == pytest.approx(auc(a) - auc(b))
     assert lo < diff < hi
     err = Criterion("e", "errors", "?", "R-AUROC:top1_flip", True, "e", "ranking", "top1_flip")

@@ -82,7 +82,7 @@ def cars_snapshot_tree(root: Path, classes: int = 196, per_class: int = 2, seed:
     d = root / "cars_train"
     labels = [c for c in range(1, classes + 1) for _ in range(per_class)]
     order = rng.permutation(len(labels))  # classes interleaved, as in the real file
-    for i, j in enumerate(order, start=1):
+    for i, _ in enumerate(order, start=1):
         write_jpeg(d / "cars_train" / f"{i:05d}.jpg", rng, colour=(0, 0, 250))  # red, stored as BGR
     (d / "train_perfect_preds.txt").write_text("\n".join(str(labels[j]) for j in order) + "\n")
     savemat(

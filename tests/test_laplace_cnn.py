@@ -58,7 +58,8 @@ def test_glm_covariance_on_a_cnn_subset_is_j_sigma_jt(structure, subset):
 
 @pytest.mark.parametrize("structure,subset", [("full", "last_k:2"), ("diag", "all"), ("kron", "all")])
 def test_linearized_samples_on_a_cnn_subset(structure, subset):
-    """f_MAP(x) + J(x)(theta_s - theta_MAP) by jvp over the subset, against jacrev columns of the whole net."""
+    """f_MAP(x) + J(x)(theta_s - theta_MAP) by jvp over the subset, against jacrev columns of the
+    whole net."""
     model, (x, y) = TinyConvNet(), tiny_images(32)
     curv = compute_curvature(model, x, y, structure=structure, subset=subset, mining_batch=8)
     post = make_posterior(model, curv, DELTA)

@@ -57,7 +57,10 @@ def paper_like():
 @pytest.mark.parametrize("tol", sorted({0.1, DEFAULT_TOL, PRIOR_TOL}))
 def test_marglik_from_the_basis_within_one_percent(paper_like, seed, tol):
     H, lam, theta_sq, exact_delta = paper_like
-    marglik = lambda b: optimize_marglik(b.spectrum(), theta_sq)[0]
+
+    def marglik(b):
+        return optimize_marglik(b.spectrum(), theta_sq)[0]
+
     basis, delta = krylov_nystrom(H, marglik, tol, generator=torch.Generator().manual_seed(seed))
     assert basis is not None and basis.rank < len(lam) / 3
     assert abs(delta / exact_delta - 1) < 0.01, (delta, exact_delta)
@@ -70,8 +73,10 @@ def test_bound_holds_and_residual_estimate_is_tight(paper_like):
     e = float(torch.linalg.eigvalsh(H - Hk).abs().max())
     assert 0.8 * e <= basis.residual <= e * (1 + 1e-6)  # the estimate approaches ||H - H_k|| from below
     assert basis.rel_bound(delta) <= DEFAULT_TOL
-    I = torch.eye(len(lam), dtype=torch.float64)
-    ratio = _gen_eigs(torch.linalg.inv(Hk + delta * I), torch.linalg.inv(H + delta * I))  # Sigma_k / Sigma
+    eye = torch.eye(len(lam), dtype=torch.float64)
+    ratio = _gen_eigs(
+        torch.linalg.inv(Hk + delta * eye), torch.linalg.inv(H + delta * eye)
+    )  # Sigma_k / Sigma
     assert ratio.min() >= 1 / (1 + basis.nu / delta) - 1e-9
     assert ratio.max() <= 1 + e / delta + 1e-9
 
@@ -87,15 +92,15 @@ def test_lowrank_posterior_against_brute_force():
     Hk = _dense(basis)
     e = float(torch.linalg.eigvalsh(H - Hk).abs().max())
     post = LowRankPosterior(model, curv, delta, basis)
-    I = torch.eye(D, dtype=torch.float64)
-    Sigma_k, Sigma = torch.linalg.inv(Hk + delta * I), torch.linalg.inv(H + delta * I)
+    eye = torch.eye(D, dtype=torch.float64)
+    Sigma_k, Sigma = torch.linalg.inv(Hk + delta * eye), torch.linalg.inv(H + delta * eye)
     xq = x[:5]
     J = full_jacobian(model, xq).reshape(5, 2, D)
     cov = post.glm_cov(xq, chunk=2)
     assert rel_err(cov, J @ Sigma_k @ J.transpose(1, 2)) < 1e-9  # the Linear-layer factor path
     ratio = _gen_eigs(cov, J @ Sigma @ J.transpose(1, 2))  # per query, within the bound
     assert ratio.min() >= 1 / (1 + basis.nu / delta) - 1e-9 and ratio.max() <= 1 + e / delta + 1e-9
-    assert abs(post.logdet_precision() - float(torch.logdet(Hk + delta * I))) < 1e-8
+    assert abs(post.logdet_precision() - float(torch.logdet(Hk + delta * eye))) < 1e-8
     eps = post.sample_flat(40000, torch.Generator().manual_seed(1))
     v = torch.randn(D, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     emp, ref = float((eps @ v).pow(2).mean()), float(v @ Sigma_k @ v)
@@ -121,7 +126,10 @@ def test_full_posterior_fit_dispatch(monkeypatch):
     model, (x, y) = tiny_net(in_dim=12, hidden=(10, 8)), tiny_data(400, in_dim=12)
     curv = compute_curvature(model, x, y, structure="full", hessian="ggn", mining_batch=16)
     theta_sq = float(jac.flat_params(model, curv.names).pow(2).sum())
-    marglik = lambda spec: optimize_marglik(spec, theta_sq)
+
+    def marglik(spec):
+        return optimize_marglik(spec, theta_sq)
+
     exact_delta, _ = optimize_marglik(exact_spectrum(torch.linalg.eigvalsh(curv.H)), theta_sq)
     post, delta, info = FullPosterior.fit(model, curv, marglik, rank_tol=0.0)
     assert (
@@ -135,7 +143,10 @@ def test_full_posterior_fit_dispatch(monkeypatch):
     model, (x, y) = tiny_net(in_dim=12, hidden=(10, 8)), tiny_data(400, in_dim=12)
     curv = compute_curvature(model, x, y, structure="full", hessian="ggn", mining_batch=16)
     theta_sq = float(jac.flat_params(model, curv.names).pow(2).sum())
-    marglik = lambda spec: optimize_marglik(spec, theta_sq)
+
+    def marglik(spec):
+        return optimize_marglik(spec, theta_sq)
+
     exact_delta, _ = optimize_marglik(exact_spectrum(torch.linalg.eigvalsh(curv.H)), theta_sq)
     post, delta, info = FullPosterior.fit(
         model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=0.3

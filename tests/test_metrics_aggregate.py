@@ -48,20 +48,26 @@ def test_stage_breakdown():
 def perquery():
     rng = np.random.default_rng(0)
     n, n_ood = 60, 40
-    corr = lambda: (rng.random(n) < 0.6).astype(float)
+
+    def corr():
+        return (rng.random(n) < 0.6).astype(float)
+
     base = dict(id_labels=np.arange(n) % 3, ood_far_labels=np.zeros(n_ood))
     plain = dict(
         base, id_mean=rng.random((n, 2)), ood_far_mean=rng.random((n_ood, 2)), **{"pq_mAP@1": corr()}
     )
-    mk = lambda shift: dict(
-        base,
-        id_mean=rng.random((n, 2)),
-        id_var=rng.random((n, 2)),
-        ood_far_mean=rng.random((n_ood, 2)),
-        ood_far_var=rng.random((n_ood, 2)) + shift,
-        extra_confidence=rng.random(n),
-        **{"pq_mAP@1": corr()},
-    )
+
+    def mk(shift):
+        return dict(
+            base,
+            id_mean=rng.random((n, 2)),
+            id_var=rng.random((n, 2)),
+            ood_far_mean=rng.random((n_ood, 2)),
+            ood_far_var=rng.random((n_ood, 2)) + shift,
+            extra_confidence=rng.random(n),
+            **{"pq_mAP@1": corr()},
+        )
+
     arrs = {"plain": plain, "la": mk(0.5), "ens": mk(0.1)}
     return {(m, 0): a for m, a in arrs.items()}, arrs
 

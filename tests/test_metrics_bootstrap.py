@@ -53,7 +53,9 @@ def test_multi_output_percentile_is_reproducible_and_brackets_estimate():
 
 
 def test_no_resamples_or_tiny_samples_give_nan_interval():
-    stat = lambda a, axis=-1: a.mean(axis=axis)[None]
+    def stat(a, axis=-1):
+        return a.mean(axis=axis)[None]
+
     assert np.isnan(bootstrap_ci((np.arange(5.0),), stat, n_resamples=0).low[0])
     assert np.isnan(bootstrap_ci((np.array([1.0]),), stat).high[0])
 
@@ -61,15 +63,19 @@ def test_no_resamples_or_tiny_samples_give_nan_interval():
 def test_grouped_keeps_pairs_and_strata():
     rng = np.random.default_rng(5)
     a = rng.random(100)
-    diff = lambda x, y, axis=-1: (x - y).mean(axis=axis)[None]
+
+    def diff(x, y, axis=-1):
+        return (x - y).mean(axis=axis)[None]
+
     # paired: a constant per-query difference survives every resample exactly
     assert grouped_bootstrap_ci([(a + 0.1, a)], diff, n_resamples=200).triple() == pytest.approx(
         (0.1, 0.1, 0.1)
     )
+
     # strata: each group keeps its own size (a statistic returning the sizes never varies)
-    sizes = lambda x, y, axis=-1: np.stack(
-        [np.full(x.shape[:-1], x.shape[-1]), np.full(y.shape[:-1], y.shape[-1])]
-    )
+    def sizes(x, y, axis=-1):
+        return np.stack([np.full(x.shape[:-1], x.shape[-1]), np.full(y.shape[:-1], y.shape[-1])])
+
     r = grouped_bootstrap_ci([(a,), (a[:30],)], sizes, n_resamples=50)
     assert list(r.low) == [100, 30] and list(r.high) == [100, 30]
     with pytest.raises(ValueError):

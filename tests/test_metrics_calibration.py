@@ -1,4 +1,5 @@
-"""Retrieval calibration (ECE): hand-built bins, a perfectly calibrated toy and the cross-fitted confidence map."""
+"""Retrieval calibration (ECE): hand-built bins, a perfectly calibrated toy and the cross-fitted
+confidence map."""
 
 import numpy as np
 import pytest

@@ -122,7 +122,8 @@ def test_a_damaged_per_query_file_is_named_on_resume(tmp_path, damage):
 
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_a_legacy_finished_method_without_readable_arrays_is_fitted_again(tmp_path, damage):
-    """A folder from before manifests: the method is fitted again with one line, never dropped from paired.csv."""
+    """A folder from before manifests: the method is fitted again with one line, never dropped from
+    paired.csv."""
     cfg = _cfg(tmp_path / "runs", ("plain", "diag_la"))
     folder = run(cfg, log=lambda *_: None)
     paired = pd.read_csv(folder / "paired.csv")

@@ -67,9 +67,10 @@ def merge_tables(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
             co = coordinates(grid, cid)
             res.append(run.results.assign(**co))
             tim.append(run.timings.assign(**co))
-    frame = lambda parts, cols: (
-        pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
-    )[cols]  # noqa: E731
+
+    def frame(parts: list[pd.DataFrame], cols: list[str]) -> pd.DataFrame:
+        return (pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols))[cols]
+
     return frame(res, coord_cols + RESULT_COLUMNS), frame(tim, coord_cols + TIMING_COLUMNS)
 
 
@@ -194,13 +195,16 @@ class _Scheduler:
 
 def run_grid(
     grid: GridFolder,
-    opts: ExecutorOptions = ExecutorOptions(),
+    opts: ExecutorOptions | None = None,
     quiet: bool = False,
     log: Callable[[str], None] = print,
 ) -> GridFolder:
     """Run every unfinished cell of `grid` (and the base models they need) on the executor, record
     each outcome in grid.json as it comes, and write the merged results.csv / timings.csv. Finished
-    cells are never recomputed; failed, killed or interrupted ones are rerun by the next call."""
+    cells are never recomputed; failed, killed or interrupted ones are rerun by the next call.
+    `opts` None: the default ExecutorOptions()."""
+    if opts is None:
+        opts = ExecutorOptions()
     with grid.lock():
         grid.clear_markers()
         meta = grid.meta
@@ -217,7 +221,8 @@ def run_grid(
         }
         again = " (resuming)" if meta["invocations"] else ""
         log(
-            f"grid {grid.path}{again}: {len(todo)} of {len(cells)} cells to run, {len(sched.waiting)} base models first"
+            f"grid {grid.path}{again}: {len(todo)} of {len(cells)} cells to run, "
+            f"{len(sched.waiting)} base models first"
         )
         meta["invocations"].append(invocation)
         meta["status"] = "running"

@@ -10,7 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
-DEFAULT_BATCH_ELEMENTS = 262_144  # 2 MB of float64 per array of a vectorised call: cache-sized, and below glibc's mmap threshold (32 MB arrays were fresh pages, page-faulted, on every call)
+# 2 MB of float64 per array of a vectorised call: cache-sized, and below glibc's mmap threshold
+# (32 MB arrays were fresh pages, page-faulted, on every call)
+DEFAULT_BATCH_ELEMENTS = 262_144
 
 
 def bootstrap_mean_ci(

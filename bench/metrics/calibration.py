@@ -61,7 +61,10 @@ def _binned_sums(
     rows = int(np.prod(cs.shape[:-1], dtype=np.int64))
     flat = (start * b // n).reshape(rows, n) + (np.arange(rows) * n_bins)[:, None]
     out_shape = (*cs.shape[:-1], n_bins)
-    sums = lambda w: np.bincount(flat.ravel(), w.reshape(-1), minlength=rows * n_bins).reshape(out_shape)
+
+    def sums(w: np.ndarray) -> np.ndarray:
+        return np.bincount(flat.ravel(), w.reshape(-1), minlength=rows * n_bins).reshape(out_shape)
+
     return (
         sums(cs),
         sums(ys),

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         else f"cpu, {torch.get_num_threads()} threads"
     )
     print(
-        f"matmul floor: torch.mm of {args.n} x {args.n} float32 on {device} ({name}), median of {args.repeats}"
+        f"matmul floor: torch.mm of {args.n} x {args.n} float32 on {device} ({name}), "
+        f"median of {args.repeats}"
     )
     for what, tflops in rows:
         print(f"  {what:<16} {tflops:9.2f} TFLOP/s")

@@ -1,7 +1,7 @@
 """`python -m bench step-profile`: where one training step of the shared loop spends its time, for the
 fast path `bench.train.train_net` runs (vectorised miner + loss, fused Adam) and for the
-pytorch-metric-learning reference (its TripletMarginMiner + ContrastiveLoss, torch's default Adam), at a given net
-and batch; with `--compile`, the fast step under torch.compile next to eager, in the same process.
+pytorch-metric-learning reference (its TripletMarginMiner + ContrastiveLoss, torch's default Adam), at a given
+net and batch; with `--compile`, the fast step under torch.compile next to eager, in the same process.
 
 Each step is cut into phases timed with perf_counter (CUDA-synchronised at every cut):
   data         x[idx], y[idx] of in-memory tensors (the batch as `Split.batches` gives it)
@@ -368,12 +368,14 @@ def main(args: argparse.Namespace) -> int:
             a = aten_share(s, path, min(100, args.steps))
             print(
                 f"{path}: {100 * a['aten_share']:.0f}% of the step inside ATen operators (self time), "
-                f"{a['ops_per_step']:.0f} operators per step (profiled {a['profiled_us_per_step']:.0f} µs/step)"
+                f"{a['ops_per_step']:.0f} operators per step "
+                f"(profiled {a['profiled_us_per_step']:.0f} µs/step)"
             )
     if args.compile != "off":
         c = compiled_vs_eager(s, args.compile, args.rounds)
         print(
-            f"torch.compile ({args.compile}): compile {c['compile_s']:.1f} s; eager {c['eager_us']:.0f} µs/step, "
+            f"torch.compile ({args.compile}): compile {c['compile_s']:.1f} s; "
+            f"eager {c['eager_us']:.0f} µs/step, "
             f"compiled {c['compiled_us']:.0f} µs/step ({c['speedup']:.2f}x); "
             f"same batch, same weights: loss and gradients within {c['same_batch_rel_diff']:.1e} (relative); "
             f"after an epoch the nets differ by up to {c['max_param_diff_after_epoch']:.1e} (a rounding "

@@ -31,7 +31,10 @@ def setup():
     curv = Curvature("full", "all", names, D, H=H)
     theta_sq = PAPER_THETA_SQ * D / PAPER_D
     x = torch.rand(N_QUERIES, 256, generator=torch.Generator().manual_seed(1))
-    marglik = lambda spec: optimize_marglik(spec, theta_sq)
+
+    def marglik(spec):
+        return optimize_marglik(spec, theta_sq)
+
     lowrank, delta, _ = FullPosterior.fit(
         model, curv, marglik, torch.Generator().manual_seed(0), rank_tol=TOL
     )
@@ -80,7 +83,9 @@ def test_bench_prior(benchmark, setup, path):
     (one basis for both); krylov_cholesky is posterior_rank_tol=0; slq_cholesky the previous path;
     exact_eigvalsh the reference spectrum (without a factorisation)."""
     model, curv, H, marglik = setup["model"], setup["curv"], setup["H"], setup["marglik"]
-    gen = lambda: torch.Generator().manual_seed(0)
+
+    def gen():
+        return torch.Generator().manual_seed(0)
 
     def slq_cholesky():
         delta, _ = marglik(slq_spectrum(H, generator=gen()))
