@@ -17,7 +17,12 @@ def test_every_preset_validates_and_names_registered_plugins(name):
     from bench.runner import resolve_methods
 
     cfg = preset_config(name)
-    assert cfg.preset == name and all(getattr(cfg, k) == v for k, v in PRESETS[name][1].items())
+    options = dict(cfg.method_options)  # method-only settings (dropout_passes, ...) are method options
+    assert cfg.preset == name and all(
+        (getattr(cfg, k) if hasattr(cfg, k) else options[k]) == v
+        for k, v in PRESETS[name][1].items()
+        if k != "method_options"
+    )
     validate(cfg)
     assert resolve_methods(cfg)  # METHODS.get(m).validate(cfg) for each
     DATASETS.get(cfg.dataset), BACKBONES.get(cfg.backbone)
