@@ -20,7 +20,7 @@ FASHION_INSTALLED = (FASHION_DIR / "t10k-labels-idx1-ubyte.gz").is_file()
 # datasets whose files this machine may lack (a download, or a Debian package); every other one must load
 EXTERNAL_DATA = (
     {"svhn", "cars196", "cub200", "sop", "cars_train", "caltech101"}
-    | {n for n in DATASETS.names() if n == "pacs" or n.startswith("pacs_")}  # public snapshots (fine-grained.md)
+    | {n for n in DATASETS.names() if n == "pacs" or n.startswith("pacs_")}  # public snapshots
     | (set() if FASHION_INSTALLED else {"fashion_mnist", "fashion_ood"})
     | (set() if cifar10.shared_archive() else {"cifar10"})
 )
