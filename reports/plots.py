@@ -470,3 +470,22 @@ def uncertainty_embedding_figure(
     fig.subplots_adjust(top=1 - 0.75 / fig.get_figheight())
     fig.suptitle(title, fontsize=10, y=1 - 0.1 / fig.get_figheight(), va="top")
     return fig, note
+
+
+def finish_panels(fig, axes, used: int) -> None:
+    """Hide the unused panels of a grid of axes and draw one legend for the used ones (each label once),
+    to the right of the panels."""
+    for ax in axes[used:]:
+        ax.set_visible(False)
+    legend: dict = {}
+    for ax in axes[:used]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="center left",
+        bbox_to_anchor=(0.83, 0.5),
+        fontsize=8,
+        frameon=False,
+    )

@@ -351,20 +351,7 @@ def score_sparsification_figure(
         ax.set_xlabel("fraction removed (most uncertain first)")
         ax.set_ylabel("mAP@1 gain over random")
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    legend: dict = {}
-    for ax in axes[: len(panels)]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
-    fig.legend(
-        list(legend.values()),
-        list(legend),
-        loc="center left",
-        bbox_to_anchor=(0.83, 0.5),
-        fontsize=8,
-        frameon=False,
-    )
+    P.finish_panels(fig, axes, len(panels))
     fig.suptitle(
         "Sparsification per score: gain over a random order (dotted 0); thin dashed: each method's oracle"
     )

@@ -106,20 +106,7 @@ def risk_coverage_figure(per_method: dict[str, dict[str, np.ndarray]], scores: l
         ax.set_xlim(0, 1)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-    for ax in axes[len(panels) :]:
-        ax.set_visible(False)
-    legend: dict = {}
-    for ax in axes[: len(panels)]:
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            legend.setdefault(lab, h)
-    fig.legend(
-        list(legend.values()),
-        list(legend),
-        loc="center left",
-        bbox_to_anchor=(0.83, 0.5),
-        fontsize=8,
-        frameon=False,
-    )
+    P.finish_panels(fig, axes, len(panels))
     fig.suptitle(
         "Risk-coverage per score: answer the most certain queries first (thin dashed: each method's oracle)"
     )

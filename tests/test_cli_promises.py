@@ -113,7 +113,15 @@ def test_ctrl_c_exits_130_with_one_line_and_the_same_command_resumes(tmp_path):
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(
-        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # a shell's background job (CI's may be one) inherits SIGINT ignored, and Python then keeps it
+        # ignored: give the child a terminal's default, as when a user presses Ctrl-C
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 240

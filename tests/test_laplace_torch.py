@@ -16,8 +16,11 @@ from bench.errors import BenchError
 from bench.la.structures import compute_curvature
 from bench.registry import METHODS
 from methods.laplace_torch import EigLogdetFullLaplace, make_laplace, scale_fit
+from tests import test_laplace_methods
 from tests.laplace_helpers import rel_err, tiny_data, tiny_net
-from tests.test_laplace_methods import _fit as fit  # noqa: F401  (the module's fixture)
+from tests.test_laplace_methods import _fit as fit
+
+setup = test_laplace_methods.setup  # that module's fixture, requested here by name
 
 
 def _fit(cfg, data, model, name):
