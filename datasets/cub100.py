@@ -139,6 +139,15 @@ def read_subset(root: Path) -> tuple[list[str], np.ndarray, list[str]]:
     return paths, np.array(ids, dtype=np.int64), names
 
 
+def cub100_present(data_dir: str | None) -> bool:
+    """Whether the CUB subset can be found (under `data_dir`, or the archive beside the project)."""
+    try:
+        locate_cub100(data_dir)
+    except BenchError:
+        return False
+    return True
+
+
 @register_dataset("cub100", far_ood=fine_grained_far_ood("cub100"))
 def load_cub100(cfg) -> DataSource:
     """CUB-200-2011's 100-species subset (227 px); zero-shot: the 50 species of lowest official id
