@@ -13,8 +13,10 @@ CUDA does not survive a fork.
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -60,7 +62,25 @@ def worker_count(cfg, device: torch.device, tasks: int) -> int:
 WORKER_THREADS = 1
 
 
-def _init(threads: int) -> None:
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int) -> None:
+    """Have the kernel SIGKILL this worker process when its parent dies (Linux's PR_SET_PDEATHSIG), so a
+    SIGKILLed run or grid leaves no orphan blocked on a pipe; a parent already gone before the call (the
+    fork-to-prctl race) ends the worker at once. Elsewhere a no-op: the pipe's EOF still ends a worker
+    that is between tasks."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # no prctl (not Linux)
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init(threads: int, parent: int) -> None:
+    die_with_parent(parent)
     torch.set_num_threads(threads)
 
 
@@ -114,7 +134,10 @@ def _pool_pass(
     """One pool over `pending`: records what completes; returns the fits a dead worker took down (or,
     on the `last_try`, records them as failed)."""
     pool = ProcessPoolExecutor(
-        max_workers=workers, mp_context=mp.get_context("fork"), initializer=_init, initargs=(WORKER_THREADS,)
+        max_workers=workers,
+        mp_context=mp.get_context("fork"),
+        initializer=_init,
+        initargs=(WORKER_THREADS, os.getpid()),
     )
     lost: list[tuple[str, int]] = []
     try:

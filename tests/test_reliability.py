@@ -31,6 +31,30 @@ def test_same_command_same_seed_gives_identical_results(cli, tmp_path):
     assert a.read_bytes() == b.read_bytes()
 
 
+def _processes_tagged(tag: str) -> list[int]:
+    """Pids of live processes whose environment holds BENCH_TEST_TAG=tag (a run's or grid's workers
+    inherit it, through forks and the forkserver alike)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            env = (d / "environ").read_bytes()
+            state = next(ln for ln in (d / "status").read_text().splitlines() if ln.startswith("State:"))
+        except (OSError, StopIteration):
+            continue
+        if f"BENCH_TEST_TAG={tag}".encode() in env.split(b"\0") and "zombie" not in state:
+            found.append(int(d.name))
+    return found
+
+
+def _assert_no_survivor(tag: str, within: float = 10.0) -> None:
+    deadline = time.time() + within
+    while _processes_tagged(tag) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _processes_tagged(tag), f"processes of the killed run still alive: {_processes_tagged(tag)}"
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     # killed in the second method's training: online_la's (curvature accumulated in training), then the rest
@@ -38,11 +62,12 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     if len(methods) < 2:
         pytest.skip("needs at least two methods")
     args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "60", "--out", str(tmp_path / "killed")]
+    tag = f"killed-run-{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench", *args],
         cwd=ROOT,
-        env=env,
+        env={**env, "BENCH_TEST_TAG": tag},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -57,6 +82,7 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _assert_no_survivor(tag)  # its forked workers die with it (they lived on as orphans before)
     assert marker is not None, "the first method never finished"
     run_dir = marker.parent.parent
     assert not (run_dir / "results.csv").exists(), "a killed run must not leave a results file"
@@ -256,3 +282,48 @@ def test_truncated_data_dir_fails_with_one_line_and_no_run_folder(cli, tmp_path)
     code, _, err = cli("run", "--preset", "smoke", "--data-dir", str(data), "--out", str(tmp_path / "runs"))
     assert code == 2 and "corrupt or truncated" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+def test_a_killed_grid_driver_leaves_no_worker(tmp_path):
+    """SIGKILL the grid driver while its local workers run cells: within 10 s no process of it is left
+    (the workers die with the forkserver, which exits with the driver)."""
+    tag = f"killed-grid-{os.getpid()}-{time.time_ns()}"
+    args = [
+        "grid",
+        "--preset",
+        "smoke",
+        "--datasets",
+        "synthetic",
+        "--methods",
+        "plain,mc_dropout",
+        "--seeds",
+        "0,1",
+        "--set",
+        "epochs=60",
+        "--jobs",
+        "2",
+        "--quiet",
+        "--no-report",
+        "--out",
+        str(tmp_path),
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "BENCH_TEST_TAG": tag}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and len(_processes_tagged(tag)) < 4:
+            time.sleep(0.1)  # the driver, the forkserver and two workers
+        assert proc.poll() is None and len(_processes_tagged(tag)) >= 4, "the workers never started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _assert_no_survivor(tag)
+    finally:
+        for pid in _processes_tagged(tag):
+            os.kill(pid, signal.SIGKILL)

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from bench.errors import BenchError
 from bench.grid.tasks import run_task
+from bench.parallel import die_with_parent
 
 TaskResult = dict[str, Any]  # what tasks.run_task returns: {"ok": bool, ...}
 RAY_MISSING = "--executor ray needs Ray: pip install 'bench[cluster]' (or use --executor local)"
@@ -76,7 +77,9 @@ def _died(key: str, why: str) -> TaskResult:
 
 
 def _worker_loop(conn) -> None:
-    """A local worker: run (key, args) messages one at a time until None or the pipe closes."""
+    """A local worker: run (key, args) messages one at a time until None or the pipe closes; it dies with
+    its parent (the forkserver, which exits when the driver does)."""
+    die_with_parent(os.getppid())
     while True:
         try:
             msg = conn.recv()
