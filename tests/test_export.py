@@ -250,11 +250,15 @@ def test_codec_refuses_lambdas_and_foreign_classes_in_one_line():
 
 
 def test_docs_example_runs(exported, smoke_run, monkeypatch):
-    """The first python block of docs/export.md runs as written, with its file and inputs provided."""
+    """The first python block of docs/export.md runs as written, with its file and inputs provided; the
+    README shows the same three lines."""
     text = DOCS.read_text()
     block = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     lines = [ln for ln in block.splitlines() if ln.strip()]
     assert len(lines) == 3, "the README shows three lines"
+    readme = (DOCS.parents[1] / "README.md").read_text()
+    shown = re.search(r"```python\n(import bench\n.*?)```", readme, re.S).group(1)
+    assert [ln for ln in shown.splitlines() if ln.strip()] == lines, "README and docs/export.md differ"
     data = smoke_run[1]
     monkeypatch.chdir(exported("diag_la").parent)
     Path("diag_la.pt").exists() or Path("diag_la.pt").symlink_to(exported("diag_la"))
