@@ -99,7 +99,9 @@ def register_method(name: str) -> Callable[[type], type]:
 def register_dataset(name: str, **meta: Any) -> Callable[[Callable], Callable]:
     """Decorator: make a data-source loader `fn(cfg) -> DataSource` available under `name`.
 
-    meta: `far_ood` (tuple of dataset names used as far-OOD when the config does not name any).
+    meta: `far_ood` (tuple of dataset names used as OOD sets when the config does not name any);
+    `near_ood` (those of them that are near-OOD for this dataset, e.g. the other fine-grained set; the
+    dataset's own held-out classes always are).
     """
     return DATASETS.register(name, **meta)
 

@@ -28,7 +28,7 @@ from bench.atomic import (
     atomic_write_json,
     atomic_write_text,
 )
-from bench.conventions import score_array, score_arrays  # noqa: F401  (the per-query file's score names)
+from bench.conventions import NEAR_OOD_SET, score_array, score_arrays  # noqa: F401  (the per-query file's score names)
 from bench.errors import BenchError
 
 CONFIG = "config.json"
@@ -369,6 +369,11 @@ class RunFolder:
         """Methods that reuse the shared base model (None for folders that did not record it)."""
         found = self.meta.get("post_hoc_methods")
         return None if found is None else set(found)
+
+    def near_ood_sets(self) -> list[str]:
+        """The OOD sets that count as near-OOD (the held-out classes, plus those the dataset declares;
+        only the held-out classes for folders that did not record it)."""
+        return list(self.meta.get("near_ood_sets") or [NEAR_OOD_SET])
 
     def class_names(self) -> list[str]:
         """Class names recorded by the runner (empty when none: legends then say `class k`)."""

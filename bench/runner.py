@@ -15,7 +15,7 @@ import torch
 from bench import __version__, parallel, sensitivity
 from bench.config import ALL_METHODS, RunConfig
 from bench.conventions import BASE_METHOD as BASE
-from bench.conventions import CORRECTNESS_METRIC, EXTRACT_STAGE, REFERENCE_METHOD
+from bench.conventions import CORRECTNESS_METRIC, EXTRACT_STAGE, NEAR_OOD_SET, REFERENCE_METHOD
 from bench.data import Dataset, Split
 from bench.environment import device_description, git_commit, package_versions, resolve_device
 from bench.errors import BenchError, error_record
@@ -24,7 +24,7 @@ from bench.features import prepare_benchmark
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.model_cache import ModelCache
-from bench.registry import BACKBONES, METHODS
+from bench.registry import BACKBONES, DATASETS, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
 from bench.timing import StageTimer
 
@@ -65,6 +65,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
             "config_digest": state.cfg.digest(),
             "methods": state.methods,
             "post_hoc_methods": [m for m in state.methods if METHODS.get(m).reuses_base_model],
+            "near_ood_sets": [NEAR_OOD_SET, *DATASETS.meta(state.cfg.dataset).get("near_ood", ())],
             "device": str(state.device),
             "device_description": device_description(state.device),
             "packages": package_versions(),

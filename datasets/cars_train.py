@@ -23,7 +23,7 @@ from datasets._snapshots import CARS_TRAIN, find_snapshot
 from datasets.cars196 import _loadmat, _names
 from datasets.cifar10 import tree_checksum
 from datasets.cub100 import cub100_present
-from datasets.fine_grained_ood import fine_grained_far_ood
+from datasets.fine_grained_ood import NEAR_OOD, fine_grained_far_ood
 
 LABEL = "Cars196 (training half, 196 classes)"
 N_CLASSES, SEEN = 196, 98
@@ -45,7 +45,11 @@ def read_labels(path) -> np.ndarray:
     return np.array(out, dtype=np.int64)
 
 
-@register_dataset("cars_train", far_ood=fine_grained_far_ood("cars_train", cub100_present))
+@register_dataset(
+    "cars_train",
+    far_ood=fine_grained_far_ood("cars_train", cub100_present),
+    near_ood=(NEAR_OOD["cars_train"],),
+)
 def load_cars_train(cfg) -> DataSource:
     """Stanford Cars' training half (196 models, red/blue reversed on read); zero-shot: classes 1-98
     train, 99-196 test; near-OOD cub100, far-OOD Caltech-101 and PACS sketches when present."""

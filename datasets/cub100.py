@@ -37,7 +37,7 @@ from bench.registry import register_dataset
 from datasets._files import zero_shot_source
 from datasets.cifar10 import file_sha256, shared_archive, tree_checksum
 from datasets.cub_official_classes import official_id
-from datasets.fine_grained_ood import fine_grained_far_ood
+from datasets.fine_grained_ood import NEAR_OOD, fine_grained_far_ood
 from datasets.idx import user_cache_dir
 
 ARCHIVE = "cub200-subset100.tar.gz"
@@ -148,7 +148,7 @@ def cub100_present(data_dir: str | None) -> bool:
     return True
 
 
-@register_dataset("cub100", far_ood=fine_grained_far_ood("cub100"))
+@register_dataset("cub100", far_ood=fine_grained_far_ood("cub100"), near_ood=(NEAR_OOD["cub100"],))
 def load_cub100(cfg) -> DataSource:
     """CUB-200-2011's 100-species subset (227 px); zero-shot: the 50 species of lowest official id
     train, the other 50 test; near-OOD cars_train, far-OOD Caltech-101 and PACS sketches when present."""

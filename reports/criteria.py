@@ -61,7 +61,8 @@ def ood_sets(run: RunFolder) -> list[str]:
         if base.startswith("AUROC[") and base.endswith("]"):
             sets.append(base[6:-1])
     sets = list(dict.fromkeys(sets))
-    return sorted(sets, key=lambda s: s != NEAR_OOD_SET)
+    near = run.near_ood_sets()
+    return sorted(sets, key=lambda s: s not in near)
 
 
 def error_metric(run: RunFolder, name: str, score: str | None) -> str:
@@ -98,16 +99,17 @@ def criteria(run: RunFolder) -> list[Criterion]:
             companion=error_metric(run, "AURG", id_score),
         ),
     ]
-    sets = ood_sets(run)
-    far = [s for s in sets if s != NEAR_OOD_SET]
+    sets, near_sets = ood_sets(run), run.near_ood_sets()
+    far = [s for s in sets if s not in near_sets]
     for s in sets:
-        near = s == NEAR_OOD_SET
+        near = s in near_sets
         label = "near AUROC" if near else ("far AUROC" if len(far) == 1 else f"far:{s}"[:10])
         out.append(
             Criterion(
                 f"ood_{s}",
                 f"{'Near' if near else 'Far'}-OOD detection ({s})",
-                f"Whose uncertainty best separates {'held-out classes' if near else s} from ID queries?",
+                f"Whose uncertainty best separates "
+                f"{'held-out classes' if s == NEAR_OOD_SET else s} from ID queries?",
                 f"AUROC[{s}]",
                 True,
                 label,

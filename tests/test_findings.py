@@ -5,6 +5,7 @@ against scikit-posthocs, the terminal summary's width, the size of report.html, 
 
 from __future__ import annotations
 
+import json
 import re
 
 import numpy as np
@@ -231,3 +232,19 @@ def test_a_real_tiny_run_prints_at_most_100_columns_and_a_small_report(tmp_path,
     assert max(map(len, lines)) <= 100, out
     assert lines[-1].startswith("report: runs/") and lines[-1].endswith("report.html")
     assert (tmp_path / lines[-1].removeprefix("report: ")).stat().st_size <= 3_000_000
+
+
+def test_near_ood_sets_declared_by_the_dataset_are_near():
+    """A run that records the dataset's near-OOD sets (e.g. the other fine-grained set) files them under
+    near-OOD; a folder without the record keeps only the held-out classes as near."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        d = make_run(tmp, n=40)
+        titles = {c.key: c.title for c in criteria(RunFolder(d))}
+        assert titles["ood_heldout"].startswith("Near") and titles["ood_noise"].startswith("Far")
+        meta = json.loads((d / "config.json").read_text())
+        meta["near_ood_sets"] = ["heldout", "noise"]
+        RunWriter(d).write_config({k: v for k, v in meta.items() if k != "status"}, meta["status"])
+        titles = {c.key: c.title for c in criteria(RunFolder(d))}
+        assert titles["ood_noise"] == "Near-OOD detection (noise)"
