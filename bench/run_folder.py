@@ -449,6 +449,14 @@ class GridFolder:
     cell and the shared model cache cells/cache/models), running/ (a marker per task in flight), and
     merged results.csv / timings.csv with each cell's coordinates as extra columns."""
 
+    def near_ood_sets(self) -> list[str]:
+        """The near-OOD sets its cells recorded (`RunFolder.near_ood_sets`), the held-out classes always."""
+        found = {NEAR_OOD_SET}
+        for cell in self.meta.get("cells", {}).values():
+            meta = _read_json(self.path / cell["run_dir"] / CONFIG) if cell.get("run_dir") else None
+            found.update((meta or {}).get("near_ood_sets") or ())
+        return sorted(found)
+
     def __init__(self, path: str | Path) -> None:
         """Read `path`; BenchError (one line) when it is not a grid folder of this format."""
         d = self.path = Path(path)

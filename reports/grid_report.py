@@ -421,7 +421,11 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
     from reports.rank_tests import friedman_nemenyi
 
     out: list[Block] = [Heading("Findings")]
-    crits = criteria(SimpleNamespace(results=res, config=grid.meta.get("base_config", {})))
+    crits = criteria(
+        SimpleNamespace(
+            results=res, config=grid.meta.get("base_config", {}), near_ood_sets=grid.near_ood_sets
+        )
+    )
     variants = ordered(res["variant"])
     rows, sentences, ranks = [], [], {}
     for c in crits:
@@ -546,7 +550,11 @@ def grid_summary_text(grid_dir: str | Path, report: str | Path | None = None) ->
         r, t = res[res["dataset"] == d], tim[tim["dataset"] == d] if not tim.empty else tim
         if r.empty:
             continue
-        crits = criteria(SimpleNamespace(results=r, config=grid.meta.get("base_config", {})))
+        crits = criteria(
+            SimpleNamespace(
+                results=r, config=grid.meta.get("base_config", {}), near_ood_sets=grid.near_ood_sets
+            )
+        )
         vals = {c.key: _blocks_by_criterion(r, t, c).mean(axis=0) for c in crits}
         out.append(f"== {d} (mean over seeds) ==\n" + summary_table(ordered(r["variant"]), crits, vals))
     out.append(SUMMARY_NOTE)

@@ -34,6 +34,13 @@ def _when(folder: Path) -> str | None:
     return None
 
 
+def _raw_reference(meta: dict) -> str | None:
+    """mAP@1 and Recall@1 of the frozen trunk's raw features with their CIs (frozen-trunk runs only)."""
+    raw = (meta.get("features") or {}).get("raw_features") or {}
+    parts = [f"{k} {v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]" for k in ("mAP@1", "Recall@1") if (v := raw.get(k))]
+    return ", ".join(parts) or None
+
+
 def run_page_blocks(run: RunFolder) -> list[Block]:
     """Title, command/commit/machine, Findings (without figures), the detail tables."""
     from reports.findings import detail_blocks, findings, findings_blocks
@@ -46,6 +53,7 @@ def run_page_blocks(run: RunFolder) -> list[Block]:
         ("preset", run.config.get("preset")),
         ("seeds", ", ".join(map(str, run.seeds))),
         ("run folder", run.path.name),
+        ("raw trunk features (the reference a trained head must beat)", _raw_reference(m)),
         (
             "wall time",
             f"{m['wall_seconds']:.0f} s" if isinstance(m.get("wall_seconds"), (int, float)) else None,

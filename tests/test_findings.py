@@ -248,3 +248,12 @@ def test_near_ood_sets_declared_by_the_dataset_are_near():
         RunWriter(d).write_config({k: v for k, v in meta.items() if k != "status"}, meta["status"])
         titles = {c.key: c.title for c in criteria(RunFolder(d))}
         assert titles["ood_noise"] == "Near-OOD detection (noise)"
+
+
+def test_results_page_states_the_raw_feature_reference():
+    """A frozen-trunk run's results page states its raw features' mAP@1 and Recall@1 with their CIs."""
+    from reports.page import _raw_reference
+
+    meta = {"features": {"raw_features": {"mAP@1": [0.662, 0.631, 0.691], "Recall@1": [0.662, 0.631, 0.691]}}}
+    assert _raw_reference(meta) == "mAP@1 0.662 [0.631, 0.691], Recall@1 0.662 [0.631, 0.691]"
+    assert _raw_reference({}) is None  # not a frozen-trunk run: no line
