@@ -489,3 +489,22 @@ def finish_panels(fig, axes, used: int) -> None:
         fontsize=8,
         frameon=False,
     )
+
+
+def score_panel_grid(per_method: dict[str, dict[str, np.ndarray]], scores: list[str], top: float):
+    """(figure, axes, scores) for one panel per uncertainty score that some method has an ID score
+    vector and per-query correctness for (up to 3 panels a row, room on the right for one legend);
+    None when no score has them."""
+    from bench.conventions import CORRECTNESS_METRIC, ID_SET, score_arrays
+
+    correct = f"pq_{CORRECTNESS_METRIC}"  # the per-query correctness vector of a per-query file
+    panels = [
+        s for s in scores if any((ID_SET, s) in score_arrays(a) and correct in a for a in per_method.values())
+    ]
+    if not panels:
+        return None
+    cols = min(3, len(panels))
+    rows = -(-len(panels) // cols)
+    fig = Figure(figsize=(5.0 * cols + 2.6, 3.9 * rows))
+    fig.subplots_adjust(left=0.06, right=0.82, top=top, bottom=0.08, wspace=0.28, hspace=0.38)
+    return fig, np.atleast_1d(fig.subplots(rows, cols)).ravel(), panels

@@ -317,16 +317,10 @@ def score_sparsification_figure(
     """One panel per score: each method's sparsification gain S(f) - S_rand (mAP@1 of the queries
     left after removing the most uncertain fraction f, minus the mean over all queries: a random order
     is the 0 line), dashed: the oracle's gain. None without score vectors."""
-    panels = [
-        s for s in scores if any((ID_SET, s) in score_arrays(a) and CORRECT in a for a in per_method.values())
-    ]
-    if not panels:
+    grid = P.score_panel_grid(per_method, scores, top=0.93)
+    if grid is None:
         return None
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = MplFigure(figsize=(5.0 * cols + 2.6, 3.9 * rows))
-    fig.subplots_adjust(left=0.06, right=0.82, top=0.93, bottom=0.08, wspace=0.28, hspace=0.38)
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    fig, axes, panels = grid
     for ax, s in zip(axes, panels):
         for i, (m, a) in enumerate(per_method.items()):
             u = score_arrays(a).get((ID_SET, s))

@@ -79,16 +79,10 @@ def risk_coverage_figure(per_method: dict[str, dict[str, np.ndarray]], scores: l
     """One panel per score: each method's risk-coverage curve (selective risk 1 - precision@1 of the
     queries accepted, most certain first, against the fraction accepted), thin dashed: the method's
     oracle (right queries first). None without score vectors."""
-    panels = [
-        s for s in scores if any((ID_SET, s) in score_arrays(a) and CORRECT in a for a in per_method.values())
-    ]
-    if not panels:
+    grid = P.score_panel_grid(per_method, scores, top=0.92)
+    if grid is None:
         return None
-    cols = min(3, len(panels))
-    rows = -(-len(panels) // cols)
-    fig = MplFigure(figsize=(5.0 * cols + 2.6, 3.9 * rows))
-    fig.subplots_adjust(left=0.06, right=0.82, top=0.92, bottom=0.08, wspace=0.28, hspace=0.38)
-    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    fig, axes, panels = grid
     for ax, s in zip(axes, panels):
         for i, (m, a) in enumerate(per_method.items()):
             u = score_arrays(a).get((ID_SET, s))
