@@ -331,6 +331,35 @@ def test_real_cars_train():
     )  # official class 14
 
 
+def test_real_cars_train_reads_red_ferraris():
+    """The snapshot's red/blue swap, checked on the images themselves: Ferraris and Lamborghinis are
+    overwhelmingly red, orange or yellow, so as read (channels reversed) strongly red pixels outnumber
+    strongly blue ones; the stored files show the opposite (blue Ferraris: measured 16 of the first 24
+    images blue-dominant, none red-dominant)."""
+    from bench.images import ImageStore
+
+    src = _real("cars_train")
+    paths = np.array(list(src.train_x) + list(src.test_x))
+    labels = np.concatenate([src.train_y, src.test_y])
+    sports = [i for i, n in enumerate(src.class_names) if n.startswith(("Ferrari", "Lamborghini"))]
+    pick = paths[np.isin(labels, sports)][:24]
+    assert len(pick) == 24
+
+    def red_minus_blue(store: ImageStore) -> np.ndarray:
+        out = []
+        for i in range(len(store)):
+            r, g, b = store.get(i).int().reshape(3, -1)
+            out.append(
+                ((r > g + 60) & (r > b + 60)).float().mean() - ((b > g + 60) & (b > r + 60)).float().mean()
+            )
+        return np.array(out)
+
+    read = red_minus_blue(ImageStore(pick, "ferraris", swap_red_blue=src.swap_red_blue))
+    stored = red_minus_blue(ImageStore(pick, "ferraris-stored", swap_red_blue=False))
+    assert (read > 0.01).sum() >= 12 and (read < -0.01).sum() == 0
+    assert (stored < -0.01).sum() >= 12
+
+
 @pytest.mark.parametrize(
     "name,n,classes", [("caltech101", 9144, 102), ("pacs", 9991, 7), ("pacs_sketch", 3929, 7)]
 )
