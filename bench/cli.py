@@ -133,6 +133,12 @@ def add_grid_parser(sub) -> None:
     spec.add_argument("--seeds", default=None, help="seeds: 0-4, 0,1,2 or 0-2,7 (default: 0)")
     spec.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: default)")
     spec.add_argument(
+        "--presets",
+        default=None,
+        help="several presets, comma-separated (e.g. default,cifar): each runs its own dataset with its "
+        "own config (backbone, OOD sets, feature cache); the report groups cells by preset / dataset",
+    )
+    spec.add_argument(
         "--set",
         action="append",
         default=[],
@@ -272,6 +278,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         "--methods": args.methods,
         "--seeds": args.seeds,
         "--preset": args.preset,
+        "--presets": args.presets,
         "--set": args.set or None,
         "--device": args.device,
         "--data-dir": args.data_dir,
@@ -286,17 +293,20 @@ def cmd_grid(args: argparse.Namespace) -> int:
         grid = GridFolder(args.resume)
     else:
         _merge_grid_file(args)
-        preset = args.preset or "default"
+        presets = tuple(p.strip() for p in (args.presets or "").split(",") if p.strip())
+        if presets and args.preset:
+            raise BenchError("give --preset P (one) or --presets P1,P2 (several), not both")
+        preset = args.preset or (presets[0] if presets else "default")
+        default_datasets = "" if len(presets) > 1 else preset_config(preset).dataset
         spec = GridSpec(
-            datasets=tuple(
-                d.strip() for d in (args.datasets or preset_config(preset).dataset).split(",") if d.strip()
-            ),
+            datasets=tuple(d.strip() for d in (args.datasets or default_datasets).split(",") if d.strip()),
             methods=parse_value("methods", args.methods or "all"),
             seeds=parse_seeds(args.seeds or "0"),
             preset=preset,
             sets=tuple(args.set),
             device=args.device,
             data_dir=args.data_dir,
+            presets=presets if len(presets) > 1 else (),
         )
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
         verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
@@ -323,7 +333,10 @@ def _merge_grid_file(args: argparse.Namespace) -> None:
     from bench.experiment import grid_arguments
 
     found = grid_arguments(args.config)
-    for key in ("datasets", "methods", "seeds", "preset", "device", "data_dir", "name", "out"):
+    if args.preset is not None or args.presets is not None:  # the command line's preset(s) win
+        found.pop("preset", None)
+        found.pop("presets", None)
+    for key in ("datasets", "methods", "seeds", "preset", "presets", "device", "data_dir", "name", "out"):
         if getattr(args, key) is None and key in found:
             setattr(args, key, found[key])
     flagged = {item.split("=", 1)[0].strip().replace("-", "_") for item in args.set if "=" in item}
