@@ -265,8 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
-    from bench.grid.spec import parse_seeds
+    from bench.grid import ExecutorOptions, create_grid, run_grid
     from bench.run_folder import GridFolder, verify
     from reports.grid_report import print_grid_summary, render_grid_report
 
@@ -292,22 +291,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         verify(args.resume, outputs=False)  # the grid's files and every cell's run folder
         grid = GridFolder(args.resume)
     else:
-        _merge_grid_file(args)
-        presets = tuple(p.strip() for p in (args.presets or "").split(",") if p.strip())
-        if presets and args.preset:
-            raise BenchError("give --preset P (one) or --presets P1,P2 (several), not both")
-        preset = args.preset or (presets[0] if presets else "default")
-        default_datasets = "" if len(presets) > 1 else preset_config(preset).dataset
-        spec = GridSpec(
-            datasets=tuple(d.strip() for d in (args.datasets or default_datasets).split(",") if d.strip()),
-            methods=parse_value("methods", args.methods or "all"),
-            seeds=parse_seeds(args.seeds or "0"),
-            preset=preset,
-            sets=tuple(args.set),
-            device=args.device,
-            data_dir=args.data_dir,
-            presets=presets if len(presets) > 1 else (),
-        )
+        spec = grid_spec(args)
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
         verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
     run_grid(grid, opts, quiet=args.quiet)
@@ -323,6 +307,30 @@ def cmd_grid(args: argparse.Namespace) -> int:
         uri = args.log_uri or default_uri(grid.path.parent)
         print(f"logged to MLflow: grid run {log_grid(grid.path, uri)} at {uri}")
     return 0
+
+
+def grid_spec(args: argparse.Namespace):
+    """The GridSpec of `bench grid` flags (not --resume): the experiment file's values (--config)
+    where a flag is not given; --preset P (one) or --presets P1,P2 (several, each its own dataset)."""
+    from bench.grid import GridSpec
+    from bench.grid.spec import parse_seeds
+
+    _merge_grid_file(args)
+    presets = tuple(p.strip() for p in (args.presets or "").split(",") if p.strip())
+    if presets and args.preset:
+        raise BenchError("give --preset P (one) or --presets P1,P2 (several), not both")
+    preset = args.preset or (presets[0] if presets else "default")
+    default_datasets = "" if len(presets) > 1 else preset_config(preset).dataset
+    return GridSpec(
+        datasets=tuple(d.strip() for d in (args.datasets or default_datasets).split(",") if d.strip()),
+        methods=parse_value("methods", args.methods or "all"),
+        seeds=parse_seeds(args.seeds or "0"),
+        preset=preset,
+        sets=tuple(args.set),
+        device=args.device,
+        data_dir=args.data_dir,
+        presets=presets if len(presets) > 1 else (),
+    )
 
 
 def _merge_grid_file(args: argparse.Namespace) -> None:
