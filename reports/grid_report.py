@@ -73,8 +73,13 @@ def cell_group(grid: GridFolder, cell: dict) -> str:
 
 
 def groups(grid: GridFolder) -> list[str]:
-    """The report's groups in the grid's order (one section each)."""
-    return list(dict.fromkeys(cell_group(grid, c) for c in grid.meta["cells"].values()))
+    """The report's groups in the order of the grid's spec (one section each)."""
+    spec = grid.meta.get("spec", {})
+    if spec.get("presets"):  # several presets: one dataset each, in the same order
+        return [f"{p} / {d}" for p, d in zip(spec["presets"], spec["datasets"])]
+    return list(spec.get("datasets", [])) or sorted(
+        {cell_group(grid, c) for c in grid.meta["cells"].values()}
+    )
 
 
 def with_groups(df: pd.DataFrame) -> pd.DataFrame:

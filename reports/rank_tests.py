@@ -83,12 +83,12 @@ def cd_diagram(v: RankVerdict, title: str, alpha: float = 0.05):
     if len(v.mean_ranks) < 2:
         return None
     k = len(v.mean_ranks)
-    fig = Figure(figsize=(7.0, 1.2 + 0.28 * k))
+    fig = Figure(figsize=(8.0, 1.4 + 0.3 * k))
     ax = fig.subplots()
     sp.critical_difference_diagram(v.mean_ranks, significance_matrix(v, alpha), ax=ax, alpha=alpha)
     test = "Wilcoxon" if k == 2 else "Friedman"
     p = "n/a" if np.isnan(v.p) else f"{v.p:.2g}"
     cd = "" if np.isnan(v.cd) else f", Nemenyi CD {v.cd:.2f}"
     ax.set_title(f"{title}: mean rank over {v.n_blocks} blocks ({test} p={p}{cd})", fontsize=9)
-    fig.subplots_adjust(left=0.02, right=0.98, top=0.8, bottom=0.05)
+    fig.subplots_adjust(left=0.24, right=0.76, top=0.72, bottom=0.04)  # room for the labels beside the axis
     return fig
