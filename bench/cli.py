@@ -133,6 +133,12 @@ def add_grid_parser(sub) -> None:
     spec.add_argument("--seeds", default=None, help="seeds: 0-4, 0,1,2 or 0-2,7 (default: 0)")
     spec.add_argument("--preset", default=None, help=f"one of: {', '.join(PRESETS)} (default: default)")
     spec.add_argument(
+        "--presets",
+        default=None,
+        help="several presets, comma-separated (e.g. default,cifar): each runs its own dataset with its "
+        "own config (backbone, OOD sets, feature cache); the report groups cells by preset / dataset",
+    )
+    spec.add_argument(
         "--set",
         action="append",
         default=[],
@@ -259,8 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_grid(args: argparse.Namespace) -> int:
-    from bench.grid import ExecutorOptions, GridSpec, create_grid, run_grid
-    from bench.grid.spec import parse_seeds
+    from bench.grid import ExecutorOptions, create_grid, run_grid
     from bench.run_folder import GridFolder, verify
     from reports.grid_report import print_grid_summary, render_grid_report
 
@@ -272,6 +277,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         "--methods": args.methods,
         "--seeds": args.seeds,
         "--preset": args.preset,
+        "--presets": args.presets,
         "--set": args.set or None,
         "--device": args.device,
         "--data-dir": args.data_dir,
@@ -285,19 +291,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
         verify(args.resume, outputs=False)  # the grid's files and every cell's run folder
         grid = GridFolder(args.resume)
     else:
-        _merge_grid_file(args)
-        preset = args.preset or "default"
-        spec = GridSpec(
-            datasets=tuple(
-                d.strip() for d in (args.datasets or preset_config(preset).dataset).split(",") if d.strip()
-            ),
-            methods=parse_value("methods", args.methods or "all"),
-            seeds=parse_seeds(args.seeds or "0"),
-            preset=preset,
-            sets=tuple(args.set),
-            device=args.device,
-            data_dir=args.data_dir,
-        )
+        spec = grid_spec(args)
         grid = create_grid(spec, args.out or "runs", args.name or "grid")
         verify(grid.path, outputs=False)  # an unfinished grid of the same spec is resumed: check it
     run_grid(grid, opts, quiet=args.quiet)
@@ -315,6 +309,30 @@ def cmd_grid(args: argparse.Namespace) -> int:
     return 0
 
 
+def grid_spec(args: argparse.Namespace):
+    """The GridSpec of `bench grid` flags (not --resume): the experiment file's values (--config)
+    where a flag is not given; --preset P (one) or --presets P1,P2 (several, each its own dataset)."""
+    from bench.grid import GridSpec
+    from bench.grid.spec import parse_seeds
+
+    _merge_grid_file(args)
+    presets = tuple(p.strip() for p in (args.presets or "").split(",") if p.strip())
+    if presets and args.preset:
+        raise BenchError("give --preset P (one) or --presets P1,P2 (several), not both")
+    preset = args.preset or (presets[0] if presets else "default")
+    default_datasets = "" if len(presets) > 1 else preset_config(preset).dataset
+    return GridSpec(
+        datasets=tuple(d.strip() for d in (args.datasets or default_datasets).split(",") if d.strip()),
+        methods=parse_value("methods", args.methods or "all"),
+        seeds=parse_seeds(args.seeds or "0"),
+        preset=preset,
+        sets=tuple(args.set),
+        device=args.device,
+        data_dir=args.data_dir,
+        presets=presets if len(presets) > 1 else (),
+    )
+
+
 def _merge_grid_file(args: argparse.Namespace) -> None:
     """Fill the grid flags the user left out from the experiment file (--config); its settings become
     --set items, before the command line's (a field set on both: the command line's value)."""
@@ -323,7 +341,10 @@ def _merge_grid_file(args: argparse.Namespace) -> None:
     from bench.experiment import grid_arguments
 
     found = grid_arguments(args.config)
-    for key in ("datasets", "methods", "seeds", "preset", "device", "data_dir", "name", "out"):
+    if args.preset is not None or args.presets is not None:  # the command line's preset(s) win
+        found.pop("preset", None)
+        found.pop("presets", None)
+    for key in ("datasets", "methods", "seeds", "preset", "presets", "device", "data_dir", "name", "out"):
         if getattr(args, key) is None and key in found:
             setattr(args, key, found[key])
     flagged = {item.split("=", 1)[0].strip().replace("-", "_") for item in args.set if "=" in item}

@@ -191,6 +191,27 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
             jacobian_chunk=64,
         ),
     ),
+    "smoke_color": (
+        "seconds, for tests of grids over several presets: tiny colour images through a frozen conv "
+        "trunk (cached features), its own far-OOD set",
+        dict(
+            dataset="synthetic_color",
+            backbone="convnet",
+            freeze_backbone=True,
+            image_size=16,
+            embed_dim=2,
+            far_ood=("synthetic_color_noise",),
+            n_train=200,
+            n_test=100,
+            epochs=1,
+            batch_size=32,
+            posterior_samples=10,
+            dropout_passes=10,
+            ensemble_size=2,
+            bootstrap_resamples=200,
+            jacobian_chunk=64,
+        ),
+    ),
     "default": (
         "every method on Fashion-MNIST in a few minutes on a 2-core CPU (paper net, shorter training)",
         dict(

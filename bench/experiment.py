@@ -25,7 +25,19 @@ from bench.config import RunConfig, declared_options, parse_value
 from bench.errors import BenchError
 
 RUN_KEYS = ("preset", "methods", "seeds", "datasets")  # beyond the config fields and method options
-GRID_KEYS = ("preset", "methods", "seeds", "datasets", "dataset", "seed", "device", "data_dir", "name", "out")
+GRID_KEYS = (
+    "preset",
+    "presets",
+    "methods",
+    "seeds",
+    "datasets",
+    "dataset",
+    "seed",
+    "device",
+    "data_dir",
+    "name",
+    "out",
+)
 EXTENDS = "extends"
 MAX_DEPTH = 8  # `extends` chain
 
@@ -160,8 +172,9 @@ def _axis_text(path: Path, key: str, value: Any) -> str:
 
 def grid_arguments(path: str | Path) -> dict[str, Any]:
     """What a grid experiment file sets: `datasets`, `methods`, `seeds` (strings as the flags take
-    them), `preset`, `device`, `data_dir`, `name`, `out` and `sets` ({field: `--set` value}, lists
-    as axes), every key checked and every value parsed."""
+    them), `preset` (or `presets`, or `preset` as a list: several presets), `device`, `data_dir`,
+    `name`, `out` and `sets` ({field: `--set` value}, lists as axes), every key checked and every
+    value parsed."""
     path = Path(path)
     doc = read_experiment(path)
     known = _known(GRID_KEYS)
@@ -183,6 +196,11 @@ def grid_arguments(path: str | Path) -> dict[str, Any]:
             except BenchError as e:
                 raise BenchError(f"{path}: {e}") from None
             args["seeds"] = text
+        elif key in ("preset", "presets") and (isinstance(value, list) or key == "presets"):
+            vals = value if isinstance(value, list) else str(value).split(",")
+            if not vals or not all(isinstance(v, str) and v.strip() for v in vals):
+                raise BenchError(f"{path}: bad value for {key}: {value!r} (expected preset names)")
+            args["presets"] = ",".join(v.strip() for v in vals)
         elif key in ("preset", "device", "data_dir", "name", "out"):
             if not isinstance(value, str):
                 raise BenchError(f"{path}: bad value for {key}: {value!r} (expected text)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -218,10 +219,12 @@ class ImageSplit(Split):
             keys.append([(int(p), int(q)) for p, q in zip(pos, sv)])
         if not keys:
             return iter(())
+        # a daemonic process (a grid's local-pool worker) cannot start DataLoader workers: load inline
+        workers = 0 if multiprocessing.current_process().daemon else self.workers
         loader = DataLoader(
             self._items,
             batch_sampler=keys,
-            num_workers=self.workers,
+            num_workers=workers,
             generator=torch.Generator().manual_seed(0),
         )  # never draws from the global RNG
         return iter(loader)

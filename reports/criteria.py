@@ -16,6 +16,7 @@ from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.calibration import ece
 from bench.metrics.ood import auroc
 from bench.metrics.ranking import RANKING_METRICS, ranking_statistics
+from bench.metrics.seed_interval import seed_interval
 from bench.metrics.uncertainty import score_from_var
 from bench.run_folder import RunFolder, score_arrays
 
@@ -167,8 +168,9 @@ def cost_frame(run: RunFolder) -> pd.DataFrame:
 
 def criterion_values(run: RunFolder, c: Criterion) -> pd.DataFrame:
     """(method, value, lo, hi) of a criterion, in the run's method order: one seed, the value and its
-    bootstrap CI over queries; several seeds, the mean and its Student-t interval across seeds (cost:
-    the mean seconds, an interval only with several seeds)."""
+    bootstrap CI over queries; several seeds, the mean and its interval across seeds, which stays in
+    the metric's range and is NaN below 3 seeds (`bench.metrics.seed_interval`; cost: seconds, log
+    scale)."""
     from reports.tables import ci_level
 
     if c.metric == COST:
@@ -187,22 +189,8 @@ def criterion_values(run: RunFolder, c: Criterion) -> pd.DataFrame:
             lo, hi = (float(d["lo"].iloc[0]), float(d["hi"].iloc[0])) if "lo" in d else (np.nan, np.nan)
             rows.append({"method": m, "value": float(v[0]), "lo": lo, "hi": hi})
             continue
-        from scipy import stats
-
-        v = v[np.isfinite(v)]
-        half = (
-            stats.t.ppf(0.5 + ci_level(run) / 2, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v))
-            if len(v) > 1
-            else np.nan
-        )
-        rows.append(
-            {
-                "method": m,
-                "value": float(v.mean()),
-                "lo": float(v.mean() - half),
-                "hi": float(v.mean() + half),
-            }
-        )
+        mean, lo, hi = seed_interval(v, c.metric, ci_level(run))
+        rows.append({"method": m, "value": mean, "lo": lo, "hi": hi})
     return pd.DataFrame(rows, columns=["method", "value", "lo", "hi"])
 
 

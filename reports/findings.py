@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from tabulate import tabulate
 
+from bench.metrics.seed_interval import MIN_SEEDS, SEED_INTERVAL_NOTE
 from bench.run_folder import RunFolder
 from reports import plots as P
 from reports.criteria import COST, Criterion, criteria, criterion_values, paired_difference
@@ -198,7 +199,12 @@ def findings_blocks(run: RunFolder, fs: list[Finding] | None = None) -> list[Blo
             + (
                 "bootstrap CI over queries."
                 if len(seeds) == 1
-                else f"Student-t interval across {len(seeds)} seeds."
+                else f"mean over {len(seeds)} seeds, {SEED_INTERVAL_NOTE}."
+                + (
+                    f" Only {len(seeds)} seeds here: too few for an interval across seeds, none is shown."
+                    if len(seeds) < MIN_SEEDS
+                    else ""
+                )
             ),
             note=True,
         )
@@ -320,9 +326,13 @@ def detail_blocks(run: RunFolder, fs: list[Finding] | None = None) -> list[Block
         Para(
             RESULTS_NOTE
             if len(run.seeds) == 1
-            else f"Cells: mean over {len(run.seeds)} seeds "
-            f"[Student-t {100 * ci_level(run):g}% interval across "
-            "seeds]; **bold**: best per column. Each seed's bootstrap intervals: the per-seed tables below.",
+            else f"Cells: mean over {len(run.seeds)} seeds [{100 * ci_level(run):g}% {SEED_INTERVAL_NOTE}]"
+            + (
+                f" (only {len(run.seeds)} seeds here: too few, no interval across seeds)"
+                if len(run.seeds) < MIN_SEEDS
+                else ""
+            )
+            + "; **bold**: best per column. Each seed's bootstrap intervals: the per-seed tables below.",
             note=True,
         )
     )
@@ -365,7 +375,7 @@ def detail_metrics(c: Criterion, metrics: list[str]) -> list[str]:
 
 def metric_tables(run: RunFolder, metrics: list[str], title: str) -> list[Table]:
     """Methods x metrics tables, at most MAX_DETAIL_COLUMNS metrics each: one seed, `value [CI]` of that
-    seed (titled `(seed k)`); several, the mean [t-interval] over seeds."""
+    seed (titled `(seed k)`); several, the mean [interval across seeds] over seeds."""
     from reports.tables import run_seed_summary
 
     if not metrics:

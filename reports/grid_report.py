@@ -1,5 +1,7 @@
-"""The report of a grid folder: per dataset the method table across seeds, mean ranks, how often each
-pairwise difference is significant (paired bootstrap per seed, Wilcoxon across seeds) and cost vs quality."""
+"""The report of a grid folder: per dataset (per preset / dataset in a grid over several presets) the
+method table across seeds, mean ranks, how often each pairwise difference is significant (paired
+bootstrap per seed, Wilcoxon across seeds) and cost vs quality; first, the findings across all
+(preset / dataset, seed) blocks."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from bench.conventions import BASE_METHOD as BASE
 from bench.conventions import NEAR_OOD_SET, STAGES, split_score_metric
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences, seed_summary
+from bench.metrics.seed_interval import MIN_SEEDS, SEED_INTERVAL_NOTE
 from bench.run_folder import GridFolder
 from reports import plots as P
 from reports.formats import Block, Cell, Code, Figure, Heading, Para, Table, to_text
@@ -64,13 +67,36 @@ def _level(grid: GridFolder) -> float:
     return float(grid.meta.get("base_config", {}).get("ci_level", 0.95))
 
 
+def cell_group(grid: GridFolder, cell: dict) -> str:
+    """The report group of a grid.json cell: its dataset, or `preset / dataset` over several presets."""
+    return f"{cell['preset']} / {cell['dataset']}" if "base_configs" in grid.meta else cell["dataset"]
+
+
+def groups(grid: GridFolder) -> list[str]:
+    """The report's groups in the order of the grid's spec (one section each)."""
+    spec = grid.meta.get("spec", {})
+    if spec.get("presets"):  # several presets: one dataset each, in the same order
+        return [f"{p} / {d}" for p, d in zip(spec["presets"], spec["datasets"])]
+    return list(spec.get("datasets", [])) or sorted(
+        {cell_group(grid, c) for c in grid.meta["cells"].values()}
+    )
+
+
+def with_groups(df: pd.DataFrame) -> pd.DataFrame:
+    """A merged table with its `group` column: `preset / dataset` when it has presets, else dataset."""
+    if df.empty:
+        return df.assign(group=pd.Series(dtype=str))
+    g = df["preset"].astype(str) + " / " + df["dataset"].astype(str) if "preset" in df else df["dataset"]
+    return df.assign(group=g)
+
+
 def header_blocks(grid: GridFolder) -> list[Block]:
     m, spec = grid.meta, grid.meta.get("spec", {})
     cells = m["cells"]
     status = pd.Series([c["status"] for c in cells.values()]).value_counts().to_dict()
     last = (m.get("invocations") or [{}])[-1]
     facts = [
-        ("preset", spec.get("preset")),
+        ("presets" if spec.get("presets") else "preset", spec.get("preset")),
         ("datasets", ", ".join(spec.get("datasets", []))),
         ("methods", ", ".join(dict.fromkeys(c["method"] for c in cells.values()))),
         ("seeds", ", ".join(map(str, spec.get("seeds", [])))),
@@ -175,7 +201,7 @@ def pairwise_frame(
     pq = {}
     for cid, v in cells.items():
         c = grid.meta["cells"][cid]
-        run = grid.cell_run(cid) if c["dataset"] == dataset else None
+        run = grid.cell_run(cid) if cell_group(grid, c) == dataset else None
         if run is not None and (a := run.perquery(c["method"], int(c["seed"]))) is not None:
             pq[(v, int(c["seed"]))] = a
     boot = []
@@ -302,7 +328,7 @@ def cost_table(cost: pd.DataFrame, variants: list[str]) -> Table | None:
 def cost_quality_figure(
     cost: pd.DataFrame, summ: pd.DataFrame, variants: list[str], metrics: list[str]
 ) -> MplFigure | None:
-    """Wall time per seed (x, log) against each metric's mean over seeds with its t-interval (y)."""
+    """Wall time per seed (x, log) against each metric's mean over seeds with its interval (y)."""
     metrics = [m for m in metrics if not summ[summ["metric"] == m].empty]
     if cost.empty or not metrics:
         return None
@@ -340,9 +366,11 @@ def quality_metrics(metrics) -> list[str]:
 def dataset_blocks(
     grid: GridFolder, dataset: str, res: pd.DataFrame, tim: pd.DataFrame, cells: dict[str, str]
 ) -> tuple[list[Block], pd.DataFrame]:
-    """Heading, method table across seeds, ranks, significance, cost table and plot of one dataset."""
-    variants = ordered([cells[c] for c in cells if grid.meta["cells"][c]["dataset"] == dataset])
-    out: list[Block] = [Heading(f"Dataset: {dataset}")]
+    """Heading, method table across seeds, ranks, significance, cost table and plot of one dataset
+    (one report group: `preset / dataset` in a grid over several presets)."""
+    variants = ordered([cells[c] for c in cells if cell_group(grid, grid.meta["cells"][c]) == dataset])
+    several = "base_configs" in grid.meta
+    out: list[Block] = [Heading(f"{'Preset / dataset' if several else 'Dataset'}: {dataset}")]
     if res.empty:
         return out + [Para("No finished cells.")], pd.DataFrame(columns=PAIRWISE_COLUMNS)
     n_seeds = res["seed"].nunique()
@@ -350,8 +378,15 @@ def dataset_blocks(
     out += [
         Heading("Methods across seeds", 3),
         Para(
-            f"Mean over {n_seeds} seed(s) [Student-t {100 * _level(grid):g}% interval across seeds]; "
-            "**bold**: best mean per column.",
+            f"Mean over {n_seeds} seed(s) [{100 * _level(grid):g}% {SEED_INTERVAL_NOTE}]; "
+            "**bold**: best mean per column."
+            + (
+                f" **Only {n_seeds} seed(s): too few for an interval across seeds (it needs "
+                f"{MIN_SEEDS}); none is shown.** Each seed's bootstrap CI over queries is in its cell's "
+                "run folder."
+                if n_seeds < MIN_SEEDS
+                else ""
+            ),
             note=True,
         ),
     ]
@@ -374,7 +409,8 @@ def dataset_blocks(
             Figure(
                 f"cost_quality_{_safe(dataset)}",
                 f"{dataset}: wall time per seed against quality "
-                "(mean over seeds, t-interval bars); methods without uncertainty have no AUROC point.",
+                "(mean over seeds, bars: the interval across seeds, none below 3 seeds); methods without "
+                "uncertainty have no AUROC point.",
                 P.png_bytes(fig),
             )
         )
@@ -393,21 +429,22 @@ def _merged(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, str
             f"{grid.path} has no finished cells yet (no merged results.csv); "
             f"run `bench grid --resume {grid.path}`"
         )
+    res, tim = with_groups(res), with_groups(tim)
     return res.assign(variant=res["cell"].map(cells)), tim.assign(variant=tim["cell"].map(cells)), cells
 
 
 def _blocks_by_criterion(res: pd.DataFrame, tim: pd.DataFrame, c) -> pd.DataFrame:
-    """(dataset, seed) blocks x variants of one criterion's metric (cost: seconds per cell, base
-    training included)."""
+    """(group, seed) blocks x variants of one criterion's metric, group = dataset or preset / dataset
+    (cost: seconds per cell, base training included)."""
     from reports.criteria import COST
 
     if c.metric == COST:
         if tim.empty:
             return pd.DataFrame()
-        cost = tim.groupby(["dataset", "seed", "variant"])["seconds"].sum().reset_index(name="value")
-        return cost.pivot_table(index=["dataset", "seed"], columns="variant", values="value", aggfunc="first")
+        cost = tim.groupby(["group", "seed", "variant"])["seconds"].sum().reset_index(name="value")
+        return cost.pivot_table(index=["group", "seed"], columns="variant", values="value", aggfunc="first")
     d = res[res["metric"] == c.metric]
-    return d.pivot_table(index=["dataset", "seed"], columns="variant", values="value", aggfunc="first")
+    return d.pivot_table(index=["group", "seed"], columns="variant", values="value", aggfunc="first")
 
 
 def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame) -> list[Block]:
@@ -418,7 +455,7 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
 
     from reports.criteria import criteria
     from reports.findings import rank_heatmap
-    from reports.rank_tests import friedman_nemenyi
+    from reports.rank_tests import cd_diagram, friedman_nemenyi
 
     out: list[Block] = [Heading("Findings")]
     crits = criteria(
@@ -427,12 +464,23 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
         )
     )
     variants = ordered(res["variant"])
-    rows, sentences, ranks = [], [], {}
+    rows, sentences, ranks, diagrams = [], [], {}, []
     for c in crits:
         v = friedman_nemenyi(_blocks_by_criterion(res, tim, c), c.higher)
         if v.best is None:
             continue
         ranks[c.title] = v.mean_ranks
+        fig = cd_diagram(v, c.title) if len(v.mean_ranks) >= 2 and v.n_blocks >= 2 else None
+        if fig is not None:
+            diagrams.append(
+                Figure(
+                    f"cd_{c.key}",
+                    f"{c.title} ({header(c.metric) if c.metric != 'seconds' else 'seconds'}): critical-"
+                    "difference diagram, mean rank over the blocks (1 = best, on the right); a bar joins "
+                    "methods not significantly different.",
+                    P.png_bytes(fig, dpi=90),
+                )
+            )
         p = "n/a" if math.isnan(v.p) else f"{v.p:.2g}"
         label = header(c.metric) if c.metric != "seconds" else "seconds"
         rows.append(
@@ -462,14 +510,15 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
         sentences.append(
             Para(
                 f"**{c.title}.** {c.question} **{v.best}** (mean rank "
-                f"{v.mean_ranks[v.best]:.2f} over {v.n_blocks} dataset x seed blocks){tied}."
+                f"{v.mean_ranks[v.best]:.2f} over {v.n_blocks} {_block_word(grid)} blocks){tied}."
             )
         )
     if not rows:
         return out + [Para("No criterion has values in every block.", note=True)]
     out.append(
         Para(
-            "Methods ranked within each (dataset, seed) block (1 = best), ranks averaged; Friedman "
+            f"Methods ranked within each ({_block_word(grid).replace(' x ', ', ')}) block (1 = best), "
+            "ranks averaged; Friedman "
             "test that all methods rank alike (two methods: Wilcoxon), then Nemenyi's critical "
             "difference (alpha 0.05) for which methods are not significantly different from the "
             "best. Blocks missing a method's value are left out.",
@@ -496,7 +545,14 @@ def grid_findings_blocks(grid: GridFolder, res: pd.DataFrame, tim: pd.DataFrame)
                 P.png_bytes(rank_heatmap(rk.round(2)), dpi=90),
             )
         )
+    if diagrams:
+        out += [Heading("Critical-difference diagrams", 3), *diagrams]
     return out
+
+
+def _block_word(grid: GridFolder) -> str:
+    """What a block is: `dataset x seed`, or `preset/dataset x seed` over several presets."""
+    return "preset/dataset x seed" if "base_configs" in grid.meta else "dataset x seed"
 
 
 def build_grid_report(grid: GridFolder) -> tuple[list[Block], pd.DataFrame]:
@@ -508,8 +564,8 @@ def build_grid_report(grid: GridFolder) -> tuple[list[Block], pd.DataFrame]:
         head[:1] + grid_findings_blocks(grid, res, tim) + [Heading("Grid")] + head[1:] + failure_blocks(grid)
     )
     frames = []
-    for d in grid.meta["spec"]["datasets"]:
-        b, pw = dataset_blocks(grid, d, res[res["dataset"] == d], tim[tim["dataset"] == d], cells)
+    for d in groups(grid):
+        b, pw = dataset_blocks(grid, d, res[res["group"] == d], tim[tim["group"] == d], cells)
         blocks += b
         frames.append(pw)
     return blocks, pd.concat(frames, ignore_index=True)
@@ -546,8 +602,8 @@ def grid_summary_text(grid_dir: str | Path, report: str | Path | None = None) ->
     except BenchError as e:
         return f"{e}\n"
     out = []
-    for d in grid.meta["spec"]["datasets"]:
-        r, t = res[res["dataset"] == d], tim[tim["dataset"] == d] if not tim.empty else tim
+    for d in groups(grid):
+        r, t = res[res["group"] == d], tim[tim["group"] == d] if not tim.empty else tim
         if r.empty:
             continue
         crits = criteria(

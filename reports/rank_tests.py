@@ -56,3 +56,39 @@ def friedman_nemenyi(values: pd.DataFrame, higher: bool, alpha: float = 0.05) ->
         return RankVerdict(mean, n, p, cd, best, [str(m) for m in mean.index[1:]])
     tied = [str(m) for m in mean.index[1:] if mean[m] - mean[best] <= cd]
     return RankVerdict(mean, n, p, cd, best, tied)
+
+
+def significance_matrix(v: RankVerdict, alpha: float = 0.05) -> pd.DataFrame:
+    """Methods x methods: 0 where the pair differs significantly, 1 where it does not (the diagonal 1),
+    by the verdict's own test: Nemenyi's critical difference after a significant Friedman test (no pair
+    differs when Friedman does not reject), Wilcoxon's p for two methods."""
+    names = [str(m) for m in v.mean_ranks.index]
+    r = v.mean_ranks.to_numpy(float)
+    if len(names) == 2:
+        sig = np.full((2, 2), 1.0)
+        if v.p < alpha:
+            sig[0, 1] = sig[1, 0] = 0.0
+        return pd.DataFrame(sig, index=names, columns=names)
+    differ = (np.abs(r[:, None] - r[None, :]) > v.cd) if v.p < alpha else np.zeros((len(r), len(r)), bool)
+    return pd.DataFrame(np.where(differ, 0.0, 1.0), index=names, columns=names)
+
+
+def cd_diagram(v: RankVerdict, title: str, alpha: float = 0.05):
+    """Demsar's critical-difference diagram (scikit-posthocs' `critical_difference_diagram`): the mean
+    ranks on an axis, bars joining methods not significantly different (`significance_matrix`), the
+    CD in the title. A matplotlib Figure (Agg canvas), or None with fewer than 2 methods."""
+    import scikit_posthocs as sp
+    from matplotlib.figure import Figure
+
+    if len(v.mean_ranks) < 2:
+        return None
+    k = len(v.mean_ranks)
+    fig = Figure(figsize=(8.0, 1.4 + 0.3 * k))
+    ax = fig.subplots()
+    sp.critical_difference_diagram(v.mean_ranks, significance_matrix(v, alpha), ax=ax, alpha=alpha)
+    test = "Wilcoxon" if k == 2 else "Friedman"
+    p = "n/a" if np.isnan(v.p) else f"{v.p:.2g}"
+    cd = "" if np.isnan(v.cd) else f", Nemenyi CD {v.cd:.2f}"
+    ax.set_title(f"{title}: mean rank over {v.n_blocks} blocks ({test} p={p}{cd})", fontsize=9)
+    fig.subplots_adjust(left=0.24, right=0.76, top=0.72, bottom=0.04)  # room for the labels beside the axis
+    return fig

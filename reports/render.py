@@ -13,6 +13,7 @@ from bench.config import bootstrap_resamples
 from bench.conventions import REFERENCE_METHOD as REFERENCE
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences
+from bench.metrics.seed_interval import SEED_INTERVAL_NOTE
 from bench.run_folder import RunFolder
 from reports import plots as P
 from reports.findings import detail_blocks, findings, findings_blocks, summary_text
@@ -314,7 +315,7 @@ def embedding_blocks(
 
 def _at_k_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
     """(method, metric, value, lo, hi) for the @K plot: the bootstrap CI of the single seed, or the
-    mean and t-interval over seeds."""
+    mean and its interval across seeds (`bench.metrics.seed_interval`; none below 3 seeds)."""
     r = run.results
     if len(run.seeds) == 1:
         d = r[r["seed"] == run.seeds[0]]
@@ -322,7 +323,9 @@ def _at_k_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
             ["method", "metric", "value", "lo", "hi"]
         ], f"{int(100 * _level(run))}% bootstrap CI over queries"
     s = _seed_summary(run)[0].rename(columns={"mean": "value", "t_low": "lo", "t_high": "hi"})
-    return s[["method", "metric", "value", "lo", "hi"]], f"t-interval over {len(run.seeds)} seeds"
+    return s[
+        ["method", "metric", "value", "lo", "hi"]
+    ], f"interval across {len(run.seeds)} seeds ({SEED_INTERVAL_NOTE})"
 
 
 def _fig(name: str, fig, caption: str, dpi: int = 90) -> Figure:

@@ -17,6 +17,7 @@ from bench.metrics.aggregate import seed_summary
 from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.correlation import sorted_ranks
 from bench.metrics.ranking import error_auroc_from_ranks, ranking_statistics
+from bench.metrics.seed_interval import SEED_INTERVAL_NOTE
 from bench.metrics.sparsification import FRACTIONS, sparsification_curves
 from bench.run_folder import RunFolder, score_arrays
 from reports import plots as P
@@ -43,7 +44,8 @@ def score_frame(results: pd.DataFrame) -> pd.DataFrame:
 
 def score_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
     """(method, score, metric, value, lo, hi, n) and how the interval was made: one seed, its
-    bootstrap CI over queries; several seeds, the mean over seeds with a Student-t interval."""
+    bootstrap CI over queries; several seeds, the mean over seeds with its interval
+    (`bench.metrics.seed_interval`)."""
     df = score_frame(run.results)
     level = float(run.config.get("ci_level", 0.95))
     if df.empty:
@@ -59,7 +61,7 @@ def score_summary(run: RunFolder) -> tuple[pd.DataFrame, str]:
     )
     return s[
         ["method", "score", "metric", "value", "lo", "hi", "n"]
-    ], f"mean over {df['seed'].nunique()} seeds [Student-t {100 * level:g}% interval across seeds]"
+    ], f"mean over {df['seed'].nunique()} seeds [{100 * level:g}% {SEED_INTERVAL_NOTE}]"
 
 
 def _cell(rec: dict | None, bold_if=None) -> Cell:

@@ -22,13 +22,14 @@ SEED_NOTE = (
     "Seed: its Table 1 (no interval given; pytorch-metric-learning's `mean_average_precision`, which up to "
     "v1.6.0 divides by the hits in the top K, hence `mAP_pml@K`). "
     "Ours: value [95% bootstrap CI over queries] "
-    "(several seeds: mean [t-interval across seeds]); `mAP@K` divides by min(K, R) (the headline). "
+    "(several seeds: mean [interval across seeds, in range, none below 3 seeds]); "
+    "`mAP@K` divides by min(K, R) (the headline). "
     "Retrieval is leave-one-out on the ID test set, in the run's distance."
 )
 
 
 def _values(run: RunFolder) -> pd.DataFrame:
-    """method, metric, value, lo, hi: one seed's bootstrap CIs, or the across-seed t-interval."""
+    """method, metric, value, lo, hi: one seed's bootstrap CIs, or the across-seed interval."""
     if len(run.seeds) > 1:
         s, _ = run_seed_summary(run)
         return s.rename(columns={"mean": "value", "t_low": "lo", "t_high": "hi"})[

@@ -205,7 +205,7 @@ RESULTS_NOTE = (
 
 
 def seeds_tables(summary: pd.DataFrame, methods: list[str] | None = None) -> list[Table]:
-    """Across-seed tables (mean [t-interval]) per metric group, best mean in bold."""
+    """Across-seed tables (mean [interval across seeds]) per metric group, best mean in bold."""
     if summary.empty:
         return []
     rows = ordered(summary["method"], methods)

@@ -177,7 +177,7 @@ def test_several_seeds_print_the_across_seed_mean_and_each_seed(cli, tmp_path):
     assert "Mean over 2 seeds." in out  # the summary's one table holds the means over seeds
     seeds = pd.read_csv(_run_dir(tmp_path) / "seeds.csv")
     row = seeds[(seeds.method == "plain") & (seeds.metric == "mAP@1")].iloc[0]
-    assert row.n_seeds == 2 and row.t_low <= row["mean"] <= row.t_high
+    assert row.n_seeds == 2 and np.isnan(row.t_low) and np.isnan(row.t_high)  # too few seeds: no interval
     (plain,) = [x for x in out.splitlines() if x.startswith("plain ")]
     assert plain.split()[1].rstrip("*") == f"{row['mean']:.3f}"
 

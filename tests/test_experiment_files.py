@@ -196,21 +196,11 @@ def test_rerunning_from_config_json_gives_a_byte_identical_results_csv(cli, tmp_
 
 def _example_config(path: Path, tmp_path: Path):
     """The RunConfig (run files) or GridSpec expansion (grid files) of an example: it validates."""
-    if path.stem.startswith("grid"):
-        from bench.cli import _merge_grid_file
-        from bench.grid import GridSpec
-        from bench.grid.spec import expand, parse_seeds
+    if "grid" in path.stem:
+        from bench.cli import grid_spec
+        from bench.grid.spec import expand
 
-        args = build_parser().parse_args(["grid", "--config", str(path)])
-        _merge_grid_file(args)
-        spec = GridSpec(
-            datasets=tuple(args.datasets.split(",")),
-            methods=tuple(args.methods.split(",")),
-            seeds=parse_seeds(args.seeds),
-            preset=args.preset or "default",
-            sets=tuple(args.set),
-        )
-        return expand(spec)
+        return expand(grid_spec(build_parser().parse_args(["grid", "--config", str(path)])))
     return _cfg("--config", str(path))
 
 

@@ -118,6 +118,24 @@ def test_friedman_nemenyi_agrees_with_scikit_posthocs():
     assert v.p >= 0.05 and sorted(v.tied + [v.best]) == ["a", "b", "c"]  # no omnibus difference: all tied
 
 
+def test_cd_diagram_pairs_are_scikit_posthocs_nemenyi_decisions():
+    """Every pair the critical-difference diagram joins (or separates) is scikit-posthocs' Nemenyi
+    decision (p >= 0.05 or < 0.05) after a significant Friedman test; the diagram draws."""
+    from reports.rank_tests import cd_diagram, significance_matrix
+
+    sp = pytest.importorskip("scikit_posthocs")
+    rng = np.random.default_rng(3)
+    shift = [0, 0.1, 0.8, 1.2, 2.5]
+    x = pd.DataFrame(rng.normal(size=(20, 5)) + np.array(shift), columns=[f"m{i}" for i in range(5)])
+    v = friedman_nemenyi(x, higher=True)
+    assert v.p < 0.05
+    p = pd.DataFrame(sp.posthoc_nemenyi_friedman(x.to_numpy()).to_numpy(), index=x.columns, columns=x.columns)
+    sig = significance_matrix(v).loc[x.columns, x.columns]
+    assert ((sig.to_numpy() == 0) == (p.to_numpy() < 0.05)).all()
+    assert 0 < (sig.to_numpy() == 0).sum() < 20  # some pairs differ, some do not: the test can tell
+    assert cd_diagram(v, "Retrieval") is not None
+
+
 def test_summary_is_one_table_within_100_columns(tmp_path, monkeypatch):
     methods = {f"a_rather_long_method_name_{i}": i > 0 for i in range(9)}
     d = make_run(tmp_path / "runs", methods=methods, score_vectors=True)

@@ -10,19 +10,27 @@ from bench.metrics.ood import auroc
 
 
 def test_seed_summary_t_interval():
+    """mAP@1 is in [0, 1]: the Student-t interval on the logit scale, mapped back (scipy's t.interval
+    of the logits); an unbounded metric keeps the plain t-interval."""
+    from scipy import special
+
     res = pd.DataFrame(
         {
-            "method": ["a"] * 3 + ["b"] * 2,
-            "seed": [0, 1, 2, 0, 1],
-            "metric": ["mAP@1"] * 3 + ["ECE"] * 2,
-            "value": [1.0, 2.0, 3.0, 0.5, np.nan],
+            "method": ["a"] * 3 + ["b"] * 2 + ["c"] * 3,
+            "seed": [0, 1, 2, 0, 1, 0, 1, 2],
+            "metric": ["mAP@1"] * 3 + ["ECE"] * 2 + ["loss"] * 3,
+            "value": [0.2, 0.4, 0.6, 0.5, np.nan, 1.0, 2.0, 3.0],
         }
     )
     s = seed_summary(res).set_index(["method", "metric"])
+    z = special.logit([0.2, 0.4, 0.6])
+    lo, hi = special.expit(stats.t.interval(0.95, 2, loc=z.mean(), scale=stats.sem(z)))
+    assert s.loc[("a", "mAP@1"), "mean"] == pytest.approx(0.4) and s.loc[("a", "mAP@1"), "n_seeds"] == 3
+    assert s.loc[("a", "mAP@1"), "t_low"] == pytest.approx(lo) and lo > 0
+    assert s.loc[("a", "mAP@1"), "t_high"] == pytest.approx(hi) and hi < 1
     half = stats.t.ppf(0.975, 2) * 1.0 / np.sqrt(3)
-    assert s.loc[("a", "mAP@1"), "mean"] == 2.0 and s.loc[("a", "mAP@1"), "n_seeds"] == 3
-    assert s.loc[("a", "mAP@1"), "t_low"] == pytest.approx(2 - half)
-    assert s.loc[("a", "mAP@1"), "t_high"] == pytest.approx(2 + half)
+    assert s.loc[("c", "loss"), "t_low"] == pytest.approx(2 - half)
+    assert s.loc[("c", "loss"), "t_high"] == pytest.approx(2 + half)
     # one finite seed: mean, NaN interval
     assert s.loc[("b", "ECE"), "mean"] == 0.5 and np.isnan(s.loc[("b", "ECE"), "t_low"])
     assert s.loc[("b", "ECE"), "n_seeds"] == 1

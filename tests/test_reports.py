@@ -204,7 +204,7 @@ def test_several_seeds_pca_and_paired_csv(rendered_seeds):
     assert "(mean over seeds)" in md and "### Per seed" in md
     assert "**+0.050 [0.010, 0.090]**" in md  # paired.csv: CI excludes 0 -> bold
     assert "-0.010 [-0.050, 0.030]" in md and "**-0.010" not in md
-    assert "t-interval over 3 seeds" in md
+    assert "interval across 3 seeds" in md and "stays in the metric's range" in md
 
 
 def test_reproduce_command_rebuilt_when_not_recorded(rendered_seeds):

@@ -16,7 +16,7 @@ import pandas as pd
 from bench import __version__
 from bench.environment import git_commit, package_versions
 from bench.grid.executors import ExecutorOptions, make_executor
-from bench.grid.spec import GridSpec, expand, show, task_config
+from bench.grid.spec import GridSpec, base_configs, expand, record_base, show, task_config
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, GridFolder, task_marker
 
 DONE, FAILED, PENDING = "done", "failed", "pending"
@@ -43,6 +43,7 @@ def create_grid(spec: GridSpec, out: str | Path, name: str = "grid") -> GridFold
         "spec": spec.to_dict(),
         "axes": {k: [show(v) for v in vals] for k, vals in spec.axes.items()},
         "base_config": spec.base_config().to_dict(),
+        **({"base_configs": base_configs(spec)} if spec.presets else {}),
         "status": PENDING,
         "cells": cells,
         "bases": bases,
@@ -51,15 +52,28 @@ def create_grid(spec: GridSpec, out: str | Path, name: str = "grid") -> GridFold
     return GridFolder.create(out, name, meta)
 
 
+def coordinate_columns(grid: GridFolder) -> list[str]:
+    """The leading columns of the merged tables: cell, preset (grids over several presets), dataset
+    and each axis."""
+    several = "base_configs" in grid.meta
+    return ["cell", *(["preset"] if several else []), "dataset", *grid.meta["axes"]]
+
+
 def coordinates(grid: GridFolder, cell: str) -> dict[str, str]:
-    """The extra columns of a cell's rows in the merged tables: cell, dataset and each axis value."""
+    """The extra columns of a cell's rows in the merged tables: cell, (preset,) dataset, axis values."""
     c = grid.meta["cells"][cell]
-    return {"cell": cell, "dataset": c["dataset"], **{k: show(c["point"].get(k)) for k in grid.meta["axes"]}}
+    where = {"preset": c["preset"]} if "base_configs" in grid.meta else {}
+    return {
+        "cell": cell,
+        **where,
+        "dataset": c["dataset"],
+        **{k: show(c["point"].get(k)) for k in grid.meta["axes"]},
+    }
 
 
 def merge_tables(grid: GridFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
     """results.csv and timings.csv of every finished cell, with its coordinates as leading columns."""
-    coord_cols = ["cell", "dataset", *grid.meta["axes"]]
+    coord_cols = coordinate_columns(grid)
     res, tim = [], []
     for cid, c in grid.meta["cells"].items():
         run = grid.cell_run(cid) if c["status"] == DONE else None
@@ -154,13 +168,12 @@ class _Scheduler:
 
     def _config(self, cid: str):
         c = self.meta["cells"][cid]
-        return task_config(self.meta["base_config"], c, cid, str(self.grid.cells_dir), c["method"])
+        return task_config(record_base(self.meta, c), c, cid, str(self.grid.cells_dir), c["method"])
 
     def task_args(self, kind: str, tid: str, threads: int) -> tuple:
         if kind == "base":
-            cfg = task_config(
-                self.meta["base_config"], self.meta["bases"][tid], tid, str(self.grid.cells_dir)
-            )
+            rec = self.meta["bases"][tid]
+            cfg = task_config(record_base(self.meta, rec), rec, tid, str(self.grid.cells_dir))
         else:
             cfg = self._config(tid)
         return (kind, cfg.to_dict(), str(self.grid.path), f"{kind}-{tid}", threads)

@@ -1,5 +1,9 @@
-"""What a grid is: its spec (datasets, methods, seeds, fixed settings and setting axes) and its
-expansion into cells (one run folder each) and the base-model tasks that post-hoc cells depend on."""
+"""What a grid is: its spec (presets, datasets, methods, seeds, fixed settings and setting axes) and
+its expansion into cells (one run folder each) and the base-model tasks that post-hoc cells depend on.
+
+A grid over several presets (`--presets default,cifar`) runs each preset with its own config (its own
+dataset, backbone, OOD sets and feature cache): the presets' differences are never overridden by one
+another, only by `--set`, which applies to every preset."""
 
 from __future__ import annotations
 
@@ -75,8 +79,13 @@ def config_from_dict(d: dict[str, Any]) -> RunConfig:
 
 @dataclass(frozen=True)
 class GridSpec:
-    """A grid as the user gives it: preset, datasets, methods (or `all`), seeds, `--set` items (one
-    value: fixed for every cell; several: an axis) and the execution fields device and data_dir."""
+    """A grid as the user gives it: preset (or `presets`, several), datasets, methods (or `all`),
+    seeds, `--set` items (one value: fixed for every cell; several: an axis) and the execution fields
+    device and data_dir.
+
+    One preset: `datasets` are run with that preset's config (empty: the preset's own dataset).
+    Several presets: each runs its own dataset with its own config; `datasets` must be empty (a
+    preset's OOD sets and trunk are chosen for its dataset, so another dataset would silently get them)."""
 
     datasets: tuple[str, ...]
     methods: tuple[str, ...]
@@ -85,37 +94,61 @@ class GridSpec:
     sets: tuple[str, ...] = ()
     device: str | None = None
     data_dir: str | None = None
+    presets: tuple[str, ...] = ()
     values: dict[str, list[Any]] = field(init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        presets = tuple(dict.fromkeys(p.strip() for p in self.presets if p.strip()))
+        require(len(presets) == len(self.presets), f"presets named twice or empty: {','.join(self.presets)}")
+        if len(presets) == 1:  # one preset given as a list: the single-preset grid
+            object.__setattr__(self, "preset", presets[0])
+            presets = ()
+        object.__setattr__(self, "presets", presets)
+        for p in self.preset_names:
+            preset_config(p)  # an unknown preset fails here, listing the known ones
         require(
-            len(self.datasets) > 0 and len(self.methods) > 0 and len(self.seeds) > 0,
-            "a grid needs at least one dataset, method and seed",
+            not (presets and self.datasets),
+            "a grid over several presets runs each preset's own dataset: drop --datasets "
+            "(or run one preset with --preset P --datasets ...)",
         )
+        require(len(self.methods) > 0 and len(self.seeds) > 0, "a grid needs at least one method and seed")
         object.__setattr__(self, "values", parse_sets(list(self.sets)))
+
+    @property
+    def preset_names(self) -> tuple[str, ...]:
+        """The presets of the grid, in the order given."""
+        return self.presets or (self.preset,)
+
+    def runs(self) -> list[tuple[str, str]]:
+        """(preset, dataset) pairs the grid runs, in order: each preset's datasets (its own by default)."""
+        return [(p, d) for p in self.preset_names for d in (self.datasets or (preset_config(p).dataset,))]
 
     @property
     def axes(self) -> dict[str, list[Any]]:
         """Settings with several values: the grid's extra dimensions."""
         return {k: v for k, v in self.values.items() if len(v) > 1}
 
-    def base_config(self) -> RunConfig:
-        """The preset with the fixed settings: what every cell shares (cells write under cells/)."""
+    def base_config(self, preset: str | None = None) -> RunConfig:
+        """A preset (the first by default) with the fixed settings: what every cell of that preset
+        shares (cells write under cells/)."""
         fixed = {k: v[0] for k, v in self.values.items() if len(v) == 1}
         fixed.update(
             {k: v for k, v in (("device", self.device), ("data_dir", self.data_dir)) if v is not None}
         )
         return apply_overrides(
-            preset_config(self.preset),
+            preset_config(preset or self.preset_names[0]),
             {**fixed, "quiet": True, "report": False, "out": "cells", "name": "cell"},
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """grid.json's spec (a single-preset grid's as before, so its rerun still finds it)."""
+        several = {"presets": list(self.presets)} if self.presets else {}
         return {
-            "datasets": list(self.datasets),
+            "datasets": list(self.datasets) or [d for _, d in self.runs()],
             "methods": list(self.methods),
             "seeds": list(self.seeds),
-            "preset": self.preset,
+            "preset": self.preset_names[0] if not self.presets else ",".join(self.presets),
+            **several,
             "set": list(self.sets),
             "device": self.device,
             "data_dir": self.data_dir,
@@ -137,33 +170,40 @@ def weights_id(cfg: RunConfig, seed: int) -> str:
 def expand(spec: GridSpec) -> tuple[dict[str, dict], dict[str, dict]]:
     """(cells, bases) as grid.json records them, every config validated before anything runs.
 
-    A cell is (dataset, axis point, method, seed): one run folder. A post-hoc method's cell depends
-    on the base task of its (dataset, weight-determining settings, seed), which trains the base model
-    into the shared cache once; cells of methods that train their own nets depend on nothing."""
+    A cell is (preset, dataset, axis point, method, seed): one run folder. A post-hoc method's cell
+    depends on the base task of its (dataset, weight-determining settings, seed), which trains the base
+    model into the shared cache once (presets whose settings give the same weights share it); cells of
+    methods that train their own nets depend on nothing. Cell names carry the preset when there are
+    several (`cifar-cifar10-plain-seed0`)."""
     from bench.runner import resolve_methods
 
-    base = spec.base_config()
-    for d in spec.datasets:
+    runs = spec.runs()
+    for _, d in runs:
         DATASETS.get(d)  # unknown names fail here, listing the known ones
     axes = spec.axes
     points = [dict(zip(axes, combo)) for combo in itertools.product(*axes.values())]
     labels = [_label(p) for p in points]
     if len(set(labels)) < len(labels):  # two values that print alike: number the points instead
         labels = [f"p{i}" for i in range(len(points))]
+    base = {p: spec.base_config(p) for p in spec.preset_names}
     cells: dict[str, dict] = {}
     bases: dict[str, dict] = {}
-    for dataset, (point, label) in itertools.product(spec.datasets, zip(points, labels)):
-        cfg = apply_overrides(base, {"dataset": dataset, "methods": spec.methods, **point})
+    for (preset, dataset), (point, label) in itertools.product(runs, zip(points, labels)):
+        cfg = apply_overrides(base[preset], {"dataset": dataset, "methods": spec.methods, **point})
         coords = {k: jsonable(v) for k, v in point.items()}
+        where = {"preset": preset} if spec.presets else {}
         for method, seed in itertools.product(resolve_methods(cfg), spec.seeds):
             base_id = None
             if METHODS.get(method).reuses_base_model:
                 base_id = f"{dataset}-seed{seed}-{weights_id(cfg, seed)}"
                 bases.setdefault(
-                    base_id, {"dataset": dataset, "seed": seed, "point": coords, "status": "pending"}
+                    base_id,
+                    {**where, "dataset": dataset, "seed": seed, "point": coords, "status": "pending"},
                 )
-            cid = "-".join([dataset, method, f"seed{seed}"] + ([label] if label else []))
+            prefix = [preset] if spec.presets else []
+            cid = "-".join(prefix + [dataset, method, f"seed{seed}"] + ([label] if label else []))
             cells[cid] = {
+                **where,
                 "dataset": dataset,
                 "method": method,
                 "seed": seed,
@@ -172,6 +212,18 @@ def expand(spec: GridSpec) -> tuple[dict[str, dict], dict[str, dict]]:
                 "status": "pending",
             }
     return cells, bases
+
+
+def base_configs(spec: GridSpec) -> dict[str, dict[str, Any]]:
+    """{preset: its shared config as grid.json records it} (several presets only; a single-preset
+    grid records `base_config` alone)."""
+    return {p: spec.base_config(p).to_dict() for p in spec.presets}
+
+
+def record_base(meta: dict[str, Any], record: dict) -> dict[str, Any]:
+    """The shared config of a cell or base task of grid.json: its preset's, else the grid's one."""
+    preset = record.get("preset")
+    return meta.get("base_configs", {}).get(preset) or meta["base_config"]
 
 
 def task_config(

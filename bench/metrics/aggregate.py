@@ -3,18 +3,17 @@ method on the same queries, and the wall-time breakdown per stage."""
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, STAGES, score_arrays
 from bench.metrics.bootstrap import grouped_bootstrap_ci
 from bench.metrics.calibration import DEFAULT_BINS, ece
 from bench.metrics.ood import OOD_METRICS, ood_statistics
+from bench.metrics.seed_interval import seed_interval
 from bench.metrics.sparsification import ause
 from bench.metrics.uncertainty import score_from_var
 
@@ -27,19 +26,13 @@ def seed_summary(results: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     """(method, metric, mean, t_low, t_high, n_seeds) from tidy results rows (one value per seed).
 
     mean of the finite per-seed values v_1..v_n (NaN, i.e. n/a, is left out; n_seeds = n) and the
-    Student-t interval mean +- t_{(1+level)/2, n-1} s / sqrt(n), s the sample standard deviation;
-    NaN interval when n < 2."""
+    Student-t interval on the metric's own scale (`bench.metrics.seed_interval`: logit, Fisher-z or
+    log for bounded metrics, so it stays inside their range); NaN interval when n < MIN_SEEDS (3)."""
     rows = []
     for (m, met), g in results.groupby(["method", "metric"], sort=False):
         v = g["value"].to_numpy(dtype=float)
-        v = v[np.isfinite(v)]
-        n = int(v.size)
-        mean = float(v.mean()) if n else float("nan")
-        if n >= 2:
-            half = float(stats.t.ppf((1 + level) / 2, n - 1) * v.std(ddof=1) / math.sqrt(n))
-            lo, hi = mean - half, mean + half
-        else:
-            lo = hi = float("nan")
+        mean, lo, hi = seed_interval(v, str(met), level)
+        n = int(np.isfinite(v).sum())
         rows.append({"method": m, "metric": met, "mean": mean, "t_low": lo, "t_high": hi, "n_seeds": n})
     return pd.DataFrame(rows, columns=SEED_COLUMNS)
 
