@@ -1,6 +1,7 @@
 """laplace-torch's own Laplace approximation, run as-is inside the harness, so that the reference
-implementation has its row in every table: `Laplace(model, "regression", subset_of_weights="all",
-hessian_structure=full | diag | kron)`, its marglik `optimize_prior_precision`, its GLM predictive
+implementation has its row in every table: `Laplace(model, "regression", subset_of_weights=all |
+last_layer, hessian_structure=full | diag | kron)` (recipe=paper: its documented defaults, last-layer
+KFAC; recipe=default: full over all weights), its marglik `optimize_prior_precision`, its GLM predictive
 and, for predictive=mc, its sampled networks."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench.la.structures import resolve_subset
 from bench.la.subsets import NEEDED_BY, subset_modules
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.model import last_linear
+from bench.recipes import Knob, Recipe
 from bench.registry import register_method
 
 STRUCTURES = ("full", "diag", "kron")
@@ -64,16 +66,26 @@ class FormedCovarianceVariance:
 
 
 def make_laplace(
-    model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True, weights: str = "all"
+    model: torch.nn.Module,
+    structure: str,
+    backend: str,
+    fast_logdet: bool = True,
+    weights: str = "all",
+    temperature: float = 1.0,
 ):
     """laplace-torch's regression Laplace over `weights` ("all" | "last_layer", its subset_of_weights)
-    with sigma_noise 1, prior mean 0, temperature 1 (its defaults) and the given curvature backend;
-    full over all weights: `EigLogdetFullLaplace` when fast_logdet (else its FullLaplace)."""
+    with sigma_noise 1, prior mean 0 (its defaults), its `temperature` (default 1) and the given curvature
+    backend; full over all weights: `EigLogdetFullLaplace` when fast_logdet (else its FullLaplace)."""
     backend_cls = BACKENDS[AUTO_BACKEND[structure] if backend == "auto" else backend]
     if structure == "full" and fast_logdet and weights == "all":
-        return EigLogdetFullLaplace(model, "regression", backend=backend_cls)
+        return EigLogdetFullLaplace(model, "regression", backend=backend_cls, temperature=temperature)
     return Laplace(
-        model, "regression", subset_of_weights=weights, hessian_structure=structure, backend=backend_cls
+        model,
+        "regression",
+        subset_of_weights=weights,
+        hessian_structure=structure,
+        backend=backend_cls,
+        temperature=temperature,
     )
 
 
@@ -153,6 +165,12 @@ class LaplaceTorch(Method):
         "laplace_torch_structure": Option(
             str, "full", "laplace-torch's hessian_structure", choices=STRUCTURES
         ),
+        "laplace_torch_temperature": Option(
+            float,
+            1.0,
+            "laplace-torch's temperature T (its H enters as H / T; its default 1)",
+            minimum=1e-12,
+        ),
         "laplace_torch_backend": Option(
             str,
             "auto",
@@ -160,6 +178,28 @@ class LaplaceTorch(Method):
             "CurvlinopsGGN multiplies by a D x D identity), CurvlinopsGGN for diag and kron",
             choices=("auto", *BACKENDS),
         ),
+    }
+
+    recipes = {
+        "paper": Recipe(
+            settings={
+                "la_subset": "last_k:1",
+                "laplace_torch_structure": "kron",
+                "laplace_torch_temperature": 1.0,
+                "prior_precision": "marglik",
+                "predictive": "glm",
+            },
+            source="laplace-torch 0.3 defaults (Daxberger et al. 2021, Sec. 4, 6); Laplace(model, "
+            "likelihood) defaults to subset_of_weights='last_layer', hessian_structure='kron', temperature "
+            "1, then optimize_prior_precision(method='marglik') and its GLM predictive: last-layer KFAC "
+            "with a marglik prior, the paper's recommended default",
+            note="last_k:1 is the embedding net's last Linear layer, laplace-torch's last_layer; "
+            "recipe=default keeps the former full posterior over all weights",
+        ),
+    }
+    tunable = {
+        "prior_precision": Knob(1e-4, 1e6, log=True),
+        "laplace_torch_temperature": Knob(1e-5, 1e2, log=True),
     }
 
     @classmethod
@@ -207,7 +247,8 @@ class LaplaceTorch(Method):
         n_full = len(train)
         train = train.subset(cfg.hessian_items, seed=ctx.seed_for(SUBSET_STREAM))
         loader = _TargetLoader(model, train, cfg.jacobian_chunk, ctx.device)
-        la = make_laplace(model, structure, backend, weights=weights)
+        temperature = self.option(cfg, "laplace_torch_temperature")
+        la = make_laplace(model, structure, backend, weights=weights, temperature=temperature)
         with ctx.stage("hessian"):
             la.fit(loader)
             if len(train) < n_full:
@@ -238,6 +279,7 @@ class LaplaceTorch(Method):
             "likelihood": "regression",
             "targets": "f_MAP",
             "sigma_noise": 1.0,
+            "temperature": temperature,
             "D": D,
             "hessian_items": len(train),
             "prior_precision": float(la.prior_precision.reshape(-1)[0]),

@@ -12,6 +12,7 @@ import pandas as pd
 from bench.config import bootstrap_resamples
 from bench.conventions import REFERENCE_METHOD as REFERENCE
 from bench.errors import BenchError
+from bench.recipes import recipe_summary
 from bench.metrics.aggregate import paired_differences
 from bench.run_folder import RunFolder
 from reports import plots as P
@@ -96,6 +97,7 @@ def header_blocks(run: RunFolder) -> list[Block]:
         ("dataset", dataset),
         ("preset", cfg.get("preset")),
         ("methods", ", ".join(run.methods)),
+        ("recipe", recipe_summary(m)),
         ("frozen trunk", feats.get("note")),
         ("raw trunk features, mAP@1", f"{raw[0]:.3f} [{raw[1]:.3f}, {raw[2]:.3f}]" if raw else None),
         ("seeds", ", ".join(map(str, run.seeds))),
