@@ -112,7 +112,7 @@ class BayesianTripletLoss(OwnGaussianNetMethod):
     recipes = {
         "paper": Recipe(
             settings={"btl_variance": "isotropic", "btl_margin": 0.0, "btl_kl_weight": 1e-6},
-            source="Warburg et al. 2021 (ICCV), Sec. 3 + reference code; "
+            source="Warburg et al. 2021 (ICCV) + reference code; "
             "github.com/FrederikWarburg/bayesian-triplet-loss: margin 0, kl_scale_factor 1e-6, varPrior "
             "1/D, one variance per embedding",
             note="triplets from the harness's TripletMarginMiner on the means (the shared miner)",

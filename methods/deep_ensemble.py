@@ -74,7 +74,7 @@ class DeepEnsemble(Method):
     recipes = {
         "paper": Recipe(
             settings={"ensemble_size": 5},
-            source="Lakshminarayanan et al. 2017 (NeurIPS), Sec. 3.5, 5; M = 5 networks from random "
+            source="Lakshminarayanan et al. 2017 (NeurIPS); M = 5 networks in its experiments, from random "
             "initialisations and data orders (no adversarial training here: the loss is the shared "
             "contrastive one)",
         )

@@ -136,8 +136,8 @@ class HedgedInstanceEmbedding(OwnGaussianNetMethod):
     recipes = {
         "paper": Recipe(
             settings={"hib_variance": "diag", "hib_samples": 8, "hib_kl_weight": 1e-4},
-            source="Oh et al. 2019 (ICLR), Sec. 3, 4.2; diagonal Gaussian embeddings, K = 8 samples, "
-            "beta = 1e-4 (N-digit MNIST); the same beta in LAM's reference HIB baseline "
+            source="Oh et al. 2019 (ICLR); diagonal Gaussian embeddings, K = 8 samples, "
+            "beta = 1e-4 (its N-digit MNIST set-up); the same beta in LAM's reference HIB baseline "
             "(FrederikWarburg/bayesian-metric-learning, configs/fashionmnist/hib.yaml: kl_weight 1e-4)",
             note="trains its own net with the soft contrastive loss on every pair of the batch (its "
             "sampling of pairs), on the shared optimiser, epochs and learning rate",

@@ -189,10 +189,10 @@ class LaplaceTorch(Method):
                 "prior_precision": "marglik",
                 "predictive": "glm",
             },
-            source="laplace-torch 0.3 defaults (Daxberger et al. 2021, Sec. 4, 6); Laplace(model, "
-            "likelihood) defaults to subset_of_weights='last_layer', hessian_structure='kron', temperature "
-            "1, then optimize_prior_precision(method='marglik') and its GLM predictive: last-layer KFAC "
-            "with a marglik prior, the paper's recommended default",
+            source="laplace-torch 0.3 defaults (Daxberger et al. 2021); Laplace(model, likelihood) "
+            "defaults to subset_of_weights='last_layer', hessian_structure='kron', temperature 1, then "
+            "optimize_prior_precision(method='marglik') and its GLM predictive: last-layer KFAC with a "
+            "marglik prior, the paper's recommended default",
             note="last_k:1 is the embedding net's last Linear layer, laplace-torch's last_layer; "
             "recipe=default keeps the former full posterior over all weights",
         ),

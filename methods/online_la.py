@@ -185,7 +185,7 @@ class OnlineLaplace(LaplacePredictive):
                 "posterior_samples": 100,
                 "distance": "cosine",
             },
-            source="LAM: Warburg et al. 2023 (NeurIPS), Sec. 4-5 + reference code; "
+            source="LAM: Warburg et al. 2023 (NeurIPS) + reference code; "
             "FrederikWarburg/bayesian-metric-learning, src/lightning/laplace_online_model.py (diagonal "
             "posterior of the linear head, H_0 = N, H <- 0.999 H + N^2/P h, prior 1, 1 training sample, "
             "at most 5000 Hessian pairs, z / ||z|| in every forward)",

@@ -149,7 +149,7 @@ class ProbabilisticFaceEmbedding(Method):
     recipes = {
         "paper": Recipe(
             settings={"pfe_variance": "diag", "pfe_steps": 3000},
-            source="Shi & Jain 2019 (ICCV), Sec. 3-4 + reference config; seasonSH/"
+            source="Shi & Jain 2019 (ICCV) + reference config; seasonSH/"
             "Probabilistic-Face-Embeddings, config/sphere64_casia.py: 3000 steps, lr x 0.1 at step 2000, "
             "batches of 64 classes x 4 images, diagonal variance from the embedding layer's input",
             note="the head is Linear-ReLU-Linear on the penultimate features (the reference's fc-BN-ReLU-"
