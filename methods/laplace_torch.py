@@ -107,6 +107,33 @@ def laplace_torch_weights(la_subset: str, model: torch.nn.Module) -> str:
     )
 
 
+class FeatureHook:
+    """laplace-torch's last-layer feature hook (`FeatureExtractor._get_hook`: the last layer's input kept
+    in the extractor's `_features`), as an importable callable instead of its local closure, so that a
+    fitted last-layer posterior can be exported (`bench.state_codec` names functions by module path)."""
+
+    def __init__(self, extractor: torch.nn.Module, name: str) -> None:
+        self.extractor, self.name = extractor, name
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        features = inputs[0]
+        self.extractor._features[self.name] = (
+            features if self.extractor.enable_backprop else features.detach()
+        )
+
+
+def importable_hooks(la) -> None:
+    """Replace laplace-torch's local feature hooks in a fitted last-layer Laplace by `FeatureHook`s."""
+    extractor = getattr(la, "model", None)
+    name = getattr(extractor, "_last_layer_name", None)
+    if name is None:
+        return
+    for module in extractor.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__qualname__", "").startswith("FeatureExtractor._get_hook"):
+                module._forward_hooks[key] = FeatureHook(extractor, name)
+
+
 class _TargetLoader:
     """Batches (x, f_MAP(x)) of a `bench.data.Split` in order, as laplace-torch's `fit` reads a
     DataLoader (it takes N from `len(loader.dataset)`); images stay on disk until their batch."""
@@ -251,6 +278,7 @@ class LaplaceTorch(Method):
         la = make_laplace(model, structure, backend, weights=weights, temperature=temperature)
         with ctx.stage("hessian"):
             la.fit(loader)
+            importable_hooks(la)  # (last layer: its feature hook, exportable)
             if len(train) < n_full:
                 scale_fit(la, n_full / len(train), n_full)
         with ctx.stage("prior"):
