@@ -228,7 +228,7 @@ def cmd_list(recipes_only: bool = False) -> int:
     from bench.registry import BACKBONES, DATASETS, METHODS, SCORES
 
     if recipes_only:
-        print(recipes_text())
+        print(recipes_text(), end="")
         return 0
     print(tabulate(METHODS.descriptions().items(), headers=[METHODS.kind, "description"]))
     print()

@@ -515,9 +515,7 @@ def validate(cfg: RunConfig) -> None:
     )
 
 
-def apply_overrides(
-    cfg: RunConfig, overrides: dict[str, Any], marked: set[str] | None = None
-) -> RunConfig:
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], marked: set[str] | None = None) -> RunConfig:
     """Apply already-typed overrides (config fields or declared method options) and validate. The
     overridden fields count as set on purpose (`RunConfig.explicit`), or, when `marked` is given, those of
     `marked`; overrides holding `explicit` itself (a recorded config.json) keep that record as it is."""
