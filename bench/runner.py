@@ -24,7 +24,7 @@ from bench.features import prepare_benchmark
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.model_cache import ModelCache
-from bench.recipes import describe, method_config
+from bench.recipes import describe, explicit_names, method_config, recipe_of
 from bench.registry import BACKBONES, DATASETS, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
 from bench.timing import StageTimer
@@ -37,12 +37,29 @@ def resolve_methods(cfg: RunConfig) -> list[str]:
     registered = sorted(METHODS.names(), key=lambda m: m != REFERENCE_METHOD)  # the reference first
     for n in cfg.methods:
         for m in registered if n == ALL_METHODS else [n]:
-            METHODS.get(m).validate(method_config(cfg, METHODS.get(m)))
+            validate_at_recipe(cfg, METHODS.get(m))
             if m not in out:
                 out.append(m)
     if not out:
         raise BenchError("empty method list: give at least one method (see `python -m bench list`)")
     return out
+
+
+def validate_at_recipe(cfg: RunConfig, cls: type) -> None:
+    """cls.validate on the method's own config (the run's with its recipe); a refusal while the recipe
+    set something names what it set and the way out."""
+    try:
+        cls.validate(method_config(cfg, cls))
+    except BenchError as e:
+        keep = explicit_names(cfg)
+        applied = {k: v for k, v in recipe_of(cls, cfg.recipe).settings.items() if k not in keep}
+        if not applied:
+            raise
+        shown = ", ".join(f"{k}={v}" for k, v in applied.items())
+        raise BenchError(
+            f"{e} (recipe={cfg.recipe} sets {shown} for {cls.name}: override them with --set, or use "
+            "--set recipe=default)"
+        ) from None
 
 
 @dataclass

@@ -188,3 +188,10 @@ def test_docs_recipes_md_lists_every_method_with_its_settings_and_source():
     for name in METHODS.names():
         paper = METHODS.get(name).recipes["paper"]
         assert f"| `{name}` | {show(paper.settings)} | {paper.source} |" in text, name
+
+
+def test_a_method_refusing_what_its_recipe_set_says_so_in_one_line(cli, tmp_path):
+    argv = ["--preset", "smoke", "--dataset", "synthetic", "--methods", "online_la", "--out", str(tmp_path)]
+    code, _, err = cli("run", *argv, "--set", "online_structure=kron")  # Kronecker needs euclidean
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())
+    assert "recipe=paper sets" in err and "distance=cosine" in err and "online_structure=kron," not in err
