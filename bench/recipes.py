@@ -269,24 +269,31 @@ def recipe_table(width: int = 110) -> str:
     )
 
 
-def recipes_text() -> str:
-    """`bench list --recipes`: every method's recipes and tunable knobs in full."""
+def recipes_text(width: int = 110) -> str:
+    """`bench list --recipes`: every method's recipes and tunable knobs in full, wrapped to `width`."""
+    import textwrap
+
     from bench.registry import METHODS
+
+    def item(label: str, text: str) -> list[str]:
+        return textwrap.wrap(
+            f"{label}: {text}",
+            width,
+            initial_indent="  ",
+            subsequent_indent="    ",
+            break_on_hyphens=False,
+            break_long_words=False,
+        )
 
     out = []
     for m in METHODS.names():
         cls = METHODS.get(m)
-        paper = recipe_of(cls, "paper")
-        out.append(f"{m}")
-        out.append(f"  paper settings: {show(paper.settings)}")
-        out.append(f"  source: {paper.source}")
-        if paper.note:
-            out.append(f"  note: {paper.note}")
-        default = recipe_of(cls, "default")
-        out.append(f"  default: {show(default.settings) if default.settings else DEFAULT_SOURCE}")
+        paper, default = recipe_of(cls, "paper"), recipe_of(cls, "default")
         knobs = ", ".join(f"{k} {knob_text(v)}" for k, v in cls.tunable.items()) or "none"
-        out.append(f"  tunable (recipe=tuned): {knobs}")
-        out.append("")
+        out += [m, *item("paper settings", show(paper.settings)), *item("source", paper.source)]
+        out += item("note", paper.note) if paper.note else []
+        out += item("default", show(default.settings) if default.settings else DEFAULT_SOURCE)
+        out += [*item("tunable (recipe=tuned)", knobs), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -187,11 +187,14 @@ class OnlineLaplace(LaplacePredictive):
             },
             source="LAM: Warburg et al. 2023 (NeurIPS) + reference code; "
             "FrederikWarburg/bayesian-metric-learning, src/lightning/laplace_online_model.py (diagonal "
-            "posterior of the linear head, H_0 = N, H <- 0.999 H + N^2/P h, prior 1, 1 training sample, "
-            "at most 5000 Hessian pairs, z / ||z|| in every forward)",
+            "posterior of the linear head, H_0 = N, memory 0.999, prior 1, 1 training sample, at most "
+            "5000 Hessian pairs, z / ||z|| in every forward)",
             note="trains its own net on L2-normalised embeddings (distance=cosine: loss, miner, curvature "
             "and retrieval on the unit sphere); LAM mines its Hessian pairs with a second "
-            "TripletMarginMiner (type all, the loss margin), here the training miner's pairs are reused",
+            "TripletMarginMiner (type all, the loss margin), here the training miner's pairs are reused; "
+            "online_scaling=lam adds N^2/P x the batch curvature (bench/la/online.py), while the reference "
+            "code's laplace.scale multiplies a batch's pair-summed Hessian by N/B (not yet reconciled); 100 "
+            "test-time networks as the issue gives LAM's (the code reads n_test_samples from its run config)",
         )
     }
     tunable = {
