@@ -46,13 +46,17 @@ def resolve_methods(cfg: RunConfig) -> list[str]:
 
 
 def validate_at_recipe(cfg: RunConfig, cls: type) -> None:
-    """cls.validate on the method's own config (the run's with its recipe); a refusal while the recipe
-    set something names what it set and the way out."""
+    """cls.validate on the method's own config (the run's with its recipe); a refusal that the recipe
+    caused (the run's config without it passes) names what the recipe set and the way out."""
     try:
         cls.validate(method_config(cfg, cls))
     except BenchError as e:
         keep = explicit_names(cfg)
         applied = {k: v for k, v in recipe_of(cls, cfg.recipe).settings.items() if k not in keep}
+        try:
+            cls.validate(cfg)
+        except BenchError:
+            applied = {}  # refused without the recipe too: not the recipe's doing
         if not applied:
             raise
         shown = ", ".join(f"{k}={v}" for k, v in applied.items())
