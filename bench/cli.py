@@ -64,7 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars")
     r.add_argument("--no-report", action="store_true", help="skip rendering report.md/report.html")
     add_log_flags(r)
-    sub.add_parser("list", help="registered methods, datasets and presets")
+    ls = sub.add_parser("list", help="registered methods (with their recipes), datasets and presets")
+    ls.add_argument(
+        "--recipes",
+        action="store_true",
+        help="only the methods' recipes, in full: settings, source, note and tunable knobs",
+    )
     add_grid_parser(sub)
     rep = sub.add_parser("report", help="re-render tables and plots from a run folder or a grid folder")
     rep.add_argument("run_dir", help="a run folder, or a grid folder (then one report over the whole grid)")
@@ -203,28 +208,39 @@ def config_from_args(args: argparse.Namespace):
 
     file_preset, overrides = run_overrides(args.config) if getattr(args, "config", None) else (None, {})
     cfg = preset_config(args.preset or file_preset or "default")
+    given: dict = {}  # flags and --set items
     for flag, (field_, _) in RUN_FLAGS.items():
         val = getattr(args, flag.lstrip("-").replace("-", "_"))
         if val is not None:
-            overrides[field_] = parse_value(field_, val)
+            given[field_] = parse_value(field_, val)
     for item in args.set:
         if "=" not in item:
             raise BenchError(f"--set expects FIELD=VALUE, got {item!r}")
         k, v = item.split("=", 1)
-        overrides[k.strip().replace("-", "_")] = parse_value(k.strip().replace("-", "_"), v)
+        given[k.strip().replace("-", "_")] = parse_value(k.strip().replace("-", "_"), v)
     if args.quiet:
-        overrides["quiet"] = True
+        given["quiet"] = True
     if args.no_report:
-        overrides["report"] = False
-    return apply_overrides(cfg, overrides)
+        given["report"] = False
+    # a run folder's config.json records what was set on purpose then: that record, plus what is given now
+    marked = set(given) if "explicit" in overrides else None
+    return apply_overrides(cfg, {**overrides, **given}, marked)
 
 
-def cmd_list() -> int:
+def cmd_list(recipes_only: bool = False) -> int:
     from tabulate import tabulate
 
+    from bench.recipes import recipe_table, recipes_text
     from bench.registry import BACKBONES, DATASETS, METHODS, SCORES
 
-    for reg in (METHODS, DATASETS, BACKBONES, SCORES):
+    if recipes_only:
+        print(recipes_text(), end="")
+        return 0
+    print(tabulate(METHODS.descriptions().items(), headers=[METHODS.kind, "description"]))
+    print()
+    print(recipe_table())
+    print()
+    for reg in (DATASETS, BACKBONES, SCORES):
         print(tabulate(reg.descriptions().items(), headers=[reg.kind, "description"]))
         print()
     print(tabulate([(n, d) for n, (d, _) in PRESETS.items()], headers=["preset", "description"]))
@@ -237,9 +253,11 @@ def cmd_list() -> int:
         print()
         print(
             tabulate(
-                options, headers=["method option (--set NAME=VALUE)", "method", "type", "default", "what"]
+                options,
+                headers=["method option (--set NAME=VALUE)", "method", "type", "recipe=default", "what"],
             )
         )
+        print("(recipe=paper, the run's default, sets some of these: the recipe table above)")
     return 0
 
 
@@ -407,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "grid":
             return cmd_grid(args)
         if args.command == "list":
-            return cmd_list()
+            return cmd_list(args.recipes)
         if args.command == "report":
             return cmd_report(args)
         if args.command == "export":

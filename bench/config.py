@@ -113,6 +113,15 @@ class RunConfig:
     # options that method plugins declare (`Method.options`, e.g. mc_dropout's dropout_passes), as sorted
     # (name, value) pairs; a preset may set them by name (`preset_config`)
     method_options: tuple[tuple[str, Any], ...] = ()
+    # recipes (bench.recipes, docs/recipes.md): paper = every method at its published settings | tuned = the
+    # paper settings, then each method's tunable knobs searched on val_id with tune_trials trials | default
+    # = the harness's former defaults (no recipe applied)
+    recipe: str = "paper"
+    tune_trials: int = 12
+    # the fields and method options set on purpose (preset, experiment file, command line, grid axis,
+    # `replace`), sorted; they win over a method's recipe. Maintained by preset_config, apply_overrides
+    # and replace
+    explicit: tuple[str, ...] = ()
     # execution
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # (method, seed) fits at once in forked CPU worker processes (bench.parallel): 0 = one per core (at most
@@ -148,14 +157,38 @@ class RunConfig:
             "workers",
         }
         d = self.to_dict()
+        # of the explicit names, those a recipe could be overridden by: set on purpose or not, the other
+        # fields' values say all (`--seed 0` and no flag are one run)
+        d["explicit"] = [k for k in d["explicit"] if k not in skip and k in _recipe_names()]
         payload = {k: d[k] for k in (keys or [k for k in d if k not in skip])}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
     def replace(self, **changes: Any) -> "RunConfig":
-        """A copy with some fields changed (validated)."""
+        """A copy with some fields changed (validated); the changed fields count as set on purpose (they
+        win over a method's recipe, `bench.recipes`)."""
+        if "explicit" not in changes:
+            changes["explicit"] = _mark(self.explicit, changes)
         cfg = dataclasses.replace(self, **changes)
         validate(cfg)
         return cfg
+
+
+def _mark(explicit: tuple[str, ...], changes: dict[str, Any]) -> tuple[str, ...]:
+    """`explicit` with the names of `changes` added (method options live in method_options, not here)."""
+    return tuple(sorted(set(explicit) | (set(changes) - {"method_options", "explicit"})))
+
+
+def _recipe_names() -> set[str]:
+    """Every name some registered method's recipe or knobs set (the explicit names that matter)."""
+    from bench.registry import METHODS
+
+    out: set[str] = set()
+    for m in METHODS.names():
+        cls = METHODS.get(m)
+        for r in getattr(cls, "recipes", {}).values():
+            out |= set(r.settings)
+        out |= set(getattr(cls, "tunable", {}))
+    return out
 
 
 def bootstrap_resamples(recorded: dict[str, Any]) -> int:
@@ -381,7 +414,13 @@ def preset_config(preset: str) -> RunConfig:
     known = {f.name for f in fields(RunConfig)}
     options = dict(settings.pop("method_options", ()))
     options.update((k, settings.pop(k)) for k in list(settings) if k not in known)  # method options by name
-    return RunConfig(name=preset, preset=preset, method_options=tuple(sorted(options.items())), **settings)
+    return RunConfig(
+        name=preset,
+        preset=preset,
+        method_options=tuple(sorted(options.items())),
+        explicit=_mark((), settings),
+        **settings,
+    )
 
 
 def _field_types() -> dict[str, Any]:
@@ -487,6 +526,9 @@ def validate(cfg: RunConfig) -> None:
     from bench.la.subsets import check_la_subset  # (lazy: torch)
 
     check_la_subset(cfg.la_subset)
+    from bench.recipes import check_recipe
+
+    check_recipe(cfg)
     dev = cfg.device
     require(
         dev in ("auto", "cpu", "cuda") or dev.startswith("cuda:"),
@@ -494,8 +536,10 @@ def validate(cfg: RunConfig) -> None:
     )
 
 
-def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
-    """Apply already-typed overrides (config fields or declared method options) and validate."""
+def apply_overrides(cfg: RunConfig, overrides: dict[str, Any], marked: set[str] | None = None) -> RunConfig:
+    """Apply already-typed overrides (config fields or declared method options) and validate. The
+    overridden fields count as set on purpose (`RunConfig.explicit`), or, when `marked` is given, those of
+    `marked`; overrides holding `explicit` itself (a recorded config.json) keep that record as it is."""
     known = {f.name for f in fields(RunConfig)} - {"method_options"}
     opts = {k: v for k, v in overrides.items() if k not in known}
     if opts:
@@ -509,6 +553,11 @@ def apply_overrides(cfg: RunConfig, overrides: dict[str, Any]) -> RunConfig:
         merged = {**dict(cfg.method_options), **opts}
         overrides = {k: v for k, v in overrides.items() if k in known}
         overrides["method_options"] = tuple(sorted(merged.items()))
+    if "explicit" in overrides:
+        recorded = overrides["explicit"]
+        overrides["explicit"] = _mark(tuple(recorded), {k: None for k in marked or ()})
+    else:
+        overrides["explicit"] = _mark(cfg.explicit, overrides if marked is None else dict.fromkeys(marked))
     cfg = dataclasses.replace(cfg, **overrides)
     validate(cfg)
     return cfg

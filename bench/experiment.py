@@ -70,6 +70,8 @@ def read_experiment(path: str | Path, _depth: int = 0) -> dict[str, Any]:
     doc = _read(path)
     if isinstance(doc.get("config"), dict) and "format_version" in doc:  # a run folder's config.json
         cfg = dict(doc["config"])
+        cfg.setdefault("recipe", "default")  # recorded before recipes: it ran at the harness's defaults
+        cfg.setdefault("explicit", [])  # what was set on purpose then (`bench.config.apply_overrides`)
         if doc.get("methods"):
             cfg["methods"] = list(doc["methods"])
         return cfg

@@ -471,11 +471,14 @@ def _refit(run, method: str, seed: int, log) -> _Refit:
     from bench.features import prepare_benchmark
     from bench.model_cache import ModelCache
     from bench.parallel import WORKER_THREADS
+    from bench.recipes import method_config
     from bench.registry import METHODS
     from bench.runner import fit_context
     from bench.timing import StageTimer
 
     cfg = _config_from_json(json.dumps(run.config)).replace(seed=seed, quiet=True)
+    # the method's own config, as the runner made it (recipe=tuned: 21b's recorded values go in here)
+    cfg = method_config(cfg, METHODS.get(method))
     device = resolve_device(cfg.device)
     if str(device) != str(run.meta.get("device", device)):
         log(f"warning: the run used {run.meta.get('device')}, this refit {device}: the check may fail")

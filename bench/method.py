@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from bench.config import RunConfig
     from bench.data import Dataset
+    from bench.recipes import Knob, Recipe
     from bench.timing import StageTimer
 
 SEED_STRIDE = 1_000_003  # generator seeds are seed * SEED_STRIDE + offset: distinct streams per offset
@@ -162,6 +163,10 @@ class Method:
     name: str = ""
     reuses_base_model: bool = False
     options: ClassVar[dict[str, Option]] = {}  # this method's own options (names unique across methods)
+    # its published settings by recipe name (at least "paper"; "default" may be left out: the harness's
+    # defaults) and the knobs recipe=tuned searches ({}: nothing to tune); bench.recipes
+    recipes: ClassVar[dict[str, "Recipe"]] = {}
+    tunable: ClassVar[dict[str, "Knob"]] = {}
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg

@@ -40,6 +40,28 @@ DATA_MODEL_KEYS = (
 )
 
 
+# the config fields the training reads (with the data's and the backbone's, DATA_MODEL_KEYS)
+TRAINING_FIELDS = (
+    "dataset",
+    "heldout_classes",
+    "val_items",
+    "n_train",
+    "backbone",
+    "hidden",
+    "embed_dim",
+    "epochs",
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "pos_margin",
+    "neg_margin",
+    "miner_margin",
+    "miner_type",
+    "distance",
+    *DATA_MODEL_KEYS,
+)
+
+
 # modules whose code determines a trained net: the loop, the loss (miner emulation, reducer weights and
 # geometry included), the model builder; the backbone's module and a recipe's modules are added per key
 TRAINING_MODULES = ("bench.train", "bench.loss", "bench.model")
@@ -87,26 +109,7 @@ def model_key(
     """Everything that determines the trained weights (the cache key's content): the config fields
     the training reads, and `code`, the `code_digest` of TRAINING_MODULES, the backbone's module and,
     with a recipe, the modules of its build and loss and its `modules` (so changed training code retrains)."""
-    keys = [
-        "dataset",
-        "heldout_classes",
-        "val_items",
-        "n_train",
-        "backbone",
-        "hidden",
-        "embed_dim",
-        "epochs",
-        "batch_size",
-        "lr",
-        "weight_decay",
-        "pos_margin",
-        "neg_margin",
-        "miner_margin",
-        "miner_type",
-        "distance",
-        *DATA_MODEL_KEYS,
-    ]
-    d = {k: cfg.to_dict()[k] for k in keys}
+    d = {k: cfg.to_dict()[k] for k in TRAINING_FIELDS}
     modules = list(TRAINING_MODULES)
     if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
         modules += _defining_modules(BACKBONES.get(cfg.backbone))

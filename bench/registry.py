@@ -91,6 +91,9 @@ def register_method(name: str) -> Callable[[type], type]:
 
     def deco(cls: type) -> type:
         cls.name = name  # type: ignore[attr-defined]
+        from bench.recipes import check_declarations  # (lazy: it reads RunConfig's fields)
+
+        check_declarations(cls, require_paper=False)  # names, sources and knobs; a bad one: one line
         return METHODS.register(name)(cls)
 
     return deco

@@ -24,6 +24,7 @@ from bench.features import prepare_benchmark
 from bench.method import EmbeddingPrediction, FitContext, Method
 from bench.metrics.aggregate import paired_differences, seed_summary
 from bench.model_cache import ModelCache
+from bench.recipes import describe, explicit_names, method_config, recipe_of
 from bench.registry import BACKBONES, DATASETS, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
 from bench.timing import StageTimer
@@ -31,17 +32,38 @@ from bench.timing import StageTimer
 
 def resolve_methods(cfg: RunConfig) -> list[str]:
     """Expand 'all', check every name against the registry (BenchError lists the known ones) and
-    let each method validate its options."""
+    let each method validate its options (in its own config: the run's with its recipe)."""
     out: list[str] = []
     registered = sorted(METHODS.names(), key=lambda m: m != REFERENCE_METHOD)  # the reference first
     for n in cfg.methods:
         for m in registered if n == ALL_METHODS else [n]:
-            METHODS.get(m).validate(cfg)
+            validate_at_recipe(cfg, METHODS.get(m))
             if m not in out:
                 out.append(m)
     if not out:
         raise BenchError("empty method list: give at least one method (see `python -m bench list`)")
     return out
+
+
+def validate_at_recipe(cfg: RunConfig, cls: type) -> None:
+    """cls.validate on the method's own config (the run's with its recipe); a refusal that the recipe
+    caused (the run's config without it passes) names what the recipe set and the way out."""
+    try:
+        cls.validate(method_config(cfg, cls))
+    except BenchError as e:
+        keep = explicit_names(cfg)
+        applied = {k: v for k, v in recipe_of(cls, cfg.recipe).settings.items() if k not in keep}
+        try:
+            cls.validate(cfg)
+        except BenchError:
+            applied = {}  # refused without the recipe too: not the recipe's doing
+        if not applied:
+            raise
+        shown = ", ".join(f"{k}={v}" for k, v in applied.items())
+        raise BenchError(
+            f"{e} (recipe={cfg.recipe} sets {shown} for {cls.name}: override them with --set, or use "
+            "--set recipe=default)"
+        ) from None
 
 
 @dataclass
@@ -65,6 +87,7 @@ def write_config(state: RunState, status: str, extra: dict | None = None) -> Non
             "config_digest": state.cfg.digest(),
             "methods": state.methods,
             "post_hoc_methods": [m for m in state.methods if METHODS.get(m).reuses_base_model],
+            "recipes": {m: describe(state.cfg, METHODS.get(m)) for m in state.methods},
             "near_ood_sets": [NEAR_OOD_SET, *DATASETS.meta(state.cfg.dataset).get("near_ood", ())],
             "device": str(state.device),
             "device_description": device_description(state.device),
@@ -151,6 +174,24 @@ def fit_context(
     )
 
 
+def tuned_values(cfg: RunConfig, name: str, data: Dataset) -> dict | None:
+    """recipe=tuned: the values of the method's tunable knobs searched on val_id (`bench.tuning`); None
+    until that engine is wired in here, and the method runs at its paper recipe ("tuned": "pending")."""
+    return None
+
+
+def method_run_config(state: RunState, name: str, seed: int, data: Dataset) -> tuple[RunConfig, dict]:
+    """(the config `name` is built and fitted with for `seed`, what its diagnostics record of the recipe):
+    the run's config + the method's recipe (`bench.recipes.method_config`), and for recipe=tuned the
+    searched values (`tuned_values`)."""
+    cfg, cls = state.cfg.replace(seed=seed), METHODS.get(name)
+    extra = tuned_values(cfg, name, data) if cfg.recipe == "tuned" else None
+    record = {"recipe": cfg.recipe}
+    if cfg.recipe == "tuned":
+        record["tuned"] = extra if extra is not None else "pending"
+    return method_config(cfg, cls, extra), record
+
+
 def run_method(
     state: RunState,
     name: str,
@@ -159,10 +200,12 @@ def run_method(
     cache: ModelCache,
     timer: StageTimer,
     charged_base: set,
+    cfg: RunConfig | None = None,
 ) -> tuple[list[dict], dict, dict[str, np.ndarray], list[dict]]:
     """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays,
-    sensitivity rows: [] unless the config asks for a sweep and the method offers one)."""
-    cfg = state.cfg.replace(seed=seed)
+    sensitivity rows: [] unless the config asks for a sweep and the method offers one). cfg: the method's
+    own config (`method_run_config`; default: the run's config with the method's recipe)."""
+    cfg = cfg if cfg is not None else method_config(state.cfg.replace(seed=seed), METHODS.get(name))
     method: Method = METHODS.get(name)(cfg)
 
     ctx = fit_context(cfg, data, state.device, cache, timer, name, method.reuses_base_model, charged_base)
@@ -207,15 +250,19 @@ class FitOutcome:
 
 
 def fit_and_score(state: RunState, name: str, seed: int, data: Dataset, cache_root: Path) -> FitOutcome:
-    """Fit, predict and score one method for one seed with its own timer and model cache; a failure is
-    returned (one line, plus the traceback of a non-BenchError), never raised, so the others go on."""
-    cache = ModelCache(cache_root, state.cfg.replace(seed=seed), data.train_id, state.device)
+    """Fit, predict and score one method for one seed with its own config (`method_run_config`), timer and
+    model cache; a failure is returned (one line, plus the traceback of a non-BenchError), never raised,
+    so the others go on."""
     timer = StageTimer(state.device)
     out = FitOutcome(name, seed)
+    cache = None
     try:
+        cfg, recipe = method_run_config(state, name, seed, data)
+        cache = ModelCache(cache_root, cfg, data.train_id, state.device)
         out.rows, out.diagnostics, out.arrays, out.sensitivity = run_method(
-            state, name, seed, data, cache, timer, set()
+            state, name, seed, data, cache, timer, set(), cfg
         )
+        out.diagnostics = {**out.diagnostics, "recipe": recipe}
     except KeyboardInterrupt:
         raise
     except Exception as e:  # one failing method must not lose the others
@@ -223,7 +270,7 @@ def fit_and_score(state: RunState, name: str, seed: int, data: Dataset, cache_ro
     out.times = [
         {"method": m, "seed": seed, "stage": st, "seconds": t} for (m, st), t in timer.records.items()
     ]
-    out.trained = cache.trained
+    out.trained = cache.trained if cache is not None else 0
     return out
 
 

@@ -39,6 +39,7 @@ import torch
 
 from bench.loss import BatchLoss, make_loss_and_miner
 from bench.method import Option
+from bench.recipes import Knob, Recipe
 from bench.registry import register_method
 from methods._gaussian import (
     VARIANCE_KINDS,
@@ -107,6 +108,17 @@ class BayesianTripletLoss(OwnGaussianNetMethod):
             float, 1e-6, "lambda, the KL scale factor (reference code default)", minimum=0.0
         ),
     }
+
+    recipes = {
+        "paper": Recipe(
+            settings={"btl_variance": "isotropic", "btl_margin": 0.0, "btl_kl_weight": 1e-6},
+            source="Warburg et al. 2021 (ICCV) + reference code; "
+            "github.com/FrederikWarburg/bayesian-triplet-loss: margin 0, kl_scale_factor 1e-6, varPrior "
+            "1/D, one variance per embedding",
+            note="triplets from the harness's TripletMarginMiner on the means (the shared miner)",
+        )
+    }
+    tunable = {"btl_kl_weight": Knob(1e-8, 1e-2, log=True)}
 
     def batch_loss(self, cfg) -> BatchLoss:
         opts = self.option_values(cfg)

@@ -40,6 +40,7 @@ from torch import nn
 
 from bench.alignment import Alignment, fit_procrustes
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.recipes import Recipe
 from bench.registry import register_method
 
 ALIGN_MAX_POINTS = 5000  # training images used to fit each member's alignment
@@ -70,6 +71,17 @@ class DeepEnsemble(Method):
     options = {
         "ensemble_size": Option(int, 5, "ensemble members M (Lakshminarayanan et al. 2017: 5)", minimum=2)
     }
+    recipes = {
+        "paper": Recipe(
+            settings={"ensemble_size": 5},
+            source="Lakshminarayanan et al. 2017 (NeurIPS); M = 5 networks in its experiments, from random "
+            "initialisations and data orders (no adversarial training here: the loss is the shared "
+            "contrastive one)",
+        )
+    }
+    # nothing to tune: M is a compute budget, not a hyperparameter (more members only refine the estimate
+    # of the same predictive; a search would pick the largest M it is allowed)
+    tunable = {}
 
     def fit(self, ctx: FitContext) -> None:
         self.seeds = member_seeds(ctx.seed, self.option(self.cfg, "ensemble_size"))

@@ -40,6 +40,7 @@ from torch import nn
 
 from bench.loss import BatchLoss
 from bench.method import Option
+from bench.recipes import Knob, Recipe
 from bench.registry import register_method
 from methods._gaussian import (
     VARIANCE_KINDS,
@@ -132,6 +133,17 @@ class HedgedInstanceEmbedding(OwnGaussianNetMethod):
         ),
     }
     NET = SoftMatchNet
+    recipes = {
+        "paper": Recipe(
+            settings={"hib_variance": "diag", "hib_samples": 8, "hib_kl_weight": 1e-4},
+            source="Oh et al. 2019 (ICLR); diagonal Gaussian embeddings, K = 8 samples, "
+            "beta = 1e-4 (its N-digit MNIST set-up); the same beta in LAM's reference HIB baseline "
+            "(FrederikWarburg/bayesian-metric-learning, configs/fashionmnist/hib.yaml: kl_weight 1e-4)",
+            note="trains its own net with the soft contrastive loss on every pair of the batch (its "
+            "sampling of pairs), on the shared optimiser, epochs and learning rate",
+        )
+    }
+    tunable = {"hib_kl_weight": Knob(1e-6, 1e-1, log=True)}
 
     def batch_loss(self, cfg) -> BatchLoss:
         opts = self.option_values(cfg)

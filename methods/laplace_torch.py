@@ -1,6 +1,7 @@
 """laplace-torch's own Laplace approximation, run as-is inside the harness, so that the reference
-implementation has its row in every table: `Laplace(model, "regression", subset_of_weights="all",
-hessian_structure=full | diag | kron)`, its marglik `optimize_prior_precision`, its GLM predictive
+implementation has its row in every table: `Laplace(model, "regression", subset_of_weights=all |
+last_layer, hessian_structure=full | diag | kron)` (recipe=paper: its documented defaults, last-layer
+KFAC; recipe=default: full over all weights), its marglik `optimize_prior_precision`, its GLM predictive
 and, for predictive=mc, its sampled networks."""
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench.la.structures import resolve_subset
 from bench.la.subsets import NEEDED_BY, subset_modules
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.model import last_linear
+from bench.recipes import Knob, Recipe
 from bench.registry import register_method
 
 STRUCTURES = ("full", "diag", "kron")
@@ -64,16 +66,26 @@ class FormedCovarianceVariance:
 
 
 def make_laplace(
-    model: torch.nn.Module, structure: str, backend: str, fast_logdet: bool = True, weights: str = "all"
+    model: torch.nn.Module,
+    structure: str,
+    backend: str,
+    fast_logdet: bool = True,
+    weights: str = "all",
+    temperature: float = 1.0,
 ):
     """laplace-torch's regression Laplace over `weights` ("all" | "last_layer", its subset_of_weights)
-    with sigma_noise 1, prior mean 0, temperature 1 (its defaults) and the given curvature backend;
-    full over all weights: `EigLogdetFullLaplace` when fast_logdet (else its FullLaplace)."""
+    with sigma_noise 1, prior mean 0 (its defaults), its `temperature` (default 1) and the given curvature
+    backend; full over all weights: `EigLogdetFullLaplace` when fast_logdet (else its FullLaplace)."""
     backend_cls = BACKENDS[AUTO_BACKEND[structure] if backend == "auto" else backend]
     if structure == "full" and fast_logdet and weights == "all":
-        return EigLogdetFullLaplace(model, "regression", backend=backend_cls)
+        return EigLogdetFullLaplace(model, "regression", backend=backend_cls, temperature=temperature)
     return Laplace(
-        model, "regression", subset_of_weights=weights, hessian_structure=structure, backend=backend_cls
+        model,
+        "regression",
+        subset_of_weights=weights,
+        hessian_structure=structure,
+        backend=backend_cls,
+        temperature=temperature,
     )
 
 
@@ -93,6 +105,33 @@ def laplace_torch_weights(la_subset: str, model: torch.nn.Module) -> str:
         f"laplace_torch covers all weights or the last Linear layer; la_subset={la_subset} selects "
         f"other layers ({subset}); use la_subset=all, or full_la / diag_la for this subset"
     )
+
+
+class FeatureHook:
+    """laplace-torch's last-layer feature hook (`FeatureExtractor._get_hook`: the last layer's input kept
+    in the extractor's `_features`), as an importable callable instead of its local closure, so that a
+    fitted last-layer posterior can be exported (`bench.state_codec` names functions by module path)."""
+
+    def __init__(self, extractor: torch.nn.Module, name: str) -> None:
+        self.extractor, self.name = extractor, name
+
+    def __call__(self, module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        features = inputs[0]
+        self.extractor._features[self.name] = (
+            features if self.extractor.enable_backprop else features.detach()
+        )
+
+
+def importable_hooks(la) -> None:
+    """Replace laplace-torch's local feature hooks in a fitted last-layer Laplace by `FeatureHook`s."""
+    extractor = getattr(la, "model", None)
+    name = getattr(extractor, "_last_layer_name", None)
+    if name is None:
+        return
+    for module in extractor.modules():
+        for key, hook in list(module._forward_hooks.items()):
+            if getattr(hook, "__qualname__", "").startswith("FeatureExtractor._get_hook"):
+                module._forward_hooks[key] = FeatureHook(extractor, name)
 
 
 class _TargetLoader:
@@ -153,6 +192,12 @@ class LaplaceTorch(Method):
         "laplace_torch_structure": Option(
             str, "full", "laplace-torch's hessian_structure", choices=STRUCTURES
         ),
+        "laplace_torch_temperature": Option(
+            float,
+            1.0,
+            "laplace-torch's temperature T (its H enters as H / T; its default 1)",
+            minimum=1e-12,
+        ),
         "laplace_torch_backend": Option(
             str,
             "auto",
@@ -160,6 +205,28 @@ class LaplaceTorch(Method):
             "CurvlinopsGGN multiplies by a D x D identity), CurvlinopsGGN for diag and kron",
             choices=("auto", *BACKENDS),
         ),
+    }
+
+    recipes = {
+        "paper": Recipe(
+            settings={
+                "la_subset": "last_k:1",
+                "laplace_torch_structure": "kron",
+                "laplace_torch_temperature": 1.0,
+                "prior_precision": "marglik",
+                "predictive": "glm",
+            },
+            source="laplace-torch 0.3 defaults (Daxberger et al. 2021); Laplace(model, likelihood) "
+            "defaults to subset_of_weights='last_layer', hessian_structure='kron', temperature 1, then "
+            "optimize_prior_precision(method='marglik') and its GLM predictive: last-layer KFAC with a "
+            "marglik prior, the paper's recommended default",
+            note="last_k:1 is the embedding net's last Linear layer, laplace-torch's last_layer; "
+            "recipe=default keeps the former full posterior over all weights",
+        ),
+    }
+    tunable = {
+        "prior_precision": Knob(1e-4, 1e6, log=True),
+        "laplace_torch_temperature": Knob(1e-5, 1e2, log=True),
     }
 
     @classmethod
@@ -207,9 +274,11 @@ class LaplaceTorch(Method):
         n_full = len(train)
         train = train.subset(cfg.hessian_items, seed=ctx.seed_for(SUBSET_STREAM))
         loader = _TargetLoader(model, train, cfg.jacobian_chunk, ctx.device)
-        la = make_laplace(model, structure, backend, weights=weights)
+        temperature = self.option(cfg, "laplace_torch_temperature")
+        la = make_laplace(model, structure, backend, weights=weights, temperature=temperature)
         with ctx.stage("hessian"):
             la.fit(loader)
+            importable_hooks(la)  # (last layer: its feature hook, exportable)
             if len(train) < n_full:
                 scale_fit(la, n_full / len(train), n_full)
         with ctx.stage("prior"):
@@ -238,6 +307,7 @@ class LaplaceTorch(Method):
             "likelihood": "regression",
             "targets": "f_MAP",
             "sigma_noise": 1.0,
+            "temperature": temperature,
             "D": D,
             "hessian_items": len(train),
             "prior_precision": float(la.prior_precision.reshape(-1)[0]),

@@ -35,6 +35,7 @@ from torch import nn
 
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.recipes import Knob, Recipe
 from bench.registry import register_method
 
 MASK_SEED_OFFSET = 0x6D63  # generator offset of the dropout-mask stream
@@ -84,6 +85,18 @@ class MCDropout(Method):
         "dropout": Option(float, 0.1, "dropout rate p after each hidden layer, in training and at test time"),
         "dropout_passes": Option(int, 100, "stochastic forward passes T at test time", minimum=2),
     }
+    recipes = {
+        "paper": Recipe(
+            settings={"dropout": 0.05, "dropout_passes": 100},
+            source="Gal & Ghahramani 2016 (ICML) + LAM's reference config; dropout after every hidden "
+            "layer, kept at test time; p as the MC-dropout baseline of LAM's reference code on "
+            "Fashion-MNIST (FrederikWarburg/bayesian-metric-learning, configs/fashionmnist/mcdrop.yaml: "
+            "dropout_rate 0.05)",
+            note="Gal & Ghahramani tune p per task (their regression grid {0.005, 0.01, 0.05, 0.1}); T is "
+            "not fixed for retrieval: 100 passes, as the seed paper's 100 sampled networks",
+        )
+    }
+    tunable = {"dropout": Knob(0.005, 0.5, log=True)}
 
     @classmethod
     def validate(cls, cfg) -> None:

@@ -43,6 +43,7 @@ from bench.environment import cpu_threads
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
 from bench.model import last_linear
+from bench.recipes import Knob, Recipe
 from bench.registry import register_method
 from methods._gaussian import VAR_FLOOR, VARIANCE_KINDS, broadcast_var, variance_width
 
@@ -143,6 +144,22 @@ class ProbabilisticFaceEmbedding(Method):
         "pfe_steps": Option(
             int, 3000, "most head training steps (reference config: 3 epochs x 1000 batches)", minimum=1
         ),
+    }
+
+    recipes = {
+        "paper": Recipe(
+            settings={"pfe_variance": "diag", "pfe_steps": 3000},
+            source="Shi & Jain 2019 (ICCV) + reference config; seasonSH/"
+            "Probabilistic-Face-Embeddings, config/sphere64_casia.py: 3000 steps, lr x 0.1 at step 2000, "
+            "batches of 64 classes x 4 images, diagonal variance from the embedding layer's input",
+            note="the head is Linear-ReLU-Linear on the penultimate features (the reference's fc-BN-ReLU-"
+            "fc-BN, its embedding-size width would be 2 units here) and Adam (reference: SGD + momentum); "
+            "steps capped at the base model's epochs over the training set",
+        )
+    }
+    tunable = {
+        "pfe_variance": Knob(choices=("diag", "isotropic")),
+        "pfe_steps": Knob(100, 3000, log=True, integer=True),
     }
 
     def fit(self, ctx: FitContext) -> None:

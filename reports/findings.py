@@ -5,6 +5,7 @@ criterion rank heat-map. Then the detail tables, one per criterion, and the term
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.metrics.seed_interval import MIN_SEEDS, SEED_INTERVAL_NOTE
+from bench.recipes import recipe_summary
 from bench.run_folder import RunFolder
 from reports import plots as P
 from reports.criteria import COST, Criterion, criteria, criterion_values, paired_difference
@@ -460,6 +462,9 @@ def summary_text(run: RunFolder, report: str | None = None) -> str:
     vals = {c.key: criterion_values(run, c).set_index("method")["value"] for c in crits}
     seeds = f"Mean over {len(run.seeds)} seeds. " if len(run.seeds) > 1 else ""
     lines = [summary_table(run.methods, crits, vals), seeds + SUMMARY_NOTE]
+    recipe = recipe_summary(run.meta)
+    if recipe:
+        lines += textwrap.wrap(f"Recipe {recipe}.", SUMMARY_WIDTH)
     for f in run.meta.get("failures", []):
         lines.append(f"FAILED {f['method']} (seed {f['seed']}): {f['error']}"[:SUMMARY_WIDTH])
     if report:

@@ -14,6 +14,7 @@ from bench.conventions import REFERENCE_METHOD as REFERENCE
 from bench.errors import BenchError
 from bench.metrics.aggregate import paired_differences
 from bench.metrics.seed_interval import SEED_INTERVAL_NOTE
+from bench.recipes import recipe_summary
 from bench.run_folder import RunFolder
 from reports import plots as P
 from reports.findings import detail_blocks, findings, findings_blocks, summary_text
@@ -44,7 +45,7 @@ WRITERS = {"md": to_markdown, "html": to_html, "latex": to_latex}
 
 def reproduce_command(meta: dict) -> str:
     """The recorded command, or one rebuilt from the config: preset, dataset, methods, seeds, out, and
-    `--set FIELD=VALUE` for every other field that differs from the preset."""
+    `--set FIELD=VALUE` for every other field that differs from the preset or was set on purpose."""
     if meta.get("command"):
         return meta["command"]
     from bench.config import PRESETS, RunConfig, preset_config
@@ -68,12 +69,14 @@ def reproduce_command(meta: dict) -> str:
     for k in ("dataset", "seed", "seeds", "out", "name"):
         if k in cfg and cfg[k] != base.get(k) and cfg[k] not in ([], None):
             parts.append(f"{named[k]} {val(cfg[k])}")
+    # set on purpose beyond the preset (they beat the methods' recipes, even at the preset's value)
+    on_purpose = set(cfg.get("explicit") or ()) - set(base.get("explicit") or ())
     for k, v in sorted(cfg.items()):
         if (
             k in named
-            or k in ("preset", "quiet", "report", "method_options")
+            or k in ("preset", "quiet", "report", "method_options", "explicit")
             or k not in base
-            or base[k] == v
+            or (base[k] == v and k not in on_purpose)
         ):
             continue
         parts.append(f"--set {k}={'none' if v is None else val(v)}")
@@ -97,6 +100,7 @@ def header_blocks(run: RunFolder) -> list[Block]:
         ("dataset", dataset),
         ("preset", cfg.get("preset")),
         ("methods", ", ".join(run.methods)),
+        ("recipe", recipe_summary(m)),
         ("frozen trunk", feats.get("note")),
         ("raw trunk features, mAP@1", f"{raw[0]:.3f} [{raw[1]:.3f}, {raw[2]:.3f}]" if raw else None),
         ("seeds", ", ".join(map(str, run.seeds))),

@@ -14,6 +14,7 @@ import torch
 from bench.config import preset_config
 from bench.data import load_benchmark
 from bench.method import EmbeddingPrediction
+from bench.recipes import method_config
 from bench.registry import METHODS
 from bench.runner import predict_split
 from tests.fit_helpers import fit_method, run_device
@@ -60,6 +61,13 @@ def watched(data, reads: list):
     )
 
 
+# (method, recipe) whose published recipe gives a posterior far narrower than the spread of the means, with
+# the floor its variance must still clear (float32 rounding of the means alone gives ~1e-14 of it): LAM's
+# recipe (online_la) starts its curvature at H_0 = N and adds N^2/P-scaled batch curvature, so every
+# weight's variance is below 1/N; on smoke its mean variance is 1.8e-5 of the means' spread
+CONCENTRATED = {("online_la", "paper"): 1e-7}
+
+
 @pytest.fixture(scope="module")
 def smoke():
     cfg = preset_config("smoke").replace(dataset="synthetic", quiet=True)
@@ -72,10 +80,17 @@ def _predict_all(method, data) -> dict[str, EmbeddingPrediction]:
         return {k: predict_split(method, s, run_device()) for k, s in sets.items()}
 
 
+@pytest.mark.parametrize("recipe", ["paper", "default"])
 @pytest.mark.parametrize("name", METHODS.names())
-def test_method_contract(name, smoke, tmp_path):
+def test_method_contract(name, recipe, smoke, tmp_path):
+    """At its published recipe (the run's default) and at the harness's former defaults."""
     cfg, data = smoke
     cls = METHODS.get(name)
+    cfg = method_config(cfg.replace(recipe=recipe), cls)
+    if recipe == "paper" and cfg == method_config(smoke[0].replace(recipe="default"), cls).replace(
+        recipe="paper"
+    ):
+        pytest.skip(f"{name}'s paper recipe changes nothing: the default case covers it")
     cls.validate(cfg)
     assert cls.name == name and (cls.__doc__ or "").strip(), "registered with a one-line description"
     method, _, timer = fit_method(name, cfg, data, tmp_path / "models")
@@ -90,7 +105,8 @@ def test_method_contract(name, smoke, tmp_path):
             # every query scores nothing. On smoke every method's mean variance is >= 0.27x the spread of its
             # means, and its per-query total varies by >= 5e-4 of its mean (pfe, the flattest)
             total = p.var.sum(-1)
-            assert p.var.mean() > 1e-3 * p.mean.var(0).mean(), f"{name}: (near) zero variance on {k}"
+            floor = CONCENTRATED.get((name, recipe), 1e-3)
+            assert p.var.mean() > floor * p.mean.var(0).mean(), f"{name}: (near) zero variance on {k}"
             assert total.std() > 1e-5 * total.mean(), f"{name}: the same variance for every query of {k}"
         if p.cov is not None:
             assert p.cov.shape == (n, cfg.embed_dim, cfg.embed_dim) and torch.isfinite(p.cov).all(), k

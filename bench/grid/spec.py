@@ -74,6 +74,8 @@ def show(v: Any) -> str:
 def config_from_dict(d: dict[str, Any]) -> RunConfig:
     """A RunConfig from its recorded `to_dict()` (lists back to tuples), validated."""
     known = {f.name for f in fields(RunConfig)}
+    if "recipe" not in d:  # recorded before recipes existed: it ran at the harness's defaults
+        d = {**d, "recipe": "default"}
     return RunConfig(**{k: tuplify(v) for k, v in d.items() if k in known}).replace()
 
 
