@@ -33,6 +33,10 @@ class RunConfig:
     # validation split carved from the ID training classes before training (the base model never sees
     # it): class-stratified, seeded; for tuning (prior precision, likelihood scale). 0: none
     val_items: int = 0
+    # recipes (bench.recipes): paper | tuned (paper, then the method's tunable knobs searched on val_id with
+    # tune_trials trials, bench.tuning) | default (the harness's former defaults)
+    recipe: str = "paper"
+    tune_trials: int = 12
     seed: int = 0
     seeds: tuple[int, ...] = ()  # several seeds: the run repeats per seed (empty: just `seed`)
     # protocol: closed (train on the classes not held out, retrieve among them, held-out classes as
@@ -447,6 +451,10 @@ def validate(cfg: RunConfig) -> None:
     require(cfg.n_train is None or cfg.n_train >= 2, f"n_train must be >= 2, got {cfg.n_train}")
     require(cfg.n_test is None or cfg.n_test >= 2, f"n_test must be >= 2, got {cfg.n_test}")
     require(cfg.val_items >= 0, f"val_items must be >= 0, got {cfg.val_items}")
+    from bench.recipes import RECIPES
+
+    require(cfg.recipe in RECIPES, f"unknown recipe {cfg.recipe!r}; recipes: {', '.join(RECIPES)}")
+    require(cfg.tune_trials >= 1, f"tune_trials must be >= 1, got {cfg.tune_trials}")
     require(
         all(v > 0 for v in (*cfg.sensitivity_priors, *cfg.sensitivity_scales)),
         "sensitivity_priors and sensitivity_scales must be positive numbers",

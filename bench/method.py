@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 
     from bench.config import RunConfig
     from bench.data import Dataset
+    from bench.recipes import Knob, Recipe
     from bench.timing import StageTimer
 
 SEED_STRIDE = 1_000_003  # generator seeds are seed * SEED_STRIDE + offset: distinct streams per offset
@@ -162,6 +163,10 @@ class Method:
     name: str = ""
     reuses_base_model: bool = False
     options: ClassVar[dict[str, Option]] = {}  # this method's own options (names unique across methods)
+    recipes: ClassVar[dict[str, "Recipe"]] = {}  # recipe name -> its settings and source (bench.recipes)
+    tunable: ClassVar[
+        dict[str, "Knob"]
+    ] = {}  # what recipe=tuned searches (bench.tuning); {}: nothing to tune
 
     def __init__(self, cfg: "RunConfig") -> None:
         self.cfg = cfg
