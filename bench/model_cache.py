@@ -107,6 +107,8 @@ def model_key(
         *DATA_MODEL_KEYS,
     ]
     d = {k: cfg.to_dict()[k] for k in keys}
+    if getattr(cfg, "recipe", None) == "tuned" and not cfg.val_items:  # a default val_id was carved
+        d["val_carved"] = "recipe=tuned default (bench.tuning.default_val_items)"
     modules = list(TRAINING_MODULES)
     if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
         modules += _defining_modules(BACKBONES.get(cfg.backbone))

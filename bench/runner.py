@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import __version__, parallel, sensitivity
+from bench import __version__, parallel, sensitivity, tuning
 from bench.config import ALL_METHODS, RunConfig
 from bench.conventions import BASE_METHOD as BASE
 from bench.conventions import CORRECTNESS_METRIC, EXTRACT_STAGE, NEAR_OOD_SET, REFERENCE_METHOD
@@ -54,6 +54,7 @@ class RunState:
     methods: list[str]
     failures: list[dict] = field(default_factory=list)
     commit: str | None = field(default_factory=git_commit)  # the code that ran: read once, at the start
+    tuning_dir: Path | None = None  # recipe=tuned's search logs (bench.tuning)
 
 
 def write_config(state: RunState, status: str, extra: dict | None = None) -> None:
@@ -163,12 +164,19 @@ def run_method(
     """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays,
     sensitivity rows: [] unless the config asks for a sweep and the method offers one)."""
     cfg = state.cfg.replace(seed=seed)
-    method: Method = METHODS.get(name)(cfg)
-
-    ctx = fit_context(cfg, data, state.device, cache, timer, name, method.reuses_base_model, charged_base)
+    cls = METHODS.get(name)
+    fitter = tuning.Fitter(
+        cfg,
+        name,
+        cls,
+        lambda c, t: fit_context(c, data, state.device, cache, t, name, cls.reuses_base_model, charged_base),
+        lambda m, split: predict_split(m, split, state.device),
+        timer,
+        state.tuning_dir,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        method.fit(ctx)
+        method: Method = tuning.fit_method(fitter, data.val_id)  # recipe=tuned: the search on val_id
         with timer.stage(name, "predict"):
             pred_id, pred_ood = _predict_all(method, data, state.device)
     with timer.stage(name, "evaluate"):
@@ -261,10 +269,17 @@ def run(cfg: RunConfig, log=print) -> Path:
     device = resolve_device(cfg.device)
     # bad data fails here, before any run folder exists; a frozen trunk's features are made (or loaded) here
     data, features = prepare_benchmark(cfg, device, Path(cfg.out) / "cache")
+    if any(tuning.wants_tuning(cfg, METHODS.get(m)) for m in methods):
+        tuning.check_val(data.val_id)  # too small a split to tune on fails here, before any folder
     folder = RunWriter.open(cfg.out, cfg.name, cfg.digest())
-    state = RunState(cfg, folder, device, methods)
+    state = RunState(cfg, folder, device, methods, tuning_dir=folder.path / "tuning")
     write_config(state, "running")
     log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
+    if data.val_id is not None:
+        how = (
+            "val_items" if cfg.val_items else "carved for recipe=tuned: 10% of the ID training pool, <= 1000"
+        )
+        log(f"  val_id: {len(data.val_id)} items ({how})")
     if features:
         ref = features["raw_features"].get(CORRECTNESS_METRIC, [float("nan")] * 3)
         log(
@@ -322,6 +337,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         }
         if seconds is not None:
             log(f"  {out.name} (seed {out.seed}) done{took}")
+        if (tuned := tuning.summary(out.diagnostics)) is not None:
+            log(f"  {out.name} (seed {out.seed}): {tuned}")
 
     workers = parallel.worker_count(cfg, device, len(pending))
     if workers > 1:
@@ -330,7 +347,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             "CPU thread(s) each)"
         )
         quiet = RunState(
-            cfg.replace(quiet=True), None, device, methods, commit=state.commit
+            cfg.replace(quiet=True), None, device, methods, commit=state.commit, tuning_dir=state.tuning_dir
         )  # bars would interleave
         parallel.run_pool(
             lambda n, s: fit_and_score(quiet, n, s, data, cache_root),
@@ -377,6 +394,11 @@ def run(cfg: RunConfig, log=print) -> Path:
         status,
         {
             "diagnostics": diagnostics,
+            **(
+                {"tuning": {k: d["tuning"] for k, d in diagnostics.items() if "tuning" in d}}
+                if cfg.recipe == "tuned"
+                else {}
+            ),
             "wall_seconds": time.perf_counter() - t0,
             "models_trained": trained,
             "workers": workers,
@@ -386,6 +408,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             "data": {
                 "train_id": len(data.train_id),
                 "test_id": len(data.test_id),
+                **({"val_id": len(data.val_id)} if data.val_id is not None else {}),
                 **{f"ood_{k}": len(v) for k, v in data.test_ood.items()},
             },
         },

@@ -32,6 +32,7 @@ from bench.la.structures import curvature_trace, get_structure, resolve_subset, 
 from bench.la.tuning import TEMPERATURES, search
 from bench.loss import PairLoss
 from bench.method import FitContext, Method, Option
+from bench.recipes import Knob
 from bench.registry import register_method
 
 log = logging.getLogger("bench")
@@ -62,6 +63,11 @@ class _Laplace(LaplacePredictive):
 
     reuses_base_model = True
     structure = "full"
+    # recipe=tuned (bench.tuning): prior precision x likelihood temperature, searched from one factorisation
+    tunable = {
+        "prior_precision": Knob(1e-4, 1e4, log=True),
+        "likelihood_scale": Knob(1e-1, 1e4, log=True),  # t x batch (bench.la.likelihood)
+    }
 
     @classmethod
     def check_structure(cls, cfg) -> None:

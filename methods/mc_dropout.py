@@ -35,6 +35,7 @@ from torch import nn
 
 from bench.errors import require
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
+from bench.recipes import Knob
 from bench.registry import register_method
 
 MASK_SEED_OFFSET = 0x6D63  # generator offset of the dropout-mask stream
@@ -80,6 +81,7 @@ class MCDropout(Method):
 
     reuses_base_model = False
     _stream: torch.Generator | None = None  # set by query_set
+    tunable = {"dropout": Knob(0.05, 0.5)}  # recipe=tuned (bench.tuning): the dropout rate, refit per trial
     options = {
         "dropout": Option(float, 0.1, "dropout rate p after each hidden layer, in training and at test time"),
         "dropout_passes": Option(int, 100, "stochastic forward passes T at test time", minimum=2),
