@@ -277,7 +277,12 @@ def run(cfg: RunConfig, log=print) -> Path:
     log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
     if data.val_id is not None:
         how = (
-            "val_items" if cfg.val_items else "carved for recipe=tuned: 10% of the ID training pool, <= 1000"
+            "val_items"
+            if cfg.val_items
+            else (
+                f"carved for recipe=tuned: {tuning.DEFAULT_VAL_FRACTION:.0%} of the ID training pool, "
+                f"at most {tuning.DEFAULT_VAL_CAP}"
+            )
         )
         log(f"  val_id: {len(data.val_id)} items ({how})")
     if features:

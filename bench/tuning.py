@@ -189,8 +189,13 @@ def fit_method(fitter: Fitter, val: Split | None) -> Method:
     if not wants_tuning(cfg, cls):
         method = cls(method_config(cfg, cls))
         method.fit(fitter.make_ctx(method.cfg, fitter.timer))  # under the runner's seeded RNG, as before
-        if cfg.recipe == "tuned":
-            method.diagnostics["tuning"] = {"status": NOTHING, "trials": 0, "objective": OBJECTIVE}
+        if cfg.recipe == "tuned":  # its objective on val, for reference (a step function without spread)
+            record = {"status": NOTHING, "trials": 0, "objective": OBJECTIVE}
+            if val is not None and len(val) >= MIN_VAL_ITEMS:
+                val = val.subset(MAX_VAL_ITEMS, seed=stream_seed(cfg.seed, VAL_STREAM))
+                with fitter.timer.stage(fitter.name, TUNE_STAGE):
+                    record.update(value=score(fitter, method, val), val_items=len(val))
+            method.diagnostics["tuning"] = record
         return method
     check_knobs(cls)
     check_val(val)
@@ -224,6 +229,7 @@ class _Search:
         self.base: Method | None = None  # cheap path: the one fit every trial is a copy of
         self.base_values: dict | None = None
         self.best: tuple[float, Method, StageTimer | None] | None = None  # (value, method, its fit's timer)
+        self.notes: dict[str, Any] = {}
 
     def finished(self) -> list:
         """The trials that count against the budget: completed ones, and those that failed with an error
@@ -253,6 +259,8 @@ class _Search:
                 trial.set_user_attr("error", str(e))
                 self.study.tell(trial, state=TrialState.FAIL)
                 continue
+            for k, v in self.notes.items():
+                trial.set_user_attr(k, v)
             self.study.tell(trial, value)
         method = self._result()
         self._write_csv()
@@ -284,7 +292,8 @@ class _Search:
 
     # -- trials -------------------------------------------------------------------------------
     def _trial(self, values: dict) -> float:
-        """Fit (or derive) the method at `values` and score it on val; keeps the best in memory."""
+        """Fit (or derive) the method at `values` and score it on val; keeps the best in memory. The trial's
+        notes (a variant's rank_bound) go to `self.notes`."""
         f = self.f
         if self.cheap:
             method, timer = self._variant(values), None
@@ -295,6 +304,9 @@ class _Search:
             except BenchError:
                 self._charge(timer, kept=False)
                 raise
+        self.notes = {
+            k: method.diagnostics[k] for k in ("rank_bound",) if method.diagnostics.get(k) is not None
+        }
         with f.timer.stage(f.name, TUNE_STAGE):
             value = score(f, method, self.val)
         if self.best is None or value > self.best[0]:
@@ -312,12 +324,8 @@ class _Search:
         if self.base is None:
             self.base_values = self.base_values or dict(values)
             self.base = f.build_and_fit(self.base_values, f.timer)
-            with f.timer.stage(f.name, TUNE_STAGE):  # one factorisation for the whole box: its corner first
-                corner = {
-                    "prior_precision": self.knobs["prior_precision"].low,
-                    "likelihood_scale": self.knobs["likelihood_scale"].high,
-                }
-                next(iter(self.base.variants([corner])))
+            with f.timer.stage(f.name, TUNE_STAGE):  # the one factorisation, made for the box's centre
+                next(iter(self.base.variants([self._centre()])))
         if values == self.base_values:
             return self.base
         with f.timer.stage(f.name, TUNE_STAGE):
@@ -330,6 +338,14 @@ class _Search:
             "rank_bound": settings.get("rank_bound"),
         }
         return variant
+
+    def _centre(self) -> dict[str, float]:
+        """The centre of the knob box (geometric for log knobs): the point a low-rank basis (full_la above
+        4000 parameters) is grown for; a trial at a smaller prior / temperature ratio records its covariance
+        bound (`rank_bound`, relative error; 0 for the exact bases of the other structures)."""
+        k = self.knobs
+        mid = lambda n: math.sqrt(k[n].low * k[n].high) if k[n].log else (k[n].low + k[n].high) / 2  # noqa: E731
+        return {n: mid(n) for n in sensitivity.AXES}
 
     def _charge(self, timer: StageTimer, kept: bool) -> None:
         """Add a trial fit's stage times to the run's timer: as they are when its method is kept, else its
@@ -369,6 +385,6 @@ def summary(diagnostics: dict) -> str | None:
     if not t:
         return None
     if t["status"] == NOTHING:
-        return NOTHING
+        return NOTHING + (f" ({t['objective']} {t['value']:.4f}, for reference)" if "value" in t else "")
     vals = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in t["values"].items())
     return f"tuned {vals} ({t['objective']} {t['value']:.4f}, {t['trials']} trials)"

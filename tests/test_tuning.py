@@ -60,6 +60,9 @@ def test_every_tunable_method_gets_the_same_budget(tmp_path):
     meta = json.loads((folder / "config.json").read_text())
     tuned = meta["tuning"]
     assert tuned["plain-seed0"]["status"] == "nothing to tune" and tuned["plain-seed0"]["trials"] == 0
+    assert -math.log(4) <= tuned["plain-seed0"]["value"] <= -math.log(4 / 3), (
+        "a step function: P is 1/4 or 3/4"
+    )
     for m in ("diag_la", "mc_dropout"):
         assert tuned[f"{m}-seed0"]["trials"] == 5 == len(_complete_trials(folder, m))
         assert tuned[f"{m}-seed0"]["value"] == pytest.approx(
