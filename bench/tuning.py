@@ -262,9 +262,12 @@ class _Search:
             for k, v in self.notes.items():
                 trial.set_user_attr(k, v)
             self.study.tell(trial, value)
+        complete = [t for t in self.finished() if t.state == TrialState.COMPLETE]
+        if not complete:
+            errors = [t.user_attrs.get("error") for t in self.finished()]
+            raise BenchError(f"{f.name}: all {len(errors)} tuning trials failed; the first: {errors[0]}")
         method = self._result()
         self._write_csv()
-        complete = [t for t in self.finished() if t.state == TrialState.COMPLETE]
         best = self.study.best_trial
         method.diagnostics = {
             **method.diagnostics,
@@ -321,9 +324,9 @@ class _Search:
         """Cheap path: the one fit (made on first need, its stages charged as a plain fit's), or a copy of it
         at `values` from its factorisation (charged to tune)."""
         f = self.f
-        if self.base is None:
-            self.base_values = self.base_values or dict(values)
-            self.base = f.build_and_fit(self.base_values, f.timer)
+        if self.base is None:  # (a fit that fails leaves no base: the next trial tries its own values)
+            first = self.base_values or dict(values)
+            self.base, self.base_values = f.build_and_fit(first, f.timer), first
             with f.timer.stage(f.name, TUNE_STAGE):  # the one factorisation, made for the box's centre
                 next(iter(self.base.variants([self._centre()])))
         if values == self.base_values:

@@ -236,3 +236,29 @@ def test_the_kept_laplace_variant_equals_a_refit_at_the_chosen_values(tmp_path):
     a, b = (np.load(f / "perquery" / "diag_la-seed0.npz") for f in (tuned, refit))
     np.testing.assert_allclose(a["id_mean"], b["id_mean"])
     np.testing.assert_allclose(a["id_var"], b["id_var"], rtol=1e-4)
+
+
+def test_a_trial_the_method_refuses_fails_and_counts_against_the_budget(tmp_path):
+    """A setting the method cannot fit with (BenchError in its fit) is a failed trial of the same budget,
+    its error in the CSV; the search goes on and keeps the best completed trial."""
+    from methods.mc_dropout import MCDropout
+
+    @register_method(INTERRUPT)
+    class Picky(MCDropout):
+        """MC dropout that refuses dropout rates above 0.3."""
+
+        def fit(self, ctx):
+            if self.option(self.cfg, "dropout") > 0.3:
+                raise BenchError("dropout above 0.3 refused (test)")
+            super().fit(ctx)
+
+    try:
+        folder = run(_cfg(tmp_path, (INTERRUPT,)), log=lambda *_: None)
+    finally:
+        METHODS.remove(INTERRUPT)
+    outcome = json.loads((folder / "config.json").read_text())["tuning"][f"{INTERRUPT}-seed0"]
+    df = pd.read_csv(folder / "tuning" / f"{INTERRUPT}-seed0.csv")
+    failed = df[df["state"] == "FAIL"]
+    assert outcome["trials"] == 4 == len(df) and outcome["failed_trials"] == len(failed) >= 1
+    assert (failed["params_dropout"] > 0.3).all() and failed["user_attrs_error"].str.contains("refused").all()
+    assert outcome["values"]["dropout"] <= 0.3
