@@ -477,8 +477,12 @@ def _refit(run, method: str, seed: int, log) -> _Refit:
     from bench.timing import StageTimer
 
     cfg = _config_from_json(json.dumps(run.config)).replace(seed=seed, quiet=True)
-    # the method's own config, as the runner made it (recipe=tuned: 21b's recorded values go in here)
-    cfg = method_config(cfg, METHODS.get(method))
+    # the method's own config, as the runner made it: its recipe and, for recipe=tuned, the values its
+    # search chose (recorded in the run's diagnostics; bench.tuning)
+    tuning = ((run.meta.get("diagnostics") or {}).get(f"{method}-seed{seed}") or {}).get("tuning") or {}
+    cfg = method_config(
+        cfg, METHODS.get(method), tuning.get("values") if tuning.get("status") == "tuned" else None
+    )
     device = resolve_device(cfg.device)
     if str(device) != str(run.meta.get("device", device)):
         log(f"warning: the run used {run.meta.get('device')}, this refit {device}: the check may fail")

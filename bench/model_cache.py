@@ -110,6 +110,8 @@ def model_key(
     the training reads, and `code`, the `code_digest` of TRAINING_MODULES, the backbone's module and,
     with a recipe, the modules of its build and loss and its `modules` (so changed training code retrains)."""
     d = {k: cfg.to_dict()[k] for k in TRAINING_FIELDS}
+    if getattr(cfg, "recipe", None) == "tuned" and not cfg.val_items:  # a default val_id was carved
+        d["val_carved"] = "recipe=tuned default (bench.tuning.default_val_items)"
     modules = list(TRAINING_MODULES)
     if cfg.backbone in BACKBONES.names():  # an unknown one is refused before any training
         modules += _defining_modules(BACKBONES.get(cfg.backbone))

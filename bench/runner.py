@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import __version__, parallel, sensitivity
+from bench import __version__, parallel, sensitivity, tuning
 from bench.config import ALL_METHODS, RunConfig
 from bench.conventions import BASE_METHOD as BASE
 from bench.conventions import CORRECTNESS_METRIC, EXTRACT_STAGE, NEAR_OOD_SET, REFERENCE_METHOD
@@ -76,6 +76,7 @@ class RunState:
     methods: list[str]
     failures: list[dict] = field(default_factory=list)
     commit: str | None = field(default_factory=git_commit)  # the code that ran: read once, at the start
+    tuning_dir: Path | None = None  # recipe=tuned's search logs (bench.tuning)
 
 
 def write_config(state: RunState, status: str, extra: dict | None = None) -> None:
@@ -174,22 +175,12 @@ def fit_context(
     )
 
 
-def tuned_values(cfg: RunConfig, name: str, data: Dataset) -> dict | None:
-    """recipe=tuned: the values of the method's tunable knobs searched on val_id (`bench.tuning`); None
-    until that engine is wired in here, and the method runs at its paper recipe ("tuned": "pending")."""
-    return None
-
-
-def method_run_config(state: RunState, name: str, seed: int, data: Dataset) -> tuple[RunConfig, dict]:
-    """(the config `name` is built and fitted with for `seed`, what its diagnostics record of the recipe):
-    the run's config + the method's recipe (`bench.recipes.method_config`), and for recipe=tuned the
-    searched values (`tuned_values`)."""
+def method_run_config(state: RunState, name: str, seed: int) -> tuple[RunConfig, dict]:
+    """(the config `name` is built with for `seed` before any tuning, what its diagnostics record of the
+    recipe): the run's config + the method's recipe (`bench.recipes.method_config`). recipe=tuned then
+    searches the method's knobs on val_id from there (`bench.tuning.fit_method`, which records them)."""
     cfg, cls = state.cfg.replace(seed=seed), METHODS.get(name)
-    extra = tuned_values(cfg, name, data) if cfg.recipe == "tuned" else None
-    record = {"recipe": cfg.recipe}
-    if cfg.recipe == "tuned":
-        record["tuned"] = extra if extra is not None else "pending"
-    return method_config(cfg, cls, extra), record
+    return method_config(cfg, cls), {"recipe": cfg.recipe}
 
 
 def run_method(
@@ -200,18 +191,24 @@ def run_method(
     cache: ModelCache,
     timer: StageTimer,
     charged_base: set,
-    cfg: RunConfig | None = None,
 ) -> tuple[list[dict], dict, dict[str, np.ndarray], list[dict]]:
     """Fit, predict and score one method for one seed: (result rows, diagnostics, per-query arrays,
-    sensitivity rows: [] unless the config asks for a sweep and the method offers one). cfg: the method's
-    own config (`method_run_config`; default: the run's config with the method's recipe)."""
-    cfg = cfg if cfg is not None else method_config(state.cfg.replace(seed=seed), METHODS.get(name))
-    method: Method = METHODS.get(name)(cfg)
-
-    ctx = fit_context(cfg, data, state.device, cache, timer, name, method.reuses_base_model, charged_base)
+    sensitivity rows: [] unless the config asks for a sweep and the method offers one). The method is built
+    with the run's config + its recipe (+ for recipe=tuned the values searched on val_id: `bench.tuning`)."""
+    cls = METHODS.get(name)
+    fitter = tuning.Fitter(
+        state.cfg.replace(seed=seed),
+        name,
+        cls,
+        lambda c, t: fit_context(c, data, state.device, cache, t, name, cls.reuses_base_model, charged_base),
+        lambda m, split: predict_split(m, split, state.device),
+        timer,
+        state.tuning_dir,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        method.fit(ctx)
+        method: Method = tuning.fit_method(fitter, data.val_id)  # recipe=tuned: the search on val_id
+        cfg = method.cfg  # the config it was fitted with (recipe, tuned values)
         with timer.stage(name, "predict"):
             pred_id, pred_ood = _predict_all(method, data, state.device)
     with timer.stage(name, "evaluate"):
@@ -257,10 +254,10 @@ def fit_and_score(state: RunState, name: str, seed: int, data: Dataset, cache_ro
     out = FitOutcome(name, seed)
     cache = None
     try:
-        cfg, recipe = method_run_config(state, name, seed, data)
+        cfg, recipe = method_run_config(state, name, seed)
         cache = ModelCache(cache_root, cfg, data.train_id, state.device)
         out.rows, out.diagnostics, out.arrays, out.sensitivity = run_method(
-            state, name, seed, data, cache, timer, set(), cfg
+            state, name, seed, data, cache, timer, set()
         )
         out.diagnostics = {**out.diagnostics, "recipe": recipe}
     except KeyboardInterrupt:
@@ -308,10 +305,22 @@ def run(cfg: RunConfig, log=print) -> Path:
     device = resolve_device(cfg.device)
     # bad data fails here, before any run folder exists; a frozen trunk's features are made (or loaded) here
     data, features = prepare_benchmark(cfg, device, Path(cfg.out) / "cache")
+    if any(tuning.wants_tuning(cfg, METHODS.get(m)) for m in methods):
+        tuning.check_val(data.val_id)  # too small a split to tune on fails here, before any folder
     folder = RunWriter.open(cfg.out, cfg.name, cfg.digest())
-    state = RunState(cfg, folder, device, methods)
+    state = RunState(cfg, folder, device, methods, tuning_dir=folder.path / "tuning")
     write_config(state, "running")
     log(f"run folder: {folder.path}" + (" (resuming)" if folder.resumed else ""))
+    if data.val_id is not None:
+        how = (
+            "val_items"
+            if cfg.val_items
+            else (
+                f"carved for recipe=tuned: {tuning.DEFAULT_VAL_FRACTION:.0%} of the ID training pool, "
+                f"at most {tuning.DEFAULT_VAL_CAP}"
+            )
+        )
+        log(f"  val_id: {len(data.val_id)} items ({how})")
     if features:
         ref = features["raw_features"].get(CORRECTNESS_METRIC, [float("nan")] * 3)
         log(
@@ -369,6 +378,8 @@ def run(cfg: RunConfig, log=print) -> Path:
         }
         if seconds is not None:
             log(f"  {out.name} (seed {out.seed}) done{took}")
+        if (tuned := tuning.summary(out.diagnostics)) is not None:
+            log(f"  {out.name} (seed {out.seed}): {tuned}")
 
     workers = parallel.worker_count(cfg, device, len(pending))
     if workers > 1:
@@ -377,7 +388,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             "CPU thread(s) each)"
         )
         quiet = RunState(
-            cfg.replace(quiet=True), None, device, methods, commit=state.commit
+            cfg.replace(quiet=True), None, device, methods, commit=state.commit, tuning_dir=state.tuning_dir
         )  # bars would interleave
         parallel.run_pool(
             lambda n, s: fit_and_score(quiet, n, s, data, cache_root),
@@ -424,6 +435,11 @@ def run(cfg: RunConfig, log=print) -> Path:
         status,
         {
             "diagnostics": diagnostics,
+            **(
+                {"tuning": {k: d["tuning"] for k, d in diagnostics.items() if "tuning" in d}}
+                if cfg.recipe == "tuned"
+                else {}
+            ),
             "wall_seconds": time.perf_counter() - t0,
             "models_trained": trained,
             "workers": workers,
@@ -433,6 +449,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             "data": {
                 "train_id": len(data.train_id),
                 "test_id": len(data.test_id),
+                **({"val_id": len(data.val_id)} if data.val_id is not None else {}),
                 **{f"ood_{k}": len(v) for k, v in data.test_ood.items()},
             },
         },
