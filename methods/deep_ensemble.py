@@ -71,6 +71,11 @@ class DeepEnsemble(Method):
         "ensemble_size": Option(int, 5, "ensemble members M (Lakshminarayanan et al. 2017: 5)", minimum=2)
     }
 
+    @classmethod
+    def relative_cost(cls, cfg) -> float:
+        """M nets trained side by side: about M post-hoc fits."""
+        return float(cls.option(cfg, "ensemble_size"))
+
     def fit(self, ctx: FitContext) -> None:
         self.seeds = member_seeds(ctx.seed, self.option(self.cfg, "ensemble_size"))
         self.members: list[nn.Module] = ctx.train_models(self.seeds)
