@@ -168,9 +168,9 @@ def _fit(name: str, seed: int):
     return out, time.perf_counter() - start, process_cpu_seconds() - cpu
 
 
-def schedule(pending: list[tuple[str, int]], costs: dict[tuple[str, int], float] | None = None) -> list[
-    tuple[str, int]
-]:
+def schedule(
+    pending: list[tuple[str, int]], costs: dict[tuple[str, int], float] | None = None
+) -> list[tuple[str, int]]:
     """The order fits are handed out, longest first within three ranks: per seed, the costliest post-hoc
     method (it trains the shared base model, which the other post-hoc fits then load), then the methods
     that train nets of their own (they need no base, so a second worker starts at once), then the

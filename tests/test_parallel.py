@@ -118,8 +118,9 @@ def test_cost_estimates_come_from_an_earlier_run_then_from_method_guesses(tmp_pa
     assert costs[("deep_ensemble", 0)] == 3.0 * members
 
 
-# A parent that ran OpenMP on 2 threads, then a pool of 2 forked workers: fit "short" returns at once, fit
-# "long" (any registered names) waits (up to 30 s) until it runs alone, then runs OpenMP regions at its share of the cores.
+# A parent that ran OpenMP on 2 threads, then a pool of 2 forked workers: the short fit (plain) returns at
+# once, the long one (laplace_torch: only the names are real) waits (up to 30 s) until it runs alone, then
+# runs OpenMP regions at its share of the cores.
 _LONE_FIT = """
 import json, time, torch
 from bench import parallel

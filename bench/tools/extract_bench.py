@@ -64,7 +64,9 @@ def measure(preset: str, items: int, rounds: int, threads: int | None = None) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tools.extract_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tools.extract_bench", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--preset", default="cifar")
     parser.add_argument("--items", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=3)

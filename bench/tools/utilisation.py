@@ -42,7 +42,9 @@ def combined(records: list[dict]) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.tools.utilisation", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.tools.utilisation", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("runs", nargs="+", help="run folders")
     parser.add_argument("--min", type=float, default=None, help="fail (exit 1) below this combined share")
     args = parser.parse_args(argv)
