@@ -3,6 +3,7 @@ training charged once, failures isolated, and one-line errors where workers cann
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -38,14 +39,26 @@ def _tables(folder):
 
 @pytest.mark.slow
 def test_two_workers_give_the_serial_results_and_charge_the_base_once(tmp_path):
-    serial = _tables(run(_cfg(tmp_path, 1), log=lambda *_: None))
+    serial_folder = run(_cfg(tmp_path, 1), log=lambda *_: None)
+    serial = _tables(serial_folder)
     lines: list[str] = []
-    par = _tables(run(_cfg(tmp_path, 2), log=lines.append))
+    par_folder = run(_cfg(tmp_path, 2), log=lines.append)
+    par = _tables(par_folder)
     assert par[2]["workers"] == 2 and serial[2]["workers"] == 1 and par[2]["status"] == "complete"
     assert any("2 worker processes" in line for line in lines)
     a, b = serial[0].set_index(["method", "seed", "metric"]), par[0].set_index(["method", "seed", "metric"])
     assert list(a.index) == list(b.index)  # the run's order, not the order fits completed in
     pd.testing.assert_frame_equal(a, b, rtol=1e-3, atol=1e-4)  # thread counts change rounding only
+    # per-query predictions (means, variances, scores) too: the nets are trained at train_threads in both
+    # runs; a post-hoc stage that a worker runs at 2 threads reduces in another order (float32 rounding)
+    from bench.run_folder import RunFolder
+
+    ser, par_ = RunFolder(serial_folder), RunFolder(par_folder)
+    for (m, s), arrays in ser.all_perquery().items():
+        other = par_.perquery(m, s)
+        assert set(arrays) == set(other)
+        for k, v in arrays.items():
+            np.testing.assert_allclose(other[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{m} {k}")
     t = par[1]
     assert len(t[(t.method == "base") & (t.stage == "train")]) == 1
     assert {"mc_dropout", "deep_ensemble"} <= set(t[t.stage == "train"].method)
