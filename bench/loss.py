@@ -151,23 +151,28 @@ def mined_pair_counts(
     zeros = torch.zeros(nb, m, m, dtype=F.dtype, device=F.device)
     if k == 0:
         return zeros, zeros.clone()
-    # each anchor's positives first (stable: in item order), then padding that `is_pos` masks out
+    # each anchor's positives first (stable: in item order), then padding
     pidx = torch.sort(pos.to(torch.uint8), dim=2, descending=True, stable=True).indices[
         :, :, :k
     ]  # [nb, a, k]
-    is_pos = torch.gather(pos, 2, pidx)
-    t = dist[:, :, None, :] - torch.gather(dist, 2, pidx)[:, :, :, None]  # [nb, a, k, n] = d_an - d_ap
+    # masked pairs get distances that make d_an - d_ap infinite and fail the test: +inf for `t <= ...`
+    # (padding positives -inf, non-negatives +inf), -inf for the easy miner's `t > margin`; the others'
+    # differences are the same numbers as `mined_triplets`'
+    big = float("-inf") if miner_type == "easy" else float("inf")
+    d_ap = torch.gather(dist, 2, pidx).masked_fill(~torch.gather(pos, 2, pidx), -big)  # [nb, a, k]
+    d_an = dist.masked_fill(~neg, big)  # [nb, a, n]
+    t = d_an[:, :, None, :] - d_ap[:, :, :, None]  # [nb, a, k, n] = d_an - d_ap
     if miner_type == "easy":
-        cond = t > margin
+        trip = t > margin
+    elif miner_type == "hard":
+        trip = (t <= margin) & (t <= 0)
+    elif miner_type == "semihard":
+        trip = (t <= margin) & (t > 0)
     else:
-        cond = t <= margin
-        if miner_type == "hard":
-            cond &= t <= 0
-        elif miner_type == "semihard":
-            cond &= t > 0
-    trip = cond & is_pos[:, :, :, None] & neg[:, :, None, :]
-    C_pos = zeros.scatter_add_(2, pidx, trip.sum(3).to(F.dtype))  # padding adds 0
-    return C_pos, trip.sum(2).to(F.dtype)
+        trip = t <= margin
+    trip = trip.to(F.dtype)
+    C_pos = zeros.scatter_add_(2, pidx, trip.sum(3))  # padding adds 0
+    return C_pos, trip.sum(2)
 
 
 def reducer_weights(
