@@ -130,8 +130,49 @@ def mined_pair_counts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """How often each ordered pair occurs among the pairs a TripletMarginMiner yields, per batch:
     (C_pos, C_neg) [nb, m, m] of `mined_triplets` (its arguments), exactly the multiplicities of PML's
-    `convert_to_pairs` without listing the triplets."""
-    return triplet_pair_counts(mined_triplets(F, y, margin, miner_type, valid, dist), F.dtype)
+    `convert_to_pairs` without listing the triplets.
+
+    Only the k positives of each anchor can start a triplet (k = the most any anchor has, about m / classes),
+    so the triplet test runs on [nb, a, k, n] instead of `mined_triplets`' [nb, a, p, n]: the positives'
+    distances gathered, the same difference d_an - d_ap compared with the same margin, so the counts are
+    `mined_triplets`' exactly (tested); at batch 64 over 7 classes it is ~4x fewer elements (most of a
+    training step's mining, and of an ensemble's, whose members mine at once)."""
+    if miner_type not in MINER_TYPES:
+        raise BenchError(f"miner_type must be one of {', '.join(MINER_TYPES)}, got {miner_type!r}")
+    nb, m = F.shape[0], F.shape[1]
+    dist = pairwise_distances(F) if dist is None else dist
+    same = y[:, :, None] == y[:, None, :]
+    pos = same & ~torch.eye(m, dtype=torch.bool, device=F.device)  # [nb, a, p]
+    neg = ~same  # [nb, a, n]
+    if valid is not None:
+        vv = valid[:, :, None] & valid[:, None, :]
+        pos, neg = pos & vv, neg & vv
+    k = int(pos.sum(2).max()) if pos.numel() else 0
+    zeros = torch.zeros(nb, m, m, dtype=F.dtype, device=F.device)
+    if k == 0:
+        return zeros, zeros.clone()
+    # each anchor's positives first (stable: in item order), then padding
+    pidx = torch.sort(pos.to(torch.uint8), dim=2, descending=True, stable=True).indices[
+        :, :, :k
+    ]  # [nb, a, k]
+    # masked pairs get distances that make d_an - d_ap infinite and fail the test: +inf for `t <= ...`
+    # (padding positives -inf, non-negatives +inf), -inf for the easy miner's `t > margin`; the others'
+    # differences are the same numbers as `mined_triplets`'
+    big = float("-inf") if miner_type == "easy" else float("inf")
+    d_ap = torch.gather(dist, 2, pidx).masked_fill(~torch.gather(pos, 2, pidx), -big)  # [nb, a, k]
+    d_an = dist.masked_fill(~neg, big)  # [nb, a, n]
+    t = d_an[:, :, None, :] - d_ap[:, :, :, None]  # [nb, a, k, n] = d_an - d_ap
+    if miner_type == "easy":
+        trip = t > margin
+    elif miner_type == "hard":
+        trip = (t <= margin) & (t <= 0)
+    elif miner_type == "semihard":
+        trip = (t <= margin) & (t > 0)
+    else:
+        trip = t <= margin
+    trip = trip.to(F.dtype)
+    C_pos = zeros.scatter_add_(2, pidx, trip.sum(3))  # padding adds 0
+    return C_pos, trip.sum(2)
 
 
 def reducer_weights(

@@ -178,6 +178,14 @@ class Method:
         return dict(cfg.method_options).get(name, cls.options[name].default)
 
     @classmethod
+    def relative_cost(cls, cfg: "RunConfig") -> float:
+        """A rough guess of this fit's wall time in units of a post-hoc fit on the cached base model
+        (1.0), used only to start the longest fits first when several run side by side
+        (`bench.parallel.estimate_costs`) before an earlier run's timings are known: 1 for a method on
+        the shared base model, 2 for one that trains its own net. A method far off that overrides it."""
+        return 1.0 if cls.reuses_base_model else 2.0
+
+    @classmethod
     def validate(cls, cfg: "RunConfig") -> None:
         """Reject config values this method cannot run with (BenchError, one line); called before
         any data is loaded. The base class checks the declared options; subclasses add their own

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bench import __version__, parallel, sensitivity, tuning
+from bench import __version__, fit_costs, parallel, sensitivity, tuning
 from bench.config import ALL_METHODS, RunConfig
 from bench.conventions import BASE_METHOD as BASE
 from bench.conventions import CORRECTNESS_METRIC, EXTRACT_STAGE, NEAR_OOD_SET, REFERENCE_METHOD
@@ -299,6 +299,7 @@ class _Charges:
 def run(cfg: RunConfig, log=print) -> Path:
     """Run every method of cfg over every seed; returns the run folder. With cfg.workers != 1 (CPU) the
     (method, seed) pairs run in worker processes (`bench.parallel`); results are saved as they complete."""
+    wall0, cpu0 = time.perf_counter(), parallel.process_cpu_seconds()
     methods = resolve_methods(cfg)
     resolve_scores(cfg)  # an unknown score fails here, before any data or folder
     BACKBONES.get(cfg.backbone)  # an unknown backbone fails here, before any data or folder
@@ -359,7 +360,7 @@ def run(cfg: RunConfig, log=print) -> Path:
     t0 = time.perf_counter()
     trained = 0
 
-    def record(out: FitOutcome, seconds: float | None = None) -> None:
+    def record(out: FitOutcome, seconds: float | None = None, _cpu: float | None = None) -> None:
         nonlocal trained
         trained += out.trained
         took = f" in {seconds:.0f} s" if seconds is not None else ""
@@ -367,6 +368,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             state.failures.append(out.error)
             log(f"  {out.name} (seed {out.seed}) FAILED{took}: {out.error['error']}")
             return
+        fit_costs.remember(cache_root.parent, cfg, out.name, fit_costs.fit_seconds(out.times))
         times = charges.keep(out.times, out.seed, features)
         folder.save_method(out.name, out.seed, out.arrays, out.rows, times, out.diagnostics, out.sensitivity)
         done[(out.name, out.seed)] = {
@@ -383,9 +385,11 @@ def run(cfg: RunConfig, log=print) -> Path:
 
     workers = parallel.worker_count(cfg, device, len(pending))
     if workers > 1:
+        costs, source = fit_costs.estimate_costs(cfg, pending, cache_root.parent)
         log(
             f"  {len(pending)} method fits in {workers} worker processes ({parallel.WORKER_THREADS} "
-            "CPU thread(s) each)"
+            f"CPU thread(s) each while fits wait, the cores shared once none does); longest first, "
+            f"cost estimates {source}"
         )
         quiet = RunState(
             cfg.replace(quiet=True), None, device, methods, commit=state.commit, tuning_dir=state.tuning_dir
@@ -396,6 +400,7 @@ def run(cfg: RunConfig, log=print) -> Path:
             pending,
             workers,
             record,
+            costs,
         )
     else:
         for name, seed in pending:
@@ -443,6 +448,9 @@ def run(cfg: RunConfig, log=print) -> Path:
             "wall_seconds": time.perf_counter() - t0,
             "models_trained": trained,
             "workers": workers,
+            "cpu": parallel.utilisation_record(
+                time.perf_counter() - wall0, parallel.process_cpu_seconds() - cpu0
+            ),
             "class_names": data.class_names,
             "data_label": data.label,
             **({"features": features} if features else {}),

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bench.parallel import balance_threads
+
 
 def sync(device: torch.device | str | None) -> None:
     """Wait for queued CUDA work on `device` (no-op elsewhere), so wall times are charged correctly."""
@@ -29,12 +31,14 @@ class StageTimer:
         """Time a block; the elapsed time is added to (method, stage) even if the block raises.
 
         Nesting the same (method, stage) is a no-op inside, so a method may time a stage that the
-        runner also times without counting it twice.
+        runner also times without counting it twice. In a pool worker a stage starts with the fit's
+        current share of the cores (`bench.parallel.balance_threads`).
         """
         key = (method, stage)
         if key in self._active:
             yield
             return
+        balance_threads()
         self._active.add(key)
         sync(self.device)
         start = time.perf_counter()

@@ -83,6 +83,11 @@ class DeepEnsemble(Method):
     # of the same predictive; a search would pick the largest M it is allowed)
     tunable = {}
 
+    @classmethod
+    def relative_cost(cls, cfg) -> float:
+        """M nets trained side by side: about M post-hoc fits."""
+        return float(cls.option(cfg, "ensemble_size"))
+
     def fit(self, ctx: FitContext) -> None:
         self.seeds = member_seeds(ctx.seed, self.option(self.cfg, "ensemble_size"))
         self.members: list[nn.Module] = ctx.train_models(self.seeds)

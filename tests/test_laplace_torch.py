@@ -15,7 +15,7 @@ from bench.config import preset_config
 from bench.errors import BenchError
 from bench.la.structures import compute_curvature
 from bench.registry import METHODS
-from methods.laplace_torch import EigLogdetFullLaplace, make_laplace, scale_fit
+from methods.laplace_torch import EigLogdetFullLaplace, make_laplace, psd_eigenvalues, scale_fit
 from tests import test_laplace_methods
 from tests.laplace_helpers import rel_err, tiny_data, tiny_net
 from tests.test_laplace_methods import _fit as fit
@@ -121,3 +121,46 @@ def test_options_refused_in_one_line(field, value, message):
     with pytest.raises(BenchError, match=message) as e:
         METHODS.get("laplace_torch").validate(cfg)
     assert "\n" not in str(e.value)
+
+
+def test_float32_spectrum_of_an_ill_conditioned_psd_matrix():
+    """psd_eigenvalues (float32 LAPACK on H scaled to a unit largest diagonal) against float64 eigvalsh on
+    a rank-deficient J^T J (lambda_max 2e10, half the spectrum 0): every eigenvalue within 1e-6 lambda_max,
+    so log det(H + delta I) agrees where delta is far above that error and not where it is below (what
+    `logdet_error` checks at the marglik optimum)."""
+    g = torch.Generator().manual_seed(0)
+    scales = torch.logspace(-2, 4, 300, dtype=torch.float64)
+    J = torch.randn(150, 300, generator=g, dtype=torch.float64) * scales
+    H = (J.T @ J).float()
+    exact = torch.linalg.eigvalsh(H.double())
+    got = psd_eigenvalues(H)
+    assert got.dtype == H.dtype and bool((got >= 0).all())
+    lam = float(exact.max())
+    assert float((got.double() - exact.clamp_min(0)).abs().max()) < 1e-6 * lam
+
+    def logdet_gap(delta):
+        return abs(float(torch.log(got.double() + delta).sum() - torch.log(exact.clamp_min(0) + delta).sum()))
+
+    assert logdet_gap(1e-3 * lam) < 1e-2
+    assert logdet_gap(1e-8 * lam) > 1  # delta below float32's error: float64 would be needed
+
+
+def test_the_float32_spectrum_is_checked_at_the_optimum_and_redone_in_float64(setup, monkeypatch):
+    """laplace_torch's marglik with the float32 spectrum: its log-determinant at the optimum is checked
+    against a float64 Cholesky (a small error recorded); a spectrum that fails the check is recomputed in
+    float64 and the optimisation rerun, giving the float64 answer."""
+    import methods.laplace_torch as lt_mod
+
+    cfg, data, model = setup
+    good = _fit(cfg, data, model, "laplace_torch")
+    assert good.diagnostics["eig_dtype"] == "float32"
+    assert good.diagnostics["eig_logdet_error"] < 1e-2
+    la = good.la
+    la.evals = torch.linalg.eigvalsh(la.H.double()).clamp_min(0).to(la.H.dtype)
+    assert lt_mod.logdet_error(la) < 1e-2
+    monkeypatch.setattr(lt_mod, "psd_eigenvalues", lambda H: psd_eigenvalues(H) * 3)  # a wrong spectrum
+    redone = _fit(cfg, data, model, "laplace_torch")
+    assert redone.diagnostics["eig_dtype"] == "float64" and redone.diagnostics["eig_logdet_error"] > 1
+    assert redone.diagnostics["prior_precision"] == pytest.approx(
+        good.diagnostics["prior_precision"], rel=1e-4
+    )

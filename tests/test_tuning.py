@@ -234,7 +234,8 @@ def test_the_kept_laplace_variant_equals_a_refit_at_the_chosen_values(tmp_path):
         log=lambda *_: None,
     )
     a, b = (np.load(f / "perquery" / "diag_la-seed0.npz") for f in (tuned, refit))
-    np.testing.assert_allclose(a["id_mean"], b["id_mean"])
+    # the paper recipe's predictive is mc (100 sampled networks): sample means agree up to float rounding
+    np.testing.assert_allclose(a["id_mean"], b["id_mean"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(a["id_var"], b["id_var"], rtol=1e-4)
 
 
