@@ -387,10 +387,10 @@ def run(cfg: RunConfig, log=print) -> Path:
     if workers > 1:
         costs, source = fit_costs.estimate_costs(cfg, pending, cache_root.parent)
         log(
-            f"  {len(pending)} method fits in {workers} worker processes ({parallel.WORKER_THREADS} "
-            f"CPU thread(s) each while fits wait, the cores shared once none does); longest first, "
-            f"cost estimates {source}"
+            f"  {len(pending)} method fits in {workers} worker processes, longest first; "
+            "the last ones share every core"
         )
+        log(f"  cost estimates {source}")
         quiet = RunState(
             cfg.replace(quiet=True), None, device, methods, commit=state.commit, tuning_dir=state.tuning_dir
         )  # bars would interleave

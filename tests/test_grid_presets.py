@@ -84,7 +84,8 @@ def test_cli_and_experiment_file_give_the_same_spec():
     flags = grid_spec(
         build_parser().parse_args(
             ["grid", "--presets", "smoke,smoke_color", "--methods", "plain,diag_la", "--seeds", "0-1"]
-            + ["--set", "hessian=ggn;jtj", "--set", "bootstrap_resamples=50"]
+            + ["--set", "recipe=paper;tuned", "--set", "val_items=40", "--set", "tune_trials=3"]
+            + ["--set", "bootstrap_resamples=50"]
         )
     )
     spec = grid_spec(build_parser().parse_args(["grid", "--config", str(EXAMPLES / "fair-grid-smoke.yaml")]))
@@ -101,7 +102,7 @@ def test_fair_grid_smoke_example_runs_and_reports_by_preset(cli, tmp_path):
         "--seeds",
         "0",
         "--set",
-        "hessian=ggn",  # one value: the axis of the file collapses (the command line wins)
+        "recipe=tuned",  # one value: the axis of the file collapses (the command line wins)
         "--out",
         str(tmp_path),
         "--quiet",

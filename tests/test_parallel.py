@@ -116,8 +116,10 @@ def test_the_longest_fits_start_first():
 def test_cost_estimates_come_from_an_earlier_run_then_from_method_guesses(tmp_path):
     from bench import fit_costs
 
-    cfg = preset_config("smoke").replace(dataset="synthetic")
+    cfg = preset_config("smoke").replace(dataset="synthetic", recipe="default")  # laplace_torch: full
     pending = [("plain", 0), ("laplace_torch", 0), ("deep_ensemble", 0)]
+    paper, _ = fit_costs.estimate_costs(cfg.replace(recipe="paper"), pending, tmp_path)
+    assert paper[("laplace_torch", 0)] == 1  # its paper recipe: laplace-torch's last-layer KFAC
     costs, source = fit_costs.estimate_costs(cfg, pending, tmp_path)
     members = METHODS.get("deep_ensemble").option(cfg, "ensemble_size")
     assert "no earlier run" in source
