@@ -176,10 +176,17 @@ def locate_cifar10(data_dir: str | None) -> tuple[str, str, callable]:
 
 
 def pixel_statistics(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images [N, C, H, W] in [0, 1] (float64 sums)."""
-    v = x.transpose(1, 0, 2, 3).reshape(x.shape[1], -1)
-    mean = v.mean(1, dtype=np.float64) / 255.0
-    sq = (v.astype(np.float64) ** 2).mean(1) / 255.0**2
+    """Per-channel mean and std of uint8 images [N, C, H, W] in [0, 1], from each channel's histogram of
+    the 256 levels: the sums are exact integers (a float64 copy of the 150M values took 4 s a load; this 0.2 s)."""
+    import torch  # (lazy) its bincount takes uint8 as is: numpy's converts 50M values to int64 first
+
+    levels = np.arange(256, dtype=np.float64)
+    xt = torch.from_numpy(np.ascontiguousarray(x))
+    hist = torch.stack([torch.bincount(xt[:, c].reshape(-1), minlength=256) for c in range(x.shape[1])])
+    hist = hist.numpy().astype(np.float64)
+    n = hist[0].sum()
+    mean = (hist @ levels) / n / 255.0
+    sq = (hist @ levels**2) / n / 255.0**2
     return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(sq - mean**2))
 
 

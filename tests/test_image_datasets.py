@@ -198,3 +198,12 @@ def test_svhn_reads_torchvision_mat(tmp_path, monkeypatch):
     src = DATASETS.get("svhn")(_cfg(dataset="cifar10", data_dir=str(tmp_path)))
     assert src.test_x.shape == (5, 3, 32, 32) and src.test_y.tolist() == [0, 1, 2, 3, 4]
     assert np.array_equal(src.test_x[1], X[..., 1].transpose(2, 0, 1))
+
+
+def test_pixel_statistics_equal_float64_moments_exactly():
+    """The histogram route gives the same floats as the float64 moments of every pixel (both sums exact)."""
+    x = np.random.default_rng(0).integers(0, 256, size=(64, 3, 9, 7), dtype=np.uint8)
+    v = x.transpose(1, 0, 2, 3).reshape(3, -1).astype(np.float64) / 255.0
+    mean, std = cifar10.pixel_statistics(x)
+    np.testing.assert_allclose(mean, v.mean(1), rtol=1e-14)
+    np.testing.assert_allclose(std, v.std(1), rtol=1e-12)
