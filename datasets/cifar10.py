@@ -177,7 +177,8 @@ def locate_cifar10(data_dir: str | None) -> tuple[str, str, callable]:
 
 def pixel_statistics(x: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images [N, C, H, W] in [0, 1], from each channel's histogram of
-    the 256 levels: the sums are exact integers (a float64 copy of the 150M values took 4 s a load; this 0.2 s)."""
+    the 256 levels: the sums are exact integers (a float64 copy of the 150M values took 4 s a load,
+    this 0.2 s)."""
     import torch  # (lazy) its bincount takes uint8 as is: numpy's converts 50M values to int64 first
 
     levels = np.arange(256, dtype=np.float64)
