@@ -78,11 +78,13 @@ def test_the_recipe_applies_to_what_was_not_set_and_explicit_settings_win():
     smoke = preset_config("smoke")  # sets posterior_samples=10 and dropout_passes=10 on purpose
     full = METHODS.get("full_la")
     cfg = method_config(smoke, full)
-    assert (cfg.predictive, cfg.posterior_samples) == ("mc", 10)  # recipe's mc; the preset's 10 samples
+    assert (cfg.predictive, cfg.posterior_samples) == ("glm", 10)  # recipe's glm; the preset's 10 samples
     assert "posterior_samples" in describe(smoke, full)["overridden"]
     # --set beats the recipe: a field (even at its RunConfig default) and a method option
-    cli = _cfg("--preset", "smoke", "--set", "predictive=glm", "--set", "dropout=0.3")
-    assert method_config(cli, full).predictive == "glm"
+    cli = _cfg("--preset", "smoke", "--set", "predictive=mc", "--set", "dropout=0.3")
+    assert method_config(cli, full).predictive == "mc"
+    at_default = _cfg("--preset", "smoke", "--set", "dropout=0.1")  # the option's default, set on purpose
+    assert dict(method_config(at_default, METHODS.get("mc_dropout")).method_options)["dropout"] == 0.1
     assert method_config(cli, METHODS.get("mc_dropout")).method_options == (
         ("dropout", 0.3),
         ("dropout_passes", 10),
@@ -95,7 +97,7 @@ def test_the_recipe_applies_to_what_was_not_set_and_explicit_settings_win():
     tuned = method_config(
         smoke.replace(recipe="tuned"), full, {"prior_precision": 0.5, "posterior_samples": 7}
     )
-    assert (tuned.prior_precision, tuned.posterior_samples, tuned.predictive) == ("0.5", 10, "mc")
+    assert (tuned.prior_precision, tuned.posterior_samples, tuned.predictive) == ("0.5", 10, "glm")
     # the recipe's values are not themselves marked as set on purpose
     assert "predictive" not in explicit_names(cfg)
 
