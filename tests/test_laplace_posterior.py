@@ -166,3 +166,22 @@ def test_kron_factor_eigh_splits_off_zero_rows():
     torch.testing.assert_close(Q.T @ Q, torch.eye(12, dtype=torch.float64))
     torch.testing.assert_close(lam.sort().values[4:], torch.linalg.eigvalsh(X.T @ X))
     assert (lam.sort().values[:4] == 0).all()
+
+
+def test_glm_covariance_from_linear_factors_equals_the_solves_and_the_explicit_inverse():
+    """Many queries on Linear layers take the factor route (Sigma formed once, B_p T_pq B_q^T per block,
+    biases as a_p = 1); it must equal both the triangular solves and J Sigma J^T with an explicit inverse,
+    for every layer of the net and for the last layer alone (B = I)."""
+    model, (x, y) = tiny_net(), tiny_data(60)
+    for structure in ("full", "last_layer"):
+        curv = compute_curvature(model, x, y, structure=structure, hessian="jtj", mining_batch=8)
+        post = make_posterior(model, curv, delta=2.0)
+        assert len(x) * 2 >= curv.D or structure == "full"
+        Sigma = torch.linalg.inv(curv.H + 2.0 * torch.eye(curv.D, dtype=torch.float64))
+        J = jac.embedding_jacobian(model, x, curv.names)
+        explicit = J @ Sigma @ J.transpose(1, 2)
+        factors = post._glm_cov_factors(x, chunk=7)  # several chunks
+        assert factors is not None and post._sigma is not None
+        assert rel_err(factors, explicit) < 1e-10
+        assert rel_err(post._glm_cov_solve(x, 16), explicit) < 1e-10
+        assert torch.equal(post.glm_cov(x), post._glm_cov_factors(x, 256))  # formed: the route glm_cov takes

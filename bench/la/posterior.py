@@ -267,11 +267,58 @@ class FullPosterior(_FlatPosterior):
         return torch.linalg.solve_triangular(self.L.T, z, upper=True).T  # [S, D], cov (L L^T)^-1
 
     def glm_cov(self, x: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """J Sigma J^T = Z^T Z with Z = L^-1 J^T: triangular solves with SOLVE_COLUMNS right-hand sides
-        (n d of them; `chunk` items per Jacobian within); Sigma is never formed."""
-        items = max(1, SOLVE_COLUMNS // self._out_dim(x))
+        """J Sigma J^T. When every parameter belongs to nn.Linear layers (`jac.linear_factors`: a last
+        layer, a head) and the queries outnumber D / d, from Sigma formed once and the layers' factors
+        (`_glm_cov_factors`: n D^2 flops as GEMMs, d times fewer than the solves); otherwise Z^T Z with
+        Z = L^-1 J^T, triangular solves with SOLVE_COLUMNS right-hand sides (n d of them; `chunk` items per
+        Jacobian within), Sigma never formed."""
+        d = self._out_dim(x)
+        if self._sigma is not None or len(x) * d >= self.curvature.D:
+            cov = self._glm_cov_factors(x, chunk)
+            if cov is not None:
+                return cov
+        items = max(1, SOLVE_COLUMNS // d)
         chunk = self._items(x, chunk)
         return _chunked(lambda xc: self._glm_cov_solve(xc, chunk), x, items)
+
+    _sigma: torch.Tensor | None = None  # Sigma = (L L^T)^-1, formed by the first factor-route call
+
+    def _glm_cov_factors(self, x: torch.Tensor, chunk: int) -> torch.Tensor | None:
+        """J Sigma J^T from the Linear layers' factors (None when they do not apply). Parameter p's
+        Jacobian is B_p (x) a_p^T (a_p = 1 for a bias), so block (p, q) contributes B_p T_pq B_q^T with
+        T_pq[o, o'] = a_p^T Sigma_pq[o, :, o', :] a_q: one GEMM of Sigma_pq [out_p in_p out_q, in_q] with
+        a_q^T per chunk, then a contraction with a_p."""
+        params = dict(self.model.named_parameters())
+        sizes = [params[n].numel() for n in self.curvature.names]
+        probe = jac.linear_factors(self.model, x[:1], self.curvature.names)
+        if probe is None:
+            return None
+        if self._sigma is None:
+            self._sigma = torch.cholesky_inverse(self.L)
+        sigma, offsets = self._sigma, [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        items = max(1, min(len(x), int(chunk)))
+        parts = []
+        for i in range(0, len(x), items):
+            factors = jac.linear_factors(self.model, x[i : i + items], self.curvature.names)
+            assert factors is not None
+            n = factors[0][1].shape[0]
+            ins = [
+                (torch.ones(n, 1, dtype=sigma.dtype, device=sigma.device) if a is None else a.to(sigma.dtype))
+                for a, _ in factors
+            ]
+            Bs = [B.to(sigma.dtype) for _, B in factors]
+            cov = torch.zeros(n, Bs[0].shape[1], Bs[0].shape[1], dtype=sigma.dtype, device=sigma.device)
+            for p, (ap, Bp) in enumerate(zip(ins, Bs)):
+                for q, (aq, Bq) in enumerate(zip(ins, Bs)):
+                    op, ip, oq, iq = Bp.shape[2], ap.shape[1], Bq.shape[2], aq.shape[1]
+                    block = sigma[offsets[p] : offsets[p + 1], offsets[q] : offsets[q + 1]]
+                    right = (block.reshape(op * ip * oq, iq) @ aq.T).reshape(op, ip, oq, n)
+                    T = torch.einsum("pjqn,nj->npq", right, ap)  # [n, out_p, out_q]
+                    cov += Bp @ T @ Bq.transpose(1, 2)
+            parts.append(cov)
+        return torch.cat(parts)
 
     def _glm_cov_solve(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         J = _chunked(self.jacobian, x, chunk)
