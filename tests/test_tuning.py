@@ -196,23 +196,8 @@ def test_objective_matches_a_direct_computation():
 
 
 def test_too_small_a_validation_split_is_one_line_and_exit_2(cli, tmp_path):
-    code, _, err = cli(
-        "run",
-        "--preset",
-        "smoke",
-        "--dataset",
-        "synthetic",
-        "--methods",
-        "diag_la",
-        "--set",
-        "recipe=tuned",
-        "--set",
-        "val_items=10",
-        "--out",
-        str(tmp_path),
-        "--quiet",
-        "--no-report",
-    )
+    argv = "run --preset smoke --dataset synthetic --methods diag_la --set recipe=tuned --set val_items=10"
+    code, _, err = cli(*argv.split(), "--out", str(tmp_path), "--quiet", "--no-report")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "at least 20 items" in err
     assert not any(p.is_dir() and p.name != "cache" for p in tmp_path.iterdir()), "no run folder"
     one_class = type("V", (), {"y": torch.zeros(50, dtype=torch.long), "__len__": lambda self: 50})()

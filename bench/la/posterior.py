@@ -281,44 +281,62 @@ class FullPosterior(_FlatPosterior):
         chunk = self._items(x, chunk)
         return _chunked(lambda xc: self._glm_cov_solve(xc, chunk), x, items)
 
-    _sigma: torch.Tensor | None = None  # Sigma = (L L^T)^-1, formed by the first factor-route call
+    _sigma: list | None = None  # Sigma's blocks as the factor route reads them, formed by its first call
 
     def _glm_cov_factors(self, x: torch.Tensor, chunk: int) -> torch.Tensor | None:
         """J Sigma J^T from the Linear layers' factors (None when they do not apply). Parameter p's
         Jacobian is B_p (x) a_p^T (a_p = 1 for a bias), so block (p, q) contributes B_p T_pq B_q^T with
-        T_pq[o, o'] = a_p^T Sigma_pq[o, :, o', :] a_q: one GEMM of Sigma_pq [out_p in_p out_q, in_q] with
-        a_q^T per chunk, then a contraction with a_p."""
+        T_pq[o, o'] = a_p^T Sigma_pq[o, :, o', :] a_q: Sigma_pq is kept as [in_p, out_p out_q in_q] (formed
+        once), so T_pq is one GEMM a_p @ Sigma_pq per chunk, then a batched dot with a_q (measured, last
+        layer D = 10,248, 2000 items, 2 threads: 3.0 s against 11 s of triangular solves)."""
         params = dict(self.model.named_parameters())
         sizes = [params[n].numel() for n in self.curvature.names]
         probe = jac.linear_factors(self.model, x[:1], self.curvature.names)
         if probe is None:
             return None
         if self._sigma is None:
-            self._sigma = torch.cholesky_inverse(self.L)
-        sigma, offsets = self._sigma, [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + size)
+            self._sigma = self._sigma_blocks(torch.cholesky_inverse(self.L), probe, sizes)
         items = max(1, min(len(x), int(chunk)))
         parts = []
         for i in range(0, len(x), items):
             factors = jac.linear_factors(self.model, x[i : i + items], self.curvature.names)
             assert factors is not None
-            n = factors[0][1].shape[0]
-            ins = [
-                (torch.ones(n, 1, dtype=sigma.dtype, device=sigma.device) if a is None else a.to(sigma.dtype))
-                for a, _ in factors
-            ]
-            Bs = [B.to(sigma.dtype) for _, B in factors]
-            cov = torch.zeros(n, Bs[0].shape[1], Bs[0].shape[1], dtype=sigma.dtype, device=sigma.device)
-            for p, (ap, Bp) in enumerate(zip(ins, Bs)):
-                for q, (aq, Bq) in enumerate(zip(ins, Bs)):
-                    op, ip, oq, iq = Bp.shape[2], ap.shape[1], Bq.shape[2], aq.shape[1]
-                    block = sigma[offsets[p] : offsets[p + 1], offsets[q] : offsets[q + 1]]
-                    right = (block.reshape(op * ip * oq, iq) @ aq.T).reshape(op, ip, oq, n)
-                    T = torch.einsum("pjqn,nj->npq", right, ap)  # [n, out_p, out_q]
-                    cov += Bp @ T @ Bq.transpose(1, 2)
-            parts.append(cov)
+            parts.append(self._factor_cov(factors))
         return torch.cat(parts)
+
+    @staticmethod
+    def _sigma_blocks(sigma: torch.Tensor, probe: list, sizes: list[int]) -> list:
+        """Sigma's (p, q) blocks as [in_p, out_p out_q in_q] (in = 1 for a bias; `_glm_cov_factors`)."""
+        shapes = [(B.shape[2], 1 if a is None else a.shape[1]) for a, B in probe]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + size)
+        blocks = []
+        for p, (op, ip) in enumerate(shapes):
+            row = []
+            for q, (oq, iq) in enumerate(shapes):
+                b = sigma[offsets[p] : offsets[p + 1], offsets[q] : offsets[q + 1]].reshape(op, ip, oq, iq)
+                row.append(b.permute(1, 0, 2, 3).reshape(ip, op * oq * iq).contiguous())
+            blocks.append(row)
+        return blocks
+
+    def _factor_cov(self, factors: list) -> torch.Tensor:
+        """sum_pq B_p T_pq B_q^T for one chunk's factors (`_glm_cov_factors`)."""
+        dtype = self._sigma[0][0].dtype
+        n = factors[0][1].shape[0]
+        dev = self._sigma[0][0].device
+        ins = [
+            torch.ones(n, 1, dtype=dtype, device=dev) if a is None else a.to(dev, dtype) for a, _ in factors
+        ]
+        Bs = [B.to(dev, dtype) for _, B in factors]
+        cov = torch.zeros(n, Bs[0].shape[1], Bs[0].shape[1], dtype=dtype, device=dev)
+        for p, (ap, Bp) in enumerate(zip(ins, Bs)):
+            for q, (aq, Bq) in enumerate(zip(ins, Bs)):
+                op, oq, iq = Bp.shape[2], Bq.shape[2], aq.shape[1]
+                M = (ap @ self._sigma[p][q]).reshape(n, op * oq, iq)
+                T = torch.bmm(M, aq[:, :, None]).reshape(n, op, oq)
+                cov += Bp @ T @ Bq.transpose(1, 2)
+        return cov
 
     def _glm_cov_solve(self, x: torch.Tensor, chunk: int) -> torch.Tensor:
         J = _chunked(self.jacobian, x, chunk)
