@@ -257,7 +257,7 @@ def load_benchmark(cfg) -> Dataset:
             src.test_x, src.test_y, near_idx, cfg.n_test, fp_test, swap_red_blue=src.swap_red_blue
         )
     val = None
-    from bench.tuning import default_val_items
+    from bench.splits import default_val_items
 
     n_val = default_val_items(cfg, len(train_idx))  # val_items, or recipe=tuned's default amount
     if n_val:  # carved before any subsampling or training: the base model never sees it

@@ -27,6 +27,7 @@ from bench.model_cache import ModelCache
 from bench.recipes import describe, explicit_names, method_config, recipe_of
 from bench.registry import BACKBONES, DATASETS, METHODS
 from bench.run_folder import COMPLETE, RESULT_COLUMNS, TIMING_COLUMNS, RunWriter, score_array
+from bench.splits import DEFAULT_VAL_CAP, DEFAULT_VAL_FRACTION
 from bench.timing import StageTimer
 
 
@@ -317,8 +318,8 @@ def run(cfg: RunConfig, log=print) -> Path:
             "val_items"
             if cfg.val_items
             else (
-                f"carved for recipe=tuned: {tuning.DEFAULT_VAL_FRACTION:.0%} of the ID training pool, "
-                f"at most {tuning.DEFAULT_VAL_CAP}"
+                f"carved for recipe=tuned: {DEFAULT_VAL_FRACTION:.0%} of the ID training pool, "
+                f"at most {DEFAULT_VAL_CAP}"
             )
         )
         log(f"  val_id: {len(data.val_id)} items ({how})")

@@ -99,3 +99,15 @@ class Dataset:
     class_names: list[str] = field(default_factory=list)
     val_id: Split | None = None
     label: str = ""  # how results name the data as read (e.g. "CIFAR-10 (JPEG)"); default: name
+
+
+DEFAULT_VAL_FRACTION = 0.1  # recipe=tuned with val_items = 0: 10% of the ID training pool ...
+DEFAULT_VAL_CAP = 1000  # ... at most this many items
+
+
+def default_val_items(cfg, pool: int) -> int:
+    """The val_id size of a run: cfg.val_items, else for recipe=tuned DEFAULT_VAL_FRACTION of the `pool`
+    ID training items, at most DEFAULT_VAL_CAP (at least 1 when the pool has 2 items); else 0."""
+    if cfg.val_items or cfg.recipe != "tuned":
+        return cfg.val_items
+    return min(DEFAULT_VAL_CAP, max(1, int(pool * DEFAULT_VAL_FRACTION))) if pool >= 2 else 0

@@ -49,21 +49,11 @@ if TYPE_CHECKING:
 
 TUNE_STAGE = "tune"
 NOTHING = "nothing to tune"
-DEFAULT_VAL_FRACTION = 0.1  # recipe=tuned with val_items = 0: 10% of the ID training pool ...
-DEFAULT_VAL_CAP = 1000  # ... at most this many items
 MIN_VAL_ITEMS = 20  # fewer validation items than this (or fewer than MIN_VAL_CLASSES classes): no tuning
 MIN_VAL_CLASSES = 2
 MAX_VAL_ITEMS = 2000  # the objective is computed on a seeded subset of larger validation splits
 SAMPLER_STREAM = 0x7B0  # generator offsets (of the run seed) of the sampler, per trial number
 VAL_STREAM = 0x7B1  # the seeded subset of val_id the objective reads
-
-
-def default_val_items(cfg: "RunConfig", pool: int) -> int:
-    """The val_id size of a run: cfg.val_items, else for recipe=tuned DEFAULT_VAL_FRACTION of the `pool`
-    ID training items, at most DEFAULT_VAL_CAP (at least 1 when the pool has 2 items); else 0."""
-    if cfg.val_items or cfg.recipe != "tuned":
-        return cfg.val_items
-    return min(DEFAULT_VAL_CAP, max(1, int(pool * DEFAULT_VAL_FRACTION))) if pool >= 2 else 0
 
 
 def searched_knobs(cfg: "RunConfig", cls: type[Method]) -> dict[str, Knob]:
