@@ -19,7 +19,11 @@ from bench.la import jacobians as jac
 from bench.la.curvature import Curvature, DiagGGN, KronGGN, LastLayerGGN
 from bench.la.online import OnlineLaplaceNet, OnlineSettings, sample_deviations, steps_per_epoch
 from bench.la.online_batch import batch_curvature, cap_triplets
-from bench.la.online_heads import DiagonalPairs, single_linear
+from bench.la.online_heads import (
+    DiagonalPairs,
+    LinearHeadLaplacianDiag,
+    single_linear,
+)
 from bench.la.pairs import contrastive_pair_curvature, pair_hessians
 from bench.la.posterior import DiagPosterior
 from bench.la.prior import log_marglik
@@ -347,6 +351,36 @@ def test_pair_form_head_curvature_equals_the_jacobian_rows(structure):
     ]
     assert got[1].curvature.H.abs().sum() > 0
     torch.testing.assert_close(got[0].curvature.H, got[1].curvature.H, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("hessian,distance", [("ggn", "cosine"), ("jtj", "cosine"), ("jtj", "euclidean")])
+def test_laplacian_form_head_diagonal_equals_the_jacobian_rows(hessian, distance, bias):
+    """The head diagonal from the kept block Laplacian (online diag steps off the Euclidean GGN: LAM's
+    cosine recipe, jtj) against the rows M = V^T J of torch.func Jacobians, with and without the head's
+    bias, pairs capped."""
+    phi, y = (
+        torch.randn(24, 12, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
+        torch.arange(24) % 4,
+    )
+    head = torch.nn.Linear(12, 5, bias=bias).double()
+    assert get_structure("diag").online_accumulator(head, pair_form=False) is LinearHeadLaplacianDiag
+    loss = PairLoss(distance=distance)
+    got, ref = (
+        batch_curvature(
+            c(head, torch.float64),
+            phi,
+            y,
+            loss,
+            hessian=hessian,
+            pair_cap=40,
+            generator=torch.Generator().manual_seed(0),
+        )
+        for c in (LinearHeadLaplacianDiag, lambda m, dt: DiagGGN(m, dt, subset="all"))
+    )
+    assert ref.curvature.H.shape == (5 * 12 + 5 * bias,) and ref.curvature.H.abs().sum() > 0
+    # rtol 1e-6: the rows drop the Laplacian's eigenvalues below 1e-7 of its largest (`laplacian_factor`)
+    torch.testing.assert_close(got.curvature.H, ref.curvature.H, rtol=1e-6, atol=1e-12)
 
 
 @pytest.mark.parametrize("structure", ["diag", "last_layer", "kron"])

@@ -13,7 +13,7 @@ from torch import nn
 
 from bench.errors import BenchError
 from bench.la.curvature import Chunk, DiagGGN, KronGGN
-from bench.la.pairs import DIST_FLOOR
+from bench.la.pairs import DIST_FLOOR, kept_laplacian
 from bench.loss import PairLoss, pairwise_distances, reducer_weights
 from bench.model import last_linear
 
@@ -89,6 +89,44 @@ class LinearHeadPairDiag(LinearHeadDiagGGN):
         h = torch.mm(C.T.contiguous(), dphi.square_()).reshape(-1)
         self.H[: h.numel()] += h
         self.stats["param_kept"] += float(h.sum())
+
+
+class LinearHeadLaplacianDiag(LinearHeadDiagGGN):
+    """The diagonal of `LinearHeadDiagGGN` for any pair curvature (the cosine GGN, whose pair blocks couple
+    f_a and f_b) or jtj, without Jacobian rows: with J_a = I_d (x) [phi_a^T, 1] and the batch's kept block
+    Laplacian L [m d, m d] (`bench.la.pairs.kept_laplacian`), diag(J^T L J) is
+        H_W[o, i] += sum_ab L[(a, o), (b, o)] phi_a,i phi_b,i,    H_b[o] += sum_ab L[(a, o), (b, o)],
+    one [m, m] x [m, h] product per output dimension, where the rows M = V^T J cost an eigh and an
+    [m d, m d] x [m d, D] product per step (CIFAR head, D = 10,248, 64 items: 427 s of a 20-epoch fit).
+    Equal to the rows' diagonal up to the eigenvalues `laplacian_factor` clips below 1e-7 of the largest."""
+
+    def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f, the head's inputs phi [n, h]) instead of J; remembers the output dimension d."""
+        with torch.no_grad():
+            f = self.model(x)
+        self.out_dim = f.shape[-1]
+        return f, x.to(self.dtype)
+
+    def add(self, chunk: Chunk) -> None:
+        nb, m = chunk.valid.shape
+        d = self.out_dim
+        phi = chunk.J.reshape(nb, m, -1) * chunk.valid[..., None].to(self.dtype)
+        h = phi.shape[-1]
+        if chunk.pairs is None:  # jtj: identity output Hessian per item
+            w = phi.square().sum((0, 1)).expand(d, h)
+            b = chunk.valid.sum().to(self.dtype).expand(d)
+        else:
+            L = kept_laplacian(chunk.pairs)
+            Lo = L.view(nb, m, d, m, d).diagonal(dim1=2, dim2=4)  # [nb, m, m, d]: L[(a, o), (b, o)]
+            w = torch.einsum("nabo,nbi,nai->oi", Lo, phi, phi)
+            b = Lo.sum((0, 1, 2))
+        k = w.numel()
+        self.H[:k] += w.reshape(-1)
+        kept = float(w.sum())
+        if self.D > k:  # the bias follows the weight, row-major [W | b]
+            self.H[k : k + d] += b
+            kept += float(b.sum())
+        self.stats["param_kept"] += kept
 
 
 @dataclass

@@ -38,9 +38,9 @@ from bench.la.curvature import (
 )
 from bench.la.lowrank import MAX_RANK_FRACTION, Eigenbasis, krylov_nystrom
 from bench.la.online_heads import (
-    LinearHeadDiagGGN,
     LinearHeadFullGGN,
     LinearHeadKronGGN,
+    LinearHeadLaplacianDiag,
     LinearHeadPairDiag,
     LinearHeadPairFull,
     single_linear,
@@ -314,7 +314,7 @@ class Diag(Structure):
     def online_accumulator(cls, module, pair_form=False):
         if not single_linear(module):
             return DiagGGN
-        return LinearHeadPairDiag if pair_form else LinearHeadDiagGGN
+        return LinearHeadPairDiag if pair_form else LinearHeadLaplacianDiag
 
     @classmethod
     def init_online(cls, state, shapes, init, dtype):
