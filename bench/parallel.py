@@ -25,6 +25,7 @@ import ctypes
 import multiprocessing as mp
 import os
 import resource
+import select
 import signal
 import threading
 import time
@@ -87,6 +88,46 @@ def die_with_parent(parent: int) -> None:
         return
     if os.getppid() != parent:
         os._exit(1)
+
+
+def die_with_process(pid: int) -> None:
+    """End this process (exit status 1) as soon as process `pid` exits, from a daemon thread: for a worker
+    whose parent is not the process it serves (a forkserver's child serving the grid's driver), which
+    PR_SET_PDEATHSIG cannot watch. The forkserver stays alive while its children hold its pipe, so
+    without this a busy worker of a killed driver ran its cell to the end (minutes). Waits on a pidfd
+    (Linux >= 5.3; no pid-reuse race, since `pid` is alive when it is opened), else polls once a second."""
+
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while True:
+                try:
+                    os.kill(pid, 0)
+                except ProcessLookupError:
+                    break
+                except PermissionError:
+                    pass
+                time.sleep(1.0)
+        os._exit(1)
+
+    if not _alive(pid):
+        os._exit(1)
+    threading.Thread(target=watch, name="bench-die-with", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
 
 
 def _init(threads: int, parent: int) -> None:

@@ -285,9 +285,10 @@ def test_truncated_data_dir_fails_with_one_line_and_no_run_folder(cli, tmp_path)
 
 
 @pytest.mark.slow
-def test_a_killed_grid_driver_leaves_no_worker(tmp_path):
-    """SIGKILL the grid driver while its local workers run cells: within 10 s no process of it is left
-    (the workers die with the forkserver, which exits with the driver)."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_a_killed_grid_driver_leaves_no_worker(tmp_path, sig):
+    """SIGKILL or SIGTERM the grid driver while its local workers run cells: within 10 s no process of it
+    is left (the workers die with the forkserver, which dies with the driver)."""
     tag = f"killed-grid-{os.getpid()}-{time.time_ns()}"
     args = [
         "grid",
@@ -300,7 +301,7 @@ def test_a_killed_grid_driver_leaves_no_worker(tmp_path):
         "--seeds",
         "0,1",
         "--set",
-        "epochs=60",
+        "epochs=100000",  # cells that outlast the test: a worker must not finish its cell first
         "--jobs",
         "2",
         "--quiet",
@@ -321,7 +322,7 @@ def test_a_killed_grid_driver_leaves_no_worker(tmp_path):
         while time.time() < deadline and proc.poll() is None and len(_processes_tagged(tag)) < 4:
             time.sleep(0.1)  # the driver, the forkserver and two workers
         assert proc.poll() is None and len(_processes_tagged(tag)) >= 4, "the workers never started"
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
         proc.wait()
         _assert_no_survivor(tag)
     finally:

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from bench.errors import BenchError
 from bench.grid.tasks import run_task
-from bench.parallel import die_with_parent
+from bench.parallel import die_with_parent, die_with_process
 
 TaskResult = dict[str, Any]  # what tasks.run_task returns: {"ok": bool, ...}
 RAY_MISSING = "--executor ray needs Ray: pip install 'bench[cluster]' (or use --executor local)"
@@ -76,10 +76,11 @@ def _died(key: str, why: str) -> TaskResult:
     }
 
 
-def _worker_loop(conn) -> None:
+def _worker_loop(conn, driver: int) -> None:
     """A local worker: run (key, args) messages one at a time until None or the pipe closes; it dies with
-    its parent (the forkserver, which exits when the driver does)."""
+    its parent (the forkserver) and with the driver, even in the middle of a cell."""
     die_with_parent(os.getppid())
+    die_with_process(driver)
     while True:
         try:
             msg = conn.recv()
@@ -94,7 +95,7 @@ def _worker_loop(conn) -> None:
 class _Worker:
     def __init__(self, ctx) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_loop, args=(child,), daemon=True)
+        self.proc = ctx.Process(target=_worker_loop, args=(child, os.getpid()), daemon=True)
         self.proc.start()
         child.close()
 
