@@ -12,10 +12,8 @@ import numpy as np
 import pandas as pd
 
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, NEAR_OOD_SET, score_metric, split_score_metric
-from bench.metrics.bootstrap import grouped_bootstrap_ci
-from bench.metrics.calibration import ece
-from bench.metrics.ood import auroc
-from bench.metrics.ranking import RANKING_METRICS, ranking_statistics
+from bench.metrics.paired import Weighted, difference_ci, ece_of, mean_of, ood_of, ranking_of
+from bench.metrics.ranking import RANKING_METRICS
 from bench.metrics.seed_interval import seed_interval
 from bench.metrics.uncertainty import score_from_var
 from bench.run_folder import RunFolder, score_arrays
@@ -206,32 +204,24 @@ def _score(arrs: dict[str, np.ndarray], query_set: str, score: str | None) -> np
     return None if v is None else score_from_var(v)
 
 
-def _groups(c: Criterion, arrs: dict[str, np.ndarray]) -> list[tuple[np.ndarray, ...]] | None:
-    """The per-query arrays a criterion is computed from, as bootstrap groups (each resampled together)."""
+def _side(c: Criterion, arrs: dict[str, np.ndarray]) -> Weighted | None:
+    """The criterion's statistic of one method from its per-query arrays, as a function of the queries'
+    multiplicities (`bench.metrics.paired`); None when the arrays are missing."""
     if c.paired == "mean":
         v = arrs.get(f"pq_{split_score_metric(c.metric)[0]}")
-        return None if v is None else [(v,)]
+        return None if v is None else mean_of(v)
     if c.paired in ("ranking", "ece"):
         u = _score(arrs, ID_SET, c.score) if c.paired == "ranking" else arrs.get("extra_confidence")
         m = arrs.get(CORRECT)
-        return None if u is None or m is None or u.shape != m.shape else [(u, m)]
+        if u is None or m is None or u.shape != m.shape:
+            return None
+        if c.paired == "ece":
+            return ece_of(u, m)
+        return ranking_of(u, m, [RANKING_METRICS.index(split_score_metric(c.metric)[0])])
     if c.paired == "ood":
         i, o = _score(arrs, ID_SET, c.score), _score(arrs, c.ood_set, c.score)
-        return None if i is None or o is None else [(i,), (o,)]
+        return None if i is None or o is None else ood_of(i, o, [0])
     return None
-
-
-def _statistic(c: Criterion, *a: np.ndarray, axis: int = -1) -> np.ndarray:
-    """The criterion's value from the arrays of `_groups`, vectorised over leading axes."""
-    if c.paired == "mean":
-        return np.nanmean(a[0], axis=axis)
-    if c.paired == "ranking":
-        base = split_score_metric(c.metric)[0]
-        stats_ = ranking_statistics(a[0], a[1], np.zeros(a[0].shape, np.int64), axis=axis)
-        return stats_[RANKING_METRICS.index(base)]
-    if c.paired == "ece":
-        return ece(a[0], a[1], axis=axis)
-    return auroc(a[0], a[1], axis=axis)
 
 
 def paired_difference(
@@ -243,29 +233,13 @@ def paired_difference(
     nan = (np.nan, np.nan, np.nan)
     if c.paired is None:
         return nan
-    per_seed = []
+    pairs = []
     for s in run.seeds:
         pa, pb = run.perquery(a, s), run.perquery(b, s)
-        ga, gb = (_groups(c, pa) if pa else None), (_groups(c, pb) if pb else None)
-        if ga is None or gb is None or any(x[0].shape != y[0].shape for x, y in zip(ga, gb)):
+        sa, sb = (_side(c, pa) if pa else None), (_side(c, pb) if pb else None)
+        if sa is None or sb is None or sa.sizes != sb.sizes:
             continue
-        per_seed.append([(*x, *y) for x, y in zip(ga, gb)])  # group g: a's arrays, then b's
-    if not per_seed:
+        pairs.append((sa, sb))
+    if not pairs:
         return nan
-    sizes = [len(g) for g in per_seed[0]]
-    groups = [g for seed_groups in per_seed for g in seed_groups]
-
-    def diff(*arrays: np.ndarray, axis: int = -1) -> np.ndarray:
-        out, i = [], 0
-        for _ in per_seed:
-            chunk = arrays[i : i + sum(sizes)]
-            i += sum(sizes)
-            av, bv, j = [], [], 0
-            for n in sizes:
-                av += chunk[j : j + n // 2]
-                bv += chunk[j + n // 2 : j + n]
-                j += n
-            out.append(_statistic(c, *av, axis=axis) - _statistic(c, *bv, axis=axis))
-        return np.mean(out, axis=0)[None]
-
-    return grouped_bootstrap_ci(groups, diff, n_resamples, level, seed).triple()
+    return difference_ci(pairs, n_resamples, level, seed).triple()

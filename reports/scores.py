@@ -14,9 +14,8 @@ from bench.config import bootstrap_resamples
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, split_score_metric
 from bench.evaluate import ALIASES
 from bench.metrics.aggregate import seed_summary
-from bench.metrics.bootstrap import grouped_bootstrap_ci
-from bench.metrics.correlation import sorted_ranks
-from bench.metrics.ranking import error_auroc_from_ranks, ranking_statistics
+from bench.metrics.paired import difference_ci, ranking_of
+from bench.metrics.ranking import RANKING_METRICS
 from bench.metrics.seed_interval import SEED_INTERVAL_NOTE
 from bench.metrics.sparsification import FRACTIONS, sparsification_curves
 from bench.run_folder import RunFolder, score_arrays
@@ -187,15 +186,6 @@ def best_score_table(summ: pd.DataFrame, methods: list[str], frame: pd.DataFrame
     )
 
 
-def _error_auroc(u: np.ndarray, correct: np.ndarray, axis: int = -1) -> np.ndarray:
-    _, ranks, _ = sorted_ranks(np.moveaxis(u, axis, -1))
-    return error_auroc_from_ranks(ranks, np.moveaxis(correct, axis, -1))
-
-
-def _diff_error_auroc(ua, ca, ub, cb, axis=-1):
-    return (_error_auroc(ua, ca, axis) - _error_auroc(ub, cb, axis))[None]
-
-
 def method_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) -> tuple[Table | None, str]:
     """Methods ranked by the R-AUROC of their best score (by R-AUROC), and the paired bootstrap
     difference (same queries resampled for both; per seed) of the leader against every other method."""
@@ -230,7 +220,11 @@ def method_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) ->
             ua, ub = score_arrays(a).get((ID_SET, lscore)), score_arrays(b).get((ID_SET, s))
             if ua is None or ub is None or CORRECT not in a or CORRECT not in b or ua.shape != ub.shape:
                 continue
-            d = grouped_bootstrap_ci([(ua, a[CORRECT], ub, b[CORRECT])], _diff_error_auroc, **boot).triple()
+            r_auroc = [RANKING_METRICS.index("R-AUROC")]
+            d = difference_ci(
+                [(ranking_of(ua, a[CORRECT], r_auroc), ranking_of(ub, b[CORRECT], r_auroc))], **boot
+            )
+            d = d.triple()
             diffs.append(fmt_ci(*d, signed=True) + (f" (seed {seed})" if len(run.seeds) > 1 else ""))
         rows.append(
             [
@@ -254,13 +248,6 @@ def method_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) ->
 
 
 BASELINE = "knn_disagreement"  # the score that needs no predictive (bench/scores/knn_disagreement.py)
-
-
-def _diff_ranking(ua, ub, c, axis=-1):
-    """[2, ...]: (AURG, R-AUROC) of score a minus score b on the same queries."""
-    a = ranking_statistics(ua, c, np.zeros(np.shape(c), np.int16), axis)
-    b = ranking_statistics(ub, c, np.zeros(np.shape(c), np.int16), axis)
-    return (a - b)[[1, 2]]
 
 
 def baseline_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) -> Table | None:
@@ -289,8 +276,15 @@ def baseline_comparison(run: RunFolder, summ: pd.DataFrame, methods: list[str]) 
             vecs = score_arrays(a) if a is not None else {}
             if (ID_SET, s) not in vecs or (ID_SET, BASELINE) not in vecs or CORRECT not in a:
                 continue
-            ci = grouped_bootstrap_ci(
-                [(vecs[(ID_SET, s)], vecs[(ID_SET, BASELINE)], a[CORRECT])], _diff_ranking, **boot
+            rows_ = [RANKING_METRICS.index("AURG"), RANKING_METRICS.index("R-AUROC")]
+            ci = difference_ci(
+                [
+                    (
+                        ranking_of(vecs[(ID_SET, s)], a[CORRECT], rows_),
+                        ranking_of(vecs[(ID_SET, BASELINE)], a[CORRECT], rows_),
+                    )
+                ],
+                **boot,
             )
             cells = [
                 Cell(fmt_ci(*ci.triple(i), signed=True), bool(ci.low[i] > 0 or ci.high[i] < 0))

@@ -10,11 +10,10 @@ import numpy as np
 import pandas as pd
 
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, STAGES, score_arrays
-from bench.metrics.bootstrap import grouped_bootstrap_ci
-from bench.metrics.calibration import DEFAULT_BINS, ece
-from bench.metrics.ood import OOD_METRICS, ood_statistics
+from bench.metrics.ood import OOD_METRICS
+from bench.metrics.paired import difference_ci, ece_of, mean_of, ood_of, ranking_of
+from bench.metrics.ranking import RANKING_METRICS
 from bench.metrics.seed_interval import seed_interval
-from bench.metrics.sparsification import ause
 from bench.metrics.uncertainty import score_from_var
 
 SEED_COLUMNS = ["method", "metric", "mean", "t_low", "t_high", "n_seeds"]
@@ -55,22 +54,6 @@ def stage_breakdown(timings: pd.DataFrame) -> pd.DataFrame:
     return wide.reset_index().rename(columns={"index": "method"})
 
 
-def _mean_diff(a, b, axis=-1):
-    return (np.asarray(a) - np.asarray(b)).mean(axis=axis)[None]
-
-
-def _ece_diff(pa, ca, pb, cb, axis=-1):
-    return (ece(pa, ca, DEFAULT_BINS, axis=axis) - ece(pb, cb, DEFAULT_BINS, axis=axis))[None]
-
-
-def _ause_diff(ua, ma, ub, mb, axis=-1):
-    return (ause(ua, ma, axis=axis) - ause(ub, mb, axis=axis))[None]
-
-
-def _ood_diff(ia, ib, oa, ob, axis=-1):
-    return ood_statistics(ia, oa, axis=axis) - ood_statistics(ib, ob, axis=axis)
-
-
 def _score_vectors(
     arrs: dict[str, np.ndarray], id_score: str | None, ood_score: str | None
 ) -> tuple[np.ndarray | None, dict[str, np.ndarray], np.ndarray | None]:
@@ -103,28 +86,28 @@ def _pairs(
         if key.startswith("pq_") and key in ref and len(ref[key]) == len(a):
             ok = np.isfinite(a) & np.isfinite(ref[key])
             if ok.sum() >= 1:
-                yield (key[3:], *grouped_bootstrap_ci([(a[ok], ref[key][ok])], _mean_diff, **boot).triple())
+                yield (key[3:], *difference_ci([(mean_of(a[ok]), mean_of(ref[key][ok]))], **boot).triple())
     ua, ood_a, va = _score_vectors(arrs, id_score, ood_score)
     ub, ood_b, vb = _score_vectors(ref, id_score, ood_score)
     have = lambda k: k in arrs and k in ref  # noqa: E731
     if ua is not None and ub is not None and ua.shape == ub.shape:
         if have("extra_confidence") and have(CORRECTNESS):
-            g = (arrs["extra_confidence"], arrs[CORRECTNESS], ref["extra_confidence"], ref[CORRECTNESS])
-            yield ("ECE", *grouped_bootstrap_ci([g], _ece_diff, **boot).triple())
-        if have(CORRECTNESS):
-            yield (
-                "AUSE",
-                *grouped_bootstrap_ci(
-                    [(ua, arrs[CORRECTNESS], ub, ref[CORRECTNESS])], _ause_diff, **boot
-                ).triple(),
+            sides = (
+                ece_of(arrs["extra_confidence"], arrs[CORRECTNESS]),
+                ece_of(ref["extra_confidence"], ref[CORRECTNESS]),
             )
+            yield ("ECE", *difference_ci([sides], **boot).triple())
+        if have(CORRECTNESS):
+            ause_row = [RANKING_METRICS.index("AUSE")]
+            sides = (ranking_of(ua, arrs[CORRECTNESS], ause_row), ranking_of(ub, ref[CORRECTNESS], ause_row))
+            yield ("AUSE", *difference_ci([sides], **boot).triple())
     if va is None or vb is None or va.shape != vb.shape:
         return
     for s, oa in ood_a.items():
         ob = ood_b.get(s)
         if ob is None or oa.shape != ob.shape or len(oa) == 0:
             continue
-        ci = grouped_bootstrap_ci([(va, vb), (oa, ob)], _ood_diff, **boot)
+        ci = difference_ci([(ood_of(va, oa), ood_of(vb, ob))], **boot)
         for i, name in enumerate(OOD_METRICS):
             yield (f"{name}[{s}]", *ci.triple(i))
 
@@ -144,7 +127,7 @@ def paired_differences(
     `seed` seeds the bootstrap, `metrics` restricts the metric names (None: all that pair).
 
     diff = metric(method) - metric(reference) on the same queries, with a percentile bootstrap CI
-    that resamples the *same* query indices for both methods (grouped_bootstrap_ci):
+    that resamples the *same* query indices for both methods (`bench.metrics.paired`: sorted once):
     - per-query metrics `pq_<m>` (mAP@K, Recall@K): diff of means;
     - ECE (both with uncertainty): from extra_confidence and the correctness (the confidence maps
       stay the ones fitted in the run); AUSE: from the saved vectors of `id_score` (the run's

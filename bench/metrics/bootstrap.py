@@ -204,3 +204,39 @@ def grouped_bootstrap_ci(
     bad = ~np.isfinite(value)
     low[bad], high[bad] = np.nan, np.nan
     return BootstrapCI(value, low, high, dist)
+
+
+def grouped_count_bootstrap_ci(
+    sizes: Sequence[int],
+    weighted: Callable[..., np.ndarray],
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    max_elements: int = DEFAULT_BATCH_ELEMENTS,
+) -> BootstrapCI:
+    """`grouped_bootstrap_ci`'s resamples (the same seed draws the same indices, group after group) handed
+    to a sort-once statistic as multiplicities: `weighted(*counts)`, counts[g] [batch, sizes[g]], returns
+    [k, batch], and weighted(ones) is the point estimate. The same intervals as resampling the arrays, up
+    to rounding, without a sort per resample (`bench.metrics.weighted`, `bench.metrics.paired`)."""
+    value = np.atleast_1d(np.asarray(weighted(*[np.ones((1, n)) for n in sizes]), np.float64)).reshape(-1)
+    k = value.shape[0]
+    if n_resamples <= 0 or min(sizes) < 2 or not np.isfinite(value).any():
+        nan = np.full(k, np.nan)
+        return BootstrapCI(value, nan.copy(), nan.copy())
+    rng = np.random.default_rng(seed)
+    idx = [rng.integers(0, n, size=(n_resamples, n)) for n in sizes]
+    batch = max(1, max_elements // max(sum(sizes), 1))
+    dist = np.empty((k, n_resamples))
+    for s in range(0, n_resamples, batch):
+        rows = min(batch, n_resamples - s)
+        counts = [
+            np.bincount((i[s : s + rows] + (np.arange(rows) * n)[:, None]).ravel(), minlength=rows * n)
+            .reshape(rows, n)
+            .astype(np.float64)
+            for i, n in zip(idx, sizes)
+        ]
+        dist[:, s : s + rows] = np.asarray(weighted(*counts), np.float64).reshape(k, rows)
+    low, high = _percentile(dist, level)
+    bad = ~np.isfinite(value)
+    low[bad], high[bad] = np.nan, np.nan
+    return BootstrapCI(value, low, high, dist)

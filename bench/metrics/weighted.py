@@ -12,6 +12,8 @@ its statistic is a few cumulative sums, O(n) per resample instead of a sort, O(n
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from bench.metrics.correlation import class_codes, mean_class_pearson, tie_runs
@@ -120,14 +122,36 @@ class RankingSort:
         lo = _before(W, start)
         return lo + (W[..., end] - lo + 1.0) / 2.0
 
-    def weighted(self, w: np.ndarray) -> np.ndarray:
-        n, m = self.n, self.m
+    def weighted(self, w: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
+        """[5, batch], or only `rows` of it (indices into RANKING_METRICS' order; a paired criterion
+        needs one, and the others' cumulative sums are then skipped)."""
+        want = range(5) if rows is None else list(rows)
+        m = self.m
         ws = w[..., self.order]
         W = np.cumsum(ws, axis=-1)
         CM = np.cumsum(ws * m, axis=-1)
         ones = CM[..., -1]
-        # sparsification: the mean of m over the first k items of the expanded sorted resample
-        rows = ws.shape[0]
+        out: dict[int, np.ndarray] = {}
+        if {0, 1} & set(want):
+            out[0], out[1] = self._sparsification(W, CM, ones)
+        if {2, 3} & set(want):
+            ranks = self._mean_ranks(W, self.start, self.end)
+            wrong = ws * (1.0 - m)
+            n_w, n_r = wrong.sum(-1), ones
+            with np.errstate(invalid="ignore", divide="ignore"):
+                err = ((ranks * wrong).sum(-1) - n_w * (n_w + 1) / 2) / (n_w * n_r)
+            out[2] = np.where((n_w > 0) & (n_r > 0), err, np.nan)
+            out[3] = _weighted_pearson(ranks, m, ws) if 3 in want else None
+        if 4 in want:
+            out[4] = self._within(w)
+        return np.stack([out[r] for r in want])
+
+    def _sparsification(
+        self, W: np.ndarray, CM: np.ndarray, ones: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(AUSE, AURG): the mean of m over the first k items of the expanded sorted resample."""
+        n, m = self.n, self.m
+        rows = W.shape[0]
         # the item holding position k of each row: one search of the rows laid end to end (W + row offset)
         off = (np.arange(rows) * (n + 1.0))[:, None]
         flat = np.searchsorted((W + off).ravel(), (self.kept[None, :] + off).ravel()).reshape(rows, -1)
@@ -138,19 +162,16 @@ class RankingSort:
         f = np.asarray(FRACTIONS, np.float64)
         ause = np.trapezoid(oracle - curve, f, axis=-1)
         aurg = np.trapezoid(curve - (ones / n)[..., None], f, axis=-1)
-        ranks = self._mean_ranks(W, self.start, self.end)
-        wrong = ws * (1.0 - m)
-        n_w, n_r = wrong.sum(-1), ones
-        with np.errstate(invalid="ignore", divide="ignore"):
-            err = ((ranks * wrong).sum(-1) - n_w * (n_w + 1) / 2) / (n_w * n_r)
-        err = np.where((n_w > 0) & (n_r > 0), err, np.nan)
-        rho = _weighted_pearson(ranks, m, ws)
+        return ause, aurg
+
+    def _within(self, w: np.ndarray) -> np.ndarray:
+        """Spearman_within: the mean over classes of the within-class rank correlation."""
         ws2 = w[..., self.order2]
         W2 = np.cumsum(ws2, axis=-1)
         within = self._mean_ranks(W2, self.start2, self.end2) - _before(W2, self.class_start)
         seg = lambda v: np.add.reduceat(v, self.class_starts, axis=-1)  # noqa: E731  (classes are contiguous here)
         wm2 = ws2 * self.m2
-        rho_within = mean_class_pearson(
+        return mean_class_pearson(
             seg(ws2),
             seg(ws2 * within),
             seg(wm2),
@@ -160,7 +181,6 @@ class RankingSort:
             binary_a=False,
             binary_b=True,
         )
-        return np.stack([ause, aurg, err, rho, rho_within])
 
 
 def _weighted_pearson(a: np.ndarray, b: np.ndarray, w: np.ndarray) -> np.ndarray:
