@@ -6,6 +6,7 @@ criterion rank heat-map. Then the detail tables, one per criterion, and the term
 from __future__ import annotations
 
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pandas as pd
 from tabulate import tabulate
 
 from bench.metrics.seed_interval import MIN_SEEDS, SEED_INTERVAL_NOTE
+from bench.parallel import cpu_count
 from bench.recipes import recipe_summary
 from bench.run_folder import RunFolder
 from reports import plots as P
@@ -68,8 +70,14 @@ def decide(run: RunFolder, c: Criterion, n_resamples: int | None = None) -> Find
 
 
 def findings(run: RunFolder, n_resamples: int | None = None) -> list[Finding]:
-    """One finding per criterion of the run (none when the run has no results)."""
-    return [] if run.results.empty else [decide(run, c, n_resamples) for c in criteria(run)]
+    """One finding per criterion of the run (none when the run has no results), the criteria decided in
+    threads over the cores (their bootstraps are numpy array passes, which release the GIL; each is
+    seeded, so the outcome does not depend on the order)."""
+    if run.results.empty:
+        return []
+    cs = criteria(run)
+    with ThreadPoolExecutor(max_workers=max(1, min(cpu_count(), len(cs)))) as pool:
+        return list(pool.map(lambda c: decide(run, c, n_resamples), cs))
 
 
 def _fmt(c: Criterion, row: pd.Series) -> str:
