@@ -31,6 +31,25 @@ class EmbeddingNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
 
+    @property
+    def stackable(self) -> bool:
+        """True when `stacked_forward` computes this net: Linear and ReLU layers only (no dropout)."""
+        return all(type(layer) in (nn.Linear, nn.ReLU) for layer in self.net)
+
+    def stacked_forward(self, params: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """M nets of this architecture at once: parameters stacked [M, ...] (`torch.func.stack_module_state`
+        names), inputs [M, B, *in_shape] -> [M, B, embed_dim], one batched matmul per layer. The same maps
+        as vmap(functional_call) without its per-op batching dispatch (the ensemble's forward and backward
+        were 4.7x one net's at batch 64)."""
+        h = x.flatten(2)
+        for i, layer in enumerate(self.net):
+            if type(layer) is nn.ReLU:
+                h = torch.relu(h)
+                continue
+            w, b = params[f"net.{i}.weight"].transpose(1, 2), params.get(f"net.{i}.bias")
+            h = torch.bmm(h, w) if b is None else torch.baddbmm(b.unsqueeze(1), h, w)
+        return h
+
 
 @register_backbone("mlp")
 def build_mlp(cfg, in_shape: tuple[int, ...], dropout: float) -> EmbeddingNet:

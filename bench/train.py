@@ -152,7 +152,10 @@ def train_nets_jointly(
     def forward(p: dict, b: dict, xb: torch.Tensor) -> torch.Tensor:
         return functional_call(template, (p, b), (xb,))
 
-    batched_forward = vmap(forward)
+    if getattr(models[0], "stackable", False) and not buffers:  # the backbone's own batched matmuls
+        batched_forward = lambda p, b, xb: models[0].stacked_forward(p, xb)  # noqa: E731
+    else:
+        batched_forward = vmap(forward)
     opt = make_optimizer(list(params.values()), cfg)
     train = resident(train, device)
     y = train.y.to(device)

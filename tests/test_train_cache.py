@@ -197,3 +197,21 @@ def test_joint_group_is_cached(smoke_cfg, tmp_path):
         for (a, _, _), (b, _, _) in zip(first, again)
         for p, q in zip(a.parameters(), b.parameters())
     )
+
+
+def test_stacked_forward_equals_the_vmapped_functional_call():
+    """The MLP's own batched matmuls (the ensemble's side-by-side training) against vmap(functional_call)
+    of the same stacked parameters; a net with dropout is not stackable (it takes vmap)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    from backbones.mlp import EmbeddingNet
+
+    torch.manual_seed(0)
+    nets = [EmbeddingNet(12, (8, 6), 3) for _ in range(4)]
+    assert nets[0].stackable and not EmbeddingNet(12, (8,), 3, dropout=0.1).stackable
+    params, buffers = stack_module_state(nets)
+    x = torch.randn(4, 5, 3, 2, 2)  # [M, B, *in_shape]
+    ref = vmap(lambda p, b, xb: functional_call(nets[0], (p, b), (xb,)))(params, buffers, x)
+    got = nets[0].stacked_forward(params, x)
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got[2], nets[2](x[2]), rtol=1e-6, atol=1e-6)
