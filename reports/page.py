@@ -77,6 +77,34 @@ def run_page_blocks(run: RunFolder) -> list[Block]:
     return [b for b in blocks if not isinstance(b, Figure)]
 
 
+def _grid_commits(meta: dict) -> str | None:
+    """The commit the grid was created at, and those its invocations ran at when they differ (a resumed
+    grid's cells may come from several commits)."""
+    first = meta.get("git_commit")
+    runs = [c for inv in meta.get("invocations") or [] if (c := inv.get("git_commit"))]
+    later = [c[:12] for i, c in enumerate(runs) if c != first and c not in runs[:i]]
+    if not first and not later:
+        return None
+    return (first or "unknown") + (f" (created); invocations also ran at {', '.join(later)}" if later else "")
+
+
+def _grid_machine(grid: GridFolder) -> str | None:
+    """What the cells ran on, from the first finished cell's run folder: device and cores, with the last
+    invocation's executor and jobs."""
+    last = (grid.meta.get("invocations") or [{}])[-1]
+    for cid, c in grid.meta.get("cells", {}).items():
+        run = grid.cell_run(cid) if c.get("status") == "done" else None
+        if run is None:
+            continue
+        device = str(run.meta.get("device") or "unknown device")
+        cores = (run.meta.get("cpu") or {}).get("cores")
+        parts = [device + (f", {cores} cores" if cores else "")]
+        if last.get("executor"):
+            parts.append(f"executor {last['executor']}, jobs {last.get('jobs', '?')}")
+        return "; ".join(parts)
+    return None
+
+
 def grid_page_blocks(grid: GridFolder) -> list[Block]:
     """Title, command/commit/machine, then the grid report's findings and tables (without figures)."""
     from reports.grid_report import build_grid_report
@@ -99,8 +127,8 @@ def grid_page_blocks(grid: GridFolder) -> list[Block]:
         Heading(f"Results: {grid.path.name}", 1),
         *_facts(
             cmd,
-            m.get("git_commit") or last.get("git_commit"),
-            last.get("device_description") or last.get("host") or m.get("device_description"),
+            _grid_commits(m),
+            last.get("device_description") or last.get("host") or _grid_machine(grid),
             _when(grid.path),
             [],
         ),

@@ -228,6 +228,8 @@ def test_grid_findings_summary_and_page(tmp_path, monkeypatch, capsys):
     assert main(["report", str(grid), "--format", "md", "--page", "results/grid.md"]) == 0
     page = (tmp_path / "results" / "grid.md").read_text()
     assert page.index("bench grid") < page.index("## Findings")
+    machine = re.search(r"\*\*machine\*\*: (.*)", page).group(1)
+    assert "cores" in machine and "executor local" in machine  # from a finished cell, not "unknown"
 
 
 @pytest.mark.slow
