@@ -4,9 +4,11 @@ metrics, with bootstrap CIs."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from bench.config import ALL_SCORES, RunConfig
 from bench.conventions import CORRECTNESS_METRIC, ID_SET, score_metric
@@ -162,14 +164,26 @@ def evaluate(
     ood_sets = list(pred_ood)
     headline = {n: NAN3 for n in uncertainty_metric_names(ood_sets)}
     per_score: dict[str, tuple[float, float, float]] = {}
+    vectors = {}
     for name in names:
         u_id = run_score(name, inp_id)
         u_ood = {s: run_score(name, inp) for s, inp in inp_ood.items()}
         for s, u in [(ID_SET, u_id), *u_ood.items()]:
             if u is not None:
                 ev.scores[(s, name)] = u
-        id_vals, extras = _id_metrics(u_id, correct, classes, losses, boot)
-        ood_vals = _ood_metrics(u_id, u_ood, boot)
+        vectors[name] = (u_id, u_ood)
+
+    def metrics_of(name: str):
+        u_id, u_ood = vectors[name]
+        return _id_metrics(u_id, correct, classes, losses, boot), _ood_metrics(u_id, u_ood, boot)
+
+    # the scores' bootstraps in threads over the cores this fit may use (numpy's passes release the GIL;
+    # every bootstrap is seeded, so the values do not depend on the order): one while other fits wait
+    threads = max(1, min(torch.get_num_threads(), len(names)))
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        computed = dict(zip(names, pool.map(metrics_of, names)))
+    for name in names:
+        (id_vals, extras), ood_vals = computed[name]
         aliases = {old: id_vals[new] for old, new in ALIASES.items()}
         per_score.update({score_metric(m, name): v for m, v in {**id_vals, **ood_vals, **aliases}.items()})
         if name == cfg.id_score:
