@@ -83,12 +83,17 @@ def cd_diagram(v: RankVerdict, title: str, alpha: float = 0.05):
     if len(v.mean_ranks) < 2:
         return None
     k = len(v.mean_ranks)
-    fig = Figure(figsize=(8.0, 1.4 + 0.3 * k))
+    # room beside the axis for the longest label, "name (rank)" (grid axes make long names, e.g.
+    # "laplace_torch [recipe=tuned]"): about 0.085 in per character of scikit-posthocs' 10 pt labels
+    longest = max(len(f"{name} ({rank:.1f})") for name, rank in dict(v.mean_ranks).items())
+    side = 0.085 * longest + 0.4
+    width = max(8.0, 4.0 + 2 * side)
+    fig = Figure(figsize=(width, 1.4 + 0.3 * k))
     ax = fig.subplots()
     sp.critical_difference_diagram(v.mean_ranks, significance_matrix(v, alpha), ax=ax, alpha=alpha)
     test = "Wilcoxon" if k == 2 else "Friedman"
     p = "n/a" if np.isnan(v.p) else f"{v.p:.2g}"
     cd = "" if np.isnan(v.cd) else f", Nemenyi CD {v.cd:.2f}"
     ax.set_title(f"{title}: mean rank over {v.n_blocks} blocks ({test} p={p}{cd})", fontsize=9)
-    fig.subplots_adjust(left=0.24, right=0.76, top=0.72, bottom=0.04)  # room for the labels beside the axis
+    fig.subplots_adjust(left=side / width, right=1 - side / width, top=0.72, bottom=0.04)
     return fig

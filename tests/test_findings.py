@@ -277,3 +277,25 @@ def test_results_page_states_the_raw_feature_reference():
     meta = {"features": {"raw_features": {"mAP@1": [0.662, 0.631, 0.691], "Recall@1": [0.662, 0.631, 0.691]}}}
     assert _raw_reference(meta) == "mAP@1 0.662 [0.631, 0.691], Recall@1 0.662 [0.631, 0.691]"
     assert _raw_reference({}) is None  # not a frozen-trunk run: no line
+
+
+def test_cd_diagram_labels_fit_in_the_figure():
+    """Long method names (a grid axis appends "[recipe=tuned]") stay inside the figure, not cut off."""
+    pytest.importorskip("scikit_posthocs")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from reports.rank_tests import cd_diagram
+
+    rng = np.random.default_rng(0)
+    names = [f"laplace_torch_{i} [recipe=tuned]" for i in range(12)]
+    x = pd.DataFrame(rng.normal(size=(6, 12)) + np.arange(12) * 0.3, columns=names)
+    fig = cd_diagram(friedman_nemenyi(x, higher=True), "Near-OOD detection (heldout)")
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    r = canvas.get_renderer()
+    width = fig.get_size_inches()[0] * fig.dpi
+    labels = [t for t in fig.axes[0].texts if "recipe" in t.get_text()]
+    assert len(labels) == 12
+    for t in labels:
+        box = t.get_window_extent(r)
+        assert box.x0 >= 0 and box.x1 <= width, (t.get_text(), box.x0, box.x1, width)
