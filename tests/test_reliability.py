@@ -285,10 +285,11 @@ def test_truncated_data_dir_fails_with_one_line_and_no_run_folder(cli, tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
-def test_a_killed_grid_driver_leaves_no_worker(tmp_path, sig):
-    """SIGKILL or SIGTERM the grid driver while its local workers run cells: within 10 s no process of it
-    is left (the workers die with the forkserver, which dies with the driver)."""
+def test_a_killed_grid_driver_leaves_no_worker(tmp_path):
+    """SIGKILL the grid driver while its local workers run cells that outlast the test: within 10 s no
+    process of it is left (the workers watch the driver's pid, `die_with_process`; the forkserver exits
+    once they do). A SIGTERM takes the same path (checked by hand; one signal keeps the suite short)."""
+    sig = signal.SIGKILL
     tag = f"killed-grid-{os.getpid()}-{time.time_ns()}"
     args = [
         "grid",
