@@ -145,23 +145,15 @@ def count_bootstrap_ci(
     paired. The point estimate is weighted(ones). For the sort-once statistics of bench.metrics.weighted:
     the same percentile bootstrap as resampling the items, without a sort per resample. Counts come from
     numpy.random.default_rng(seed), one group after the other per batch of about max_elements items."""
-    value = np.atleast_1d(np.asarray(weighted(*[np.ones((1, n)) for n in sizes]), np.float64)).reshape(-1)
-    k = value.shape[0]
-    if n_resamples <= 0 or min(sizes) < 2 or not np.isfinite(value).any():
-        nan = np.full(k, np.nan)
-        return BootstrapCI(value, nan.copy(), nan.copy())
     rng = np.random.default_rng(seed)
-    batch = max(1, (max_elements or DEFAULT_BATCH_ELEMENTS) // max(sum(sizes), 1))
-    dist = np.empty((k, n_resamples))
-    for s in range(0, n_resamples, batch):
-        rows = min(batch, n_resamples - s)
-        dist[:, s : s + rows] = np.asarray(
-            weighted(*[resample_counts(n, rows, rng) for n in sizes]), np.float64
-        ).reshape(k, rows)
-    low, high = _percentile(dist, level)
-    bad = ~np.isfinite(value)
-    low[bad], high[bad] = np.nan, np.nan
-    return BootstrapCI(value, low, high, dist)
+    return _counts_ci(
+        sizes,
+        weighted,
+        n_resamples,
+        level,
+        max_elements or DEFAULT_BATCH_ELEMENTS,
+        lambda start, rows: [resample_counts(n, rows, rng) for n in sizes],
+    )
 
 
 def grouped_bootstrap_ci(
@@ -218,24 +210,42 @@ def grouped_count_bootstrap_ci(
     to a sort-once statistic as multiplicities: `weighted(*counts)`, counts[g] [batch, sizes[g]], returns
     [k, batch], and weighted(ones) is the point estimate. The same intervals as resampling the arrays, up
     to rounding, without a sort per resample (`bench.metrics.weighted`, `bench.metrics.paired`)."""
+    rng = np.random.default_rng(seed)
+    idx = [rng.integers(0, n, size=(n_resamples, n)) for n in sizes]  # all of group 0 first, as grouped_...
+
+    def counts(start: int, rows: int) -> list[np.ndarray]:
+        return [
+            np.bincount(
+                (i[start : start + rows] + (np.arange(rows) * n)[:, None]).ravel(), minlength=rows * n
+            )
+            .reshape(rows, n)
+            .astype(np.float64)
+            for i, n in zip(idx, sizes)
+        ]
+
+    return _counts_ci(sizes, weighted, n_resamples, level, max_elements, counts)
+
+
+def _counts_ci(
+    sizes: Sequence[int],
+    weighted: Callable[..., np.ndarray],
+    n_resamples: int,
+    level: float,
+    max_elements: int,
+    counts: Callable[[int, int], list[np.ndarray]],
+) -> BootstrapCI:
+    """The percentile bootstrap of a multiplicity statistic: point estimate weighted(ones), then
+    weighted(*counts(start, rows)) over batches of about max_elements items (NaNs when it cannot run)."""
     value = np.atleast_1d(np.asarray(weighted(*[np.ones((1, n)) for n in sizes]), np.float64)).reshape(-1)
     k = value.shape[0]
     if n_resamples <= 0 or min(sizes) < 2 or not np.isfinite(value).any():
         nan = np.full(k, np.nan)
         return BootstrapCI(value, nan.copy(), nan.copy())
-    rng = np.random.default_rng(seed)
-    idx = [rng.integers(0, n, size=(n_resamples, n)) for n in sizes]
     batch = max(1, max_elements // max(sum(sizes), 1))
     dist = np.empty((k, n_resamples))
     for s in range(0, n_resamples, batch):
         rows = min(batch, n_resamples - s)
-        counts = [
-            np.bincount((i[s : s + rows] + (np.arange(rows) * n)[:, None]).ravel(), minlength=rows * n)
-            .reshape(rows, n)
-            .astype(np.float64)
-            for i, n in zip(idx, sizes)
-        ]
-        dist[:, s : s + rows] = np.asarray(weighted(*counts), np.float64).reshape(k, rows)
+        dist[:, s : s + rows] = np.asarray(weighted(*counts(s, rows)), np.float64).reshape(k, rows)
     low, high = _percentile(dist, level)
     bad = ~np.isfinite(value)
     low[bad], high[bad] = np.nan, np.nan
