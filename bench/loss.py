@@ -151,10 +151,11 @@ def mined_pair_counts(
     zeros = torch.zeros(nb, m, m, dtype=F.dtype, device=F.device)
     if k == 0:
         return zeros, zeros.clone()
-    # each anchor's positives first (stable: in item order), then padding
-    pidx = torch.sort(pos.to(torch.uint8), dim=2, descending=True, stable=True).indices[
-        :, :, :k
-    ]  # [nb, a, k]
+    # each anchor's positives first, in item order, then padding: the k smallest of a key that puts
+    # positives (their item index) before the rest (m + item index); a partial sort, ~3x faster than a
+    # stable sort of the [nb, a, p] mask on CPU, the same indices (keys are distinct)
+    items = torch.arange(m, device=F.device)
+    pidx = torch.topk(torch.where(pos, items, items + m), k, dim=2, largest=False, sorted=True).indices
     # masked pairs get distances that make d_an - d_ap infinite and fail the test: +inf for `t <= ...`
     # (padding positives -inf, non-negatives +inf), -inf for the easy miner's `t > margin`; the others'
     # differences are the same numbers as `mined_triplets`'
@@ -170,7 +171,7 @@ def mined_pair_counts(
         trip = (t <= margin) & (t > 0)
     else:
         trip = t <= margin
-    trip = trip.to(F.dtype)
+    trip = trip.view(torch.uint8).to(F.dtype)  # (bool -> float is ~2x slower than uint8 -> float on CPU)
     C_pos = zeros.scatter_add_(2, pidx, trip.sum(3))  # padding adds 0
     return C_pos, trip.sum(2)
 

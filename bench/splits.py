@@ -14,6 +14,12 @@ import torch
 DATA_SEED = 0  # subsampling uses a fixed seed so every model seed sees the same data
 
 
+def _rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] for a 1-d index: index_select, the same rows ~4x faster than advanced indexing on CPU
+    (measured: 320 Fashion-MNIST rows, the ensemble's batch, 158 -> 31 us), most of a small net's data step."""
+    return x.index_select(0, idx) if idx.dim() == 1 else x[idx]
+
+
 @dataclass
 class Split:
     """Labels y [N] and the model inputs of every item, here in memory as x [N, *in_shape] (float32).
@@ -53,7 +59,7 @@ class Split:
     ) -> Iterator[torch.Tensor]:
         """Model inputs of each index batch in turn (x[idx]); `seeds` (one [len(idx)] tensor per
         batch, `bench.images.item_seeds`) seed random train-time transforms where the split has them."""
-        return (self.x[idx] for idx in index_batches)
+        return (_rows(self.x, idx) for idx in index_batches)
 
     def chunks(self) -> Iterator[torch.Tensor]:
         """Test-time inputs of every item, in order, in pieces that fit in memory (here: x itself)."""
