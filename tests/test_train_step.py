@@ -15,6 +15,42 @@ from bench.train import make_optimizer, train_net
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01])
+def test_lean_adam_is_torchs_fused_adam_bit_for_bit(weight_decay):
+    """`make_optimizer` (LeanAdam: torch's fused kernel called directly after the first step) against
+    torch.optim.Adam(fused=True) itself: the same parameters and state after every step (torch.equal),
+    through a changed learning rate, a step where one parameter has no gradient (torch's own path), a
+    state_dict round trip and a zero_grad."""
+    cfg = preset_config("paper").replace(weight_decay=weight_decay)
+    g = torch.Generator().manual_seed(0)
+    shapes = [(16, 784), (16,), (5, 2, 16), (5, 2)]
+    ours = [torch.randn(s, generator=g).requires_grad_() for s in shapes]
+    ref = [p.detach().clone().requires_grad_() for p in ours]
+    opt = make_optimizer(ours, cfg)
+    opt_ref = torch.optim.Adam(ref, lr=cfg.lr, weight_decay=weight_decay, fused=True)
+    for i in range(12):
+        if i == 4:
+            for o in (opt, opt_ref):
+                o.param_groups[0]["lr"] = cfg.lr / 3
+        if i == 8:
+            opt.load_state_dict(opt.state_dict())
+        for j, (p, q) in enumerate(zip(ours, ref)):
+            gr = None if (i == 10 and j == 1) else torch.randn(p.shape, generator=g)
+            p.grad, q.grad = gr, (None if gr is None else gr.clone())
+        opt.step()
+        opt_ref.step()
+        for p, q in zip(ours, ref):
+            assert torch.equal(p, q), f"step {i}"
+        for p, q in zip(ours, ref):
+            assert torch.equal(opt.state[p]["exp_avg_sq"], opt_ref.state[q]["exp_avg_sq"])
+        opt.zero_grad()
+        assert all(p.grad is None for p in ours)
+        if i in (3, 5, 9):
+            assert opt._lean is not None  # the fast path is taken (also after a changed lr, a reload)
+    # after the step without a gradient the counters differ: torch's path from then on, still equal
+    assert opt._lean is None
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.01])
 def test_fused_adam_equals_single_tensor_adam(weight_decay):
     """make_optimizer's Adam against torch's for-loop Adam (foreach=False) on the same gradients, for
     tensors shaped like a net's and like an ensemble's stacked [M, ...] parameters."""
