@@ -115,3 +115,20 @@ def test_count_bootstrap_is_reproducible_and_keeps_strata():
     assert np.isnan(count_bootstrap_ci((1,), mean, 100).low[0]) and np.isnan(
         count_bootstrap_ci((20,), mean, 0).high[0]
     )
+
+
+def test_cumsum_rows_is_numpys_cumsum_bit_for_bit():
+    """The bootstraps' cumulative sums through torch's kernel: the same float64 numbers as np.cumsum
+    (reals of mixed scale, counts, a transposed layout, one row, 3-d)."""
+    from bench.metrics.weighted import cumsum_rows
+
+    rng = np.random.default_rng(3)
+    cases = [
+        rng.standard_normal((50, 3001)) * rng.random((50, 3001)) * 1e4,
+        rng.integers(0, 5, (40, 2000)).astype(np.float64),
+        (rng.standard_normal((300, 20)) ** 3).T,
+        rng.random((1, 7)),
+        rng.standard_normal((2, 3, 500)),
+    ]
+    for x in cases:
+        assert np.array_equal(cumsum_rows(x), np.cumsum(x, axis=-1))

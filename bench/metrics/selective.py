@@ -31,6 +31,7 @@ from scipy.special import digamma
 
 from bench.metrics.bootstrap import count_bootstrap_ci
 from bench.metrics.correlation import tie_runs
+from bench.metrics.weighted import cumsum_rows
 
 COVERAGES = (0.8, 0.9, 0.95)
 AREA_METRICS = ("AURC", "E-AURC", "AUGRC")
@@ -78,7 +79,7 @@ class _Runs:
     def __init__(self, ws: np.ndarray, o: _Order) -> None:
         self.o = o
         self.Wr = np.add.reduceat(ws, o.first, axis=-1)
-        self.Wb = np.cumsum(self.Wr, -1) - self.Wr
+        self.Wb = cumsum_rows(self.Wr) - self.Wr
         self.ws = ws
         self._harmonic: np.ndarray | None = None
 
@@ -86,7 +87,7 @@ class _Runs:
         """(Lb, m) [B, runs] of losses ls [n] (sorted order): the loss before each run, its mean loss."""
         Lr = np.add.reduceat(self.ws * ls, self.o.first, axis=-1)
         m = np.divide(Lr, self.Wr, out=np.zeros_like(Lr), where=self.Wr > 0)
-        return np.cumsum(Lr, -1) - Lr, m
+        return cumsum_rows(Lr) - Lr, m
 
     @property
     def harmonic(self) -> np.ndarray:
@@ -136,11 +137,11 @@ class SelectiveSort:
     def weighted(self, w: np.ndarray) -> np.ndarray:
         w = np.atleast_2d(np.asarray(w, np.float64))
         out = []
-        runs = _Runs(w[..., self.by_u.order], self.by_u)
+        runs = _Runs(np.take(w, self.by_u.order, axis=-1), self.by_u)
         for loss, oracle in zip(self.losses, self.oracles):
             Lb, m = runs.loss(loss[self.by_u.order])
             aurc, augrc = runs.areas(Lb, m, self.n)
-            best_runs = _Runs(w[..., oracle.order], oracle)
+            best_runs = _Runs(np.take(w, oracle.order, axis=-1), oracle)
             best, _ = best_runs.areas(*best_runs.loss(loss[oracle.order]), self.n)
             out += [aurc, aurc - best, augrc, *_risk_at(runs.Wb, Lb, runs.Wr, m, self.ks).T]
         return np.stack(out)

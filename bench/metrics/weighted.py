@@ -15,14 +15,24 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from bench.metrics.correlation import class_codes, mean_class_pearson, tie_runs
 from bench.metrics.sparsification import FRACTIONS, _kept
 
 
+def cumsum_rows(x: np.ndarray) -> np.ndarray:
+    """np.cumsum(x, axis=-1) of a float64 array, through torch's kernel: the same numbers bit for bit
+    (both accumulate each row in order in float64; tested), 2-3x faster than numpy's on CPU, where the
+    cumulative sums of [resamples, items] weights are the bootstraps' largest passes."""
+    return torch.cumsum(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)), -1).numpy()
+
+
 def _before(cum: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """cum[..., start - 1], 0 where start == 0 (the cumulative sum before each run)."""
-    out = cum[..., np.maximum(start - 1, 0)]
+    """cum[..., start - 1], 0 where start == 0 (the cumulative sum before each run). (Gathers along the last
+    axis here use np.take: `x[..., idx]` returns a non-C-contiguous array, which made every later pass over
+    the [resamples, items] arrays ~3x slower.)"""
+    out = np.take(cum, np.maximum(start - 1, 0), axis=-1)
     out[..., start == 0] = 0.0
     return out
 
@@ -43,11 +53,11 @@ class OODSort:
         self.a, self.b = a, b
 
     def weighted(self, ca: np.ndarray, cb: np.ndarray, tpr_level: float = 0.95) -> np.ndarray:
-        w = np.concatenate([ca, cb], axis=-1)[..., self.order]  # weights in sorted order
+        w = np.take(np.concatenate([ca, cb], axis=-1), self.order, axis=-1)  # weights in sorted order
         w1 = np.where(self.is_ood, w, 0.0)
         w0 = w - w1
-        tp, fp = np.cumsum(w1, axis=-1), np.cumsum(w0, axis=-1)
-        tp_end, fp_end = tp[..., self.end], fp[..., self.end]
+        tp, fp = cumsum_rows(w1), cumsum_rows(w0)
+        tp_end, fp_end = np.take(tp, self.end, axis=-1), np.take(fp, self.end, axis=-1)
         tp_before = _before(tp, self.start)
         n0, n1 = self.n0, self.n1
         auroc = (w0 * (tp_before + tp_end)).sum(-1) / (2.0 * n0 * n1)
@@ -77,9 +87,9 @@ class CalibrationSort:
         self.n, self.bins = p.shape[0], max(1, min(n_bins, p.shape[0]))
 
     def weighted(self, w: np.ndarray) -> np.ndarray:
-        ws = w[..., self.order]
+        ws = np.take(w, self.order, axis=-1)
         rows = ws.shape[0]
-        start = _before(np.cumsum(ws, axis=-1), self.start)  # the run's first position in the resample
+        start = _before(cumsum_rows(ws), self.start)  # the run's first position in the resample
         b = np.minimum(start * self.bins // self.n, self.bins - 1).astype(
             np.int64
         )  # a run of weight 0 at the end: n
@@ -120,16 +130,16 @@ class RankingSort:
     @staticmethod
     def _mean_ranks(W: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
         lo = _before(W, start)
-        return lo + (W[..., end] - lo + 1.0) / 2.0
+        return lo + (np.take(W, end, axis=-1) - lo + 1.0) / 2.0
 
     def weighted(self, w: np.ndarray, rows: Sequence[int] | None = None) -> np.ndarray:
         """[5, batch], or only `rows` of it (indices into RANKING_METRICS' order; a paired criterion
         needs one, and the others' cumulative sums are then skipped)."""
         want = range(5) if rows is None else list(rows)
         m = self.m
-        ws = w[..., self.order]
-        W = np.cumsum(ws, axis=-1)
-        CM = np.cumsum(ws * m, axis=-1)
+        ws = np.take(w, self.order, axis=-1)
+        W = cumsum_rows(ws)
+        CM = cumsum_rows(ws * m)
         ones = CM[..., -1]
         out: dict[int, np.ndarray] = {}
         if {0, 1} & set(want):
@@ -166,8 +176,8 @@ class RankingSort:
 
     def _within(self, w: np.ndarray) -> np.ndarray:
         """Spearman_within: the mean over classes of the within-class rank correlation."""
-        ws2 = w[..., self.order2]
-        W2 = np.cumsum(ws2, axis=-1)
+        ws2 = np.take(w, self.order2, axis=-1)
+        W2 = cumsum_rows(ws2)
         within = self._mean_ranks(W2, self.start2, self.end2) - _before(W2, self.class_start)
         seg = lambda v: np.add.reduceat(v, self.class_starts, axis=-1)  # noqa: E731  (classes are contiguous here)
         wm2 = ws2 * self.m2
