@@ -21,6 +21,7 @@ with warnings.catch_warnings():  # its import warns about torch.jit.script: keep
 from bench.errors import BenchError, require
 from bench.la.memory import check_full_memory
 from bench.la.predictive import SAMPLE_STREAM, SUBSET_STREAM, positive_number
+from bench.la.spectrum import EIG_LOGDET_TOL, psd_eigenvalues
 from bench.la.structures import resolve_subset
 from bench.la.subsets import NEEDED_BY, subset_modules
 from bench.method import EmbeddingPrediction, FitContext, Method, Option
@@ -52,27 +53,6 @@ class EigLogdetFullLaplace(FullLaplace):
         if self.evals is None or self.prior_precision.numel() != 1:
             return super().log_det_posterior_precision
         return torch.log(self._H_factor * self.evals + self.prior_precision).sum()
-
-
-# the largest |log det (H + delta I)| error, in nats, of the float32 spectrum at the marglik optimum, checked
-# against a float64 Cholesky; above it the spectrum is recomputed in float64 and the optimisation rerun
-EIG_LOGDET_TOL = 0.5
-
-
-def psd_eigenvalues(H: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues of laplace-torch's PSD H (ascending, clamped at 0, in H's dtype) for its marglik
-    log-determinant sum_i log(H_factor lambda_i + delta): float32 LAPACK on H / s, s the largest diagonal
-    entry (entries at most 1: no overflow or underflow in the reduction), then times s. Twice as fast as
-    float64 at D = 13,410 (the tridiagonal reduction streams the matrix from memory: half the bytes);
-    its eigenvalues are off by about eps32 x lambda_max, which only the smallest ones feel and a prior
-    precision delta far above eps32 x lambda_max hides (`logdet_error` checks that at the optimum).
-    float64 where float32 LAPACK does not converge."""
-    scale = H.diagonal().max().clamp_min(torch.finfo(torch.float32).tiny)
-    try:
-        ev = torch.linalg.eigvalsh((H / scale).float()).double() * float(scale)
-    except torch.linalg.LinAlgError:
-        ev = torch.linalg.eigvalsh(H.double())
-    return ev.clamp_min(0).to(H.dtype)
 
 
 def logdet_error(la) -> float:

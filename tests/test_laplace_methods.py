@@ -8,6 +8,7 @@ import torch
 from bench.config import preset_config
 from bench.data import load_benchmark
 from bench.errors import BenchError
+from bench.la.spectrum import EIG_LOGDET_TOL
 from bench.method import FitContext
 from bench.registry import METHODS
 from bench.timing import StageTimer
@@ -59,6 +60,8 @@ def test_laplace_methods_fit_predict(setup, name):
     dg = method.diagnostics
     assert dg["prior_precision"] > 0 and dg["prior_method"] == "marglik" and dg["D"] > 0
     assert 0 <= dg["dropped_curvature_param"] <= 1
+    if name in ("full_la", "last_layer_la"):  # float32 H: float32 eigenvalues, checked at the prior
+        assert dg["eig_dtype"] == "float32" and 0 <= dg["eig_logdet_error"] <= EIG_LOGDET_TOL
 
 
 def test_mc_predictive_and_grid_prior(setup):
