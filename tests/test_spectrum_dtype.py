@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import bench.la.posterior as posterior_mod
+import bench.la.spectrum as spectrum_mod
 from bench.la import jacobians as jac
 from bench.la.curvature import Curvature
 from bench.la.posterior import FullPosterior
@@ -14,6 +15,12 @@ from bench.la.prior import optimize_marglik
 from bench.la.spectrum import EIG_LOGDET_TOL, full_spectrum
 from bench.la.structures import compute_curvature
 from tests.laplace_helpers import tiny_data, tiny_net
+
+
+@pytest.fixture(autouse=True)
+def _float32_from_any_size(monkeypatch):
+    """The tiny H takes the float32 route that only D >= FLOAT32_EIG_MIN_D takes in a run."""
+    monkeypatch.setattr(spectrum_mod, "FLOAT32_EIG_MIN_D", 1)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +90,12 @@ def test_float64_h_stays_float64_and_is_never_redone(fitted, monkeypatch):
     post, delta, info = FullPosterior.fit(model, curv64, _prior(theta_sq))
     assert len(calls) == 1 and info["eig_dtype"] == "float64" and post.L.dtype == torch.float64
     assert delta == _float64_delta(curv, theta_sq)
+
+
+def test_a_small_float32_h_keeps_float64_eigenvalues(fitted, monkeypatch):
+    """Below FLOAT32_EIG_MIN_D float64 eigvalsh is cheap: the prior stays what it was (float64)."""
+    model, curv, theta_sq = fitted
+    monkeypatch.setattr(spectrum_mod, "FLOAT32_EIG_MIN_D", curv.D + 1)
+    assert full_spectrum(curv.H).eig_dtype == "float64"
+    _, delta, info = FullPosterior.fit(model, curv, _prior(theta_sq))
+    assert info["eig_dtype"] == "float64" and delta == _float64_delta(curv, theta_sq)
