@@ -61,7 +61,7 @@ def test_killed_run_resumes_without_repeating_finished_work(tmp_path):
     methods = [m for m in ("plain", "online_la", "mc_dropout", "deep_ensemble") if m in METHODS.names()]
     if len(methods) < 2:
         pytest.skip("needs at least two methods")
-    args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "60", "--out", str(tmp_path / "killed")]
+    args = [*SMOKE, "--methods", ",".join(methods), "--epochs", "30", "--out", str(tmp_path / "killed")]
     tag = f"killed-run-{os.getpid()}-{time.time_ns()}"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
