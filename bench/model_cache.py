@@ -62,9 +62,10 @@ TRAINING_FIELDS = (
 )
 
 
-# modules whose code determines a trained net: the loop, the loss (miner emulation, reducer weights and
-# geometry included), the model builder; the backbone's module and a recipe's modules are added per key
-TRAINING_MODULES = ("bench.train", "bench.loss", "bench.model")
+# modules whose code determines a trained net: the loop, its optimiser, the loss (miner emulation, reducer
+# weights and geometry included), the model builder; the backbone's module and a recipe's modules are added
+# per key
+TRAINING_MODULES = ("bench.train", "bench.optim", "bench.loss", "bench.model")
 
 
 def code_digest(modules: list[str]) -> str:

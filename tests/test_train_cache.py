@@ -48,10 +48,12 @@ def _key_with_edited_source(monkeypatch, cfg, module: str, edit, recipe=None) ->
         monkeypatch.setattr(cache.inspect, "getsource", real)
 
 
-@pytest.mark.parametrize("module", ["bench.train", "bench.loss", "bench.model", "backbones.mlp"])
+@pytest.mark.parametrize(
+    "module", ["bench.train", "bench.optim", "bench.loss", "bench.model", "backbones.mlp"]
+)
 def test_cache_key_changes_with_the_training_code(smoke_cfg, monkeypatch, module):
-    """Changed code that trains (loop, loss, miner emulation, builder, the backbone's module) gives a
-    new key; the same code, or only comments and docstrings changed, gives the same key."""
+    """Changed code that trains (loop, optimiser, loss, miner emulation, builder, the backbone's module)
+    gives a new key; the same code, or only comments and docstrings changed, gives the same key."""
     import backbones.mlp  # noqa: F401  (the backbone's module is imported when it is registered)
 
     base = key_hash(model_key(smoke_cfg, (32,), 400, 0, 0.0))
